@@ -1,0 +1,319 @@
+//! Cluster options: the spec's `Cluster` structure as a builder.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::stats::ExitStatus;
+
+/// The most worker slots a cluster accepts. Each slot costs the master a few file descriptors
+/// (a pidfd, a channel and, with [`Balance::ReusePort`], a socket); beyond this a count is almost
+/// certainly a mistake (a 256-core host's count on a 2-CPU quota, a typo).
+pub const MAX_WORKERS: usize = 4096;
+
+/// How connections are spread over the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Balance {
+    /// One `SO_REUSEPORT` socket per worker slot, all created and held by the master. The kernel
+    /// hashes each new connection to one slot: no thundering herd. A replacement worker takes over
+    /// its slot's socket, so connections queued there are never lost.
+    #[default]
+    ReusePort,
+    /// One socket inherited by every worker. Nothing is ever hashed to a slot nobody serves, but
+    /// every idle worker wakes for each new connection and busy workers win more of them.
+    Shared,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::ReusePort => "reuseport",
+            Balance::Shared => "shared",
+        })
+    }
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reuseport" | "reuse-port" => Ok(Balance::ReusePort),
+            "shared" => Ok(Balance::Shared),
+            other => Err(format!("unknown balance mode `{other}`: use `reuseport` or `shared`")),
+        }
+    }
+}
+
+pub(crate) type OnStart = Box<dyn FnMut(usize, u32)>;
+pub(crate) type OnExit = Box<dyn FnMut(usize, ExitStatus, bool)>;
+pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
+
+/// What the master knows when every initial worker has reported ready (see [`Cluster::on_ready`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadyInfo {
+    /// The address the cluster listens on, with the real port (also when port 0 was asked for).
+    pub addr: std::net::SocketAddr,
+    /// Workers ready and serving.
+    pub workers: usize,
+}
+
+/// The cluster's configuration: the spec's `Cluster` structure, as a builder.
+///
+/// Only the port is required; everything else has the spec's default. Setters can be chained,
+/// and [`Cluster::init`] validates the whole set before anything is started.
+///
+/// ```
+/// use std::time::Duration;
+/// use ecewo_cluster::{Balance, Cluster};
+///
+/// let opts = Cluster::new(3000)
+///     .cpus(4)
+///     .respawn(true)
+///     .shutdown_timeout(Duration::from_secs(30))
+///     .balance(Balance::ReusePort)
+///     .on_exit(|id, status, crash| eprintln!("worker {id}: {status} crash={crash}"));
+/// # let _ = opts;
+/// ```
+pub struct Cluster {
+    pub(crate) port: u16,
+    pub(crate) cpus: usize,
+    pub(crate) respawn: bool,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) worker_startup_delay: Duration,
+    pub(crate) worker_respawn_delay: Duration,
+    pub(crate) respawn_window: Duration,
+    pub(crate) respawn_max_crashes: u32,
+    pub(crate) address: IpAddr,
+    pub(crate) balance: Balance,
+    pub(crate) backlog: u32,
+    pub(crate) on_start: Option<OnStart>,
+    pub(crate) on_exit: Option<OnExit>,
+    pub(crate) on_worker_ready: Option<OnStart>,
+    pub(crate) on_ready: Option<OnReady>,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("port", &self.port)
+            .field("cpus", &self.cpus)
+            .field("respawn", &self.respawn)
+            .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("worker_startup_delay", &self.worker_startup_delay)
+            .field("worker_respawn_delay", &self.worker_respawn_delay)
+            .field("respawn_window", &self.respawn_window)
+            .field("respawn_max_crashes", &self.respawn_max_crashes)
+            .field("address", &self.address)
+            .field("balance", &self.balance)
+            .field("backlog", &self.backlog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Options for a cluster serving `port` (0: any free port, see [`crate::port`]), with the
+    /// spec's defaults: one worker per CPU ([`crate::cpus`]), no respawn, 15 s shutdown timeout,
+    /// 100 ms between spawns, 100 ms before a respawn, at most 3 crashes in 5 s.
+    pub fn new(port: u16) -> Cluster {
+        Cluster {
+            port,
+            cpus: 0,
+            respawn: false,
+            shutdown_timeout: Duration::from_millis(15_000),
+            worker_startup_delay: Duration::from_millis(100),
+            worker_respawn_delay: Duration::from_millis(100),
+            respawn_window: Duration::from_secs(5),
+            respawn_max_crashes: 3,
+            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            balance: Balance::default(),
+            backlog: 1024,
+            on_start: None,
+            on_exit: None,
+            on_worker_ready: None,
+            on_ready: None,
+        }
+    }
+
+    /// The port to listen on (0: any free port; the real one is reported by [`crate::port`]).
+    pub fn port(mut self, port: u16) -> Cluster {
+        self.port = port;
+        self
+    }
+
+    /// Number of workers; 0 (the default) means [`crate::cpus`].
+    pub fn cpus(mut self, workers: usize) -> Cluster {
+        self.cpus = workers;
+        self
+    }
+
+    /// Restart workers that exit without being asked to (default: off).
+    pub fn respawn(mut self, on: bool) -> Cluster {
+        self.respawn = on;
+        self
+    }
+
+    /// How long a stopping worker may drain before the master kills it (default 15 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Cluster {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Delay between starting consecutive workers at start-up (default 100 ms).
+    pub fn worker_startup_delay(mut self, delay: Duration) -> Cluster {
+        self.worker_startup_delay = delay;
+        self
+    }
+
+    /// Delay before a worker that exited is started again (default 100 ms).
+    pub fn worker_respawn_delay(mut self, delay: Duration) -> Cluster {
+        self.worker_respawn_delay = delay;
+        self
+    }
+
+    /// The crash-rate window of crash protection (default 5 s).
+    pub fn respawn_window(mut self, window: Duration) -> Cluster {
+        self.respawn_window = window;
+        self
+    }
+
+    /// Crashes within [`respawn_window`](Cluster::respawn_window) after which a slot is disabled
+    /// (default 3).
+    pub fn respawn_max_crashes(mut self, crashes: u32) -> Cluster {
+        self.respawn_max_crashes = crashes;
+        self
+    }
+
+    /// The address to bind (default `0.0.0.0`, every IPv4 interface; `::` listens on IPv6 and IPv4).
+    pub fn address(mut self, address: IpAddr) -> Cluster {
+        self.address = address;
+        self
+    }
+
+    /// How connections are spread over workers (default [`Balance::ReusePort`]).
+    pub fn balance(mut self, balance: Balance) -> Cluster {
+        self.balance = balance;
+        self
+    }
+
+    /// The listen backlog of each socket (default 1024; the kernel caps it at `net.core.somaxconn`).
+    pub fn backlog(mut self, backlog: u32) -> Cluster {
+        self.backlog = backlog;
+        self
+    }
+
+    /// Called on the master thread when a worker process was started: `(worker_id, pid)`.
+    pub fn on_start(mut self, f: impl FnMut(usize, u32) + 'static) -> Cluster {
+        self.on_start = Some(Box::new(f));
+        self
+    }
+
+    /// Called on the master thread when a worker process ended: `(worker_id, status, is_crash)`.
+    pub fn on_exit(mut self, f: impl FnMut(usize, ExitStatus, bool) + 'static) -> Cluster {
+        self.on_exit = Some(Box::new(f));
+        self
+    }
+
+    /// Called on the master thread when a worker reported ready: `(worker_id, pid)`.
+    pub fn on_worker_ready(mut self, f: impl FnMut(usize, u32) + 'static) -> Cluster {
+        self.on_worker_ready = Some(Box::new(f));
+        self
+    }
+
+    /// Called once on the master thread when every initial worker has reported ready.
+    pub fn on_ready(mut self, f: impl FnMut(&ReadyInfo) + 'static) -> Cluster {
+        self.on_ready = Some(Box::new(f));
+        self
+    }
+
+    /// The number of workers `init` would start: [`cpus`](Cluster::cpus), or the detected CPU
+    /// count when that is 0.
+    pub fn worker_count(&self) -> usize {
+        if self.cpus == 0 { crate::cpu::cpus() } else { self.cpus }
+    }
+
+    /// Checks every option; the error names the option and what to change.
+    pub fn validate(&self) -> Result<(), Error> {
+        let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
+        let workers = self.worker_count();
+        if workers > MAX_WORKERS {
+            return invalid(
+                "cpus",
+                format!(
+                    "{workers} workers is more than the {MAX_WORKERS} supported; use a smaller count (0 = one per CPU)"
+                ),
+            );
+        }
+        if self.respawn_max_crashes == 0 {
+            return invalid("respawn_max_crashes", "must be at least 1 (default 3)".into());
+        }
+        if self.respawn_window.is_zero() {
+            return invalid("respawn_window", "must be longer than zero (default 5 s)".into());
+        }
+        if self.shutdown_timeout.is_zero() {
+            return invalid(
+                "shutdown_timeout",
+                "must be longer than zero: workers need time to finish their requests (default 15 s)".into(),
+            );
+        }
+        if self.backlog == 0 || self.backlog > i32::MAX as u32 {
+            return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.backlog));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_specs() {
+        let c = Cluster::new(3000);
+        assert_eq!(c.port, 3000);
+        assert_eq!(c.cpus, 0);
+        assert!(!c.respawn);
+        assert_eq!(c.shutdown_timeout, Duration::from_millis(15_000));
+        assert_eq!(c.worker_startup_delay, Duration::from_millis(100));
+        assert_eq!(c.worker_respawn_delay, Duration::from_millis(100));
+        assert_eq!(c.respawn_window, Duration::from_secs(5));
+        assert_eq!(c.respawn_max_crashes, 3);
+        assert_eq!(c.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert!(c.worker_count() >= 1);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_options_name_the_option() {
+        let cases = [
+            (Cluster::new(1).respawn_max_crashes(0), "respawn_max_crashes"),
+            (Cluster::new(1).respawn_window(Duration::ZERO), "respawn_window"),
+            (Cluster::new(1).cpus(MAX_WORKERS + 1), "cpus"),
+            (Cluster::new(1).shutdown_timeout(Duration::ZERO), "shutdown_timeout"),
+            (Cluster::new(1).backlog(0), "backlog"),
+        ];
+        for (c, name) in cases {
+            match c.validate() {
+                Err(Error::InvalidOption { option, reason }) => {
+                    assert_eq!(option, name);
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{name}: expected InvalidOption, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn more_than_255_workers_is_fine() {
+        Cluster::new(1).cpus(1000).validate().unwrap();
+    }
+
+    #[test]
+    fn balance_parses() {
+        assert_eq!("shared".parse::<Balance>().unwrap(), Balance::Shared);
+        assert_eq!("reuseport".parse::<Balance>().unwrap(), Balance::ReusePort);
+        assert!("round-robin".parse::<Balance>().unwrap_err().contains("reuseport"));
+    }
+}

@@ -1,0 +1,104 @@
+//! The crate's error type.
+
+use std::io;
+use std::net::SocketAddr;
+
+/// Everything that can go wrong in ecewo-cluster. Each message says what to do next.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An option has a value the cluster cannot run with.
+    #[error("invalid cluster option `{option}`: {reason}")]
+    InvalidOption {
+        /// The option's name, as its setter is named.
+        option: &'static str,
+        /// What is wrong and what to change.
+        reason: String,
+    },
+
+    /// The master could not bind a listening socket.
+    #[error("cannot listen on {addr}: {source} (is another server using this port? choose another port, or stop it)")]
+    Bind {
+        /// The address that could not be bound.
+        addr: SocketAddr,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// `init` was called twice in one process.
+    #[error("Cluster::init was already called in this process; call it once, first thing in main")]
+    AlreadyInitialized,
+
+    /// The process looks like a worker (the cluster's environment variables are set) but what it
+    /// inherited is not what a worker of this library inherits.
+    #[error(
+        "this process was started as a cluster worker, but {what}; workers must be started by their master (unset the ECEWO_CLUSTER_* variables to run it stand-alone)"
+    )]
+    BadInheritance {
+        /// What is missing or wrong.
+        what: String,
+    },
+
+    /// The worker's master is gone (it exited or was killed before this worker was set up).
+    #[error("the master process is gone; this worker must exit")]
+    MasterGone,
+
+    /// An operation that only the master can do was asked of a worker, or the reverse.
+    #[error("{0}")]
+    WrongRole(&'static str),
+
+    /// The cluster was not initialised in this process.
+    #[error("the cluster is not initialised in this process; call Cluster::init first")]
+    NotInitialized,
+
+    /// There is no worker slot with this id.
+    #[error("there is no worker {0}; worker ids go from 0 to worker_count() - 1")]
+    NoSuchWorker(usize),
+
+    /// The worker's listener was already taken by an earlier call to [`Worker::listener`](crate::Worker::listener).
+    #[error("the worker's listener was already taken; call Worker::listener() once and keep it")]
+    ListenerTaken,
+
+    /// The master could not start a worker process.
+    #[error("cannot start worker {worker_id}: {source}")]
+    Spawn {
+        /// The slot that could not be started.
+        worker_id: usize,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Every worker slot has stopped for good (all crashed and respawn is off, or all were
+    /// disabled by crash protection). The process should exit non-zero so that its own supervisor
+    /// (systemd, Kubernetes) can act.
+    #[error("no worker can run any more: {0}; see the log for each worker's exit")]
+    WorkersFailed(String),
+
+    /// A system call failed in a way the cluster cannot recover from.
+    #[error("{context}: {source}")]
+    Io {
+        /// What the cluster was doing.
+        context: &'static str,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io { context, source }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match &e {
+            Error::Io { source, .. } | Error::Bind { source, .. } | Error::Spawn { source, .. } => source.kind(),
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}

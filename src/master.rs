@@ -1,0 +1,592 @@
+//! The master's driver: one thread, one `poll` loop over the signal pipe, a wake-up eventfd,
+//! the children's pidfds and their channels, sleeping until the supervisor's next deadline. It
+//! carries out the [`Supervisor`]'s commands and makes no decisions of its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::OsString;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::panic::AssertUnwindSafe;
+use std::process::{Command as Process, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use command_fds::{CommandFdExt, FdMapping};
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
+
+use crate::channel::{MasterEnd, ToMaster, ToWorker};
+use crate::config::{Balance, Cluster, OnExit, OnReady, OnStart, ReadyInfo};
+use crate::error::Error;
+use crate::stats::{ClusterStats, ExitStatus, WorkerStats};
+use crate::supervisor::{Command, Event, Policy, Report, Supervisor, WorkerKey};
+use crate::worker::{CHANNEL_FD, LISTEN_FD, env};
+
+/// Variables of the master's environment that must not reach workers: they describe the master's
+/// own relationship with systemd.
+const PRIVATE_ENV: [&str; 4] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"];
+
+/// What the master shares with [`MasterHandle`]s and the module-level functions.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) addr: SocketAddr,
+    workers: usize,
+    wake: OwnedFd,
+    requests: Mutex<Vec<Request>>,
+    snapshot: Mutex<Snapshot>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+struct Snapshot {
+    cluster: ClusterStats,
+    workers: Vec<WorkerStats>,
+    taken: Instant,
+}
+
+impl Shared {
+    pub(crate) fn workers(&self) -> usize {
+        self.workers
+    }
+
+    fn request(&self, r: Request) {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        // Ignore EAGAIN: the counter is already non-zero and the loop will look.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    pub(crate) fn snapshot(&self) -> (ClusterStats, Vec<WorkerStats>) {
+        let s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let age = s.taken.elapsed();
+        let mut workers = s.workers;
+        for w in workers.iter_mut().filter(|w| w.pid.is_some()) {
+            w.uptime += age;
+        }
+        (s.cluster, workers)
+    }
+}
+
+/// The master role: returned by [`Cluster::init`] in the first run of the program.
+pub struct Master {
+    shared: Arc<Shared>,
+    policy: Policy,
+    balance: Balance,
+    listeners: Vec<Option<OwnedFd>>,
+    signals: Signals,
+    argv0: OsString,
+    args: Vec<OsString>,
+    on_start: Option<OnStart>,
+    on_exit: Option<OnExit>,
+    on_worker_ready: Option<OnStart>,
+    on_ready: Option<OnReady>,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master")
+            .field("addr", &self.shared.addr)
+            .field("workers", &self.policy.workers)
+            .field("balance", &self.balance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle to the master, usable from any thread (`Clone + Send + Sync`).
+#[derive(Debug, Clone)]
+pub struct MasterHandle {
+    shared: Arc<Shared>,
+}
+
+impl MasterHandle {
+    /// Asks for a graceful shutdown, as SIGTERM does; [`Master::wait`] returns once every worker
+    /// is gone. Asked a second time, the remaining workers are killed at once.
+    pub fn shutdown(&self) {
+        self.shared.request(Request::Shutdown);
+    }
+
+    /// The cluster's statistics (the spec's `cluster_get_stats`).
+    pub fn stats(&self) -> ClusterStats {
+        self.shared.snapshot().0
+    }
+
+    /// Every worker slot's statistics (the spec's `cluster_get_all_workers`).
+    pub fn workers(&self) -> Vec<WorkerStats> {
+        self.shared.snapshot().1
+    }
+
+    /// One worker slot's statistics (the spec's `cluster_get_worker_stats`); `None` for a slot
+    /// that does not exist.
+    pub fn worker(&self, worker_id: usize) -> Option<WorkerStats> {
+        self.shared.snapshot().1.into_iter().find(|w| w.worker_id == worker_id)
+    }
+
+    /// The address the cluster listens on, with the real port.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+}
+
+impl Master {
+    pub(crate) fn new(mut opts: Cluster) -> Result<Master, Error> {
+        let workers = opts.worker_count();
+        if opts.cpus == 0 {
+            let detected = crate::cpu::cpus_detailed();
+            tracing::info!("{} CPUs detected ({:?}): starting one worker per CPU", detected.count, detected.source);
+        }
+        let addr = SocketAddr::new(opts.address, opts.port);
+        let (fds, addr) = crate::socket::bind_listeners(addr, opts.balance, workers, opts.backlog)?;
+        let wake =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
+                .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
+        let signals = Signals::register().map_err(Error::io("cannot install the master's signal handlers"))?;
+        let policy = Policy {
+            workers,
+            port: addr.port(),
+            respawn: opts.respawn,
+            shutdown_timeout: opts.shutdown_timeout,
+            startup_delay: opts.worker_startup_delay,
+            respawn_delay: opts.worker_respawn_delay,
+            respawn_window: opts.respawn_window,
+            max_crashes: opts.respawn_max_crashes,
+            socket_per_slot: opts.balance == Balance::ReusePort,
+        };
+        let sup = Supervisor::new(policy.clone(), Instant::now());
+        let shared = Arc::new(Shared {
+            addr,
+            workers,
+            wake,
+            requests: Mutex::new(Vec::new()),
+            snapshot: Mutex::new(Snapshot {
+                cluster: sup.cluster_stats(),
+                workers: sup.worker_stats(Instant::now()),
+                taken: Instant::now(),
+            }),
+        });
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| OsString::from("ecewo-cluster"));
+        Ok(Master {
+            shared,
+            policy,
+            balance: opts.balance,
+            listeners: fds.into_iter().map(Some).collect(),
+            signals,
+            argv0,
+            args: args.collect(),
+            on_start: opts.on_start.take(),
+            on_exit: opts.on_exit.take(),
+            on_worker_ready: opts.on_worker_ready.take(),
+            on_ready: opts.on_ready.take(),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> MasterHandle {
+        MasterHandle { shared: self.shared.clone() }
+    }
+
+    /// The address the cluster listens on, with the real port (also for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// The number of worker slots.
+    pub fn worker_count(&self) -> usize {
+        self.policy.workers
+    }
+
+    /// The cluster's statistics (the spec's `cluster_get_stats`).
+    pub fn stats(&self) -> ClusterStats {
+        self.shared.snapshot().0
+    }
+
+    /// Every worker slot's statistics (the spec's `cluster_get_all_workers`).
+    pub fn workers(&self) -> Vec<WorkerStats> {
+        self.shared.snapshot().1
+    }
+
+    /// Starts the workers and supervises them until the cluster stops: the spec's
+    /// `cluster_wait_workers`. Call it on the main thread (a worker's parent-death signal is tied
+    /// to the thread that started it).
+    ///
+    /// It returns `Ok(())` after a requested shutdown (SIGTERM, SIGINT, [`MasterHandle::shutdown`])
+    /// once every worker is gone, or when every worker exited cleanly on its own with respawn off.
+    /// It returns [`Error::WorkersFailed`] when no worker can run any more (all crashed with
+    /// respawn off, or all disabled by crash protection): exit non-zero then, so that systemd or
+    /// Kubernetes can act.
+    pub fn wait(self) -> Result<(), Error> {
+        let mut driver = Driver {
+            sup: Supervisor::new(self.policy.clone(), Instant::now()),
+            procs: HashMap::new(),
+            master_pid: rustix::process::getpid(),
+            outcome: None,
+            m: self,
+        };
+        let result = driver.run();
+        if result.is_err() {
+            driver.kill_and_reap_all();
+        }
+        result
+    }
+}
+
+/// A running worker process as the driver sees it.
+struct Proc {
+    slot: usize,
+    pid: u32,
+    pidfd: OwnedFd,
+    chan: MasterEnd,
+}
+
+struct Driver {
+    m: Master,
+    sup: Supervisor,
+    procs: HashMap<WorkerKey, Proc>,
+    master_pid: Pid,
+    outcome: Option<Result<(), String>>,
+}
+
+/// What a polled descriptor belongs to.
+#[derive(Clone, Copy)]
+enum Source {
+    Signals,
+    Wake,
+    Exit(WorkerKey),
+    Channel(WorkerKey),
+}
+
+impl Driver {
+    fn run(&mut self) -> Result<(), Error> {
+        tracing::info!(
+            "master {} starting {} workers on {} ({} balance)",
+            self.master_pid.as_raw_nonzero(),
+            self.m.policy.workers,
+            self.m.shared.addr,
+            self.m.balance
+        );
+        let mut events = VecDeque::from([Event::Tick]);
+        loop {
+            self.process(&mut events);
+            self.publish();
+            if let Some(outcome) = self.outcome.take() {
+                return outcome.map_err(Error::WorkersFailed);
+            }
+            self.poll(&mut events)?;
+            events.push_back(Event::Tick);
+        }
+    }
+
+    /// Feeds events to the supervisor and carries out its commands, which may produce more events.
+    fn process(&mut self, events: &mut VecDeque<Event>) {
+        while let Some(ev) = events.pop_front() {
+            for cmd in self.sup.handle(ev, Instant::now(), SystemTime::now()) {
+                self.execute(cmd, events);
+            }
+        }
+    }
+
+    fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
+        match cmd {
+            Command::Spawn { slot, key } => match self.spawn(slot) {
+                Ok(p) => {
+                    events.push_back(Event::Spawned { key, pid: p.pid });
+                    self.procs.insert(key, p);
+                }
+                Err(e) => events.push_back(Event::SpawnFailed { key, error: e.to_string() }),
+            },
+            Command::Signal { key, signal } => {
+                if let (Some(p), Some(sig)) = (self.procs.get(&key), Signal::from_named_raw(signal)) {
+                    // ESRCH: it already exited and its pidfd will say so; nothing to do.
+                    if let Err(e) = rustix::process::pidfd_send_signal(&p.pidfd, sig)
+                        && e != rustix::io::Errno::SRCH
+                    {
+                        tracing::warn!("cannot signal worker {} (pid {}): {e}", p.slot, p.pid);
+                    }
+                }
+            }
+            Command::CloseSocket { slot } => {
+                if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
+                    drop(fd);
+                    tracing::warn!("closed the listening socket of worker {slot}: nobody serves it any more");
+                }
+            }
+            Command::CloseListeners => self.m.listeners.clear(),
+            Command::Report(r) => self.report(r),
+            Command::Exit(outcome) => self.outcome = Some(outcome),
+        }
+    }
+
+    fn report(&mut self, r: Report) {
+        let m = &mut self.m;
+        match r {
+            Report::Started { slot, pid } => {
+                tracing::info!("worker {slot} started (pid {pid})");
+                guard("on_start", m.on_start.as_mut(), |f| f(slot, pid));
+            }
+            Report::SpawnFailed { slot, error } => tracing::error!("cannot start worker {slot}: {error}"),
+            Report::Ready { slot, pid } => {
+                tracing::debug!("worker {slot} (pid {pid}) is ready");
+                guard("on_worker_ready", m.on_worker_ready.as_mut(), |f| f(slot, pid));
+            }
+            Report::AllReady { workers } => {
+                let info = ReadyInfo { addr: m.shared.addr, workers };
+                tracing::info!("listening on {} with {workers} workers", info.addr);
+                guard("on_ready", m.on_ready.as_mut(), |f| f(&info));
+            }
+            Report::Exited { slot, pid, status, crash, respawn_in } => {
+                let then = match respawn_in {
+                    Some(d) => format!("; respawning in {d:?}"),
+                    None => String::new(),
+                };
+                if crash {
+                    tracing::warn!("worker {slot} (pid {pid}) crashed: {status}{then}");
+                } else {
+                    tracing::info!("worker {slot} (pid {pid}) exited: {status}{then}");
+                }
+                guard("on_exit", m.on_exit.as_mut(), |f| f(slot, status, crash));
+            }
+            Report::Disabled { slot, crashes, within } => tracing::error!(
+                "Worker {slot} crashing too fast ({crashes} times in {}s), disabling respawn",
+                within.as_secs()
+            ),
+            Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
+            Report::ShutdownTimeout { slots } => {
+                tracing::warn!("shutdown timeout: killing workers {slots:?}")
+            }
+        }
+    }
+
+    /// Starts the worker process of `slot`: `/proc/self/exe` (the binary this master runs, even
+    /// if the file was replaced since), with the master's arguments and environment plus the
+    /// worker's identity, its socket at fd 3 and its channel at fd 4.
+    fn spawn(&mut self, slot: usize) -> io::Result<Proc> {
+        let socket_index = match self.m.balance {
+            Balance::ReusePort => slot,
+            Balance::Shared => 0,
+        };
+        let listener = self
+            .m
+            .listeners
+            .get(socket_index)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| io::Error::other("its listening socket is closed"))?
+            .try_clone()?;
+        let (master_end, worker_end) = UnixStream::pair()?;
+        let mut cmd = Process::new("/proc/self/exe");
+        cmd.arg0(&self.m.argv0)
+            .args(&self.m.args)
+            .env(env::WORKER_ID, slot.to_string())
+            .env(env::WORKERS, self.m.policy.workers.to_string())
+            .env(env::PORT, self.m.shared.addr.port().to_string())
+            .env(env::LISTEN_FD, LISTEN_FD.to_string())
+            .env(env::CHANNEL_FD, CHANNEL_FD.to_string())
+            .env(env::MASTER_PID, self.master_pid.as_raw_nonzero().to_string())
+            .env(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
+            .stdin(Stdio::null())
+            // Own process group: a terminal's Ctrl-C reaches the master only, which then stops
+            // the workers gracefully.
+            .process_group(0);
+        for key in PRIVATE_ENV {
+            cmd.env_remove(key);
+        }
+        cmd.fd_mappings(vec![
+            FdMapping { parent_fd: listener, child_fd: LISTEN_FD },
+            FdMapping { parent_fd: worker_end.into(), child_fd: CHANNEL_FD },
+        ])
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        crate::sys::set_child_setup(&mut cmd, self.master_pid, (CHANNEL_FD + 1) as u32);
+        let child = cmd.spawn()?;
+        let pid = child.id();
+        // Nobody else reaps our children (we never wait for "any child"), so the pid cannot have
+        // been reused yet: opening its pidfd now is race-free.
+        let raw = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::other("spawn returned pid 0"))?;
+        let pidfd = rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from)?;
+        drop(child); // Dropping a std Child neither waits nor kills.
+        Ok(Proc { slot, pid, pidfd, chan: MasterEnd::new(master_end)? })
+    }
+
+    /// Publishes the statistics for handles and module functions.
+    fn publish(&self) {
+        let now = Instant::now();
+        let snap = Snapshot { cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now), taken: now };
+        *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
+    }
+
+    /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
+    fn poll(&mut self, events: &mut VecDeque<Event>) -> Result<(), Error> {
+        let timeout = self.sup.next_deadline().map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            // Round up to the next millisecond so we never wake just before the deadline.
+            let ms = left.as_nanos().div_ceil(1_000_000);
+            Timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 }
+        });
+        let mut sources = vec![Source::Signals, Source::Wake];
+        let mut fds =
+            vec![PollFd::new(&self.m.signals.read, PollFlags::IN), PollFd::new(&self.m.shared.wake, PollFlags::IN)];
+        for (key, p) in &self.procs {
+            sources.push(Source::Exit(*key));
+            fds.push(PollFd::new(&p.pidfd, PollFlags::IN));
+            if !p.chan.closed {
+                let mut flags = PollFlags::IN;
+                if p.chan.wants_write() {
+                    flags |= PollFlags::OUT;
+                }
+                sources.push(Source::Channel(*key));
+                fds.push(PollFd::new(&p.chan.sock, flags));
+            }
+        }
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(()),
+            Err(e) => return Err(Error::Io { context: "poll failed in the master loop", source: e.into() }),
+        }
+        let ready: Vec<Source> =
+            fds.iter().zip(&sources).filter(|(fd, _)| !fd.revents().is_empty()).map(|(_, s)| *s).collect();
+        drop(fds);
+        // Channels first: a worker's last messages come before its exit.
+        for s in ready.iter().filter(|s| matches!(s, Source::Channel(_))) {
+            if let Source::Channel(key) = *s {
+                self.on_channel(key, events);
+            }
+        }
+        for s in ready {
+            match s {
+                Source::Signals => self.on_signals(events),
+                Source::Wake => self.on_wake(events),
+                Source::Exit(key) => self.on_exit(key, events),
+                Source::Channel(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn on_signals(&mut self, events: &mut VecDeque<Event>) {
+        for sig in self.m.signals.take() {
+            tracing::info!("received {}", crate::stats::signal_name(sig).unwrap_or("a signal"));
+            if sig == libc::SIGTERM || sig == libc::SIGINT {
+                events.push_back(Event::Shutdown);
+            }
+        }
+    }
+
+    fn on_wake(&mut self, events: &mut VecDeque<Event>) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.m.shared.wake, &mut buf);
+        let requests = std::mem::take(&mut *self.m.shared.requests.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in requests {
+            match r {
+                Request::Shutdown => events.push_back(Event::Shutdown),
+            }
+        }
+    }
+
+    fn on_exit(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
+        let Some(p) = self.procs.get(&key) else { return };
+        let status = match rustix::process::waitid(
+            WaitId::PidFd(p.pidfd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(st)) => match (st.exit_status(), st.terminating_signal()) {
+                (Some(code), _) => ExitStatus::Code(code),
+                (None, Some(sig)) => ExitStatus::Signal(sig),
+                (None, None) => return, // stopped or continued: not an exit
+            },
+            Ok(None) => return,
+            Err(e) => {
+                // ECHILD: somebody else reaped it (a SIGCHLD handler set to SIG_IGN, a waitpid(-1)
+                // elsewhere in the program). Its status is lost; call it a crash of unknown cause.
+                tracing::error!("cannot reap worker {} (pid {}): {e}; was it reaped elsewhere?", p.slot, p.pid);
+                ExitStatus::Code(255)
+            }
+        };
+        self.procs.remove(&key);
+        events.push_back(Event::Exited { key, status });
+    }
+
+    fn on_channel(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
+        let Some(p) = self.procs.get_mut(&key) else { return };
+        p.chan.flush();
+        let msgs = p.chan.read_messages();
+        for msg in msgs {
+            match msg {
+                ToMaster::Ready => events.push_back(Event::Ready { key }),
+                ToMaster::Stats { id } => {
+                    let now = Instant::now();
+                    let reply =
+                        ToWorker::Stats { id, cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now) };
+                    if let Some(p) = self.procs.get_mut(&key) {
+                        p.chan.send(&reply);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Last resort when the loop itself failed: kill every worker and reap it.
+    fn kill_and_reap_all(&mut self) {
+        for (_, p) in self.procs.drain() {
+            let _ = rustix::process::pidfd_send_signal(&p.pidfd, Signal::KILL);
+            let _ = rustix::process::waitid(WaitId::PidFd(p.pidfd.as_fd()), WaitIdOptions::EXITED);
+        }
+    }
+}
+
+/// Runs a user callback; a panic in it is logged and supervision goes on.
+fn guard<F: ?Sized>(name: &str, f: Option<&mut Box<F>>, call: impl FnOnce(&mut F)) {
+    if let Some(f) = f
+        && std::panic::catch_unwind(AssertUnwindSafe(|| call(f))).is_err()
+    {
+        tracing::error!("the {name} callback panicked; supervision continues");
+    }
+}
+
+/// The master's signal handling: handlers only set a flag and write to a self-pipe (via
+/// signal-hook); the loop polls the pipe and reads the flags. Unregistered on drop.
+struct Signals {
+    read: UnixStream,
+    flags: Vec<(i32, Arc<AtomicBool>)>,
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl Signals {
+    const HANDLED: [i32; 2] = [libc::SIGTERM, libc::SIGINT];
+
+    fn register() -> io::Result<Signals> {
+        let (read, write) = UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        let mut s = Signals { read, flags: Vec::new(), ids: Vec::new() };
+        for sig in Self::HANDLED {
+            let flag = Arc::new(AtomicBool::new(false));
+            s.ids.push(signal_hook::flag::register(sig, flag.clone())?);
+            s.ids.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);
+            s.flags.push((sig, flag));
+        }
+        Ok(s)
+    }
+
+    /// Drains the pipe and returns the signals that arrived since the last call.
+    fn take(&mut self) -> Vec<i32> {
+        let mut buf = [0u8; 64];
+        while matches!(self.read.read(&mut buf), Ok(n) if n > 0) {}
+        self.flags.iter().filter(|(_, f)| f.swap(false, Ordering::SeqCst)).map(|(sig, _)| *sig).collect()
+    }
+}
+
+impl Drop for Signals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Master or worker: detection at `init`, and the module-level introspection functions.
+
+use std::sync::{Arc, OnceLock};
+
+use crate::config::Cluster;
+use crate::error::Error;
+use crate::master::{Master, Shared};
+use crate::stats::{ClusterStats, WorkerStats};
+use crate::worker::{Worker, WorkerEnv};
+
+/// What this process is, as returned by [`Cluster::init`].
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "made once per process; boxing would only add an indirection")]
+pub enum Role {
+    /// The master: call [`Master::wait`] to supervise the workers until shutdown.
+    Master(Master),
+    /// A worker: serve on [`Worker::listener`] and call [`Worker::ready`] once accepting.
+    Worker(Worker),
+}
+
+impl Role {
+    /// True for [`Role::Master`] (the spec's `cluster_init` return value).
+    pub fn is_master(&self) -> bool {
+        matches!(self, Role::Master(_))
+    }
+}
+
+pub(crate) enum Global {
+    Master(Arc<Shared>),
+    Worker(Worker),
+}
+
+static ROLE: OnceLock<Global> = OnceLock::new();
+
+/// The cluster's statistics and every worker's, from wherever this process stands: the master's
+/// own state, or a worker's query over its channel to the master.
+fn snapshot() -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
+    match ROLE.get() {
+        Some(Global::Master(m)) => Ok(m.snapshot()),
+        Some(Global::Worker(w)) => w.stats(),
+        None => Err(Error::NotInitialized),
+    }
+}
+
+/// The cluster's statistics (the spec's `cluster_get_stats`). Works in the master and, unlike
+/// the C plugin, in workers too (asked of the master over the worker's channel; blocking).
+pub fn stats() -> Result<ClusterStats, Error> {
+    snapshot().map(|(c, _)| c)
+}
+
+/// Statistics of one worker slot (the spec's `cluster_get_worker_stats`); in the master or a
+/// worker. An id that is not a slot is [`Error::NoSuchWorker`].
+pub fn worker_stats(worker_id: usize) -> Result<WorkerStats, Error> {
+    snapshot()?.1.into_iter().find(|w| w.worker_id == worker_id).ok_or(Error::NoSuchWorker(worker_id))
+}
+
+/// Statistics of every worker slot (the spec's `cluster_get_all_workers`); in the master or a
+/// worker.
+pub fn all_workers() -> Result<Vec<WorkerStats>, Error> {
+    snapshot().map(|(_, w)| w)
+}
+
+impl Cluster {
+    /// Initialises the cluster: the spec's `cluster_init`. Call it first thing in `main`, before
+    /// any async runtime or thread is started, and once per process.
+    ///
+    /// In the first run of the program (the master) it checks the options, binds every listening
+    /// socket (an address in use fails here, before any worker exists) and installs the master's
+    /// signal handling; [`Master::wait`] then starts the workers and supervises them. In a worker
+    /// (the same program, executed again by the master with `ECEWO_CLUSTER_*` variables set) it
+    /// takes over the inherited socket and channel, and the options are ignored.
+    pub fn init(self) -> Result<Role, Error> {
+        if ROLE.get().is_some() {
+            return Err(Error::AlreadyInitialized);
+        }
+        if let Some(env) = WorkerEnv::from_env()? {
+            let worker = Worker::from_env(env)?;
+            ROLE.set(Global::Worker(worker.clone())).map_err(|_| Error::AlreadyInitialized)?;
+            return Ok(Role::Worker(worker));
+        }
+        self.validate()?;
+        let master = Master::new(self)?;
+        ROLE.set(Global::Master(master.shared())).map_err(|_| Error::AlreadyInitialized)?;
+        Ok(Role::Master(master))
+    }
+}
+
+/// True in the master after [`Cluster::init`] (the spec's `cluster_is_master`).
+pub fn is_master() -> bool {
+    matches!(ROLE.get(), Some(Global::Master(_)))
+}
+
+/// True in a worker after [`Cluster::init`] (the spec's `cluster_is_worker`).
+pub fn is_worker() -> bool {
+    matches!(ROLE.get(), Some(Global::Worker(_)))
+}
+
+/// The port the cluster listens on, the real one when port 0 was asked for; 0 before
+/// [`Cluster::init`] (the spec's `cluster_get_port`).
+pub fn port() -> u16 {
+    match ROLE.get() {
+        Some(Global::Master(m)) => m.addr.port(),
+        Some(Global::Worker(w)) => w.port(),
+        None => 0,
+    }
+}
+
+/// This worker's id, from 0; 0 in the master and before [`Cluster::init`] (the spec's
+/// `cluster_worker_id`). Use [`is_worker`] to tell worker 0 from the master.
+pub fn worker_id() -> usize {
+    match ROLE.get() {
+        Some(Global::Worker(w)) => w.id(),
+        _ => 0,
+    }
+}
+
+/// The number of configured workers; 0 before [`Cluster::init`] (the spec's
+/// `cluster_worker_count`).
+pub fn worker_count() -> usize {
+    match ROLE.get() {
+        Some(Global::Master(m)) => m.workers(),
+        Some(Global::Worker(w)) => w.count(),
+        None => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn before_init_the_spec_values() {
+        // The unit-test harness never calls init.
+        assert!(!super::is_master());
+        assert!(!super::is_worker());
+        assert_eq!(super::port(), 0);
+        assert_eq!(super::worker_id(), 0);
+        assert_eq!(super::worker_count(), 0);
+    }
+}

@@ -1,0 +1,252 @@
+//! Worker-side helpers for tokio, hyper and axum (cargo feature `tokio`).
+//!
+//! - [`listener`] turns the inherited socket into a `tokio::net::TcpListener`;
+//! - [`shutdown_signal`] completes on SIGTERM or when the master is gone;
+//! - [`serve`] runs any tower service (an axum `Router`, a hyper service adapted with tower) on
+//!   the worker's socket over HTTP/1.1 and HTTP/2, reports readiness once it accepts, and drains
+//!   gracefully;
+//! - [`Cluster::serve`] does it all from `main`: init, then supervise or serve.
+//!
+//! The drain, on SIGTERM or when the master is gone: stop accepting at once (the socket stays
+//! open in the master, so queued connections go to the other workers or the replacement); answer
+//! the next request on every keep-alive connection with `Connection: close`; after
+//! [`ServeOptions::idle_grace`], close connections that are still idle; finish in-flight requests;
+//! give up after [`ServeOptions::drain_timeout`] and return.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::header::{CONNECTION, HeaderValue};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::Cluster;
+use crate::error::Error;
+use crate::role::Role;
+use crate::worker::Worker;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Options of [`serve`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// How long a draining worker lets idle keep-alive connections live, so that a request a
+    /// client is sending right now is answered (with `Connection: close`) instead of hitting a
+    /// closed socket. Default 1 s.
+    pub idle_grace: Duration,
+    /// The longest the whole drain may take before `serve` returns and in-flight requests are
+    /// dropped. Default: the master's shutdown timeout less 500 ms (at least 1 s), so the worker
+    /// ends on its own terms before the master's SIGKILL.
+    pub drain_timeout: Option<Duration>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        ServeOptions { idle_grace: Duration::from_secs(1), drain_timeout: None }
+    }
+}
+
+impl ServeOptions {
+    /// Sets [`idle_grace`](ServeOptions::idle_grace).
+    pub fn idle_grace(mut self, d: Duration) -> ServeOptions {
+        self.idle_grace = d;
+        self
+    }
+
+    /// Sets [`drain_timeout`](ServeOptions::drain_timeout).
+    pub fn drain_timeout(mut self, d: Duration) -> ServeOptions {
+        self.drain_timeout = Some(d);
+        self
+    }
+
+    fn drain_timeout_for(&self, worker: &Worker) -> Duration {
+        self.drain_timeout.unwrap_or_else(|| {
+            worker.shutdown_timeout().saturating_sub(Duration::from_millis(500)).max(Duration::from_secs(1))
+        })
+    }
+}
+
+/// The worker's inherited socket as a tokio listener (non-blocking, registered with the current
+/// runtime). Must be called inside a tokio runtime; the listener can be taken once.
+pub fn listener(worker: &Worker) -> Result<tokio::net::TcpListener, Error> {
+    let std = worker.listener()?;
+    std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
+    tokio::net::TcpListener::from_std(std).map_err(Error::io("cannot register the listener with tokio"))
+}
+
+/// A future that completes when this worker should stop: SIGTERM (from the master: shutdown,
+/// restart, scale-down) or the master is gone. Use it with axum's or hyper's graceful shutdown.
+///
+/// The SIGTERM handler is installed when this function is called, not when the future is first
+/// polled: call it before reporting ready, so an early SIGTERM is not lost.
+pub fn shutdown_signal(worker: &Worker) -> io::Result<impl Future<Output = ()> + Send + 'static> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut gone = worker.master_gone_receiver();
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = gone.wait_for(|g| *g) => {}
+        }
+    })
+}
+
+/// Serves `service` on the worker's socket until [`shutdown_signal`], then drains (see the
+/// [module documentation](self)). Reports the worker ready once it accepts connections.
+/// Must be called inside a tokio runtime.
+pub async fn serve<S, B>(worker: &Worker, service: S, options: ServeOptions) -> Result<(), Error>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let listener = listener(worker)?;
+    let shutdown = shutdown_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
+    tokio::pin!(shutdown);
+    let draining = Arc::new(AtomicBool::new(false));
+    // Connections watch this: `true` means "close once idle".
+    let (close_idle_tx, close_idle_rx) = watch::channel(false);
+    let builder = auto::Builder::new(TokioExecutor::new());
+    worker.ready()?;
+    loop {
+        let (stream, _peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let svc = DrainService { inner: service.clone(), draining: draining.clone() };
+        let builder = builder.clone();
+        let mut close_idle = close_idle_rx.clone();
+        tokio::spawn(async move {
+            let conn = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(svc),
+            );
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => { if let Err(e) = res { tracing::debug!("connection error: {e}") } return; }
+                _ = close_idle.wait_for(|c| *c) => {}
+            }
+            // Finishes an in-flight request, then closes; closes an idle connection now.
+            conn.as_mut().graceful_shutdown();
+            if let Err(e) = conn.await {
+                tracing::debug!("connection error while draining: {e}");
+            }
+        });
+    }
+    // Stop accepting at once: the master keeps the socket, so nothing queued is lost.
+    drop(listener);
+    draining.store(true, Ordering::SeqCst);
+    let drain_timeout = options.drain_timeout_for(worker);
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    // Every connection task holds a receiver: `closed()` completes when the last one ended.
+    drop(close_idle_rx);
+    let _ = tokio::time::timeout(options.idle_grace.min(drain_timeout), close_idle_tx.closed()).await;
+    close_idle_tx.send_replace(true);
+    if tokio::time::timeout_at(deadline, close_idle_tx.closed()).await.is_err() {
+        tracing::warn!("drain timeout ({drain_timeout:?}) reached with connections still open; exiting");
+    }
+    Ok(())
+}
+
+/// Wraps the user's service: while draining, every response carries `Connection: close`, so
+/// keep-alive clients learn to reconnect (to another worker) before the connection is closed.
+#[derive(Clone)]
+struct DrainService<S> {
+    inner: S,
+    draining: Arc<AtomicBool>,
+}
+
+impl<S, B> tower_service::Service<Request<Incoming>> for DrainService<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let fut = self.inner.call(req);
+        let draining = self.draining.clone();
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            if draining.load(Ordering::SeqCst) {
+                resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(resp)
+        })
+    }
+}
+
+impl Cluster {
+    /// Initialises the cluster and runs it: the master supervises until shutdown; each worker
+    /// builds a single-threaded tokio runtime (one worker per core), calls `make_service` inside
+    /// it, and [`serve`]s the result until it drains.
+    ///
+    /// ```no_run
+    /// use axum::{Router, routing::get};
+    /// use ecewo_cluster::{self as cluster, Cluster};
+    ///
+    /// fn main() -> Result<(), cluster::Error> {
+    ///     Cluster::new(3000).respawn(true).serve(|_worker| {
+    ///         Router::new().route("/", get(|| async { format!("Hello from worker {}!", cluster::worker_id()) }))
+    ///     })
+    /// }
+    /// ```
+    pub fn serve<F, S, B>(self, make_service: F) -> Result<(), Error>
+    where
+        F: FnOnce(&Worker) -> S,
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        match self.init()? {
+            Role::Master(master) => master.wait(),
+            Role::Worker(worker) => {
+                run_worker(&worker, |w| async move { serve(w, make_service(w), ServeOptions::default()).await })
+            }
+        }
+    }
+}
+
+/// Runs `f` in a new single-threaded tokio runtime, inside a tracing span naming the worker.
+pub fn run_worker<'w, F, Fut>(worker: &'w Worker, f: F) -> Result<(), Error>
+where
+    F: FnOnce(&'w Worker) -> Fut,
+    Fut: Future<Output = Result<(), Error>>,
+{
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("cannot build the worker's tokio runtime"))?;
+    let span = tracing::info_span!("worker", id = worker.id());
+    let _entered = span.enter();
+    rt.block_on(f(worker))
+}

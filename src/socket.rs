@@ -1,0 +1,139 @@
+//! Listening sockets: bound by the master, inherited and checked by workers.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::config::Balance;
+use crate::error::Error;
+
+/// Binds the cluster's listening sockets: one per slot with [`Balance::ReusePort`], one in all
+/// with [`Balance::Shared`]. All are close-on-exec; workers get theirs through explicit fd
+/// mappings. Returns the sockets and the address actually bound (the real port for port 0).
+///
+/// With `ReusePort`, a probe socket *without* `SO_REUSEPORT` is bound first: if anybody else
+/// holds the address (even another `SO_REUSEPORT` group of the same user, which the kernel would
+/// otherwise let us join silently) this fails with "address in use" before any worker exists.
+pub(crate) fn bind_listeners(
+    addr: SocketAddr,
+    balance: Balance,
+    slots: usize,
+    backlog: u32,
+) -> Result<(Vec<OwnedFd>, SocketAddr), Error> {
+    let bind_err = |source| Error::Bind { addr, source };
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    match balance {
+        Balance::Shared => {
+            let s = new_socket(addr, false).map_err(bind_err)?;
+            s.bind(&addr.into()).map_err(bind_err)?;
+            s.listen(backlog).map_err(bind_err)?;
+            let local = local_addr(&s).map_err(bind_err)?;
+            Ok((vec![s.into()], local))
+        }
+        Balance::ReusePort => {
+            let probe = new_socket(addr, false).map_err(bind_err)?;
+            probe.bind(&addr.into()).map_err(bind_err)?;
+            let real = local_addr(&probe).map_err(bind_err)?;
+            drop(probe);
+            let mut fds = Vec::with_capacity(slots);
+            for _ in 0..slots {
+                fds.push(bind_reuseport(real, backlog).map_err(|source| Error::Bind { addr: real, source })?);
+            }
+            Ok((fds, real))
+        }
+    }
+}
+
+/// One more `SO_REUSEPORT` socket on `addr` (for a slot added while running).
+pub(crate) fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let s = new_socket(addr, true)?;
+    s.bind(&addr.into())?;
+    s.listen(backlog)?;
+    Ok(s.into())
+}
+
+fn new_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    // socket2 creates sockets with SOCK_CLOEXEC on Linux.
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        // `::` serves IPv4 too, whatever the system's default.
+        s.set_only_v6(false)?;
+    }
+    Ok(s)
+}
+
+fn local_addr(s: &Socket) -> io::Result<SocketAddr> {
+    s.local_addr()?.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an internet socket"))
+}
+
+/// Checks that an inherited descriptor really is a listening TCP socket and returns it as a
+/// non-blocking-ready std listener (still blocking; callers choose).
+pub(crate) fn check_inherited_listener(fd: OwnedFd, number: i32) -> Result<TcpListener, Error> {
+    let s = Socket::from(fd);
+    let bad = |what: String| Error::BadInheritance { what };
+    let ty = s.r#type().map_err(|e| bad(format!("fd {number} is not a socket ({e})")))?;
+    if ty != Type::STREAM {
+        return Err(bad(format!("fd {number} is not a stream socket")));
+    }
+    let local = s.local_addr().map_err(|e| bad(format!("fd {number}: {e}")))?;
+    if local.as_socket().is_none() {
+        return Err(bad(format!("fd {number} is not a TCP socket")));
+    }
+    if !s.is_listener().map_err(|e| bad(format!("fd {number}: {e}")))? {
+        return Err(bad(format!("fd {number} is not a listening socket")));
+    }
+    Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+    }
+
+    #[test]
+    fn port_zero_gives_one_real_port_for_every_slot() {
+        let (fds, addr) = bind_listeners(loopback(0), Balance::ReusePort, 3, 128).unwrap();
+        assert_ne!(addr.port(), 0);
+        assert_eq!(fds.len(), 3);
+        for fd in fds {
+            let l = check_inherited_listener(fd, 3).unwrap();
+            assert_eq!(l.local_addr().unwrap(), addr);
+        }
+    }
+
+    #[test]
+    fn shared_is_one_socket() {
+        let (fds, addr) = bind_listeners(loopback(0), Balance::Shared, 4, 128).unwrap();
+        assert_eq!(fds.len(), 1);
+        assert_ne!(addr.port(), 0);
+    }
+
+    #[test]
+    fn address_in_use_is_an_error_naming_it_even_against_a_reuseport_group() {
+        for balance in [Balance::ReusePort, Balance::Shared] {
+            let (_held, addr) = bind_listeners(loopback(0), Balance::ReusePort, 1, 128).unwrap();
+            match bind_listeners(addr, balance, 2, 128) {
+                Err(e @ Error::Bind { .. }) => assert!(e.to_string().contains(&addr.to_string()), "{e}"),
+                other => panic!("{balance}: expected a bind error, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn non_listening_descriptors_are_refused() {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        assert!(check_inherited_listener(s.into(), 3).is_err());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(check_inherited_listener(a.into(), 3).is_err());
+    }
+}

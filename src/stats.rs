@@ -1,0 +1,225 @@
+//! Statistics and status types shared by the master, the workers and the state machine.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+/// The lifecycle state of a worker slot (the spec's `worker_status_t`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum WorkerStatus {
+    /// Being spawned, or spawned and not yet ready.
+    Starting,
+    /// Ready and serving.
+    Active,
+    /// Asked to stop (shutdown, restart or scale-down) and draining.
+    Stopping,
+    /// Exited unexpectedly and will not be respawned (respawn is off).
+    Crashed,
+    /// Exited and waiting for its respawn delay before it is started again.
+    Respawning,
+    /// Crashed too often within the crash window: not respawned any more.
+    Disabled,
+    /// Not running: it exited cleanly or was stopped, and nothing will start it again.
+    /// (Not in the C plugin, which has no name for this state.)
+    Stopped,
+}
+
+impl fmt::Display for WorkerStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            WorkerStatus::Starting => "starting",
+            WorkerStatus::Active => "active",
+            WorkerStatus::Stopping => "stopping",
+            WorkerStatus::Crashed => "crashed",
+            WorkerStatus::Respawning => "respawning",
+            WorkerStatus::Disabled => "disabled",
+            WorkerStatus::Stopped => "stopped",
+        };
+        f.write_str(s)
+    }
+}
+
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// It was killed by this signal number.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// True for a normal exit with code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Code(0)
+    }
+
+    /// The spec's `exit_status` integer: the exit code, or 128 + the signal number (as a shell
+    /// reports it).
+    pub fn as_raw(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Code(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signal(s) => match signal_name(s) {
+                Some(name) => write!(f, "signal {s} ({name})"),
+                None => write!(f, "signal {s}"),
+            },
+        }
+    }
+}
+
+/// The conventional name of a signal number (`SIGTERM`), if it has one.
+pub(crate) fn signal_name(sig: i32) -> Option<&'static str> {
+    Some(match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGSYS => "SIGSYS",
+        _ => return None,
+    })
+}
+
+/// Cluster-wide statistics (the spec's `cluster_stats_t`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ClusterStats {
+    /// Worker slots configured.
+    pub total_workers: usize,
+    /// Slots whose worker is ready and serving.
+    pub active_workers: usize,
+    /// Slots whose worker crashed and is not running (respawn off).
+    pub crashed_workers: usize,
+    /// Slots disabled by crash protection.
+    pub disabled_workers: usize,
+    /// A shutdown has been requested.
+    pub shutdown_requested: bool,
+    /// A graceful restart is in progress.
+    pub restart_requested: bool,
+    /// Workers started again after they exited (respawns).
+    pub total_restarts: u64,
+}
+
+/// Statistics of one worker slot (the spec's `worker_stats_t`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// The slot's id, from 0.
+    pub worker_id: usize,
+    /// The pid of the process in the slot, if one is running.
+    pub pid: Option<u32>,
+    /// The port the worker serves.
+    pub port: u16,
+    /// The slot's status.
+    pub status: WorkerStatus,
+    /// When the current (or last) process of the slot was started.
+    #[serde(with = "unix_time")]
+    pub start_time: Option<SystemTime>,
+    /// How long the current process has been running (zero when none runs).
+    #[serde(with = "secs")]
+    pub uptime: Duration,
+    /// How the slot's last process ended, if one has.
+    pub exit_status: Option<ExitStatus>,
+    /// Crashes of this slot since the cluster started.
+    pub crash_count: u32,
+    /// Crash protection disabled this slot.
+    pub respawn_disabled: bool,
+}
+
+/// `Option<SystemTime>` as seconds since the Unix epoch (a float), or null.
+mod unix_time {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    pub fn serialize<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        match t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()) {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
+        let secs = Option::<f64>::deserialize(d)?;
+        Ok(secs.and_then(|s| Duration::try_from_secs_f64(s).ok()).map(|d| UNIX_EPOCH + d))
+    }
+}
+
+/// `Duration` as seconds (a float).
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(secs).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_status_display_and_raw() {
+        assert_eq!(ExitStatus::Code(3).to_string(), "exit code 3");
+        assert_eq!(ExitStatus::Signal(9).to_string(), "signal 9 (SIGKILL)");
+        assert_eq!(ExitStatus::Signal(9).as_raw(), 137);
+        assert!(ExitStatus::Code(0).success());
+        assert!(!ExitStatus::Signal(15).success());
+    }
+
+    #[test]
+    fn worker_stats_round_trip_json() {
+        let w = WorkerStats {
+            worker_id: 2,
+            pid: Some(42),
+            port: 3000,
+            status: WorkerStatus::Active,
+            start_time: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_500)),
+            uptime: Duration::from_millis(2_250),
+            exit_status: Some(ExitStatus::Signal(9)),
+            crash_count: 1,
+            respawn_disabled: false,
+        };
+        let json = serde_json::to_string(&w).unwrap();
+        assert!(json.contains("\"status\":\"active\""), "{json}");
+        assert!(json.contains("\"uptime\":2.25"), "{json}");
+        let back: WorkerStats = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, w);
+    }
+}

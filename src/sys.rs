@@ -1,0 +1,63 @@
+//! The few system calls that need `unsafe`. Nothing else in the crate uses `unsafe`.
+
+use std::io;
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use rustix::process::{Pid, Signal};
+
+/// Arranges for the child of `cmd`, between fork and exec, to:
+/// - receive `SIGTERM` when the master's spawning thread dies (`PR_SET_PDEATHSIG`), and exit at
+///   once if the master already died before that was in place (`getppid()` re-check);
+/// - mark every descriptor from `first_free` up close-on-exec, so nothing but stdio and the
+///   descriptors placed below `first_free` reach the worker (fds the master itself inherited
+///   from its shell without `O_CLOEXEC` included).
+///
+/// Call after any other `pre_exec` hook that places descriptors (they run in order).
+pub(crate) fn set_child_setup(cmd: &mut Command, master_pid: Pid, first_free: u32) {
+    let hook = move || -> io::Result<()> {
+        // Only async-signal-safe system calls below: no allocation, no locks, no logging.
+        // `io::Error::from_raw_os_error` does not allocate.
+        rustix::process::set_parent_process_death_signal(Some(Signal::TERM))
+            .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
+        if rustix::process::getppid() != Some(master_pid) {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        // SAFETY: close_range(2) only changes descriptor flags of this (child) process; the range
+        // starts above the descriptors the child must keep. The raw syscall is used because
+        // musl has no wrapper; it is async-signal-safe.
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first_free, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+        if r != 0 {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
+            // ENOSYS (kernel < 5.11): the master creates all its descriptors close-on-exec, so
+            // only fds inherited from the master's own parent could leak. Not fatal.
+            if errno != libc::ENOSYS {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // system calls (prctl, getppid, close_range); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// Takes ownership of descriptor `fd`, which the master placed in this worker at a fixed number.
+///
+/// Fails if `fd` is not open. Must be called at most once per number (the worker's
+/// initialisation guarantees this by running once per process).
+pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `fd` is not -1 (checked above), and borrowing a raw number is safe to *use* with fcntl even if it is not open: the call
+    // then fails with EBADF and we return that error without taking ownership.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed)?;
+    // SAFETY: `fd` is open (checked above) and was placed here by our master for this process
+    // alone; nothing else in this process owns it, because initialisation runs once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,176 @@
+//! `testbed`: the server the integration tests and benchmarks drive.
+//!
+//! Its options and endpoints are a fixed contract (see the README's "Testbed" section):
+//! `GET /` → `Hello from worker <id>! pid=<pid> tag=<tag>`, `GET /slow?ms=N`, `GET /crash`
+//! (abort), `GET /exit?code=N`. Once every worker is ready the master prints exactly one line on
+//! stdout: `ready: N workers on port P`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use clap::Parser;
+use ecewo_cluster::serve::{ServeOptions, run_worker, serve};
+use ecewo_cluster::{Balance, Cluster, Role};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Test server for ecewo-cluster's integration tests and benchmarks")]
+struct Args {
+    /// Port to listen on (0: any free port; the ready line tells which).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    address: IpAddr,
+    /// Number of workers (0: one per CPU).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Respawn workers that exit unasked.
+    #[arg(long)]
+    respawn: bool,
+    /// How connections are spread: reuseport or shared.
+    #[arg(long, default_value = "reuseport")]
+    balance: Balance,
+    /// Shutdown timeout in milliseconds.
+    #[arg(long, default_value_t = 15_000)]
+    shutdown_timeout_ms: u64,
+    /// Crash-protection window in seconds.
+    #[arg(long, default_value_t = 5)]
+    respawn_window_sec: u64,
+    /// Crashes within the window that disable a worker.
+    #[arg(long, default_value_t = 3)]
+    respawn_max_crashes: u32,
+    /// Delay before a respawn, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    respawn_delay_ms: u64,
+    /// Delay between initial spawns, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    startup_delay_ms: u64,
+    /// A worker waits this long before it reports ready.
+    #[arg(long, default_value_t = 0)]
+    ready_delay_ms: u64,
+    /// Each worker exits with code 1 at start.
+    #[arg(long)]
+    crash_on_start: bool,
+    /// A worker that finds this file at start exits with code 1 before it is ready.
+    #[arg(long)]
+    fail_if_file: Option<PathBuf>,
+    /// Each worker shows the first line of this file as its tag (`none` when missing).
+    #[arg(long)]
+    tag_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("testbed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
+    let cluster = Cluster::new(args.port)
+        .address(args.address)
+        .cpus(args.workers)
+        .respawn(args.respawn)
+        .balance(args.balance)
+        .shutdown_timeout(Duration::from_millis(args.shutdown_timeout_ms))
+        .respawn_window(Duration::from_secs(args.respawn_window_sec))
+        .respawn_max_crashes(args.respawn_max_crashes)
+        .worker_respawn_delay(Duration::from_millis(args.respawn_delay_ms))
+        .worker_startup_delay(Duration::from_millis(args.startup_delay_ms))
+        .on_ready(|info| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "ready: {} workers on port {}", info.workers, info.addr.port());
+            let _ = out.flush();
+        });
+    match cluster.init()? {
+        Role::Master(master) => master.wait(),
+        Role::Worker(worker) => {
+            if args.crash_on_start {
+                std::process::exit(1);
+            }
+            if args.fail_if_file.as_ref().is_some_and(|p| p.exists()) {
+                eprintln!("testbed worker {}: {} exists, failing", worker.id(), args.fail_if_file.unwrap().display());
+                std::process::exit(1);
+            }
+            let tag = args
+                .tag_file
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .and_then(|s| s.lines().next().map(str::to_owned))
+                .unwrap_or_else(|| "none".to_owned());
+            std::thread::sleep(Duration::from_millis(args.ready_delay_ms));
+            let app = Testbed(Arc::new(State { id: worker.id(), pid: std::process::id(), tag }));
+            run_worker(&worker, |w| serve(w, app, ServeOptions::default()))
+        }
+    }
+}
+
+struct State {
+    id: usize,
+    pid: u32,
+    tag: String,
+}
+
+/// The testbed's HTTP service.
+#[derive(Clone)]
+struct Testbed(Arc<State>);
+
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<i64> {
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+impl tower_service::Service<Request<Incoming>> for Testbed {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let st = self.0.clone();
+        Box::pin(async move {
+            Ok(match req.uri().path() {
+                "/" => text(StatusCode::OK, format!("Hello from worker {}! pid={} tag={}", st.id, st.pid, st.tag)),
+                "/slow" => {
+                    let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    text(StatusCode::OK, format!("slow {ms}"))
+                }
+                "/crash" => std::process::abort(),
+                "/exit" => std::process::exit(query_param(&req, "code").unwrap_or(0) as i32),
+                _ => text(StatusCode::NOT_FOUND, "not found".into()),
+            })
+        })
+    }
+}
