@@ -55,6 +55,11 @@ mod worker;
 #[cfg(feature = "tokio")]
 pub mod serve;
 
+/// The README's examples, compiled as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
+
 pub use config::{Balance, Cluster, MAX_WORKERS, ReadyInfo};
 pub use cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
 pub use error::Error;

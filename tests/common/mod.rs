@@ -1,0 +1,269 @@
+//! Shared helpers of the integration tests: start the testbed, talk HTTP over loopback, look at
+//! processes in /proc, and clean up every process a test started (by pid), also on failure.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+
+pub const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
+
+/// A running testbed cluster. Dropping it kills the master and every worker it ever saw.
+pub struct Testbed {
+    pub child: Child,
+    pub port: u16,
+    pub ready_line: String,
+    pub stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+    known_workers: BTreeSet<u32>,
+    exited: Option<std::process::ExitStatus>,
+}
+
+/// A hook that adjusts the master's command before it starts.
+pub type Configure = Box<dyn FnOnce(&mut Command)>;
+
+/// How to start a testbed.
+pub struct Options {
+    pub args: Vec<String>,
+    pub configure: Option<Configure>,
+    pub ready_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options { args: Vec::new(), configure: None, ready_timeout: Duration::from_secs(20) }
+    }
+}
+
+pub fn args(list: &[&str]) -> Options {
+    Options { args: list.iter().map(|s| s.to_string()).collect(), ..Options::default() }
+}
+
+impl Testbed {
+    /// Starts `testbed --port 0 <args>` and waits for its ready line.
+    pub fn start(list: &[&str]) -> Testbed {
+        Testbed::start_with(args(list))
+    }
+
+    pub fn start_with(opts: Options) -> Testbed {
+        let (mut tb, rx) = Testbed::spawn(opts.args, opts.configure);
+        match rx.recv_timeout(opts.ready_timeout) {
+            Ok(line) => {
+                tb.port = line.rsplit(' ').next().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+                tb.ready_line = line;
+                tb.remember_workers();
+                tb
+            }
+            Err(_) => panic!("testbed not ready within {:?}; stderr:\n{}", opts.ready_timeout, tb.stderr()),
+        }
+    }
+
+    /// Starts the testbed without waiting for it; the receiver gets stdout lines.
+    pub fn spawn(args: Vec<String>, configure: Option<Configure>) -> (Testbed, mpsc::Receiver<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(TESTBED);
+        if !args.iter().any(|a| a == "--port") {
+            cmd.args(["--port", "0"]);
+        }
+        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).env("RUST_LOG", "info");
+        if let Some(f) = configure {
+            f(&mut cmd);
+        }
+        let mut child = cmd.spawn().expect("start testbed");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let tb = Testbed {
+            child,
+            port: 0,
+            ready_line: String::new(),
+            stderr_path,
+            _dir: dir,
+            known_workers: BTreeSet::new(),
+            exited: None,
+        };
+        (tb, rx)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The master's children now (and remembers them for the clean-up).
+    pub fn workers(&mut self) -> Vec<u32> {
+        let w = children_of(self.pid());
+        self.known_workers.extend(&w);
+        w
+    }
+
+    pub fn remember_workers(&mut self) {
+        self.workers();
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        send_signal(self.pid(), sig);
+    }
+
+    /// Waits for the master to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                self.exited = Some(st);
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.port, path)
+    }
+
+    /// Waits until `cond` holds on the stderr log.
+    pub fn wait_log(&self, timeout: Duration, cond: impl Fn(&str) -> bool) -> bool {
+        wait_until(timeout, || cond(&self.stderr()))
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        // Kill every worker we know of (still ours: a child of the master, or our testbed by name
+        // in /proc after the master died), then the master, by pid.
+        let mut pids: BTreeSet<u32> = self.known_workers.clone();
+        if self.exited.is_none() {
+            pids.extend(children_of(self.pid()));
+        }
+        for pid in pids {
+            if is_testbed(pid) {
+                send_signal(pid, Signal::KILL);
+            }
+        }
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn send_signal(pid: u32, sig: Signal) {
+    if let Some(p) = Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(p, sig);
+    }
+}
+
+/// Is `pid` a live (not zombie) testbed process?
+pub fn is_testbed(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    stat.contains("(testbed)") && !is_zombie_stat(&stat)
+}
+
+fn is_zombie_stat(stat: &str) -> bool {
+    stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(true)
+}
+
+/// Is `pid` alive (exists and is not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !is_zombie_stat(&stat),
+        Err(_) => false,
+    }
+}
+
+/// Pids whose parent is `parent`, in ascending order.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent) && !fields[0].starts_with('Z') {
+            out.push(pid);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The targets of a process's open descriptors: (fd number, link target).
+pub fn fds_of(pid: u32) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
+    for e in dir.flatten() {
+        let Ok(n) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        if let Ok(t) = std::fs::read_link(e.path()) {
+            out.push((n, t.to_string_lossy().into_owned()));
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`); returns status and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+        .ok_or_else(|| std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw))))
+}
+
+pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// The worker id in a testbed `/` answer.
+pub fn worker_of(body: &str) -> Option<usize> {
+    body.strip_prefix("Hello from worker ")?.split('!').next()?.parse().ok()
+}
+
+/// The pid in a testbed `/` answer.
+pub fn pid_of(body: &str) -> Option<u32> {
+    body.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+pub fn write_file(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}

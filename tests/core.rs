@@ -1,0 +1,199 @@
+//! Integration tests of the core cluster over real processes on loopback (issue 2).
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+use common::*;
+use rustix::process::Signal;
+
+/// Socket inode targets ("socket:[123]") of a process's descriptors.
+fn sockets(pid: u32) -> BTreeSet<String> {
+    fds_of(pid).into_iter().map(|(_, t)| t).filter(|t| t.starts_with("socket:")).collect()
+}
+
+fn two_workers_share_the_load(balance: &str) {
+    // Plant a descriptor in the master that is NOT close-on-exec (as a careless parent shell
+    // would): no worker may inherit it.
+    let dir = tempfile::tempdir().unwrap();
+    let planted = dir.path().join("planted");
+    std::fs::write(&planted, "x").unwrap();
+    let file = std::fs::File::open(&planted).unwrap();
+    let mut opts = args(&["--workers", "2", "--balance", balance]);
+    opts.configure = Some(Box::new(move |cmd| {
+        cmd.fd_mappings(vec![FdMapping { parent_fd: file.into(), child_fd: 42 }]).unwrap();
+    }));
+    let mut tb = Testbed::start_with(opts);
+    assert_eq!(tb.ready_line, format!("ready: 2 workers on port {}", tb.port));
+
+    let mut seen = HashMap::new();
+    for _ in 0..200 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!(status, 200, "{body}");
+        *seen.entry(worker_of(&body).unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.keys().copied().collect::<BTreeSet<_>>(), BTreeSet::from([0, 1]), "{balance}: {seen:?}");
+
+    // Exactly one master (our child) and two workers (its children, which have none).
+    let workers = tb.workers();
+    assert_eq!(workers.len(), 2, "{balance}: workers {workers:?}");
+    for &w in &workers {
+        assert!(children_of(w).is_empty());
+    }
+
+    // Each worker holds only stdio, its socket(s) and its channel from the master: nothing else
+    // the master has (other slots' sockets, its eventfd, its signal pipe, the planted file).
+    let master_fds = fds_of(tb.pid());
+    assert!(master_fds.iter().any(|(_, t)| t.ends_with("planted")), "the plant is in the master");
+    let master_sockets = sockets(tb.pid());
+    for &w in &workers {
+        let fds = fds_of(w);
+        assert!(!fds.iter().any(|(_, t)| t.ends_with("planted")), "worker {w} inherited a stray fd: {fds:?}");
+        let shared: Vec<_> = sockets(w).intersection(&master_sockets).cloned().collect();
+        assert_eq!(shared.len(), 1, "{balance}: worker {w} shares exactly its listener with the master: {shared:?}");
+        let by_number: HashMap<i32, String> = fds.into_iter().collect();
+        assert_eq!(by_number.get(&3), Some(&shared[0]), "the listener is at fd 3");
+        assert!(by_number.get(&4).is_some_and(|t| t.starts_with("socket:")), "the channel is at fd 4");
+        assert_eq!(std::fs::read_to_string(format!("/proc/{w}/comm")).unwrap().trim(), "testbed");
+    }
+    let common = sockets(workers[0]).intersection(&sockets(workers[1])).count();
+    assert_eq!(common, usize::from(balance == "shared"), "{balance}: listeners the two workers share");
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
+
+#[test]
+fn two_workers_reuseport() {
+    two_workers_share_the_load("reuseport");
+}
+
+#[test]
+fn two_workers_shared() {
+    two_workers_share_the_load("shared");
+}
+
+#[test]
+fn port_zero_reports_the_real_port() {
+    let tb = Testbed::start(&["--workers", "1", "--port", "0"]);
+    assert_ne!(tb.port, 0);
+    let (status, body) = tb.get("/").unwrap();
+    assert_eq!((status, worker_of(&body)), (200, Some(0)));
+}
+
+#[test]
+fn address_in_use_fails_before_any_worker() {
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port().to_string();
+    for balance in ["reuseport", "shared"] {
+        let (mut tb, _rx) =
+            Testbed::spawn(["--workers", "2", "--port", &port, "--balance", balance].map(String::from).to_vec(), None);
+        let status = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+        assert!(!status.success());
+        let log = tb.stderr();
+        assert!(log.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{log}");
+        assert!(!log.contains("started"), "no worker may be spawned: {log}");
+    }
+}
+
+#[test]
+fn sigterm_lets_in_flight_requests_finish() {
+    let mut tb = Testbed::start(&["--workers", "2"]);
+    let workers = tb.workers();
+    let port = tb.port;
+    let slow = std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
+    std::thread::sleep(Duration::from_millis(300));
+    tb.signal(Signal::TERM);
+    let (status, body) = slow.join().unwrap().expect("the in-flight request completes");
+    assert_eq!((status, body.as_str()), (200, "slow 1500"));
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+    assert!(st.success(), "{st:?}\n{}", tb.stderr());
+    for w in workers {
+        assert!(!alive(w), "worker {w} outlived the master");
+    }
+    assert!(!tb.stderr().contains("crashed"));
+}
+
+#[test]
+fn shutdown_timeout_kills_a_wedged_worker() {
+    let mut tb = Testbed::start(&["--workers", "1", "--shutdown-timeout-ms", "500"]);
+    let workers = tb.workers();
+    let port = tb.port;
+    let slow = std::thread::spawn(move || http_get(port, "/slow?ms=60000"));
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    tb.signal(Signal::TERM);
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+    let took = t0.elapsed();
+    assert!(st.success(), "{st:?}");
+    assert!(took >= Duration::from_millis(450) && took < Duration::from_millis(3000), "took {took:?}");
+    let log = tb.stderr();
+    assert!(log.contains("shutdown timeout: killing workers [0]"), "{log}");
+    assert!(log.contains("exited: signal 9 (SIGKILL)"), "{log}");
+    assert!(slow.join().unwrap().is_err(), "the killed request cannot complete");
+    for w in workers {
+        assert!(!alive(w));
+    }
+}
+
+#[test]
+fn workers_die_with_a_killed_master() {
+    let mut tb = Testbed::start(&["--workers", "3", "--startup-delay-ms", "10"]);
+    let workers = tb.workers();
+    assert_eq!(workers.len(), 3);
+    tb.signal(Signal::KILL);
+    tb.wait_exit(Duration::from_secs(5)).expect("master dies");
+    let t0 = Instant::now();
+    assert!(wait_until(Duration::from_secs(1), || workers.iter().all(|&w| !alive(w))), "workers outlived the master");
+    eprintln!("workers gone {:?} after the master", t0.elapsed());
+}
+
+#[test]
+fn ctrl_c_to_the_process_group_stops_gracefully() {
+    let mut opts = args(&["--workers", "2"]);
+    // The master leads its own group, like a shell's foreground job.
+    opts.configure = Some(Box::new(|cmd| {
+        cmd.process_group(0);
+    }));
+    let mut tb = Testbed::start_with(opts);
+    let workers = tb.workers();
+    let group = rustix::process::Pid::from_raw(tb.pid() as i32).unwrap();
+    rustix::process::kill_process_group(group, Signal::INT).unwrap();
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+    assert!(st.success(), "{st:?}");
+    let log = tb.stderr();
+    assert!(log.contains("received SIGINT"), "{log}");
+    assert_eq!(log.matches("exited: exit code 0").count(), 2, "both workers drained and exited 0: {log}");
+    assert!(!log.contains("signal 2"), "no worker was killed by the SIGINT itself: {log}");
+    for w in workers {
+        assert!(!alive(w));
+    }
+}
+
+#[test]
+fn a_program_with_its_own_clap_arguments_runs_unchanged_in_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = dir.path().join("tag");
+    write_file(&tag, "blue\nignored second line\n");
+    let tb = Testbed::start(&["--workers", "2", "--tag-file", tag.to_str().unwrap(), "--ready-delay-ms", "50"]);
+    for _ in 0..20 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!(status, 200);
+        assert!(body.ends_with("tag=blue"), "{body}");
+    }
+}
+
+#[test]
+fn fresh_connections_are_never_refused_while_serving() {
+    let tb = Testbed::start(&["--workers", "2"]);
+    let mut pids = BTreeSet::new();
+    for _ in 0..300 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!(status, 200);
+        pids.insert(pid_of(&body).unwrap());
+    }
+    assert_eq!(pids.len(), 2);
+}
