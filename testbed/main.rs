@@ -68,6 +68,10 @@ struct Args {
     /// Each worker shows the first line of this file as its tag (`none` when missing).
     #[arg(long)]
     tag_file: Option<PathBuf>,
+    /// The master asks for a graceful shutdown through a `MasterHandle`, from another thread,
+    /// this long after start.
+    #[arg(long)]
+    stop_after_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -102,7 +106,24 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             let _ = out.flush();
         });
     match cluster.init()? {
-        Role::Master(master) => master.wait(),
+        Role::Master(master) => {
+            eprintln!(
+                "testbed master: is_master={} is_worker={} worker_id={} worker_count={} port={}",
+                ecewo_cluster::is_master(),
+                ecewo_cluster::is_worker(),
+                ecewo_cluster::worker_id(),
+                ecewo_cluster::worker_count(),
+                ecewo_cluster::port()
+            );
+            if let Some(ms) = args.stop_after_ms {
+                let handle = master.handle();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    handle.shutdown();
+                });
+            }
+            master.wait()
+        }
         Role::Worker(worker) => {
             if args.crash_on_start {
                 std::process::exit(1);
@@ -162,6 +183,17 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
         Box::pin(async move {
             Ok(match req.uri().path() {
                 "/" => text(StatusCode::OK, format!("Hello from worker {}! pid={} tag={}", st.id, st.pid, st.tag)),
+                "/info" => text(
+                    StatusCode::OK,
+                    format!(
+                        "is_master={} is_worker={} worker_id={} worker_count={} port={}",
+                        ecewo_cluster::is_master(),
+                        ecewo_cluster::is_worker(),
+                        ecewo_cluster::worker_id(),
+                        ecewo_cluster::worker_count(),
+                        ecewo_cluster::port()
+                    ),
+                ),
                 "/slow" => {
                     let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
                     tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -197,3 +197,32 @@ fn fresh_connections_are_never_refused_while_serving() {
     }
     assert_eq!(pids.len(), 2);
 }
+
+#[test]
+fn introspection_in_both_roles() {
+    let tb = Testbed::start(&["--workers", "3", "--startup-delay-ms", "10"]);
+    let log = tb.stderr();
+    let master_line = format!("is_master=true is_worker=false worker_id=0 worker_count=3 port={}", tb.port);
+    assert!(log.contains(&master_line), "{log}");
+    let mut ids = BTreeSet::new();
+    for _ in 0..60 {
+        let (status, body) = tb.get("/info").unwrap();
+        assert_eq!(status, 200);
+        let id: usize = body.split("worker_id=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(body, format!("is_master=false is_worker=true worker_id={id} worker_count=3 port={}", tb.port));
+        ids.insert(id);
+    }
+    assert!(ids.iter().all(|&i| i < 3) && ids.len() >= 2, "{ids:?}");
+}
+
+#[test]
+fn a_master_handle_stops_the_cluster_from_another_thread() {
+    let mut tb = Testbed::start(&["--workers", "2", "--stop-after-ms", "500"]);
+    let workers = tb.workers();
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+    assert!(st.success(), "{st:?}");
+    assert!(tb.stderr().contains("shutting down: stopping 2 workers"));
+    for w in workers {
+        assert!(!alive(w));
+    }
+}
