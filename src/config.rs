@@ -49,6 +49,21 @@ impl std::str::FromStr for Balance {
 pub(crate) type OnStart = Box<dyn FnMut(usize, u32)>;
 pub(crate) type OnExit = Box<dyn FnMut(usize, ExitStatus, bool)>;
 pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
+pub(crate) type OnSignal = Box<dyn FnMut(&crate::MasterHandle)>;
+
+/// Signals a program may bind to its own master actions with [`Cluster::on_signal`].
+/// `SIGTERM` and `SIGINT` are the master's (shutdown); `SIGKILL`, `SIGSTOP` and the fault
+/// signals cannot be handled; `SIGCHLD` must stay untouched (workers are reaped through pidfds).
+pub const BINDABLE_SIGNALS: [i32; 8] = [
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGALRM,
+    libc::SIGTTIN,
+    libc::SIGTTOU,
+];
 
 /// What the master knows when every initial worker has reported ready (see [`Cluster::on_ready`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +108,7 @@ pub struct Cluster {
     pub(crate) on_exit: Option<OnExit>,
     pub(crate) on_worker_ready: Option<OnStart>,
     pub(crate) on_ready: Option<OnReady>,
+    pub(crate) on_signal: Vec<(i32, OnSignal)>,
 }
 
 impl fmt::Debug for Cluster {
@@ -134,6 +150,7 @@ impl Cluster {
             on_exit: None,
             on_worker_ready: None,
             on_ready: None,
+            on_signal: Vec::new(),
         }
     }
 
@@ -228,6 +245,27 @@ impl Cluster {
         self
     }
 
+    /// Runs `action` on the master thread when the master receives `signal`, with a handle to
+    /// act on the cluster: the spec's "Method 2" without an unsafe signal handler.
+    ///
+    /// ```
+    /// use ecewo_cluster::Cluster;
+    ///
+    /// // SIGHUP: forward a configuration reload to every worker as SIGUSR1.
+    /// let opts = Cluster::new(3000).on_signal(libc::SIGHUP, |master| {
+    ///     let _ = master.signal_workers(libc::SIGUSR1);
+    /// });
+    /// # let _ = opts;
+    /// ```
+    ///
+    /// Only the signals in [`BINDABLE_SIGNALS`] can be bound; [`init`](Cluster::init) refuses
+    /// others. Binding a signal twice keeps the last action.
+    pub fn on_signal(mut self, signal: i32, action: impl FnMut(&crate::MasterHandle) + 'static) -> Cluster {
+        self.on_signal.retain(|(s, _)| *s != signal);
+        self.on_signal.push((signal, Box::new(action)));
+        self
+    }
+
     /// The number of workers `init` would start: [`cpus`](Cluster::cpus), or the detected CPU
     /// count when that is 0.
     pub fn worker_count(&self) -> usize {
@@ -261,6 +299,15 @@ impl Cluster {
         if self.backlog == 0 || self.backlog > i32::MAX as u32 {
             return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.backlog));
         }
+        if let Some((sig, _)) = self.on_signal.iter().find(|(s, _)| !BINDABLE_SIGNALS.contains(s)) {
+            return invalid(
+                "on_signal",
+                format!(
+                    "signal {sig} ({}) cannot be bound; use one of SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM, SIGTTIN, SIGTTOU",
+                    crate::stats::signal_name(*sig).unwrap_or("unknown")
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -293,6 +340,9 @@ mod tests {
             (Cluster::new(1).cpus(MAX_WORKERS + 1), "cpus"),
             (Cluster::new(1).shutdown_timeout(Duration::ZERO), "shutdown_timeout"),
             (Cluster::new(1).backlog(0), "backlog"),
+            (Cluster::new(1).on_signal(libc::SIGTERM, |_| {}), "on_signal"),
+            (Cluster::new(1).on_signal(libc::SIGCHLD, |_| {}), "on_signal"),
+            (Cluster::new(1).on_signal(9999, |_| {}), "on_signal"),
         ];
         for (c, name) in cases {
             match c.validate() {

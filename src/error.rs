@@ -52,6 +52,10 @@ pub enum Error {
     #[error("the cluster is not initialised in this process; call Cluster::init first")]
     NotInitialized,
 
+    /// Not a signal that can be sent to workers.
+    #[error("{0} is not a valid signal number; use a named signal such as libc::SIGUSR1")]
+    InvalidSignal(i32),
+
     /// There is no worker slot with this id.
     #[error("there is no worker {0}; worker ids go from 0 to worker_count() - 1")]
     NoSuchWorker(usize),

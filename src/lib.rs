@@ -60,10 +60,12 @@ pub mod serve;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-pub use config::{Balance, Cluster, MAX_WORKERS, ReadyInfo};
+pub use config::{BINDABLE_SIGNALS, Balance, Cluster, MAX_WORKERS, ReadyInfo};
 pub use cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
 pub use error::Error;
 pub use master::{Master, MasterHandle};
-pub use role::{Role, all_workers, is_master, is_worker, port, stats, worker_count, worker_id, worker_stats};
+pub use role::{
+    Role, all_workers, is_master, is_worker, port, signal_workers, stats, worker_count, worker_id, worker_stats,
+};
 pub use stats::{ClusterStats, ExitStatus, WorkerStats, WorkerStatus};
 pub use worker::Worker;

@@ -20,7 +20,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 use crate::channel::{MasterEnd, ToMaster, ToWorker};
-use crate::config::{Balance, Cluster, OnExit, OnReady, OnStart, ReadyInfo};
+use crate::config::{Balance, Cluster, OnExit, OnReady, OnSignal, OnStart, ReadyInfo};
 use crate::error::Error;
 use crate::stats::{ClusterStats, ExitStatus, WorkerStats};
 use crate::supervisor::{Command, Event, Policy, Report, Supervisor, WorkerKey};
@@ -43,6 +43,7 @@ pub(crate) struct Shared {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
     Shutdown,
+    SignalWorkers(i32),
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +62,14 @@ impl Shared {
         self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
         // Ignore EAGAIN: the counter is already non-zero and the loop will look.
         let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    pub(crate) fn signal_workers(&self, signal: i32) -> Result<(), Error> {
+        if Signal::from_named_raw(signal).is_none() {
+            return Err(Error::InvalidSignal(signal));
+        }
+        self.request(Request::SignalWorkers(signal));
+        Ok(())
     }
 
     pub(crate) fn snapshot(&self) -> (ClusterStats, Vec<WorkerStats>) {
@@ -87,6 +96,7 @@ pub struct Master {
     on_exit: Option<OnExit>,
     on_worker_ready: Option<OnStart>,
     on_ready: Option<OnReady>,
+    on_signal: Vec<(i32, OnSignal)>,
 }
 
 impl std::fmt::Debug for Master {
@@ -110,6 +120,12 @@ impl MasterHandle {
     /// is gone. Asked a second time, the remaining workers are killed at once.
     pub fn shutdown(&self) {
         self.shared.request(Request::Shutdown);
+    }
+
+    /// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); see
+    /// [`crate::signal_workers`]. An unnamed signal number is [`Error::InvalidSignal`].
+    pub fn signal_workers(&self, signal: i32) -> Result<(), Error> {
+        self.shared.signal_workers(signal)
     }
 
     /// The cluster's statistics (the spec's `cluster_get_stats`).
@@ -146,7 +162,8 @@ impl Master {
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
-        let signals = Signals::register().map_err(Error::io("cannot install the master's signal handlers"))?;
+        let extra: Vec<i32> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        let signals = Signals::register(&extra).map_err(Error::io("cannot install the master's signal handlers"))?;
         let policy = Policy {
             workers,
             port: addr.port(),
@@ -184,6 +201,7 @@ impl Master {
             on_exit: opts.on_exit.take(),
             on_worker_ready: opts.on_worker_ready.take(),
             on_ready: opts.on_ready.take(),
+            on_signal: std::mem::take(&mut opts.on_signal),
         })
     }
 
@@ -204,6 +222,11 @@ impl Master {
     /// The number of worker slots.
     pub fn worker_count(&self) -> usize {
         self.policy.workers
+    }
+
+    /// Sends `signal` to every active worker once the loop runs; see [`crate::signal_workers`].
+    pub fn signal_workers(&self, signal: i32) -> Result<(), Error> {
+        self.shared.signal_workers(signal)
     }
 
     /// The cluster's statistics (the spec's `cluster_get_stats`).
@@ -361,6 +384,9 @@ impl Driver {
                 within.as_secs()
             ),
             Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
+            Report::Signalled { signal, slots } => {
+                tracing::info!("sent {} to workers {slots:?}", crate::stats::signal_name(signal).unwrap_or("a signal"))
+            }
             Report::ShutdownTimeout { slots } => {
                 tracing::warn!("shutdown timeout: killing workers {slots:?}")
             }
@@ -473,9 +499,14 @@ impl Driver {
 
     fn on_signals(&mut self, events: &mut VecDeque<Event>) {
         for sig in self.m.signals.take() {
-            tracing::info!("received {}", crate::stats::signal_name(sig).unwrap_or("a signal"));
+            let name = crate::stats::signal_name(sig).unwrap_or("a signal");
+            tracing::info!("received {name}");
             if sig == libc::SIGTERM || sig == libc::SIGINT {
                 events.push_back(Event::Shutdown);
+            } else {
+                let handle = MasterHandle { shared: self.m.shared.clone() };
+                let action = self.m.on_signal.iter_mut().find(|(s, _)| *s == sig).map(|(_, a)| a);
+                guard("on_signal", action, |f| f(&handle));
             }
         }
     }
@@ -487,6 +518,7 @@ impl Driver {
         for r in requests {
             match r {
                 Request::Shutdown => events.push_back(Event::Shutdown),
+                Request::SignalWorkers(signal) => events.push_back(Event::SignalWorkers { signal }),
             }
         }
     }
@@ -560,13 +592,11 @@ struct Signals {
 }
 
 impl Signals {
-    const HANDLED: [i32; 2] = [libc::SIGTERM, libc::SIGINT];
-
-    fn register() -> io::Result<Signals> {
+    fn register(extra: &[i32]) -> io::Result<Signals> {
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         let mut s = Signals { read, flags: Vec::new(), ids: Vec::new() };
-        for sig in Self::HANDLED {
+        for &sig in [libc::SIGTERM, libc::SIGINT].iter().chain(extra) {
             let flag = Arc::new(AtomicBool::new(false));
             s.ids.push(signal_hook::flag::register(sig, flag.clone())?);
             s.ids.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);

@@ -32,6 +32,17 @@ pub(crate) enum Global {
 
 static ROLE: OnceLock<Global> = OnceLock::new();
 
+/// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); master only.
+/// Any named signal is accepted, `SIGKILL` included; a worker that dies of a signal sent this
+/// way has not crashed. The signal is sent by the master's loop right after this call returns.
+pub fn signal_workers(signal: i32) -> Result<(), Error> {
+    match ROLE.get() {
+        Some(Global::Master(m)) => m.signal_workers(signal),
+        Some(Global::Worker(_)) => Err(Error::WrongRole("signal_workers can only be called in the master")),
+        None => Err(Error::NotInitialized),
+    }
+}
+
 /// The cluster's statistics and every worker's, from wherever this process stands: the master's
 /// own state, or a worker's query over its channel to the master.
 fn snapshot() -> Result<(ClusterStats, Vec<WorkerStats>), Error> {

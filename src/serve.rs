@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::config::Cluster;
 use crate::error::Error;
 use crate::role::Role;
+use crate::stats::{ClusterStats, WorkerStats};
 use crate::worker::Worker;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -166,6 +167,14 @@ where
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with connections still open; exiting");
     }
     Ok(())
+}
+
+/// Asks the master for the cluster's statistics and every worker's, without blocking the
+/// runtime (the query runs on tokio's blocking pool): what the spec's monitoring example's
+/// `/stats` endpoint needs, in a worker.
+pub async fn cluster_stats(worker: &Worker) -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
+    let worker = worker.clone();
+    tokio::task::spawn_blocking(move || worker.stats()).await.unwrap_or(Err(Error::MasterGone))
 }
 
 /// Wraps the user's service: while draining, every response carries `Connection: close`, so

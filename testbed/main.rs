@@ -13,15 +13,17 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::Parser;
-use ecewo_cluster::serve::{ServeOptions, run_worker, serve};
-use ecewo_cluster::{Balance, Cluster, Role};
+use ecewo_cluster::serve::{ServeOptions, cluster_stats, run_worker, serve};
+use ecewo_cluster::{Balance, Cluster, Role, Worker};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
+use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Test server for ecewo-cluster's integration tests and benchmarks")]
@@ -68,6 +70,12 @@ struct Args {
     /// Each worker shows the first line of this file as its tag (`none` when missing).
     #[arg(long)]
     tag_file: Option<PathBuf>,
+    /// Only the worker with this id exits with code 1 at start (a slot that crash-loops).
+    #[arg(long)]
+    crash_on_start_id: Option<usize>,
+    /// The master's `on_worker_ready` callback panics (supervision must go on).
+    #[arg(long)]
+    panic_in_callbacks: bool,
     /// The master asks for a graceful shutdown through a `MasterHandle`, from another thread,
     /// this long after start.
     #[arg(long)]
@@ -104,7 +112,25 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "ready: {} workers on port {}", info.workers, info.addr.port());
             let _ = out.flush();
+        })
+        .on_start(|id, pid| eprintln!("on_start id={id} pid={pid}"))
+        .on_exit(|id, status, crash| eprintln!("on_exit id={id} status={status} raw={} crash={crash}", status.as_raw()))
+        .on_signal(libc::SIGHUP, |master| {
+            // Print the master's view of the statistics, then forward SIGUSR1 to the workers.
+            let view = serde_json::json!({ "cluster": master.stats(), "workers": master.workers() });
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "stats: {view}");
+            let _ = out.flush();
+            if let Err(e) = master.signal_workers(libc::SIGUSR1) {
+                eprintln!("testbed: {e}");
+            }
         });
+    let panic_in_callbacks = args.panic_in_callbacks;
+    let cluster = cluster.on_worker_ready(move |id, _pid| {
+        if panic_in_callbacks {
+            panic!("testbed: on_worker_ready panics on purpose (worker {id})");
+        }
+    });
     match cluster.init()? {
         Role::Master(master) => {
             eprintln!(
@@ -125,7 +151,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             master.wait()
         }
         Role::Worker(worker) => {
-            if args.crash_on_start {
+            if args.crash_on_start || args.crash_on_start_id == Some(worker.id()) {
                 std::process::exit(1);
             }
             if args.fail_if_file.as_ref().is_some_and(|p| p.exists()) {
@@ -138,8 +164,25 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 .and_then(|s| s.lines().next().map(str::to_owned))
                 .unwrap_or_else(|| "none".to_owned());
             std::thread::sleep(Duration::from_millis(args.ready_delay_ms));
-            let app = Testbed(Arc::new(State { id: worker.id(), pid: std::process::id(), tag }));
-            run_worker(&worker, |w| serve(w, app, ServeOptions::default()))
+            let state = Arc::new(State {
+                id: worker.id(),
+                pid: std::process::id(),
+                tag,
+                usr1: AtomicU64::new(0),
+                worker: worker.clone(),
+            });
+            run_worker(&worker, |w| async move {
+                // Count SIGUSR1 (sent through signal_workers); registered before ready.
+                let mut usr1 = signal(SignalKind::user_defined1())
+                    .map_err(|e| ecewo_cluster::Error::Io { context: "cannot handle SIGUSR1", source: e })?;
+                let counter = state.clone();
+                tokio::spawn(async move {
+                    while usr1.recv().await.is_some() {
+                        counter.usr1.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+                serve(w, Testbed(state), ServeOptions::default()).await
+            })
         }
     }
 }
@@ -148,6 +191,8 @@ struct State {
     id: usize,
     pid: u32,
     tag: String,
+    usr1: AtomicU64,
+    worker: Worker,
 }
 
 /// The testbed's HTTP service.
@@ -194,6 +239,13 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                         ecewo_cluster::port()
                     ),
                 ),
+                "/signals" => text(StatusCode::OK, format!("usr1={}", st.usr1.load(Ordering::SeqCst))),
+                "/stats" => match cluster_stats(&st.worker).await {
+                    Ok((cluster, workers)) => {
+                        text(StatusCode::OK, serde_json::json!({ "cluster": cluster, "workers": workers }).to_string())
+                    }
+                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                },
                 "/slow" => {
                     let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
                     tokio::time::sleep(Duration::from_millis(ms)).await;

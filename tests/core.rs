@@ -60,6 +60,7 @@ fn two_workers_share_the_load(balance: &str) {
         assert!(by_number.get(&4).is_some_and(|t| t.starts_with("socket:")), "the channel is at fd 4");
         assert_eq!(std::fs::read_to_string(format!("/proc/{w}/comm")).unwrap().trim(), "testbed");
     }
+    assert_eq!(listeners_held(tb.pid(), tb.port), if balance == "shared" { 1 } else { 2 });
     let common = sockets(workers[0]).intersection(&sockets(workers[1])).count();
     assert_eq!(common, usize::from(balance == "shared"), "{balance}: listeners the two workers share");
     tb.signal(Signal::TERM);
@@ -89,8 +90,7 @@ fn address_in_use_fails_before_any_worker() {
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
     for balance in ["reuseport", "shared"] {
-        let (mut tb, _rx) =
-            Testbed::spawn(["--workers", "2", "--port", &port, "--balance", balance].map(String::from).to_vec(), None);
+        let (mut tb, _rx) = Testbed::spawn(args(&["--workers", "2", "--port", &port, "--balance", balance]));
         let status = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
         assert!(!status.success());
         let log = tb.stderr();

@@ -76,6 +76,11 @@ pub enum Event {
     /// A graceful shutdown was asked for (SIGTERM, SIGINT, a handle). Asked again while one runs,
     /// it becomes immediate: the remaining workers are killed.
     Shutdown,
+    /// Send `signal` to every active worker (the spec's `cluster_signal_workers`).
+    SignalWorkers {
+        /// The signal number (validated by the caller).
+        signal: i32,
+    },
 }
 
 /// Something the driver must do, returned by [`Supervisor::handle`].
@@ -164,6 +169,13 @@ pub enum Report {
     ShuttingDown {
         /// Workers asked to stop.
         workers: usize,
+    },
+    /// A signal was sent to the active workers.
+    Signalled {
+        /// The signal number.
+        signal: i32,
+        /// Slots of the workers signalled.
+        slots: Vec<usize>,
     },
     /// The shutdown timeout passed and these workers are being killed.
     ShutdownTimeout {
@@ -312,8 +324,10 @@ impl Supervisor {
             Event::Ready { key } => self.on_ready(key, &mut out),
             Event::Exited { key, status } => self.on_exited(key, status, now, &mut out),
             Event::Shutdown => self.on_shutdown(now, &mut out),
+            Event::SignalWorkers { signal } => self.on_signal_workers(signal, &mut out),
         }
         self.on_time(now, wall, &mut out);
+        self.check_all_ready(&mut out);
         self.check_done(&mut out);
         out
     }
@@ -352,13 +366,19 @@ impl Supervisor {
         p.state = ProcState::Active;
         let pid = p.pid.unwrap_or(0);
         out.push(Command::Report(Report::Ready { slot, pid }));
-        if !self.announced_ready && self.phase == Phase::Running {
-            let waiting = self.slots.iter().any(|s| !s.disabled && s.status() != WorkerStatus::Active);
-            if !waiting {
-                self.announced_ready = true;
-                let workers = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
-                out.push(Command::Report(Report::AllReady { workers }));
-            }
+    }
+
+    /// Announces, once, that the initial start-up is over: every slot that is not disabled is
+    /// active (a slot disabled during start-up does not hold the others back).
+    fn check_all_ready(&mut self, out: &mut Vec<Command>) {
+        if self.announced_ready || self.phase != Phase::Running {
+            return;
+        }
+        let waiting = self.slots.iter().any(|s| !s.disabled && s.status() != WorkerStatus::Active);
+        let workers = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
+        if !waiting && workers > 0 {
+            self.announced_ready = true;
+            out.push(Command::Report(Report::AllReady { workers }));
         }
     }
 
@@ -439,6 +459,19 @@ impl Supervisor {
             Phase::ShuttingDown { killed: false, .. } => self.kill_all(out),
             Phase::ShuttingDown { killed: true, .. } | Phase::Done => {}
         }
+    }
+
+    fn on_signal_workers(&mut self, signal: i32, out: &mut Vec<Command>) {
+        let mut slots = Vec::new();
+        for s in &mut self.slots {
+            if let Some(p) = s.proc_.as_mut().filter(|p| p.state == ProcState::Active) {
+                // Remembered: a death by this signal is then not a crash.
+                p.signalled |= signal_bit(signal);
+                slots.push(s.id);
+                out.push(Command::Signal { key: p.key, signal });
+            }
+        }
+        out.push(Command::Report(Report::Signalled { signal, slots }));
     }
 
     fn kill_all(&mut self, out: &mut Vec<Command>) {

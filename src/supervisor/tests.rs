@@ -327,3 +327,74 @@ fn worker_stats_report_uptime_and_pid() {
     assert_eq!(w.port, 3000);
     assert_eq!(w.status, WorkerStatus::Active);
 }
+
+#[test]
+fn signal_workers_reaches_active_workers_and_their_death_by_it_is_no_crash() {
+    let mut h = Harness::new(policy(3));
+    h.at(0);
+    h.at(100);
+    h.at(200);
+    h.ready(0);
+    h.ready(2); // slot 1 is still starting
+    let r = h.feed(Event::SignalWorkers { signal: libc::SIGUSR1 });
+    let signalled: Vec<_> = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGUSR1, .. })).collect();
+    assert_eq!(signalled.len(), 2);
+    assert!(reports(&r).contains(&&Report::Signalled { signal: libc::SIGUSR1, slots: vec![0, 2] }));
+    // A worker without a SIGUSR1 handler dies of it: the master sent it, so not a crash.
+    let r = h.exit(0, ExitStatus::Signal(libc::SIGUSR1));
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, respawn_in: Some(_), .. }]));
+    // SIGKILL sent through signal_workers: not a crash either, but replaced.
+    h.feed(Event::SignalWorkers { signal: libc::SIGKILL });
+    let r = h.exit(2, ExitStatus::Signal(libc::SIGKILL));
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, respawn_in: Some(_), .. }]));
+    assert_eq!(h.sup.worker_stats(h.now)[2].crash_count, 0);
+}
+
+#[test]
+fn status_lifecycle() {
+    use WorkerStatus::*;
+    let mut p = policy(2);
+    p.max_crashes = 2;
+    let mut h = Harness::new(p);
+    assert_eq!((h.status(0), h.status(1)), (Starting, Starting), "pending initial spawns");
+    h.at(0);
+    assert_eq!(h.status(0), Starting, "spawned, not ready");
+    h.at(100);
+    h.ready(0);
+    h.ready(1);
+    assert_eq!(h.status(0), Active);
+    h.at(1000);
+    h.exit(0, ExitStatus::Code(1));
+    assert_eq!(h.status(0), Respawning);
+    h.at(1100);
+    assert_eq!(h.status(0), Starting);
+    h.exit(0, ExitStatus::Code(1));
+    assert_eq!(h.status(0), Disabled);
+    h.feed(Event::Shutdown);
+    assert_eq!(h.status(1), Stopping);
+    h.exit(1, ExitStatus::Code(0));
+    assert_eq!(h.status(1), Stopped);
+    assert_eq!(h.status(0), Disabled);
+
+    let mut p = policy(1);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.exit(0, ExitStatus::Signal(libc::SIGSEGV));
+    assert_eq!(h.status(0), Crashed);
+}
+
+#[test]
+fn a_slot_disabled_during_startup_does_not_hold_the_announcement_back() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    h.exit(1, ExitStatus::Code(1));
+    h.at(200);
+    h.exit(1, ExitStatus::Code(1));
+    h.at(300);
+    let r = h.exit(1, ExitStatus::Code(1));
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert!(reports(&r).contains(&&Report::AllReady { workers: 1 }), "{r:?}");
+}

@@ -34,11 +34,13 @@ pub struct Options {
     pub args: Vec<String>,
     pub configure: Option<Configure>,
     pub ready_timeout: Duration,
+    /// Run this file instead of the built testbed.
+    pub program: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { args: Vec::new(), configure: None, ready_timeout: Duration::from_secs(20) }
+        Options { args: Vec::new(), configure: None, ready_timeout: Duration::from_secs(20), program: None }
     }
 }
 
@@ -53,24 +55,24 @@ impl Testbed {
     }
 
     pub fn start_with(opts: Options) -> Testbed {
-        let (mut tb, rx) = Testbed::spawn(opts.args, opts.configure);
-        match rx.recv_timeout(opts.ready_timeout) {
+        let timeout = opts.ready_timeout;
+        let (mut tb, rx) = Testbed::spawn(opts);
+        match rx.recv_timeout(timeout) {
             Ok(line) => {
-                tb.port = line.rsplit(' ').next().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
-                tb.ready_line = line;
-                tb.remember_workers();
+                tb.set_ready(line);
                 tb
             }
-            Err(_) => panic!("testbed not ready within {:?}; stderr:\n{}", opts.ready_timeout, tb.stderr()),
+            Err(_) => panic!("testbed not ready within {timeout:?}; stderr:\n{}", tb.stderr()),
         }
     }
 
     /// Starts the testbed without waiting for it; the receiver gets stdout lines.
-    pub fn spawn(args: Vec<String>, configure: Option<Configure>) -> (Testbed, mpsc::Receiver<String>) {
+    pub fn spawn(opts: Options) -> (Testbed, mpsc::Receiver<String>) {
+        let Options { args, configure, program, .. } = opts;
         let dir = tempfile::tempdir().unwrap();
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
-        let mut cmd = Command::new(TESTBED);
+        let mut cmd = Command::new(program.as_deref().unwrap_or(Path::new(TESTBED)));
         if !args.iter().any(|a| a == "--port") {
             cmd.args(["--port", "0"]);
         }
@@ -137,6 +139,13 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Takes the port from a ready line.
+    pub fn set_ready(&mut self, line: String) {
+        self.port = line.rsplit(' ').next().and_then(|p| p.trim().parse().ok()).unwrap_or(0);
+        self.ready_line = line;
+        self.remember_workers();
     }
 
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
@@ -266,4 +275,28 @@ pub fn pid_of(body: &str) -> Option<u32> {
 
 pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
+}
+
+/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6), from /proc/net/tcp{,6}.
+pub fn listening_inodes(port: u16) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                if let Some(inode) = f.get(9) {
+                    out.insert(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How many of `pid`'s descriptors are sockets listening on `port`.
+pub fn listeners_held(pid: u32, port: u16) -> usize {
+    let listening = listening_inodes(port);
+    fds_of(pid).iter().filter(|(_, t)| listening.contains(t)).count()
 }

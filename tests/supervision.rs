@@ -1,0 +1,228 @@
+//! Integration tests of supervision over real processes (issue 3): respawn, crash protection,
+//! callbacks, statistics from the master and from workers, signalling workers.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustix::process::Signal;
+use serde_json::Value;
+
+fn stats_of(tb: &Testbed) -> Value {
+    let (status, body) = tb.get("/stats").unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn worker_pid_in(stats: &Value, slot: usize) -> Option<u64> {
+    stats["workers"][slot]["pid"].as_u64()
+}
+
+/// Waits until the master has a child that is none of `old`, and returns its pid.
+fn wait_replaced(tb: &mut Testbed, old: &[u32], timeout: Duration) -> Option<u32> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(&new) = tb.workers().iter().find(|p| !old.contains(p)) {
+            return Some(new);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+#[test]
+fn a_killed_worker_is_respawned_fast_and_counted() {
+    let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--startup-delay-ms", "10"]);
+    let before = stats_of(&tb);
+    let victim = worker_pid_in(&before, 1).unwrap() as u32;
+    let other = worker_pid_in(&before, 0).unwrap() as u32;
+    let t0 = Instant::now();
+    send_signal(victim, Signal::KILL);
+    let replaced = wait_replaced(&mut tb, &[victim, other], Duration::from_millis(100 + 200));
+    let new = replaced.unwrap_or_else(|| panic!("not replaced within 300 ms:\n{}", tb.stderr()));
+    eprintln!("replaced after {:?}", t0.elapsed());
+    assert!(
+        tb.wait_log(Duration::from_secs(2), |l| l
+            .contains("on_exit id=1 status=signal 9 (SIGKILL) raw=137 crash=true"))
+    );
+    assert!(tb.wait_log(Duration::from_secs(2), |l| l.contains(&format!("on_start id=1 pid={new}"))));
+    assert!(wait_until(Duration::from_secs(5), || stats_of(&tb)["cluster"]["active_workers"] == 2));
+    let after = stats_of(&tb);
+    assert_eq!(after["cluster"]["total_restarts"], 1);
+    assert_eq!(after["workers"][1]["crash_count"], 1);
+    assert_eq!(after["workers"][1]["pid"], new);
+    assert_eq!(after["workers"][1]["exit_status"], serde_json::json!({"signal": 9}));
+    assert_eq!(after["workers"][0]["crash_count"], 0);
+}
+
+#[test]
+fn connections_queued_on_an_empty_slot_are_served_by_its_replacement() {
+    // A long respawn delay leaves slot 1 empty for a second; with ReusePort about half of the
+    // new connections are hashed to its socket, which the master keeps open.
+    let mut tb =
+        Testbed::start(&["--workers", "2", "--respawn", "--respawn-delay-ms", "1000", "--startup-delay-ms", "10"]);
+    let before = stats_of(&tb);
+    let victim = worker_pid_in(&before, 1).unwrap() as u32;
+    send_signal(victim, Signal::KILL);
+    assert!(wait_until(Duration::from_secs(2), || !alive(victim)));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut conns = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(("127.0.0.1", tb.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        conns.push(s);
+    }
+    let mut by_new_worker = 0;
+    for mut s in conns {
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("every queued connection is answered");
+        let (status, body) = parse_response(&raw).expect("a full response");
+        assert_eq!(status, 200);
+        if worker_of(&body) == Some(1) {
+            assert_ne!(pid_of(&body), Some(victim));
+            by_new_worker += 1;
+        }
+    }
+    assert!(by_new_worker > 0, "some connections waited in slot 1's queue for its replacement");
+    let _ = tb.workers();
+}
+
+#[test]
+fn crash_abort_and_exit_codes_are_classified() {
+    let mut tb = Testbed::start(&["--workers", "1", "--respawn", "--respawn-max-crashes", "10"]);
+    let mut last = worker_pid_in(&stats_of(&tb), 0).unwrap() as u32;
+    for (path, line) in [
+        ("/crash", "status=signal 6 (SIGABRT) raw=134 crash=true"),
+        ("/exit?code=3", "status=exit code 3 raw=3 crash=true"),
+        ("/exit?code=0", "status=exit code 0 raw=0 crash=false"),
+    ] {
+        assert!(tb.get(path).is_err(), "{path} ends the worker mid-request");
+        assert!(tb.wait_log(Duration::from_secs(5), |l| l.contains(line)), "{path}: {}", tb.stderr());
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                let s = stats_of(&tb);
+                s["workers"][0]["status"] == "active" && worker_pid_in(&s, 0) != Some(last as u64)
+            }),
+            "{path}: replaced"
+        );
+        last = worker_pid_in(&stats_of(&tb), 0).unwrap() as u32;
+        tb.remember_workers();
+    }
+    let s = stats_of(&tb);
+    assert_eq!(s["workers"][0]["crash_count"], 2, "a clean exit is not a crash");
+    assert_eq!(s["cluster"]["total_restarts"], 3);
+}
+
+#[test]
+fn crash_loop_disables_every_slot_and_the_master_exits_non_zero() {
+    let (mut tb, _rx) = Testbed::spawn(args(&["--workers", "2", "--respawn", "--crash-on-start"]));
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("the master gives up");
+    assert!(!st.success(), "{st:?}");
+    let log = tb.stderr();
+    for slot in 0..2 {
+        assert_eq!(log.matches(&format!("on_start id={slot} ")).count(), 3, "spawned exactly 3 times: {log}");
+        assert!(
+            log.lines().any(|l| l.contains(&format!("Worker {slot} crashing too fast (3 times in "))
+                && l.ends_with("s), disabling respawn")),
+            "{log}"
+        );
+    }
+    assert!(log.contains("no worker can run any more"), "{log}");
+}
+
+#[test]
+fn one_crash_looping_slot_is_disabled_while_the_other_serves() {
+    let (mut tb, rx) =
+        Testbed::spawn(args(&["--workers", "2", "--respawn", "--crash-on-start-id", "1", "--startup-delay-ms", "10"]));
+    let line = rx.recv_timeout(Duration::from_secs(10)).expect("ready once slot 1 is disabled");
+    assert!(line.starts_with("ready: 1 workers on port "), "{line}");
+    tb.set_ready(line);
+    for _ in 0..100 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!((status, worker_of(&body)), (200, Some(0)));
+    }
+    let s = stats_of(&tb);
+    assert_eq!(s["cluster"]["total_workers"], 2);
+    assert_eq!(s["cluster"]["active_workers"], 1);
+    assert_eq!(s["cluster"]["disabled_workers"], 1);
+    assert_eq!(s["workers"][0]["status"], "active");
+    assert_eq!(s["workers"][1]["status"], "disabled");
+    assert_eq!(s["workers"][1]["respawn_disabled"], true);
+    assert_eq!(s["workers"][1]["crash_count"], 3);
+    assert_eq!(s["workers"][1]["pid"], Value::Null);
+    let log = tb.stderr();
+    assert!(log.contains("closed the listening socket of worker 1"), "{log}");
+    // Only slot 0's socket remains in the master.
+    assert_eq!(listeners_held(tb.pid(), tb.port), 1);
+}
+
+#[test]
+fn signal_workers_reaches_every_active_worker_and_stats_agree() {
+    let (mut tb, rx) = Testbed::spawn(args(&["--workers", "3", "--startup-delay-ms", "10"]));
+    tb.set_ready(rx.recv_timeout(Duration::from_secs(20)).unwrap());
+    let workers: BTreeSet<u32> = tb.workers().into_iter().collect();
+    // SIGHUP: the testbed master prints its own view and calls signal_workers(SIGUSR1).
+    tb.signal(Signal::HUP);
+    let line = rx.recv_timeout(Duration::from_secs(5)).expect("the master's stats line");
+    let master_view: Value = serde_json::from_str(line.strip_prefix("stats: ").unwrap()).unwrap();
+    let worker_view = stats_of(&tb);
+    assert_eq!(master_view["cluster"], worker_view["cluster"]);
+    for slot in 0..3 {
+        for key in ["worker_id", "pid", "port", "status", "crash_count", "respawn_disabled", "start_time"] {
+            assert_eq!(master_view["workers"][slot][key], worker_view["workers"][slot][key], "{key}");
+        }
+    }
+    let pids: BTreeSet<u32> = (0..3).map(|i| worker_view["workers"][i]["pid"].as_u64().unwrap() as u32).collect();
+    assert_eq!(pids, workers, "stats pids are the master's real children");
+    // Every worker counted one SIGUSR1.
+    let mut seen = BTreeSet::new();
+    let ok = wait_until(Duration::from_secs(5), || {
+        let (_, body) = tb.get("/signals").unwrap();
+        let (_, who) = tb.get("/").unwrap();
+        if body == "usr1=1" {
+            seen.insert(worker_of(&who));
+        }
+        seen.len() == 3
+    });
+    assert!(ok, "every worker reports usr1=1: {seen:?}");
+    assert!(tb.stderr().contains("sent SIGUSR1 to workers [0, 1, 2]"));
+}
+
+#[test]
+fn a_panicking_callback_does_not_stop_supervision() {
+    let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--panic-in-callbacks"]);
+    assert!(tb.stderr().contains("the on_worker_ready callback panicked"));
+    let victim = tb.workers()[0];
+    send_signal(victim, Signal::KILL);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let s = stats_of(&tb);
+        s["cluster"]["active_workers"] == 2 && s["cluster"]["total_restarts"] == 1
+    }));
+}
+
+#[test]
+fn a_crash_respawn_runs_the_running_binary_even_if_the_file_was_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("testbed");
+    std::fs::copy(TESTBED, &exe).unwrap();
+    let mut opts = args(&["--workers", "1", "--respawn"]);
+    opts.program = Some(exe.clone());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    tb.set_ready(rx.recv_timeout(Duration::from_secs(20)).expect("ready"));
+    let old = tb.workers()[0];
+    // Deploy something else at the same path (a new inode, as deploys do).
+    let staged = dir.path().join("staged");
+    std::fs::write(&staged, "#!/bin/sh\nexit 42\n").unwrap();
+    std::fs::set_permissions(&staged, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, &exe).unwrap();
+    send_signal(old, Signal::KILL);
+    let new = wait_replaced(&mut tb, &[old], Duration::from_secs(5)).expect("respawned");
+    assert!(wait_until(Duration::from_secs(5), || tb.get("/").is_ok_and(|(s, b)| s == 200 && pid_of(&b) == Some(new))));
+    let link = std::fs::read_link(format!("/proc/{new}/exe")).unwrap();
+    assert!(link.to_string_lossy().ends_with("(deleted)"), "the respawn runs the old, replaced file: {link:?}");
+}
