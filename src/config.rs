@@ -52,7 +52,8 @@ pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
 pub(crate) type OnSignal = Box<dyn FnMut(&crate::MasterHandle)>;
 
 /// Signals a program may bind to its own master actions with [`Cluster::on_signal`].
-/// `SIGTERM` and `SIGINT` are the master's (shutdown); `SIGKILL`, `SIGSTOP` and the fault
+/// `SIGTERM` and `SIGINT` are the master's (shutdown). `SIGUSR2` (graceful restart) and
+/// `SIGTTIN`/`SIGTTOU` (one worker more or fewer) have default actions a binding replaces. `SIGKILL`, `SIGSTOP` and the fault
 /// signals cannot be handled; `SIGCHLD` must stay untouched (workers are reaped through pidfds).
 pub const BINDABLE_SIGNALS: [i32; 8] = [
     libc::SIGHUP,
@@ -104,6 +105,7 @@ pub struct Cluster {
     pub(crate) address: IpAddr,
     pub(crate) balance: Balance,
     pub(crate) backlog: u32,
+    pub(crate) ready_timeout: Duration,
     pub(crate) on_start: Option<OnStart>,
     pub(crate) on_exit: Option<OnExit>,
     pub(crate) on_worker_ready: Option<OnStart>,
@@ -125,6 +127,7 @@ impl fmt::Debug for Cluster {
             .field("address", &self.address)
             .field("balance", &self.balance)
             .field("backlog", &self.backlog)
+            .field("ready_timeout", &self.ready_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -146,6 +149,7 @@ impl Cluster {
             address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             balance: Balance::default(),
             backlog: 1024,
+            ready_timeout: Duration::from_secs(60),
             on_start: None,
             on_exit: None,
             on_worker_ready: None,
@@ -218,6 +222,13 @@ impl Cluster {
     /// The listen backlog of each socket (default 1024; the kernel caps it at `net.core.somaxconn`).
     pub fn backlog(mut self, backlog: u32) -> Cluster {
         self.backlog = backlog;
+        self
+    }
+
+    /// How long a graceful restart waits for each new worker to report ready before it gives
+    /// up, keeps the old workers serving and reports the failure (default 60 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
+        self.ready_timeout = timeout;
         self
     }
 
@@ -295,6 +306,9 @@ impl Cluster {
                 "shutdown_timeout",
                 "must be longer than zero: workers need time to finish their requests (default 15 s)".into(),
             );
+        }
+        if self.ready_timeout.is_zero() {
+            return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
         }
         if self.backlog == 0 || self.backlog > i32::MAX as u32 {
             return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.backlog));

@@ -67,5 +67,5 @@ pub use master::{Master, MasterHandle};
 pub use role::{
     Role, all_workers, is_master, is_worker, port, signal_workers, stats, worker_count, worker_id, worker_stats,
 };
-pub use stats::{ClusterStats, ExitStatus, WorkerStats, WorkerStatus};
+pub use stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
 pub use worker::Worker;

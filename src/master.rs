@@ -6,13 +6,14 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::process::{Command as Process, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Instant, SystemTime};
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -20,10 +21,11 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 use crate::channel::{MasterEnd, ToMaster, ToWorker};
+use crate::config::MAX_WORKERS;
 use crate::config::{Balance, Cluster, OnExit, OnReady, OnSignal, OnStart, ReadyInfo};
 use crate::error::Error;
-use crate::stats::{ClusterStats, ExitStatus, WorkerStats};
-use crate::supervisor::{Command, Event, Policy, Report, Supervisor, WorkerKey};
+use crate::stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats};
+use crate::supervisor::{Command, Event, Policy, Program, Report, Supervisor, WorkerKey};
 use crate::worker::{CHANNEL_FD, LISTEN_FD, env};
 
 /// Variables of the master's environment that must not reach workers: they describe the master's
@@ -34,16 +36,23 @@ const PRIVATE_ENV: [&str; 4] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "N
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) addr: SocketAddr,
-    workers: usize,
+    workers: AtomicUsize,
     wake: OwnedFd,
     requests: Mutex<Vec<Request>>,
     snapshot: Mutex<Snapshot>,
+    /// Callers blocked in `restart_and_wait`, by ticket.
+    waiters: Mutex<HashMap<u64, mpsc::Sender<RestartOutcome>>>,
+    next_ticket: AtomicU64,
+    /// The thread running `wait()`: it must never block on itself.
+    loop_thread: OnceLock<std::thread::ThreadId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Request {
     Shutdown,
     SignalWorkers(i32),
+    Restart(Option<u64>),
+    Scale(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +64,37 @@ struct Snapshot {
 
 impl Shared {
     pub(crate) fn workers(&self) -> usize {
-        self.workers
+        self.workers.load(Ordering::Relaxed)
+    }
+
+    fn graceful_restart(&self) {
+        self.request(Request::Restart(None));
+    }
+
+    fn restart_and_wait(&self) -> Result<RestartOutcome, Error> {
+        if self.loop_thread.get() == Some(&std::thread::current().id()) {
+            return Err(Error::WrongRole(
+                "restart_and_wait would block the master's own loop; call graceful_restart() from callbacks",
+            ));
+        }
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket, tx);
+        self.request(Request::Restart(Some(ticket)));
+        // The loop answers every ticket: with the outcome, or Cancelled at shutdown. If it is
+        // gone (wait() returned), the sender was dropped.
+        rx.recv().map_err(|_| Error::WrongRole("the master is no longer supervising (wait() has returned)"))
+    }
+
+    fn scale(&self, workers: usize) -> Result<(), Error> {
+        if workers == 0 || workers > MAX_WORKERS {
+            return Err(Error::InvalidOption {
+                option: "scale",
+                reason: format!("{workers} workers: use 1 to {MAX_WORKERS}"),
+            });
+        }
+        self.request(Request::Scale(workers));
+        Ok(())
     }
 
     fn request(&self, r: Request) {
@@ -88,10 +127,13 @@ pub struct Master {
     shared: Arc<Shared>,
     policy: Policy,
     balance: Balance,
+    backlog: i32,
     listeners: Vec<Option<OwnedFd>>,
     signals: Signals,
     argv0: OsString,
     args: Vec<OsString>,
+    /// The program file at its original path, executed again by a graceful restart (a deploy).
+    exe_path: PathBuf,
     on_start: Option<OnStart>,
     on_exit: Option<OnExit>,
     on_worker_ready: Option<OnStart>,
@@ -126,6 +168,27 @@ impl MasterHandle {
     /// [`crate::signal_workers`]. An unnamed signal number is [`Error::InvalidSignal`].
     pub fn signal_workers(&self, signal: i32) -> Result<(), Error> {
         self.shared.signal_workers(signal)
+    }
+
+    /// Starts a zero-downtime rolling restart (the spec's `cluster_graceful_restart`, like
+    /// `SIGUSR2`) and returns at once; see [`Master::wait`] for how it runs. A restart asked for
+    /// while one runs is queued: exactly one more rollout follows the current one, however many
+    /// times it was asked for.
+    pub fn graceful_restart(&self) {
+        self.shared.graceful_restart();
+    }
+
+    /// Like [`graceful_restart`](MasterHandle::graceful_restart), and blocks until the rollout
+    /// that serves this request has ended, returning how. Not from the master's own thread
+    /// (callbacks, `on_signal` actions): that is [`Error::WrongRole`].
+    pub fn restart_and_wait(&self) -> Result<RestartOutcome, Error> {
+        self.shared.restart_and_wait()
+    }
+
+    /// Changes the number of workers: new slots start like initial ones, removed slots (the
+    /// highest ids) drain and stop. `SIGTTIN`/`SIGTTOU` add or remove one.
+    pub fn scale(&self, workers: usize) -> Result<(), Error> {
+        self.shared.scale(workers)
     }
 
     /// The cluster's statistics (the spec's `cluster_get_stats`).
@@ -174,12 +237,16 @@ impl Master {
             respawn_window: opts.respawn_window,
             max_crashes: opts.respawn_max_crashes,
             socket_per_slot: opts.balance == Balance::ReusePort,
+            ready_timeout: opts.ready_timeout,
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {
             addr,
-            workers,
+            workers: AtomicUsize::new(workers),
             wake,
+            waiters: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+            loop_thread: OnceLock::new(),
             requests: Mutex::new(Vec::new()),
             snapshot: Mutex::new(Snapshot {
                 cluster: sup.cluster_stats(),
@@ -189,10 +256,13 @@ impl Master {
         });
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| OsString::from("ecewo-cluster"));
+        let exe_path = program_path(&argv0);
         Ok(Master {
+            exe_path,
             shared,
             policy,
             balance: opts.balance,
+            backlog: opts.backlog.min(i32::MAX as u32) as i32,
             listeners: fds.into_iter().map(Some).collect(),
             signals,
             argv0,
@@ -229,6 +299,11 @@ impl Master {
         self.shared.signal_workers(signal)
     }
 
+    /// Asks for a rolling restart once the loop runs; see [`MasterHandle::graceful_restart`].
+    pub fn graceful_restart(&self) {
+        self.shared.graceful_restart();
+    }
+
     /// The cluster's statistics (the spec's `cluster_get_stats`).
     pub fn stats(&self) -> ClusterStats {
         self.shared.snapshot().0
@@ -249,9 +324,11 @@ impl Master {
     /// respawn off, or all disabled by crash protection): exit non-zero then, so that systemd or
     /// Kubernetes can act.
     pub fn wait(self) -> Result<(), Error> {
+        let _ = self.shared.loop_thread.set(std::thread::current().id());
         let mut driver = Driver {
             sup: Supervisor::new(self.policy.clone(), Instant::now()),
             procs: HashMap::new(),
+            programs: HashMap::new(),
             master_pid: rustix::process::getpid(),
             outcome: None,
             m: self,
@@ -260,6 +337,8 @@ impl Master {
         if result.is_err() {
             driver.kill_and_reap_all();
         }
+        // Nobody will answer a restart any more: wake whoever still waits.
+        driver.m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
         result
     }
 }
@@ -276,6 +355,8 @@ struct Driver {
     m: Master,
     sup: Supervisor,
     procs: HashMap<WorkerKey, Proc>,
+    /// Open program files of deploys, by restart number.
+    programs: HashMap<u64, OwnedFd>,
     master_pid: Pid,
     outcome: Option<Result<(), String>>,
 }
@@ -321,7 +402,7 @@ impl Driver {
 
     fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
         match cmd {
-            Command::Spawn { slot, key } => match self.spawn(slot) {
+            Command::Spawn { slot, key, program } => match self.spawn(slot, program) {
                 Ok(p) => {
                     events.push_back(Event::Spawned { key, pid: p.pid });
                     self.procs.insert(key, p);
@@ -387,33 +468,57 @@ impl Driver {
             Report::Signalled { signal, slots } => {
                 tracing::info!("sent {} to workers {slots:?}", crate::stats::signal_name(signal).unwrap_or("a signal"))
             }
-            Report::ShutdownTimeout { slots } => {
-                tracing::warn!("shutdown timeout: killing workers {slots:?}")
+            Report::StopTimeout { slots } => tracing::warn!("shutdown timeout: killing workers {slots:?}"),
+            Report::RestartStarted { workers } => {
+                tracing::info!("graceful restart: replacing {workers} workers one at a time")
             }
+            Report::RestartQueued => tracing::info!("a graceful restart is running; one more will follow it"),
+            Report::Replaced { slot, old_pid, new_pid } => match old_pid {
+                Some(old) => tracing::info!("worker {slot} replaced: pid {old} drains, pid {new_pid} serves"),
+                None => tracing::info!("worker {slot} replaced: pid {new_pid} serves"),
+            },
+            Report::RestartFinished { outcome, tickets } => {
+                match &outcome {
+                    RestartOutcome::Completed { .. } => tracing::info!("graceful restart {outcome}"),
+                    RestartOutcome::Failed { .. } => {
+                        tracing::error!("graceful restart {outcome}; the other workers keep serving")
+                    }
+                    _ => tracing::warn!("graceful restart {outcome}"),
+                }
+                let mut waiters = m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                for t in tickets {
+                    if let Some(tx) = waiters.remove(&t) {
+                        let _ = tx.send(outcome.clone());
+                    }
+                }
+                drop(waiters);
+                let in_use = self.sup.programs_in_use();
+                self.programs.retain(|g, _| in_use.contains(&Program::Deployed(*g)));
+            }
+            Report::Scaled { from, to } => tracing::info!("scaled from {from} to {to} workers"),
         }
     }
 
     /// Starts the worker process of `slot`: `/proc/self/exe` (the binary this master runs, even
     /// if the file was replaced since), with the master's arguments and environment plus the
     /// worker's identity, its socket at fd 3 and its channel at fd 4.
-    fn spawn(&mut self, slot: usize) -> io::Result<Proc> {
-        let socket_index = match self.m.balance {
-            Balance::ReusePort => slot,
-            Balance::Shared => 0,
+    fn spawn(&mut self, slot: usize, program: Program) -> io::Result<Proc> {
+        let listener = self.listener_for(slot)?.try_clone()?;
+        let exe = match program {
+            Program::Running => PathBuf::from("/proc/self/exe"),
+            Program::Deployed(n) => {
+                if !self.programs.contains_key(&n) {
+                    self.programs.insert(n, open_program(&self.m.exe_path)?);
+                }
+                PathBuf::from(format!("/proc/self/fd/{}", self.programs[&n].as_raw_fd()))
+            }
         };
-        let listener = self
-            .m
-            .listeners
-            .get(socket_index)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| io::Error::other("its listening socket is closed"))?
-            .try_clone()?;
         let (master_end, worker_end) = UnixStream::pair()?;
-        let mut cmd = Process::new("/proc/self/exe");
+        let mut cmd = Process::new(exe);
         cmd.arg0(&self.m.argv0)
             .args(&self.m.args)
             .env(env::WORKER_ID, slot.to_string())
-            .env(env::WORKERS, self.m.policy.workers.to_string())
+            .env(env::WORKERS, self.sup.policy().workers.to_string())
             .env(env::PORT, self.m.shared.addr.port().to_string())
             .env(env::LISTEN_FD, LISTEN_FD.to_string())
             .env(env::CHANNEL_FD, CHANNEL_FD.to_string())
@@ -442,11 +547,29 @@ impl Driver {
         Ok(Proc { slot, pid, pidfd, chan: MasterEnd::new(master_end)? })
     }
 
+    /// The listening socket a worker of `slot` inherits. In `ReusePort` mode a slot whose socket
+    /// was closed (disabled, or new after scaling up) gets a new one.
+    fn listener_for(&mut self, slot: usize) -> io::Result<&OwnedFd> {
+        let index = match self.m.balance {
+            Balance::ReusePort => slot,
+            Balance::Shared => 0,
+        };
+        if self.m.listeners.len() <= index {
+            self.m.listeners.resize_with(index + 1, || None);
+        }
+        if self.m.listeners[index].is_none() && self.m.balance == Balance::ReusePort {
+            let fd = crate::socket::bind_reuseport(self.m.shared.addr, self.m.backlog)?;
+            self.m.listeners[index] = Some(fd);
+        }
+        self.m.listeners[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))
+    }
+
     /// Publishes the statistics for handles and module functions.
     fn publish(&self) {
         let now = Instant::now();
         let snap = Snapshot { cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
+        self.m.shared.workers.store(self.sup.policy().workers, Ordering::Relaxed);
     }
 
     /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
@@ -503,10 +626,19 @@ impl Driver {
             tracing::info!("received {name}");
             if sig == libc::SIGTERM || sig == libc::SIGINT {
                 events.push_back(Event::Shutdown);
-            } else {
+            } else if let Some((_, action)) = self.m.on_signal.iter_mut().find(|(s, _)| *s == sig) {
                 let handle = MasterHandle { shared: self.m.shared.clone() };
-                let action = self.m.on_signal.iter_mut().find(|(s, _)| *s == sig).map(|(_, a)| a);
-                guard("on_signal", action, |f| f(&handle));
+                guard("on_signal", Some(action), |f| f(&handle));
+            } else if sig == libc::SIGUSR2 {
+                events.push_back(Event::Restart { ticket: None });
+            } else if sig == libc::SIGTTIN || sig == libc::SIGTTOU {
+                let now = self.sup.policy().workers;
+                let to = if sig == libc::SIGTTIN { now + 1 } else { now.saturating_sub(1) };
+                if (1..=MAX_WORKERS).contains(&to) {
+                    events.push_back(Event::Scale { workers: to });
+                } else {
+                    tracing::warn!("{name}: cannot scale to {to} workers");
+                }
             }
         }
     }
@@ -519,6 +651,8 @@ impl Driver {
             match r {
                 Request::Shutdown => events.push_back(Event::Shutdown),
                 Request::SignalWorkers(signal) => events.push_back(Event::SignalWorkers { signal }),
+                Request::Restart(ticket) => events.push_back(Event::Restart { ticket }),
+                Request::Scale(workers) => events.push_back(Event::Scale { workers }),
             }
         }
     }
@@ -596,7 +730,9 @@ impl Signals {
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         let mut s = Signals { read, flags: Vec::new(), ids: Vec::new() };
-        for &sig in [libc::SIGTERM, libc::SIGINT].iter().chain(extra) {
+        let mut all = vec![libc::SIGTERM, libc::SIGINT, libc::SIGUSR2, libc::SIGTTIN, libc::SIGTTOU];
+        all.extend(extra.iter().filter(|s| !all.contains(s)).collect::<Vec<_>>());
+        for sig in all {
             let flag = Arc::new(AtomicBool::new(false));
             s.ids.push(signal_hook::flag::register(sig, flag.clone())?);
             s.ids.push(signal_hook::low_level::pipe::register(sig, write.try_clone()?)?);
@@ -619,4 +755,28 @@ impl Drop for Signals {
             signal_hook::low_level::unregister(id);
         }
     }
+}
+
+/// The path the program was started from, kept to execute it again on a graceful restart (so
+/// that replacing the file, or repointing a symlink, deploys new code). Symlinks are *not*
+/// resolved; a bare name is looked up in `PATH` as the shell did.
+fn program_path(argv0: &std::ffi::OsStr) -> PathBuf {
+    let path = std::path::Path::new(argv0);
+    if path.as_os_str().as_encoded_bytes().contains(&b'/') {
+        if let Ok(abs) = std::path::absolute(path) {
+            return abs;
+        }
+    } else if let Some(found) =
+        std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|dir| dir.join(path)).find(|p| p.is_file())
+    {
+        return found;
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+}
+
+/// Opens the program file for a deploy. Its descriptor is moved above the numbers a worker's
+/// descriptors are placed at, so that `/proc/self/fd/N` still names it in the child at exec.
+fn open_program(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let file = std::fs::File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    rustix::io::fcntl_dupfd_cloexec(&file, 10).map_err(io::Error::from)
 }

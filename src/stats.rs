@@ -111,6 +111,57 @@ pub(crate) fn signal_name(sig: i32) -> Option<&'static str> {
     })
 }
 
+/// How the last graceful restart ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RestartOutcome {
+    /// Every worker slot was replaced.
+    Completed {
+        /// Workers replaced.
+        replaced: usize,
+    },
+    /// A replacement failed (it exited, could not be started, or was not ready in time): the
+    /// rollout stopped there. Slots not yet reached keep their old workers; slots already
+    /// replaced keep their new ones.
+    Failed {
+        /// The slot whose replacement failed.
+        worker_id: usize,
+        /// Why.
+        reason: String,
+        /// Workers replaced before the failure.
+        replaced: usize,
+    },
+    /// The restart did not run to its end because the cluster is shutting down.
+    Cancelled {
+        /// Why.
+        reason: String,
+        /// Workers replaced before it was cancelled.
+        replaced: usize,
+    },
+}
+
+impl RestartOutcome {
+    /// True for [`RestartOutcome::Completed`].
+    pub fn is_completed(&self) -> bool {
+        matches!(self, RestartOutcome::Completed { .. })
+    }
+}
+
+impl fmt::Display for RestartOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RestartOutcome::Completed { replaced } => write!(f, "completed: {replaced} workers replaced"),
+            RestartOutcome::Failed { worker_id, reason, replaced } => {
+                write!(f, "failed at worker {worker_id}: {reason} ({replaced} workers replaced before)")
+            }
+            RestartOutcome::Cancelled { reason, replaced } => {
+                write!(f, "cancelled: {reason} ({replaced} workers replaced before)")
+            }
+        }
+    }
+}
+
 /// Cluster-wide statistics (the spec's `cluster_stats_t`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -127,8 +178,10 @@ pub struct ClusterStats {
     pub shutdown_requested: bool,
     /// A graceful restart is in progress.
     pub restart_requested: bool,
-    /// Workers started again after they exited (respawns).
+    /// Workers started again: respawns after an exit, and replacements by graceful restarts.
     pub total_restarts: u64,
+    /// How the last graceful restart ended, if one has.
+    pub last_restart: Option<RestartOutcome>,
 }
 
 /// Statistics of one worker slot (the spec's `worker_stats_t`).

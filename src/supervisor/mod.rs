@@ -3,13 +3,13 @@
 //! It does no I/O and reads no clock. The driver ([`crate::Master::wait`]) feeds it [`Event`]s
 //! with the current time and carries out the [`Command`]s it returns; [`Supervisor::next_deadline`]
 //! says when to wake it with [`Event::Tick`] if nothing else happens. Every policy (start-up
-//! pacing, crash classification, respawn delay, crash protection, shutdown timeout) lives here
-//! and is unit-tested with a fake clock.
+//! pacing, crash classification, respawn delay, crash protection, rolling restarts, scaling,
+//! stop timeouts) lives here and is unit-tested with a fake clock.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::stats::{ClusterStats, ExitStatus, WorkerStats, WorkerStatus};
+use crate::stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
 
 #[cfg(test)]
 mod tests;
@@ -34,8 +34,21 @@ pub struct Policy {
     /// Crashes within the window that disable a slot.
     pub max_crashes: u32,
     /// Each slot has its own socket (`Balance::ReusePort`), which must be closed when the slot is
-    /// disabled.
+    /// disabled or removed.
     pub socket_per_slot: bool,
+    /// How long a graceful restart waits for a replacement to report ready.
+    pub ready_timeout: Duration,
+}
+
+/// Which program file a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Program {
+    /// The binary the master itself runs (`/proc/self/exe`): crash respawns use it, so a file
+    /// replaced on disk never mixes versions by accident.
+    Running,
+    /// The program file found at the original path when graceful restart number `n` began (a
+    /// deploy). Workers started by that restart, and their crash respawns, run it.
+    Deployed(u64),
 }
 
 /// Identifies one worker process for its whole life (a slot holds many over time).
@@ -81,6 +94,17 @@ pub enum Event {
         /// The signal number (validated by the caller).
         signal: i32,
     },
+    /// A graceful (rolling) restart was asked for; `ticket` identifies a caller waiting for its
+    /// outcome ([`Report::RestartFinished`] lists the tickets it answers).
+    Restart {
+        /// The waiting caller, if any.
+        ticket: Option<u64>,
+    },
+    /// Change the number of worker slots (at least 1).
+    Scale {
+        /// The new number of slots.
+        workers: usize,
+    },
 }
 
 /// Something the driver must do, returned by [`Supervisor::handle`].
@@ -93,6 +117,8 @@ pub enum Command {
         slot: usize,
         /// The new process's key.
         key: WorkerKey,
+        /// The program file to execute.
+        program: Program,
     },
     /// Send a signal to a worker (through its pidfd).
     Signal {
@@ -101,7 +127,8 @@ pub enum Command {
         /// The signal number.
         signal: i32,
     },
-    /// Close the listening socket of a slot (`ReusePort` only): nobody will serve it again.
+    /// Close the listening socket of a slot (`ReusePort` only): nobody will serve it any more.
+    /// Spawning into a slot whose socket is closed opens a new one.
     CloseSocket {
         /// The slot.
         slot: usize,
@@ -177,10 +204,40 @@ pub enum Report {
         /// Slots of the workers signalled.
         slots: Vec<usize>,
     },
-    /// The shutdown timeout passed and these workers are being killed.
-    ShutdownTimeout {
+    /// Stopping workers outlived the shutdown timeout and are being killed.
+    StopTimeout {
         /// Slots of the workers killed.
         slots: Vec<usize>,
+    },
+    /// A graceful restart began.
+    RestartStarted {
+        /// Slots to replace.
+        workers: usize,
+    },
+    /// A restart was asked for while one runs: it will run once the current one ends.
+    RestartQueued,
+    /// A replacement is ready and the worker it replaces was asked to stop.
+    Replaced {
+        /// Slot.
+        slot: usize,
+        /// The old worker's pid, if the slot had one.
+        old_pid: Option<u32>,
+        /// The new worker's pid.
+        new_pid: u32,
+    },
+    /// A graceful restart ended.
+    RestartFinished {
+        /// How.
+        outcome: RestartOutcome,
+        /// The waiting callers it answers.
+        tickets: Vec<u64>,
+    },
+    /// The number of slots changed.
+    Scaled {
+        /// Slots before.
+        from: usize,
+        /// Slots now.
+        to: usize,
     },
 }
 
@@ -202,10 +259,13 @@ struct Proc {
     key: WorkerKey,
     pid: Option<u32>,
     state: ProcState,
+    program: Program,
     started: Instant,
     started_wall: SystemTime,
     /// Signals the master sent it (bit n = signal n): a death by one of these is not a crash.
     signalled: u64,
+    /// When a stopping worker is killed if it has not exited.
+    stop_deadline: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,8 +277,13 @@ enum SpawnReason {
 #[derive(Debug, Clone)]
 struct Slot {
     id: usize,
-    proc_: Option<Proc>,
+    /// The worker serving the slot (or starting to).
+    current: Option<Proc>,
+    /// Its replacement during a graceful restart, until it is ready.
+    next: Option<Proc>,
     next_spawn: Option<(Instant, SpawnReason)>,
+    /// The program the slot's workers run (changed by a completed replacement).
+    program: Program,
     /// Crash times within the crash window.
     recent_crashes: VecDeque<Instant>,
     crash_count: u32,
@@ -228,11 +293,26 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(id: usize, first_spawn: Instant) -> Slot {
+        Slot {
+            id,
+            current: None,
+            next: None,
+            next_spawn: Some((first_spawn, SpawnReason::Initial)),
+            program: Program::Running,
+            recent_crashes: VecDeque::new(),
+            crash_count: 0,
+            disabled: false,
+            last_exit: None,
+            last_start_wall: None,
+        }
+    }
+
     fn status(&self) -> WorkerStatus {
         if self.disabled {
             return WorkerStatus::Disabled;
         }
-        match (&self.proc_, self.next_spawn) {
+        match (&self.current, self.next_spawn) {
             (Some(p), _) => match p.state {
                 ProcState::Spawning | ProcState::Starting => WorkerStatus::Starting,
                 ProcState::Active => WorkerStatus::Active,
@@ -240,6 +320,7 @@ impl Slot {
             },
             (None, Some((_, SpawnReason::Initial))) => WorkerStatus::Starting,
             (None, Some((_, SpawnReason::Respawn))) => WorkerStatus::Respawning,
+            (None, None) if self.next.is_some() => WorkerStatus::Starting,
             (None, None) => match self.last_exit {
                 Some((_, true)) => WorkerStatus::Crashed,
                 _ => WorkerStatus::Stopped,
@@ -248,11 +329,34 @@ impl Slot {
     }
 }
 
+/// Where a process is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loc {
+    /// `slots[i].current`.
+    Current(usize),
+    /// `slots[i].next`.
+    Next(usize),
+    /// `retiring[i]`.
+    Retiring(usize),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
-    ShuttingDown { deadline: Instant, killed: bool },
+    ShuttingDown { killed: bool },
     Done,
+}
+
+/// A graceful restart in progress.
+#[derive(Debug, Clone)]
+struct Rollout {
+    /// Slots still to replace, in order.
+    queue: VecDeque<usize>,
+    /// The slot whose replacement is starting, and when it must be ready.
+    current: Option<(usize, Instant)>,
+    program: Program,
+    tickets: Vec<u64>,
+    replaced: usize,
 }
 
 /// The supervisor state machine. See the [module documentation](self).
@@ -260,10 +364,17 @@ enum Phase {
 pub struct Supervisor {
     policy: Policy,
     slots: Vec<Slot>,
+    /// Workers asked to stop that no slot counts any more (replaced, or their slot removed).
+    retiring: Vec<(usize, Proc)>,
     phase: Phase,
     next_key: u64,
     total_restarts: u64,
     announced_ready: bool,
+    rollout: Option<Rollout>,
+    /// A restart asked for while one runs (with its waiting callers).
+    queued_restart: Option<Vec<u64>>,
+    last_restart: Option<RestartOutcome>,
+    deploys: u64,
 }
 
 const SIGKILL: i32 = libc::SIGKILL;
@@ -273,23 +384,31 @@ fn signal_bit(signal: i32) -> u64 {
     if (1..64).contains(&signal) { 1u64 << signal } else { 0 }
 }
 
+fn is_crash(status: ExitStatus, signalled: u64) -> bool {
+    match status {
+        ExitStatus::Code(code) => code != 0,
+        ExitStatus::Signal(sig) => signalled & signal_bit(sig) == 0,
+    }
+}
+
 impl Supervisor {
     /// A supervisor for `policy`, created at `now`. Feed it [`Event::Tick`] to start the first
     /// worker.
     pub fn new(policy: Policy, now: Instant) -> Supervisor {
-        let slots = (0..policy.workers)
-            .map(|id| Slot {
-                id,
-                proc_: None,
-                next_spawn: Some((now + policy.startup_delay * id as u32, SpawnReason::Initial)),
-                recent_crashes: VecDeque::new(),
-                crash_count: 0,
-                disabled: false,
-                last_exit: None,
-                last_start_wall: None,
-            })
-            .collect();
-        Supervisor { policy, slots, phase: Phase::Running, next_key: 0, total_restarts: 0, announced_ready: false }
+        let slots = (0..policy.workers).map(|id| Slot::new(id, now + policy.startup_delay * id as u32)).collect();
+        Supervisor {
+            policy,
+            slots,
+            retiring: Vec::new(),
+            phase: Phase::Running,
+            next_key: 0,
+            total_restarts: 0,
+            announced_ready: false,
+            rollout: None,
+            queued_restart: None,
+            last_restart: None,
+            deploys: 0,
+        }
     }
 
     /// The policy in force.
@@ -297,18 +416,50 @@ impl Supervisor {
         &self.policy
     }
 
+    fn procs(&self) -> impl Iterator<Item = (usize, &Proc)> {
+        self.slots
+            .iter()
+            .flat_map(|s| s.current.iter().chain(s.next.iter()).map(move |p| (s.id, p)))
+            .chain(self.retiring.iter().map(|(slot, p)| (*slot, p)))
+    }
+
+    fn procs_mut(&mut self) -> impl Iterator<Item = (usize, &mut Proc)> {
+        self.slots
+            .iter_mut()
+            .flat_map(|s| {
+                let id = s.id;
+                s.current.iter_mut().chain(s.next.iter_mut()).map(move |p| (id, p))
+            })
+            .chain(self.retiring.iter_mut().map(|(slot, p)| (*slot, p)))
+    }
+
     /// When the supervisor wants an [`Event::Tick`] at the latest, if ever.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match self.phase {
+        let spawns = match self.phase {
             Phase::Running => self.slots.iter().filter_map(|s| s.next_spawn.map(|(t, _)| t)).min(),
-            Phase::ShuttingDown { deadline, killed: false } => Some(deadline),
-            Phase::ShuttingDown { killed: true, .. } | Phase::Done => None,
-        }
+            _ => None,
+        };
+        let ready = self.rollout.as_ref().and_then(|r| r.current.map(|(_, t)| t));
+        let stops = self.procs().filter_map(|(_, p)| p.stop_deadline).min();
+        [spawns, ready, stops].into_iter().flatten().min()
     }
 
     /// True once [`Command::Exit`] has been returned.
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
+    }
+
+    /// The program files workers currently run or will run (the driver may release others).
+    pub fn programs_in_use(&self) -> Vec<Program> {
+        let mut v: Vec<Program> = self
+            .slots
+            .iter()
+            .map(|s| s.program)
+            .chain(self.procs().map(|(_, p)| p.program))
+            .chain(self.rollout.iter().map(|r| r.program))
+            .collect();
+        v.dedup();
+        v
     }
 
     /// Handles one event at time `now` (monotonic) and `wall` (for start times in statistics).
@@ -319,12 +470,14 @@ impl Supervisor {
         }
         match event {
             Event::Tick => {}
-            Event::Spawned { key, pid } => self.on_spawned(key, pid, &mut out),
+            Event::Spawned { key, pid } => self.on_spawned(key, pid, now, &mut out),
             Event::SpawnFailed { key, error } => self.on_spawn_failed(key, error, now, &mut out),
-            Event::Ready { key } => self.on_ready(key, &mut out),
-            Event::Exited { key, status } => self.on_exited(key, status, now, &mut out),
+            Event::Ready { key } => self.on_ready(key, now, wall, &mut out),
+            Event::Exited { key, status } => self.on_exited(key, status, now, wall, &mut out),
             Event::Shutdown => self.on_shutdown(now, &mut out),
             Event::SignalWorkers { signal } => self.on_signal_workers(signal, &mut out),
+            Event::Restart { ticket } => self.on_restart(ticket, now, wall, &mut out),
+            Event::Scale { workers } => self.on_scale(workers, now, &mut out),
         }
         self.on_time(now, wall, &mut out);
         self.check_all_ready(&mut out);
@@ -332,71 +485,177 @@ impl Supervisor {
         out
     }
 
-    fn find(&mut self, key: WorkerKey) -> Option<(usize, &mut Proc)> {
-        self.slots.iter_mut().find_map(|s| s.proc_.as_mut().filter(|p| p.key == key).map(|p| (s.id, p)))
+    fn locate(&self, key: WorkerKey) -> Option<Loc> {
+        for s in &self.slots {
+            if s.current.as_ref().is_some_and(|p| p.key == key) {
+                return Some(Loc::Current(s.id));
+            }
+            if s.next.as_ref().is_some_and(|p| p.key == key) {
+                return Some(Loc::Next(s.id));
+            }
+        }
+        self.retiring.iter().position(|(_, p)| p.key == key).map(Loc::Retiring)
     }
 
-    fn on_spawned(&mut self, key: WorkerKey, pid: u32, out: &mut Vec<Command>) {
-        let shutting_down = matches!(self.phase, Phase::ShuttingDown { .. });
-        let Some((slot, p)) = self.find(key) else { return };
+    fn proc_at(&mut self, loc: Loc) -> Option<&mut Proc> {
+        match loc {
+            Loc::Current(i) => self.slots[i].current.as_mut(),
+            Loc::Next(i) => self.slots[i].next.as_mut(),
+            Loc::Retiring(i) => self.retiring.get_mut(i).map(|(_, p)| p),
+        }
+    }
+
+    fn take_at(&mut self, loc: Loc) -> Option<(usize, Proc)> {
+        match loc {
+            Loc::Current(i) => self.slots[i].current.take().map(|p| (i, p)),
+            Loc::Next(i) => self.slots[i].next.take().map(|p| (i, p)),
+            Loc::Retiring(i) => Some(self.retiring.swap_remove(i)),
+        }
+    }
+
+    /// Asks a worker to stop: SIGTERM now, SIGKILL at the shutdown timeout.
+    fn stop(&self, p: &mut Proc, now: Instant, out: &mut Vec<Command>) {
+        if p.state == ProcState::Stopping {
+            return;
+        }
+        if p.state != ProcState::Spawning {
+            p.signalled |= signal_bit(SIGTERM);
+            out.push(Command::Signal { key: p.key, signal: SIGTERM });
+        }
+        p.state = ProcState::Stopping;
+        p.stop_deadline = Some(now + self.policy.shutdown_timeout);
+    }
+
+    fn new_proc(&mut self, program: Program, now: Instant, wall: SystemTime) -> Proc {
+        let key = WorkerKey(self.next_key);
+        self.next_key += 1;
+        Proc {
+            key,
+            pid: None,
+            state: ProcState::Spawning,
+            program,
+            started: now,
+            started_wall: wall,
+            signalled: 0,
+            stop_deadline: None,
+        }
+    }
+
+    fn on_spawned(&mut self, key: WorkerKey, pid: u32, now: Instant, out: &mut Vec<Command>) {
+        let Some(loc) = self.locate(key) else { return };
+        let shutting_down = self.phase != Phase::Running;
+        let slot = match loc {
+            Loc::Current(i) | Loc::Next(i) => i,
+            Loc::Retiring(i) => self.retiring[i].0,
+        };
+        let mut p = self.take_at(loc).expect("located").1;
         p.pid = Some(pid);
+        let stopping = p.state == ProcState::Stopping;
         p.state = ProcState::Starting;
         out.push(Command::Report(Report::Started { slot, pid }));
-        if shutting_down {
-            // Started while the shutdown began: stop it straight away.
-            p.state = ProcState::Stopping;
-            p.signalled |= signal_bit(SIGTERM);
-            out.push(Command::Signal { key, signal: SIGTERM });
+        if shutting_down || stopping {
+            // Asked to stop before it even started: stop it straight away.
+            self.stop(&mut p, now, out);
+        }
+        match loc {
+            Loc::Current(i) => self.slots[i].current = Some(p),
+            Loc::Next(i) => self.slots[i].next = Some(p),
+            Loc::Retiring(_) => self.retiring.push((slot, p)),
         }
     }
 
     fn on_spawn_failed(&mut self, key: WorkerKey, error: String, now: Instant, out: &mut Vec<Command>) {
-        let Some((slot, _)) = self.find(key) else { return };
-        out.push(Command::Report(Report::SpawnFailed { slot, error }));
-        self.slots[slot].proc_ = None;
-        // A worker that cannot even start counts as a crash: crash protection stops a loop.
-        self.after_exit(slot, ExitStatus::Code(127), true, now, out);
+        let Some(loc) = self.locate(key) else { return };
+        let (slot, _) = self.take_at(loc).expect("located");
+        out.push(Command::Report(Report::SpawnFailed { slot, error: error.clone() }));
+        match loc {
+            // A worker that cannot even start counts as a crash: crash protection stops a loop.
+            Loc::Current(_) => {
+                self.after_exit(slot, ExitStatus::Code(127), true, now, out);
+            }
+            Loc::Next(_) => self.fail_rollout(slot, format!("cannot start the new worker: {error}"), now, out),
+            Loc::Retiring(_) => {}
+        }
     }
 
-    fn on_ready(&mut self, key: WorkerKey, out: &mut Vec<Command>) {
-        let Some((slot, p)) = self.find(key) else { return };
+    fn on_ready(&mut self, key: WorkerKey, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let Some(loc) = self.locate(key) else { return };
+        let Some(p) = self.proc_at(loc) else { return };
         if p.state != ProcState::Starting {
             return;
         }
         p.state = ProcState::Active;
         let pid = p.pid.unwrap_or(0);
-        out.push(Command::Report(Report::Ready { slot, pid }));
-    }
-
-    /// Announces, once, that the initial start-up is over: every slot that is not disabled is
-    /// active (a slot disabled during start-up does not hold the others back).
-    fn check_all_ready(&mut self, out: &mut Vec<Command>) {
-        if self.announced_ready || self.phase != Phase::Running {
-            return;
-        }
-        let waiting = self.slots.iter().any(|s| !s.disabled && s.status() != WorkerStatus::Active);
-        let workers = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
-        if !waiting && workers > 0 {
-            self.announced_ready = true;
-            out.push(Command::Report(Report::AllReady { workers }));
+        match loc {
+            Loc::Current(slot) => out.push(Command::Report(Report::Ready { slot, pid })),
+            Loc::Next(slot) => {
+                out.push(Command::Report(Report::Ready { slot, pid }));
+                self.promote(slot, now, out);
+                self.advance_rollout(now, wall, out);
+            }
+            Loc::Retiring(_) => {}
         }
     }
 
-    fn on_exited(&mut self, key: WorkerKey, status: ExitStatus, now: Instant, out: &mut Vec<Command>) {
-        let Some((slot, p)) = self.find(key) else { return };
-        let asked = p.state == ProcState::Stopping;
-        let crash = !asked
-            && match status {
-                ExitStatus::Code(code) => code != 0,
-                ExitStatus::Signal(sig) => p.signalled & signal_bit(sig) == 0,
-            };
+    /// The replacement of `slot` is ready: it takes the slot, and the old worker drains.
+    fn promote(&mut self, slot: usize, now: Instant, out: &mut Vec<Command>) {
+        let s = &mut self.slots[slot];
+        let Some(new) = s.next.take() else { return };
+        let new_pid = new.pid.unwrap_or(0);
+        s.program = new.program;
+        s.last_start_wall = Some(new.started_wall);
+        s.next_spawn = None;
+        // A deploy gives a disabled slot a new chance.
+        s.disabled = false;
+        s.recent_crashes.clear();
+        let old = s.current.replace(new);
+        let old_pid = old.as_ref().and_then(|p| p.pid);
+        if let Some(mut old) = old {
+            self.stop(&mut old, now, out);
+            self.retiring.push((slot, old));
+        }
+        self.total_restarts += 1;
+        if let Some(r) = &mut self.rollout {
+            r.current = None;
+            r.replaced += 1;
+        }
+        out.push(Command::Report(Report::Replaced { slot, old_pid, new_pid }));
+    }
+
+    fn on_exited(
+        &mut self,
+        key: WorkerKey,
+        status: ExitStatus,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(loc) = self.locate(key) else { return };
+        let (slot, p) = self.take_at(loc).expect("located");
         let pid = p.pid.unwrap_or(0);
-        self.slots[slot].proc_ = None;
-        let respawn_in = self.after_exit(slot, status, crash, now, out);
-        out.push(Command::Report(Report::Exited { slot, pid, status, crash, respawn_in }));
+        let asked = p.state == ProcState::Stopping;
+        let crash = !asked && is_crash(status, p.signalled);
+        match loc {
+            Loc::Current(_) => {
+                let respawn_in = self.after_exit(slot, status, crash, now, out);
+                out.push(Command::Report(Report::Exited { slot, pid, status, crash, respawn_in }));
+            }
+            Loc::Next(_) => {
+                // A replacement that dies before it is ready: a broken deploy, not a crash of
+                // the slot (its old worker still serves).
+                out.push(Command::Report(Report::Exited { slot, pid, status, crash, respawn_in: None }));
+                if !asked {
+                    self.fail_rollout(slot, format!("the new worker exited before it was ready ({status})"), now, out);
+                    self.advance_rollout(now, wall, out);
+                }
+            }
+            Loc::Retiring(_) => {
+                out.push(Command::Report(Report::Exited { slot, pid, status, crash: false, respawn_in: None }))
+            }
+        }
     }
 
-    /// Book-keeping after the process of `slot` is gone: crash protection and respawn.
+    /// Book-keeping after the current process of `slot` is gone: crash protection and respawn.
     /// Returns the respawn delay if the slot will be started again.
     fn after_exit(
         &mut self,
@@ -419,7 +678,7 @@ impl Supervisor {
                 s.recent_crashes.pop_front();
             }
             let crashes = s.recent_crashes.len() as u32;
-            if policy.respawn && crashes >= policy.max_crashes {
+            if policy.respawn && crashes >= policy.max_crashes && s.next.is_none() {
                 s.disabled = true;
                 let within = now.duration_since(*s.recent_crashes.front().unwrap_or(&now));
                 out.push(Command::Report(Report::Disabled { slot, crashes, within }));
@@ -429,7 +688,8 @@ impl Supervisor {
                 return None;
             }
         }
-        if policy.respawn {
+        // A replacement already starting takes the slot over: no respawn.
+        if policy.respawn && s.next.is_none() {
             s.next_spawn = Some((now + policy.respawn_delay, SpawnReason::Respawn));
             return Some(policy.respawn_delay);
         }
@@ -439,32 +699,38 @@ impl Supervisor {
     fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
         match self.phase {
             Phase::Running => {
-                self.phase = Phase::ShuttingDown { deadline: now + self.policy.shutdown_timeout, killed: false };
+                self.phase = Phase::ShuttingDown { killed: false };
                 out.push(Command::CloseListeners);
+                let cancelled =
+                    |replaced| RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced };
+                if let Some(r) = self.rollout.take() {
+                    self.finish_restart(cancelled(r.replaced), r.tickets, out);
+                }
+                if let Some(tickets) = self.queued_restart.take() {
+                    self.finish_restart(cancelled(0), tickets, out);
+                }
                 let mut workers = 0;
-                for s in &mut self.slots {
+                let mut slots = std::mem::take(&mut self.slots);
+                for s in &mut slots {
                     s.next_spawn = None;
-                    if let Some(p) = &mut s.proc_ {
+                    for p in s.current.iter_mut().chain(s.next.iter_mut()) {
                         workers += 1;
-                        if p.state != ProcState::Spawning {
-                            p.signalled |= signal_bit(SIGTERM);
-                            out.push(Command::Signal { key: p.key, signal: SIGTERM });
-                        }
-                        p.state = ProcState::Stopping;
+                        self.stop(p, now, out);
                     }
                 }
+                self.slots = slots;
                 out.push(Command::Report(Report::ShuttingDown { workers }));
             }
             // Asked again: do not wait for the timeout.
-            Phase::ShuttingDown { killed: false, .. } => self.kill_all(out),
-            Phase::ShuttingDown { killed: true, .. } | Phase::Done => {}
+            Phase::ShuttingDown { killed: false } => self.kill_all(out),
+            Phase::ShuttingDown { killed: true } | Phase::Done => {}
         }
     }
 
     fn on_signal_workers(&mut self, signal: i32, out: &mut Vec<Command>) {
         let mut slots = Vec::new();
         for s in &mut self.slots {
-            if let Some(p) = s.proc_.as_mut().filter(|p| p.state == ProcState::Active) {
+            if let Some(p) = s.current.as_mut().filter(|p| p.state == ProcState::Active) {
                 // Remembered: a death by this signal is then not a crash.
                 p.signalled |= signal_bit(signal);
                 slots.push(s.id);
@@ -476,70 +742,206 @@ impl Supervisor {
 
     fn kill_all(&mut self, out: &mut Vec<Command>) {
         let mut slots = Vec::new();
-        for s in &mut self.slots {
-            if let Some(p) = &mut s.proc_ {
-                slots.push(s.id);
+        for (slot, p) in self.procs_mut() {
+            if p.state != ProcState::Spawning {
+                slots.push(slot);
                 p.signalled |= signal_bit(SIGKILL);
+                p.stop_deadline = None;
                 out.push(Command::Signal { key: p.key, signal: SIGKILL });
             }
         }
-        if let Phase::ShuttingDown { deadline, .. } = self.phase {
-            self.phase = Phase::ShuttingDown { deadline, killed: true };
+        if let Phase::ShuttingDown { .. } = self.phase {
+            self.phase = Phase::ShuttingDown { killed: true };
         }
         if !slots.is_empty() {
-            out.push(Command::Report(Report::ShutdownTimeout { slots }));
+            out.push(Command::Report(Report::StopTimeout { slots }));
         }
     }
 
-    /// Acts on whatever is due at `now`: spawns and the shutdown deadline.
-    fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
-        match self.phase {
-            Phase::Running => {
-                for i in 0..self.slots.len() {
-                    let Some((due, reason)) = self.slots[i].next_spawn else { continue };
-                    if due > now {
-                        continue;
-                    }
-                    let key = WorkerKey(self.next_key);
-                    self.next_key += 1;
-                    if reason == SpawnReason::Respawn {
-                        self.total_restarts += 1;
-                    }
-                    let s = &mut self.slots[i];
-                    s.next_spawn = None;
-                    s.last_start_wall = Some(wall);
-                    s.proc_ = Some(Proc {
-                        key,
-                        pid: None,
-                        state: ProcState::Spawning,
-                        started: now,
-                        started_wall: wall,
-                        signalled: 0,
-                    });
-                    out.push(Command::Spawn { slot: i, key });
+    fn on_restart(&mut self, ticket: Option<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let tickets: Vec<u64> = ticket.into_iter().collect();
+        if self.phase != Phase::Running {
+            let outcome = RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced: 0 };
+            self.finish_restart(outcome, tickets, out);
+            return;
+        }
+        if self.rollout.is_some() {
+            // Coalesced: one more rollout after this one, whoever asks and how often.
+            self.queued_restart.get_or_insert_with(Vec::new).extend(tickets);
+            out.push(Command::Report(Report::RestartQueued));
+            return;
+        }
+        self.start_rollout(tickets, now, wall, out);
+    }
+
+    fn start_rollout(&mut self, tickets: Vec<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        self.deploys += 1;
+        self.rollout = Some(Rollout {
+            queue: (0..self.slots.len()).collect(),
+            current: None,
+            program: Program::Deployed(self.deploys),
+            tickets,
+            replaced: 0,
+        });
+        out.push(Command::Report(Report::RestartStarted { workers: self.slots.len() }));
+        self.advance_rollout(now, wall, out);
+    }
+
+    /// Starts the replacement of the next slot, or ends the rollout when none is left.
+    fn advance_rollout(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let Some(r) = &mut self.rollout else { return };
+        if r.current.is_some() {
+            return;
+        }
+        let Some(slot) = r.queue.pop_front() else {
+            let r = self.rollout.take().expect("checked");
+            self.finish_restart(RestartOutcome::Completed { replaced: r.replaced }, r.tickets, out);
+            self.start_queued(now, wall, out);
+            return;
+        };
+        let program = r.program;
+        r.current = Some((slot, now + self.policy.ready_timeout));
+        let p = self.new_proc(program, now, wall);
+        let key = p.key;
+        self.slots[slot].next = Some(p);
+        out.push(Command::Spawn { slot, key, program });
+    }
+
+    /// The replacement of `slot` failed: stop the rollout there.
+    fn fail_rollout(&mut self, slot: usize, reason: String, now: Instant, out: &mut Vec<Command>) {
+        let Some(r) = self.rollout.take_if(|r| r.current.is_some_and(|(s, _)| s == slot)) else { return };
+        let s = &mut self.slots[slot];
+        // The slot lost its worker while the replacement was starting: respawn it as usual.
+        if s.current.is_none() && !s.disabled && self.policy.respawn && self.phase == Phase::Running {
+            s.next_spawn = Some((now + self.policy.respawn_delay, SpawnReason::Respawn));
+        }
+        self.finish_restart(RestartOutcome::Failed { worker_id: slot, reason, replaced: r.replaced }, r.tickets, out);
+    }
+
+    fn finish_restart(&mut self, outcome: RestartOutcome, tickets: Vec<u64>, out: &mut Vec<Command>) {
+        self.last_restart = Some(outcome.clone());
+        out.push(Command::Report(Report::RestartFinished { outcome, tickets }));
+    }
+
+    fn start_queued(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        if self.rollout.is_none()
+            && self.phase == Phase::Running
+            && let Some(tickets) = self.queued_restart.take()
+        {
+            self.start_rollout(tickets, now, wall, out);
+        }
+    }
+
+    fn on_scale(&mut self, workers: usize, now: Instant, out: &mut Vec<Command>) {
+        let from = self.slots.len();
+        if self.phase != Phase::Running || workers == 0 || workers == from {
+            return;
+        }
+        if workers > from {
+            for id in from..workers {
+                self.slots.push(Slot::new(id, now + self.policy.startup_delay * (id - from) as u32));
+            }
+        } else {
+            let removed: Vec<Slot> = self.slots.drain(workers..).collect();
+            for mut s in removed.into_iter().rev() {
+                for mut p in s.current.take().into_iter().chain(s.next.take()) {
+                    self.stop(&mut p, now, out);
+                    self.retiring.push((s.id, p));
+                }
+                if self.policy.socket_per_slot {
+                    out.push(Command::CloseSocket { slot: s.id });
                 }
             }
-            Phase::ShuttingDown { deadline, killed: false } if now >= deadline => self.kill_all(out),
-            Phase::ShuttingDown { .. } | Phase::Done => {}
+            if let Some(r) = &mut self.rollout {
+                r.queue.retain(|&s| s < workers);
+                if r.current.is_some_and(|(s, _)| s >= workers) {
+                    r.current = None;
+                }
+            }
+        }
+        self.policy.workers = workers;
+        out.push(Command::Report(Report::Scaled { from, to: workers }));
+    }
+
+    /// Acts on whatever is due at `now`: spawns, the restart's ready deadline, stop timeouts.
+    fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        if self.phase == Phase::Running {
+            for i in 0..self.slots.len() {
+                let Some((due, reason)) = self.slots[i].next_spawn else { continue };
+                if due > now {
+                    continue;
+                }
+                let program = self.slots[i].program;
+                let p = self.new_proc(program, now, wall);
+                let key = p.key;
+                if reason == SpawnReason::Respawn {
+                    self.total_restarts += 1;
+                }
+                let s = &mut self.slots[i];
+                s.next_spawn = None;
+                s.last_start_wall = Some(wall);
+                s.current = Some(p);
+                out.push(Command::Spawn { slot: i, key, program });
+            }
+        }
+        if let Some((slot, deadline)) = self.rollout.as_ref().and_then(|r| r.current)
+            && now >= deadline
+        {
+            if let Some(mut p) = self.slots[slot].next.take() {
+                p.signalled |= signal_bit(SIGKILL);
+                p.state = ProcState::Stopping;
+                out.push(Command::Signal { key: p.key, signal: SIGKILL });
+                self.retiring.push((slot, p));
+            }
+            let reason = format!("the new worker was not ready within {:?}", self.policy.ready_timeout);
+            self.fail_rollout(slot, reason, now, out);
+            self.advance_rollout(now, wall, out);
+        }
+        let mut overdue = Vec::new();
+        for (slot, p) in self.procs_mut() {
+            if p.stop_deadline.is_some_and(|d| d <= now) {
+                p.stop_deadline = None;
+                p.signalled |= signal_bit(SIGKILL);
+                overdue.push(slot);
+                out.push(Command::Signal { key: p.key, signal: SIGKILL });
+            }
+        }
+        if !overdue.is_empty() {
+            out.push(Command::Report(Report::StopTimeout { slots: overdue }));
+        }
+    }
+
+    /// Announces, once, that the initial start-up is over: every slot that is not disabled is
+    /// active (a slot disabled during start-up does not hold the others back).
+    fn check_all_ready(&mut self, out: &mut Vec<Command>) {
+        if self.announced_ready || self.phase != Phase::Running {
+            return;
+        }
+        let waiting = self.slots.iter().any(|s| !s.disabled && s.status() != WorkerStatus::Active);
+        let workers = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
+        if !waiting && workers > 0 {
+            self.announced_ready = true;
+            out.push(Command::Report(Report::AllReady { workers }));
         }
     }
 
     fn check_done(&mut self, out: &mut Vec<Command>) {
-        if self.slots.iter().any(|s| s.proc_.is_some() || s.next_spawn.is_some()) {
+        let pending = self.slots.iter().any(|s| s.next_spawn.is_some());
+        if self.procs().next().is_some() || pending {
             return;
         }
         let outcome = match self.phase {
             Phase::ShuttingDown { .. } => Ok(()),
             Phase::Running => {
                 let disabled = self.slots.iter().filter(|s| s.disabled).count();
-                let crashed = self.slots.iter().filter(|s| matches!(s.last_exit, Some((_, true)))).count();
+                let crashed =
+                    self.slots.iter().filter(|s| !s.disabled && matches!(s.last_exit, Some((_, true)))).count();
                 if disabled + crashed == 0 {
                     Ok(())
                 } else {
                     Err(format!(
-                        "all {} workers are gone ({disabled} disabled by crash protection, {} crashed with respawn off)",
-                        self.slots.len(),
-                        crashed - disabled.min(crashed)
+                        "all {} workers are gone ({disabled} disabled by crash protection, {crashed} crashed with respawn off)",
+                        self.slots.len()
                     ))
                 }
             }
@@ -558,8 +960,9 @@ impl Supervisor {
             crashed_workers: count(WorkerStatus::Crashed),
             disabled_workers: count(WorkerStatus::Disabled),
             shutdown_requested: !matches!(self.phase, Phase::Running),
-            restart_requested: false,
+            restart_requested: self.rollout.is_some(),
             total_restarts: self.total_restarts,
+            last_restart: self.last_restart.clone(),
         }
     }
 
@@ -569,11 +972,11 @@ impl Supervisor {
             .iter()
             .map(|s| WorkerStats {
                 worker_id: s.id,
-                pid: s.proc_.as_ref().and_then(|p| p.pid),
+                pid: s.current.as_ref().and_then(|p| p.pid),
                 port: self.policy.port,
                 status: s.status(),
-                start_time: s.proc_.as_ref().map(|p| p.started_wall).or(s.last_start_wall),
-                uptime: s.proc_.as_ref().map(|p| now.duration_since(p.started)).unwrap_or_default(),
+                start_time: s.current.as_ref().map(|p| p.started_wall).or(s.last_start_wall),
+                uptime: s.current.as_ref().map(|p| now.duration_since(p.started)).unwrap_or_default(),
                 exit_status: s.last_exit.map(|(st, _)| st),
                 crash_count: s.crash_count,
                 respawn_disabled: s.disabled,
@@ -583,6 +986,6 @@ impl Supervisor {
 
     /// The slot and pid of a live worker process.
     pub fn worker(&self, key: WorkerKey) -> Option<(usize, Option<u32>)> {
-        self.slots.iter().find_map(|s| s.proc_.as_ref().filter(|p| p.key == key).map(|p| (s.id, p.pid)))
+        self.procs().find(|(_, p)| p.key == key).map(|(slot, p)| (slot, p.pid))
     }
 }

@@ -15,6 +15,7 @@ fn policy(workers: usize) -> Policy {
         respawn_window: Duration::from_secs(5),
         max_crashes: 3,
         socket_per_slot: true,
+        ready_timeout: 2000 * MS,
     }
 }
 
@@ -58,7 +59,7 @@ impl Harness {
     }
 
     fn key_of(&self, slot: usize) -> WorkerKey {
-        self.sup.slots[slot].proc_.as_ref().expect("slot has a process").key
+        self.sup.slots[slot].current.as_ref().expect("slot has a process").key
     }
 
     fn status(&self, slot: usize) -> WorkerStatus {
@@ -397,4 +398,263 @@ fn a_slot_disabled_during_startup_does_not_hold_the_announcement_back() {
     let r = h.exit(1, ExitStatus::Code(1));
     assert_eq!(h.status(1), WorkerStatus::Disabled);
     assert!(reports(&r).contains(&&Report::AllReady { workers: 1 }), "{r:?}");
+}
+
+// ---- graceful (rolling) restart ----
+
+fn next_key(h: &Harness, slot: usize) -> WorkerKey {
+    h.sup.slots[slot].next.as_ref().expect("a replacement is starting").key
+}
+
+fn pid(h: &Harness, slot: usize) -> u32 {
+    h.sup.slots[slot].current.as_ref().unwrap().pid.unwrap()
+}
+
+fn finished(cmds: &[Command]) -> Option<(RestartOutcome, Vec<u64>)> {
+    cmds.iter().find_map(|c| match c {
+        Command::Report(Report::RestartFinished { outcome, tickets }) => Some((outcome.clone(), tickets.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn rolling_restart_is_surge_first_and_one_slot_at_a_time() {
+    let mut h = Harness::new(policy(3));
+    h.start_all();
+    let old: Vec<u32> = (0..3).map(|i| pid(&h, i)).collect();
+    let r = h.feed(Event::Restart { ticket: Some(7) });
+    // Only slot 0's replacement starts, from the deployed program; nobody is stopped yet.
+    assert_eq!(spawns(&r), vec![0]);
+    assert!(r.iter().any(|c| matches!(c, Command::Spawn { program: Program::Deployed(1), .. })));
+    assert!(!r.iter().any(|c| matches!(c, Command::Signal { .. })));
+    assert!(h.sup.cluster_stats().restart_requested);
+    for (slot, &old_pid) in old.iter().enumerate() {
+        assert_eq!(h.sup.cluster_stats().active_workers, 3, "capacity never drops");
+        let key = next_key(&h, slot);
+        let r = h.feed(Event::Ready { key });
+        // The old worker is told to drain only now.
+        let terms: Vec<_> = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).collect();
+        assert_eq!(terms.len(), 1, "slot {slot}: {r:?}");
+        assert!(
+            reports(&r).iter().any(
+                |x| matches!(x, Report::Replaced { slot: s, old_pid: Some(p), .. } if *s == slot && *p == old[slot])
+            )
+        );
+        assert_eq!(h.status(slot), WorkerStatus::Active);
+        if slot < 2 {
+            assert_eq!(spawns(&r), vec![slot + 1]);
+        } else {
+            assert_eq!(finished(&r), Some((RestartOutcome::Completed { replaced: 3 }, vec![7])));
+        }
+    }
+    let stats = h.sup.cluster_stats();
+    assert!(!stats.restart_requested);
+    assert_eq!(stats.total_restarts, 3);
+    assert_eq!(stats.last_restart, Some(RestartOutcome::Completed { replaced: 3 }));
+    // The old workers drain: their exit is no crash and triggers nothing.
+    for slot in 0..3 {
+        let key = h.sup.retiring.iter().find(|(s, _)| *s == slot).unwrap().1.key;
+        let r = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
+        assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, respawn_in: None, .. }]));
+        assert!(spawns(&r).is_empty());
+    }
+    assert_eq!(h.sup.programs_in_use(), vec![Program::Deployed(1)]);
+}
+
+#[test]
+fn a_replacement_that_exits_aborts_the_rollout_and_keeps_the_old_workers() {
+    let mut h = Harness::new(policy(3));
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    let key = next_key(&h, 0);
+    h.feed(Event::Ready { key });
+    let old1 = pid(&h, 1);
+    let key = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key, status: ExitStatus::Code(1) });
+    let (outcome, _) = finished(&r).unwrap();
+    assert!(
+        matches!(&outcome, RestartOutcome::Failed { worker_id: 1, replaced: 1, reason } if reason.contains("exit code 1")),
+        "{outcome:?}"
+    );
+    assert!(spawns(&r).is_empty(), "no further slot, no respawn loop");
+    assert_eq!(pid(&h, 1), old1, "slot 1 keeps its old worker");
+    assert_eq!(h.sup.slots[0].program, Program::Deployed(1), "slot 0 keeps its new one");
+    assert_eq!(h.sup.slots[1].program, Program::Running);
+    assert_eq!(h.sup.slots[1].crash_count, 0, "a broken deploy is not a crash of the slot");
+    let stats = h.sup.cluster_stats();
+    assert_eq!(stats.active_workers, 3);
+    assert!(!stats.restart_requested);
+    assert_eq!(stats.last_restart, Some(outcome));
+}
+
+#[test]
+fn a_replacement_not_ready_in_time_is_killed_and_the_rollout_fails() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.at(1000);
+    h.feed(Event::Restart { ticket: None });
+    let key = next_key(&h, 0);
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 3000 * MS));
+    let r = h.at(3000);
+    assert!(r.contains(&Command::Signal { key, signal: libc::SIGKILL }));
+    let (outcome, _) = finished(&r).unwrap();
+    assert!(
+        matches!(&outcome, RestartOutcome::Failed { worker_id: 0, reason, .. } if reason.contains("not ready within"))
+    );
+    // Its death by our SIGKILL is not a crash and starts nothing.
+    let r = h.feed(Event::Exited { key, status: ExitStatus::Signal(libc::SIGKILL) });
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
+    assert!(spawns(&r).is_empty());
+    assert_eq!(h.sup.cluster_stats().active_workers, 2);
+}
+
+#[test]
+fn spawn_failure_of_a_replacement_fails_the_rollout() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    let cmds = h.sup.handle(Event::Restart { ticket: None }, h.now, SystemTime::UNIX_EPOCH);
+    let Some(Command::Spawn { key, .. }) = cmds.iter().find(|c| matches!(c, Command::Spawn { .. })).cloned() else {
+        panic!("{cmds:?}")
+    };
+    let r = h.feed(Event::SpawnFailed { key, error: "No such file or directory".into() });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { worker_id: 0, .. }, _))));
+    assert_eq!(h.status(0), WorkerStatus::Active);
+}
+
+#[test]
+fn restarts_asked_during_a_rollout_coalesce_into_one_more() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Restart { ticket: Some(1) });
+    for t in 2..6 {
+        let r = h.feed(Event::Restart { ticket: Some(t) });
+        assert!(spawns(&r).is_empty());
+        assert!(reports(&r).contains(&&Report::RestartQueued));
+    }
+    let mut rollouts = 0;
+    let mut answered = Vec::new();
+    for _ in 0..10 {
+        let slot = (0..2).find(|&s| h.sup.slots[s].next.is_some());
+        let Some(slot) = slot else { break };
+        let key = next_key(&h, slot);
+        let r = h.feed(Event::Ready { key });
+        if let Some((outcome, tickets)) = finished(&r) {
+            assert!(outcome.is_completed());
+            rollouts += 1;
+            answered.extend(tickets);
+        }
+    }
+    assert_eq!(rollouts, 2, "one queued rollout, however often it was asked");
+    assert_eq!(answered, vec![1, 2, 3, 4, 5]);
+    assert_eq!(h.sup.cluster_stats().total_restarts, 4);
+}
+
+#[test]
+fn shutdown_during_a_rollout_stops_old_and_new_and_cancels_waiters() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Restart { ticket: Some(9) });
+    let key0 = next_key(&h, 0);
+    h.feed(Event::Ready { key: key0 });
+    let starting = next_key(&h, 1);
+    h.feed(Event::Restart { ticket: Some(10) });
+    let r = h.feed(Event::Shutdown);
+    let cancelled: Vec<_> = reports(&r)
+        .into_iter()
+        .filter_map(|x| match x {
+            Report::RestartFinished { outcome: RestartOutcome::Cancelled { .. }, tickets } => Some(tickets.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cancelled, vec![vec![9], vec![10]]);
+    // Slot 0's new worker, slot 0's draining old one, slot 1's old and its starting replacement.
+    assert!(r.contains(&Command::Signal { key: starting, signal: libc::SIGTERM }));
+    let keys: Vec<WorkerKey> = h.sup.procs().map(|(_, p)| p.key).collect();
+    assert_eq!(keys.len(), 4);
+    let r = h.feed(Event::Restart { ticket: Some(11) });
+    assert!(spawns(&r).is_empty(), "no restart during shutdown");
+    assert!(matches!(finished(&r), Some((RestartOutcome::Cancelled { .. }, t)) if t == vec![11]));
+    let mut last = Vec::new();
+    for key in keys {
+        last = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
+    }
+    assert_eq!(last.last(), Some(&Command::Exit(Ok(()))));
+}
+
+#[test]
+fn a_draining_worker_is_killed_at_the_shutdown_timeout() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.at(1000);
+    h.feed(Event::Restart { ticket: None });
+    let key = next_key(&h, 0);
+    let old = h.key_of(0);
+    h.feed(Event::Ready { key });
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "the drain is bounded by shutdown_timeout");
+    let r = h.at(2000);
+    assert!(r.contains(&Command::Signal { key: old, signal: libc::SIGKILL }));
+}
+
+#[test]
+fn a_restart_brings_a_disabled_slot_back() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    for t in [1000u64, 1100, 1200] {
+        h.at(t);
+        h.exit(1, ExitStatus::Code(1));
+    }
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Ready { key: k });
+    assert_eq!(spawns(&r), vec![1], "the disabled slot gets a new worker from the new program");
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Ready { key: k });
+    assert!(finished(&r).unwrap().0.is_completed());
+    assert_eq!(h.status(1), WorkerStatus::Active);
+    assert!(!h.sup.worker_stats(h.now)[1].respawn_disabled);
+}
+
+#[test]
+fn a_crash_during_its_replacement_does_not_double_spawn() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    let r = h.exit(0, ExitStatus::Code(1));
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: true, respawn_in: None, .. }]));
+    assert!(spawns(&h.at(500)).is_empty());
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    assert_eq!(h.status(0), WorkerStatus::Active);
+}
+
+// ---- scaling ----
+
+#[test]
+fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.at(1000);
+    let r = h.feed(Event::Scale { workers: 4 });
+    assert_eq!(spawns(&r), vec![2]);
+    assert!(reports(&r).contains(&&Report::Scaled { from: 2, to: 4 }));
+    assert_eq!(spawns(&h.at(1100)), vec![3]);
+    h.ready(2);
+    h.ready(3);
+    assert_eq!(h.sup.cluster_stats().active_workers, 4);
+    let r = h.feed(Event::Scale { workers: 1 });
+    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count();
+    assert_eq!(terms, 3);
+    for slot in [1, 2, 3] {
+        assert!(r.contains(&Command::CloseSocket { slot }));
+    }
+    assert_eq!(h.sup.cluster_stats().total_workers, 1);
+    assert_eq!(h.sup.policy().workers, 1);
+    let keys: Vec<WorkerKey> = h.sup.retiring.iter().map(|(_, p)| p.key).collect();
+    for key in keys {
+        let r = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
+        assert!(spawns(&r).is_empty());
+        assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
+    }
+    assert!(h.feed(Event::Scale { workers: 0 }).is_empty(), "zero workers is refused");
 }
