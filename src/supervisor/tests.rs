@@ -437,7 +437,7 @@ fn rolling_restart_is_surge_first_and_one_slot_at_a_time() {
         assert_eq!(terms.len(), 1, "slot {slot}: {r:?}");
         assert!(
             reports(&r).iter().any(
-                |x| matches!(x, Report::Replaced { slot: s, old_pid: Some(p), .. } if *s == slot && *p == old[slot])
+                |x| matches!(x, Report::Replaced { slot: s, old_pid: Some(p), .. } if *s == slot && *p == old_pid)
             )
         );
         assert_eq!(h.status(slot), WorkerStatus::Active);
