@@ -300,3 +300,148 @@ pub fn listeners_held(pid: u32, port: u16) -> usize {
     let listening = listening_inodes(port);
     fds_of(pid).iter().filter(|(_, t)| listening.contains(t)).count()
 }
+
+/// An HTTP/1.1 client on one keep-alive connection that reconnects only when the server said
+/// `Connection: close` (or before the first request). It never retries a failed request.
+pub struct KeepAlive {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+    /// Connections opened so far.
+    pub connections: usize,
+}
+
+impl KeepAlive {
+    pub fn new(port: u16) -> KeepAlive {
+        KeepAlive { port, conn: None, connections: 0 }
+    }
+
+    pub fn get(&mut self, path: &str) -> std::io::Result<(u16, String)> {
+        if self.conn.is_none() {
+            let s = TcpStream::connect(("127.0.0.1", self.port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            self.conn = Some(BufReader::new(s));
+            self.connections += 1;
+        }
+        let result = self.exchange(path);
+        if !matches!(result, Ok((_, _, true))) {
+            self.conn = None;
+        }
+        result.map(|(status, body, _)| (status, body))
+    }
+
+    /// Returns status, body, and whether the connection may be reused.
+    fn exchange(&mut self, path: &str) -> std::io::Result<(u16, String, bool)> {
+        let conn = self.conn.as_mut().unwrap();
+        write!(conn.get_mut(), "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut line = String::new();
+        if conn.read_line(&mut line)? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut length = 0usize;
+        let mut keep = true;
+        loop {
+            line.clear();
+            if conn.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed in the headers"));
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (name, value) = l.split_once(':').unwrap_or((l, ""));
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_ascii_lowercase());
+            if name == "content-length" {
+                length = value.parse().unwrap_or(0);
+            } else if name == "connection" && value == "close" {
+                keep = false;
+            }
+        }
+        let mut body = vec![0u8; length];
+        conn.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
+    }
+}
+
+/// Outcome of a [`Load`] run.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    pub ok: usize,
+    pub failed: usize,
+    pub errors: Vec<String>,
+    pub bodies: Vec<String>,
+}
+
+/// Client threads issuing `GET /` in a loop until stopped (bounded by 60 s and a count), half on
+/// fresh connections and half on keep-alive ones; every failure counts, nothing is retried.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<LoadResult>>,
+    pub done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Load {
+    pub fn start(port: u16, fresh: usize, keepalive: usize, keep_bodies: bool) -> Load {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let done = std::sync::Arc::new(AtomicUsize::new(0));
+        let mut threads = Vec::new();
+        for i in 0..fresh + keepalive {
+            let stop = stop.clone();
+            let done = done.clone();
+            let use_keepalive = i >= fresh;
+            threads.push(std::thread::spawn(move || {
+                let mut r = LoadResult::default();
+                let mut ka = KeepAlive::new(port);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && r.ok + r.failed < 200_000 {
+                    let res = if use_keepalive { ka.get("/") } else { http_get(port, "/") };
+                    match res {
+                        Ok((200, body)) => {
+                            r.ok += 1;
+                            if keep_bodies {
+                                r.bodies.push(body);
+                            }
+                        }
+                        Ok((status, body)) => {
+                            r.failed += 1;
+                            r.errors.push(format!("status {status}: {body}"));
+                        }
+                        Err(e) => {
+                            r.failed += 1;
+                            r.errors.push(format!(
+                                "{} ({}): {e}",
+                                if use_keepalive { "keep-alive" } else { "fresh" },
+                                e.kind()
+                            ));
+                        }
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                r
+            }));
+        }
+        Load { stop, threads, done }
+    }
+
+    pub fn count(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn stop(self) -> LoadResult {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = LoadResult::default();
+        for t in self.threads {
+            let r = t.join().unwrap();
+            total.ok += r.ok;
+            total.failed += r.failed;
+            total.errors.extend(r.errors);
+            total.bodies.extend(r.bodies);
+        }
+        total
+    }
+}

@@ -1,0 +1,207 @@
+//! Integration tests of zero-downtime rolling restarts and deploys (issue 4), under load from
+//! clients that never retry.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustix::process::Signal;
+use serde_json::Value;
+
+fn stats_of(tb: &Testbed) -> Value {
+    let (status, body) = tb.get("/stats").unwrap();
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Sends SIGUSR2 and waits for the rollout to end, sampling the active-worker count meanwhile.
+/// Returns the last restart outcome and the smallest active count seen.
+fn restart_and_watch(tb: &Testbed, expect_workers: u64) -> (Value, u64) {
+    let before = stats_of(tb)["cluster"]["last_restart"].clone();
+    tb.signal(Signal::USR2);
+    let mut min_active = u64::MAX;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = stats_of(tb);
+        min_active = min_active.min(s["cluster"]["active_workers"].as_u64().unwrap());
+        let last = &s["cluster"]["last_restart"];
+        if !s["cluster"]["restart_requested"].as_bool().unwrap() && *last != before && !last.is_null() {
+            assert!(min_active <= expect_workers);
+            return (last.clone(), min_active);
+        }
+        assert!(Instant::now() < deadline, "rollout did not end: {s}\n{}", tb.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn rolling_restart_under_load_loses_nothing() {
+    for balance in ["reuseport", "shared"] {
+        let mut tb = Testbed::start(&[
+            "--workers",
+            "4",
+            "--balance",
+            balance,
+            "--ready-delay-ms",
+            "150",
+            "--startup-delay-ms",
+            "10",
+        ]);
+        let old: BTreeSet<u32> = tb.workers().into_iter().collect();
+        let load = Load::start(tb.port, 2, 2, false);
+        std::thread::sleep(Duration::from_millis(200));
+        let (outcome, min_active) = restart_and_watch(&tb, 4);
+        assert_eq!(outcome["result"], "completed", "{outcome}");
+        assert_eq!(outcome["replaced"], 4);
+        assert_eq!(min_active, 4, "{balance}: capacity never dropped below 4 active workers");
+        // Keep the load going until enough requests crossed the rollout.
+        assert!(wait_until(Duration::from_secs(30), || load.count() >= 3000), "load too slow");
+        let result = load.stop();
+        assert_eq!(result.failed, 0, "{balance}: failed requests: {:?}", &result.errors[..result.errors.len().min(10)]);
+        assert!(result.ok >= 3000);
+        // Every worker pid was replaced (the last old worker may still be finishing its drain).
+        assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == 4));
+        let new: BTreeSet<u32> = tb.workers().into_iter().collect();
+        assert!(old.is_disjoint(&new), "{balance}: old {old:?} new {new:?}");
+        eprintln!("{balance}: {} requests, 0 failed", result.ok);
+    }
+}
+
+#[test]
+fn each_old_worker_stays_until_its_replacement_is_ready() {
+    let mut tb = Testbed::start(&["--workers", "4", "--ready-delay-ms", "300", "--startup-delay-ms", "10"]);
+    let (outcome, min_active) = restart_and_watch(&tb, 4);
+    assert_eq!(outcome["result"], "completed");
+    assert_eq!(min_active, 4);
+    tb.remember_workers();
+    // In the master's log, for each slot: the replacement starts, 300 ms later it is ready and
+    // only then is the old worker asked to drain, and it exits after that.
+    let log = tb.stderr();
+    for slot in 0..4 {
+        let started: Vec<usize> = log.match_indices(&format!("on_start id={slot} ")).map(|(i, _)| i).collect();
+        assert_eq!(started.len(), 2, "{log}");
+        let replaced = log.find(&format!("worker {slot} replaced: pid ")).expect("replaced line");
+        let exit = log.find(&format!("on_exit id={slot} ")).expect("old worker's exit");
+        assert!(started[1] < replaced && replaced < exit, "slot {slot}: order start < replaced < exit\n{log}");
+    }
+}
+
+#[test]
+fn a_deploy_changes_what_every_worker_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let tag = dir.path().join("tag");
+    write_file(&tag, "v1");
+    let tb = Testbed::start(&["--workers", "4", "--tag-file", tag.to_str().unwrap(), "--ready-delay-ms", "50"]);
+    let load = Load::start(tb.port, 1, 1, false);
+    std::thread::sleep(Duration::from_millis(100));
+    write_file(&tag, "v2");
+    let (outcome, _) = restart_and_watch(&tb, 4);
+    assert_eq!(outcome["result"], "completed");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    for _ in 0..100 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!(status, 200);
+        assert!(body.ends_with("tag=v2"), "{body}");
+    }
+}
+
+#[test]
+fn a_broken_deploy_stops_at_the_first_slot_and_the_old_workers_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("broken");
+    let mut tb = Testbed::start(&["--workers", "4", "--respawn", "--fail-if-file", flag.to_str().unwrap()]);
+    let old: BTreeSet<u32> = tb.workers().into_iter().collect();
+    write_file(&flag, "");
+    let (outcome, min_active) = restart_and_watch(&tb, 4);
+    assert_eq!(outcome["result"], "failed", "{outcome}");
+    assert_eq!(outcome["worker_id"], 0);
+    assert_eq!(outcome["replaced"], 0);
+    assert!(outcome["reason"].as_str().unwrap().contains("exited before it was ready (exit code 1)"), "{outcome}");
+    assert_eq!(min_active, 4);
+    // All four old workers still answer.
+    let mut seen = BTreeSet::new();
+    for _ in 0..200 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!(status, 200);
+        seen.insert(pid_of(&body).unwrap());
+    }
+    assert_eq!(seen, old);
+    let s = stats_of(&tb);
+    assert_eq!(s["cluster"]["active_workers"], 4);
+    assert_eq!(s["workers"][0]["crash_count"], 0, "a broken deploy is not a crash loop");
+    assert!(tb.stderr().contains("graceful restart failed at worker 0"));
+    // Fixed: the next restart succeeds.
+    std::fs::remove_file(&flag).unwrap();
+    let (outcome, _) = restart_and_watch(&tb, 4);
+    assert_eq!(outcome["result"], "completed", "{outcome}");
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == 4));
+    let new: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert!(old.is_disjoint(&new));
+}
+
+#[test]
+fn a_slow_request_in_flight_completes_across_a_restart() {
+    let tb = Testbed::start(&["--workers", "2"]);
+    let port = tb.port;
+    let slow = std::thread::spawn(move || http_get(port, "/slow?ms=2000"));
+    std::thread::sleep(Duration::from_millis(200));
+    let (outcome, _) = restart_and_watch(&tb, 2);
+    assert_eq!(outcome["result"], "completed");
+    let (status, body) = slow.join().unwrap().expect("the slow request completes");
+    assert_eq!((status, body.as_str()), (200, "slow 2000"));
+}
+
+#[test]
+fn repeated_restart_signals_coalesce() {
+    let mut tb = Testbed::start(&["--workers", "4", "--ready-delay-ms", "100", "--startup-delay-ms", "10"]);
+    for _ in 0..5 {
+        tb.signal(Signal::USR2);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(wait_until(Duration::from_secs(30), || {
+        let s = stats_of(&tb);
+        !s["cluster"]["restart_requested"].as_bool().unwrap() && s["cluster"]["last_restart"]["result"] == "completed"
+    }));
+    std::thread::sleep(Duration::from_millis(300));
+    let s = stats_of(&tb);
+    assert!(!s["cluster"]["restart_requested"].as_bool().unwrap());
+    assert_eq!(s["cluster"]["active_workers"], 4);
+    let rollouts = tb.stderr().matches("graceful restart: replacing 4 workers").count();
+    assert!((1..=2).contains(&rollouts), "{rollouts} rollouts");
+    tb.remember_workers();
+}
+
+#[test]
+fn a_restart_deploys_the_file_at_the_original_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("testbed");
+    std::fs::copy(TESTBED, &exe).unwrap();
+    let mut opts = args(&["--workers", "2", "--respawn"]);
+    opts.program = Some(exe.clone());
+    let mut tb = Testbed::start_with(opts);
+    // Deploy: a new file (new inode) at the same path.
+    let staged = dir.path().join("staged");
+    std::fs::copy(TESTBED, &staged).unwrap();
+    std::fs::rename(&staged, &exe).unwrap();
+    let (outcome, _) = restart_and_watch(&tb, 2);
+    assert_eq!(outcome["result"], "completed");
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == 2));
+    for w in tb.workers() {
+        let link = std::fs::read_link(format!("/proc/{w}/exe")).unwrap();
+        assert_eq!(link, exe, "worker {w} runs the deployed file");
+    }
+    // A crash respawn after the deploy keeps running the deployed program.
+    let victim = tb.workers()[0];
+    send_signal(victim, Signal::KILL);
+    assert!(wait_until(Duration::from_secs(5), || {
+        let w = tb.workers();
+        w.len() == 2 && !w.contains(&victim)
+    }));
+    for w in tb.workers() {
+        let link = std::fs::read_link(format!("/proc/{w}/exe")).unwrap();
+        assert_eq!(link, exe);
+    }
+}
