@@ -76,6 +76,10 @@ struct Args {
     /// The master's `on_worker_ready` callback panics (supervision must go on).
     #[arg(long)]
     panic_in_callbacks: bool,
+    /// A thread of the master calls `MasterHandle::restart_and_wait` this long after start and
+    /// prints `restart: <outcome as JSON>` on stdout.
+    #[arg(long)]
+    restart_after_ms: Option<u64>,
     /// The master asks for a graceful shutdown through a `MasterHandle`, from another thread,
     /// this long after start.
     #[arg(long)]
@@ -141,6 +145,19 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 ecewo_cluster::worker_count(),
                 ecewo_cluster::port()
             );
+            if let Some(ms) = args.restart_after_ms {
+                let handle = master.handle();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    let line = match handle.restart_and_wait() {
+                        Ok(outcome) => serde_json::to_string(&outcome).unwrap_or_default(),
+                        Err(e) => format!("error: {e}"),
+                    };
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "restart: {line}");
+                    let _ = out.flush();
+                });
+            }
             if let Some(ms) = args.stop_after_ms {
                 let handle = master.handle();
                 std::thread::spawn(move || {

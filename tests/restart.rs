@@ -205,3 +205,50 @@ fn a_restart_deploys_the_file_at_the_original_path() {
         assert_eq!(link, exe);
     }
 }
+
+#[test]
+fn a_draining_worker_closes_keep_alive_connections_politely() {
+    let tb = Testbed::start(&["--workers", "1", "--respawn"]);
+    let mut active = KeepAlive::new(tb.port);
+    let mut idle = KeepAlive::new(tb.port);
+    let (_, body) = active.get("/").unwrap();
+    let old = pid_of(&body).unwrap();
+    idle.get("/").unwrap();
+    assert!(!active.last_close && !idle.last_close);
+    tb.signal(Signal::USR2);
+    assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains("worker 0 replaced")));
+    std::thread::sleep(Duration::from_millis(100));
+    // Within the idle grace, a request on the old worker's connection is answered, with
+    // `Connection: close`: the client reconnects instead of hitting a closed socket.
+    let (status, body) = active.get("/").expect("answered during the drain");
+    assert_eq!((status, pid_of(&body)), (200, Some(old)));
+    assert!(active.last_close, "the draining worker says Connection: close");
+    let (status, body) = active.get("/").unwrap();
+    assert_eq!(status, 200);
+    assert_ne!(pid_of(&body), Some(old), "the next connection reaches the new worker");
+    // A connection that stays idle is closed by the server after the grace period (1 s).
+    assert!(idle.closed_by_server_within(Duration::from_secs(3)));
+    assert!(wait_until(Duration::from_secs(3), || !alive(old)), "the old worker exits once drained");
+}
+
+#[test]
+fn a_caller_can_wait_for_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("broken");
+    // --fail-if-file is checked when a worker starts: the flag appears once the cluster is ready,
+    // so only the restart's replacements fail.
+    let (mut tb, rx) = Testbed::spawn(args(&[
+        "--workers",
+        "2",
+        "--fail-if-file",
+        flag.to_str().unwrap(),
+        "--restart-after-ms",
+        "700",
+    ]));
+    tb.set_ready(rx.recv_timeout(Duration::from_secs(20)).unwrap());
+    write_file(&flag, "");
+    let line = rx.recv_timeout(Duration::from_secs(20)).expect("the waiting caller gets the outcome");
+    let outcome: Value = serde_json::from_str(line.strip_prefix("restart: ").unwrap()).unwrap();
+    assert_eq!(outcome["result"], "failed", "{outcome}");
+    assert_eq!(outcome["worker_id"], 0);
+}

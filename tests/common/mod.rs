@@ -308,11 +308,13 @@ pub struct KeepAlive {
     conn: Option<BufReader<TcpStream>>,
     /// Connections opened so far.
     pub connections: usize,
+    /// The last response said `Connection: close`.
+    pub last_close: bool,
 }
 
 impl KeepAlive {
     pub fn new(port: u16) -> KeepAlive {
-        KeepAlive { port, conn: None, connections: 0 }
+        KeepAlive { port, conn: None, connections: 0, last_close: false }
     }
 
     pub fn get(&mut self, path: &str) -> std::io::Result<(u16, String)> {
@@ -323,10 +325,23 @@ impl KeepAlive {
             self.connections += 1;
         }
         let result = self.exchange(path);
+        self.last_close = matches!(result, Ok((_, _, false)));
         if !matches!(result, Ok((_, _, true))) {
             self.conn = None;
         }
         result.map(|(status, body, _)| (status, body))
+    }
+
+    /// Waits for the server to close the idle connection; true if it did within `timeout`.
+    pub fn closed_by_server_within(&mut self, timeout: Duration) -> bool {
+        let Some(conn) = self.conn.as_mut() else { return true };
+        conn.get_ref().set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = [0u8; 1];
+        let closed = matches!(conn.get_mut().read(&mut buf), Ok(0));
+        if closed {
+            self.conn = None;
+        }
+        closed
     }
 
     /// Returns status, body, and whether the connection may be reused.
