@@ -65,7 +65,8 @@ pub use cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
 pub use error::Error;
 pub use master::{Master, MasterHandle};
 pub use role::{
-    Role, all_workers, is_master, is_worker, port, signal_workers, stats, worker_count, worker_id, worker_stats,
+    Role, all_workers, graceful_restart, is_master, is_worker, port, signal_workers, stats, worker_count, worker_id,
+    worker_stats,
 };
 pub use stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
 pub use worker::Worker;

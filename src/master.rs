@@ -67,7 +67,7 @@ impl Shared {
         self.workers.load(Ordering::Relaxed)
     }
 
-    fn graceful_restart(&self) {
+    pub(crate) fn graceful_restart(&self) {
         self.request(Request::Restart(None));
     }
 

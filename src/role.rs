@@ -43,6 +43,20 @@ pub fn signal_workers(signal: i32) -> Result<(), Error> {
     }
 }
 
+/// Starts a zero-downtime rolling restart (the spec's `cluster_graceful_restart`); master only.
+/// Returns at once; see [`crate::MasterHandle::graceful_restart`] and
+/// [`crate::MasterHandle::restart_and_wait`].
+pub fn graceful_restart() -> Result<(), Error> {
+    match ROLE.get() {
+        Some(Global::Master(m)) => {
+            m.graceful_restart();
+            Ok(())
+        }
+        Some(Global::Worker(_)) => Err(Error::WrongRole("graceful_restart can only be called in the master")),
+        None => Err(Error::NotInitialized),
+    }
+}
+
 /// The cluster's statistics and every worker's, from wherever this process stands: the master's
 /// own state, or a worker's query over its channel to the master.
 fn snapshot() -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
