@@ -46,6 +46,16 @@ impl std::str::FromStr for Balance {
     }
 }
 
+/// Where the master's control socket goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum ControlSetting {
+    /// `control::socket_path("<name>-<port>")`.
+    #[default]
+    Default,
+    Path(std::path::PathBuf),
+    Off,
+}
+
 pub(crate) type OnStart = Box<dyn FnMut(usize, u32)>;
 pub(crate) type OnExit = Box<dyn FnMut(usize, ExitStatus, bool)>;
 pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
@@ -106,6 +116,8 @@ pub struct Cluster {
     pub(crate) balance: Balance,
     pub(crate) backlog: u32,
     pub(crate) ready_timeout: Duration,
+    pub(crate) name: Option<String>,
+    pub(crate) control: ControlSetting,
     pub(crate) on_start: Option<OnStart>,
     pub(crate) on_exit: Option<OnExit>,
     pub(crate) on_worker_ready: Option<OnStart>,
@@ -128,6 +140,8 @@ impl fmt::Debug for Cluster {
             .field("balance", &self.balance)
             .field("backlog", &self.backlog)
             .field("ready_timeout", &self.ready_timeout)
+            .field("name", &self.name)
+            .field("control", &self.control)
             .finish_non_exhaustive()
     }
 }
@@ -150,6 +164,8 @@ impl Cluster {
             balance: Balance::default(),
             backlog: 1024,
             ready_timeout: Duration::from_secs(60),
+            name: None,
+            control: ControlSetting::Default,
             on_start: None,
             on_exit: None,
             on_worker_ready: None,
@@ -229,6 +245,27 @@ impl Cluster {
     /// up, keeps the old workers serving and reports the failure (default 60 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
         self.ready_timeout = timeout;
+        self
+    }
+
+    /// The cluster's name, used for its control socket (`<name>-<port>.sock`) and in `ecewo-cluster
+    /// list` (default: the program's file name).
+    pub fn name(mut self, name: impl Into<String>) -> Cluster {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Puts the control socket at `path` instead of the default,
+    /// `$XDG_RUNTIME_DIR/ecewo-cluster/<name>-<port>.sock` (or a per-user directory under the
+    /// temporary directory).
+    pub fn control_socket(mut self, path: impl Into<std::path::PathBuf>) -> Cluster {
+        self.control = ControlSetting::Path(path.into());
+        self
+    }
+
+    /// Runs without a control socket (the `ecewo-cluster` CLI cannot reach this cluster then).
+    pub fn no_control_socket(mut self) -> Cluster {
+        self.control = ControlSetting::Off;
         self
     }
 
@@ -312,6 +349,11 @@ impl Cluster {
         }
         if self.backlog == 0 || self.backlog > i32::MAX as u32 {
             return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.backlog));
+        }
+        if let Some(name) = &self.name
+            && (name.is_empty() || name.contains('/') || name.len() > 64)
+        {
+            return invalid("name", format!("{name:?}: use 1 to 64 characters without '/'"));
         }
         if let Some((sig, _)) = self.on_signal.iter().find(|(s, _)| !BINDABLE_SIGNALS.contains(s)) {
             return invalid(

@@ -80,6 +80,25 @@ pub enum Error {
     #[error("no worker can run any more: {0}; see the log for each worker's exit")]
     WorkersFailed(String),
 
+    /// The control socket could not be set up.
+    #[error("control socket {}: {reason}", path.display())]
+    ControlSocket {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+
+    /// Another master already serves this control socket: two clusters of the same name.
+    #[error(
+        "another cluster is already running with the control socket {} (stop it, or give this one another name or port)",
+        path.display()
+    )]
+    AlreadyRunning {
+        /// The socket's path.
+        path: std::path::PathBuf,
+    },
+
     /// A system call failed in a way the cluster cannot recover from.
     #[error("{context}: {source}")]
     Io {

@@ -42,6 +42,8 @@ compile_error!("ecewo-cluster supports Linux only: it relies on pidfds, SO_REUSE
 
 mod channel;
 mod config;
+pub mod control;
+mod control_server;
 mod cpu;
 mod error;
 mod master;

@@ -22,7 +22,9 @@ use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 use crate::channel::{MasterEnd, ToMaster, ToWorker};
 use crate::config::MAX_WORKERS;
-use crate::config::{Balance, Cluster, OnExit, OnReady, OnSignal, OnStart, ReadyInfo};
+use crate::config::{Balance, Cluster, ControlSetting, OnExit, OnReady, OnSignal, OnStart, ReadyInfo};
+use crate::control::{self, Request as ControlRequest};
+use crate::control_server::{ConnId, ControlServer};
 use crate::error::Error;
 use crate::stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats};
 use crate::supervisor::{Command, Event, Policy, Program, Report, Supervisor, WorkerKey};
@@ -114,11 +116,12 @@ impl Shared {
     pub(crate) fn snapshot(&self) -> (ClusterStats, Vec<WorkerStats>) {
         let s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let age = s.taken.elapsed();
-        let mut workers = s.workers;
+        let (mut cluster, mut workers) = (s.cluster, s.workers);
         for w in workers.iter_mut().filter(|w| w.pid.is_some()) {
             w.uptime += age;
         }
-        (s.cluster, workers)
+        crate::stats::add_usage(&mut cluster, &mut workers);
+        (cluster, workers)
     }
 }
 
@@ -134,6 +137,9 @@ pub struct Master {
     args: Vec<OsString>,
     /// The program file at its original path, executed again by a graceful restart (a deploy).
     exe_path: PathBuf,
+    name: String,
+    control: Option<ControlServer>,
+    started: SystemTime,
     on_start: Option<OnStart>,
     on_exit: Option<OnExit>,
     on_worker_ready: Option<OnStart>,
@@ -257,8 +263,24 @@ impl Master {
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| OsString::from("ecewo-cluster"));
         let exe_path = program_path(&argv0);
+        let name = opts.name.clone().unwrap_or_else(|| {
+            exe_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cluster".into())
+        });
+        let control = match &opts.control {
+            ControlSetting::Off => None,
+            ControlSetting::Path(p) => Some(ControlServer::bind(p)?),
+            ControlSetting::Default => {
+                Some(ControlServer::bind(&crate::control::socket_path(&format!("{name}-{}", addr.port())))?)
+            }
+        };
+        if let Some(c) = &control {
+            tracing::info!("control socket: {}", c.path().display());
+        }
         Ok(Master {
             exe_path,
+            name,
+            control,
+            started: SystemTime::now(),
             shared,
             policy,
             balance: opts.balance,
@@ -329,6 +351,7 @@ impl Master {
             sup: Supervisor::new(self.policy.clone(), Instant::now()),
             procs: HashMap::new(),
             programs: HashMap::new(),
+            control_waiters: HashMap::new(),
             master_pid: rustix::process::getpid(),
             outcome: None,
             m: self,
@@ -359,6 +382,8 @@ struct Driver {
     programs: HashMap<u64, OwnedFd>,
     master_pid: Pid,
     outcome: Option<Result<(), String>>,
+    /// Control connections waiting for a restart's outcome, by ticket.
+    control_waiters: HashMap<u64, ConnId>,
 }
 
 /// What a polled descriptor belongs to.
@@ -368,6 +393,8 @@ enum Source {
     Wake,
     Exit(WorkerKey),
     Channel(WorkerKey),
+    ControlListener,
+    Control(ConnId),
 }
 
 impl Driver {
@@ -486,12 +513,25 @@ impl Driver {
                     _ => tracing::warn!("graceful restart {outcome}"),
                 }
                 let mut waiters = m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
-                for t in tickets {
-                    if let Some(tx) = waiters.remove(&t) {
+                for t in &tickets {
+                    if let Some(tx) = waiters.remove(t) {
                         let _ = tx.send(outcome.clone());
                     }
                 }
                 drop(waiters);
+                for t in &tickets {
+                    if let (Some(id), Some(ctl)) = (self.control_waiters.remove(t), m.control.as_mut()) {
+                        let reply = if outcome.is_completed() {
+                            control::ok_reply(serde_json::json!({ "outcome": outcome }))
+                        } else {
+                            let mut r = control::error_reply(&format!("graceful restart {outcome}"));
+                            r["outcome"] = serde_json::to_value(&outcome).unwrap_or_default();
+                            r
+                        };
+                        ctl.owe(id, -1);
+                        ctl.reply(id, &reply);
+                    }
+                }
                 let in_use = self.sup.programs_in_use();
                 self.programs.retain(|g, _| in_use.contains(&Program::Deployed(*g)));
             }
@@ -574,7 +614,11 @@ impl Driver {
 
     /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
     fn poll(&mut self, events: &mut VecDeque<Event>) -> Result<(), Error> {
-        let timeout = self.sup.next_deadline().map(|d| {
+        let deadline = [self.sup.next_deadline(), self.m.control.as_ref().and_then(ControlServer::next_deadline)]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
             // Round up to the next millisecond so we never wake just before the deadline.
             let ms = left.as_nanos().div_ceil(1_000_000);
@@ -593,6 +637,23 @@ impl Driver {
                 }
                 sources.push(Source::Channel(*key));
                 fds.push(PollFd::new(&p.chan.sock, flags));
+            }
+        }
+        if let Some(ctl) = &self.m.control {
+            sources.push(Source::ControlListener);
+            fds.push(PollFd::new(ctl.listener(), PollFlags::IN));
+            for (id, sock, read, write) in ctl.sockets() {
+                let mut flags = PollFlags::empty();
+                if read {
+                    flags |= PollFlags::IN;
+                }
+                if write {
+                    flags |= PollFlags::OUT;
+                }
+                if !flags.is_empty() {
+                    sources.push(Source::Control(id));
+                    fds.push(PollFd::new(sock, flags));
+                }
             }
         }
         match rustix::event::poll(&mut fds, timeout.as_ref()) {
@@ -615,7 +676,16 @@ impl Driver {
                 Source::Wake => self.on_wake(events),
                 Source::Exit(key) => self.on_exit(key, events),
                 Source::Channel(_) => {}
+                Source::ControlListener => {
+                    if let Some(ctl) = &mut self.m.control {
+                        ctl.accept(Instant::now());
+                    }
+                }
+                Source::Control(id) => self.on_control(id, events),
             }
+        }
+        if let Some(ctl) = &mut self.m.control {
+            ctl.close_idle(Instant::now());
         }
         Ok(())
     }
@@ -640,6 +710,74 @@ impl Driver {
                     tracing::warn!("{name}: cannot scale to {to} workers");
                 }
             }
+        }
+    }
+
+    /// Answers what a control connection sent.
+    fn on_control(&mut self, id: ConnId, events: &mut VecDeque<Event>) {
+        let Some(ctl) = self.m.control.as_mut() else { return };
+        let requests = ctl.read(id, Instant::now());
+        for request in requests {
+            let reply = match request {
+                Err(message) => control::error_reply(&message),
+                Ok(ControlRequest::Status) => {
+                    let now = Instant::now();
+                    let mut cluster = self.sup.cluster_stats();
+                    let mut workers = self.sup.worker_stats(now);
+                    crate::stats::add_usage(&mut cluster, &mut workers);
+                    let started =
+                        self.m.started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+                    control::ok_reply(serde_json::json!({
+                        "master": {
+                            "pid": self.master_pid.as_raw_nonzero().get(),
+                            "name": self.m.name,
+                            "address": self.m.shared.addr.to_string(),
+                            "balance": self.m.balance.to_string(),
+                            "started": started,
+                            "rss_bytes": crate::stats::proc_usage(std::process::id()).map(|(rss, _)| rss),
+                        },
+                        "cluster": cluster,
+                        "workers": workers,
+                    }))
+                }
+                Ok(ControlRequest::Restart { wait: false }) => {
+                    events.push_back(Event::Restart { ticket: None });
+                    control::ok_reply(serde_json::json!({ "started": true }))
+                }
+                Ok(ControlRequest::Restart { wait: true }) => {
+                    let ticket = self.m.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
+                    self.control_waiters.insert(ticket, id);
+                    if let Some(ctl) = self.m.control.as_mut() {
+                        ctl.owe(id, 1);
+                    }
+                    events.push_back(Event::Restart { ticket: Some(ticket) });
+                    continue;
+                }
+                Ok(ControlRequest::Scale { workers }) if (1..=MAX_WORKERS).contains(&workers) => {
+                    events.push_back(Event::Scale { workers });
+                    control::ok_reply(serde_json::json!({ "workers": workers }))
+                }
+                Ok(ControlRequest::Scale { workers }) => {
+                    control::error_reply(&format!("cannot scale to {workers} workers: use 1 to {MAX_WORKERS}"))
+                }
+                Ok(ControlRequest::Signal { signal }) => match signal.number() {
+                    Some(n) => {
+                        events.push_back(Event::SignalWorkers { signal: n });
+                        control::ok_reply(serde_json::json!({ "signal": n }))
+                    }
+                    None => control::error_reply(&format!("unknown signal {signal:?}; use a name like USR1 or HUP")),
+                },
+                Ok(ControlRequest::Stop) => {
+                    events.push_back(Event::Shutdown);
+                    control::ok_reply(serde_json::json!({ "stopping": true }))
+                }
+            };
+            if let Some(ctl) = self.m.control.as_mut() {
+                ctl.reply(id, &reply);
+            }
+        }
+        if let Some(ctl) = self.m.control.as_mut() {
+            ctl.flush(id);
         }
     }
 
@@ -689,8 +827,9 @@ impl Driver {
                 ToMaster::Ready => events.push_back(Event::Ready { key }),
                 ToMaster::Stats { id } => {
                     let now = Instant::now();
-                    let reply =
-                        ToWorker::Stats { id, cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now) };
+                    let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(now));
+                    crate::stats::add_usage(&mut cluster, &mut workers);
+                    let reply = ToWorker::Stats { id, cluster, workers };
                     if let Some(p) = self.procs.get_mut(&key) {
                         p.chan.send(&reply);
                     }

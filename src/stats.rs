@@ -182,6 +182,12 @@ pub struct ClusterStats {
     pub total_restarts: u64,
     /// How the last graceful restart ended, if one has.
     pub last_restart: Option<RestartOutcome>,
+    /// Resident memory of all running workers, in bytes (from `/proc`).
+    #[serde(default)]
+    pub total_rss_bytes: u64,
+    /// CPU time (user + system) used by all running workers so far (from `/proc`).
+    #[serde(default, with = "secs")]
+    pub total_cpu_time: Duration,
 }
 
 /// Statistics of one worker slot (the spec's `worker_stats_t`).
@@ -208,6 +214,42 @@ pub struct WorkerStats {
     pub crash_count: u32,
     /// Crash protection disabled this slot.
     pub respawn_disabled: bool,
+    /// Times this slot's worker was started again (respawns and graceful replacements).
+    #[serde(default)]
+    pub restarts: u64,
+    /// Resident memory of the running worker, in bytes (from `/proc`).
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// CPU time (user + system) the running worker used so far (from `/proc`).
+    #[serde(default, with = "opt_secs")]
+    pub cpu_time: Option<Duration>,
+}
+
+/// Reads what `/proc` says of `pid`: resident memory in bytes and CPU time (user + system).
+pub(crate) fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces), from field 3 on.
+    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let page = rustix::param::page_size() as u64;
+    Some((resident * page, Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
+}
+
+/// Fills in the resource figures of running workers, and the cluster's totals.
+pub(crate) fn add_usage(cluster: &mut ClusterStats, workers: &mut [WorkerStats]) {
+    cluster.total_rss_bytes = 0;
+    cluster.total_cpu_time = Duration::ZERO;
+    for w in workers {
+        if let Some((rss, cpu)) = w.pid.and_then(proc_usage) {
+            w.rss_bytes = Some(rss);
+            w.cpu_time = Some(cpu);
+            cluster.total_rss_bytes += rss;
+            cluster.total_cpu_time += cpu;
+        }
+    }
 }
 
 /// `Option<SystemTime>` as seconds since the Unix epoch (a float), or null.
@@ -225,6 +267,23 @@ mod unix_time {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
         let secs = Option::<f64>::deserialize(d)?;
         Ok(secs.and_then(|s| Duration::try_from_secs_f64(s).ok()).map(|d| UNIX_EPOCH + d))
+    }
+}
+
+/// `Option<Duration>` as seconds (a float), or null.
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.and_then(|s| Duration::try_from_secs_f64(s).ok()))
     }
 }
 
@@ -268,11 +327,22 @@ mod tests {
             exit_status: Some(ExitStatus::Signal(9)),
             crash_count: 1,
             respawn_disabled: false,
+            restarts: 2,
+            rss_bytes: Some(4096),
+            cpu_time: Some(Duration::from_millis(500)),
         };
         let json = serde_json::to_string(&w).unwrap();
         assert!(json.contains("\"status\":\"active\""), "{json}");
         assert!(json.contains("\"uptime\":2.25"), "{json}");
         let back: WorkerStats = serde_json::from_str(&json).unwrap();
         assert_eq!(back, w);
+    }
+
+    #[test]
+    fn usage_of_this_process() {
+        let (rss, cpu) = proc_usage(std::process::id()).unwrap();
+        assert!(rss > 100_000, "{rss}");
+        assert!(cpu < Duration::from_secs(3600));
+        assert!(proc_usage(u32::MAX).is_none());
     }
 }

@@ -76,6 +76,15 @@ struct Args {
     /// The master's `on_worker_ready` callback panics (supervision must go on).
     #[arg(long)]
     panic_in_callbacks: bool,
+    /// The cluster's name (its control socket is `<name>-<port>.sock`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Put the control socket here.
+    #[arg(long)]
+    control_socket: Option<PathBuf>,
+    /// Run without a control socket.
+    #[arg(long)]
+    no_control_socket: bool,
     /// A thread of the master calls `MasterHandle::restart_and_wait` this long after start and
     /// prints `restart: <outcome as JSON>` on stdout.
     #[arg(long)]
@@ -129,6 +138,15 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 eprintln!("testbed: {e}");
             }
         });
+    let cluster = match (&args.control_socket, args.no_control_socket) {
+        (_, true) => cluster.no_control_socket(),
+        (Some(path), false) => cluster.control_socket(path),
+        (None, false) => cluster,
+    };
+    let cluster = match &args.name {
+        Some(name) => cluster.name(name),
+        None => cluster,
+    };
     let panic_in_callbacks = args.panic_in_callbacks;
     let cluster = cluster.on_worker_ready(move |id, _pid| {
         if panic_in_callbacks {

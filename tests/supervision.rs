@@ -171,9 +171,21 @@ fn signal_workers_reaches_every_active_worker_and_stats_agree() {
     let line = rx.recv_timeout(Duration::from_secs(5)).expect("the master's stats line");
     let master_view: Value = serde_json::from_str(line.strip_prefix("stats: ").unwrap()).unwrap();
     let worker_view = stats_of(&tb);
-    assert_eq!(master_view["cluster"], worker_view["cluster"]);
+    for key in [
+        "total_workers",
+        "active_workers",
+        "crashed_workers",
+        "disabled_workers",
+        "shutdown_requested",
+        "restart_requested",
+        "total_restarts",
+        "last_restart",
+    ] {
+        assert_eq!(master_view["cluster"][key], worker_view["cluster"][key], "{key}");
+    }
+    assert!(worker_view["cluster"]["total_rss_bytes"].as_u64().unwrap() > 0, "resource figures from /proc");
     for slot in 0..3 {
-        for key in ["worker_id", "pid", "port", "status", "crash_count", "respawn_disabled", "start_time"] {
+        for key in ["worker_id", "pid", "port", "status", "crash_count", "respawn_disabled", "start_time", "restarts"] {
             assert_eq!(master_view["workers"][slot][key], worker_view["workers"][slot][key], "{key}");
         }
     }

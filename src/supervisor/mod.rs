@@ -287,6 +287,8 @@ struct Slot {
     /// Crash times within the crash window.
     recent_crashes: VecDeque<Instant>,
     crash_count: u32,
+    /// Workers started again in this slot (respawns and replacements).
+    restarts: u64,
     disabled: bool,
     last_exit: Option<(ExitStatus, bool)>,
     last_start_wall: Option<SystemTime>,
@@ -302,6 +304,7 @@ impl Slot {
             program: Program::Running,
             recent_crashes: VecDeque::new(),
             crash_count: 0,
+            restarts: 0,
             disabled: false,
             last_exit: None,
             last_start_wall: None,
@@ -615,6 +618,7 @@ impl Supervisor {
             self.retiring.push((slot, old));
         }
         self.total_restarts += 1;
+        self.slots[slot].restarts += 1;
         if let Some(r) = &mut self.rollout {
             r.current = None;
             r.replaced += 1;
@@ -874,10 +878,11 @@ impl Supervisor {
                 let program = self.slots[i].program;
                 let p = self.new_proc(program, now, wall);
                 let key = p.key;
+                let s = &mut self.slots[i];
                 if reason == SpawnReason::Respawn {
                     self.total_restarts += 1;
+                    s.restarts += 1;
                 }
-                let s = &mut self.slots[i];
                 s.next_spawn = None;
                 s.last_start_wall = Some(wall);
                 s.current = Some(p);
@@ -963,6 +968,8 @@ impl Supervisor {
             restart_requested: self.rollout.is_some(),
             total_restarts: self.total_restarts,
             last_restart: self.last_restart.clone(),
+            total_rss_bytes: 0,
+            total_cpu_time: Duration::ZERO,
         }
     }
 
@@ -980,6 +987,9 @@ impl Supervisor {
                 exit_status: s.last_exit.map(|(st, _)| st),
                 crash_count: s.crash_count,
                 respawn_disabled: s.disabled,
+                restarts: s.restarts,
+                rss_bytes: None,
+                cpu_time: None,
             })
             .collect()
     }

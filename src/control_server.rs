@@ -1,0 +1,260 @@
+//! The master's side of the control socket: a non-blocking unix listener and its connections,
+//! polled by the master's loop. Every connection is checked (peer uid), bounded (line length,
+//! number of connections, idle time) and never allowed to block the loop.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::control::{self, MAX_REQUEST, Request};
+use crate::error::Error;
+
+/// Connections kept at once; past this the oldest idle one is closed to make room.
+const MAX_CONNECTIONS: usize = 64;
+/// A connection with nothing to do for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Identifies a control connection.
+pub(crate) type ConnId = u64;
+
+struct Conn {
+    sock: UnixStream,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    last_active: Instant,
+    /// Replies still owed (restarts being waited for): such a connection is never idle.
+    owed: usize,
+    /// Close once the output is written.
+    closing: bool,
+}
+
+pub(crate) struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file we created (so we only ever unlink our own).
+    id: (u64, u64),
+    conns: HashMap<ConnId, Conn>,
+    next_id: ConnId,
+    uid: u32,
+}
+
+impl std::fmt::Debug for ControlServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlServer").field("path", &self.path).field("connections", &self.conns.len()).finish()
+    }
+}
+
+impl ControlServer {
+    /// Binds the control socket at `path`: its directory is created 0700 if missing, the socket
+    /// is 0600. A socket left by a dead master is replaced; a live master there is an error.
+    pub(crate) fn bind(path: &Path) -> Result<ControlServer, Error> {
+        let fail = |reason: String| Error::ControlSocket { path: path.to_owned(), reason };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+        }
+        if std::fs::symlink_metadata(path).is_ok() {
+            match UnixStream::connect(path) {
+                Ok(_) => return Err(Error::AlreadyRunning { path: path.to_owned() }),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    tracing::info!("replacing the stale control socket {}", path.display());
+                    std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+                }
+                Err(e) => return Err(fail(format!("something else is at this path ({e}); remove it or choose another"))),
+            }
+        }
+        let listener = UnixListener::bind(path).map_err(|e| fail(format!("cannot listen: {e}")))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| fail(format!("cannot restrict its permissions: {e}")))?;
+        listener.set_nonblocking(true).map_err(|e| fail(e.to_string()))?;
+        let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
+        Ok(ControlServer {
+            listener,
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+            conns: HashMap::new(),
+            next_id: 0,
+            uid: rustix::process::geteuid().as_raw(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn listener(&self) -> &UnixListener {
+        &self.listener
+    }
+
+    /// Each connection's socket, whether to poll it for input (not after EOF) and whether it
+    /// has output pending.
+    pub(crate) fn sockets(&self) -> impl Iterator<Item = (ConnId, &UnixStream, bool, bool)> {
+        self.conns.iter().map(|(id, c)| (*id, &c.sock, !c.closing, !c.outbuf.is_empty()))
+    }
+
+    /// Accepts every pending connection from an allowed user.
+    pub(crate) fn accept(&mut self, now: Instant) {
+        loop {
+            let sock = match self.listener.accept() {
+                Ok((sock, _)) => sock,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!("control socket: accept failed: {e}");
+                    }
+                    return;
+                }
+            };
+            match rustix::net::sockopt::socket_peercred(&sock) {
+                Ok(cred) if cred.uid.as_raw() == self.uid || cred.uid.is_root() => {}
+                Ok(cred) => {
+                    tracing::warn!(
+                        "control socket: refused a connection from uid {} (pid {})",
+                        cred.uid.as_raw(),
+                        cred.pid.as_raw_nonzero()
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("control socket: refused a connection whose peer is unknown: {e}");
+                    continue;
+                }
+            }
+            if sock.set_nonblocking(true).is_err() {
+                continue;
+            }
+            if self.conns.len() >= MAX_CONNECTIONS {
+                self.evict_oldest_idle();
+            }
+            self.next_id += 1;
+            self.conns.insert(
+                self.next_id,
+                Conn { sock, inbuf: Vec::new(), outbuf: Vec::new(), last_active: now, owed: 0, closing: false },
+            );
+        }
+    }
+
+    fn evict_oldest_idle(&mut self) {
+        let oldest = self.conns.iter().filter(|(_, c)| c.owed == 0).min_by_key(|(_, c)| c.last_active).map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            tracing::debug!("control socket: too many connections, closing the oldest idle one");
+            self.conns.remove(&id);
+        }
+    }
+
+    /// Reads what connection `id` sent and returns its complete requests, parsed (an `Err` is
+    /// the error message to answer). EOF, errors and oversized lines end the connection.
+    pub(crate) fn read(&mut self, id: ConnId, now: Instant) -> Vec<Result<Request, String>> {
+        let Some(c) = self.conns.get_mut(&id) else { return Vec::new() };
+        let mut buf = [0u8; 8192];
+        let mut eof = false;
+        loop {
+            match c.sock.read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => {
+                    c.inbuf.extend_from_slice(&buf[..n]);
+                    c.last_active = now;
+                    if c.inbuf.len() > MAX_REQUEST && !c.inbuf[..MAX_REQUEST].contains(&b'\n') {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        let mut requests = Vec::new();
+        while let Some(pos) = c.inbuf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = c.inbuf.drain(..=pos).collect();
+            let line = &line[..pos];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            requests.push(control::parse_request(line));
+        }
+        if c.inbuf.len() > MAX_REQUEST {
+            requests.push(Err(format!("request longer than {MAX_REQUEST} bytes; closing the connection")));
+            c.inbuf = Vec::new();
+            c.closing = true;
+        }
+        if eof {
+            // The client is gone (or half-closed): answer what it sent, then close.
+            c.closing = true;
+        }
+        requests
+    }
+
+    /// Queues a reply on connection `id` and writes what the socket takes now.
+    pub(crate) fn reply(&mut self, id: ConnId, reply: &Value) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            let mut line = serde_json::to_vec(reply).unwrap_or_default();
+            line.push(b'\n');
+            c.outbuf.extend_from_slice(&line);
+        }
+        self.flush(id);
+    }
+
+    /// Notes that connection `id` is owed a reply later (or no longer, with `delta` -1).
+    pub(crate) fn owe(&mut self, id: ConnId, delta: isize) {
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.owed = c.owed.saturating_add_signed(delta);
+        }
+    }
+
+    /// Writes pending output of connection `id`; closes it when it is done or broken.
+    pub(crate) fn flush(&mut self, id: ConnId) {
+        let Some(c) = self.conns.get_mut(&id) else { return };
+        while !c.outbuf.is_empty() {
+            match c.sock.write(&c.outbuf) {
+                Ok(n) => {
+                    c.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    // The client went away before its reply: drop the connection quietly.
+                    self.conns.remove(&id);
+                    return;
+                }
+            }
+        }
+        if c.outbuf.is_empty() && c.closing && c.owed == 0 {
+            self.conns.remove(&id);
+        }
+    }
+
+    /// Closes connections idle for too long.
+    pub(crate) fn close_idle(&mut self, now: Instant) {
+        self.conns.retain(|_, c| c.owed > 0 || now.duration_since(c.last_active) < IDLE_TIMEOUT);
+    }
+
+    /// When the next idle connection times out.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.conns.values().filter(|c| c.owed == 0).map(|c| c.last_active + IDLE_TIMEOUT).min()
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        // Unlink the socket only if it is still ours (nobody replaced it meanwhile).
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.id
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
