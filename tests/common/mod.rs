@@ -202,8 +202,14 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Pids whose parent is `parent`, in ascending order.
+/// Pids whose parent is `parent`, in ascending order (excluding zombies).
 pub fn children_of(parent: u32) -> Vec<u32> {
+    // The master is single-threaded: its main thread's `children` file lists them all, cheaply.
+    if let Ok(list) = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) {
+        let mut out: Vec<u32> = list.split_whitespace().filter_map(|p| p.parse().ok()).filter(|&p| alive(p)).collect();
+        out.sort();
+        return out;
+    }
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
