@@ -105,9 +105,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if env.v != PROTOCOL_VERSION {
         return Err(format!("unsupported protocol version {}; this master speaks version {PROTOCOL_VERSION}", env.v));
     }
-    serde_json::from_value(env.request).map_err(|e| {
-        format!("invalid request: {e}; commands are status, restart, scale, signal and stop")
-    })
+    serde_json::from_value(env.request)
+        .map_err(|e| format!("invalid request: {e}; commands are status, restart, scale, signal and stop"))
 }
 
 /// A successful reply with `fields` added.

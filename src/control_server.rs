@@ -68,7 +68,9 @@ impl ControlServer {
                     tracing::info!("replacing the stale control socket {}", path.display());
                     std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
                 }
-                Err(e) => return Err(fail(format!("something else is at this path ({e}); remove it or choose another"))),
+                Err(e) => {
+                    return Err(fail(format!("something else is at this path ({e}); remove it or choose another")));
+                }
             }
         }
         let listener = UnixListener::bind(path).map_err(|e| fail(format!("cannot listen: {e}")))?;
@@ -143,7 +145,8 @@ impl ControlServer {
     }
 
     fn evict_oldest_idle(&mut self) {
-        let oldest = self.conns.iter().filter(|(_, c)| c.owed == 0).min_by_key(|(_, c)| c.last_active).map(|(id, _)| *id);
+        let oldest =
+            self.conns.iter().filter(|(_, c)| c.owed == 0).min_by_key(|(_, c)| c.last_active).map(|(id, _)| *id);
         if let Some(id) = oldest {
             tracing::debug!("control socket: too many connections, closing the oldest idle one");
             self.conns.remove(&id);

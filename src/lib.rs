@@ -50,6 +50,7 @@ mod master;
 mod role;
 mod socket;
 mod stats;
+mod steer;
 pub mod supervisor;
 mod sys;
 mod worker;

@@ -27,6 +27,7 @@ use crate::control::{self, Request as ControlRequest};
 use crate::control_server::{ConnId, ControlServer};
 use crate::error::Error;
 use crate::stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats};
+use crate::steer::Group;
 use crate::supervisor::{Command, Event, Policy, Program, Report, Supervisor, WorkerKey};
 use crate::worker::{CHANNEL_FD, LISTEN_FD, env};
 
@@ -352,10 +353,20 @@ impl Master {
             procs: HashMap::new(),
             programs: HashMap::new(),
             control_waiters: HashMap::new(),
+            group: Group::default(),
+            route: Vec::new(),
+            steering_failed: false,
+            closing: Default::default(),
             master_pid: rustix::process::getpid(),
             outcome: None,
             m: self,
         };
+        if driver.m.balance == Balance::ReusePort {
+            // The sockets joined their group in slot order, as they were bound.
+            for slot in (0..driver.m.listeners.len()).filter(|&i| driver.m.listeners[i].is_some()) {
+                driver.group.join(slot);
+            }
+        }
         let result = driver.run();
         if result.is_err() {
             driver.kill_and_reap_all();
@@ -384,6 +395,12 @@ struct Driver {
     outcome: Option<Result<(), String>>,
     /// Control connections waiting for a restart's outcome, by ticket.
     control_waiters: HashMap<u64, ConnId>,
+    /// The kernel's array of the `ReusePort` group, and the slots new connections go to.
+    group: Group,
+    route: Vec<usize>,
+    steering_failed: bool,
+    /// Slots whose socket is closed once no worker holds it.
+    closing: std::collections::BTreeSet<usize>,
 }
 
 /// What a polled descriptor belongs to.
@@ -446,13 +463,19 @@ impl Driver {
                     }
                 }
             }
-            Command::CloseSocket { slot } => {
-                if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
-                    drop(fd);
-                    tracing::warn!("closed the listening socket of worker {slot}: nobody serves it any more");
-                }
+            Command::Route { slots } => {
+                self.route = slots;
+                self.apply_route();
             }
-            Command::CloseListeners => self.m.listeners.clear(),
+            Command::CloseSocket { slot } => {
+                self.closing.insert(slot);
+                self.close_released_sockets();
+            }
+            Command::CloseListeners => {
+                self.m.listeners.clear();
+                self.group = Group::default();
+                self.closing.clear();
+            }
             Command::Report(r) => self.report(r),
             Command::Exit(outcome) => self.outcome = Some(outcome),
         }
@@ -597,11 +620,47 @@ impl Driver {
         if self.m.listeners.len() <= index {
             self.m.listeners.resize_with(index + 1, || None);
         }
+        // A slot that comes back before its old socket was released keeps that socket.
+        self.closing.remove(&slot);
         if self.m.listeners[index].is_none() && self.m.balance == Balance::ReusePort {
             let fd = crate::socket::bind_reuseport(self.m.shared.addr, self.m.backlog)?;
             self.m.listeners[index] = Some(fd);
+            self.group.join(slot);
+            self.apply_route();
         }
         self.m.listeners[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))
+    }
+
+    /// Closes the sockets of slots nobody will serve once no worker of the slot holds them any
+    /// more (closing earlier would not take them out of the kernel's group, and what is queued
+    /// on them is still served by their draining worker).
+    fn close_released_sockets(&mut self) {
+        let held: Vec<usize> = self.procs.values().map(|p| p.slot).collect();
+        let release: Vec<usize> = self.closing.iter().copied().filter(|s| !held.contains(s)).collect();
+        for slot in release {
+            self.closing.remove(&slot);
+            if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
+                drop(fd);
+                self.group.leave(slot);
+                tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more");
+            }
+        }
+        self.apply_route();
+    }
+
+    /// Attaches the steering program for the current route to the `ReusePort` group.
+    fn apply_route(&mut self) {
+        if self.m.balance != Balance::ReusePort || self.steering_failed {
+            return;
+        }
+        let Some(program) = self.group.program(&self.route) else { return };
+        let Some(any) = self.m.listeners.iter().flatten().next() else { return };
+        if let Err(e) = crate::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
+            self.steering_failed = true;
+            tracing::warn!(
+                "cannot steer connections ({e}); the kernel's hashing applies, including to slots that are restarting"
+            );
+        }
     }
 
     /// Publishes the statistics for handles and module functions.
@@ -815,6 +874,9 @@ impl Driver {
             }
         };
         self.procs.remove(&key);
+        if !self.closing.is_empty() {
+            self.close_released_sockets();
+        }
         events.push_back(Event::Exited { key, status });
     }
 

@@ -118,21 +118,7 @@ where
     // Connections watch this: `true` means "close once idle".
     let (close_idle_tx, close_idle_rx) = watch::channel(false);
     let builder = auto::Builder::new(TokioExecutor::new());
-    worker.ready()?;
-    loop {
-        let (stream, _peer) = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let spawn_conn = |stream: tokio::net::TcpStream| {
         let _ = stream.set_nodelay(true);
         let svc = DrainService { inner: service.clone(), draining: draining.clone() };
         let builder = builder.clone();
@@ -153,8 +139,33 @@ where
                 tracing::debug!("connection error while draining: {e}");
             }
         });
+    };
+    worker.ready()?;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _peer)) => spawn_conn(stream),
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
-    // Stop accepting at once: the master keeps the socket, so nothing queued is lost.
+    // Take what is still queued, then close the socket: the master holds its own reference (or
+    // has routed new connections elsewhere), so nothing queued is lost.
+    let listener = listener.into_std().map_err(Error::io("cannot take the listener back from tokio"))?;
+    while let Ok((stream, _)) = listener.accept() {
+        if stream.set_nonblocking(true).is_ok()
+            && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
+        {
+            spawn_conn(stream);
+        }
+    }
     drop(listener);
     draining.store(true, Ordering::SeqCst);
     let drain_timeout = options.drain_timeout_for(worker);

@@ -61,3 +61,29 @@ pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // alone; nothing else in this process owns it, because initialisation runs once.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h); the libc crate only defines it for Android.
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket`: for each new
+/// connection the kernel runs it and hands the connection to the group's socket whose index it
+/// returns.
+pub(crate) fn attach_reuseport_cbpf(socket: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(program.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
+    // instructions during setsockopt and keeps no pointer to them. The length passed is the size
+    // of `sock_fprog`.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}

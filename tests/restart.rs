@@ -78,6 +78,7 @@ fn each_old_worker_stays_until_its_replacement_is_ready() {
     tb.remember_workers();
     // In the master's log, for each slot: the replacement starts, 300 ms later it is ready and
     // only then is the old worker asked to drain, and it exits after that.
+    assert!(tb.wait_log(Duration::from_secs(5), |l| (0..4).all(|s| l.contains(&format!("on_exit id={s} ")))));
     let log = tb.stderr();
     for slot in 0..4 {
         let started: Vec<usize> = log.match_indices(&format!("on_start id={slot} ")).map(|(i, _)| i).collect();

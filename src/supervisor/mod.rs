@@ -127,8 +127,15 @@ pub enum Command {
         /// The signal number.
         signal: i32,
     },
-    /// Close the listening socket of a slot (`ReusePort` only): nobody will serve it any more.
-    /// Spawning into a slot whose socket is closed opens a new one.
+    /// New connections should go to the sockets of these slots only (`ReusePort` only): the
+    /// slots whose worker is ready. Sent whenever the set changes; empty means "no preference".
+    Route {
+        /// The slots to route to.
+        slots: Vec<usize>,
+    },
+    /// Close the listening socket of a slot (`ReusePort` only) once no worker of the slot holds
+    /// it any more: nobody will serve it. Spawning into a slot whose socket is closed opens a
+    /// new one.
     CloseSocket {
         /// The slot.
         slot: usize,
@@ -266,6 +273,9 @@ struct Proc {
     signalled: u64,
     /// When a stopping worker is killed if it has not exited.
     stop_deadline: Option<Instant>,
+    /// When a worker of a removed slot is asked to stop: once new connections were routed away
+    /// from its socket for long enough that no handshake towards it is still under way.
+    stop_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,7 +388,13 @@ pub struct Supervisor {
     queued_restart: Option<Vec<u64>>,
     last_restart: Option<RestartOutcome>,
     deploys: u64,
+    /// The slots new connections were last routed to.
+    routed: Vec<usize>,
 }
+
+/// How long the sockets of removed slots stop receiving new connections before their workers
+/// are asked to stop (`ReusePort`): what is queued on them then is all they will ever get.
+pub const ROUTE_SETTLE: Duration = Duration::from_millis(100);
 
 const SIGKILL: i32 = libc::SIGKILL;
 const SIGTERM: i32 = libc::SIGTERM;
@@ -411,6 +427,7 @@ impl Supervisor {
             queued_restart: None,
             last_restart: None,
             deploys: 0,
+            routed: Vec::new(),
         }
     }
 
@@ -443,7 +460,7 @@ impl Supervisor {
             _ => None,
         };
         let ready = self.rollout.as_ref().and_then(|r| r.current.map(|(_, t)| t));
-        let stops = self.procs().filter_map(|(_, p)| p.stop_deadline).min();
+        let stops = self.procs().filter_map(|(_, p)| p.stop_deadline.or(p.stop_at)).min();
         [spawns, ready, stops].into_iter().flatten().min()
     }
 
@@ -483,6 +500,7 @@ impl Supervisor {
             Event::Scale { workers } => self.on_scale(workers, now, &mut out),
         }
         self.on_time(now, wall, &mut out);
+        self.update_route(&mut out);
         self.check_all_ready(&mut out);
         self.check_done(&mut out);
         out
@@ -518,6 +536,7 @@ impl Supervisor {
 
     /// Asks a worker to stop: SIGTERM now, SIGKILL at the shutdown timeout.
     fn stop(&self, p: &mut Proc, now: Instant, out: &mut Vec<Command>) {
+        p.stop_at = None;
         if p.state == ProcState::Stopping {
             return;
         }
@@ -541,6 +560,7 @@ impl Supervisor {
             started_wall: wall,
             signalled: 0,
             stop_deadline: None,
+            stop_at: None,
         }
     }
 
@@ -723,6 +743,12 @@ impl Supervisor {
                     }
                 }
                 self.slots = slots;
+                // Workers of removed slots still waiting for their stop: now.
+                let mut retiring = std::mem::take(&mut self.retiring);
+                for (_, p) in &mut retiring {
+                    self.stop(p, now, out);
+                }
+                self.retiring = retiring;
                 out.push(Command::Report(Report::ShuttingDown { workers }));
             }
             // Asked again: do not wait for the timeout.
@@ -847,9 +873,15 @@ impl Supervisor {
             }
         } else {
             let removed: Vec<Slot> = self.slots.drain(workers..).collect();
+            // Route new connections away from the removed slots before their workers stop.
+            self.update_route(out);
             for mut s in removed.into_iter().rev() {
                 for mut p in s.current.take().into_iter().chain(s.next.take()) {
-                    self.stop(&mut p, now, out);
+                    if self.policy.socket_per_slot && p.state == ProcState::Active {
+                        p.stop_at = Some(now + ROUTE_SETTLE);
+                    } else {
+                        self.stop(&mut p, now, out);
+                    }
                     self.retiring.push((s.id, p));
                 }
                 if self.policy.socket_per_slot {
@@ -902,6 +934,16 @@ impl Supervisor {
             self.fail_rollout(slot, reason, now, out);
             self.advance_rollout(now, wall, out);
         }
+        let shutdown_timeout = self.policy.shutdown_timeout;
+        for (_, p) in self.procs_mut() {
+            if p.stop_at.is_some_and(|t| t <= now) {
+                p.stop_at = None;
+                p.state = ProcState::Stopping;
+                p.signalled |= signal_bit(SIGTERM);
+                p.stop_deadline = Some(now + shutdown_timeout);
+                out.push(Command::Signal { key: p.key, signal: SIGTERM });
+            }
+        }
         let mut overdue = Vec::new();
         for (slot, p) in self.procs_mut() {
             if p.stop_deadline.is_some_and(|d| d <= now) {
@@ -913,6 +955,23 @@ impl Supervisor {
         }
         if !overdue.is_empty() {
             out.push(Command::Report(Report::StopTimeout { slots: overdue }));
+        }
+    }
+
+    /// Routes new connections to the slots whose worker is ready, if that set changed.
+    fn update_route(&mut self, out: &mut Vec<Command>) {
+        if !self.policy.socket_per_slot || self.phase != Phase::Running {
+            return;
+        }
+        let ready: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
+            .map(|s| s.id)
+            .collect();
+        if ready != self.routed {
+            self.routed = ready.clone();
+            out.push(Command::Route { slots: ready });
         }
     }
 

@@ -643,11 +643,16 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
     h.ready(3);
     assert_eq!(h.sup.cluster_stats().active_workers, 4);
     let r = h.feed(Event::Scale { workers: 1 });
-    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count();
-    assert_eq!(terms, 3);
     for slot in [1, 2, 3] {
         assert!(r.contains(&Command::CloseSocket { slot }));
     }
+    // Their sockets get no new connections first; the workers stop once that has settled.
+    assert!(!r.iter().any(|c| matches!(c, Command::Signal { .. })), "{r:?}");
+    assert_eq!(h.sup.next_deadline(), Some(h.now + ROUTE_SETTLE));
+    h.now += ROUTE_SETTLE;
+    let r = h.feed(Event::Tick);
+    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count();
+    assert_eq!(terms, 3);
     assert_eq!(h.sup.cluster_stats().total_workers, 1);
     assert_eq!(h.sup.policy().workers, 1);
     let keys: Vec<WorkerKey> = h.sup.retiring.iter().map(|(_, p)| p.key).collect();
@@ -657,4 +662,53 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
         assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
     }
     assert!(h.feed(Event::Scale { workers: 0 }).is_empty(), "zero workers is refused");
+}
+
+// ---- routing (ReusePort) ----
+
+fn routes(cmds: &[Command]) -> Vec<Vec<usize>> {
+    cmds.iter().filter_map(|c| if let Command::Route { slots } = c { Some(slots.clone()) } else { None }).collect()
+}
+
+#[test]
+fn connections_are_routed_to_ready_workers_only() {
+    let mut h = Harness::new(policy(3));
+    h.at(0);
+    h.at(100);
+    h.at(200);
+    assert_eq!(routes(&h.ready(0)), vec![vec![0]]);
+    assert_eq!(routes(&h.ready(1)), vec![vec![0, 1]]);
+    assert_eq!(routes(&h.ready(2)), vec![vec![0, 1, 2]]);
+    // A crashed slot gets nothing new while it respawns, then again once ready.
+    assert_eq!(routes(&h.exit(1, ExitStatus::Signal(9))), vec![vec![0, 2]]);
+    assert!(routes(&h.at(500)).is_empty(), "spawned, not ready: unchanged");
+    assert_eq!(routes(&h.ready(1)), vec![vec![0, 1, 2]]);
+    // A rolling restart keeps every slot routed: the old worker serves until the new is ready.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..3 {
+        let k = next_key(&h, slot);
+        assert!(routes(&h.feed(Event::Ready { key: k })).is_empty());
+    }
+    // Scaling down routes away from the removed slots before their workers are stopped.
+    let r = h.feed(Event::Scale { workers: 1 });
+    assert_eq!(routes(&r), vec![vec![0]]);
+    assert!(!r.iter().any(|c| matches!(c, Command::Signal { .. })));
+    h.now += ROUTE_SETTLE;
+    let r = h.feed(Event::Tick);
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count(), 2);
+    // No routing in Shared mode.
+    let mut p = policy(2);
+    p.socket_per_slot = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    assert!(routes(&h.log).is_empty());
+}
+
+#[test]
+fn a_shutdown_stops_workers_waiting_for_their_route_to_settle() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Scale { workers: 1 });
+    let r = h.feed(Event::Shutdown);
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count(), 2);
 }

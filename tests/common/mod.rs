@@ -18,6 +18,8 @@ pub const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
 /// A running testbed cluster. Dropping it kills the master and every worker it ever saw.
 pub struct Testbed {
     pub child: Child,
+    /// This test's directory (`XDG_RUNTIME_DIR` of the cluster: its control socket is under it).
+    pub dir: PathBuf,
     pub port: u16,
     pub ready_line: String,
     pub stderr_path: PathBuf,
@@ -76,7 +78,13 @@ impl Testbed {
         if !args.iter().any(|a| a == "--port") {
             cmd.args(["--port", "0"]);
         }
-        cmd.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).env("RUST_LOG", "info");
+        // Control sockets go to this test's own directory, never the user's.
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .env("RUST_LOG", "info")
+            .env("XDG_RUNTIME_DIR", dir.path());
         if let Some(f) = configure {
             f(&mut cmd);
         }
@@ -92,6 +100,7 @@ impl Testbed {
             }
         });
         let tb = Testbed {
+            dir: dir.path().to_owned(),
             child,
             port: 0,
             ready_line: String::new(),

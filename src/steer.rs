@@ -1,0 +1,184 @@
+//! Connection steering for `Balance::ReusePort`: which of the group's sockets a new connection
+//! goes to.
+//!
+//! Without help, the kernel hashes every new connection over *all* sockets of a `SO_REUSEPORT`
+//! group, including the socket of a slot whose worker just crashed (connections wait there for
+//! the respawn), of a worker that is not ready yet, and of a slot being removed (closing its
+//! socket would reset what is queued on it). The master therefore attaches a classic BPF program
+//! to the group (`SO_ATTACH_REUSEPORT_CBPF`) that picks a socket at random among the slots the
+//! supervisor routes to; the others receive nothing new, and drain what they hold.
+//!
+//! The program returns an *index into the kernel's array of the group's sockets*. That array is
+//! in `listen()` order, and when a socket leaves the group the last one takes its place. The
+//! master creates and closes every socket of the group, so [`Group`] mirrors that array.
+
+/// The kernel's array of a reuseport group, as slot ids (mirrors `struct sock_reuseport`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Group {
+    members: Vec<usize>,
+}
+
+impl Group {
+    /// A socket of `slot` started listening: it joins at the end.
+    pub(crate) fn join(&mut self, slot: usize) {
+        self.members.push(slot);
+    }
+
+    /// The socket of `slot` was closed by its last holder: the last member takes its place.
+    pub(crate) fn leave(&mut self, slot: usize) {
+        if let Some(i) = self.members.iter().position(|&s| s == slot) {
+            self.members.swap_remove(i);
+        }
+    }
+
+    /// The program that sends new connections, at random, to the sockets of `slots` (those in
+    /// the group); to all of them if none is. `None` if the group is empty or too large for a
+    /// classic BPF program (then the kernel's own hashing applies).
+    pub(crate) fn program(&self, slots: &[usize]) -> Option<Vec<libc::sock_filter>> {
+        let mut targets: Vec<u32> =
+            self.members.iter().enumerate().filter(|(_, s)| slots.contains(s)).map(|(i, _)| i as u32).collect();
+        if targets.is_empty() {
+            targets = (0..self.members.len() as u32).collect();
+        }
+        program_for(&targets, self.members.len())
+    }
+}
+
+const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const BPF_MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+/// Classic BPF programs are limited to this many instructions.
+const MAX_INSNS: usize = 4096;
+
+fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt, jf, k }
+}
+
+/// `A = random % targets.len()`, then return `targets[A]`: a contiguous prefix returns `A`
+/// itself, otherwise a table of comparisons maps it.
+fn program_for(targets: &[u32], group_len: usize) -> Option<Vec<libc::sock_filter>> {
+    if targets.is_empty() || group_len == 0 {
+        return None;
+    }
+    let mut p = vec![
+        insn(BPF_LD_W_ABS, 0, 0, (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32),
+        insn(BPF_MOD_K, 0, 0, targets.len() as u32),
+    ];
+    let prefix = targets.iter().enumerate().all(|(i, &t)| t == i as u32);
+    if prefix {
+        p.push(insn(BPF_RET_A, 0, 0, 0));
+    } else {
+        if 2 + 2 * targets.len() + 1 > MAX_INSNS {
+            return None;
+        }
+        for (i, &t) in targets.iter().enumerate() {
+            // if A == i: return t (next instruction), else skip it.
+            p.push(insn(BPF_JEQ_K, 0, 1, i as u32));
+            p.push(insn(BPF_RET_K, 0, 0, t));
+        }
+        p.push(insn(BPF_RET_K, 0, 0, targets[0]));
+    }
+    Some(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::time::Duration;
+
+    /// Evaluates a program the way the kernel would, with `random` as the random number.
+    fn run(p: &[libc::sock_filter], random: u32) -> u32 {
+        let mut a = 0u32;
+        let mut pc = 0;
+        loop {
+            let i = p[pc];
+            match i.code {
+                BPF_LD_W_ABS => a = random,
+                BPF_MOD_K => a %= i.k,
+                BPF_JEQ_K => {
+                    pc += if a == i.k { i.jt as usize } else { i.jf as usize };
+                }
+                BPF_RET_A => return a,
+                BPF_RET_K => return i.k,
+                other => panic!("unexpected instruction {other:#x}"),
+            }
+            pc += 1;
+        }
+    }
+
+    #[test]
+    fn the_group_mirrors_the_kernels_swap_remove() {
+        let mut g = Group::default();
+        for s in 0..4 {
+            g.join(s);
+        }
+        g.leave(1);
+        assert_eq!(g.members, vec![0, 3, 2]);
+        g.join(1);
+        assert_eq!(g.members, vec![0, 3, 2, 1]);
+        g.leave(7);
+        assert_eq!(g.members.len(), 4);
+    }
+
+    #[test]
+    fn programs_pick_only_routed_slots() {
+        let mut g = Group::default();
+        for s in 0..4 {
+            g.join(s);
+        }
+        // A prefix: the cheap program.
+        let p = g.program(&[0, 1, 2]).unwrap();
+        assert_eq!(p.len(), 3);
+        let picked: std::collections::BTreeSet<u32> = (0..100).map(|r| run(&p, r)).collect();
+        assert_eq!(picked, [0, 1, 2].into());
+        // Not a prefix: the table.
+        g.leave(0); // members: [3, 1, 2]
+        let p = g.program(&[2, 3]).unwrap();
+        let picked: std::collections::BTreeSet<u32> = (0..100).map(|r| run(&p, r)).collect();
+        assert_eq!(picked, [0, 2].into(), "indices of slots 3 and 2");
+        // Nobody routed: everyone.
+        let p = g.program(&[]).unwrap();
+        let picked: std::collections::BTreeSet<u32> = (0..100).map(|r| run(&p, r)).collect();
+        assert_eq!(picked, [0, 1, 2].into());
+        assert!(Group::default().program(&[0]).is_none());
+    }
+
+    /// The real kernel: with two sockets in a group and a program routing to slot 1 only, every
+    /// new connection lands on slot 1's socket.
+    #[test]
+    fn the_kernel_follows_the_program() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (fds, addr) = crate::socket::bind_listeners(addr, crate::config::Balance::ReusePort, 2, 64).unwrap();
+        let mut group = Group::default();
+        group.join(0);
+        group.join(1);
+        let listeners: Vec<TcpListener> = fds.into_iter().map(|fd: OwnedFd| TcpListener::from(fd)).collect();
+        for l in &listeners {
+            l.set_nonblocking(true).unwrap();
+        }
+        let count = |expect_routed: usize| {
+            let program = group.program(&[expect_routed]).unwrap();
+            crate::sys::attach_reuseport_cbpf(listeners[0].as_fd(), &program).unwrap();
+            let conns: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            std::thread::sleep(Duration::from_millis(50));
+            let accepted: Vec<usize> =
+                listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();
+            drop(conns);
+            accepted
+        };
+        assert_eq!(count(1), vec![0, 20]);
+        assert_eq!(count(0), vec![20, 0]);
+        // Both: spread at random.
+        let program = group.program(&[0, 1]).unwrap();
+        crate::sys::attach_reuseport_cbpf(listeners[1].as_fd(), &program).unwrap();
+        let _conns: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let accepted: Vec<usize> = listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();
+        assert_eq!(accepted.iter().sum::<usize>(), 40);
+        assert!(accepted.iter().all(|&n| n >= 5), "{accepted:?}");
+    }
+}
