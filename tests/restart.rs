@@ -197,13 +197,15 @@ fn a_restart_deploys_the_file_at_the_original_path() {
     // A crash respawn after the deploy keeps running the deployed program.
     let victim = tb.workers()[0];
     send_signal(victim, Signal::KILL);
+    // Wait until the respawned worker serves (not merely forked: before its exec a child still
+    // shows the master's executable).
     assert!(wait_until(Duration::from_secs(5), || {
         let w = tb.workers();
-        w.len() == 2 && !w.contains(&victim)
+        w.len() == 2 && !w.contains(&victim) && stats_of(&tb)["cluster"]["active_workers"] == 2
     }));
     for w in tb.workers() {
         let link = std::fs::read_link(format!("/proc/{w}/exe")).unwrap();
-        assert_eq!(link, exe);
+        assert_eq!(link, exe, "worker {w}\n{}", tb.stderr());
     }
 }
 

@@ -60,16 +60,14 @@ fn a_killed_worker_is_respawned_fast_and_counted() {
 }
 
 #[test]
-fn connections_queued_on_an_empty_slot_are_served_by_its_replacement() {
-    // A long respawn delay leaves slot 1 empty for a second; with ReusePort about half of the
-    // new connections are hashed to its socket, which the master keeps open.
+fn connections_queued_on_a_crashed_slot_are_served_by_its_replacement() {
+    // Worker 1 hangs (SIGSTOP) while connections arrive: about half of them queue on slot 1's
+    // socket. Then it is killed; the master keeps the socket, routes new connections to slot 0
+    // while slot 1 is empty, and the replacement, a second later, serves the queued ones.
     let mut tb =
         Testbed::start(&["--workers", "2", "--respawn", "--respawn-delay-ms", "1000", "--startup-delay-ms", "10"]);
-    let before = stats_of(&tb);
-    let victim = worker_pid_in(&before, 1).unwrap() as u32;
-    send_signal(victim, Signal::KILL);
-    assert!(wait_until(Duration::from_secs(2), || !alive(victim)));
-    std::thread::sleep(Duration::from_millis(100));
+    let victim = worker_pid_in(&stats_of(&tb), 1).unwrap() as u32;
+    send_signal(victim, Signal::STOP);
     let mut conns = Vec::new();
     for _ in 0..40 {
         let mut s = TcpStream::connect(("127.0.0.1", tb.port)).unwrap();
@@ -77,7 +75,15 @@ fn connections_queued_on_an_empty_slot_are_served_by_its_replacement() {
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         conns.push(s);
     }
-    let mut by_new_worker = 0;
+    std::thread::sleep(Duration::from_millis(100));
+    send_signal(victim, Signal::KILL);
+    // While slot 1 is empty, new connections all go to slot 0.
+    assert!(tb.wait_log(Duration::from_secs(2), |l| l.contains("on_exit id=1")));
+    for _ in 0..20 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!((status, worker_of(&body)), (200, Some(0)));
+    }
+    let mut by_replacement = 0;
     for mut s in conns {
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).expect("every queued connection is answered");
@@ -85,11 +91,11 @@ fn connections_queued_on_an_empty_slot_are_served_by_its_replacement() {
         assert_eq!(status, 200);
         if worker_of(&body) == Some(1) {
             assert_ne!(pid_of(&body), Some(victim));
-            by_new_worker += 1;
+            by_replacement += 1;
         }
     }
-    assert!(by_new_worker > 0, "some connections waited in slot 1's queue for its replacement");
-    let _ = tb.workers();
+    assert!(by_replacement > 0, "connections queued on slot 1 were served by its replacement");
+    tb.remember_workers();
 }
 
 #[test]
