@@ -89,6 +89,17 @@ struct Args {
     /// prints `restart: <outcome as JSON>` on stdout.
     #[arg(long)]
     restart_after_ms: Option<u64>,
+    /// Each worker writes the number of requests it served to `DIR/worker-<id>-<pid>.count` when
+    /// it exits (for fairness measurements).
+    #[arg(long)]
+    count_dir: Option<PathBuf>,
+    /// No cluster: serve the same handler in this one process (a benchmark baseline), with a
+    /// plain hyper accept loop and no drain logic. Prints `ready: standalone on port P`.
+    #[arg(long)]
+    standalone: bool,
+    /// With --standalone: tokio worker threads (1: a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
     /// The master asks for a graceful shutdown through a `MasterHandle`, from another thread,
     /// this long after start.
     #[arg(long)]
@@ -111,6 +122,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
+    if args.standalone {
+        return standalone(&args).map_err(|e| ecewo_cluster::Error::Io { context: "standalone server", source: e });
+    }
     let cluster = Cluster::new(args.port)
         .address(args.address)
         .cpus(args.workers)
@@ -204,9 +218,12 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 pid: std::process::id(),
                 tag,
                 usr1: AtomicU64::new(0),
-                worker: worker.clone(),
+                served: AtomicU64::new(0),
+                worker: Some(worker.clone()),
             });
-            run_worker(&worker, |w| async move {
+            let count_dir = args.count_dir.clone();
+            let counted = state.clone();
+            let result = run_worker(&worker, |w| async move {
                 // Count SIGUSR1 (sent through signal_workers); registered before ready.
                 let mut usr1 = signal(SignalKind::user_defined1())
                     .map_err(|e| ecewo_cluster::Error::Io { context: "cannot handle SIGUSR1", source: e })?;
@@ -217,9 +234,54 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                     }
                 });
                 serve(w, Testbed(state), ServeOptions::default()).await
-            })
+            });
+            if let Some(dir) = count_dir {
+                let path = dir.join(format!("worker-{}-{}.count", counted.id, counted.pid));
+                let _ = std::fs::write(path, format!("requests={}\n", counted.served.load(Ordering::SeqCst)));
+            }
+            result
         }
     }
+}
+
+/// The same handler in one process, with the plain accept loop a user would write.
+fn standalone(args: &Args) -> std::io::Result<()> {
+    let rt = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()?
+    };
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.address, args.port)).await?;
+        let port = listener.local_addr()?.port();
+        let state = Arc::new(State {
+            id: 0,
+            pid: std::process::id(),
+            tag: "standalone".into(),
+            usr1: AtomicU64::new(0),
+            served: AtomicU64::new(0),
+            worker: None,
+        });
+        let mut term = signal(SignalKind::terminate())?;
+        {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "ready: standalone on port {port}")?;
+            out.flush()?;
+        }
+        let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = term.recv() => return Ok(()),
+                accepted = listener.accept() => accepted?,
+            };
+            let _ = stream.set_nodelay(true);
+            let svc = hyper_util::service::TowerToHyperService::new(Testbed(state.clone()));
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), svc).await;
+            });
+        }
+    })
 }
 
 struct State {
@@ -227,7 +289,9 @@ struct State {
     pid: u32,
     tag: String,
     usr1: AtomicU64,
-    worker: Worker,
+    /// Requests served.
+    served: AtomicU64,
+    worker: Option<Worker>,
 }
 
 /// The testbed's HTTP service.
@@ -260,8 +324,10 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let st = self.0.clone();
+        st.served.fetch_add(1, Ordering::Relaxed);
         Box::pin(async move {
             Ok(match req.uri().path() {
+                "/hello" => text(StatusCode::OK, "Hello".into()),
                 "/" => text(StatusCode::OK, format!("Hello from worker {}! pid={} tag={}", st.id, st.pid, st.tag)),
                 "/info" => text(
                     StatusCode::OK,
@@ -275,11 +341,15 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     ),
                 ),
                 "/signals" => text(StatusCode::OK, format!("usr1={}", st.usr1.load(Ordering::SeqCst))),
-                "/stats" => match cluster_stats(&st.worker).await {
-                    Ok((cluster, workers)) => {
-                        text(StatusCode::OK, serde_json::json!({ "cluster": cluster, "workers": workers }).to_string())
-                    }
-                    Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                "/stats" => match &st.worker {
+                    Some(worker) => match cluster_stats(worker).await {
+                        Ok((cluster, workers)) => text(
+                            StatusCode::OK,
+                            serde_json::json!({ "cluster": cluster, "workers": workers }).to_string(),
+                        ),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    },
+                    None => text(StatusCode::NOT_FOUND, "no cluster in standalone mode".into()),
                 },
                 "/slow" => {
                     let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
