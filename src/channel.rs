@@ -36,88 +36,143 @@ pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     line
 }
 
-/// The master's end of one worker channel: non-blocking, with an input buffer for partial lines
-/// and an output buffer for replies the socket could not take at once.
+/// A non-blocking unix stream carrying newline-terminated lines, buffered both ways: input
+/// until a line is complete, output until the socket takes it. Used for the workers' channels
+/// and the control connections.
 #[derive(Debug)]
-pub(crate) struct MasterEnd {
+pub(crate) struct LineIo {
     pub(crate) sock: UnixStream,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
+}
+
+/// What one [`LineIo::read_lines`] found.
+#[derive(Debug, Default)]
+pub(crate) struct Input {
+    /// Complete lines, without their newline.
+    pub(crate) lines: Vec<Vec<u8>>,
+    /// The peer closed its end (or the socket failed).
+    pub(crate) eof: bool,
+    /// A line grew past the limit; it was dropped.
+    pub(crate) too_long: bool,
+}
+
+impl LineIo {
+    pub(crate) fn new(sock: UnixStream) -> io::Result<LineIo> {
+        sock.set_nonblocking(true)?;
+        Ok(LineIo { sock, inbuf: Vec::new(), outbuf: Vec::new() })
+    }
+
+    /// Reads what is available without blocking.
+    pub(crate) fn read_lines(&mut self, max_line: usize) -> Input {
+        let mut input = Input::default();
+        let mut buf = [0u8; 8192];
+        loop {
+            let read = match self.sock.read(&mut buf) {
+                Ok(0) => {
+                    input.eof = true;
+                    0
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(_) => {
+                    input.eof = true;
+                    0
+                }
+            };
+            self.inbuf.extend_from_slice(&buf[..read]);
+            while let Some(pos) = self.inbuf.iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.inbuf.drain(..=pos).collect();
+                line.pop();
+                input.lines.push(line);
+            }
+            if self.inbuf.len() > max_line {
+                self.inbuf = Vec::new();
+                input.too_long = true;
+                return input;
+            }
+            if read == 0 {
+                return input;
+            }
+        }
+    }
+
+    /// Queues `bytes` (a complete line, newline included) and writes what the socket takes.
+    /// An error means the peer is gone.
+    pub(crate) fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.outbuf.extend_from_slice(bytes);
+        self.flush()
+    }
+
+    /// Writes pending output without blocking. An error means the peer is gone.
+    pub(crate) fn flush(&mut self) -> io::Result<()> {
+        while !self.outbuf.is_empty() {
+            match self.sock.write(&self.outbuf) {
+                Ok(n) => {
+                    self.outbuf.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.outbuf.clear();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Output is waiting for the socket to take it.
+    pub(crate) fn wants_write(&self) -> bool {
+        !self.outbuf.is_empty()
+    }
+}
+
+/// The master's end of one worker channel.
+#[derive(Debug)]
+pub(crate) struct MasterEnd {
+    pub(crate) io: LineIo,
     /// The worker closed its end (or broke the protocol): stop polling for input.
     pub(crate) closed: bool,
 }
 
 impl MasterEnd {
     pub(crate) fn new(sock: UnixStream) -> io::Result<MasterEnd> {
-        sock.set_nonblocking(true)?;
-        Ok(MasterEnd { sock, inbuf: Vec::new(), outbuf: Vec::new(), closed: false })
+        Ok(MasterEnd { io: LineIo::new(sock)?, closed: false })
     }
 
     /// Reads what is available and returns the complete messages. Malformed lines are skipped
     /// (and logged); EOF, an error or an oversized line mark the channel closed.
     pub(crate) fn read_messages(&mut self) -> Vec<ToMaster> {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.sock.read(&mut buf) {
-                Ok(0) => {
-                    self.closed = true;
-                    break;
-                }
-                Ok(n) => self.inbuf.extend_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.closed = true;
-                    break;
-                }
-            }
-            if self.inbuf.len() > MAX_LINE {
-                tracing::warn!("worker channel sent a line over {MAX_LINE} bytes; ignoring the channel");
-                self.closed = true;
-                self.inbuf.clear();
-                break;
-            }
+        let input = self.io.read_lines(MAX_LINE);
+        if input.too_long {
+            tracing::warn!("a worker channel sent a line over {MAX_LINE} bytes; ignoring the channel");
         }
-        let mut msgs = Vec::new();
-        while let Some(pos) = self.inbuf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.inbuf.drain(..=pos).collect();
-            match serde_json::from_slice::<ToMaster>(&line[..pos]) {
-                Ok(m) => msgs.push(m),
-                Err(e) => tracing::warn!("ignoring a malformed message from a worker: {e}"),
-            }
-        }
-        msgs
+        self.closed |= input.eof || input.too_long;
+        input
+            .lines
+            .iter()
+            .filter_map(|line| {
+                serde_json::from_slice::<ToMaster>(line)
+                    .map_err(|e| tracing::warn!("ignoring a malformed message from a worker: {e}"))
+                    .ok()
+            })
+            .collect()
     }
 
     /// Queues a message and writes as much as the socket takes now.
     pub(crate) fn send(&mut self, msg: &ToWorker) {
-        if self.closed {
-            return;
+        if !self.closed && self.io.send(&encode(msg)).is_err() {
+            self.closed = true;
         }
-        self.outbuf.extend_from_slice(&encode(msg));
-        self.flush();
     }
 
-    /// Writes pending output; returns true if some remains (poll for writability).
-    pub(crate) fn flush(&mut self) -> bool {
-        while !self.outbuf.is_empty() {
-            match self.sock.write(&self.outbuf) {
-                Ok(n) => {
-                    self.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => {
-                    self.outbuf.clear();
-                    self.closed = true;
-                }
-            }
+    /// Writes pending output.
+    pub(crate) fn flush(&mut self) {
+        if self.io.flush().is_err() {
+            self.closed = true;
         }
-        !self.outbuf.is_empty()
-    }
-
-    pub(crate) fn wants_write(&self) -> bool {
-        !self.outbuf.is_empty()
     }
 }
 

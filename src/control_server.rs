@@ -3,7 +3,7 @@
 //! number of connections, idle time) and never allowed to block the loop.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::channel::LineIo;
 use crate::control::{self, MAX_REQUEST, Request};
 use crate::error::Error;
 
@@ -23,9 +24,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) type ConnId = u64;
 
 struct Conn {
-    sock: UnixStream,
-    inbuf: Vec<u8>,
-    outbuf: Vec<u8>,
+    io: LineIo,
     last_active: Instant,
     /// Replies still owed (restarts being waited for): such a connection is never idle.
     owed: usize,
@@ -99,7 +98,7 @@ impl ControlServer {
     /// Each connection's socket, whether to poll it for input (not after EOF) and whether it
     /// has output pending.
     pub(crate) fn sockets(&self) -> impl Iterator<Item = (ConnId, &UnixStream, bool, bool)> {
-        self.conns.iter().map(|(id, c)| (*id, &c.sock, !c.closing, !c.outbuf.is_empty()))
+        self.conns.iter().map(|(id, c)| (*id, &c.io.sock, !c.closing, c.io.wants_write()))
     }
 
     /// Accepts every pending connection from an allowed user.
@@ -130,17 +129,12 @@ impl ControlServer {
                     continue;
                 }
             }
-            if sock.set_nonblocking(true).is_err() {
-                continue;
-            }
+            let Ok(io) = LineIo::new(sock) else { continue };
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.evict_oldest_idle();
             }
             self.next_id += 1;
-            self.conns.insert(
-                self.next_id,
-                Conn { sock, inbuf: Vec::new(), outbuf: Vec::new(), last_active: now, owed: 0, closing: false },
-            );
+            self.conns.insert(self.next_id, Conn { io, last_active: now, owed: 0, closing: false });
         }
     }
 
@@ -157,47 +151,21 @@ impl ControlServer {
     /// the error message to answer). EOF, errors and oversized lines end the connection.
     pub(crate) fn read(&mut self, id: ConnId, now: Instant) -> Vec<Result<Request, String>> {
         let Some(c) = self.conns.get_mut(&id) else { return Vec::new() };
-        let mut buf = [0u8; 8192];
-        let mut eof = false;
-        loop {
-            match c.sock.read(&mut buf) {
-                Ok(0) => {
-                    eof = true;
-                    break;
-                }
-                Ok(n) => {
-                    c.inbuf.extend_from_slice(&buf[..n]);
-                    c.last_active = now;
-                    if c.inbuf.len() > MAX_REQUEST && !c.inbuf[..MAX_REQUEST].contains(&b'\n') {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    eof = true;
-                    break;
-                }
-            }
+        let input = c.io.read_lines(MAX_REQUEST);
+        if !input.lines.is_empty() || input.too_long {
+            c.last_active = now;
         }
-        let mut requests = Vec::new();
-        while let Some(pos) = c.inbuf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = c.inbuf.drain(..=pos).collect();
-            let line = &line[..pos];
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            requests.push(control::parse_request(line));
-        }
-        if c.inbuf.len() > MAX_REQUEST {
+        let mut requests: Vec<Result<Request, String>> = input
+            .lines
+            .iter()
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(|line| control::parse_request(line))
+            .collect();
+        if input.too_long {
             requests.push(Err(format!("request longer than {MAX_REQUEST} bytes; closing the connection")));
-            c.inbuf = Vec::new();
-            c.closing = true;
         }
-        if eof {
-            // The client is gone (or half-closed): answer what it sent, then close.
-            c.closing = true;
-        }
+        // The client is gone or half-closed, or broke the protocol: answer, then close.
+        c.closing |= input.eof || input.too_long;
         requests
     }
 
@@ -206,7 +174,7 @@ impl ControlServer {
         if let Some(c) = self.conns.get_mut(&id) {
             let mut line = serde_json::to_vec(reply).unwrap_or_default();
             line.push(b'\n');
-            c.outbuf.extend_from_slice(&line);
+            c.io.send(&line).ok();
         }
         self.flush(id);
     }
@@ -221,21 +189,9 @@ impl ControlServer {
     /// Writes pending output of connection `id`; closes it when it is done or broken.
     pub(crate) fn flush(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else { return };
-        while !c.outbuf.is_empty() {
-            match c.sock.write(&c.outbuf) {
-                Ok(n) => {
-                    c.outbuf.drain(..n);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => {
-                    // The client went away before its reply: drop the connection quietly.
-                    self.conns.remove(&id);
-                    return;
-                }
-            }
-        }
-        if c.outbuf.is_empty() && c.closing && c.owed == 0 {
+        // An error: the client went away before its reply; drop the connection quietly.
+        let broken = c.io.flush().is_err();
+        if broken || (!c.io.wants_write() && c.closing && c.owed == 0) {
             self.conns.remove(&id);
         }
     }

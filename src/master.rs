@@ -691,11 +691,11 @@ impl Driver {
             fds.push(PollFd::new(&p.pidfd, PollFlags::IN));
             if !p.chan.closed {
                 let mut flags = PollFlags::IN;
-                if p.chan.wants_write() {
+                if p.chan.io.wants_write() {
                     flags |= PollFlags::OUT;
                 }
                 sources.push(Source::Channel(*key));
-                fds.push(PollFd::new(&p.chan.sock, flags));
+                fds.push(PollFd::new(&p.chan.io.sock, flags));
             }
         }
         if let Some(ctl) = &self.m.control {
