@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::stats::{ClusterStats, WorkerStats};
 
-/// The longest line either side accepts; longer input means a broken peer.
-pub(crate) const MAX_LINE: usize = 1 << 20;
+/// The longest line either side accepts (a stats answer for `MAX_WORKERS` workers is about
+/// 1 MiB); longer input means a broken peer.
+pub(crate) const MAX_LINE: usize = 8 << 20;
 
 /// Messages from a worker to its master.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +44,8 @@ pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 pub(crate) struct LineIo {
     pub(crate) sock: UnixStream,
     inbuf: Vec<u8>,
+    /// `inbuf[..scanned]` holds no newline: a long line is scanned once, not at every read.
+    scanned: usize,
     outbuf: Vec<u8>,
 }
 
@@ -60,7 +63,7 @@ pub(crate) struct Input {
 impl LineIo {
     pub(crate) fn new(sock: UnixStream) -> io::Result<LineIo> {
         sock.set_nonblocking(true)?;
-        Ok(LineIo { sock, inbuf: Vec::new(), outbuf: Vec::new() })
+        Ok(LineIo { sock, inbuf: Vec::new(), scanned: 0, outbuf: Vec::new() })
     }
 
     /// Reads what is available without blocking.
@@ -82,13 +85,16 @@ impl LineIo {
                 }
             };
             self.inbuf.extend_from_slice(&buf[..read]);
-            while let Some(pos) = self.inbuf.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.inbuf.drain(..=pos).collect();
+            while let Some(pos) = self.inbuf[self.scanned..].iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.inbuf.drain(..=self.scanned + pos).collect();
                 line.pop();
                 input.lines.push(line);
+                self.scanned = 0;
             }
+            self.scanned = self.inbuf.len();
             if self.inbuf.len() > max_line {
                 self.inbuf = Vec::new();
+                self.scanned = 0;
                 input.too_long = true;
                 return input;
             }
@@ -203,7 +209,7 @@ mod tests {
         b.set_nonblocking(true).unwrap();
         let mut end = MasterEnd::new(a).unwrap();
         let chunk = vec![b'x'; 64 * 1024];
-        for _ in 0..40 {
+        for _ in 0..(2 * MAX_LINE / chunk.len()) {
             let _ = b.write(&chunk);
             end.read_messages();
             if end.closed {

@@ -12,6 +12,9 @@ use crate::stats::ExitStatus;
 /// certainly a mistake (a 256-core host's count on a 2-CPU quota, a typo).
 pub const MAX_WORKERS: usize = 4096;
 
+/// The longest timeout or delay an option accepts: one day.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// How connections are spread over the workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -344,6 +347,17 @@ impl Cluster {
                 "must be longer than zero: workers need time to finish their requests (default 15 s)".into(),
             );
         }
+        for (option, value) in [
+            ("shutdown_timeout", self.shutdown_timeout),
+            ("worker_startup_delay", self.worker_startup_delay),
+            ("worker_respawn_delay", self.worker_respawn_delay),
+            ("respawn_window", self.respawn_window),
+            ("ready_timeout", self.ready_timeout),
+        ] {
+            if value > MAX_DURATION {
+                return invalid(option, format!("{value:?} is more than the one day supported; use a shorter time"));
+            }
+        }
         if self.ready_timeout.is_zero() {
             return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
         }
@@ -396,6 +410,8 @@ mod tests {
             (Cluster::new(1).cpus(MAX_WORKERS + 1), "cpus"),
             (Cluster::new(1).shutdown_timeout(Duration::ZERO), "shutdown_timeout"),
             (Cluster::new(1).backlog(0), "backlog"),
+            (Cluster::new(1).ready_timeout(Duration::MAX), "ready_timeout"),
+            (Cluster::new(1).shutdown_timeout(Duration::from_secs(u64::MAX)), "shutdown_timeout"),
             (Cluster::new(1).on_signal(libc::SIGTERM, |_| {}), "on_signal"),
             (Cluster::new(1).on_signal(libc::SIGCHLD, |_| {}), "on_signal"),
             (Cluster::new(1).on_signal(9999, |_| {}), "on_signal"),

@@ -17,6 +17,9 @@ use crate::error::Error;
 
 /// Connections kept at once; past this the oldest idle one is closed to make room.
 const MAX_CONNECTIONS: usize = 64;
+/// Requests a client may send at once without reading the answers; past this it is answered
+/// with an error and disconnected (an honest client sends one and waits).
+const MAX_PIPELINED: usize = 32;
 /// A connection with nothing to do for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -51,7 +54,10 @@ impl std::fmt::Debug for ControlServer {
 impl ControlServer {
     /// Binds the control socket at `path`: its directory is created 0700 if missing, the socket
     /// is 0600. A socket left by a dead master is replaced; a live master there is an error.
-    pub(crate) fn bind(path: &Path) -> Result<ControlServer, Error> {
+    /// With `private_dir` (the default location), the directory must belong to this user and
+    /// be writable by nobody else: in a shared temporary directory another user could have
+    /// created it first.
+    pub(crate) fn bind(path: &Path, private_dir: bool) -> Result<ControlServer, Error> {
         let fail = |reason: String| Error::ControlSocket { path: path.to_owned(), reason };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::DirBuilder::new()
@@ -59,6 +65,18 @@ impl ControlServer {
                 .mode(0o700)
                 .create(dir)
                 .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+            if private_dir {
+                let meta = std::fs::symlink_metadata(dir).map_err(|e| fail(e.to_string()))?;
+                let euid = rustix::process::geteuid().as_raw();
+                if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o022 != 0 {
+                    return Err(fail(format!(
+                        "its directory {} is not a private directory of this user (owner uid {}, mode {:o}); remove it, or choose a socket path with Cluster::control_socket",
+                        dir.display(),
+                        meta.uid(),
+                        meta.mode() & 0o7777
+                    )));
+                }
+            }
         }
         if std::fs::symlink_metadata(path).is_ok() {
             match UnixStream::connect(path) {
@@ -95,10 +113,11 @@ impl ControlServer {
         &self.listener
     }
 
-    /// Each connection's socket, whether to poll it for input (not after EOF) and whether it
-    /// has output pending.
+    /// Each connection's socket, whether to poll it for input and whether it has output
+    /// pending. A connection is not read after EOF, nor while its previous answers are still
+    /// unwritten: a client that sends requests without reading the answers is left to wait.
     pub(crate) fn sockets(&self) -> impl Iterator<Item = (ConnId, &UnixStream, bool, bool)> {
-        self.conns.iter().map(|(id, c)| (*id, &c.io.sock, !c.closing, c.io.wants_write()))
+        self.conns.iter().map(|(id, c)| (*id, &c.io.sock, !c.closing && !c.io.wants_write(), c.io.wants_write()))
     }
 
     /// Accepts every pending connection from an allowed user.
@@ -133,6 +152,10 @@ impl ControlServer {
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.evict_oldest_idle();
             }
+            if self.conns.len() >= MAX_CONNECTIONS {
+                tracing::warn!("control socket: {MAX_CONNECTIONS} connections wait for answers; refusing another");
+                continue;
+            }
             self.next_id += 1;
             self.conns.insert(self.next_id, Conn { io, last_active: now, owed: 0, closing: false });
         }
@@ -161,6 +184,11 @@ impl ControlServer {
             .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
             .map(|line| control::parse_request(line))
             .collect();
+        if requests.len() > MAX_PIPELINED {
+            requests.truncate(MAX_PIPELINED);
+            requests.push(Err(format!("more than {MAX_PIPELINED} requests at once; closing the connection")));
+            c.closing = true;
+        }
         if input.too_long {
             requests.push(Err(format!("request longer than {MAX_REQUEST} bytes; closing the connection")));
         }

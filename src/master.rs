@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     next_ticket: AtomicU64,
     /// The thread running `wait()`: it must never block on itself.
     loop_thread: OnceLock<std::thread::ThreadId>,
+    /// `wait()` has returned: nobody will answer a restart any more.
+    stopped: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +84,13 @@ impl Shared {
         }
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(ticket, tx);
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::WrongRole("the master is no longer supervising (wait() has returned)"));
+            }
+            waiters.insert(ticket, tx);
+        }
         self.request(Request::Restart(Some(ticket)));
         // The loop answers every ticket: with the outcome, or Cancelled at shutdown. If it is
         // gone (wait() returned), the sender was dropped.
@@ -227,6 +235,7 @@ impl Master {
             let detected = crate::cpu::cpus_detailed();
             tracing::info!("{} CPUs detected ({:?}): starting one worker per CPU", detected.count, detected.source);
         }
+        raise_fd_limit();
         let addr = SocketAddr::new(opts.address, opts.port);
         let (fds, addr) = crate::socket::bind_listeners(addr, opts.balance, workers, opts.backlog)?;
         let wake =
@@ -254,6 +263,7 @@ impl Master {
             waiters: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(1),
             loop_thread: OnceLock::new(),
+            stopped: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
             snapshot: Mutex::new(Snapshot {
                 cluster: sup.cluster_stats(),
@@ -269,9 +279,10 @@ impl Master {
         });
         let control = match &opts.control {
             ControlSetting::Off => None,
-            ControlSetting::Path(p) => Some(ControlServer::bind(p)?),
+            ControlSetting::Path(p) => Some(ControlServer::bind(p, false)?),
             ControlSetting::Default => {
-                Some(ControlServer::bind(&crate::control::socket_path(&format!("{name}-{}", addr.port())))?)
+                let path = crate::control::socket_path(&format!("{name}-{}", addr.port()));
+                Some(ControlServer::bind(&path, true)?)
             }
         };
         if let Some(c) = &control {
@@ -371,8 +382,11 @@ impl Master {
         if result.is_err() {
             driver.kill_and_reap_all();
         }
-        // Nobody will answer a restart any more: wake whoever still waits.
-        driver.m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // Nobody will answer a restart any more: wake whoever still waits, refuse new waiters.
+        let mut waiters = driver.m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        driver.m.shared.stopped.store(true, Ordering::SeqCst);
+        waiters.clear();
+        drop(waiters);
         result
     }
 }
@@ -600,14 +614,20 @@ impl Driver {
         ])
         .map_err(|e| io::Error::other(e.to_string()))?;
         crate::sys::set_child_setup(&mut cmd, self.master_pid, (CHANNEL_FD + 1) as u32);
-        let child = cmd.spawn()?;
+        let mut child = cmd.spawn()?;
         let pid = child.id();
         // Nobody else reaps our children (we never wait for "any child"), so the pid cannot have
         // been reused yet: opening its pidfd now is race-free.
-        let raw = Pid::from_raw(pid as i32).ok_or_else(|| io::Error::other("spawn returned pid 0"))?;
-        let pidfd = rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from)?;
-        drop(child); // Dropping a std Child neither waits nor kills.
-        Ok(Proc { slot, pid, pidfd, chan: MasterEnd::new(master_end)? })
+        let tracked = Pid::from_raw(pid as i32)
+            .ok_or_else(|| io::Error::other("spawn returned pid 0"))
+            .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
+            .and_then(|pidfd| Ok(Proc { slot, pid, pidfd, chan: MasterEnd::new(master_end)? }));
+        if tracked.is_err() {
+            // A worker we cannot supervise must not run: kill and reap it now.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        tracked // Dropping a std Child neither waits nor kills.
     }
 
     /// The listening socket a worker of `slot` inherits. In `ReusePort` mode a slot whose socket
@@ -653,8 +673,12 @@ impl Driver {
         if self.m.balance != Balance::ReusePort || self.steering_failed {
             return;
         }
-        let Some(program) = self.group.program(&self.route) else { return };
         let Some(any) = self.m.listeners.iter().flatten().next() else { return };
+        let Some(program) = self.group.program(&self.route) else {
+            // Too many routed slots for a classic BPF program: let the kernel hash over all.
+            let _ = crate::sys::detach_reuseport_bpf(any.as_fd());
+            return;
+        };
         if let Err(e) = crate::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
             self.steering_failed = true;
             tracing::warn!(
@@ -954,6 +978,23 @@ impl Drop for Signals {
     fn drop(&mut self) {
         for id in self.ids.drain(..) {
             signal_hook::low_level::unregister(id);
+        }
+    }
+}
+
+/// Raises the soft limit of open descriptors to the hard limit (as Go and nginx's
+/// `worker_rlimit_nofile` do): the master needs about three per worker, and servers need many.
+/// Workers inherit it.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (limit.current, limit.maximum)
+        && cur < max
+    {
+        let raised = rustix::process::Rlimit { current: Some(max.min(1 << 20)), maximum: Some(max) };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!("raised the open-file limit from {cur} to {}", max.min(1 << 20)),
+            Err(e) => tracing::debug!("cannot raise the open-file limit from {cur}: {e}"),
         }
     }
 }

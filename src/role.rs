@@ -31,6 +31,7 @@ pub(crate) enum Global {
 }
 
 static ROLE: OnceLock<Global> = OnceLock::new();
+static CLAIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); master only.
 /// Any named signal is accepted, `SIGKILL` included; a worker that dies of a signal sent this
@@ -99,6 +100,11 @@ impl Cluster {
             return Err(Error::AlreadyInitialized);
         }
         if let Some(env) = WorkerEnv::from_env()? {
+            // Claimed before the inherited descriptors are taken, so that they can never get two
+            // owners (a second or concurrent init, a retry after a failed one).
+            if CLAIMED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::AlreadyInitialized);
+            }
             let worker = Worker::from_env(env)?;
             ROLE.set(Global::Worker(worker.clone())).map_err(|_| Error::AlreadyInitialized)?;
             return Ok(Role::Worker(worker));

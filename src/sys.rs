@@ -30,9 +30,10 @@ pub(crate) fn set_child_setup(cmd: &mut Command, master_pid: Pid, first_free: u3
         let r = unsafe { libc::syscall(libc::SYS_close_range, first_free, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
         if r != 0 {
             let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
-            // ENOSYS (kernel < 5.11): the master creates all its descriptors close-on-exec, so
-            // only fds inherited from the master's own parent could leak. Not fatal.
-            if errno != libc::ENOSYS {
+            // ENOSYS (kernel < 5.9) or EINVAL (5.9 and 5.10 lack CLOSE_RANGE_CLOEXEC): the
+            // master creates all its descriptors close-on-exec, so only fds inherited from the
+            // master's own parent could leak. Not fatal.
+            if errno != libc::ENOSYS && errno != libc::EINVAL {
                 return Err(io::Error::from_raw_os_error(errno));
             }
         }
@@ -64,6 +65,25 @@ pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
 
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h); the libc crate only defines it for Android.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// `SO_DETACH_REUSEPORT_BPF` (asm-generic/socket.h).
+const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
+
+/// Removes the steering program of `socket`'s `SO_REUSEPORT` group: the kernel's hashing applies.
+pub(crate) fn detach_reuseport_bpf(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let zero: libc::c_int = 0;
+    // SAFETY: the option value is a valid `c_int` that outlives the call; the kernel ignores it.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            SO_DETACH_REUSEPORT_BPF,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
 
 /// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket`: for each new
 /// connection the kernel runs it and hands the connection to the group's socket whose index it

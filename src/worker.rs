@@ -240,8 +240,17 @@ fn channel_reader(inner: Arc<Inner>, stream: UnixStream) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => 0,
         };
-        if n == 0 || line.last() != Some(&b'\n') {
+        if n == 0 {
             break;
+        }
+        if line.last() != Some(&b'\n') {
+            // Longer than any message we expect: skip the rest of it, keep listening.
+            tracing::warn!("skipping a message from the master longer than {MAX_LINE} bytes");
+            let mut rest = Vec::new();
+            if !matches!(reader.read_until(b'\n', &mut rest), Ok(n) if n > 0) {
+                break;
+            }
+            continue;
         }
         match serde_json::from_slice::<ToWorker>(&line) {
             Ok(msg) => {

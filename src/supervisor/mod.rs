@@ -305,13 +305,13 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(id: usize, first_spawn: Instant) -> Slot {
+    fn new(id: usize, first_spawn: Instant, program: Program) -> Slot {
         Slot {
             id,
             current: None,
             next: None,
             next_spawn: Some((first_spawn, SpawnReason::Initial)),
-            program: Program::Running,
+            program,
             recent_crashes: VecDeque::new(),
             crash_count: 0,
             restarts: 0,
@@ -388,13 +388,17 @@ pub struct Supervisor {
     queued_restart: Option<Vec<u64>>,
     last_restart: Option<RestartOutcome>,
     deploys: u64,
+    /// The program new slots start with: the last completed deploy's, or the running binary.
+    program: Program,
     /// The slots new connections were last routed to.
     routed: Vec<usize>,
 }
 
 /// How long the sockets of removed slots stop receiving new connections before their workers
-/// are asked to stop (`ReusePort`): what is queued on them then is all they will ever get.
-pub const ROUTE_SETTLE: Duration = Duration::from_millis(100);
+/// are asked to stop (`ReusePort`): long enough for handshakes that began before the route
+/// changed to complete (clients with a round trip under a second), so that what is queued on
+/// the socket when the worker takes its last connections is all it will ever get.
+pub const ROUTE_SETTLE: Duration = Duration::from_secs(1);
 
 const SIGKILL: i32 = libc::SIGKILL;
 const SIGTERM: i32 = libc::SIGTERM;
@@ -414,7 +418,9 @@ impl Supervisor {
     /// A supervisor for `policy`, created at `now`. Feed it [`Event::Tick`] to start the first
     /// worker.
     pub fn new(policy: Policy, now: Instant) -> Supervisor {
-        let slots = (0..policy.workers).map(|id| Slot::new(id, now + policy.startup_delay * id as u32)).collect();
+        let slots = (0..policy.workers)
+            .map(|id| Slot::new(id, now + policy.startup_delay * id as u32, Program::Running))
+            .collect();
         Supervisor {
             policy,
             slots,
@@ -427,6 +433,7 @@ impl Supervisor {
             queued_restart: None,
             last_restart: None,
             deploys: 0,
+            program: Program::Running,
             routed: Vec::new(),
         }
     }
@@ -491,13 +498,13 @@ impl Supervisor {
         match event {
             Event::Tick => {}
             Event::Spawned { key, pid } => self.on_spawned(key, pid, now, &mut out),
-            Event::SpawnFailed { key, error } => self.on_spawn_failed(key, error, now, &mut out),
+            Event::SpawnFailed { key, error } => self.on_spawn_failed(key, error, now, wall, &mut out),
             Event::Ready { key } => self.on_ready(key, now, wall, &mut out),
             Event::Exited { key, status } => self.on_exited(key, status, now, wall, &mut out),
             Event::Shutdown => self.on_shutdown(now, &mut out),
             Event::SignalWorkers { signal } => self.on_signal_workers(signal, &mut out),
             Event::Restart { ticket } => self.on_restart(ticket, now, wall, &mut out),
-            Event::Scale { workers } => self.on_scale(workers, now, &mut out),
+            Event::Scale { workers } => self.on_scale(workers, now, wall, &mut out),
         }
         self.on_time(now, wall, &mut out);
         self.update_route(&mut out);
@@ -587,7 +594,14 @@ impl Supervisor {
         }
     }
 
-    fn on_spawn_failed(&mut self, key: WorkerKey, error: String, now: Instant, out: &mut Vec<Command>) {
+    fn on_spawn_failed(
+        &mut self,
+        key: WorkerKey,
+        error: String,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Command>,
+    ) {
         let Some(loc) = self.locate(key) else { return };
         let (slot, _) = self.take_at(loc).expect("located");
         out.push(Command::Report(Report::SpawnFailed { slot, error: error.clone() }));
@@ -596,7 +610,7 @@ impl Supervisor {
             Loc::Current(_) => {
                 self.after_exit(slot, ExitStatus::Code(127), true, now, out);
             }
-            Loc::Next(_) => self.fail_rollout(slot, format!("cannot start the new worker: {error}"), now, out),
+            Loc::Next(_) => self.fail_rollout(slot, format!("cannot start the new worker: {error}"), now, wall, out),
             Loc::Retiring(_) => {}
         }
     }
@@ -667,10 +681,10 @@ impl Supervisor {
             Loc::Next(_) => {
                 // A replacement that dies before it is ready: a broken deploy, not a crash of
                 // the slot (its old worker still serves).
-                out.push(Command::Report(Report::Exited { slot, pid, status, crash, respawn_in: None }));
+                out.push(Command::Report(Report::Exited { slot, pid, status, crash: false, respawn_in: None }));
                 if !asked {
-                    self.fail_rollout(slot, format!("the new worker exited before it was ready ({status})"), now, out);
-                    self.advance_rollout(now, wall, out);
+                    let reason = format!("the new worker exited before it was ready ({status})");
+                    self.fail_rollout(slot, reason, now, wall, out);
                 }
             }
             Loc::Retiring(_) => {
@@ -825,6 +839,7 @@ impl Supervisor {
         }
         let Some(slot) = r.queue.pop_front() else {
             let r = self.rollout.take().expect("checked");
+            self.program = r.program;
             self.finish_restart(RestartOutcome::Completed { replaced: r.replaced }, r.tickets, out);
             self.start_queued(now, wall, out);
             return;
@@ -833,12 +848,15 @@ impl Supervisor {
         r.current = Some((slot, now + self.policy.ready_timeout));
         let p = self.new_proc(program, now, wall);
         let key = p.key;
-        self.slots[slot].next = Some(p);
+        let s = &mut self.slots[slot];
+        // The replacement takes the slot over: no respawn or first start on top of it.
+        s.next_spawn = None;
+        s.next = Some(p);
         out.push(Command::Spawn { slot, key, program });
     }
 
-    /// The replacement of `slot` failed: stop the rollout there.
-    fn fail_rollout(&mut self, slot: usize, reason: String, now: Instant, out: &mut Vec<Command>) {
+    /// The replacement of `slot` failed: stop the rollout there (a queued restart then starts).
+    fn fail_rollout(&mut self, slot: usize, reason: String, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let Some(r) = self.rollout.take_if(|r| r.current.is_some_and(|(s, _)| s == slot)) else { return };
         let s = &mut self.slots[slot];
         // The slot lost its worker while the replacement was starting: respawn it as usual.
@@ -846,6 +864,7 @@ impl Supervisor {
             s.next_spawn = Some((now + self.policy.respawn_delay, SpawnReason::Respawn));
         }
         self.finish_restart(RestartOutcome::Failed { worker_id: slot, reason, replaced: r.replaced }, r.tickets, out);
+        self.start_queued(now, wall, out);
     }
 
     fn finish_restart(&mut self, outcome: RestartOutcome, tickets: Vec<u64>, out: &mut Vec<Command>) {
@@ -862,14 +881,18 @@ impl Supervisor {
         }
     }
 
-    fn on_scale(&mut self, workers: usize, now: Instant, out: &mut Vec<Command>) {
+    fn on_scale(&mut self, workers: usize, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let from = self.slots.len();
         if self.phase != Phase::Running || workers == 0 || workers == from {
             return;
         }
         if workers > from {
             for id in from..workers {
-                self.slots.push(Slot::new(id, now + self.policy.startup_delay * (id - from) as u32));
+                self.slots.push(Slot::new(id, now + self.policy.startup_delay * (id - from) as u32, self.program));
+                // A rollout under way replaces them too, so that they end on its program.
+                if let Some(r) = &mut self.rollout {
+                    r.queue.push_back(id);
+                }
             }
         } else {
             let removed: Vec<Slot> = self.slots.drain(workers..).collect();
@@ -897,6 +920,7 @@ impl Supervisor {
         }
         self.policy.workers = workers;
         out.push(Command::Report(Report::Scaled { from, to: workers }));
+        self.advance_rollout(now, wall, out);
     }
 
     /// Acts on whatever is due at `now`: spawns, the restart's ready deadline, stop timeouts.
@@ -931,8 +955,7 @@ impl Supervisor {
                 self.retiring.push((slot, p));
             }
             let reason = format!("the new worker was not ready within {:?}", self.policy.ready_timeout);
-            self.fail_rollout(slot, reason, now, out);
-            self.advance_rollout(now, wall, out);
+            self.fail_rollout(slot, reason, now, wall, out);
         }
         let shutdown_timeout = self.policy.shutdown_timeout;
         for (_, p) in self.procs_mut() {

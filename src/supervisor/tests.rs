@@ -712,3 +712,82 @@ fn a_shutdown_stops_workers_waiting_for_their_route_to_settle() {
     let r = h.feed(Event::Shutdown);
     assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count(), 2);
 }
+
+// ---- interleavings found in review ----
+
+#[test]
+fn scaling_down_during_a_rollout_lets_it_finish() {
+    let mut h = Harness::new(policy(3));
+    h.start_all();
+    h.feed(Event::Restart { ticket: Some(1) });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        h.feed(Event::Ready { key: k });
+    }
+    assert!(h.sup.slots[2].next.is_some(), "slot 2's replacement is starting");
+    let r = h.feed(Event::Scale { workers: 2 });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Completed { replaced: 2 }, t)) if t == vec![1]), "{r:?}");
+    assert!(!h.sup.cluster_stats().restart_requested);
+    let r = h.feed(Event::Restart { ticket: Some(2) });
+    assert_eq!(spawns(&r), vec![0], "later restarts run");
+}
+
+#[test]
+fn a_restart_queued_behind_a_failed_one_runs() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.feed(Event::Restart { ticket: Some(1) });
+    h.feed(Event::Restart { ticket: Some(2) });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { .. }, t)) if t == vec![1]));
+    assert_eq!(spawns(&r), vec![0], "the queued restart starts at once");
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Ready { key: k });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Completed { .. }, t)) if t == vec![2]));
+}
+
+#[test]
+fn slots_added_after_or_during_a_deploy_run_the_deployed_program() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    let r = h.feed(Event::Scale { workers: 2 });
+    assert!(r.iter().any(|c| matches!(c, Command::Spawn { slot: 1, program: Program::Deployed(1), .. })), "{r:?}");
+    h.ready(1);
+    // During a rollout: the new slot joins its queue.
+    h.feed(Event::Restart { ticket: None });
+    h.feed(Event::Scale { workers: 3 });
+    for _ in 0..3 {
+        let slot = (0..3).find(|&s| h.sup.slots[s].next.is_some()).expect("a replacement starting");
+        if h.status(2) == WorkerStatus::Starting && h.sup.slots[2].current.is_some() {
+            h.ready(2);
+        }
+        let k = next_key(&h, slot);
+        h.feed(Event::Ready { key: k });
+    }
+    assert!((0..3).all(|s| h.sup.slots[s].program == Program::Deployed(2)));
+}
+
+#[test]
+fn a_rollout_reaching_a_respawning_slot_does_not_double_spawn() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.exit(0, ExitStatus::Code(1));
+    assert_eq!(h.status(0), WorkerStatus::Respawning);
+    let r = h.feed(Event::Restart { ticket: None });
+    assert_eq!(spawns(&r), vec![0]);
+    assert!(spawns(&h.at(1000)).is_empty(), "no respawn on top of the replacement");
+}
+
+#[test]
+fn a_broken_deploy_is_not_reported_as_a_crash() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(reports(&r).iter().any(|x| matches!(x, Report::Exited { crash: false, .. })));
+}
