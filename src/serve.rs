@@ -130,6 +130,7 @@ where
             );
             tokio::pin!(conn);
             tokio::select! {
+                biased;
                 res = conn.as_mut() => { if let Err(e) = res { tracing::debug!("connection error: {e}") } return; }
                 _ = close_idle.wait_for(|c| *c) => {}
             }
