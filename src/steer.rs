@@ -172,6 +172,12 @@ mod tests {
         };
         assert_eq!(count(1), vec![0, 20]);
         assert_eq!(count(0), vec![20, 0]);
+        // Detached: the kernel's own hashing over both again.
+        crate::sys::detach_reuseport_bpf(listeners[0].as_fd()).unwrap();
+        let _conns: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let accepted: Vec<usize> = listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();
+        assert!(accepted.iter().all(|&n| n > 0) && accepted.iter().sum::<usize>() == 40, "{accepted:?}");
         // Both: spread at random.
         let program = group.program(&[0, 1]).unwrap();
         crate::sys::attach_reuseport_cbpf(listeners[1].as_fd(), &program).unwrap();

@@ -71,18 +71,8 @@ const SO_DETACH_REUSEPORT_BPF: libc::c_int = 68;
 
 /// Removes the steering program of `socket`'s `SO_REUSEPORT` group: the kernel's hashing applies.
 pub(crate) fn detach_reuseport_bpf(socket: BorrowedFd<'_>) -> io::Result<()> {
-    let zero: libc::c_int = 0;
-    // SAFETY: the option value is a valid `c_int` that outlives the call; the kernel ignores it.
-    let r = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            SO_DETACH_REUSEPORT_BPF,
-            (&zero as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    // The kernel ignores the value of this option.
+    set_socket_option(socket, SO_DETACH_REUSEPORT_BPF, &0 as &libc::c_int)
 }
 
 /// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket`: for each new
@@ -91,18 +81,25 @@ pub(crate) fn detach_reuseport_bpf(socket: BorrowedFd<'_>) -> io::Result<()> {
 pub(crate) fn attach_reuseport_cbpf(socket: BorrowedFd<'_>, program: &[libc::sock_filter]) -> io::Result<()> {
     let prog = libc::sock_fprog {
         len: u16::try_from(program.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?,
+        // The kernel copies the instructions during the call and keeps no pointer to them.
         filter: program.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
-    // instructions during setsockopt and keeps no pointer to them. The length passed is the size
-    // of `sock_fprog`.
+    set_socket_option(socket, SO_ATTACH_REUSEPORT_CBPF, &prog)
+}
+
+/// `setsockopt(socket, SOL_SOCKET, option, value)`, for the options rustix does not wrap.
+/// `T` must be the plain C type the option expects (the kernel reads `size_of::<T>()` bytes).
+fn set_socket_option<T>(socket: BorrowedFd<'_>, option: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: `value` is a valid, initialised `T` borrowed for the whole call, and the length
+    // passed is exactly its size; the kernel only reads it (and whatever memory a `sock_fprog`
+    // points to, which the caller keeps alive) during the call.
     let r = unsafe {
         libc::setsockopt(
             std::os::fd::AsRawFd::as_raw_fd(&socket),
             libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
