@@ -1,0 +1,70 @@
+//! A worker written with plain hyper (no axum, no `serve` helper): the building blocks for any
+//! framework that takes a listener and a shutdown future.
+//!
+//! ```sh
+//! cargo run --release --example hyper -- --port 3000
+//! curl http://127.0.0.1:3000/
+//! ```
+
+use std::convert::Infallible;
+
+use clap::Parser;
+use ecewo_cluster::{self as cluster, Cluster, Role};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+
+#[derive(Parser)]
+struct Args {
+    /// Port to listen on.
+    #[arg(long, default_value_t = 3000)]
+    port: u16,
+    /// Number of workers (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    Ok(Response::new(Full::new(Bytes::from(format!("Hello from worker {}!", cluster::worker_id())))))
+}
+
+fn main() -> Result<(), cluster::Error> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    match Cluster::new(args.port).cpus(args.workers).respawn(true).init()? {
+        Role::Master(master) => master.wait(),
+        Role::Worker(worker) => cluster::serve::run_worker(&worker, |w| async move {
+            // The inherited socket as a tokio listener, and a future for SIGTERM or master loss,
+            // registered before the worker reports ready.
+            let listener = cluster::serve::listener(w)?;
+            let shutdown = cluster::serve::shutdown_signal(w).map_err(|e| cluster::Error::Io {
+                context: "cannot install the SIGTERM handler",
+                source: e,
+            })?;
+            tokio::pin!(shutdown);
+            w.ready()?;
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let graceful = GracefulShutdown::new();
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    Ok((stream, _)) = listener.accept() => {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service_fn(hello)).into_owned();
+                        let conn = graceful.watch(conn);
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                    }
+                }
+            }
+            drop(listener);
+            // hyper's graceful shutdown waits for ever: bound it, the master's SIGKILL is the last word.
+            let _ = tokio::time::timeout(w.shutdown_timeout(), graceful.shutdown()).await;
+            Ok(())
+        }),
+    }
+}
