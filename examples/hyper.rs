@@ -41,10 +41,8 @@ fn main() -> Result<(), cluster::Error> {
             // The inherited socket as a tokio listener, and a future for SIGTERM or master loss,
             // registered before the worker reports ready.
             let listener = cluster::serve::listener(w)?;
-            let shutdown = cluster::serve::shutdown_signal(w).map_err(|e| cluster::Error::Io {
-                context: "cannot install the SIGTERM handler",
-                source: e,
-            })?;
+            let shutdown = cluster::serve::shutdown_signal(w)
+                .map_err(|e| cluster::Error::Io { context: "cannot install the SIGTERM handler", source: e })?;
             tokio::pin!(shutdown);
             w.ready()?;
             let builder = auto::Builder::new(TokioExecutor::new());

@@ -1,0 +1,59 @@
+//! The spec's Quick Start with actix-web.
+//!
+//! ```sh
+//! cargo run --release --example actix -- --port 3000
+//! curl http://127.0.0.1:3000/
+//! ```
+//!
+//! actix-web normally starts one thread per CPU and installs its own signal handlers; in a
+//! cluster each worker process is one of the CPUs, so it runs with `.workers(1)` and
+//! `.disable_signals()`, and stops when the cluster says so.
+
+use actix_web::{App, HttpServer, web};
+use clap::Parser;
+use ecewo_cluster::{self as cluster, Cluster, Role};
+
+#[derive(Parser)]
+struct Args {
+    /// Port to listen on.
+    #[arg(long, default_value_t = 3000)]
+    port: u16,
+    /// Number of workers (0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+}
+
+async fn index() -> String {
+    format!("Hello from worker {}!", cluster::worker_id())
+}
+
+fn main() -> Result<(), cluster::Error> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    match Cluster::new(args.port).cpus(args.workers).respawn(true).init()? {
+        Role::Master(master) => master.wait(),
+        Role::Worker(worker) => {
+            let listener = worker.listener()?;
+            let io = |context| move |source| cluster::Error::Io { context, source };
+            actix_web::rt::System::new().block_on(async move {
+                // Stop accepting and drain on SIGTERM or when the master is gone; bounded by
+                // the master's shutdown timeout (its SIGKILL is the last word).
+                let shutdown = cluster::serve::shutdown_signal(&worker).map_err(io("cannot handle SIGTERM"))?;
+                let server = HttpServer::new(|| App::new().route("/", web::get().to(index)))
+                    .workers(1)
+                    .disable_signals()
+                    .shutdown_timeout(worker.shutdown_timeout().as_secs().max(1))
+                    .listen(listener)
+                    .map_err(io("actix-web cannot use the cluster's listener"))?
+                    .run();
+                let handle = server.handle();
+                actix_web::rt::spawn(async move {
+                    shutdown.await;
+                    handle.stop(true).await;
+                });
+                worker.ready()?;
+                server.await.map_err(io("actix-web server failed"))
+            })
+        }
+    }
+}
