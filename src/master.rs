@@ -282,7 +282,17 @@ impl Master {
             ControlSetting::Path(p) => Some(ControlServer::bind(p, false)?),
             ControlSetting::Default => {
                 let path = crate::control::socket_path(&format!("{name}-{}", addr.port()));
-                Some(ControlServer::bind(&path, true)?)
+                match ControlServer::bind(&path, true) {
+                    Ok(server) => Some(server),
+                    // Two clusters of one name must not run: that stays an error.
+                    Err(e @ Error::AlreadyRunning { .. }) => return Err(e),
+                    // The default socket is a convenience: a read-only or foreign temporary
+                    // directory must not keep the cluster from serving.
+                    Err(e) => {
+                        tracing::warn!("{e}; running without a control socket (set one with Cluster::control_socket)");
+                        None
+                    }
+                }
             }
         };
         if let Some(c) = &control {
