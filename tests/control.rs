@@ -297,3 +297,14 @@ fn signal_through_the_cli() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown signal"), "{}", stderr(&out));
 }
+
+#[test]
+fn an_unusable_default_socket_location_does_not_stop_the_cluster() {
+    let mut opts = args(&["--workers", "1"]);
+    opts.configure = Some(Box::new(|cmd| {
+        cmd.env("XDG_RUNTIME_DIR", "/proc/no-such-dir");
+    }));
+    let tb = Testbed::start_with(opts);
+    assert_eq!(tb.get("/").unwrap().0, 200);
+    assert!(tb.stderr().contains("running without a control socket"), "{}", tb.stderr());
+}
