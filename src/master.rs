@@ -241,7 +241,13 @@ impl Master {
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
-        let extra: Vec<i32> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        let mut extra: Vec<i32> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        if rustix::process::getpid().as_raw_nonzero().get() == 1 {
+            // PID 1 of a container: orphans of the whole container are re-parented to us and
+            // must be reaped, or they stay zombies. A handler (never SIG_IGN, which would reap
+            // our workers behind the pidfds' back) tells us when.
+            extra.push(libc::SIGCHLD);
+        }
         let signals = Signals::register(&extra).map_err(Error::io("cannot install the master's signal handlers"))?;
         let policy = Policy {
             workers,
@@ -785,6 +791,10 @@ impl Driver {
 
     fn on_signals(&mut self, events: &mut VecDeque<Event>) {
         for sig in self.m.signals.take() {
+            if sig == libc::SIGCHLD {
+                self.reap_orphans();
+                continue;
+            }
             let name = crate::stats::signal_name(sig).unwrap_or("a signal");
             tracing::info!("received {name}");
             if sig == libc::SIGTERM || sig == libc::SIGINT {
@@ -802,6 +812,26 @@ impl Driver {
                 } else {
                     tracing::warn!("{name}: cannot scale to {to} workers");
                 }
+            }
+        }
+    }
+
+    /// As PID 1: reaps the children that are not our workers (orphans re-parented to us). Our
+    /// workers are left alone: their pidfds report their exits.
+    fn reap_orphans(&mut self) {
+        let ours: Vec<u32> = self.procs.values().map(|p| p.pid).collect();
+        let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten();
+        let children: Vec<u32> = tasks
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+            .filter(|pid| !ours.contains(pid))
+            .collect();
+        for pid in children {
+            let Some(raw) = Pid::from_raw(pid as i32) else { continue };
+            if let Ok(Some(_)) =
+                rustix::process::waitid(WaitId::Pid(raw), WaitIdOptions::EXITED | WaitIdOptions::NOHANG)
+            {
+                tracing::debug!("reaped orphan process {pid}");
             }
         }
     }

@@ -340,6 +340,12 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                         ecewo_cluster::port()
                     ),
                 ),
+                "/orphan" => {
+                    // A grandchild that outlives its parent: it is re-parented to the nearest
+                    // subreaper or PID 1, which must reap it when it exits.
+                    let spawned = std::process::Command::new("sh").args(["-c", "sleep 0.2 &"]).status();
+                    text(StatusCode::OK, format!("orphan: {spawned:?}"))
+                }
                 "/signals" => text(StatusCode::OK, format!("usr1={}", st.usr1.load(Ordering::SeqCst))),
                 "/stats" => match &st.worker {
                     Some(worker) => match cluster_stats(worker).await {

@@ -226,3 +226,43 @@ fn a_master_handle_stops_the_cluster_from_another_thread() {
         assert!(!alive(w));
     }
 }
+
+/// Every child of `pid`, zombies included, with its state letter.
+fn children_with_state(pid: u32) -> Vec<(u32, char)> {
+    let list = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .filter_map(|c| {
+            let stat = std::fs::read_to_string(format!("/proc/{c}/stat")).ok()?;
+            let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+            Some((c, state))
+        })
+        .collect()
+}
+
+#[test]
+fn as_pid_1_the_master_reaps_orphans() {
+    if rustix::process::geteuid().as_raw() != 0 {
+        eprintln!("skipped: a new PID namespace needs root");
+        return;
+    }
+    // The master runs as PID 1 of a new PID namespace, as in a container without an init.
+    let mut opts = args(&["--pid", "--fork", "--mount-proc", TESTBED, "--port", "0", "--workers", "1"]);
+    opts.program = Some("unshare".into());
+    let mut tb = Testbed::start_with(opts);
+    let master = tb.workers()[0]; // the child of `unshare`
+    let workers = children_of(master);
+    assert_eq!(workers.len(), 1);
+    for _ in 0..3 {
+        let (status, body) = tb.get("/orphan").unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    // The orphaned `sleep`s are re-parented to the master, exit after 0.2 s, and are reaped.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        wait_until(Duration::from_secs(3), || children_with_state(master).iter().all(|(p, _)| workers.contains(p))),
+        "left over: {:?}",
+        children_with_state(master)
+    );
+    assert_eq!(tb.get("/").unwrap().0, 200);
+}
