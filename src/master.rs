@@ -26,6 +26,7 @@ use crate::config::{Balance, Cluster, ControlSetting, OnExit, OnReady, OnSignal,
 use crate::control::{self, Request as ControlRequest};
 use crate::control_server::{ConnId, ControlServer};
 use crate::error::Error;
+use crate::notify::Notifier;
 use crate::stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats};
 use crate::steer::Group;
 use crate::supervisor::{Command, Event, Policy, Program, Report, Supervisor, WorkerKey};
@@ -146,6 +147,8 @@ pub struct Master {
     args: Vec<OsString>,
     /// The program file at its original path, executed again by a graceful restart (a deploy).
     exe_path: PathBuf,
+    /// systemd's notification socket, when run as a `Type=notify` service.
+    notify: Option<Notifier>,
     name: String,
     control: Option<ControlServer>,
     started: SystemTime,
@@ -305,6 +308,7 @@ impl Master {
             tracing::info!("control socket: {}", c.path().display());
         }
         Ok(Master {
+            notify: Notifier::from_env(),
             exe_path,
             name,
             control,
@@ -526,6 +530,9 @@ impl Driver {
             Report::AllReady { workers } => {
                 let info = ReadyInfo { addr: m.shared.addr, workers };
                 tracing::info!("listening on {} with {workers} workers", info.addr);
+                if let Some(n) = &m.notify {
+                    n.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", info.addr));
+                }
                 guard("on_ready", m.on_ready.as_mut(), |f| f(&info));
             }
             Report::Exited { slot, pid, status, crash, respawn_in } => {
@@ -544,13 +551,21 @@ impl Driver {
                 "Worker {slot} crashing too fast ({crashes} times in {}s), disabling respawn",
                 within.as_secs()
             ),
-            Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
+            Report::ShuttingDown { workers } => {
+                tracing::info!("shutting down: stopping {workers} workers");
+                if let Some(n) = &m.notify {
+                    n.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers"));
+                }
+            }
             Report::Signalled { signal, slots } => {
                 tracing::info!("sent {} to workers {slots:?}", crate::stats::signal_name(signal).unwrap_or("a signal"))
             }
             Report::StopTimeout { slots } => tracing::warn!("shutdown timeout: killing workers {slots:?}"),
             Report::RestartStarted { workers } => {
-                tracing::info!("graceful restart: replacing {workers} workers one at a time")
+                tracing::info!("graceful restart: replacing {workers} workers one at a time");
+                if let Some(n) = &m.notify {
+                    n.reloading(&format!("rolling restart of {workers} workers"));
+                }
             }
             Report::RestartQueued => tracing::info!("a graceful restart is running; one more will follow it"),
             Report::Replaced { slot, old_pid, new_pid } => match old_pid {
@@ -564,6 +579,9 @@ impl Driver {
                         tracing::error!("graceful restart {outcome}; the other workers keep serving")
                     }
                     _ => tracing::warn!("graceful restart {outcome}"),
+                }
+                if let (Some(n), false) = (&m.notify, self.sup.cluster_stats().shutdown_requested) {
+                    n.send(&format!("READY=1\nSTATUS=graceful restart {outcome}"));
                 }
                 let mut waiters = m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
                 for t in &tickets {

@@ -1,0 +1,47 @@
+//! systemd's readiness protocol (`sd_notify`) for `Type=notify` services: the master, and only
+//! the master, tells systemd when the cluster is ready, reloading or stopping. Workers never see
+//! `NOTIFY_SOCKET` (the master removes it from their environment).
+
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+
+/// A connection to systemd's notification socket.
+#[derive(Debug)]
+pub(crate) struct Notifier {
+    sock: UnixDatagram,
+    addr: SocketAddr,
+}
+
+impl Notifier {
+    /// The notifier for `$NOTIFY_SOCKET` (a path, or `@name` for the abstract namespace), if set.
+    pub(crate) fn from_env() -> Option<Notifier> {
+        let path = std::env::var_os("NOTIFY_SOCKET")?;
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+        let addr = match bytes.strip_prefix(b"@") {
+            Some(name) => SocketAddr::from_abstract_name(name),
+            None => SocketAddr::from_pathname(&path),
+        };
+        let result = addr.and_then(|addr| Ok(Notifier { sock: UnixDatagram::unbound()?, addr }));
+        match result {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::warn!("NOTIFY_SOCKET={}: {e}; not notifying systemd", path.to_string_lossy());
+                None
+            }
+        }
+    }
+
+    /// Sends one notification (`KEY=VALUE` lines). A failure is logged, never fatal.
+    pub(crate) fn send(&self, message: &str) {
+        if let Err(e) = self.sock.send_to_addr(message.as_bytes(), &self.addr) {
+            tracing::warn!("cannot notify systemd: {e}");
+        }
+    }
+
+    /// `RELOADING=1` with the `MONOTONIC_USEC` systemd requires alongside it.
+    pub(crate) fn reloading(&self, status: &str) {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}"));
+    }
+}
