@@ -239,8 +239,20 @@ impl Master {
             tracing::info!("{} CPUs detected ({:?}): starting one worker per CPU", detected.count, detected.source);
         }
         raise_fd_limit();
-        let addr = SocketAddr::new(opts.address, opts.port);
-        let (fds, addr) = crate::socket::bind_listeners(addr, opts.balance, workers, opts.backlog)?;
+        let (fds, addr) = match crate::socket::activated_listener()? {
+            // systemd socket activation: serve the socket we were given, shared by every worker.
+            Some((fd, addr)) => {
+                if opts.balance != Balance::Shared {
+                    tracing::info!("socket activation: the workers share the socket systemd passed");
+                    opts.balance = Balance::Shared;
+                }
+                (vec![fd], addr)
+            }
+            None => {
+                let addr = SocketAddr::new(opts.address, opts.port);
+                crate::socket::bind_listeners(addr, opts.balance, workers, opts.backlog)?
+            }
+        };
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;

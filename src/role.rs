@@ -33,6 +33,12 @@ pub(crate) enum Global {
 static ROLE: OnceLock<Global> = OnceLock::new();
 static CLAIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Claims the descriptors this process inherited at fixed numbers (a worker's 3 and 4, or a
+/// socket-activated master's 3): true once per process, so that they never get two owners.
+pub(crate) fn claim_inherited_fds() -> bool {
+    !CLAIMED.swap(true, std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); master only.
 /// Any named signal is accepted, `SIGKILL` included; a worker that dies of a signal sent this
 /// way has not crashed. The signal is sent by the master's loop right after this call returns.
@@ -102,7 +108,7 @@ impl Cluster {
         if let Some(env) = WorkerEnv::from_env()? {
             // Claimed before the inherited descriptors are taken, so that they can never get two
             // owners (a second or concurrent init, a retry after a failed one).
-            if CLAIMED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            if !claim_inherited_fds() {
                 return Err(Error::AlreadyInitialized);
             }
             let worker = Worker::from_env(env)?;

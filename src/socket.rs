@@ -72,6 +72,29 @@ fn local_addr(s: &Socket) -> io::Result<SocketAddr> {
     s.local_addr()?.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an internet socket"))
 }
 
+/// The listening socket systemd passed by socket activation (`LISTEN_PID` is this process,
+/// `LISTEN_FDS` ≥ 1: the first of them, at fd 3), if any. It must be a listening TCP socket.
+pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Error> {
+    let var = |k| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
+    let ours = var("LISTEN_PID") == Some(rustix::process::getpid().as_raw_nonzero().get() as u32);
+    let count = var("LISTEN_FDS").unwrap_or(0);
+    if !ours || count == 0 {
+        return Ok(None);
+    }
+    if !crate::role::claim_inherited_fds() {
+        return Err(Error::AlreadyInitialized);
+    }
+    let bad = |what: String| Error::BadInheritance { what };
+    let fd = crate::sys::take_inherited_fd(3).map_err(|e| bad(format!("socket activation: fd 3 is missing: {e}")))?;
+    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(format!("fd 3: {e}")))?;
+    let listener = check_inherited_listener(fd, 3)?;
+    let addr = listener.local_addr().map_err(|e| bad(format!("fd 3: {e}")))?;
+    if count > 1 {
+        tracing::warn!("socket activation passed {count} sockets; serving the first ({addr}) only");
+    }
+    Ok(Some((listener.into(), addr)))
+}
+
 /// Checks that an inherited descriptor really is a listening TCP socket and returns it as a
 /// non-blocking-ready std listener (still blocking; callers choose).
 pub(crate) fn check_inherited_listener(fd: OwnedFd, number: i32) -> Result<TcpListener, Error> {

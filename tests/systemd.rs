@@ -51,3 +51,38 @@ fn the_master_notifies_ready_reloading_and_stopping() {
     assert!(stopping.starts_with("STOPPING=1"), "{stopping}");
     assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
 }
+
+#[test]
+fn socket_activation_serves_the_socket_systemd_passed() {
+    if std::process::Command::new("systemd-socket-activate").arg("--version").output().is_err() {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`; .ci/run installs it)");
+        return;
+    }
+    // A free port for systemd-socket-activate (Debian package `systemd`) to listen on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut opts = args(&["-l", &listen, TESTBED, "--port", "0", "--workers", "2"]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    // It starts the server on the first connection, which waits in the socket meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let first = std::thread::spawn(move || http_get(port, "/"));
+    tb.set_ready(rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection"));
+    assert_eq!(tb.port, port, "the cluster serves the passed socket, not a port of its own");
+    let (status, body) = first.join().unwrap().expect("the connection that started it is served");
+    assert_eq!(status, 200, "{body}");
+    let mut ids = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!(status, 200);
+        ids.insert(worker_of(&body));
+    }
+    assert_eq!(ids.len(), 2, "both workers share it");
+    assert!(tb.stderr().contains("socket activation"), "{}", tb.stderr());
+    for w in tb.workers() {
+        let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{w}/environ")).unwrap()).into_owned();
+        assert!(!environ.contains("LISTEN_FDS") && !environ.contains("LISTEN_PID"), "worker {w}");
+    }
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
+}
