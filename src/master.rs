@@ -34,7 +34,8 @@ use crate::worker::{CHANNEL_FD, LISTEN_FD, env};
 
 /// Variables of the master's environment that must not reach workers: they describe the master's
 /// own relationship with systemd.
-const PRIVATE_ENV: [&str; 4] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"];
+const PRIVATE_ENV: [&str; 6] =
+    ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
 
 /// What the master shares with [`MasterHandle`]s and the module-level functions.
 #[derive(Debug)]
@@ -743,10 +744,14 @@ impl Driver {
 
     /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
     fn poll(&mut self, events: &mut VecDeque<Event>) -> Result<(), Error> {
-        let deadline = [self.sup.next_deadline(), self.m.control.as_ref().and_then(ControlServer::next_deadline)]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = [
+            self.sup.next_deadline(),
+            self.m.control.as_ref().and_then(ControlServer::next_deadline),
+            self.m.notify.as_ref().and_then(Notifier::watchdog_due),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let timeout = deadline.map(|d| {
             let left = d.saturating_duration_since(Instant::now());
             // Round up to the next millisecond so we never wake just before the deadline.
@@ -815,6 +820,11 @@ impl Driver {
         }
         if let Some(ctl) = &mut self.m.control {
             ctl.close_idle(Instant::now());
+        }
+        if let Some(n) = &mut self.m.notify {
+            // Healthy: the loop runs and the cluster serves (or is still starting).
+            let stats = self.sup.cluster_stats();
+            n.watchdog(Instant::now(), stats.active_workers > 0 || !self.sup.started());
         }
         Ok(())
     }

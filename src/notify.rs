@@ -4,12 +4,16 @@
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::time::{Duration, Instant};
 
 /// A connection to systemd's notification socket.
 #[derive(Debug)]
 pub(crate) struct Notifier {
     sock: UnixDatagram,
     addr: SocketAddr,
+    /// With `WATCHDOG_USEC` set for this process: how often to send `WATCHDOG=1` (half the
+    /// interval systemd allows), and when next.
+    watchdog: Option<(Duration, Instant)>,
 }
 
 impl Notifier {
@@ -21,7 +25,8 @@ impl Notifier {
             Some(name) => SocketAddr::from_abstract_name(name),
             None => SocketAddr::from_pathname(&path),
         };
-        let result = addr.and_then(|addr| Ok(Notifier { sock: UnixDatagram::unbound()?, addr }));
+        let watchdog = watchdog_interval().map(|every| (every, Instant::now()));
+        let result = addr.and_then(|addr| Ok(Notifier { sock: UnixDatagram::unbound()?, addr, watchdog }));
         match result {
             Ok(n) => Some(n),
             Err(e) => {
@@ -38,10 +43,41 @@ impl Notifier {
         }
     }
 
+    /// When the next `WATCHDOG=1` is due, if the watchdog is on.
+    pub(crate) fn watchdog_due(&self) -> Option<Instant> {
+        self.watchdog.map(|(_, due)| due)
+    }
+
+    /// Sends `WATCHDOG=1` if it is due and the cluster is `healthy`; an unhealthy cluster stays
+    /// silent, so that systemd restarts it.
+    pub(crate) fn watchdog(&mut self, now: Instant, healthy: bool) {
+        let Some((every, due)) = self.watchdog else { return };
+        if now < due {
+            return;
+        }
+        self.watchdog = Some((every, now + every));
+        if healthy {
+            self.send("WATCHDOG=1");
+        } else {
+            tracing::warn!("no worker is serving: not telling systemd's watchdog that all is well");
+        }
+    }
+
     /// `RELOADING=1` with the `MONOTONIC_USEC` systemd requires alongside it.
     pub(crate) fn reloading(&self, status: &str) {
         let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
         let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}"));
     }
+}
+
+/// Half of `WATCHDOG_USEC`, when it is set for this process (`WATCHDOG_PID` absent or ours).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec / 2))
 }

@@ -86,3 +86,30 @@ fn socket_activation_serves_the_socket_systemd_passed() {
     tb.signal(Signal::TERM);
     assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
 }
+
+#[test]
+fn the_watchdog_is_fed_while_workers_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut opts = args(&["--workers", "1"]);
+    let env_path = path.clone();
+    opts.configure = Some(Box::new(move |cmd| {
+        // systemd would kill us after 200 ms without WATCHDOG=1: we send it every 100 ms.
+        cmd.env("NOTIFY_SOCKET", &env_path).env("WATCHDOG_USEC", "200000");
+    }));
+    let mut tb = Testbed::start_with(opts);
+    let t0 = std::time::Instant::now();
+    let mut pings = 0;
+    while t0.elapsed() < Duration::from_millis(650) {
+        if next_message(&sock) == "WATCHDOG=1" {
+            pings += 1;
+        }
+    }
+    assert!((4..=9).contains(&pings), "{pings} watchdog pings in 650 ms");
+    for w in tb.workers() {
+        let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{w}/environ")).unwrap()).into_owned();
+        assert!(!environ.contains("WATCHDOG_USEC"), "worker {w}");
+    }
+}

@@ -471,6 +471,11 @@ impl Supervisor {
         [spawns, ready, stops].into_iter().flatten().min()
     }
 
+    /// True once every initial worker has been ready ([`Report::AllReady`] was sent).
+    pub fn started(&self) -> bool {
+        self.announced_ready
+    }
+
     /// True once [`Command::Exit`] has been returned.
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
