@@ -60,6 +60,8 @@ enum Cmd {
     },
     /// Stop the cluster gracefully.
     Stop,
+    /// Print the cluster's Prometheus metrics (for a textfile collector).
+    Metrics,
     /// List this user's running clusters.
     List {
         /// Print JSON.
@@ -106,6 +108,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             json!({ "v": 1, "cmd": "signal", "signal": sig })
         }
         Cmd::Stop => json!({ "v": 1, "cmd": "stop" }),
+        Cmd::Metrics => json!({ "v": 1, "cmd": "metrics" }),
         Cmd::List { .. } => unreachable!("handled above"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true }) { Duration::from_secs(600) } else { timeout };
@@ -122,6 +125,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Scale { workers } => println!("scaling to {workers} workers"),
         Cmd::Signal { signal } => println!("sent {signal} to every active worker"),
         Cmd::Stop => println!("stopping"),
+        Cmd::Metrics => print!("{}", answer["text"].as_str().unwrap_or_default()),
         Cmd::List { .. } => {}
     }
     Ok(())

@@ -12,6 +12,7 @@
 //! | `{"v":1,"cmd":"scale","workers":N}` | `"workers": N` |
 //! | `{"v":1,"cmd":"signal","signal":"USR1"}` (a name, with or without `SIG`, or a number) | `"signal": 10` |
 //! | `{"v":1,"cmd":"stop"}` | `"stopping": true` |
+//! | `{"v":1,"cmd":"metrics"}` | `"text"`: Prometheus text ([`crate::metrics`]) |
 //!
 //! A failed request gets `{"v":1,"ok":false,"error":"what went wrong and what to do"}`. A line
 //! longer than [`MAX_REQUEST`] bytes is answered with an error and the connection is closed.
@@ -57,6 +58,8 @@ pub enum Request {
     },
     /// A graceful shutdown of the whole cluster.
     Stop,
+    /// The cluster's Prometheus metrics, as text.
+    Metrics,
 }
 
 /// A signal given by name or number.
@@ -106,7 +109,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         return Err(format!("unsupported protocol version {}; this master speaks version {PROTOCOL_VERSION}", env.v));
     }
     serde_json::from_value(env.request)
-        .map_err(|e| format!("invalid request: {e}; commands are status, restart, scale, signal and stop"))
+        .map_err(|e| format!("invalid request: {e}; commands are status, restart, scale, signal, stop and metrics"))
 }
 
 /// A successful reply with `fields` added.

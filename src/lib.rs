@@ -47,6 +47,7 @@ mod control_server;
 mod cpu;
 mod error;
 mod master;
+pub mod metrics;
 mod notify;
 mod role;
 mod socket;

@@ -930,6 +930,12 @@ impl Driver {
                     }
                     None => control::error_reply(&format!("unknown signal {signal:?}; use a name like USR1 or HUP")),
                 },
+                Ok(ControlRequest::Metrics) => {
+                    let mut cluster = self.sup.cluster_stats();
+                    let mut workers = self.sup.worker_stats(Instant::now());
+                    crate::stats::add_usage(&mut cluster, &mut workers);
+                    control::ok_reply(serde_json::json!({ "text": crate::metrics::render(&cluster, &workers) }))
+                }
                 Ok(ControlRequest::Stop) => {
                     events.push_back(Event::Shutdown);
                     control::ok_reply(serde_json::json!({ "stopping": true }))

@@ -189,6 +189,13 @@ pub async fn cluster_stats(worker: &Worker) -> Result<(ClusterStats, Vec<WorkerS
     tokio::task::spawn_blocking(move || worker.stats()).await.unwrap_or(Err(Error::MasterGone))
 }
 
+/// The cluster's Prometheus metrics, from the master ([`crate::metrics`]): serve it at
+/// `/metrics` in any worker, and every scrape sees the whole cluster.
+pub async fn metrics(worker: &Worker) -> Result<String, Error> {
+    let (cluster, workers) = cluster_stats(worker).await?;
+    Ok(crate::metrics::render(&cluster, &workers))
+}
+
 /// Wraps the user's service: while draining, every response carries `Connection: close`, so
 /// keep-alive clients learn to reconnect (to another worker) before the connection is closed.
 #[derive(Clone)]

@@ -346,6 +346,13 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     let spawned = std::process::Command::new("sh").args(["-c", "sleep 0.2 &"]).status();
                     text(StatusCode::OK, format!("orphan: {spawned:?}"))
                 }
+                "/metrics" => match &st.worker {
+                    Some(worker) => match ecewo_cluster::serve::metrics(worker).await {
+                        Ok(body) => text(StatusCode::OK, body),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    },
+                    None => text(StatusCode::NOT_FOUND, "no cluster in standalone mode".into()),
+                },
                 "/signals" => text(StatusCode::OK, format!("usr1={}", st.usr1.load(Ordering::SeqCst))),
                 "/stats" => match &st.worker {
                     Some(worker) => match cluster_stats(worker).await {

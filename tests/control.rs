@@ -308,3 +308,23 @@ fn an_unusable_default_socket_location_does_not_stop_the_cluster() {
     assert_eq!(tb.get("/").unwrap().0, 200);
     assert!(tb.stderr().contains("running without a control socket"), "{}", tb.stderr());
 }
+
+#[test]
+fn prometheus_metrics_describe_the_whole_cluster_from_any_worker() {
+    let tb = Testbed::start(&["--workers", "2", "--respawn"]);
+    let (status, text) = tb.get("/metrics").unwrap();
+    assert_eq!(status, 200, "{text}");
+    for line in [
+        "ecewo_cluster_workers_configured 2",
+        "ecewo_cluster_workers{state=\"active\"} 2",
+        "ecewo_cluster_worker_up{worker=\"0\"} 1",
+        "ecewo_cluster_worker_up{worker=\"1\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+    assert!(text.contains("ecewo_cluster_worker_resident_memory_bytes{worker=\"1\"}"));
+    // The CLI prints the same metrics.
+    let out = cli(&tb, &["metrics"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ecewo_cluster_workers_configured 2"));
+}

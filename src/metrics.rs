@@ -1,0 +1,149 @@
+//! Prometheus metrics of the whole cluster, in the text exposition format.
+//!
+//! The master holds the figures; a worker asks for them over its channel
+//! ([`crate::serve::metrics`]), so a `/metrics` route in the application returns the cluster's
+//! aggregate whichever worker the scrape reaches (a metric scraped from one random worker would
+//! describe only that worker). `ecewo-cluster metrics` prints the same text, for textfile
+//! collectors.
+
+use std::fmt::Write;
+
+use crate::stats::{ClusterStats, RestartOutcome, WorkerStats, WorkerStatus};
+
+/// Renders the cluster's statistics as Prometheus text (version 0.0.4).
+pub fn render(cluster: &ClusterStats, workers: &[WorkerStats]) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let g = |v: usize| vec![(String::new(), v as f64)];
+    metric("ecewo_cluster_workers_configured", "gauge", "Worker slots configured.", &g(cluster.total_workers));
+    let states = [
+        WorkerStatus::Starting,
+        WorkerStatus::Active,
+        WorkerStatus::Stopping,
+        WorkerStatus::Crashed,
+        WorkerStatus::Respawning,
+        WorkerStatus::Disabled,
+        WorkerStatus::Stopped,
+    ];
+    let by_state: Vec<(String, f64)> = states
+        .iter()
+        .map(|st| (format!("{{state=\"{st}\"}}"), workers.iter().filter(|w| w.status == *st).count() as f64))
+        .collect();
+    metric("ecewo_cluster_workers", "gauge", "Worker slots by status.", &by_state);
+    metric(
+        "ecewo_cluster_restarts_total",
+        "counter",
+        "Workers started again (respawns and graceful replacements).",
+        &[(String::new(), cluster.total_restarts as f64)],
+    );
+    metric(
+        "ecewo_cluster_restart_in_progress",
+        "gauge",
+        "1 while a graceful restart runs.",
+        &g(usize::from(cluster.restart_requested)),
+    );
+    if let Some(last) = &cluster.last_restart {
+        let ok = usize::from(matches!(last, RestartOutcome::Completed { .. }));
+        metric("ecewo_cluster_last_restart_success", "gauge", "1 if the last graceful restart completed.", &g(ok));
+    }
+    metric(
+        "ecewo_cluster_shutdown_requested",
+        "gauge",
+        "1 once a shutdown was asked for.",
+        &g(usize::from(cluster.shutdown_requested)),
+    );
+    let per_worker = |f: &dyn Fn(&WorkerStats) -> Option<f64>| -> Vec<(String, f64)> {
+        workers.iter().filter_map(|w| f(w).map(|v| (format!("{{worker=\"{}\"}}", w.worker_id), v))).collect()
+    };
+    metric(
+        "ecewo_cluster_worker_up",
+        "gauge",
+        "1 if the worker slot is active.",
+        &per_worker(&|w| Some(f64::from(u8::from(w.status == WorkerStatus::Active)))),
+    );
+    metric(
+        "ecewo_cluster_worker_crashes_total",
+        "counter",
+        "Crashes of the worker slot.",
+        &per_worker(&|w| Some(f64::from(w.crash_count))),
+    );
+    metric(
+        "ecewo_cluster_worker_restarts_total",
+        "counter",
+        "Workers started again in the slot.",
+        &per_worker(&|w| Some(w.restarts as f64)),
+    );
+    metric(
+        "ecewo_cluster_worker_uptime_seconds",
+        "gauge",
+        "How long the slot's worker has been running.",
+        &per_worker(&|w| w.pid.map(|_| w.uptime.as_secs_f64())),
+    );
+    metric(
+        "ecewo_cluster_worker_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the slot's worker.",
+        &per_worker(&|w| w.rss_bytes.map(|b| b as f64)),
+    );
+    metric(
+        "ecewo_cluster_worker_cpu_seconds_total",
+        "counter",
+        "CPU time (user and system) of the slot's current worker.",
+        &per_worker(&|w| w.cpu_time.map(|t| t.as_secs_f64())),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn renders_the_text_format() {
+        let cluster = ClusterStats { total_workers: 2, active_workers: 1, total_restarts: 3, ..Default::default() };
+        let w = |id, status, pid| WorkerStats {
+            worker_id: id,
+            pid,
+            port: 80,
+            status,
+            start_time: None,
+            uptime: Duration::from_millis(1500),
+            exit_status: None,
+            crash_count: 2,
+            respawn_disabled: false,
+            restarts: 1,
+            rss_bytes: pid.map(|_| 4096),
+            cpu_time: pid.map(|_| Duration::from_millis(250)),
+        };
+        let text = render(&cluster, &[w(0, WorkerStatus::Active, Some(10)), w(1, WorkerStatus::Respawning, None)]);
+        for line in [
+            "# TYPE ecewo_cluster_workers gauge",
+            "ecewo_cluster_workers_configured 2",
+            "ecewo_cluster_workers{state=\"active\"} 1",
+            "ecewo_cluster_workers{state=\"respawning\"} 1",
+            "ecewo_cluster_restarts_total 3",
+            "ecewo_cluster_worker_up{worker=\"0\"} 1",
+            "ecewo_cluster_worker_up{worker=\"1\"} 0",
+            "ecewo_cluster_worker_crashes_total{worker=\"1\"} 2",
+            "ecewo_cluster_worker_uptime_seconds{worker=\"0\"} 1.5",
+            "ecewo_cluster_worker_resident_memory_bytes{worker=\"0\"} 4096",
+            "ecewo_cluster_worker_cpu_seconds_total{worker=\"0\"} 0.25",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        assert!(!text.contains("worker_uptime_seconds{worker=\"1\"}"), "no figure for a slot without a process");
+        assert!(!text.contains("last_restart_success"), "absent before any restart");
+        // Every sample line is `name{labels} value` with a number.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = l.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{l}");
+        }
+    }
+}
