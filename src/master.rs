@@ -470,6 +470,10 @@ impl Driver {
             self.m.shared.addr,
             self.m.balance
         );
+        if self.m.signals.reaps_orphans {
+            // Zombies that arrived before our SIGCHLD handler existed.
+            self.reap_orphans();
+        }
         let mut events = VecDeque::from([Event::Tick]);
         loop {
             self.process(&mut events);
@@ -543,7 +547,7 @@ impl Driver {
             Report::AllReady { workers } => {
                 let info = ReadyInfo { addr: m.shared.addr, workers };
                 tracing::info!("listening on {} with {workers} workers", info.addr);
-                if let Some(n) = &m.notify {
+                if let Some(n) = &mut m.notify {
                     n.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", info.addr));
                 }
                 guard("on_ready", m.on_ready.as_mut(), |f| f(&info));
@@ -566,7 +570,7 @@ impl Driver {
             ),
             Report::ShuttingDown { workers } => {
                 tracing::info!("shutting down: stopping {workers} workers");
-                if let Some(n) = &m.notify {
+                if let Some(n) = &mut m.notify {
                     n.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers"));
                 }
             }
@@ -576,7 +580,7 @@ impl Driver {
             Report::StopTimeout { slots } => tracing::warn!("shutdown timeout: killing workers {slots:?}"),
             Report::RestartStarted { workers } => {
                 tracing::info!("graceful restart: replacing {workers} workers one at a time");
-                if let Some(n) = &m.notify {
+                if let Some(n) = &mut m.notify {
                     n.reloading(&format!("rolling restart of {workers} workers"));
                 }
             }
@@ -593,7 +597,8 @@ impl Driver {
                     }
                     _ => tracing::warn!("graceful restart {outcome}"),
                 }
-                if let (Some(n), false) = (&m.notify, self.sup.cluster_stats().shutdown_requested) {
+                let (stopping, started) = (self.sup.cluster_stats().shutdown_requested, self.sup.started());
+                if let (Some(n), false, true) = (&mut m.notify, stopping, started) {
                     n.send(&format!("READY=1\nSTATUS=graceful restart {outcome}"));
                 }
                 let mut waiters = m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
@@ -821,9 +826,9 @@ impl Driver {
         if let Some(ctl) = &mut self.m.control {
             ctl.close_idle(Instant::now());
         }
-        if let Some(n) = &mut self.m.notify {
+        let stats = self.sup.cluster_stats();
+        if let Some(n) = self.m.notify.as_mut().filter(|_| !stats.shutdown_requested) {
             // Healthy: the loop runs and the cluster serves (or is still starting).
-            let stats = self.sup.cluster_stats();
             n.watchdog(Instant::now(), stats.active_workers > 0 || !self.sup.started());
         }
         Ok(())
@@ -858,14 +863,15 @@ impl Driver {
 
     /// As PID 1: reaps the children that are not our workers (orphans re-parented to us). Our
     /// workers are left alone: their pidfds report their exits.
+    ///
+    /// The kernel re-parents orphans to the init task's main thread, so only its children are
+    /// looked at (children that other threads of the program started are theirs to wait for).
+    /// `/proc` must be this PID namespace's (as in any container).
     fn reap_orphans(&mut self) {
         let ours: Vec<u32> = self.procs.values().map(|p| p.pid).collect();
-        let tasks = std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten();
-        let children: Vec<u32> = tasks
-            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-            .flat_map(|list| list.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
-            .filter(|pid| !ours.contains(pid))
-            .collect();
+        let list = std::fs::read_to_string("/proc/self/task/1/children").unwrap_or_default();
+        let children: Vec<u32> =
+            list.split_whitespace().filter_map(|p| p.parse().ok()).filter(|pid| !ours.contains(pid)).collect();
         for pid in children {
             let Some(raw) = Pid::from_raw(pid as i32) else { continue };
             if let Ok(Some(_)) =
@@ -934,7 +940,10 @@ impl Driver {
                     let mut cluster = self.sup.cluster_stats();
                     let mut workers = self.sup.worker_stats(Instant::now());
                     crate::stats::add_usage(&mut cluster, &mut workers);
-                    control::ok_reply(serde_json::json!({ "text": crate::metrics::render(&cluster, &workers) }))
+                    // Labelled with the cluster's name: several clusters' files can share a collector.
+                    let name = format!("{}-{}", self.m.name, self.m.shared.addr.port());
+                    let text = crate::metrics::render_labeled(&cluster, &workers, &[("cluster", &name)]);
+                    control::ok_reply(serde_json::json!({ "text": text }))
                 }
                 Ok(ControlRequest::Stop) => {
                     events.push_back(Event::Shutdown);
@@ -1032,6 +1041,8 @@ fn guard<F: ?Sized>(name: &str, f: Option<&mut Box<F>>, call: impl FnOnce(&mut F
 /// signal-hook); the loop polls the pipe and reads the flags. Unregistered on drop.
 struct Signals {
     read: UnixStream,
+    /// SIGCHLD is handled: this master is PID 1 and reaps orphans.
+    reaps_orphans: bool,
     flags: Vec<(i32, Arc<AtomicBool>)>,
     ids: Vec<signal_hook::SigId>,
 }
@@ -1040,7 +1051,7 @@ impl Signals {
     fn register(extra: &[i32]) -> io::Result<Signals> {
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
-        let mut s = Signals { read, flags: Vec::new(), ids: Vec::new() };
+        let mut s = Signals { read, reaps_orphans: extra.contains(&libc::SIGCHLD), flags: Vec::new(), ids: Vec::new() };
         let mut all = vec![libc::SIGTERM, libc::SIGINT, libc::SIGUSR2, libc::SIGTTIN, libc::SIGTTOU];
         all.extend(extra.iter().filter(|s| !all.contains(s)).collect::<Vec<_>>());
         for sig in all {

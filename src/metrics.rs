@@ -12,12 +12,26 @@ use crate::stats::{ClusterStats, RestartOutcome, WorkerStats, WorkerStatus};
 
 /// Renders the cluster's statistics as Prometheus text (version 0.0.4).
 pub fn render(cluster: &ClusterStats, workers: &[WorkerStats]) -> String {
+    render_labeled(cluster, workers, &[])
+}
+
+/// Like [`render`], with constant labels added to every sample (for example
+/// `[("cluster", "api-8080")]`, so that the files of several clusters can share a textfile
+/// collector).
+pub fn render_labeled(cluster: &ClusterStats, workers: &[WorkerStats], labels: &[(&str, &str)]) -> String {
+    let constant: String = labels.iter().map(|(k, v)| format!("{k}=\"{}\",", escape(v))).collect();
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "{name}{labels} {value}");
+        for (own, value) in samples {
+            let all = format!("{constant}{own}");
+            let all = all.trim_end_matches(',');
+            if all.is_empty() {
+                let _ = writeln!(out, "{name} {value}");
+            } else {
+                let _ = writeln!(out, "{name}{{{all}}} {value}");
+            }
         }
     };
     let g = |v: usize| vec![(String::new(), v as f64)];
@@ -33,7 +47,7 @@ pub fn render(cluster: &ClusterStats, workers: &[WorkerStats]) -> String {
     ];
     let by_state: Vec<(String, f64)> = states
         .iter()
-        .map(|st| (format!("{{state=\"{st}\"}}"), workers.iter().filter(|w| w.status == *st).count() as f64))
+        .map(|st| (format!("state=\"{st}\""), workers.iter().filter(|w| w.status == *st).count() as f64))
         .collect();
     metric("ecewo_cluster_workers", "gauge", "Worker slots by status.", &by_state);
     metric(
@@ -59,7 +73,7 @@ pub fn render(cluster: &ClusterStats, workers: &[WorkerStats]) -> String {
         &g(usize::from(cluster.shutdown_requested)),
     );
     let per_worker = |f: &dyn Fn(&WorkerStats) -> Option<f64>| -> Vec<(String, f64)> {
-        workers.iter().filter_map(|w| f(w).map(|v| (format!("{{worker=\"{}\"}}", w.worker_id), v))).collect()
+        workers.iter().filter_map(|w| f(w).map(|v| (format!("worker=\"{}\"", w.worker_id), v))).collect()
     };
     metric(
         "ecewo_cluster_worker_up",
@@ -98,6 +112,11 @@ pub fn render(cluster: &ClusterStats, workers: &[WorkerStats]) -> String {
         &per_worker(&|w| w.cpu_time.map(|t| t.as_secs_f64())),
     );
     out
+}
+
+/// A label value with `\\`, `"` and newlines escaped.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -140,6 +159,15 @@ mod tests {
         }
         assert!(!text.contains("worker_uptime_seconds{worker=\"1\"}"), "no figure for a slot without a process");
         assert!(!text.contains("last_restart_success"), "absent before any restart");
+        let labeled = render_labeled(&cluster, &[], &[("cluster", "api-\"8080\"")]);
+        assert!(
+            labeled.lines().any(|l| l == "ecewo_cluster_workers_configured{cluster=\"api-\\\"8080\\\"\"} 2"),
+            "{labeled}"
+        );
+        assert!(
+            labeled.lines().any(|l| l == "ecewo_cluster_workers{cluster=\"api-\\\"8080\\\"\",state=\"active\"} 0"),
+            "{labeled}"
+        );
         // Every sample line is `name{labels} value` with a number.
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let value = l.rsplit(' ').next().unwrap();

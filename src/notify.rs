@@ -14,6 +14,8 @@ pub(crate) struct Notifier {
     /// With `WATCHDOG_USEC` set for this process: how often to send `WATCHDOG=1` (half the
     /// interval systemd allows), and when next.
     watchdog: Option<(Duration, Instant)>,
+    /// The last send failed (logged once, until one succeeds again).
+    failing: bool,
 }
 
 impl Notifier {
@@ -26,7 +28,12 @@ impl Notifier {
             None => SocketAddr::from_pathname(&path),
         };
         let watchdog = watchdog_interval().map(|every| (every, Instant::now()));
-        let result = addr.and_then(|addr| Ok(Notifier { sock: UnixDatagram::unbound()?, addr, watchdog }));
+        let sock = UnixDatagram::unbound().and_then(|s| {
+            // Never block the master's loop on a reader that stopped reading: drop instead.
+            s.set_nonblocking(true)?;
+            Ok(s)
+        });
+        let result = addr.and_then(|addr| Ok(Notifier { sock: sock?, addr, watchdog, failing: false }));
         match result {
             Ok(n) => Some(n),
             Err(e) => {
@@ -37,9 +44,14 @@ impl Notifier {
     }
 
     /// Sends one notification (`KEY=VALUE` lines). A failure is logged, never fatal.
-    pub(crate) fn send(&self, message: &str) {
-        if let Err(e) = self.sock.send_to_addr(message.as_bytes(), &self.addr) {
-            tracing::warn!("cannot notify systemd: {e}");
+    pub(crate) fn send(&mut self, message: &str) {
+        match self.sock.send_to_addr(message.as_bytes(), &self.addr) {
+            Ok(_) => self.failing = false,
+            Err(e) if !self.failing => {
+                self.failing = true;
+                tracing::warn!("cannot notify systemd: {e} (further failures are not logged until one succeeds)");
+            }
+            Err(e) => tracing::debug!("cannot notify systemd: {e}"),
         }
     }
 
@@ -64,7 +76,7 @@ impl Notifier {
     }
 
     /// `RELOADING=1` with the `MONOTONIC_USEC` systemd requires alongside it.
-    pub(crate) fn reloading(&self, status: &str) {
+    pub(crate) fn reloading(&mut self, status: &str) {
         let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
         let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}"));
@@ -79,5 +91,5 @@ fn watchdog_interval() -> Option<Duration> {
     {
         return None;
     }
-    (usec > 0).then(|| Duration::from_micros(usec / 2))
+    (usec > 0).then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(1)))
 }

@@ -91,6 +91,10 @@ pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Erro
     let addr = listener.local_addr().map_err(|e| bad(format!("fd 3: {e}")))?;
     if count > 1 {
         tracing::warn!("socket activation passed {count} sockets; serving the first ({addr}) only");
+        // The others must not reach workers or anything else this program executes.
+        for extra in 4..3 + count.min(1024) as i32 {
+            let _ = crate::sys::set_cloexec_raw(extra);
+        }
     }
     Ok(Some((listener.into(), addr)))
 }

@@ -63,6 +63,18 @@ pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Marks descriptor `fd` close-on-exec without taking ownership of it (for descriptors this
+/// process inherited but does not use, such as extra sockets passed by socket activation).
+pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `fd` is not -1, and fcntl on a number that is not open fails with EBADF without
+    // touching anything; the borrow ends with this call, and ownership is not claimed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    Ok(rustix::io::fcntl_setfd(borrowed, rustix::io::FdFlags::CLOEXEC)?)
+}
+
 /// `SO_ATTACH_REUSEPORT_CBPF` (asm-generic/socket.h); the libc crate only defines it for Android.
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
 

@@ -326,5 +326,6 @@ fn prometheus_metrics_describe_the_whole_cluster_from_any_worker() {
     // The CLI prints the same metrics.
     let out = cli(&tb, &["metrics"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("ecewo_cluster_workers_configured 2"));
+    let line = format!("ecewo_cluster_workers_configured{{cluster=\"testbed-{}\"}} 2", tb.port);
+    assert!(stdout(&out).lines().any(|l| l == line), "{}", stdout(&out));
 }
