@@ -353,7 +353,7 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     },
                     None => text(StatusCode::NOT_FOUND, "no cluster in standalone mode".into()),
                 },
-                "/signals" => text(StatusCode::OK, format!("usr1={}", st.usr1.load(Ordering::SeqCst))),
+                "/signals" => text(StatusCode::OK, format!("worker={} usr1={}", st.id, st.usr1.load(Ordering::SeqCst))),
                 "/stats" => match &st.worker {
                     Some(worker) => match cluster_stats(worker).await {
                         Ok((cluster, workers)) => text(

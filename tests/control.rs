@@ -292,7 +292,8 @@ fn signal_through_the_cli() {
     let tb = Testbed::start(&["--workers", "2"]);
     let out = cli(&tb, &["signal", "USR1"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(wait_until(Duration::from_secs(5), || tb.get("/signals").is_ok_and(|(_, b)| b == "usr1=1")));
+    let seen = wait_all_got_usr1(&tb, 2, Duration::from_secs(5));
+    assert_eq!(seen, BTreeSet::from([0, 1]), "both workers got exactly one SIGUSR1");
     let out = cli(&tb, &["signal", "NOPE"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("unknown signal"), "{}", stderr(&out));

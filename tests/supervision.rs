@@ -198,16 +198,8 @@ fn signal_workers_reaches_every_active_worker_and_stats_agree() {
     let pids: BTreeSet<u32> = (0..3).map(|i| worker_view["workers"][i]["pid"].as_u64().unwrap() as u32).collect();
     assert_eq!(pids, workers, "stats pids are the master's real children");
     // Every worker counted one SIGUSR1.
-    let mut seen = BTreeSet::new();
-    let ok = wait_until(Duration::from_secs(5), || {
-        let (_, body) = tb.get("/signals").unwrap();
-        let (_, who) = tb.get("/").unwrap();
-        if body == "usr1=1" {
-            seen.insert(worker_of(&who));
-        }
-        seen.len() == 3
-    });
-    assert!(ok, "every worker reports usr1=1: {seen:?}");
+    let seen = wait_all_got_usr1(&tb, 3, Duration::from_secs(5));
+    assert_eq!(seen, BTreeSet::from([0, 1, 2]), "every worker reports usr1=1");
     assert!(tb.stderr().contains("sent SIGUSR1 to workers [0, 1, 2]"));
 }
 

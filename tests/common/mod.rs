@@ -283,6 +283,23 @@ pub fn worker_of(body: &str) -> Option<usize> {
     body.strip_prefix("Hello from worker ")?.split('!').next()?.parse().ok()
 }
 
+/// Waits until every one of `workers` answered `GET /signals` with `usr1=1` (each answer names
+/// its worker, so the check is per worker, whichever one a connection reaches).
+pub fn wait_all_got_usr1(tb: &Testbed, workers: usize, timeout: Duration) -> BTreeSet<usize> {
+    let mut seen = BTreeSet::new();
+    wait_until(timeout, || {
+        if let Ok((200, body)) = tb.get("/signals")
+            && let Some((worker, count)) = body.strip_prefix("worker=").and_then(|b| b.split_once(" usr1="))
+            && count == "1"
+            && let Ok(id) = worker.parse()
+        {
+            seen.insert(id);
+        }
+        seen.len() == workers
+    });
+    seen
+}
+
 /// The pid in a testbed `/` answer.
 pub fn pid_of(body: &str) -> Option<u32> {
     body.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok()
