@@ -10,21 +10,15 @@ use common::*;
 use rustix::process::Signal;
 use serde_json::Value;
 
-fn stats_of(tb: &Testbed) -> Value {
-    let (status, body) = tb.get("/stats").unwrap();
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 /// Sends SIGUSR2 and waits for the rollout to end, sampling the active-worker count meanwhile.
 /// Returns the last restart outcome and the smallest active count seen.
 fn restart_and_watch(tb: &Testbed, expect_workers: u64) -> (Value, u64) {
-    let before = stats_of(tb)["cluster"]["last_restart"].clone();
+    let before = tb.stats()["cluster"]["last_restart"].clone();
     tb.signal(Signal::USR2);
     let mut min_active = u64::MAX;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = stats_of(tb);
+        let s = tb.stats();
         min_active = min_active.min(s["cluster"]["active_workers"].as_u64().unwrap());
         let last = &s["cluster"]["last_restart"];
         if !s["cluster"]["restart_requested"].as_bool().unwrap() && *last != before && !last.is_null() {
@@ -123,14 +117,8 @@ fn a_broken_deploy_stops_at_the_first_slot_and_the_old_workers_keep_serving() {
     assert!(outcome["reason"].as_str().unwrap().contains("exited before it was ready (exit code 1)"), "{outcome}");
     assert_eq!(min_active, 4);
     // All four old workers still answer.
-    let mut seen = BTreeSet::new();
-    for _ in 0..200 {
-        let (status, body) = tb.get("/").unwrap();
-        assert_eq!(status, 200);
-        seen.insert(pid_of(&body).unwrap());
-    }
-    assert_eq!(seen, old);
-    let s = stats_of(&tb);
+    assert_eq!(tb.serving_pids(200), old);
+    let s = tb.stats();
     assert_eq!(s["cluster"]["active_workers"], 4);
     assert_eq!(s["workers"][0]["crash_count"], 0, "a broken deploy is not a crash loop");
     assert!(tb.stderr().contains("graceful restart failed at worker 0"));
@@ -163,11 +151,11 @@ fn repeated_restart_signals_coalesce() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert!(wait_until(Duration::from_secs(30), || {
-        let s = stats_of(&tb);
+        let s = tb.stats();
         !s["cluster"]["restart_requested"].as_bool().unwrap() && s["cluster"]["last_restart"]["result"] == "completed"
     }));
     std::thread::sleep(Duration::from_millis(300));
-    let s = stats_of(&tb);
+    let s = tb.stats();
     assert!(!s["cluster"]["restart_requested"].as_bool().unwrap());
     assert_eq!(s["cluster"]["active_workers"], 4);
     let rollouts = tb.stderr().matches("graceful restart: replacing 4 workers").count();
@@ -201,7 +189,7 @@ fn a_restart_deploys_the_file_at_the_original_path() {
     // shows the master's executable).
     assert!(wait_until(Duration::from_secs(5), || {
         let w = tb.workers();
-        w.len() == 2 && !w.contains(&victim) && stats_of(&tb)["cluster"]["active_workers"] == 2
+        w.len() == 2 && !w.contains(&victim) && tb.stats()["cluster"]["active_workers"] == 2
     }));
     for w in tb.workers() {
         let link = std::fs::read_link(format!("/proc/{w}/exe")).unwrap();

@@ -12,12 +12,6 @@ use common::*;
 use rustix::process::Signal;
 use serde_json::Value;
 
-fn stats_of(tb: &Testbed) -> Value {
-    let (status, body) = tb.get("/stats").unwrap();
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 fn worker_pid_in(stats: &Value, slot: usize) -> Option<u64> {
     stats["workers"][slot]["pid"].as_u64()
 }
@@ -37,7 +31,7 @@ fn wait_replaced(tb: &mut Testbed, old: &[u32], timeout: Duration) -> Option<u32
 #[test]
 fn a_killed_worker_is_respawned_fast_and_counted() {
     let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--startup-delay-ms", "10"]);
-    let before = stats_of(&tb);
+    let before = tb.stats();
     let victim = worker_pid_in(&before, 1).unwrap() as u32;
     let other = worker_pid_in(&before, 0).unwrap() as u32;
     let t0 = Instant::now();
@@ -50,8 +44,8 @@ fn a_killed_worker_is_respawned_fast_and_counted() {
             .contains("on_exit id=1 status=signal 9 (SIGKILL) raw=137 crash=true"))
     );
     assert!(tb.wait_log(Duration::from_secs(2), |l| l.contains(&format!("on_start id=1 pid={new}"))));
-    assert!(wait_until(Duration::from_secs(5), || stats_of(&tb)["cluster"]["active_workers"] == 2));
-    let after = stats_of(&tb);
+    assert!(wait_until(Duration::from_secs(5), || tb.stats()["cluster"]["active_workers"] == 2));
+    let after = tb.stats();
     assert_eq!(after["cluster"]["total_restarts"], 1);
     assert_eq!(after["workers"][1]["crash_count"], 1);
     assert_eq!(after["workers"][1]["pid"], new);
@@ -66,7 +60,7 @@ fn connections_queued_on_a_crashed_slot_are_served_by_its_replacement() {
     // while slot 1 is empty, and the replacement, a second later, serves the queued ones.
     let mut tb =
         Testbed::start(&["--workers", "2", "--respawn", "--respawn-delay-ms", "1000", "--startup-delay-ms", "10"]);
-    let victim = worker_pid_in(&stats_of(&tb), 1).unwrap() as u32;
+    let victim = worker_pid_in(&tb.stats(), 1).unwrap() as u32;
     send_signal(victim, Signal::STOP);
     let mut conns = Vec::new();
     for _ in 0..40 {
@@ -101,7 +95,7 @@ fn connections_queued_on_a_crashed_slot_are_served_by_its_replacement() {
 #[test]
 fn crash_abort_and_exit_codes_are_classified() {
     let mut tb = Testbed::start(&["--workers", "1", "--respawn", "--respawn-max-crashes", "10"]);
-    let mut last = worker_pid_in(&stats_of(&tb), 0).unwrap() as u32;
+    let mut last = worker_pid_in(&tb.stats(), 0).unwrap() as u32;
     for (path, line) in [
         ("/crash", "status=signal 6 (SIGABRT) raw=134 crash=true"),
         ("/exit?code=3", "status=exit code 3 raw=3 crash=true"),
@@ -111,15 +105,15 @@ fn crash_abort_and_exit_codes_are_classified() {
         assert!(tb.wait_log(Duration::from_secs(5), |l| l.contains(line)), "{path}: {}", tb.stderr());
         assert!(
             wait_until(Duration::from_secs(5), || {
-                let s = stats_of(&tb);
+                let s = tb.stats();
                 s["workers"][0]["status"] == "active" && worker_pid_in(&s, 0) != Some(last as u64)
             }),
             "{path}: replaced"
         );
-        last = worker_pid_in(&stats_of(&tb), 0).unwrap() as u32;
+        last = worker_pid_in(&tb.stats(), 0).unwrap() as u32;
         tb.remember_workers();
     }
-    let s = stats_of(&tb);
+    let s = tb.stats();
     assert_eq!(s["workers"][0]["crash_count"], 2, "a clean exit is not a crash");
     assert_eq!(s["cluster"]["total_restarts"], 3);
 }
@@ -152,7 +146,7 @@ fn one_crash_looping_slot_is_disabled_while_the_other_serves() {
         let (status, body) = tb.get("/").unwrap();
         assert_eq!((status, worker_of(&body)), (200, Some(0)));
     }
-    let s = stats_of(&tb);
+    let s = tb.stats();
     assert_eq!(s["cluster"]["total_workers"], 2);
     assert_eq!(s["cluster"]["active_workers"], 1);
     assert_eq!(s["cluster"]["disabled_workers"], 1);
@@ -176,7 +170,7 @@ fn signal_workers_reaches_every_active_worker_and_stats_agree() {
     tb.signal(Signal::HUP);
     let line = rx.recv_timeout(Duration::from_secs(5)).expect("the master's stats line");
     let master_view: Value = serde_json::from_str(line.strip_prefix("stats: ").unwrap()).unwrap();
-    let worker_view = stats_of(&tb);
+    let worker_view = tb.stats();
     for key in [
         "total_workers",
         "active_workers",
@@ -210,7 +204,7 @@ fn a_panicking_callback_does_not_stop_supervision() {
     let victim = tb.workers()[0];
     send_signal(victim, Signal::KILL);
     assert!(wait_until(Duration::from_secs(5), || {
-        let s = stats_of(&tb);
+        let s = tb.stats();
         s["cluster"]["active_workers"] == 2 && s["cluster"]["total_restarts"] == 1
     }));
 }

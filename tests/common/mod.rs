@@ -157,6 +157,24 @@ impl Testbed {
         self.remember_workers();
     }
 
+    /// The cluster's statistics as a worker fetches them from the master (`GET /stats`).
+    pub fn stats(&self) -> serde_json::Value {
+        let (status, body) = self.get("/stats").unwrap();
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// The pids that answer `n` fresh `GET /` requests, each of which must succeed.
+    pub fn serving_pids(&self, n: usize) -> BTreeSet<u32> {
+        (0..n)
+            .map(|_| {
+                let (status, body) = self.get("/").unwrap();
+                assert_eq!(status, 200, "{body}");
+                pid_of(&body).unwrap()
+            })
+            .collect()
+    }
+
     pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
         http_get(self.port, path)
     }
