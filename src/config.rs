@@ -12,6 +12,18 @@ use crate::stats::ExitStatus;
 /// certainly a mistake (a 256-core host's count on a 2-CPU quota, a typo).
 pub const MAX_WORKERS: usize = 4096;
 
+/// Checks a number of workers asked for while running (`scale`).
+pub(crate) fn check_scale(workers: usize) -> Result<(), Error> {
+    if (1..=MAX_WORKERS).contains(&workers) {
+        Ok(())
+    } else {
+        Err(Error::InvalidOption {
+            option: "scale",
+            reason: format!("cannot scale to {workers} workers: use 1 to {MAX_WORKERS}"),
+        })
+    }
+}
+
 /// The longest timeout or delay an option accepts: one day.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 

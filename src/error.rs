@@ -64,16 +64,6 @@ pub enum Error {
     #[error("the worker's listener was already taken; call Worker::listener() once and keep it")]
     ListenerTaken,
 
-    /// The master could not start a worker process.
-    #[error("cannot start worker {worker_id}: {source}")]
-    Spawn {
-        /// The slot that could not be started.
-        worker_id: usize,
-        /// The operating system's error.
-        #[source]
-        source: io::Error,
-    },
-
     /// Every worker slot has stopped for good (all crashed and respawn is off, or all were
     /// disabled by crash protection). The process should exit non-zero so that its own supervisor
     /// (systemd, Kubernetes) can act.
@@ -119,7 +109,7 @@ impl Error {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match &e {
-            Error::Io { source, .. } | Error::Bind { source, .. } | Error::Spawn { source, .. } => source.kind(),
+            Error::Io { source, .. } | Error::Bind { source, .. } => source.kind(),
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::process::{Command as Process, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Instant, SystemTime};
 
@@ -21,7 +21,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, PidfdFlags, Signal, WaitId, WaitIdOptions};
 
 use crate::channel::{MasterEnd, ToMaster, ToWorker};
-use crate::config::MAX_WORKERS;
+use crate::config::check_scale;
 use crate::config::{Balance, Cluster, ControlSetting, OnExit, OnReady, OnSignal, OnStart, ReadyInfo};
 use crate::control::{self, Request as ControlRequest};
 use crate::control_server::{ConnId, ControlServer};
@@ -41,7 +41,6 @@ const PRIVATE_ENV: [&str; 6] =
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) addr: SocketAddr,
-    workers: AtomicUsize,
     wake: OwnedFd,
     requests: Mutex<Vec<Request>>,
     snapshot: Mutex<Snapshot>,
@@ -71,7 +70,7 @@ struct Snapshot {
 
 impl Shared {
     pub(crate) fn workers(&self) -> usize {
-        self.workers.load(Ordering::Relaxed)
+        self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).cluster.total_workers
     }
 
     pub(crate) fn graceful_restart(&self) {
@@ -100,12 +99,7 @@ impl Shared {
     }
 
     fn scale(&self, workers: usize) -> Result<(), Error> {
-        if workers == 0 || workers > MAX_WORKERS {
-            return Err(Error::InvalidOption {
-                option: "scale",
-                reason: format!("{workers} workers: use 1 to {MAX_WORKERS}"),
-            });
-        }
+        check_scale(workers)?;
         self.request(Request::Scale(workers));
         Ok(())
     }
@@ -280,7 +274,6 @@ impl Master {
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {
             addr,
-            workers: AtomicUsize::new(workers),
             wake,
             waiters: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(1),
@@ -400,7 +393,6 @@ impl Master {
             group: Group::default(),
             route: Vec::new(),
             steering_failed: false,
-            closing: Default::default(),
             master_pid: rustix::process::getpid(),
             outcome: None,
             m: self,
@@ -446,8 +438,6 @@ struct Driver {
     group: Group,
     route: Vec<usize>,
     steering_failed: bool,
-    /// Slots whose socket is closed once no worker holds it.
-    closing: std::collections::BTreeSet<usize>,
 }
 
 /// What a polled descriptor belongs to.
@@ -519,13 +509,16 @@ impl Driver {
                 self.apply_route();
             }
             Command::CloseSocket { slot } => {
-                self.closing.insert(slot);
-                self.close_released_sockets();
+                if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
+                    drop(fd);
+                    self.group.leave(slot);
+                    self.apply_route();
+                    tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more");
+                }
             }
             Command::CloseListeners => {
                 self.m.listeners.clear();
                 self.group = Group::default();
-                self.closing.clear();
             }
             Command::Report(r) => self.report(r),
             Command::Exit(outcome) => self.outcome = Some(outcome),
@@ -625,6 +618,7 @@ impl Driver {
                 self.programs.retain(|g, _| in_use.contains(&Program::Deployed(*g)));
             }
             Report::Scaled { from, to } => tracing::info!("scaled from {from} to {to} workers"),
+            Report::ScaleRefused { workers } => tracing::warn!("cannot scale to {workers} workers"),
         }
     }
 
@@ -692,8 +686,6 @@ impl Driver {
         if self.m.listeners.len() <= index {
             self.m.listeners.resize_with(index + 1, || None);
         }
-        // A slot that comes back before its old socket was released keeps that socket.
-        self.closing.remove(&slot);
         if self.m.listeners[index].is_none() && self.m.balance == Balance::ReusePort {
             let fd = crate::socket::bind_reuseport(self.m.shared.addr, self.m.backlog)?;
             self.m.listeners[index] = Some(fd);
@@ -701,23 +693,6 @@ impl Driver {
             self.apply_route();
         }
         self.m.listeners[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))
-    }
-
-    /// Closes the sockets of slots nobody will serve once no worker of the slot holds them any
-    /// more (closing earlier would not take them out of the kernel's group, and what is queued
-    /// on them is still served by their draining worker).
-    fn close_released_sockets(&mut self) {
-        let held: Vec<usize> = self.procs.values().map(|p| p.slot).collect();
-        let release: Vec<usize> = self.closing.iter().copied().filter(|s| !held.contains(s)).collect();
-        for slot in release {
-            self.closing.remove(&slot);
-            if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
-                drop(fd);
-                self.group.leave(slot);
-                tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more");
-            }
-        }
-        self.apply_route();
     }
 
     /// Attaches the steering program for the current route to the `ReusePort` group.
@@ -744,7 +719,6 @@ impl Driver {
         let now = Instant::now();
         let snap = Snapshot { cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
-        self.m.shared.workers.store(self.sup.policy().workers, Ordering::Relaxed);
     }
 
     /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
@@ -850,13 +824,7 @@ impl Driver {
             } else if sig == libc::SIGUSR2 {
                 events.push_back(Event::Restart { ticket: None });
             } else if sig == libc::SIGTTIN || sig == libc::SIGTTOU {
-                let now = self.sup.policy().workers;
-                let to = if sig == libc::SIGTTIN { now + 1 } else { now.saturating_sub(1) };
-                if (1..=MAX_WORKERS).contains(&to) {
-                    events.push_back(Event::Scale { workers: to });
-                } else {
-                    tracing::warn!("{name}: cannot scale to {to} workers");
-                }
+                events.push_back(Event::ScaleBy { delta: if sig == libc::SIGTTIN { 1 } else { -1 } });
             }
         }
     }
@@ -922,13 +890,13 @@ impl Driver {
                     events.push_back(Event::Restart { ticket: Some(ticket) });
                     continue;
                 }
-                Ok(ControlRequest::Scale { workers }) if (1..=MAX_WORKERS).contains(&workers) => {
-                    events.push_back(Event::Scale { workers });
-                    control::ok_reply(serde_json::json!({ "workers": workers }))
-                }
-                Ok(ControlRequest::Scale { workers }) => {
-                    control::error_reply(&format!("cannot scale to {workers} workers: use 1 to {MAX_WORKERS}"))
-                }
+                Ok(ControlRequest::Scale { workers }) => match check_scale(workers) {
+                    Ok(()) => {
+                        events.push_back(Event::Scale { workers });
+                        control::ok_reply(serde_json::json!({ "workers": workers }))
+                    }
+                    Err(e) => control::error_reply(&e.to_string()),
+                },
                 Ok(ControlRequest::Signal { signal }) => match signal.number() {
                     Some(n) => {
                         events.push_back(Event::SignalWorkers { signal: n });
@@ -993,9 +961,6 @@ impl Driver {
             }
         };
         self.procs.remove(&key);
-        if !self.closing.is_empty() {
-            self.close_released_sockets();
-        }
         events.push_back(Event::Exited { key, status });
     }
 

@@ -105,6 +105,12 @@ pub enum Event {
         /// The new number of slots.
         workers: usize,
     },
+    /// One worker more or fewer (`SIGTTIN`, `SIGTTOU`): refused below 1 or above
+    /// [`crate::MAX_WORKERS`].
+    ScaleBy {
+        /// Slots to add (or, negative, remove).
+        delta: isize,
+    },
 }
 
 /// Something the driver must do, returned by [`Supervisor::handle`].
@@ -133,9 +139,10 @@ pub enum Command {
         /// The slots to route to.
         slots: Vec<usize>,
     },
-    /// Close the listening socket of a slot (`ReusePort` only) once no worker of the slot holds
-    /// it any more: nobody will serve it. Spawning into a slot whose socket is closed opens a
-    /// new one.
+    /// Close the listening socket of a slot (`ReusePort` only): the slot is disabled or removed
+    /// and no process of it holds the socket any more (closing it while one does would not take
+    /// it out of the kernel's group, and would reset what that process still takes from it).
+    /// Spawning into a slot whose socket is closed opens a new one.
     CloseSocket {
         /// The slot.
         slot: usize,
@@ -238,6 +245,11 @@ pub enum Report {
         outcome: RestartOutcome,
         /// The waiting callers it answers.
         tickets: Vec<u64>,
+    },
+    /// A relative scale would leave fewer than 1 or more than [`crate::MAX_WORKERS`] slots.
+    ScaleRefused {
+        /// The number it would have reached.
+        workers: isize,
     },
     /// The number of slots changed.
     Scaled {
@@ -392,6 +404,8 @@ pub struct Supervisor {
     program: Program,
     /// The slots new connections were last routed to.
     routed: Vec<usize>,
+    /// Slots (disabled or removed) whose socket is to be closed once no process holds it.
+    unserved: std::collections::BTreeSet<usize>,
 }
 
 /// How long the sockets of removed slots stop receiving new connections before their workers
@@ -435,6 +449,7 @@ impl Supervisor {
             deploys: 0,
             program: Program::Running,
             routed: Vec::new(),
+            unserved: Default::default(),
         }
     }
 
@@ -510,8 +525,16 @@ impl Supervisor {
             Event::SignalWorkers { signal } => self.on_signal_workers(signal, &mut out),
             Event::Restart { ticket } => self.on_restart(ticket, now, wall, &mut out),
             Event::Scale { workers } => self.on_scale(workers, now, wall, &mut out),
+            Event::ScaleBy { delta } => {
+                let to = self.slots.len() as isize + delta;
+                match usize::try_from(to) {
+                    Ok(n) if (1..=crate::config::MAX_WORKERS).contains(&n) => self.on_scale(n, now, wall, &mut out),
+                    _ => out.push(Command::Report(Report::ScaleRefused { workers: to })),
+                }
+            }
         }
         self.on_time(now, wall, &mut out);
+        self.close_unserved(&mut out);
         self.update_route(&mut out);
         self.check_all_ready(&mut out);
         self.check_done(&mut out);
@@ -726,7 +749,7 @@ impl Supervisor {
                 let within = now.duration_since(*s.recent_crashes.front().unwrap_or(&now));
                 out.push(Command::Report(Report::Disabled { slot, crashes, within }));
                 if policy.socket_per_slot {
-                    out.push(Command::CloseSocket { slot });
+                    self.unserved.insert(slot);
                 }
                 return None;
             }
@@ -913,7 +936,7 @@ impl Supervisor {
                     self.retiring.push((s.id, p));
                 }
                 if self.policy.socket_per_slot {
-                    out.push(Command::CloseSocket { slot: s.id });
+                    self.unserved.insert(s.id);
                 }
             }
             if let Some(r) = &mut self.rollout {
@@ -984,6 +1007,24 @@ impl Supervisor {
         if !overdue.is_empty() {
             out.push(Command::Report(Report::StopTimeout { slots: overdue }));
         }
+    }
+
+    /// Closes the sockets of disabled or removed slots that no process holds any more. A slot
+    /// that got a process again (revived by a restart, re-added by scaling) keeps its socket.
+    fn close_unserved(&mut self, out: &mut Vec<Command>) {
+        let (mut close, mut wait) = (Vec::new(), std::collections::BTreeSet::new());
+        for &s in &self.unserved {
+            if self.slots.get(s).is_some_and(|slot| !slot.disabled) {
+                continue; // served again: keep the socket
+            }
+            if self.procs().any(|(slot, _)| slot == s) {
+                wait.insert(s);
+            } else {
+                close.push(s);
+            }
+        }
+        self.unserved = wait;
+        out.extend(close.into_iter().map(|slot| Command::CloseSocket { slot }));
     }
 
     /// Routes new connections to the slots whose worker is ready, if that set changed.
@@ -1079,10 +1120,5 @@ impl Supervisor {
                 cpu_time: None,
             })
             .collect()
-    }
-
-    /// The slot and pid of a live worker process.
-    pub fn worker(&self, key: WorkerKey) -> Option<(usize, Option<u32>)> {
-        self.procs().find(|(_, p)| p.key == key).map(|(slot, p)| (slot, p.pid))
     }
 }

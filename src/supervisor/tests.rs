@@ -643,9 +643,7 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
     h.ready(3);
     assert_eq!(h.sup.cluster_stats().active_workers, 4);
     let r = h.feed(Event::Scale { workers: 1 });
-    for slot in [1, 2, 3] {
-        assert!(r.contains(&Command::CloseSocket { slot }));
-    }
+    assert!(!r.iter().any(|c| matches!(c, Command::CloseSocket { .. })), "their workers still hold them: {r:?}");
     // Their sockets get no new connections first; the workers stop once that has settled.
     assert!(!r.iter().any(|c| matches!(c, Command::Signal { .. })), "{r:?}");
     assert_eq!(h.sup.next_deadline(), Some(h.now + ROUTE_SETTLE));
@@ -655,13 +653,17 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
     assert_eq!(terms, 3);
     assert_eq!(h.sup.cluster_stats().total_workers, 1);
     assert_eq!(h.sup.policy().workers, 1);
-    let keys: Vec<WorkerKey> = h.sup.retiring.iter().map(|(_, p)| p.key).collect();
-    for key in keys {
+    let retiring: Vec<(usize, WorkerKey)> = h.sup.retiring.iter().map(|(s, p)| (*s, p.key)).collect();
+    for (slot, key) in retiring {
         let r = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
         assert!(spawns(&r).is_empty());
         assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
+        assert!(r.contains(&Command::CloseSocket { slot }), "closed once its last worker is gone: {r:?}");
     }
     assert!(h.feed(Event::Scale { workers: 0 }).is_empty(), "zero workers is refused");
+    assert_eq!(reports(&h.feed(Event::ScaleBy { delta: -1 })), vec![&Report::ScaleRefused { workers: 0 }]);
+    let r = h.feed(Event::ScaleBy { delta: 1 });
+    assert!(reports(&r).contains(&&Report::Scaled { from: 1, to: 2 }), "{r:?}");
 }
 
 // ---- routing (ReusePort) ----
@@ -790,4 +792,17 @@ fn a_broken_deploy_is_not_reported_as_a_crash() {
     let k = next_key(&h, 0);
     let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
     assert!(reports(&r).iter().any(|x| matches!(x, Report::Exited { crash: false, .. })));
+}
+
+#[test]
+fn a_removed_slot_added_back_before_its_worker_left_keeps_its_socket() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Scale { workers: 1 });
+    h.feed(Event::Scale { workers: 2 });
+    h.now += ROUTE_SETTLE;
+    h.feed(Event::Tick);
+    let key = h.sup.retiring[0].1.key;
+    let r = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
+    assert!(!r.iter().any(|c| matches!(c, Command::CloseSocket { .. })), "{r:?}");
 }
