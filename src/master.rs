@@ -714,6 +714,13 @@ impl Driver {
         }
     }
 
+    /// The statistics now, with each worker's resource figures from `/proc`.
+    fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
+        let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
+        crate::stats::add_usage(&mut cluster, &mut workers);
+        (cluster, workers)
+    }
+
     /// Publishes the statistics for handles and module functions.
     fn publish(&self) {
         let now = Instant::now();
@@ -858,10 +865,7 @@ impl Driver {
             let reply = match request {
                 Err(message) => control::error_reply(&message),
                 Ok(ControlRequest::Status) => {
-                    let now = Instant::now();
-                    let mut cluster = self.sup.cluster_stats();
-                    let mut workers = self.sup.worker_stats(now);
-                    crate::stats::add_usage(&mut cluster, &mut workers);
+                    let (cluster, workers) = self.stats_now();
                     let started =
                         self.m.started.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
                     control::ok_reply(serde_json::json!({
@@ -905,9 +909,7 @@ impl Driver {
                     None => control::error_reply(&format!("unknown signal {signal:?}; use a name like USR1 or HUP")),
                 },
                 Ok(ControlRequest::Metrics) => {
-                    let mut cluster = self.sup.cluster_stats();
-                    let mut workers = self.sup.worker_stats(Instant::now());
-                    crate::stats::add_usage(&mut cluster, &mut workers);
+                    let (cluster, workers) = self.stats_now();
                     // Labelled with the cluster's name: several clusters' files can share a collector.
                     let name = format!("{}-{}", self.m.name, self.m.shared.addr.port());
                     let text = crate::metrics::render_labeled(&cluster, &workers, &[("cluster", &name)]);
@@ -972,9 +974,7 @@ impl Driver {
             match msg {
                 ToMaster::Ready => events.push_back(Event::Ready { key }),
                 ToMaster::Stats { id } => {
-                    let now = Instant::now();
-                    let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(now));
-                    crate::stats::add_usage(&mut cluster, &mut workers);
+                    let (cluster, workers) = self.stats_now();
                     let reply = ToWorker::Stats { id, cluster, workers };
                     if let Some(p) = self.procs.get_mut(&key) {
                         p.chan.send(&reply);

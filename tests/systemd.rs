@@ -9,6 +9,14 @@ use std::time::Duration;
 use common::*;
 use rustix::process::Signal;
 
+/// A datagram socket at `<dir>/notify.sock` standing in for systemd, and its path.
+fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (sock, path)
+}
+
 fn next_message(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).expect("a notification within the timeout");
@@ -18,9 +26,7 @@ fn next_message(sock: &UnixDatagram) -> String {
 #[test]
 fn the_master_notifies_ready_reloading_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (sock, path) = notify_socket(dir.path());
     let mut opts = args(&["--workers", "2", "--startup-delay-ms", "10"]);
     let env_path = path.clone();
     opts.configure = Some(Box::new(move |cmd| {
@@ -90,9 +96,7 @@ fn socket_activation_serves_the_socket_systemd_passed() {
 #[test]
 fn the_watchdog_is_fed_while_workers_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (sock, path) = notify_socket(dir.path());
     let mut opts = args(&["--workers", "1"]);
     let env_path = path.clone();
     opts.configure = Some(Box::new(move |cmd| {
