@@ -29,7 +29,9 @@ async fn index() -> String {
 
 fn main() -> Result<(), cluster::Error> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal, and never with NO_COLOR set.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(colour).init();
     match Cluster::new(args.port).cpus(args.workers).respawn(true).init()? {
         Role::Master(master) => master.wait(),
         Role::Worker(worker) => {

@@ -12,21 +12,21 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
-use ecewo_cluster::{self as cluster, Cluster, ExitStatus, Role, Worker};
+use ecewo_cluster::{self as cluster, Cluster, Role, Worker, WorkerExit, WorkerInfo};
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn on_worker_start(worker_id: usize, pid: u32) {
-    println!("[{}] Worker {worker_id} started (PID: {pid})", now());
+fn on_worker_start(worker: &WorkerInfo) {
+    println!("[{}] Worker {} started (PID: {})", now(), worker.worker_id, worker.pid);
 }
 
-fn on_worker_exit(worker_id: usize, status: ExitStatus, is_crash: bool) {
-    if is_crash {
-        println!("[{}] Worker {worker_id} CRASHED ({status})", now());
+fn on_worker_exit(exit: &WorkerExit) {
+    if exit.crash {
+        println!("[{}] Worker {} CRASHED ({})", now(), exit.worker_id, exit.status);
     } else {
-        println!("[{}] Worker {worker_id} exited gracefully ({status})", now());
+        println!("[{}] Worker {} exited gracefully ({})", now(), exit.worker_id, exit.status);
     }
 }
 
@@ -52,7 +52,9 @@ async fn handle_stats(State(worker): State<Worker>) -> (StatusCode, String) {
 }
 
 fn main() -> Result<(), cluster::Error> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal, and never with NO_COLOR set.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(colour).init();
     let opts = Cluster::new(3000)
         .cpus(cluster::cpus_physical())
         .respawn(true)

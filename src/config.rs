@@ -5,12 +5,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::signal::Signal;
 use crate::stats::ExitStatus;
-
-/// The most worker slots a cluster accepts. Each slot costs the master a few file descriptors
-/// (a pidfd, a channel and, with [`Balance::ReusePort`], a socket); beyond this a count is almost
-/// certainly a mistake (a 256-core host's count on a 2-CPU quota, a typo).
-pub const MAX_WORKERS: usize = 4096;
+pub use crate::supervisor::MAX_WORKERS;
 
 /// Checks a number of workers asked for while running (`scale`).
 pub(crate) fn check_scale(workers: usize) -> Result<(), Error> {
@@ -71,25 +68,45 @@ pub(crate) enum ControlSetting {
     Off,
 }
 
-pub(crate) type OnStart = Box<dyn FnMut(usize, u32)>;
-pub(crate) type OnExit = Box<dyn FnMut(usize, ExitStatus, bool)>;
+pub(crate) type OnStart = Box<dyn FnMut(&WorkerInfo)>;
+pub(crate) type OnExit = Box<dyn FnMut(&WorkerExit)>;
 pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
 pub(crate) type OnSignal = Box<dyn FnMut(&crate::MasterHandle)>;
 
 /// Signals a program may bind to its own master actions with [`Cluster::on_signal`].
-/// `SIGTERM` and `SIGINT` are the master's (shutdown). `SIGUSR2` (graceful restart) and
-/// `SIGTTIN`/`SIGTTOU` (one worker more or fewer) have default actions a binding replaces. `SIGKILL`, `SIGSTOP` and the fault
-/// signals cannot be handled; `SIGCHLD` must stay untouched (workers are reaped through pidfds).
-pub const BINDABLE_SIGNALS: [i32; 8] = [
-    libc::SIGHUP,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-    libc::SIGWINCH,
-    libc::SIGALRM,
-    libc::SIGTTIN,
-    libc::SIGTTOU,
-];
+///
+/// `SIGTERM` and `SIGINT` are the master's (graceful shutdown). `SIGHUP` and `SIGQUIT` (graceful
+/// shutdown), `SIGUSR2` (rolling restart) and `SIGTTIN`/`SIGTTOU` (one worker more or fewer) have
+/// default actions that a binding replaces. `SIGKILL`, `SIGSTOP` and the fault signals cannot be
+/// handled; `SIGCHLD` must stay untouched (workers are reaped through pidfds). The list may grow.
+pub const BINDABLE_SIGNALS: &[Signal] =
+    &[Signal::HUP, Signal::QUIT, Signal::USR1, Signal::USR2, Signal::WINCH, Signal::ALRM, Signal::TTIN, Signal::TTOU];
+
+/// A worker process, as [`Cluster::on_start`] and [`Cluster::on_worker_ready`] see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// The worker's slot, from 0.
+    pub worker_id: usize,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// How a worker process ended, as [`Cluster::on_exit`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerExit {
+    /// The worker's slot, from 0.
+    pub worker_id: usize,
+    /// Its pid.
+    pub pid: u32,
+    /// Its exit code or the signal that killed it.
+    pub status: ExitStatus,
+    /// It was not asked to stop and did not exit cleanly (the spec's `is_crash`).
+    pub crash: bool,
+    /// When the slot will be started again, if it will.
+    pub respawn_in: Option<Duration>,
+}
 
 /// What the master knows when every initial worker has reported ready (see [`Cluster::on_ready`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +132,7 @@ pub struct ReadyInfo {
 ///     .respawn(true)
 ///     .shutdown_timeout(Duration::from_secs(30))
 ///     .balance(Balance::ReusePort)
-///     .on_exit(|id, status, crash| eprintln!("worker {id}: {status} crash={crash}"));
+///     .on_exit(|exit| eprintln!("worker {}: {} crash={}", exit.worker_id, exit.status, exit.crash));
 /// # let _ = opts;
 /// ```
 pub struct Cluster {
@@ -137,7 +154,7 @@ pub struct Cluster {
     pub(crate) on_exit: Option<OnExit>,
     pub(crate) on_worker_ready: Option<OnStart>,
     pub(crate) on_ready: Option<OnReady>,
-    pub(crate) on_signal: Vec<(i32, OnSignal)>,
+    pub(crate) on_signal: Vec<(Signal, OnSignal)>,
 }
 
 impl fmt::Debug for Cluster {
@@ -284,20 +301,22 @@ impl Cluster {
         self
     }
 
-    /// Called on the master thread when a worker process was started: `(worker_id, pid)`.
-    pub fn on_start(mut self, f: impl FnMut(usize, u32) + 'static) -> Cluster {
+    /// Called on the master thread when a worker process was started (the spec's
+    /// `on_worker_start(worker_id, pid)`).
+    pub fn on_start(mut self, f: impl FnMut(&WorkerInfo) + 'static) -> Cluster {
         self.on_start = Some(Box::new(f));
         self
     }
 
-    /// Called on the master thread when a worker process ended: `(worker_id, status, is_crash)`.
-    pub fn on_exit(mut self, f: impl FnMut(usize, ExitStatus, bool) + 'static) -> Cluster {
+    /// Called on the master thread when a worker process ended (the spec's
+    /// `on_worker_exit(worker_id, exit_status, is_crash)`).
+    pub fn on_exit(mut self, f: impl FnMut(&WorkerExit) + 'static) -> Cluster {
         self.on_exit = Some(Box::new(f));
         self
     }
 
-    /// Called on the master thread when a worker reported ready: `(worker_id, pid)`.
-    pub fn on_worker_ready(mut self, f: impl FnMut(usize, u32) + 'static) -> Cluster {
+    /// Called on the master thread when a worker reported ready.
+    pub fn on_worker_ready(mut self, f: impl FnMut(&WorkerInfo) + 'static) -> Cluster {
         self.on_worker_ready = Some(Box::new(f));
         self
     }
@@ -312,18 +331,18 @@ impl Cluster {
     /// act on the cluster: the spec's "Method 2" without an unsafe signal handler.
     ///
     /// ```
-    /// use ecewo_cluster::Cluster;
+    /// use ecewo_cluster::{Cluster, Signal};
     ///
     /// // SIGHUP: forward a configuration reload to every worker as SIGUSR1.
-    /// let opts = Cluster::new(3000).on_signal(libc::SIGHUP, |master| {
-    ///     let _ = master.signal_workers(libc::SIGUSR1);
+    /// let opts = Cluster::new(3000).on_signal(Signal::HUP, |master| {
+    ///     let _ = master.signal_workers(Signal::USR1);
     /// });
     /// # let _ = opts;
     /// ```
     ///
     /// Only the signals in [`BINDABLE_SIGNALS`] can be bound; [`init`](Cluster::init) refuses
     /// others. Binding a signal twice keeps the last action.
-    pub fn on_signal(mut self, signal: i32, action: impl FnMut(&crate::MasterHandle) + 'static) -> Cluster {
+    pub fn on_signal(mut self, signal: Signal, action: impl FnMut(&crate::MasterHandle) + 'static) -> Cluster {
         self.on_signal.retain(|(s, _)| *s != signal);
         self.on_signal.push((signal, Box::new(action)));
         self
@@ -332,7 +351,7 @@ impl Cluster {
     /// The number of workers `init` would start: [`cpus`](Cluster::cpus), or the detected CPU
     /// count when that is 0.
     pub fn worker_count(&self) -> usize {
-        if self.cpus == 0 { crate::cpu::cpus() } else { self.cpus }
+        if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }
     }
 
     /// Checks every option; the error names the option and what to change.
@@ -385,8 +404,7 @@ impl Cluster {
             return invalid(
                 "on_signal",
                 format!(
-                    "signal {sig} ({}) cannot be bound; use one of SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM, SIGTTIN, SIGTTOU",
-                    crate::stats::signal_name(*sig).unwrap_or("unknown")
+                    "{sig} cannot be bound; use one of SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGALRM, SIGTTIN, SIGTTOU"
                 ),
             );
         }
@@ -424,9 +442,9 @@ mod tests {
             (Cluster::new(1).backlog(0), "backlog"),
             (Cluster::new(1).ready_timeout(Duration::MAX), "ready_timeout"),
             (Cluster::new(1).shutdown_timeout(Duration::from_secs(u64::MAX)), "shutdown_timeout"),
-            (Cluster::new(1).on_signal(libc::SIGTERM, |_| {}), "on_signal"),
-            (Cluster::new(1).on_signal(libc::SIGCHLD, |_| {}), "on_signal"),
-            (Cluster::new(1).on_signal(9999, |_| {}), "on_signal"),
+            (Cluster::new(1).on_signal(Signal::TERM, |_| {}), "on_signal"),
+            (Cluster::new(1).on_signal(Signal::CHLD, |_| {}), "on_signal"),
+            (Cluster::new(1).on_signal(Signal::from_raw(40).unwrap(), |_| {}), "on_signal"),
         ];
         for (c, name) in cases {
             match c.validate() {

@@ -4,7 +4,11 @@ use std::io;
 use std::net::SocketAddr;
 
 /// Everything that can go wrong in ecewo-cluster. Each message says what to do next.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its `Debug` output is the same readable sentence as its `Display` output, so that
+/// `fn main() -> Result<(), ecewo_cluster::Error>` prints `Error: cannot listen on …` rather
+/// than a structure; match on the variants to act on an error.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// An option has a value the cluster cannot run with.
@@ -44,16 +48,43 @@ pub enum Error {
     #[error("the master process is gone; this worker must exit")]
     MasterGone,
 
-    /// An operation that only the master can do was asked of a worker, or the reverse.
-    #[error("{0}")]
-    WrongRole(&'static str),
+    /// An operation that only the master can do was asked of a worker.
+    #[error("{operation} can only be called in the master (this process is a worker)")]
+    NotMaster {
+        /// The operation, as its function is named.
+        operation: &'static str,
+    },
+
+    /// A blocking call was made on the master's own thread (from a callback or an `on_signal`
+    /// action), where it would wait for the loop that is running it.
+    #[error(
+        "{operation} would block the master's own loop; call it from another thread, or use graceful_restart() in callbacks"
+    )]
+    OnMasterThread {
+        /// The operation, as its function is named.
+        operation: &'static str,
+    },
+
+    /// The master no longer supervises: [`Master::wait`](crate::Master::wait) has returned, or
+    /// the [`Master`](crate::Master) was dropped without calling it.
+    #[error("the master is no longer supervising (Master::wait returned or was never called); nothing will answer")]
+    NotSupervising,
+
+    /// Something did not happen in time.
+    #[error("{operation} got no answer within {after:?}; the master may be overloaded or stuck")]
+    Timeout {
+        /// What was waited for.
+        operation: &'static str,
+        /// How long.
+        after: std::time::Duration,
+    },
 
     /// The cluster was not initialised in this process.
     #[error("the cluster is not initialised in this process; call Cluster::init first")]
     NotInitialized,
 
     /// Not a signal that can be sent to workers.
-    #[error("{0} is not a valid signal number; use a named signal such as libc::SIGUSR1")]
+    #[error("{0} is not a valid signal number; use a named signal such as Signal::USR1")]
     InvalidSignal(i32),
 
     /// There is no worker slot with this id.
@@ -67,8 +98,17 @@ pub enum Error {
     /// Every worker slot has stopped for good (all crashed and respawn is off, or all were
     /// disabled by crash protection). The process should exit non-zero so that its own supervisor
     /// (systemd, Kubernetes) can act.
-    #[error("no worker can run any more: {0}; see the log for each worker's exit")]
-    WorkersFailed(String),
+    #[error(
+        "no worker can run any more: all {workers} workers are gone ({disabled} disabled by crash protection, {crashed} crashed with respawn off); see the log for each worker's exit"
+    )]
+    WorkersFailed {
+        /// Worker slots configured.
+        workers: usize,
+        /// Slots disabled by crash protection.
+        disabled: usize,
+        /// Slots whose worker crashed with respawn off.
+        crashed: usize,
+    },
 
     /// The control socket could not be set up.
     #[error("control socket {}: {reason}", path.display())]
@@ -98,6 +138,12 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+}
+
+impl std::fmt::Debug for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
 }
 
 impl Error {

@@ -35,43 +35,51 @@
 //! C plugin's `cluster_*` functions and work in both roles, and before [`Cluster::init`].
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(not(target_os = "linux"))]
 compile_error!("ecewo-cluster supports Linux only: it relies on pidfds, SO_REUSEPORT and PR_SET_PDEATHSIG.");
 
-mod channel;
+// The rooms of the architecture (see ARCHITECTURE.md): what each may import is written at the
+// top of its module.
+//
+// - vocabulary, imported by all: `error`, `signal`, `stats`;
+// - decide: `supervisor`, the pure state machine (vocabulary only);
+// - protocols: `proto`, what passes between processes (vocabulary only);
+// - the OS layer: `os`, system calls, sockets, CPUs, /proc (vocabulary only);
+// - drive: `master`, the master's loop (everything but `worker`);
+// - the worker side: `worker` (vocabulary, `proto`, `os`);
+// - the front: `config` (the builder) and `role` (init and the spec's module functions).
 mod config;
-pub mod control;
-mod control_server;
-mod cpu;
 mod error;
 mod master;
-pub mod metrics;
-mod notify;
+mod os;
+mod proto;
 mod role;
-mod socket;
+mod signal;
 mod stats;
-mod steer;
-pub mod supervisor;
-mod sys;
+mod supervisor;
 mod worker;
 
+pub use proto::{control, metrics};
 #[cfg(feature = "tokio")]
-pub mod serve;
+pub use worker::serve;
 
 /// The README's examples, compiled as doctests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-pub use config::{BINDABLE_SIGNALS, Balance, Cluster, MAX_WORKERS, ReadyInfo};
-pub use cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
+pub use config::{BINDABLE_SIGNALS, Balance, Cluster, MAX_WORKERS, ReadyInfo, WorkerExit, WorkerInfo};
 pub use error::Error;
 pub use master::{Master, MasterHandle};
+pub use os::cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
 pub use role::{
     Role, all_workers, graceful_restart, is_master, is_worker, port, signal_workers, stats, worker_count, worker_id,
     worker_stats,
 };
+pub use signal::{Signal, UnknownSignal};
 pub use stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
 pub use worker::Worker;

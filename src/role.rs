@@ -5,8 +5,11 @@ use std::sync::{Arc, OnceLock};
 use crate::config::Cluster;
 use crate::error::Error;
 use crate::master::{Master, Shared};
+use crate::os::fds::claim_inherited_fds;
+use crate::proto::handoff::WorkerEnv;
+use crate::signal::Signal;
 use crate::stats::{ClusterStats, WorkerStats};
-use crate::worker::{Worker, WorkerEnv};
+use crate::worker::Worker;
 
 /// What this process is, as returned by [`Cluster::init`].
 #[derive(Debug)]
@@ -31,21 +34,21 @@ pub(crate) enum Global {
 }
 
 static ROLE: OnceLock<Global> = OnceLock::new();
-static CLAIMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Claims the descriptors this process inherited at fixed numbers (a worker's 3 and 4, or a
-/// socket-activated master's 3): true once per process, so that they never get two owners.
-pub(crate) fn claim_inherited_fds() -> bool {
-    !CLAIMED.swap(true, std::sync::atomic::Ordering::SeqCst)
-}
 
 /// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); master only.
-/// Any named signal is accepted, `SIGKILL` included; a worker that dies of a signal sent this
-/// way has not crashed. The signal is sent by the master's loop right after this call returns.
-pub fn signal_workers(signal: i32) -> Result<(), Error> {
+/// Any signal is accepted, `SIGKILL` included; a worker that dies of a signal sent this way has
+/// not crashed. The signal is sent by the master's loop right after this call returns.
+///
+/// # Errors
+///
+/// [`Error::NotMaster`] in a worker, [`Error::NotInitialized`] before [`Cluster::init`].
+pub fn signal_workers(signal: Signal) -> Result<(), Error> {
     match ROLE.get() {
-        Some(Global::Master(m)) => m.signal_workers(signal),
-        Some(Global::Worker(_)) => Err(Error::WrongRole("signal_workers can only be called in the master")),
+        Some(Global::Master(m)) => {
+            m.signal_workers(signal);
+            Ok(())
+        }
+        Some(Global::Worker(_)) => Err(Error::NotMaster { operation: "signal_workers" }),
         None => Err(Error::NotInitialized),
     }
 }
@@ -53,13 +56,17 @@ pub fn signal_workers(signal: i32) -> Result<(), Error> {
 /// Starts a zero-downtime rolling restart (the spec's `cluster_graceful_restart`); master only.
 /// Returns at once; see [`crate::MasterHandle::graceful_restart`] and
 /// [`crate::MasterHandle::restart_and_wait`].
+///
+/// # Errors
+///
+/// [`Error::NotMaster`] in a worker, [`Error::NotInitialized`] before [`Cluster::init`].
 pub fn graceful_restart() -> Result<(), Error> {
     match ROLE.get() {
         Some(Global::Master(m)) => {
             m.graceful_restart();
             Ok(())
         }
-        Some(Global::Worker(_)) => Err(Error::WrongRole("graceful_restart can only be called in the master")),
+        Some(Global::Worker(_)) => Err(Error::NotMaster { operation: "graceful_restart" }),
         None => Err(Error::NotInitialized),
     }
 }
@@ -158,6 +165,45 @@ pub fn worker_count() -> usize {
         Some(Global::Master(m)) => m.workers(),
         Some(Global::Worker(w)) => w.count(),
         None => 0,
+    }
+}
+
+#[cfg(feature = "tokio")]
+impl Cluster {
+    /// Initialises the cluster and runs it: the master supervises until shutdown; each worker
+    /// builds a single-threaded tokio runtime (one worker per core), calls `make_service` inside
+    /// it, and [`serve`](crate::serve::serve)s the result until it drains.
+    ///
+    /// ```no_run
+    /// use axum::{Router, routing::get};
+    /// use ecewo_cluster::{self as cluster, Cluster};
+    ///
+    /// fn main() -> Result<(), cluster::Error> {
+    ///     Cluster::new(3000).respawn(true).serve(|_worker| {
+    ///         Router::new().route("/", get(|| async { format!("Hello from worker {}!", cluster::worker_id()) }))
+    ///     })
+    /// }
+    /// ```
+    pub fn serve<F, S, B>(self, make_service: F) -> Result<(), Error>
+    where
+        F: FnOnce(&Worker) -> S,
+        S: tower_service::Service<hyper::Request<hyper::body::Incoming>, Response = hyper::Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<crate::worker::serve::BoxError>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<crate::worker::serve::BoxError>,
+    {
+        use crate::worker::serve::{ServeOptions, run_worker, serve};
+        match self.init()? {
+            Role::Master(master) => master.wait(),
+            Role::Worker(worker) => {
+                run_worker(&worker, |w| async move { serve(w, make_service(w), ServeOptions::default()).await })
+            }
+        }
     }
 }
 

@@ -1,9 +1,12 @@
-//! Statistics and status types shared by the master, the workers and the state machine.
+//! Statistics and status types: the vocabulary shared by the supervisor, the master, the workers
+//! and the protocols. Nothing here does I/O.
 
 use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+
+use crate::signal::Signal;
 
 /// The lifecycle state of a worker slot (the spec's `worker_status_t`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -48,8 +51,8 @@ impl fmt::Display for WorkerStatus {
 pub enum ExitStatus {
     /// It exited with this code.
     Code(i32),
-    /// It was killed by this signal number.
-    Signal(i32),
+    /// It was killed by this signal.
+    Signal(Signal),
 }
 
 impl ExitStatus {
@@ -63,7 +66,7 @@ impl ExitStatus {
     pub fn as_raw(self) -> i32 {
         match self {
             ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Signal(s) => 128 + s.as_raw(),
         }
     }
 }
@@ -72,50 +75,12 @@ impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             ExitStatus::Code(c) => write!(f, "exit code {c}"),
-            ExitStatus::Signal(s) => match signal_name(s) {
-                Some(name) => write!(f, "signal {s} ({name})"),
-                None => write!(f, "signal {s}"),
+            ExitStatus::Signal(s) => match s.name() {
+                Some(name) => write!(f, "signal {} ({name})", s.as_raw()),
+                None => write!(f, "signal {}", s.as_raw()),
             },
         }
     }
-}
-
-/// The conventional name of a signal number (`SIGTERM`), if it has one.
-pub(crate) fn signal_name(sig: i32) -> Option<&'static str> {
-    Some(match sig {
-        libc::SIGHUP => "SIGHUP",
-        libc::SIGINT => "SIGINT",
-        libc::SIGQUIT => "SIGQUIT",
-        libc::SIGILL => "SIGILL",
-        libc::SIGTRAP => "SIGTRAP",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGBUS => "SIGBUS",
-        libc::SIGFPE => "SIGFPE",
-        libc::SIGKILL => "SIGKILL",
-        libc::SIGUSR1 => "SIGUSR1",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGUSR2 => "SIGUSR2",
-        libc::SIGPIPE => "SIGPIPE",
-        libc::SIGALRM => "SIGALRM",
-        libc::SIGTERM => "SIGTERM",
-        libc::SIGCHLD => "SIGCHLD",
-        libc::SIGCONT => "SIGCONT",
-        libc::SIGSTOP => "SIGSTOP",
-        libc::SIGTSTP => "SIGTSTP",
-        libc::SIGTTIN => "SIGTTIN",
-        libc::SIGTTOU => "SIGTTOU",
-        libc::SIGXCPU => "SIGXCPU",
-        libc::SIGXFSZ => "SIGXFSZ",
-        libc::SIGSYS => "SIGSYS",
-        libc::SIGURG => "SIGURG",
-        libc::SIGVTALRM => "SIGVTALRM",
-        libc::SIGPROF => "SIGPROF",
-        libc::SIGWINCH => "SIGWINCH",
-        libc::SIGIO => "SIGIO",
-        libc::SIGPWR => "SIGPWR",
-        libc::SIGSTKFLT => "SIGSTKFLT",
-        _ => return None,
-    })
 }
 
 /// How the last graceful restart ended.
@@ -232,35 +197,8 @@ pub struct WorkerStats {
     pub cpu_time: Option<Duration>,
 }
 
-/// Reads what `/proc` says of `pid`: resident memory in bytes and CPU time (user + system).
-pub(crate) fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces), from field 3 on.
-    let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
-    let hz = rustix::param::clock_ticks_per_second().max(1);
-    let page = rustix::param::page_size() as u64;
-    Some((resident * page, Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
-}
-
-/// Fills in the resource figures of running workers, and the cluster's totals.
-pub(crate) fn add_usage(cluster: &mut ClusterStats, workers: &mut [WorkerStats]) {
-    cluster.total_rss_bytes = 0;
-    cluster.total_cpu_time = Duration::ZERO;
-    for w in workers {
-        if let Some((rss, cpu)) = w.pid.and_then(proc_usage) {
-            w.rss_bytes = Some(rss);
-            w.cpu_time = Some(cpu);
-            cluster.total_rss_bytes += rss;
-            cluster.total_cpu_time += cpu;
-        }
-    }
-}
-
 /// `Option<SystemTime>` as seconds since the Unix epoch (a float), or null.
-mod unix_time {
+pub(crate) mod unix_time {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -278,7 +216,7 @@ mod unix_time {
 }
 
 /// `Option<Duration>` as seconds (a float), or null.
-mod opt_secs {
+pub(crate) mod opt_secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -295,7 +233,7 @@ mod opt_secs {
 }
 
 /// `Duration` as seconds (a float).
-mod secs {
+pub(crate) mod secs {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
@@ -316,10 +254,10 @@ mod tests {
     #[test]
     fn exit_status_display_and_raw() {
         assert_eq!(ExitStatus::Code(3).to_string(), "exit code 3");
-        assert_eq!(ExitStatus::Signal(9).to_string(), "signal 9 (SIGKILL)");
-        assert_eq!(ExitStatus::Signal(9).as_raw(), 137);
+        assert_eq!(ExitStatus::Signal(Signal::KILL).to_string(), "signal 9 (SIGKILL)");
+        assert_eq!(ExitStatus::Signal(Signal::KILL).as_raw(), 137);
         assert!(ExitStatus::Code(0).success());
-        assert!(!ExitStatus::Signal(15).success());
+        assert!(!ExitStatus::Signal(Signal::TERM).success());
     }
 
     #[test]
@@ -331,7 +269,7 @@ mod tests {
             status: WorkerStatus::Active,
             start_time: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_500)),
             uptime: Duration::from_millis(2_250),
-            exit_status: Some(ExitStatus::Signal(9)),
+            exit_status: Some(ExitStatus::Signal(Signal::KILL)),
             crash_count: 1,
             respawn_disabled: false,
             restarts: 2,
@@ -343,13 +281,5 @@ mod tests {
         assert!(json.contains("\"uptime\":2.25"), "{json}");
         let back: WorkerStats = serde_json::from_str(&json).unwrap();
         assert_eq!(back, w);
-    }
-
-    #[test]
-    fn usage_of_this_process() {
-        let (rss, cpu) = proc_usage(std::process::id()).unwrap();
-        assert!(rss > 100_000, "{rss}");
-        assert!(cpu < Duration::from_secs(3600));
-        assert!(proc_usage(u32::MAX).is_none());
     }
 }

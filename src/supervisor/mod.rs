@@ -9,7 +9,13 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::signal::Signal;
 use crate::stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
+
+/// The most worker slots a cluster accepts. Each slot costs the master a few file descriptors
+/// (a pidfd, a channel and, with `Balance::ReusePort`, a socket); beyond this a count is almost
+/// certainly a mistake (a 256-core host's count on a 2-CPU quota, a typo).
+pub const MAX_WORKERS: usize = 4096;
 
 #[cfg(test)]
 mod tests;
@@ -91,8 +97,8 @@ pub enum Event {
     Shutdown,
     /// Send `signal` to every active worker (the spec's `cluster_signal_workers`).
     SignalWorkers {
-        /// The signal number (validated by the caller).
-        signal: i32,
+        /// The signal.
+        signal: Signal,
     },
     /// A graceful (rolling) restart was asked for; `ticket` identifies a caller waiting for its
     /// outcome ([`Report::RestartFinished`] lists the tickets it answers).
@@ -130,8 +136,8 @@ pub enum Command {
     Signal {
         /// The worker.
         key: WorkerKey,
-        /// The signal number.
-        signal: i32,
+        /// The signal.
+        signal: Signal,
     },
     /// New connections should go to the sockets of these slots only (`ReusePort` only): the
     /// slots whose worker is ready. Sent whenever the set changes; empty means "no preference".
@@ -152,7 +158,23 @@ pub enum Command {
     /// Tell the user (log line, callback).
     Report(Report),
     /// Supervision is over: return from `wait()` with this outcome.
-    Exit(Result<(), String>),
+    Exit(Outcome),
+}
+
+/// How supervision ended ([`Command::Exit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A requested shutdown finished, or every worker exited cleanly with respawn off.
+    Stopped,
+    /// No worker can run any more.
+    AllFailed {
+        /// Slots configured.
+        workers: usize,
+        /// Slots disabled by crash protection.
+        disabled: usize,
+        /// Slots whose worker crashed with respawn off.
+        crashed: usize,
+    },
 }
 
 /// A fact worth telling the user: the driver logs it and runs the matching callback.
@@ -213,8 +235,8 @@ pub enum Report {
     },
     /// A signal was sent to the active workers.
     Signalled {
-        /// The signal number.
-        signal: i32,
+        /// The signal.
+        signal: Signal,
         /// Slots of the workers signalled.
         slots: Vec<usize>,
     },
@@ -414,11 +436,12 @@ pub struct Supervisor {
 /// the socket when the worker takes its last connections is all it will ever get.
 pub const ROUTE_SETTLE: Duration = Duration::from_secs(1);
 
-const SIGKILL: i32 = libc::SIGKILL;
-const SIGTERM: i32 = libc::SIGTERM;
+const SIGKILL: Signal = Signal::KILL;
+const SIGTERM: Signal = Signal::TERM;
 
-fn signal_bit(signal: i32) -> u64 {
-    if (1..64).contains(&signal) { 1u64 << signal } else { 0 }
+fn signal_bit(signal: Signal) -> u64 {
+    let n = signal.as_raw();
+    if (1..64).contains(&n) { 1u64 << n } else { 0 }
 }
 
 fn is_crash(status: ExitStatus, signalled: u64) -> bool {
@@ -492,6 +515,7 @@ impl Supervisor {
     }
 
     /// True once [`Command::Exit`] has been returned.
+    #[cfg(test)]
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done
     }
@@ -528,7 +552,7 @@ impl Supervisor {
             Event::ScaleBy { delta } => {
                 let to = self.slots.len() as isize + delta;
                 match usize::try_from(to) {
-                    Ok(n) if (1..=crate::config::MAX_WORKERS).contains(&n) => self.on_scale(n, now, wall, &mut out),
+                    Ok(n) if (1..=MAX_WORKERS).contains(&n) => self.on_scale(n, now, wall, &mut out),
                     _ => out.push(Command::Report(Report::ScaleRefused { workers: to })),
                 }
             }
@@ -799,7 +823,7 @@ impl Supervisor {
         }
     }
 
-    fn on_signal_workers(&mut self, signal: i32, out: &mut Vec<Command>) {
+    fn on_signal_workers(&mut self, signal: Signal, out: &mut Vec<Command>) {
         let mut slots = Vec::new();
         for s in &mut self.slots {
             if let Some(p) = s.current.as_mut().filter(|p| p.state == ProcState::Active) {
@@ -1064,18 +1088,15 @@ impl Supervisor {
             return;
         }
         let outcome = match self.phase {
-            Phase::ShuttingDown { .. } => Ok(()),
+            Phase::ShuttingDown { .. } => Outcome::Stopped,
             Phase::Running => {
                 let disabled = self.slots.iter().filter(|s| s.disabled).count();
                 let crashed =
                     self.slots.iter().filter(|s| !s.disabled && matches!(s.last_exit, Some((_, true)))).count();
                 if disabled + crashed == 0 {
-                    Ok(())
+                    Outcome::Stopped
                 } else {
-                    Err(format!(
-                        "all {} workers are gone ({disabled} disabled by crash protection, {crashed} crashed with respawn off)",
-                        self.slots.len()
-                    ))
+                    Outcome::AllFailed { workers: self.slots.len(), disabled, crashed }
                 }
             }
             Phase::Done => return,

@@ -122,7 +122,7 @@ fn ready_makes_active_and_all_ready_is_reported_once() {
     let r = h.ready(1);
     assert!(reports(&r).contains(&&Report::AllReady { workers: 2 }));
     // A respawned worker becoming ready does not announce again.
-    h.exit(1, ExitStatus::Signal(9));
+    h.exit(1, ExitStatus::Signal(Signal::KILL));
     h.at(500);
     let r = h.ready(1);
     assert!(!reports(&r).iter().any(|r| matches!(r, Report::AllReady { .. })));
@@ -137,7 +137,7 @@ fn crash_classification() {
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: true, .. }]));
     h.at(1000);
     h.ready(0);
-    let r = h.exit(0, ExitStatus::Signal(libc::SIGSEGV));
+    let r = h.exit(0, ExitStatus::Signal(Signal::SEGV));
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: true, .. }]));
     h.at(2000);
     h.ready(0);
@@ -152,7 +152,7 @@ fn respawn_after_the_delay_counts_a_restart() {
     let mut h = Harness::new(policy(2));
     h.start_all();
     h.at(1000);
-    h.exit(1, ExitStatus::Signal(libc::SIGKILL));
+    h.exit(1, ExitStatus::Signal(Signal::KILL));
     assert_eq!(h.status(1), WorkerStatus::Respawning);
     assert_eq!(h.sup.next_deadline(), Some(h.t0 + 1100 * MS));
     assert!(spawns(&h.at(1099)).is_empty());
@@ -162,7 +162,7 @@ fn respawn_after_the_delay_counts_a_restart() {
     assert_eq!(stats.total_restarts, 1);
     let w = &h.sup.worker_stats(h.now)[1];
     assert_eq!(w.crash_count, 1);
-    assert_eq!(w.exit_status, Some(ExitStatus::Signal(9)));
+    assert_eq!(w.exit_status, Some(ExitStatus::Signal(Signal::KILL)));
 }
 
 #[test]
@@ -176,7 +176,7 @@ fn no_respawn_leaves_the_slot_crashed_and_exits_with_an_error_when_all_are_gone(
     assert_eq!(h.sup.cluster_stats().crashed_workers, 1);
     let r = h.exit(1, ExitStatus::Code(0));
     assert_eq!(h.status(1), WorkerStatus::Stopped);
-    assert!(matches!(r.last(), Some(Command::Exit(Err(_)))), "{r:?}");
+    assert!(matches!(r.last(), Some(Command::Exit(Outcome::AllFailed { .. }))), "{r:?}");
     assert!(h.sup.is_done());
 }
 
@@ -187,7 +187,7 @@ fn clean_exits_without_respawn_end_supervision_successfully() {
     let mut h = Harness::new(p);
     h.start_all();
     let r = h.exit(0, ExitStatus::Code(0));
-    assert_eq!(r.last(), Some(&Command::Exit(Ok(()))));
+    assert_eq!(r.last(), Some(&Command::Exit(Outcome::Stopped)));
 }
 
 #[test]
@@ -239,7 +239,7 @@ fn every_slot_disabled_ends_with_an_error() {
     h.exit(0, ExitStatus::Code(1));
     h.at(200);
     let r = h.exit(0, ExitStatus::Code(1));
-    assert!(matches!(r.last(), Some(Command::Exit(Err(msg))) if msg.contains("1 disabled")), "{r:?}");
+    assert!(matches!(r.last(), Some(Command::Exit(Outcome::AllFailed { disabled: 1, .. }))), "{r:?}");
     assert_eq!(spawns(&h.log).len(), 3, "spawned exactly max_crashes times");
 }
 
@@ -260,7 +260,7 @@ fn shutdown_terms_everyone_then_kills_at_the_timeout() {
     h.at(1000);
     let r = h.feed(Event::Shutdown);
     assert!(r.contains(&Command::CloseListeners));
-    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count();
+    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count();
     assert_eq!(terms, 3);
     assert!((0..3).all(|i| h.status(i) == WorkerStatus::Stopping));
     assert!(h.sup.cluster_stats().shutdown_requested);
@@ -268,15 +268,15 @@ fn shutdown_terms_everyone_then_kills_at_the_timeout() {
     // Two drain in time, with any status: never a crash, never respawned.
     let r = h.exit(0, ExitStatus::Code(0));
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, respawn_in: None, .. }]));
-    let r = h.exit(1, ExitStatus::Signal(libc::SIGTERM));
+    let r = h.exit(1, ExitStatus::Signal(Signal::TERM));
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
     assert!(spawns(&h.at(1999)).is_empty());
     let r = h.at(2000);
-    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGKILL, .. })).count(), 1);
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::KILL, .. })).count(), 1);
     assert_eq!(h.sup.next_deadline(), None);
-    let r = h.exit(2, ExitStatus::Signal(libc::SIGKILL));
+    let r = h.exit(2, ExitStatus::Signal(Signal::KILL));
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
-    assert_eq!(r.last(), Some(&Command::Exit(Ok(()))));
+    assert_eq!(r.last(), Some(&Command::Exit(Outcome::Stopped)));
 }
 
 #[test]
@@ -288,7 +288,7 @@ fn shutdown_cancels_pending_spawns_and_respawns() {
     assert_eq!(spawns(&r), Vec::<usize>::new());
     assert!(spawns(&h.at(500)).is_empty());
     let r = h.exit(0, ExitStatus::Code(0));
-    assert_eq!(r.last(), Some(&Command::Exit(Ok(()))));
+    assert_eq!(r.last(), Some(&Command::Exit(Outcome::Stopped)));
 }
 
 #[test]
@@ -297,14 +297,14 @@ fn second_shutdown_request_kills_at_once() {
     h.start_all();
     h.feed(Event::Shutdown);
     let r = h.feed(Event::Shutdown);
-    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGKILL, .. })).count(), 2);
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::KILL, .. })).count(), 2);
 }
 
 #[test]
 fn shutdown_with_no_workers_exits_at_once() {
     let mut h = Harness::new(policy(2));
     let r = h.feed(Event::Shutdown);
-    assert_eq!(r.last(), Some(&Command::Exit(Ok(()))));
+    assert_eq!(r.last(), Some(&Command::Exit(Outcome::Stopped)));
 }
 
 #[test]
@@ -337,16 +337,16 @@ fn signal_workers_reaches_active_workers_and_their_death_by_it_is_no_crash() {
     h.at(200);
     h.ready(0);
     h.ready(2); // slot 1 is still starting
-    let r = h.feed(Event::SignalWorkers { signal: libc::SIGUSR1 });
-    let signalled: Vec<_> = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGUSR1, .. })).collect();
+    let r = h.feed(Event::SignalWorkers { signal: Signal::USR1 });
+    let signalled: Vec<_> = r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::USR1, .. })).collect();
     assert_eq!(signalled.len(), 2);
-    assert!(reports(&r).contains(&&Report::Signalled { signal: libc::SIGUSR1, slots: vec![0, 2] }));
+    assert!(reports(&r).contains(&&Report::Signalled { signal: Signal::USR1, slots: vec![0, 2] }));
     // A worker without a SIGUSR1 handler dies of it: the master sent it, so not a crash.
-    let r = h.exit(0, ExitStatus::Signal(libc::SIGUSR1));
+    let r = h.exit(0, ExitStatus::Signal(Signal::USR1));
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, respawn_in: Some(_), .. }]));
     // SIGKILL sent through signal_workers: not a crash either, but replaced.
-    h.feed(Event::SignalWorkers { signal: libc::SIGKILL });
-    let r = h.exit(2, ExitStatus::Signal(libc::SIGKILL));
+    h.feed(Event::SignalWorkers { signal: Signal::KILL });
+    let r = h.exit(2, ExitStatus::Signal(Signal::KILL));
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, respawn_in: Some(_), .. }]));
     assert_eq!(h.sup.worker_stats(h.now)[2].crash_count, 0);
 }
@@ -381,7 +381,7 @@ fn status_lifecycle() {
     p.respawn = false;
     let mut h = Harness::new(p);
     h.start_all();
-    h.exit(0, ExitStatus::Signal(libc::SIGSEGV));
+    h.exit(0, ExitStatus::Signal(Signal::SEGV));
     assert_eq!(h.status(0), Crashed);
 }
 
@@ -433,7 +433,7 @@ fn rolling_restart_is_surge_first_and_one_slot_at_a_time() {
         let key = next_key(&h, slot);
         let r = h.feed(Event::Ready { key });
         // The old worker is told to drain only now.
-        let terms: Vec<_> = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).collect();
+        let terms: Vec<_> = r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).collect();
         assert_eq!(terms.len(), 1, "slot {slot}: {r:?}");
         assert!(
             reports(&r).iter().any(
@@ -496,13 +496,13 @@ fn a_replacement_not_ready_in_time_is_killed_and_the_rollout_fails() {
     let key = next_key(&h, 0);
     assert_eq!(h.sup.next_deadline(), Some(h.t0 + 3000 * MS));
     let r = h.at(3000);
-    assert!(r.contains(&Command::Signal { key, signal: libc::SIGKILL }));
+    assert!(r.contains(&Command::Signal { key, signal: Signal::KILL }));
     let (outcome, _) = finished(&r).unwrap();
     assert!(
         matches!(&outcome, RestartOutcome::Failed { worker_id: 0, reason, .. } if reason.contains("not ready within"))
     );
     // Its death by our SIGKILL is not a crash and starts nothing.
-    let r = h.feed(Event::Exited { key, status: ExitStatus::Signal(libc::SIGKILL) });
+    let r = h.feed(Event::Exited { key, status: ExitStatus::Signal(Signal::KILL) });
     assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]));
     assert!(spawns(&r).is_empty());
     assert_eq!(h.sup.cluster_stats().active_workers, 2);
@@ -568,7 +568,7 @@ fn shutdown_during_a_rollout_stops_old_and_new_and_cancels_waiters() {
         .collect();
     assert_eq!(cancelled, vec![vec![9], vec![10]]);
     // Slot 0's new worker, slot 0's draining old one, slot 1's old and its starting replacement.
-    assert!(r.contains(&Command::Signal { key: starting, signal: libc::SIGTERM }));
+    assert!(r.contains(&Command::Signal { key: starting, signal: Signal::TERM }));
     let keys: Vec<WorkerKey> = h.sup.procs().map(|(_, p)| p.key).collect();
     assert_eq!(keys.len(), 4);
     let r = h.feed(Event::Restart { ticket: Some(11) });
@@ -578,7 +578,7 @@ fn shutdown_during_a_rollout_stops_old_and_new_and_cancels_waiters() {
     for key in keys {
         last = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
     }
-    assert_eq!(last.last(), Some(&Command::Exit(Ok(()))));
+    assert_eq!(last.last(), Some(&Command::Exit(Outcome::Stopped)));
 }
 
 #[test]
@@ -592,7 +592,7 @@ fn a_draining_worker_is_killed_at_the_shutdown_timeout() {
     h.feed(Event::Ready { key });
     assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "the drain is bounded by shutdown_timeout");
     let r = h.at(2000);
-    assert!(r.contains(&Command::Signal { key: old, signal: libc::SIGKILL }));
+    assert!(r.contains(&Command::Signal { key: old, signal: Signal::KILL }));
 }
 
 #[test]
@@ -649,7 +649,7 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
     assert_eq!(h.sup.next_deadline(), Some(h.now + ROUTE_SETTLE));
     h.now += ROUTE_SETTLE;
     let r = h.feed(Event::Tick);
-    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count();
+    let terms = r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count();
     assert_eq!(terms, 3);
     assert_eq!(h.sup.cluster_stats().total_workers, 1);
     assert_eq!(h.sup.policy().workers, 1);
@@ -682,7 +682,7 @@ fn connections_are_routed_to_ready_workers_only() {
     assert_eq!(routes(&h.ready(1)), vec![vec![0, 1]]);
     assert_eq!(routes(&h.ready(2)), vec![vec![0, 1, 2]]);
     // A crashed slot gets nothing new while it respawns, then again once ready.
-    assert_eq!(routes(&h.exit(1, ExitStatus::Signal(9))), vec![vec![0, 2]]);
+    assert_eq!(routes(&h.exit(1, ExitStatus::Signal(Signal::KILL))), vec![vec![0, 2]]);
     assert!(routes(&h.at(500)).is_empty(), "spawned, not ready: unchanged");
     assert_eq!(routes(&h.ready(1)), vec![vec![0, 1, 2]]);
     // A rolling restart keeps every slot routed: the old worker serves until the new is ready.
@@ -697,7 +697,7 @@ fn connections_are_routed_to_ready_workers_only() {
     assert!(!r.iter().any(|c| matches!(c, Command::Signal { .. })));
     h.now += ROUTE_SETTLE;
     let r = h.feed(Event::Tick);
-    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count(), 2);
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count(), 2);
     // No routing in Shared mode.
     let mut p = policy(2);
     p.socket_per_slot = false;
@@ -712,7 +712,7 @@ fn a_shutdown_stops_workers_waiting_for_their_route_to_settle() {
     h.start_all();
     h.feed(Event::Scale { workers: 1 });
     let r = h.feed(Event::Shutdown);
-    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: libc::SIGTERM, .. })).count(), 2);
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count(), 2);
 }
 
 // ---- interleavings found in review ----

@@ -6,11 +6,10 @@ use std::os::fd::OwnedFd;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::Balance;
 use crate::error::Error;
 
-/// Binds the cluster's listening sockets: one per slot with [`Balance::ReusePort`], one in all
-/// with [`Balance::Shared`]. All are close-on-exec; workers get theirs through explicit fd
+/// Binds the cluster's listening sockets: with `per_slot`, one `SO_REUSEPORT` socket per slot
+/// (`Balance::ReusePort`), else one in all (`Balance::Shared`). All are close-on-exec; workers get theirs through explicit fd
 /// mappings. Returns the sockets and the address actually bound (the real port for port 0).
 ///
 /// With `ReusePort`, a probe socket *without* `SO_REUSEPORT` is bound first: if anybody else
@@ -18,32 +17,28 @@ use crate::error::Error;
 /// otherwise let us join silently) this fails with "address in use" before any worker exists.
 pub(crate) fn bind_listeners(
     addr: SocketAddr,
-    balance: Balance,
+    per_slot: bool,
     slots: usize,
     backlog: u32,
 ) -> Result<(Vec<OwnedFd>, SocketAddr), Error> {
     let bind_err = |source| Error::Bind { addr, source };
     let backlog = backlog.min(i32::MAX as u32) as i32;
-    match balance {
-        Balance::Shared => {
-            let s = new_socket(addr, false).map_err(bind_err)?;
-            s.bind(&addr.into()).map_err(bind_err)?;
-            s.listen(backlog).map_err(bind_err)?;
-            let local = local_addr(&s).map_err(bind_err)?;
-            Ok((vec![s.into()], local))
-        }
-        Balance::ReusePort => {
-            let probe = new_socket(addr, false).map_err(bind_err)?;
-            probe.bind(&addr.into()).map_err(bind_err)?;
-            let real = local_addr(&probe).map_err(bind_err)?;
-            drop(probe);
-            let mut fds = Vec::with_capacity(slots);
-            for _ in 0..slots {
-                fds.push(bind_reuseport(real, backlog).map_err(|source| Error::Bind { addr: real, source })?);
-            }
-            Ok((fds, real))
-        }
+    if !per_slot {
+        let s = new_socket(addr, false).map_err(bind_err)?;
+        s.bind(&addr.into()).map_err(bind_err)?;
+        s.listen(backlog).map_err(bind_err)?;
+        let local = local_addr(&s).map_err(bind_err)?;
+        return Ok((vec![s.into()], local));
     }
+    let probe = new_socket(addr, false).map_err(bind_err)?;
+    probe.bind(&addr.into()).map_err(bind_err)?;
+    let real = local_addr(&probe).map_err(bind_err)?;
+    drop(probe);
+    let mut fds = Vec::with_capacity(slots);
+    for _ in 0..slots {
+        fds.push(bind_reuseport(real, backlog).map_err(|source| Error::Bind { addr: real, source })?);
+    }
+    Ok((fds, real))
 }
 
 /// One more `SO_REUSEPORT` socket on `addr` (for a slot added while running).
@@ -81,11 +76,12 @@ pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Erro
     if !ours || count == 0 {
         return Ok(None);
     }
-    if !crate::role::claim_inherited_fds() {
+    if !crate::os::fds::claim_inherited_fds() {
         return Err(Error::AlreadyInitialized);
     }
     let bad = |what: String| Error::BadInheritance { what };
-    let fd = crate::sys::take_inherited_fd(3).map_err(|e| bad(format!("socket activation: fd 3 is missing: {e}")))?;
+    let fd =
+        crate::os::sys::take_inherited_fd(3).map_err(|e| bad(format!("socket activation: fd 3 is missing: {e}")))?;
     rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(format!("fd 3: {e}")))?;
     let listener = check_inherited_listener(fd, 3)?;
     let addr = listener.local_addr().map_err(|e| bad(format!("fd 3: {e}")))?;
@@ -93,7 +89,7 @@ pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Erro
         tracing::warn!("socket activation passed {count} sockets; serving the first ({addr}) only");
         // The others must not reach workers or anything else this program executes.
         for extra in 4..3 + count.min(1024) as i32 {
-            let _ = crate::sys::set_cloexec_raw(extra);
+            let _ = crate::os::sys::set_cloexec_raw(extra);
         }
     }
     Ok(Some((listener.into(), addr)))
@@ -129,7 +125,7 @@ mod tests {
 
     #[test]
     fn port_zero_gives_one_real_port_for_every_slot() {
-        let (fds, addr) = bind_listeners(loopback(0), Balance::ReusePort, 3, 128).unwrap();
+        let (fds, addr) = bind_listeners(loopback(0), true, 3, 128).unwrap();
         assert_ne!(addr.port(), 0);
         assert_eq!(fds.len(), 3);
         for fd in fds {
@@ -140,18 +136,18 @@ mod tests {
 
     #[test]
     fn shared_is_one_socket() {
-        let (fds, addr) = bind_listeners(loopback(0), Balance::Shared, 4, 128).unwrap();
+        let (fds, addr) = bind_listeners(loopback(0), false, 4, 128).unwrap();
         assert_eq!(fds.len(), 1);
         assert_ne!(addr.port(), 0);
     }
 
     #[test]
     fn address_in_use_is_an_error_naming_it_even_against_a_reuseport_group() {
-        for balance in [Balance::ReusePort, Balance::Shared] {
-            let (_held, addr) = bind_listeners(loopback(0), Balance::ReusePort, 1, 128).unwrap();
-            match bind_listeners(addr, balance, 2, 128) {
+        for per_slot in [true, false] {
+            let (_held, addr) = bind_listeners(loopback(0), true, 1, 128).unwrap();
+            match bind_listeners(addr, per_slot, 2, 128) {
                 Err(e @ Error::Bind { .. }) => assert!(e.to_string().contains(&addr.to_string()), "{e}"),
-                other => panic!("{balance}: expected a bind error, got {other:?}"),
+                other => panic!("per_slot={per_slot}: expected a bind error, got {other:?}"),
             }
         }
     }

@@ -14,11 +14,9 @@ use common::*;
 use rustix::process::Signal;
 use serde_json::Value;
 
-const CLI: &str = env!("CARGO_BIN_EXE_ecewo-cluster");
-
 /// Runs the CLI against this test's socket directory.
 fn cli(tb: &Testbed, args: &[&str]) -> Output {
-    Command::new(CLI).args(args).env("XDG_RUNTIME_DIR", &tb.dir).output().expect("run the CLI")
+    Command::new(cli_binary()).args(args).env("XDG_RUNTIME_DIR", &tb.dir).output().expect("run the CLI")
 }
 
 fn stdout(o: &Output) -> String {
@@ -212,7 +210,7 @@ fn another_user_is_refused() {
     let bin_dir = tempfile::Builder::new().prefix("ecewo-cli").tempdir_in("/tmp").unwrap();
     std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let bin = bin_dir.path().join("ecewo-cluster");
-    std::fs::copy(CLI, &bin).unwrap();
+    std::fs::copy(cli_binary(), &bin).unwrap();
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let as_nobody = |path: &Path| {
         Command::new("setpriv")
@@ -270,13 +268,13 @@ fn stale_sockets_are_replaced_and_stop_works() {
     let mut tb = Testbed::start(&["--workers", "1", "--control-socket", sock.to_str().unwrap()]);
     assert!(tb.stderr().contains("replacing the stale control socket"));
     let workers = tb.workers();
-    let out = Command::new(CLI).args(["--socket", sock.to_str().unwrap(), "stop"]).output().unwrap();
+    let out = Command::new(cli_binary()).args(["--socket", sock.to_str().unwrap(), "stop"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let st = tb.wait_exit(Duration::from_secs(10)).expect("stopped");
     assert!(st.success());
     assert!(workers.iter().all(|&w| !alive(w)));
     assert!(!sock.exists(), "the master removes its socket");
-    let out = Command::new(CLI).args(["--socket", sock.to_str().unwrap(), "status"]).output().unwrap();
+    let out = Command::new(cli_binary()).args(["--socket", sock.to_str().unwrap(), "status"]).output().unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("no cluster is running at"), "{}", stderr(&out));
 }

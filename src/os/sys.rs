@@ -1,4 +1,5 @@
-//! The few system calls that need `unsafe`. Nothing else in the crate uses `unsafe`.
+//! The few system calls that need `unsafe`: the only module of the crate allowed to use it
+//! (`#![deny(unsafe_code)]` holds everywhere else). Every block says why it is sound.
 
 use std::io;
 use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -115,4 +116,17 @@ fn set_socket_option<T>(socket: BorrowedFd<'_>, option: libc::c_int, value: &T) 
         )
     };
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Sends `signal` to the process behind `pidfd` (which cannot have been reused: a pidfd names
+/// one process for its whole life).
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: crate::signal::Signal) -> rustix::io::Result<()> {
+    let raw = signal.as_raw();
+    let sig = match Signal::from_named_raw(raw) {
+        Some(named) => named,
+        // SAFETY: a `crate::signal::Signal` only holds valid signal numbers, and the ones without
+        // a name are real-time signals (34 to 64), which libc does not reserve for itself.
+        None => unsafe { Signal::from_raw_unchecked(raw) },
+    };
+    rustix::process::pidfd_send_signal(pidfd, sig)
 }

@@ -9,11 +9,15 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 
-use crate::channel::LineIo;
-use crate::control::{self, MAX_REQUEST, Request};
+use super::driver::Driver;
+use crate::config::check_scale;
 use crate::error::Error;
+use crate::proto::control::{self, MAX_REQUEST, MasterInfo, Request, Response, Status};
+use crate::proto::line::LineIo;
+use crate::supervisor::Event;
 
 /// Connections kept at once; past this the oldest idle one is closed to make room.
 const MAX_CONNECTIONS: usize = 64;
@@ -197,12 +201,10 @@ impl ControlServer {
         requests
     }
 
-    /// Queues a reply on connection `id` and writes what the socket takes now.
-    pub(crate) fn reply(&mut self, id: ConnId, reply: &Value) {
+    /// Queues a reply line on connection `id` and writes what the socket takes now.
+    pub(crate) fn reply(&mut self, id: ConnId, line: &[u8]) {
         if let Some(c) = self.conns.get_mut(&id) {
-            let mut line = serde_json::to_vec(reply).unwrap_or_default();
-            line.push(b'\n');
-            c.io.send(&line).ok();
+            c.io.send(line).ok();
         }
         self.flush(id);
     }
@@ -242,6 +244,77 @@ impl Drop for ControlServer {
             && (meta.dev(), meta.ino()) == self.id
         {
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+impl Driver {
+    /// Answers what a control connection sent.
+    pub(super) fn on_control(&mut self, id: ConnId, events: &mut VecDeque<Event>) {
+        let Some(ctl) = self.m.control.as_mut() else { return };
+        let requests = ctl.read(id, Instant::now());
+        for request in requests {
+            let reply = match request {
+                Err(message) => Err(message),
+                Ok(Request::Status) => {
+                    let (cluster, workers) = self.stats_now();
+                    let master = MasterInfo::new(
+                        self.master_pid.as_raw_nonzero().get() as u32,
+                        self.m.name.clone(),
+                        self.m.shared.addr.to_string(),
+                        self.m.balance.to_string(),
+                        self.m.started,
+                    );
+                    Ok(Response::Status(Box::new(Status { master, cluster, workers })))
+                }
+                Ok(Request::Restart { wait: false }) => {
+                    events.push_back(Event::Restart { ticket: None });
+                    Ok(Response::RestartStarted)
+                }
+                Ok(Request::Restart { wait: true }) => {
+                    let ticket = self.m.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
+                    self.control_waiters.insert(ticket, id);
+                    if let Some(ctl) = self.m.control.as_mut() {
+                        ctl.owe(id, 1);
+                    }
+                    events.push_back(Event::Restart { ticket: Some(ticket) });
+                    continue;
+                }
+                Ok(Request::Scale { workers }) => match check_scale(workers) {
+                    Ok(()) => {
+                        events.push_back(Event::Scale { workers });
+                        Ok(Response::Scaling { workers })
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+                Ok(Request::Signal { signal }) => {
+                    events.push_back(Event::SignalWorkers { signal });
+                    Ok(Response::Signalled { signal })
+                }
+                Ok(Request::Metrics) => {
+                    let (cluster, workers) = self.stats_now();
+                    // Labelled with the cluster's name: several clusters' files can share a collector.
+                    let name = format!("{}-{}", self.m.name, self.m.shared.addr.port());
+                    let text = crate::proto::metrics::render_labeled(&cluster, &workers, &[("cluster", &name)]);
+                    Ok(Response::Metrics { text })
+                }
+                Ok(Request::Stop) => {
+                    events.push_back(Event::Shutdown);
+                    Ok(Response::Stopping)
+                }
+                // A request this master does not know (the enum may grow).
+                #[allow(unreachable_patterns)]
+                Ok(_) => Err("this master does not support that command; upgrade it".into()),
+            };
+            if let Some(ctl) = self.m.control.as_mut() {
+                let line = match &reply {
+                    Ok(response) => response.encode(),
+                    Err(message) => control::encode_error(message),
+                };
+                ctl.reply(id, &line);
+            }
+        }
+        if let Some(ctl) = self.m.control.as_mut() {
+            ctl.flush(id);
         }
     }
 }

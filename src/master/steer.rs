@@ -12,6 +12,11 @@
 //! in `listen()` order, and when a socket leaves the group the last one takes its place. The
 //! master creates and closes every socket of the group, so [`Group`] mirrors that array.
 
+use std::os::fd::AsFd;
+
+use super::driver::Driver;
+use crate::config::Balance;
+
 /// The kernel's array of a reuseport group, as slot ids (mirrors `struct sock_reuseport`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Group {
@@ -83,11 +88,32 @@ fn program_for(targets: &[u32], group_len: usize) -> Option<Vec<libc::sock_filte
     Some(p)
 }
 
+impl Driver {
+    /// Attaches the steering program for the current route to the `ReusePort` group.
+    pub(super) fn apply_route(&mut self) {
+        if self.m.balance != Balance::ReusePort || self.steering_failed {
+            return;
+        }
+        let Some(any) = self.m.listeners.iter().flatten().next() else { return };
+        let Some(program) = self.group.program(&self.route) else {
+            // Too many routed slots for a classic BPF program: let the kernel hash over all.
+            let _ = crate::os::sys::detach_reuseport_bpf(any.as_fd());
+            return;
+        };
+        if let Err(e) = crate::os::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
+            self.steering_failed = true;
+            tracing::warn!(
+                "cannot steer connections ({e}); the kernel's hashing applies, including to slots that are restarting"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::{SocketAddr, TcpListener, TcpStream};
-    use std::os::fd::{AsFd, OwnedFd};
+    use std::os::fd::OwnedFd;
     use std::time::Duration;
 
     /// Evaluates a program the way the kernel would, with `random` as the random number.
@@ -152,7 +178,7 @@ mod tests {
     #[test]
     fn the_kernel_follows_the_program() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (fds, addr) = crate::socket::bind_listeners(addr, crate::config::Balance::ReusePort, 2, 64).unwrap();
+        let (fds, addr) = crate::os::socket::bind_listeners(addr, true, 2, 64).unwrap();
         let mut group = Group::default();
         group.join(0);
         group.join(1);
@@ -162,7 +188,7 @@ mod tests {
         }
         let count = |expect_routed: usize| {
             let program = group.program(&[expect_routed]).unwrap();
-            crate::sys::attach_reuseport_cbpf(listeners[0].as_fd(), &program).unwrap();
+            crate::os::sys::attach_reuseport_cbpf(listeners[0].as_fd(), &program).unwrap();
             let conns: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(addr).unwrap()).collect();
             std::thread::sleep(Duration::from_millis(50));
             let accepted: Vec<usize> =
@@ -173,14 +199,14 @@ mod tests {
         assert_eq!(count(1), vec![0, 20]);
         assert_eq!(count(0), vec![20, 0]);
         // Detached: the kernel's own hashing over both again.
-        crate::sys::detach_reuseport_bpf(listeners[0].as_fd()).unwrap();
+        crate::os::sys::detach_reuseport_bpf(listeners[0].as_fd()).unwrap();
         let _conns: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(addr).unwrap()).collect();
         std::thread::sleep(Duration::from_millis(50));
         let accepted: Vec<usize> = listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();
         assert!(accepted.iter().all(|&n| n > 0) && accepted.iter().sum::<usize>() == 40, "{accepted:?}");
         // Both: spread at random.
         let program = group.program(&[0, 1]).unwrap();
-        crate::sys::attach_reuseport_cbpf(listeners[1].as_fd(), &program).unwrap();
+        crate::os::sys::attach_reuseport_cbpf(listeners[1].as_fd(), &program).unwrap();
         let _conns: Vec<TcpStream> = (0..40).map(|_| TcpStream::connect(addr).unwrap()).collect();
         std::thread::sleep(Duration::from_millis(50));
         let accepted: Vec<usize> = listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();

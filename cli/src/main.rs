@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use ecewo_cluster::control::{self, Client, ClientError};
-use serde_json::{Value, json};
+use ecewo_cluster::control::{self, Client, ClientError, Request, Response, Status};
+use ecewo_cluster::{RestartOutcome, Signal};
 
 #[derive(Parser)]
 #[command(name = "ecewo-cluster", version, about = "See and steer running ecewo-cluster clusters")]
@@ -15,7 +15,7 @@ struct Cli {
     target: Target,
     /// Seconds to wait for the master's answer (`restart --wait` waits for the rollout instead,
     /// up to 10 minutes).
-    #[arg(long, global = true, default_value_t = 5.0)]
+    #[arg(long, global = true, default_value_t = 5.0, value_parser = parse_timeout)]
     timeout: f64,
     #[command(subcommand)]
     command: Cmd,
@@ -56,7 +56,7 @@ enum Cmd {
     /// Send a signal (USR1, HUP, 10, ...) to every active worker.
     Signal {
         /// The signal, by name or number.
-        signal: String,
+        signal: Signal,
     },
     /// Stop the cluster gracefully.
     Stop,
@@ -70,7 +70,15 @@ enum Cmd {
     },
 }
 
-/// A failure to report to the user.
+/// `--timeout`: a positive number of seconds, at most a day.
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 && secs <= 86_400.0 => Ok(secs),
+        _ => Err(format!("{text:?} is not a number of seconds between 0 and 86400 (for example 5 or 0.5)")),
+    }
+}
+
+/// A failure to report to the user: one sentence.
 struct Failure(String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
@@ -82,7 +90,7 @@ impl<E: std::fmt::Display> From<E> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(Failure(msg)) => {
             eprintln!("ecewo-cluster: {msg}");
             ExitCode::FAILURE
@@ -90,45 +98,46 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<(), Failure> {
-    let timeout = Duration::try_from_secs_f64(cli.timeout).map_err(|_| Failure("--timeout must be positive".into()))?;
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    // parse_timeout keeps it in range.
+    let timeout = Duration::from_secs_f64(cli.timeout);
     if let Cmd::List { json } = cli.command {
-        return list(json, timeout);
+        list(json, timeout)?;
+        return Ok(ExitCode::SUCCESS);
     }
     let path = find(&cli.target, timeout)?;
     let request = match &cli.command {
-        Cmd::Status { .. } => json!({ "v": 1, "cmd": "status" }),
-        Cmd::Restart { wait } => json!({ "v": 1, "cmd": "restart", "wait": wait }),
-        Cmd::Scale { workers } => json!({ "v": 1, "cmd": "scale", "workers": workers }),
-        Cmd::Signal { signal } => {
-            let sig = match signal.parse::<i32>() {
-                Ok(n) => json!(n),
-                Err(_) => json!(signal),
-            };
-            json!({ "v": 1, "cmd": "signal", "signal": sig })
-        }
-        Cmd::Stop => json!({ "v": 1, "cmd": "stop" }),
-        Cmd::Metrics => json!({ "v": 1, "cmd": "metrics" }),
+        Cmd::Status { .. } => Request::Status,
+        Cmd::Restart { wait } => Request::Restart { wait: *wait },
+        Cmd::Scale { workers } => Request::Scale { workers: *workers },
+        Cmd::Signal { signal } => Request::Signal { signal: *signal },
+        Cmd::Stop => Request::Stop,
+        Cmd::Metrics => Request::Metrics,
         Cmd::List { .. } => unreachable!("handled above"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true }) { Duration::from_secs(600) } else { timeout };
-    let answer = Client::connect(&path, wait)?.request(&request)?;
-    if answer["ok"] != json!(true) {
-        let msg = answer["error"].as_str().unwrap_or("the master refused the request").to_owned();
-        return Err(Failure(msg));
+    let response = Client::connect(&path, wait)?.request(&request)?;
+    match (&cli.command, response) {
+        (Cmd::Status { json: true }, response) => {
+            // The master's whole answer, as the protocol puts it.
+            let wire: serde_json::Value = serde_json::from_slice(&response.encode())?;
+            println!("{}", serde_json::to_string_pretty(&wire)?);
+        }
+        (Cmd::Status { json: false }, Response::Status(status)) => print_status(&status),
+        (_, Response::RestartFinished(outcome)) => {
+            if !outcome.is_completed() {
+                return Err(Failure(format!("graceful restart {}", describe_outcome(&outcome))));
+            }
+            println!("restart {}", describe_outcome(&outcome));
+        }
+        (_, Response::RestartStarted) => println!("restart started (`status` shows its progress)"),
+        (_, Response::Scaling { workers }) => println!("scaling to {workers} workers"),
+        (_, Response::Signalled { signal }) => println!("sent {signal} to every active worker"),
+        (_, Response::Stopping) => println!("stopping"),
+        (_, Response::Metrics { text }) => print!("{text}"),
+        (_, other) => return Err(Failure(format!("the master answered something unexpected: {other:?}"))),
     }
-    match cli.command {
-        Cmd::Status { json: true } => println!("{}", serde_json::to_string_pretty(&answer)?),
-        Cmd::Status { json: false } => print_status(&answer),
-        Cmd::Restart { wait: true } => println!("restart {}", describe_outcome(&answer["outcome"])),
-        Cmd::Restart { wait: false } => println!("restart started (`status` shows its progress)"),
-        Cmd::Scale { workers } => println!("scaling to {workers} workers"),
-        Cmd::Signal { signal } => println!("sent {signal} to every active worker"),
-        Cmd::Stop => println!("stopping"),
-        Cmd::Metrics => print!("{}", answer["text"].as_str().unwrap_or_default()),
-        Cmd::List { .. } => {}
-    }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Finds the control socket the user means.
@@ -141,33 +150,36 @@ fn find(target: &Target, timeout: Duration) -> Result<PathBuf, Failure> {
     }
     let running = running_clusters(timeout);
     if let Some(pid) = target.pid {
-        return running
-            .into_iter()
-            .find(|(_, _, status)| status["master"]["pid"] == json!(pid))
-            .map(|(_, path, _)| path)
-            .ok_or_else(|| {
-                Failure(format!(
-                    "no cluster of this user has master pid {pid} (`ecewo-cluster list` shows the running ones; a cluster started with its own --socket must be named with --socket)"
-                ))
-            });
+        return running.into_iter().find(|c| c.status.master.pid == pid).map(|c| c.path).ok_or_else(|| {
+            Failure(format!(
+                "no cluster of this user has master pid {pid} (`ecewo-cluster list` shows the running ones; a cluster started with its own --socket must be named with --socket)"
+            ))
+        });
     }
     match running.len() {
         0 => Err(Failure(format!(
             "no cluster is running (none answers in {}); start one, or name its socket with --socket",
             control::socket_dir().display()
         ))),
-        1 => Ok(running.into_iter().next().expect("one").1),
+        1 => Ok(running.into_iter().next().expect("one").path),
         _ => Err(Failure(format!(
             "{} clusters are running ({}); choose one with --name or --pid",
             running.len(),
-            running.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+            running.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
         ))),
     }
 }
 
+/// A cluster that answered `status`.
+struct Running {
+    name: String,
+    path: PathBuf,
+    status: Box<Status>,
+}
+
 /// The clusters in the socket directory that answer `status`. Sockets nobody listens on any
 /// more (left by a master that was killed) are removed on the way.
-fn running_clusters(timeout: Duration) -> Vec<(String, PathBuf, Value)> {
+fn running_clusters(timeout: Duration) -> Vec<Running> {
     control::list_sockets()
         .into_iter()
         .filter_map(|(name, path)| {
@@ -179,8 +191,10 @@ fn running_clusters(timeout: Duration) -> Vec<(String, PathBuf, Value)> {
                 }
                 Err(_) => return None,
             };
-            let status = client.request(&json!({ "v": 1, "cmd": "status" })).ok()?;
-            Some((name, path, status))
+            match client.request(&Request::Status).ok()? {
+                Response::Status(status) => Some(Running { name, path, status }),
+                _ => None,
+            }
         })
         .collect()
 }
@@ -188,9 +202,16 @@ fn running_clusters(timeout: Duration) -> Vec<(String, PathBuf, Value)> {
 fn list(json: bool, timeout: Duration) -> Result<(), Failure> {
     let running = running_clusters(timeout);
     if json {
-        let items: Vec<Value> = running
+        #[derive(serde::Serialize)]
+        struct Item<'a> {
+            name: &'a str,
+            socket: &'a std::path::Path,
+            master: &'a control::MasterInfo,
+            cluster: &'a ecewo_cluster::ClusterStats,
+        }
+        let items: Vec<Item> = running
             .iter()
-            .map(|(name, path, s)| json!({ "name": name, "socket": path, "master": s["master"], "cluster": s["cluster"] }))
+            .map(|c| Item { name: &c.name, socket: &c.path, master: &c.status.master, cluster: &c.status.cluster })
             .collect();
         println!("{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
@@ -200,47 +221,40 @@ fn list(json: bool, timeout: Duration) -> Result<(), Failure> {
         return Ok(());
     }
     println!("{:<28} {:>8} {:<22} {:>8} {:>7}", "NAME", "MASTER", "ADDRESS", "WORKERS", "ACTIVE");
-    for (name, _, s) in &running {
+    for c in &running {
         println!(
             "{:<28} {:>8} {:<22} {:>8} {:>7}",
-            name,
-            text(&s["master"]["pid"]),
-            text(&s["master"]["address"]),
-            text(&s["cluster"]["total_workers"]),
-            text(&s["cluster"]["active_workers"])
+            c.name,
+            c.status.master.pid,
+            c.status.master.address,
+            c.status.cluster.total_workers,
+            c.status.cluster.active_workers
         );
     }
     Ok(())
 }
 
-fn print_status(s: &Value) {
-    let m = &s["master"];
-    let c = &s["cluster"];
-    println!(
-        "{}  master pid {}  {}  {} balance  memory {}",
-        m["name"].as_str().unwrap_or("?"),
-        m["pid"],
-        m["address"].as_str().unwrap_or("?"),
-        m["balance"].as_str().unwrap_or("?"),
-        bytes(m["rss_bytes"].as_u64())
-    );
+fn print_status(s: &Status) {
+    let m = &s.master;
+    let c = &s.cluster;
+    println!("{}  master pid {}  {}  {} balance  memory {}", m.name, m.pid, m.address, m.balance, bytes(m.rss_bytes));
     let mut flags = Vec::new();
-    if c["restart_requested"] == json!(true) {
+    if c.restart_requested {
         flags.push("restart in progress".to_owned());
     }
-    if c["shutdown_requested"] == json!(true) {
+    if c.shutdown_requested {
         flags.push("shutting down".to_owned());
     }
-    if !c["last_restart"].is_null() {
-        flags.push(format!("last restart {}", describe_outcome(&c["last_restart"])));
+    if let Some(last) = &c.last_restart {
+        flags.push(format!("last restart {}", describe_outcome(last)));
     }
     println!(
         "workers {} active of {}  crashed {}  disabled {}  restarts {}{}",
-        c["active_workers"],
-        c["total_workers"],
-        c["crashed_workers"],
-        c["disabled_workers"],
-        c["total_restarts"],
+        c.active_workers,
+        c.total_workers,
+        c.crashed_workers,
+        c.disabled_workers,
+        c.total_restarts,
         if flags.is_empty() { String::new() } else { format!("  ({})", flags.join("; ")) }
     );
     println!();
@@ -248,17 +262,17 @@ fn print_status(s: &Value) {
         "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
         "ID", "PID", "STATUS", "UPTIME", "RESTARTS", "CRASHES", "MEMORY", "CPU"
     );
-    for w in s["workers"].as_array().into_iter().flatten() {
+    for w in &s.workers {
         println!(
             "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
-            text(&w["worker_id"]),
-            text(&w["pid"]),
-            text(&w["status"]),
-            if w["pid"].is_null() { "-".into() } else { duration(w["uptime"].as_f64().unwrap_or(0.0)) },
-            text(&w["restarts"]),
-            text(&w["crash_count"]),
-            bytes(w["rss_bytes"].as_u64()),
-            w["cpu_time"].as_f64().map(|t| format!("{t:.1}s")).unwrap_or_else(|| "-".into()),
+            w.worker_id,
+            w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            w.status.to_string(),
+            if w.pid.is_none() { "-".into() } else { duration(w.uptime.as_secs_f64()) },
+            w.restarts,
+            w.crash_count,
+            bytes(w.rss_bytes),
+            cpu(w.cpu_time),
         );
     }
     println!(
@@ -269,31 +283,19 @@ fn print_status(s: &Value) {
         "",
         "",
         "",
-        bytes(c["total_rss_bytes"].as_u64()),
-        c["total_cpu_time"].as_f64().map(|t| format!("{t:.1}s")).unwrap_or_else(|| "-".into())
+        bytes(Some(c.total_rss_bytes)),
+        cpu(Some(c.total_cpu_time))
     );
 }
 
-/// A JSON value as plain text ("-" for null), so that column widths apply.
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+fn cpu(t: Option<Duration>) -> String {
+    t.map(|t| format!("{:.1}s", t.as_secs_f64())).unwrap_or_else(|| "-".into())
 }
 
-fn describe_outcome(o: &Value) -> String {
-    match o["result"].as_str() {
-        Some("completed") => format!("completed: {} workers replaced", o["replaced"]),
-        Some("failed") => format!(
-            "failed at worker {}: {} ({} workers replaced before; the others keep serving)",
-            o["worker_id"],
-            o["reason"].as_str().unwrap_or("?"),
-            o["replaced"]
-        ),
-        Some("cancelled") => format!("cancelled: {}", o["reason"].as_str().unwrap_or("?")),
-        _ => o.to_string(),
+fn describe_outcome(o: &RestartOutcome) -> String {
+    match o {
+        RestartOutcome::Failed { .. } => format!("{o}; the others keep serving"),
+        other => other.to_string(),
     }
 }
 

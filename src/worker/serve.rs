@@ -5,7 +5,8 @@
 //! - [`serve`] runs any tower service (an axum `Router`, a hyper service adapted with tower) on
 //!   the worker's socket over HTTP/1.1 and HTTP/2, reports readiness once it accepts, and drains
 //!   gracefully;
-//! - [`Cluster::serve`] does it all from `main`: init, then supervise or serve.
+//! - [`Cluster::serve`](crate::Cluster::serve) does it all from `main`: init, then supervise or
+//!   serve.
 //!
 //! The drain, on SIGTERM or when the master is gone: stop accepting at once (the socket stays
 //! open in the master, so queued connections go to the other workers or the replacement); answer
@@ -27,13 +28,11 @@ use hyper_util::server::conn::auto;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
-use crate::config::Cluster;
 use crate::error::Error;
-use crate::role::Role;
 use crate::stats::{ClusterStats, WorkerStats};
 use crate::worker::Worker;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Options of [`serve`].
 #[derive(Debug, Clone)]
@@ -193,7 +192,7 @@ pub async fn cluster_stats(worker: &Worker) -> Result<(ClusterStats, Vec<WorkerS
 /// `/metrics` in any worker, and every scrape sees the whole cluster.
 pub async fn metrics(worker: &Worker) -> Result<String, Error> {
     let (cluster, workers) = cluster_stats(worker).await?;
-    Ok(crate::metrics::render(&cluster, &workers))
+    Ok(crate::proto::metrics::render(&cluster, &workers))
 }
 
 /// Wraps the user's service: while draining, every response carries `Connection: close`, so
@@ -244,40 +243,6 @@ where
             resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
         std::task::Poll::Ready(Ok(resp))
-    }
-}
-
-impl Cluster {
-    /// Initialises the cluster and runs it: the master supervises until shutdown; each worker
-    /// builds a single-threaded tokio runtime (one worker per core), calls `make_service` inside
-    /// it, and [`serve`]s the result until it drains.
-    ///
-    /// ```no_run
-    /// use axum::{Router, routing::get};
-    /// use ecewo_cluster::{self as cluster, Cluster};
-    ///
-    /// fn main() -> Result<(), cluster::Error> {
-    ///     Cluster::new(3000).respawn(true).serve(|_worker| {
-    ///         Router::new().route("/", get(|| async { format!("Hello from worker {}!", cluster::worker_id()) }))
-    ///     })
-    /// }
-    /// ```
-    pub fn serve<F, S, B>(self, make_service: F) -> Result<(), Error>
-    where
-        F: FnOnce(&Worker) -> S,
-        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<BoxError>,
-    {
-        match self.init()? {
-            Role::Master(master) => master.wait(),
-            Role::Worker(worker) => {
-                run_worker(&worker, |w| async move { serve(w, make_service(w), ServeOptions::default()).await })
-            }
-        }
     }
 }
 

@@ -15,6 +15,32 @@ use rustix::process::{Pid, Signal};
 
 pub const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
 
+/// The `ecewo-cluster` CLI binary (package `ecewo-cluster-cli`, a sibling in the workspace: cargo
+/// only hands tests the binaries of their own package). Built once per test process with the
+/// profile of this test, so it is never stale; cargo releases its lock while tests run.
+pub fn cli_binary() -> &'static Path {
+    static CLI: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CLI.get_or_init(|| {
+        // <target>/<profile>/deps/<test> → <target>/<profile>/ecewo-cluster
+        let exe = std::env::current_exe().expect("the test's own path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "--quiet", "-p", "ecewo-cluster-cli", "--bin", "ecewo-cluster"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target_dir);
+        }
+        let status = cmd.status().expect("run cargo to build the CLI");
+        assert!(status.success(), "cargo could not build the ecewo-cluster CLI");
+        let bin = profile_dir.join("ecewo-cluster");
+        assert!(bin.is_file(), "{} was not built", bin.display());
+        bin
+    })
+}
+
 /// A running testbed cluster. Dropping it kills the master and every worker it ever saw.
 pub struct Testbed {
     pub child: Child,
@@ -335,10 +361,11 @@ pub fn listening_inodes(port: u16) -> BTreeSet<String> {
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) && f.get(3) == Some(&"0A") {
-                if let Some(inode) = f.get(9) {
-                    out.insert(format!("socket:[{inode}]"));
-                }
+            if local_port == Some(port)
+                && f.get(3) == Some(&"0A")
+                && let Some(inode) = f.get(9)
+            {
+                out.insert(format!("socket:[{inode}]"));
             }
         }
     }

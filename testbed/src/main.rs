@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ecewo_cluster::serve::{ServeOptions, cluster_stats, run_worker, serve};
-use ecewo_cluster::{Balance, Cluster, Role, Worker};
+use ecewo_cluster::{Balance, Cluster, Role, Signal, Worker};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -61,6 +61,10 @@ struct Args {
     /// A worker waits this long before it reports ready.
     #[arg(long, default_value_t = 0)]
     ready_delay_ms: u64,
+    /// A worker that has not reported ready this long after it started is killed and counts as
+    /// a crash (a boot failure); a rollout's replacement fails the rollout instead.
+    #[arg(long, default_value_t = 60_000)]
+    ready_timeout_ms: u64,
     /// Each worker exits with code 1 at start.
     #[arg(long)]
     crash_on_start: bool,
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match run(args) {
@@ -119,6 +124,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Colour codes only for a person at a terminal, and never with `NO_COLOR` set (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
@@ -140,15 +151,18 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             let _ = writeln!(out, "ready: {} workers on port {}", info.workers, info.addr.port());
             let _ = out.flush();
         })
-        .on_start(|id, pid| eprintln!("on_start id={id} pid={pid}"))
-        .on_exit(|id, status, crash| eprintln!("on_exit id={id} status={status} raw={} crash={crash}", status.as_raw()))
-        .on_signal(libc::SIGHUP, |master| {
+        .ready_timeout(Duration::from_millis(args.ready_timeout_ms))
+        .on_start(|w| eprintln!("on_start id={} pid={}", w.worker_id, w.pid))
+        .on_exit(|e| {
+            eprintln!("on_exit id={} status={} raw={} crash={}", e.worker_id, e.status, e.status.as_raw(), e.crash)
+        })
+        .on_signal(Signal::HUP, |master| {
             // Print the master's view of the statistics, then forward SIGUSR1 to the workers.
             let view = serde_json::json!({ "cluster": master.stats(), "workers": master.workers() });
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "stats: {view}");
             let _ = out.flush();
-            if let Err(e) = master.signal_workers(libc::SIGUSR1) {
+            if let Err(e) = master.signal_workers(Signal::USR1) {
                 eprintln!("testbed: {e}");
             }
         });
@@ -162,9 +176,9 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         None => cluster,
     };
     let panic_in_callbacks = args.panic_in_callbacks;
-    let cluster = cluster.on_worker_ready(move |id, _pid| {
+    let cluster = cluster.on_worker_ready(move |w| {
         if panic_in_callbacks {
-            panic!("testbed: on_worker_ready panics on purpose (worker {id})");
+            panic!("testbed: on_worker_ready panics on purpose (worker {})", w.worker_id);
         }
     });
     match cluster.init()? {

@@ -1,0 +1,316 @@
+//! The master's loop: feeds events to the supervisor at the current time, carries out the
+//! commands it returns, and sleeps in `poll` until something happens or a deadline passes.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
+use std::time::{Instant, SystemTime};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, WaitId, WaitIdOptions};
+
+use super::channel::MasterEnd;
+use super::control::{ConnId, ControlServer};
+use super::notify::Notifier;
+use super::steer::Group;
+use super::{Master, Request, Snapshot};
+use crate::error::Error;
+use crate::proto::channel::{ToMaster, ToWorker};
+use crate::stats::{ClusterStats, ExitStatus, WorkerStats};
+use crate::supervisor::{Command, Event, Outcome, Supervisor, WorkerKey};
+
+/// A running worker process as the driver sees it.
+pub(super) struct Proc {
+    pub(super) slot: usize,
+    pub(super) pid: u32,
+    pub(super) pidfd: OwnedFd,
+    pub(super) chan: MasterEnd,
+}
+
+/// The driver's state: the master's resources, the supervisor, and the processes it started.
+pub(super) struct Driver {
+    pub(super) m: Master,
+    pub(super) sup: Supervisor,
+    pub(super) procs: HashMap<WorkerKey, Proc>,
+    /// Open program files of deploys, by restart number.
+    pub(super) programs: HashMap<u64, OwnedFd>,
+    pub(super) master_pid: Pid,
+    pub(super) outcome: Option<Outcome>,
+    /// Control connections waiting for a restart's outcome, by ticket.
+    pub(super) control_waiters: HashMap<u64, ConnId>,
+    /// The kernel's array of the `ReusePort` group, and the slots new connections go to.
+    pub(super) group: Group,
+    pub(super) route: Vec<usize>,
+    pub(super) steering_failed: bool,
+}
+
+/// What a polled descriptor belongs to.
+#[derive(Clone, Copy)]
+enum Source {
+    Signals,
+    Wake,
+    Exit(WorkerKey),
+    Channel(WorkerKey),
+    ControlListener,
+    Control(ConnId),
+}
+
+impl Driver {
+    pub(super) fn run(&mut self) -> Result<(), Error> {
+        tracing::info!(
+            "master {} starting {} workers on {} ({} balance)",
+            self.master_pid.as_raw_nonzero(),
+            self.m.policy.workers,
+            self.m.shared.addr,
+            self.m.balance
+        );
+        if self.m.signals.reaps_orphans {
+            // Zombies that arrived before our SIGCHLD handler existed.
+            self.reap_orphans();
+        }
+        let mut events = VecDeque::from([Event::Tick]);
+        loop {
+            self.process(&mut events);
+            self.publish();
+            match self.outcome.take() {
+                Some(Outcome::Stopped) => return Ok(()),
+                Some(Outcome::AllFailed { workers, disabled, crashed }) => {
+                    return Err(Error::WorkersFailed { workers, disabled, crashed });
+                }
+                None => {}
+            }
+            self.poll(&mut events)?;
+            events.push_back(Event::Tick);
+        }
+    }
+
+    /// Feeds events to the supervisor and carries out its commands, which may produce more events.
+    fn process(&mut self, events: &mut VecDeque<Event>) {
+        while let Some(ev) = events.pop_front() {
+            for cmd in self.sup.handle(ev, Instant::now(), SystemTime::now()) {
+                self.execute(cmd, events);
+            }
+        }
+    }
+
+    fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
+        match cmd {
+            Command::Spawn { slot, key, program } => match self.spawn(slot, program) {
+                Ok(p) => {
+                    events.push_back(Event::Spawned { key, pid: p.pid });
+                    self.procs.insert(key, p);
+                }
+                Err(e) => events.push_back(Event::SpawnFailed { key, error: e.to_string() }),
+            },
+            Command::Signal { key, signal } => {
+                if let Some(p) = self.procs.get(&key) {
+                    // ESRCH: it already exited and its pidfd will say so; nothing to do.
+                    if let Err(e) = crate::os::sys::pidfd_send_signal(p.pidfd.as_fd(), signal)
+                        && e != rustix::io::Errno::SRCH
+                    {
+                        tracing::warn!("cannot signal worker {} (pid {}): {e}", p.slot, p.pid);
+                    }
+                }
+            }
+            Command::Route { slots } => {
+                self.route = slots;
+                self.apply_route();
+            }
+            Command::CloseSocket { slot } => {
+                if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
+                    drop(fd);
+                    self.group.leave(slot);
+                    self.apply_route();
+                    tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more");
+                }
+            }
+            Command::CloseListeners => {
+                self.m.listeners.clear();
+                self.group = Group::default();
+            }
+            Command::Report(r) => self.report(r),
+            Command::Exit(outcome) => self.outcome = Some(outcome),
+        }
+    }
+}
+
+impl Driver {
+    /// The statistics now, with each worker's resource figures from `/proc`.
+    pub(super) fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
+        let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
+        crate::os::procfs::add_usage(&mut cluster, &mut workers);
+        (cluster, workers)
+    }
+
+    /// Publishes the statistics for handles and module functions.
+    fn publish(&self) {
+        let now = Instant::now();
+        let snap = Snapshot { cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now), taken: now };
+        *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
+    }
+
+    /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
+    fn poll(&mut self, events: &mut VecDeque<Event>) -> Result<(), Error> {
+        let deadline = [
+            self.sup.next_deadline(),
+            self.m.control.as_ref().and_then(ControlServer::next_deadline),
+            self.m.notify.as_ref().and_then(Notifier::watchdog_due),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timeout = deadline.map(|d| {
+            let left = d.saturating_duration_since(Instant::now());
+            // Round up to the next millisecond so we never wake just before the deadline.
+            let ms = left.as_nanos().div_ceil(1_000_000);
+            Timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 }
+        });
+        let mut sources = vec![Source::Signals, Source::Wake];
+        let mut fds =
+            vec![PollFd::new(&self.m.signals.read, PollFlags::IN), PollFd::new(&self.m.shared.wake, PollFlags::IN)];
+        for (key, p) in &self.procs {
+            sources.push(Source::Exit(*key));
+            fds.push(PollFd::new(&p.pidfd, PollFlags::IN));
+            if !p.chan.closed {
+                let mut flags = PollFlags::IN;
+                if p.chan.io.wants_write() {
+                    flags |= PollFlags::OUT;
+                }
+                sources.push(Source::Channel(*key));
+                fds.push(PollFd::new(&p.chan.io.sock, flags));
+            }
+        }
+        if let Some(ctl) = &self.m.control {
+            sources.push(Source::ControlListener);
+            fds.push(PollFd::new(ctl.listener(), PollFlags::IN));
+            for (id, sock, read, write) in ctl.sockets() {
+                let mut flags = PollFlags::empty();
+                if read {
+                    flags |= PollFlags::IN;
+                }
+                if write {
+                    flags |= PollFlags::OUT;
+                }
+                if !flags.is_empty() {
+                    sources.push(Source::Control(id));
+                    fds.push(PollFd::new(sock, flags));
+                }
+            }
+        }
+        match rustix::event::poll(&mut fds, timeout.as_ref()) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(()),
+            Err(e) => return Err(Error::Io { context: "poll failed in the master loop", source: e.into() }),
+        }
+        let ready: Vec<Source> =
+            fds.iter().zip(&sources).filter(|(fd, _)| !fd.revents().is_empty()).map(|(_, s)| *s).collect();
+        drop(fds);
+        // Channels first: a worker's last messages come before its exit.
+        for s in ready.iter().filter(|s| matches!(s, Source::Channel(_))) {
+            if let Source::Channel(key) = *s {
+                self.on_channel(key, events);
+            }
+        }
+        for s in ready {
+            match s {
+                Source::Signals => self.on_signals(events),
+                Source::Wake => self.on_wake(events),
+                Source::Exit(key) => self.on_exit(key, events),
+                Source::Channel(_) => {}
+                Source::ControlListener => {
+                    if let Some(ctl) = &mut self.m.control {
+                        ctl.accept(Instant::now());
+                    }
+                }
+                Source::Control(id) => self.on_control(id, events),
+            }
+        }
+        if let Some(ctl) = &mut self.m.control {
+            ctl.close_idle(Instant::now());
+        }
+        let stats = self.sup.cluster_stats();
+        if let Some(n) = self.m.notify.as_mut().filter(|_| !stats.shutdown_requested) {
+            // Healthy: the loop runs and the cluster serves (or is still starting).
+            n.watchdog(Instant::now(), stats.active_workers > 0 || !self.sup.started());
+        }
+        Ok(())
+    }
+
+    fn on_wake(&mut self, events: &mut VecDeque<Event>) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.m.shared.wake, &mut buf);
+        let requests = std::mem::take(&mut *self.m.shared.requests.lock().unwrap_or_else(|e| e.into_inner()));
+        for r in requests {
+            match r {
+                Request::Shutdown => events.push_back(Event::Shutdown),
+                Request::SignalWorkers(signal) => events.push_back(Event::SignalWorkers { signal }),
+                Request::Restart(ticket) => events.push_back(Event::Restart { ticket }),
+                Request::Scale(workers) => events.push_back(Event::Scale { workers }),
+            }
+        }
+    }
+
+    fn on_exit(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
+        let Some(p) = self.procs.get(&key) else { return };
+        let status = match rustix::process::waitid(
+            WaitId::PidFd(p.pidfd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+        ) {
+            Ok(Some(st)) => match (st.exit_status(), st.terminating_signal()) {
+                (Some(code), _) => ExitStatus::Code(code),
+                (None, Some(sig)) => match crate::signal::Signal::from_raw(sig) {
+                    Some(sig) => ExitStatus::Signal(sig),
+                    None => ExitStatus::Code(128 + sig),
+                },
+                (None, None) => return, // stopped or continued: not an exit
+            },
+            Ok(None) => return,
+            Err(e) => {
+                // ECHILD: somebody else reaped it (a SIGCHLD handler set to SIG_IGN, a waitpid(-1)
+                // elsewhere in the program). Its status is lost; call it a crash of unknown cause.
+                tracing::error!("cannot reap worker {} (pid {}): {e}; was it reaped elsewhere?", p.slot, p.pid);
+                ExitStatus::Code(255)
+            }
+        };
+        self.procs.remove(&key);
+        events.push_back(Event::Exited { key, status });
+    }
+
+    fn on_channel(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
+        let Some(p) = self.procs.get_mut(&key) else { return };
+        p.chan.flush();
+        let msgs = p.chan.read_messages();
+        for msg in msgs {
+            match msg {
+                ToMaster::Ready => events.push_back(Event::Ready { key }),
+                ToMaster::Stats { id } => {
+                    let (cluster, workers) = self.stats_now();
+                    let reply = ToWorker::Stats { id, cluster, workers };
+                    if let Some(p) = self.procs.get_mut(&key) {
+                        p.chan.send(&reply);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Driver {
+    /// Last resort when the loop failed or unwound: kill every worker still running and reap it,
+    /// so that none outlives the master. After a normal end there is none left.
+    fn drop(&mut self) {
+        for (_, p) in self.procs.drain() {
+            let _ = crate::os::sys::pidfd_send_signal(p.pidfd.as_fd(), crate::signal::Signal::KILL);
+            let _ = rustix::process::waitid(WaitId::PidFd(p.pidfd.as_fd()), WaitIdOptions::EXITED);
+        }
+    }
+}
+
+/// Runs a user callback; a panic in it is logged and supervision goes on.
+pub(super) fn guard<F: ?Sized>(name: &str, f: Option<&mut Box<F>>, call: impl FnOnce(&mut F)) {
+    if let Some(f) = f
+        && std::panic::catch_unwind(AssertUnwindSafe(|| call(f))).is_err()
+    {
+        tracing::error!("the {name} callback panicked; supervision continues");
+    }
+}

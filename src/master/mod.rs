@@ -1,0 +1,467 @@
+//! Drive: the master process. [`Master`] and [`MasterHandle`] are its public face; the driver
+//! ([`driver`]) is one thread and one `poll` loop over the signal pipe, a wake-up eventfd, the
+//! children's pidfds and channels, the control socket and timers. It carries out the
+//! [`Supervisor`]'s commands and decides nothing itself.
+//!
+//! | file | what it does |
+//! | --- | --- |
+//! | `driver.rs` | the loop: feeds events to the supervisor, executes its commands, polls |
+//! | `spawn.rs` | starting a worker process (fork/exec with its descriptors and identity) |
+//! | `report.rs` | the effects of reports: logs, callbacks, sd_notify, restart waiters |
+//! | `control.rs` | the control socket server and its requests |
+//! | `signals.rs` | the master's signal handling |
+//! | `steer.rs` | connection steering of the `SO_REUSEPORT` group (classic BPF) |
+//! | `notify.rs` | systemd's notification socket |
+//! | `channel.rs` | the master's end of a worker channel |
+
+mod channel;
+mod control;
+mod driver;
+mod notify;
+mod report;
+mod signals;
+mod spawn;
+mod steer;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::time::{Instant, SystemTime};
+
+use crate::config::{Balance, Cluster, ControlSetting, OnExit, OnReady, OnSignal, OnStart, check_scale};
+use crate::error::Error;
+use crate::signal::Signal;
+use crate::stats::{ClusterStats, RestartOutcome, WorkerStats};
+use crate::supervisor::{Policy, Supervisor};
+use control::ControlServer;
+use driver::Driver;
+use notify::Notifier;
+use signals::Signals;
+use steer::Group;
+
+/// What the master shares with [`MasterHandle`]s and the module-level functions.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) addr: SocketAddr,
+    wake: OwnedFd,
+    requests: Mutex<Vec<Request>>,
+    snapshot: Mutex<Snapshot>,
+    /// Callers blocked in `restart_and_wait`, by ticket.
+    waiters: Mutex<HashMap<u64, mpsc::Sender<RestartOutcome>>>,
+    next_ticket: AtomicU64,
+    /// The thread running `wait()`: it must never block on itself.
+    loop_thread: OnceLock<std::thread::ThreadId>,
+    /// The master stopped supervising (`wait()` returned or unwound, or the `Master` was dropped
+    /// without it): nobody will answer a restart any more.
+    stopped: AtomicBool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Shutdown,
+    SignalWorkers(Signal),
+    Restart(Option<u64>),
+    Scale(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Snapshot {
+    cluster: ClusterStats,
+    workers: Vec<WorkerStats>,
+    taken: Instant,
+}
+
+impl Shared {
+    pub(crate) fn workers(&self) -> usize {
+        self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).cluster.total_workers
+    }
+
+    pub(crate) fn graceful_restart(&self) {
+        self.request(Request::Restart(None));
+    }
+
+    fn restart_and_wait(&self) -> Result<RestartOutcome, Error> {
+        if self.loop_thread.get() == Some(&std::thread::current().id()) {
+            return Err(Error::OnMasterThread { operation: "restart_and_wait" });
+        }
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::NotSupervising);
+            }
+            waiters.insert(ticket, tx);
+        }
+        self.request(Request::Restart(Some(ticket)));
+        // The loop answers every ticket: with the outcome, or Cancelled at shutdown. If it is
+        // gone (wait() returned or unwound, or the Master was dropped), the sender was dropped.
+        rx.recv().map_err(|_| Error::NotSupervising)
+    }
+
+    fn scale(&self, workers: usize) -> Result<(), Error> {
+        check_scale(workers)?;
+        self.request(Request::Scale(workers));
+        Ok(())
+    }
+
+    fn request(&self, r: Request) {
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
+        // Ignore EAGAIN: the counter is already non-zero and the loop will look.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
+    }
+
+    pub(crate) fn signal_workers(&self, signal: Signal) {
+        self.request(Request::SignalWorkers(signal));
+    }
+
+    /// Refuses new restart waiters and wakes those still waiting (their senders are dropped):
+    /// the loop that would answer them is gone.
+    fn stop_supervising(&self) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        self.stopped.store(true, Ordering::SeqCst);
+        waiters.clear();
+    }
+
+    pub(crate) fn snapshot(&self) -> (ClusterStats, Vec<WorkerStats>) {
+        let s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let age = s.taken.elapsed();
+        let (mut cluster, mut workers) = (s.cluster, s.workers);
+        for w in workers.iter_mut().filter(|w| w.pid.is_some()) {
+            w.uptime += age;
+        }
+        crate::os::procfs::add_usage(&mut cluster, &mut workers);
+        (cluster, workers)
+    }
+}
+
+/// The master role: returned by [`Cluster::init`] in the first run of the program.
+pub struct Master {
+    shared: Arc<Shared>,
+    policy: Policy,
+    balance: Balance,
+    backlog: i32,
+    listeners: Vec<Option<OwnedFd>>,
+    signals: Signals,
+    argv0: OsString,
+    args: Vec<OsString>,
+    /// The program file at its original path, executed again by a graceful restart (a deploy).
+    exe_path: PathBuf,
+    /// systemd's notification socket, when run as a `Type=notify` service.
+    notify: Option<Notifier>,
+    name: String,
+    control: Option<ControlServer>,
+    started: SystemTime,
+    on_start: Option<OnStart>,
+    on_exit: Option<OnExit>,
+    on_worker_ready: Option<OnStart>,
+    on_ready: Option<OnReady>,
+    on_signal: Vec<(Signal, OnSignal)>,
+}
+
+impl std::fmt::Debug for Master {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Master")
+            .field("addr", &self.shared.addr)
+            .field("workers", &self.policy.workers)
+            .field("balance", &self.balance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A handle to the master, usable from any thread (`Clone + Send + Sync`).
+#[derive(Debug, Clone)]
+pub struct MasterHandle {
+    shared: Arc<Shared>,
+}
+
+impl MasterHandle {
+    /// Asks for a graceful shutdown, as SIGTERM does; [`Master::wait`] returns once every worker
+    /// is gone. Asked a second time, the remaining workers are killed at once.
+    pub fn shutdown(&self) {
+        self.shared.request(Request::Shutdown);
+    }
+
+    /// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); see
+    /// [`crate::signal_workers`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotSupervising`] once the master no longer supervises.
+    pub fn signal_workers(&self, signal: Signal) -> Result<(), Error> {
+        if self.shared.stopped.load(Ordering::SeqCst) {
+            return Err(Error::NotSupervising);
+        }
+        self.shared.signal_workers(signal);
+        Ok(())
+    }
+
+    /// Starts a zero-downtime rolling restart (the spec's `cluster_graceful_restart`, like
+    /// `SIGUSR2`) and returns at once; see [`Master::wait`] for how it runs. A restart asked for
+    /// while one runs is queued: exactly one more rollout follows the current one, however many
+    /// times it was asked for.
+    pub fn graceful_restart(&self) {
+        self.shared.graceful_restart();
+    }
+
+    /// Like [`graceful_restart`](MasterHandle::graceful_restart), and blocks until the rollout
+    /// that serves this request has ended, returning how (a failed rollout is an `Ok` outcome:
+    /// [`RestartOutcome::Failed`]).
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::OnMasterThread`] when called on the master's own thread (from a callback or an
+    ///   `on_signal` action), where it would wait for itself; use
+    ///   [`graceful_restart`](MasterHandle::graceful_restart) there.
+    /// - [`Error::NotSupervising`] when the master is not supervising any more, or stops before
+    ///   the rollout ends: [`Master::wait`] returned or unwound, or the [`Master`] was dropped.
+    ///
+    /// # Caveats
+    ///
+    /// It blocks for as long as the rollout takes (each slot up to the ready timeout); it does
+    /// not return early if the [`Master`] is kept alive without [`Master::wait`] being called.
+    pub fn restart_and_wait(&self) -> Result<RestartOutcome, Error> {
+        self.shared.restart_and_wait()
+    }
+
+    /// Changes the number of workers: new slots start like initial ones, removed slots (the
+    /// highest ids) drain and stop. `SIGTTIN`/`SIGTTOU` add or remove one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`] for 0 or more than [`MAX_WORKERS`](crate::MAX_WORKERS).
+    pub fn scale(&self, workers: usize) -> Result<(), Error> {
+        self.shared.scale(workers)
+    }
+
+    /// The cluster's statistics (the spec's `cluster_get_stats`).
+    pub fn stats(&self) -> ClusterStats {
+        self.shared.snapshot().0
+    }
+
+    /// Every worker slot's statistics (the spec's `cluster_get_all_workers`).
+    pub fn workers(&self) -> Vec<WorkerStats> {
+        self.shared.snapshot().1
+    }
+
+    /// One worker slot's statistics (the spec's `cluster_get_worker_stats`); `None` for a slot
+    /// that does not exist.
+    pub fn worker(&self, worker_id: usize) -> Option<WorkerStats> {
+        self.shared.snapshot().1.into_iter().find(|w| w.worker_id == worker_id)
+    }
+
+    /// The address the cluster listens on, with the real port.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+}
+
+impl Master {
+    pub(crate) fn new(mut opts: Cluster) -> Result<Master, Error> {
+        let workers = opts.worker_count();
+        if opts.cpus == 0 {
+            let detected = crate::os::cpu::cpus_detailed();
+            tracing::info!("{} CPUs detected ({:?}): starting one worker per CPU", detected.count, detected.source);
+        }
+        crate::os::fds::raise_fd_limit();
+        let (fds, addr) = match crate::os::socket::activated_listener()? {
+            // systemd socket activation: serve the socket we were given, shared by every worker.
+            Some((fd, addr)) => {
+                if opts.balance != Balance::Shared {
+                    tracing::info!("socket activation: the workers share the socket systemd passed");
+                    opts.balance = Balance::Shared;
+                }
+                (vec![fd], addr)
+            }
+            None => {
+                let addr = SocketAddr::new(opts.address, opts.port);
+                crate::os::socket::bind_listeners(addr, opts.balance == Balance::ReusePort, workers, opts.backlog)?
+            }
+        };
+        let wake =
+            rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
+                .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
+        let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        if rustix::process::getpid().as_raw_nonzero().get() == 1 {
+            // PID 1 of a container: orphans of the whole container are re-parented to us and
+            // must be reaped, or they stay zombies. A handler (never SIG_IGN, which would reap
+            // our workers behind the pidfds' back) tells us when.
+            extra.push(Signal::CHLD);
+        }
+        let signals = Signals::register(&extra).map_err(Error::io("cannot install the master's signal handlers"))?;
+        let policy = Policy {
+            workers,
+            port: addr.port(),
+            respawn: opts.respawn,
+            shutdown_timeout: opts.shutdown_timeout,
+            startup_delay: opts.worker_startup_delay,
+            respawn_delay: opts.worker_respawn_delay,
+            respawn_window: opts.respawn_window,
+            max_crashes: opts.respawn_max_crashes,
+            socket_per_slot: opts.balance == Balance::ReusePort,
+            ready_timeout: opts.ready_timeout,
+        };
+        let sup = Supervisor::new(policy.clone(), Instant::now());
+        let shared = Arc::new(Shared {
+            addr,
+            wake,
+            waiters: Mutex::new(HashMap::new()),
+            next_ticket: AtomicU64::new(1),
+            loop_thread: OnceLock::new(),
+            stopped: AtomicBool::new(false),
+            requests: Mutex::new(Vec::new()),
+            snapshot: Mutex::new(Snapshot {
+                cluster: sup.cluster_stats(),
+                workers: sup.worker_stats(Instant::now()),
+                taken: Instant::now(),
+            }),
+        });
+        let mut args = std::env::args_os();
+        let argv0 = args.next().unwrap_or_else(|| OsString::from("ecewo-cluster"));
+        let exe_path = spawn::program_path(&argv0);
+        let name = opts.name.clone().unwrap_or_else(|| {
+            exe_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cluster".into())
+        });
+        let control = match &opts.control {
+            ControlSetting::Off => None,
+            ControlSetting::Path(p) => Some(ControlServer::bind(p, false)?),
+            ControlSetting::Default => {
+                let path = crate::proto::control::socket_path(&format!("{name}-{}", addr.port()));
+                match ControlServer::bind(&path, true) {
+                    Ok(server) => Some(server),
+                    // Two clusters of one name must not run: that stays an error.
+                    Err(e @ Error::AlreadyRunning { .. }) => return Err(e),
+                    // The default socket is a convenience: a read-only or foreign temporary
+                    // directory must not keep the cluster from serving.
+                    Err(e) => {
+                        tracing::warn!("{e}; running without a control socket (set one with Cluster::control_socket)");
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(c) = &control {
+            tracing::info!("control socket: {}", c.path().display());
+        }
+        Ok(Master {
+            notify: Notifier::from_env(),
+            exe_path,
+            name,
+            control,
+            started: SystemTime::now(),
+            shared,
+            policy,
+            balance: opts.balance,
+            backlog: opts.backlog.min(i32::MAX as u32) as i32,
+            listeners: fds.into_iter().map(Some).collect(),
+            signals,
+            argv0,
+            args: args.collect(),
+            on_start: opts.on_start.take(),
+            on_exit: opts.on_exit.take(),
+            on_worker_ready: opts.on_worker_ready.take(),
+            on_ready: opts.on_ready.take(),
+            on_signal: std::mem::take(&mut opts.on_signal),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// A handle for other threads.
+    pub fn handle(&self) -> MasterHandle {
+        MasterHandle { shared: self.shared.clone() }
+    }
+
+    /// The address the cluster listens on, with the real port (also for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// The number of worker slots.
+    pub fn worker_count(&self) -> usize {
+        self.policy.workers
+    }
+
+    /// Sends `signal` to every active worker once the loop runs; see [`crate::signal_workers`].
+    pub fn signal_workers(&self, signal: Signal) {
+        self.shared.signal_workers(signal);
+    }
+
+    /// Asks for a rolling restart once the loop runs; see [`MasterHandle::graceful_restart`].
+    pub fn graceful_restart(&self) {
+        self.shared.graceful_restart();
+    }
+
+    /// The cluster's statistics (the spec's `cluster_get_stats`).
+    pub fn stats(&self) -> ClusterStats {
+        self.shared.snapshot().0
+    }
+
+    /// Every worker slot's statistics (the spec's `cluster_get_all_workers`).
+    pub fn workers(&self) -> Vec<WorkerStats> {
+        self.shared.snapshot().1
+    }
+
+    /// Starts the workers and supervises them until the cluster stops: the spec's
+    /// `cluster_wait_workers`. Call it on the main thread (a worker's parent-death signal is tied
+    /// to the thread that started it).
+    ///
+    /// It returns `Ok(())` after a requested shutdown (SIGTERM, SIGINT, SIGHUP, SIGQUIT,
+    /// [`MasterHandle::shutdown`]) once every worker is gone, or when every worker exited cleanly
+    /// on its own with respawn off.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::WorkersFailed`] when no worker can run any more (all crashed with respawn off,
+    ///   or all disabled by crash protection): exit non-zero then, so that systemd or Kubernetes
+    ///   can act.
+    /// - [`Error::Io`] if the loop itself fails (`poll` failing is the only case); every worker
+    ///   is killed and reaped before it returns.
+    ///
+    /// # Caveats
+    ///
+    /// - Call it on the thread that called [`Cluster::init`], normally the main thread: each
+    ///   worker's parent-death signal is tied to the thread that started it, so workers started by
+    ///   a thread that then exits receive `SIGTERM`.
+    /// - Do not reap children elsewhere in the program (`waitpid(-1)`, `SIGCHLD` set to
+    ///   `SIG_IGN`): the master reaps its workers through their pidfds, and a worker reaped
+    ///   behind its back counts as a crash of unknown cause.
+    /// - If it unwinds (a panic in the loop), every worker is killed and reaped on the way, and
+    ///   callers blocked in [`MasterHandle::restart_and_wait`] get [`Error::NotSupervising`].
+    pub fn wait(self) -> Result<(), Error> {
+        let _ = self.shared.loop_thread.set(std::thread::current().id());
+        let mut driver = Driver {
+            sup: Supervisor::new(self.policy.clone(), Instant::now()),
+            procs: HashMap::new(),
+            programs: HashMap::new(),
+            control_waiters: HashMap::new(),
+            group: Group::default(),
+            route: Vec::new(),
+            steering_failed: false,
+            master_pid: rustix::process::getpid(),
+            outcome: None,
+            m: self,
+        };
+        if driver.m.balance == Balance::ReusePort {
+            // The sockets joined their group in slot order, as they were bound.
+            for slot in (0..driver.m.listeners.len()).filter(|&i| driver.m.listeners[i].is_some()) {
+                driver.group.join(slot);
+            }
+        }
+        // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,
+        // and the Master's Drop wakes whoever still waits for a restart.
+        driver.run()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        self.shared.stop_supervising();
+    }
+}

@@ -1,0 +1,120 @@
+//! The effects of the supervisor's reports: log lines, the user's callbacks, systemd
+//! notifications and the answers to callers waiting for a restart.
+
+use super::driver::{Driver, guard};
+use crate::config::{ReadyInfo, WorkerExit, WorkerInfo};
+use crate::proto::control::Response;
+use crate::stats::RestartOutcome;
+use crate::supervisor::{Program, Report};
+
+impl Driver {
+    pub(super) fn report(&mut self, r: Report) {
+        let m = &mut self.m;
+        match r {
+            Report::Started { slot, pid } => {
+                tracing::info!("worker {slot} started (pid {pid})");
+                guard("on_start", m.on_start.as_mut(), |f| f(&WorkerInfo { worker_id: slot, pid }));
+            }
+            Report::SpawnFailed { slot, error } => tracing::error!("cannot start worker {slot}: {error}"),
+            Report::Ready { slot, pid } => {
+                tracing::debug!("worker {slot} (pid {pid}) is ready");
+                guard("on_worker_ready", m.on_worker_ready.as_mut(), |f| f(&WorkerInfo { worker_id: slot, pid }));
+            }
+            Report::AllReady { workers } => {
+                let info = ReadyInfo { addr: m.shared.addr, workers };
+                tracing::info!("listening on {} with {workers} workers", info.addr);
+                if let Some(n) = &mut m.notify {
+                    n.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", info.addr));
+                }
+                guard("on_ready", m.on_ready.as_mut(), |f| f(&info));
+            }
+            Report::Exited { slot, pid, status, crash, respawn_in } => {
+                let then = match respawn_in {
+                    Some(d) => format!("; respawning in {d:?}"),
+                    None => String::new(),
+                };
+                if crash {
+                    tracing::warn!("worker {slot} (pid {pid}) crashed: {status}{then}");
+                } else {
+                    tracing::info!("worker {slot} (pid {pid}) exited: {status}{then}");
+                }
+                let exit = WorkerExit { worker_id: slot, pid, status, crash, respawn_in };
+                guard("on_exit", m.on_exit.as_mut(), |f| f(&exit));
+            }
+            Report::Disabled { slot, crashes, within } => tracing::error!(
+                "Worker {slot} crashing too fast ({crashes} times in {}), disabling respawn",
+                short_duration(within)
+            ),
+            Report::ShuttingDown { workers } => {
+                tracing::info!("shutting down: stopping {workers} workers");
+                if let Some(n) = &mut m.notify {
+                    n.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers"));
+                }
+            }
+            Report::Signalled { signal, slots } => {
+                tracing::info!("sent {signal} to workers {slots:?}")
+            }
+            Report::StopTimeout { slots } => tracing::warn!("shutdown timeout: killing workers {slots:?}"),
+            Report::RestartStarted { workers } => {
+                tracing::info!("graceful restart: replacing {workers} workers one at a time");
+                if let Some(n) = &mut m.notify {
+                    n.reloading(&format!("rolling restart of {workers} workers"));
+                }
+            }
+            Report::RestartQueued => tracing::info!("a graceful restart is running; one more will follow it"),
+            Report::Replaced { slot, old_pid, new_pid } => match old_pid {
+                Some(old) => tracing::info!("worker {slot} replaced: pid {old} drains, pid {new_pid} serves"),
+                None => tracing::info!("worker {slot} replaced: pid {new_pid} serves"),
+            },
+            Report::RestartFinished { outcome, tickets } => {
+                match &outcome {
+                    RestartOutcome::Completed { .. } => tracing::info!("graceful restart {outcome}"),
+                    RestartOutcome::Failed { .. } => {
+                        tracing::error!("graceful restart {outcome}; the other workers keep serving")
+                    }
+                    _ => tracing::warn!("graceful restart {outcome}"),
+                }
+                let (stopping, started) = (self.sup.cluster_stats().shutdown_requested, self.sup.started());
+                if let (Some(n), false, true) = (&mut m.notify, stopping, started) {
+                    n.send(&format!("READY=1\nSTATUS=graceful restart {outcome}"));
+                }
+                let mut waiters = m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
+                for t in &tickets {
+                    if let Some(tx) = waiters.remove(t) {
+                        let _ = tx.send(outcome.clone());
+                    }
+                }
+                drop(waiters);
+                for t in &tickets {
+                    if let (Some(id), Some(ctl)) = (self.control_waiters.remove(t), m.control.as_mut()) {
+                        ctl.owe(id, -1);
+                        ctl.reply(id, &Response::RestartFinished(outcome.clone()).encode());
+                    }
+                }
+                let in_use = self.sup.programs_in_use();
+                self.programs.retain(|g, _| in_use.contains(&Program::Deployed(*g)));
+            }
+            Report::Scaled { from, to } => tracing::info!("scaled from {from} to {to} workers"),
+            Report::ScaleRefused { workers } => tracing::warn!("cannot scale to {workers} workers"),
+        }
+    }
+}
+
+/// A duration as a person reads it in a log line: `0.2s`, `4s`, `1.5s`.
+fn short_duration(d: std::time::Duration) -> String {
+    let tenths = (d.as_millis() + 50) / 100;
+    if tenths.is_multiple_of(10) { format!("{}s", tenths / 10) } else { format!("{}.{}s", tenths / 10, tenths % 10) }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn sub_second_windows_read_well() {
+        assert_eq!(super::short_duration(Duration::from_millis(230)), "0.2s");
+        assert_eq!(super::short_duration(Duration::from_millis(4000)), "4s");
+        assert_eq!(super::short_duration(Duration::from_millis(1490)), "1.5s");
+        assert_eq!(super::short_duration(Duration::ZERO), "0s");
+    }
+}

@@ -1,0 +1,117 @@
+//! Starting a worker process: the program file, its identity in the environment, its listener
+//! and channel at fixed descriptor numbers, and the child setup between fork and exec.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command as Process, Stdio};
+
+use command_fds::{CommandFdExt, FdMapping};
+use rustix::process::{Pid, PidfdFlags};
+
+use super::channel::MasterEnd;
+use super::driver::{Driver, Proc};
+use crate::config::Balance;
+use crate::proto::handoff::{CHANNEL_FD, LISTEN_FD, PRIVATE_ENV, env};
+use crate::supervisor::Program;
+
+impl Driver {
+    /// Starts the worker process of `slot`: `/proc/self/exe` (the binary this master runs, even
+    /// if the file was replaced since), with the master's arguments and environment plus the
+    /// worker's identity, its socket at fd 3 and its channel at fd 4.
+    pub(super) fn spawn(&mut self, slot: usize, program: Program) -> io::Result<Proc> {
+        let listener = self.listener_for(slot)?.try_clone()?;
+        let exe = match program {
+            Program::Running => PathBuf::from("/proc/self/exe"),
+            Program::Deployed(n) => {
+                if !self.programs.contains_key(&n) {
+                    self.programs.insert(n, open_program(&self.m.exe_path)?);
+                }
+                PathBuf::from(format!("/proc/self/fd/{}", self.programs[&n].as_raw_fd()))
+            }
+        };
+        let (master_end, worker_end) = UnixStream::pair()?;
+        let mut cmd = Process::new(exe);
+        cmd.arg0(&self.m.argv0)
+            .args(&self.m.args)
+            .env(env::WORKER_ID, slot.to_string())
+            .env(env::WORKERS, self.sup.policy().workers.to_string())
+            .env(env::PORT, self.m.shared.addr.port().to_string())
+            .env(env::LISTEN_FD, LISTEN_FD.to_string())
+            .env(env::CHANNEL_FD, CHANNEL_FD.to_string())
+            .env(env::MASTER_PID, self.master_pid.as_raw_nonzero().to_string())
+            .env(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
+            .stdin(Stdio::null())
+            // Own process group: a terminal's Ctrl-C reaches the master only, which then stops
+            // the workers gracefully.
+            .process_group(0);
+        for key in PRIVATE_ENV {
+            cmd.env_remove(key);
+        }
+        cmd.fd_mappings(vec![
+            FdMapping { parent_fd: listener, child_fd: LISTEN_FD },
+            FdMapping { parent_fd: worker_end.into(), child_fd: CHANNEL_FD },
+        ])
+        .map_err(|e| io::Error::other(e.to_string()))?;
+        crate::os::sys::set_child_setup(&mut cmd, self.master_pid, (CHANNEL_FD + 1) as u32);
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        // Nobody else reaps our children (we never wait for "any child"), so the pid cannot have
+        // been reused yet: opening its pidfd now is race-free.
+        let tracked = Pid::from_raw(pid as i32)
+            .ok_or_else(|| io::Error::other("spawn returned pid 0"))
+            .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
+            .and_then(|pidfd| Ok(Proc { slot, pid, pidfd, chan: MasterEnd::new(master_end)? }));
+        if tracked.is_err() {
+            // A worker we cannot supervise must not run: kill and reap it now.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        tracked // Dropping a std Child neither waits nor kills.
+    }
+
+    /// The listening socket a worker of `slot` inherits. In `ReusePort` mode a slot whose socket
+    /// was closed (disabled, or new after scaling up) gets a new one.
+    fn listener_for(&mut self, slot: usize) -> io::Result<&OwnedFd> {
+        let index = match self.m.balance {
+            Balance::ReusePort => slot,
+            Balance::Shared => 0,
+        };
+        if self.m.listeners.len() <= index {
+            self.m.listeners.resize_with(index + 1, || None);
+        }
+        if self.m.listeners[index].is_none() && self.m.balance == Balance::ReusePort {
+            let fd = crate::os::socket::bind_reuseport(self.m.shared.addr, self.m.backlog)?;
+            self.m.listeners[index] = Some(fd);
+            self.group.join(slot);
+            self.apply_route();
+        }
+        self.m.listeners[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))
+    }
+}
+
+/// The path the program was started from, kept to execute it again on a graceful restart (so
+/// that replacing the file, or repointing a symlink, deploys new code). Symlinks are *not*
+/// resolved; a bare name is looked up in `PATH` as the shell did.
+pub(super) fn program_path(argv0: &std::ffi::OsStr) -> PathBuf {
+    let path = std::path::Path::new(argv0);
+    if path.as_os_str().as_encoded_bytes().contains(&b'/') {
+        if let Ok(abs) = std::path::absolute(path) {
+            return abs;
+        }
+    } else if let Some(found) =
+        std::env::var_os("PATH").iter().flat_map(std::env::split_paths).map(|dir| dir.join(path)).find(|p| p.is_file())
+    {
+        return found;
+    }
+    std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
+}
+
+/// Opens the program file for a deploy. Its descriptor is moved above the numbers a worker's
+/// descriptors are placed at, so that `/proc/self/fd/N` still names it in the child at exec.
+fn open_program(path: &std::path::Path) -> io::Result<OwnedFd> {
+    let file = std::fs::File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    rustix::io::fcntl_dupfd_cloexec(&file, 10).map_err(io::Error::from)
+}

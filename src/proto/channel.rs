@@ -1,0 +1,36 @@
+//! The channel between the master and one worker: a unix stream socket pair carrying
+//! line-delimited JSON messages, typed in both directions. EOF on the worker's end means the
+//! master is gone.
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::{ClusterStats, WorkerStats};
+
+/// The longest line either side accepts (a stats answer for `MAX_WORKERS` workers is about
+/// 1 MiB); longer input means a broken peer.
+pub(crate) const MAX_LINE: usize = 8 << 20;
+
+/// Messages from a worker to its master.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub(crate) enum ToMaster {
+    /// The worker accepts connections.
+    Ready,
+    /// The worker asks for the cluster's statistics; the reply carries the same id.
+    Stats { id: u64 },
+}
+
+/// Messages from the master to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub(crate) enum ToWorker {
+    /// The answer to [`ToMaster::Stats`].
+    Stats { id: u64, cluster: ClusterStats, workers: Vec<WorkerStats> },
+}
+
+/// Encodes one message as a JSON line.
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut line = serde_json::to_vec(msg).expect("channel messages always serialize");
+    line.push(b'\n');
+    line
+}

@@ -1,0 +1,530 @@
+//! The control protocol: how the `ecewo-cluster` CLI (or any other tool) talks to a running
+//! master over its unix socket.
+//!
+//! One JSON object per line in each direction. Every request carries the protocol version
+//! `"v": 1` and a command:
+//!
+//! | request | reply (besides `"v": 1, "ok": true`) |
+//! | --- | --- |
+//! | `{"v":1,"cmd":"status"}` | `"master"`, `"cluster"` ([`ClusterStats`](crate::ClusterStats)), `"workers"` ([`WorkerStats`](crate::WorkerStats) list) |
+//! | `{"v":1,"cmd":"restart"}` | `"started": true` (or queued behind a running restart) |
+//! | `{"v":1,"cmd":"restart","wait":true}` | sent when the rollout ends: `"outcome"` ([`RestartOutcome`](crate::RestartOutcome)); `"ok"` is false if it did not complete |
+//! | `{"v":1,"cmd":"scale","workers":N}` | `"workers": N` |
+//! | `{"v":1,"cmd":"signal","signal":"USR1"}` (a name, with or without `SIG`, or a number) | `"signal": 10` |
+//! | `{"v":1,"cmd":"stop"}` | `"stopping": true` |
+//! | `{"v":1,"cmd":"metrics"}` | `"text"`: Prometheus text ([`crate::metrics`]) |
+//!
+//! A failed request gets `{"v":1,"ok":false,"error":"what went wrong and what to do"}`. A line
+//! longer than [`MAX_REQUEST`] bytes is answered with an error and the connection is closed.
+//! Several requests may be sent on one connection. Fields a command does not know are ignored,
+//! so newer clients can add optional ones; likewise a client ignores reply fields it does not
+//! know. Only the master's user (or root) may connect.
+//!
+//! In Rust both directions are typed: a [`Request`] is sent with [`Client::request`], which
+//! returns the matching [`Response`]; the master encodes its replies from the same types.
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::signal::Signal;
+use crate::stats::{ClusterStats, RestartOutcome, WorkerStats};
+
+/// The protocol version this library speaks.
+pub const PROTOCOL_VERSION: u64 = 1;
+
+/// The longest request line the master accepts, newline included.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Request {
+    /// The master's, the cluster's and every worker's statistics: [`Response::Status`].
+    Status,
+    /// A graceful restart: [`Response::RestartStarted`]; with `wait`, the reply comes when the
+    /// rollout has ended: [`Response::RestartFinished`].
+    Restart {
+        /// Reply only once the rollout has ended.
+        #[serde(default)]
+        wait: bool,
+    },
+    /// Change the number of workers: [`Response::Scaling`].
+    Scale {
+        /// The new number of workers.
+        workers: usize,
+    },
+    /// Send a signal to every active worker: [`Response::Signalled`]. On the wire, a name
+    /// (`"USR1"`, `"SIGUSR1"`, `"usr1"`) or a number.
+    Signal {
+        /// The signal.
+        signal: Signal,
+    },
+    /// A graceful shutdown of the whole cluster: [`Response::Stopping`].
+    Stop,
+    /// The cluster's Prometheus metrics: [`Response::Metrics`].
+    Metrics,
+}
+
+/// The master's answer to a [`Request`] that it carried out.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Response {
+    /// The answer to [`Request::Status`].
+    Status(Box<Status>),
+    /// A rollout was started, or queued behind the one running (`"started": true`).
+    RestartStarted,
+    /// The rollout that served a waiting restart ended (`"outcome"`); on the wire `"ok"` is false
+    /// when it did not complete.
+    RestartFinished(RestartOutcome),
+    /// The cluster is scaling to this many workers (`"workers"`).
+    Scaling {
+        /// The new number of workers.
+        workers: usize,
+    },
+    /// The signal is being sent to every active worker (`"signal"`, its number).
+    Signalled {
+        /// The signal.
+        signal: Signal,
+    },
+    /// The cluster is shutting down (`"stopping": true`).
+    Stopping,
+    /// The cluster's metrics in the Prometheus text format (`"text"`).
+    Metrics {
+        /// The text.
+        text: String,
+    },
+}
+
+/// The answer to [`Request::Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// The master process.
+    pub master: MasterInfo,
+    /// The cluster's statistics.
+    pub cluster: ClusterStats,
+    /// Every worker slot's statistics.
+    pub workers: Vec<WorkerStats>,
+}
+
+/// The master process, as [`Request::Status`] describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MasterInfo {
+    /// Its pid.
+    pub pid: u32,
+    /// The cluster's name.
+    pub name: String,
+    /// The address the cluster listens on.
+    pub address: String,
+    /// How connections are spread (`reuseport` or `shared`).
+    pub balance: String,
+    /// When the master started (on the wire: seconds since the Unix epoch).
+    #[serde(with = "crate::stats::unix_time")]
+    pub started: Option<SystemTime>,
+    /// The master's resident memory, in bytes.
+    pub rss_bytes: Option<u64>,
+}
+
+impl MasterInfo {
+    /// The master's description (for the master's own status answer).
+    pub(crate) fn new(pid: u32, name: String, address: String, balance: String, started: SystemTime) -> MasterInfo {
+        let rss_bytes = crate::os::procfs::proc_usage(pid).map(|(rss, _)| rss);
+        MasterInfo { pid, name, address, balance, started: Some(started), rss_bytes }
+    }
+}
+
+/// Every line on the wire: the version, whether the request was carried out, why not, and the
+/// command's own fields.
+#[derive(Serialize, Deserialize)]
+struct Wire<T> {
+    v: u64,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(flatten)]
+    body: T,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Started {
+    started: bool,
+}
+#[derive(Serialize, Deserialize)]
+struct Outcome {
+    outcome: RestartOutcome,
+}
+#[derive(Serialize, Deserialize)]
+struct Workers {
+    workers: usize,
+}
+#[derive(Serialize, Deserialize)]
+struct Signalled {
+    signal: Signal,
+}
+#[derive(Serialize, Deserialize)]
+struct Stopping {
+    stopping: bool,
+}
+#[derive(Serialize, Deserialize)]
+struct Text {
+    text: String,
+}
+#[derive(Serialize, Deserialize)]
+struct Nothing {}
+
+fn line<T: Serialize>(ok: bool, error: Option<String>, body: T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Wire { v: PROTOCOL_VERSION, ok, error, body }).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+impl Response {
+    /// The reply line for this response, newline included.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Response::Status(s) => line(true, None, s),
+            Response::RestartStarted => line(true, None, Started { started: true }),
+            Response::RestartFinished(outcome) => {
+                let ok = outcome.is_completed();
+                let error = (!ok).then(|| format!("graceful restart {outcome}"));
+                line(ok, error, Outcome { outcome: outcome.clone() })
+            }
+            Response::Scaling { workers } => line(true, None, Workers { workers: *workers }),
+            Response::Signalled { signal } => line(true, None, Signalled { signal: *signal }),
+            Response::Stopping => line(true, None, Stopping { stopping: true }),
+            Response::Metrics { text } => line(true, None, Text { text: text.clone() }),
+        }
+    }
+
+    /// Reads the master's reply line to `request`. An `"ok": false` reply is
+    /// [`ClientError::Refused`], except a waited restart that ended without completing, which is
+    /// [`Response::RestartFinished`] with its outcome.
+    pub fn decode(request: &Request, reply: &[u8], path: &Path) -> Result<Response, ClientError> {
+        let bad = || ClientError::BadAnswer(path.to_owned());
+        fn parse<'a, T: Deserialize<'a>>(reply: &'a [u8], bad: impl Fn() -> ClientError) -> Result<T, ClientError> {
+            serde_json::from_slice::<Wire<T>>(reply).map(|w| w.body).map_err(|_| bad())
+        }
+        let head: Wire<Nothing> = serde_json::from_slice(reply).map_err(|_| bad())?;
+        if !head.ok {
+            if let Request::Restart { wait: true } = request
+                && let Ok(Outcome { outcome }) = parse(reply, bad)
+            {
+                return Ok(Response::RestartFinished(outcome));
+            }
+            let message = head.error.unwrap_or_else(|| "the master refused the request".into());
+            return Err(ClientError::Refused(message));
+        }
+        Ok(match request {
+            Request::Status => Response::Status(Box::new(parse(reply, bad)?)),
+            Request::Restart { wait: false } => Response::RestartStarted,
+            Request::Restart { wait: true } => Response::RestartFinished(parse::<Outcome>(reply, bad)?.outcome),
+            Request::Scale { .. } => Response::Scaling { workers: parse::<Workers>(reply, bad)?.workers },
+            Request::Signal { .. } => Response::Signalled { signal: parse::<Signalled>(reply, bad)?.signal },
+            Request::Stop => Response::Stopping,
+            Request::Metrics => Response::Metrics { text: parse::<Text>(reply, bad)?.text },
+        })
+    }
+}
+
+/// The reply line of a request that failed, newline included.
+pub fn encode_error(message: &str) -> Vec<u8> {
+    line(false, Some(message.to_owned()), Nothing {})
+}
+
+/// The line of a request, newline included.
+pub fn encode_request(request: &Request) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Out<'a> {
+        v: u64,
+        #[serde(flatten)]
+        request: &'a Request,
+    }
+    let mut out = serde_json::to_vec(&Out { v: PROTOCOL_VERSION, request }).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+/// Parses one request line (without its newline). Never panics; the error is the message to
+/// send back.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: u64,
+    }
+    if line.len() > MAX_REQUEST {
+        return Err(format!("request longer than {MAX_REQUEST} bytes"));
+    }
+    let version: Version = serde_json::from_slice(line).map_err(|e| {
+        format!("malformed request: {e}; send one JSON object per line, like {{\"v\":1,\"cmd\":\"status\"}}")
+    })?;
+    if version.v != PROTOCOL_VERSION {
+        return Err(format!(
+            "unsupported protocol version {}; this master speaks version {PROTOCOL_VERSION}",
+            version.v
+        ));
+    }
+    serde_json::from_slice(line)
+        .map_err(|e| format!("invalid request: {e}; commands are status, restart, scale, signal, stop and metrics"))
+}
+
+/// The directory control sockets live in by default: `$XDG_RUNTIME_DIR/ecewo-cluster`, else
+/// `<temp dir>/ecewo-cluster-<uid>`.
+pub fn socket_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("ecewo-cluster"),
+        None => std::env::temp_dir().join(format!("ecewo-cluster-{}", rustix::process::geteuid().as_raw())),
+    }
+}
+
+/// The default socket path of a cluster named `name`.
+pub fn socket_path(name: &str) -> PathBuf {
+    socket_dir().join(format!("{name}.sock"))
+}
+
+/// The control sockets in [`socket_dir`], by name.
+pub fn list_sockets() -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(socket_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let name = path.file_name()?.to_str()?.strip_suffix(".sock")?.to_owned();
+            Some((name, path))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Why a control request failed on the client's side.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// Nothing listens at the path.
+    #[error("no cluster is running at {0} (is it started? `ecewo-cluster list` shows the running ones)")]
+    NotRunning(PathBuf),
+    /// The socket belongs to another user.
+    #[error("permission denied on {0}: the cluster belongs to another user (run as that user or root)")]
+    PermissionDenied(PathBuf),
+    /// The master did not answer in time.
+    #[error("the master at {path} did not answer within {timeout:?}")]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// The master closed the connection without an answer.
+    #[error("the master at {0} closed the connection without answering (was the connection refused?)")]
+    NoAnswer(PathBuf),
+    /// Another I/O error.
+    #[error("control socket {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The answer was not what the protocol says.
+    #[error("the master at {0} sent an unreadable answer (is it another version of ecewo-cluster?)")]
+    BadAnswer(PathBuf),
+    /// The master refused the request; the message says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A connection to a master's control socket.
+#[derive(Debug)]
+pub struct Client {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    timeout: Duration,
+}
+
+impl Client {
+    /// Connects to the socket at `path`; every answer is awaited for at most `timeout`.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::NotRunning`] when nothing listens there, [`ClientError::PermissionDenied`]
+    /// when the socket is another user's.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ClientError::NotRunning(path.into()),
+            io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.into()),
+            _ => ClientError::Io { path: path.into(), source: e },
+        })?;
+        Ok(Client { path: path.into(), reader: BufReader::new(stream), timeout })
+    }
+
+    /// Sends one request and returns the master's answer.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Timeout`] when no answer comes within the timeout given to
+    /// [`connect`](Client::connect), [`ClientError::Refused`] when the master refused the request
+    /// (its message says why), and the other variants when the connection or the answer broke.
+    pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
+        let io_err = |e: io::Error, path: &Path, timeout| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout { path: path.into(), timeout },
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => ClientError::NoAnswer(path.into()),
+            _ => ClientError::Io { path: path.into(), source: e },
+        };
+        let line = encode_request(request);
+        let stream = self.reader.get_mut();
+        stream.set_read_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
+        stream.set_write_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
+        stream.write_all(&line).map_err(|e| io_err(e, &self.path, self.timeout))?;
+        let mut answer = String::new();
+        let n = self.reader.read_line(&mut answer).map_err(|e| io_err(e, &self.path, self.timeout))?;
+        if n == 0 {
+            return Err(ClientError::NoAnswer(self.path.clone()));
+        }
+        Response::decode(request, answer.as_bytes(), &self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"restart"}"#), Ok(Request::Restart { wait: false }));
+        assert_eq!(parse_request(br#"{"cmd":"restart","wait":true,"v":1}"#), Ok(Request::Restart { wait: true }));
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"scale","workers":4}"#), Ok(Request::Scale { workers: 4 }));
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"stop"}"#), Ok(Request::Stop));
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"status","future":1}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"signal","signal":"usr1"}"#),
+            Ok(Request::Signal { signal: Signal::USR1 })
+        );
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"signal","signal":15}"#),
+            Ok(Request::Signal { signal: Signal::TERM })
+        );
+        assert!(parse_request(br#"{"v":1,"cmd":"signal","signal":"NOPE"}"#).unwrap_err().contains("invalid request"));
+    }
+
+    #[test]
+    fn bad_requests_say_what_is_wrong() {
+        for (line, expect) in [
+            (&b"hello"[..], "malformed request"),
+            (br#"{"v":2,"cmd":"status"}"#, "unsupported protocol version 2"),
+            (br#"{"cmd":"status"}"#, "malformed request"),
+            (br#"{"v":1,"cmd":"reboot"}"#, "invalid request"),
+            (br#"{"v":1,"cmd":"scale"}"#, "invalid request"),
+            (br#"{"v":1,"cmd":"scale","workers":-1}"#, "invalid request"),
+            (br#"[1,2]"#, "malformed request"),
+        ] {
+            let err = parse_request(line).unwrap_err();
+            assert!(err.contains(expect), "{}: {err}", String::from_utf8_lossy(line));
+        }
+        assert!(parse_request(&vec![b' '; MAX_REQUEST + 1]).unwrap_err().contains("longer than"));
+    }
+
+    #[test]
+    fn requests_and_replies_round_trip() {
+        let path = Path::new("/x.sock");
+        for request in [
+            Request::Status,
+            Request::Restart { wait: true },
+            Request::Scale { workers: 3 },
+            Request::Signal { signal: Signal::HUP },
+            Request::Stop,
+            Request::Metrics,
+        ] {
+            let line = encode_request(&request);
+            assert_eq!(parse_request(&line[..line.len() - 1]), Ok(request));
+        }
+        let cases = [
+            (Request::Restart { wait: false }, Response::RestartStarted),
+            (Request::Scale { workers: 3 }, Response::Scaling { workers: 3 }),
+            (Request::Signal { signal: Signal::USR1 }, Response::Signalled { signal: Signal::USR1 }),
+            (Request::Stop, Response::Stopping),
+            (Request::Metrics, Response::Metrics { text: "a 1\n".into() }),
+            (Request::Restart { wait: true }, Response::RestartFinished(RestartOutcome::Completed { replaced: 2 })),
+            (
+                Request::Restart { wait: true },
+                Response::RestartFinished(RestartOutcome::Failed { worker_id: 0, reason: "x".into(), replaced: 0 }),
+            ),
+        ];
+        for (request, response) in cases {
+            let line = response.encode();
+            assert_eq!(Response::decode(&request, &line, path).unwrap(), response);
+        }
+        // The wire format the CLI's `--json` and other tools see.
+        let failed =
+            Response::RestartFinished(RestartOutcome::Failed { worker_id: 1, reason: "x".into(), replaced: 0 });
+        let wire: serde_json::Value = serde_json::from_slice(&failed.encode()).unwrap();
+        assert_eq!(wire["ok"], false);
+        assert_eq!(wire["outcome"]["result"], "failed");
+        assert!(wire["error"].as_str().unwrap().contains("failed at worker 1"));
+        let refused = encode_error("nope");
+        match Response::decode(&Request::Status, &refused, path) {
+            Err(ClientError::Refused(m)) => assert_eq!(m, "nope"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(Response::decode(&Request::Status, b"{}", path), Err(ClientError::BadAnswer(_))));
+    }
+
+    /// A generated-input property test: at least 10 000 inputs (random bytes, and valid requests
+    /// with random mutations); the parser never panics, and every accepted input is a request
+    /// with version 1.
+    #[test]
+    fn the_parser_never_panics() {
+        let seeds: Vec<&[u8]> = vec![
+            br#"{"v":1,"cmd":"status"}"#,
+            br#"{"v":1,"cmd":"restart","wait":true}"#,
+            br#"{"v":1,"cmd":"scale","workers":4}"#,
+            br#"{"v":1,"cmd":"signal","signal":"USR1"}"#,
+            br#"{"v":1,"cmd":"stop"}"#,
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"{}[]\":,0123456789-.eE truefalsnul\\v/cmdstatuworkesignalUSR\x00\xff\xc3";
+        let mut accepted = 0;
+        for i in 0..20_000 {
+            let mut input: Vec<u8> = if i % 3 == 0 {
+                let len = (next() % 200) as usize;
+                (0..len).map(|_| next() as u8).collect()
+            } else {
+                seeds[(next() % seeds.len() as u64) as usize].to_vec()
+            };
+            for _ in 0..(next() % 6) {
+                if input.is_empty() {
+                    break;
+                }
+                let pos = (next() as usize) % input.len();
+                match next() % 4 {
+                    0 => input[pos] = alphabet[(next() as usize) % alphabet.len()],
+                    1 => {
+                        input.remove(pos);
+                    }
+                    2 => input.insert(pos, alphabet[(next() as usize) % alphabet.len()]),
+                    _ => input.truncate(pos),
+                }
+            }
+            if let Ok(req) = parse_request(&input) {
+                accepted += 1;
+                let v: serde_json::Value = serde_json::from_slice(&input).expect("accepted input is JSON");
+                assert_eq!(v["v"], 1, "{req:?}");
+            }
+        }
+        assert!(accepted > 100, "the generator also produces valid requests ({accepted})");
+    }
+}
