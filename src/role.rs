@@ -108,6 +108,29 @@ impl Cluster {
     /// signal handling; [`Master::wait`] then starts the workers and supervises them. In a worker
     /// (the same program, executed again by the master with `ECEWO_CLUSTER_*` variables set) it
     /// takes over the inherited socket and channel, and the options are ignored.
+    ///
+    /// # Errors
+    ///
+    /// In the master: [`Error::InvalidOption`] (naming the option and what to change),
+    /// [`Error::Bind`] when an address is in use (nothing is started then),
+    /// [`Error::AlreadyRunning`] when another cluster of the same name serves its control socket,
+    /// [`Error::ControlSocket`] for an explicit control socket path that cannot be used, and
+    /// [`Error::Io`] when the master's own descriptors or signal handlers cannot be set up. In a
+    /// worker: [`Error::MasterGone`] when the master died before the worker was set up (exit
+    /// then), [`Error::BadInheritance`] when the worker's descriptors are not what its master
+    /// passed. In both: [`Error::AlreadyInitialized`] on a second call.
+    ///
+    /// # Caveats
+    ///
+    /// - Call it first thing in `main`, before any thread or async runtime exists: the master is
+    ///   a small single-threaded process, and workers are this same program executed again, so
+    ///   whatever runs before `init` runs in every worker too.
+    /// - Workers are found by their environment (`ECEWO_CLUSTER_*`) and their inherited channel,
+    ///   never by argv, so programs that parse their own arguments keep working. Programs a
+    ///   worker starts do not inherit the worker's identity.
+    /// - In the master, the process's `SIGTERM`, `SIGINT`, `SIGHUP`, `SIGQUIT`, `SIGUSR2`,
+    ///   `SIGTTIN` and `SIGTTOU` (and the bound signals) are handled from here on; they are
+    ///   acted on once [`Master::wait`] runs.
     pub fn init(self) -> Result<Role, Error> {
         if ROLE.get().is_some() {
             return Err(Error::AlreadyInitialized);

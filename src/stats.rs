@@ -9,6 +9,22 @@ use serde::{Deserialize, Serialize};
 use crate::signal::Signal;
 
 /// The lifecycle state of a worker slot (the spec's `worker_status_t`).
+///
+/// A slot's status is derived from its current process and what the supervisor plans for it:
+///
+/// | from | event | to |
+/// | --- | --- | --- |
+/// | (new slot: start-up or scale-up) | the process is started | `Starting` |
+/// | `Starting` | it reports ready | `Active` |
+/// | `Starting` | not ready within `ready_timeout` (killed), or it exits | as for an exit, below (a crash) |
+/// | `Active` | asked to stop (shutdown, scale-down) | `Stopping` |
+/// | `Active` | replaced by a rolling restart (the new process is ready) | `Active` (the new process; the old one drains outside the slot) |
+/// | `Active`, `Starting` | exits with respawn on | `Respawning`, then `Starting` after `worker_respawn_delay` |
+/// | `Active`, `Starting` | crashes `respawn_max_crashes` times within `respawn_window` | `Disabled` |
+/// | `Active`, `Starting` | crashes with respawn off | `Crashed` |
+/// | `Active`, `Starting` | exits cleanly (code 0) with respawn off | `Stopped` |
+/// | `Stopping` | exits (or is killed at `shutdown_timeout`) | `Stopped` |
+/// | `Disabled`, `Crashed`, `Stopped` | a rolling restart starts a new process that gets ready | `Active` |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]

@@ -465,3 +465,49 @@ impl Drop for Master {
         self.shared.stop_supervising();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::time::Duration;
+
+    use super::*;
+
+    fn master() -> Master {
+        let opts = Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
+        Master::new(opts).expect("a master on a free loopback port")
+    }
+
+    /// A caller blocked in `restart_and_wait` must not wait for ever when the `Master` goes
+    /// away without supervising (dropped without `wait()`, or `wait()` unwinding drops it).
+    #[test]
+    fn restart_waiters_are_answered_when_the_master_is_dropped() {
+        let master = master();
+        let handle = master.handle();
+        let (tx, rx) = mpsc::channel();
+        let waiter = std::thread::spawn(move || tx.send(handle.restart_and_wait()));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while master.shared.waiters.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the waiter never registered");
+            std::thread::yield_now();
+        }
+        drop(master);
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Err(Error::NotSupervising)) => {}
+            Ok(other) => panic!("expected NotSupervising, got {other:?}"),
+            Err(_) => panic!("restart_and_wait still blocks after the Master was dropped"),
+        }
+        waiter.join().unwrap().unwrap();
+        // And a later call fails at once.
+        let handle = master_handle_after_drop();
+        assert!(matches!(handle.restart_and_wait(), Err(Error::NotSupervising)));
+        assert!(matches!(handle.signal_workers(Signal::USR1), Err(Error::NotSupervising)));
+    }
+
+    fn master_handle_after_drop() -> MasterHandle {
+        let master = master();
+        let handle = master.handle();
+        drop(master);
+        handle
+    }
+}
