@@ -5,73 +5,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::error::Error;
+pub use crate::master::{Balance, ReadyInfo, WorkerExit, WorkerInfo};
+use crate::master::{ControlSetting, Settings};
 use crate::signal::Signal;
-use crate::stats::ExitStatus;
 pub use crate::supervisor::MAX_WORKERS;
-
-/// Checks a number of workers asked for while running (`scale`).
-pub(crate) fn check_scale(workers: usize) -> Result<(), Error> {
-    if (1..=MAX_WORKERS).contains(&workers) {
-        Ok(())
-    } else {
-        Err(Error::InvalidOption {
-            option: "scale",
-            reason: format!("cannot scale to {workers} workers: use 1 to {MAX_WORKERS}"),
-        })
-    }
-}
 
 /// The longest timeout or delay an option accepts: one day.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
-
-/// How connections are spread over the workers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Balance {
-    /// One `SO_REUSEPORT` socket per worker slot, all created and held by the master. The kernel
-    /// hashes each new connection to one slot: no thundering herd. A replacement worker takes over
-    /// its slot's socket, so connections queued there are never lost.
-    #[default]
-    ReusePort,
-    /// One socket inherited by every worker. Nothing is ever hashed to a slot nobody serves, but
-    /// every idle worker wakes for each new connection and busy workers win more of them.
-    Shared,
-}
-
-impl fmt::Display for Balance {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Balance::ReusePort => "reuseport",
-            Balance::Shared => "shared",
-        })
-    }
-}
-
-impl std::str::FromStr for Balance {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "reuseport" | "reuse-port" => Ok(Balance::ReusePort),
-            "shared" => Ok(Balance::Shared),
-            other => Err(format!("unknown balance mode `{other}`: use `reuseport` or `shared`")),
-        }
-    }
-}
-
-/// Where the master's control socket goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) enum ControlSetting {
-    /// `control::socket_path("<name>-<port>")`.
-    #[default]
-    Default,
-    Path(std::path::PathBuf),
-    Off,
-}
-
-pub(crate) type OnStart = Box<dyn FnMut(&WorkerInfo)>;
-pub(crate) type OnExit = Box<dyn FnMut(&WorkerExit)>;
-pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
-pub(crate) type OnSignal = Box<dyn FnMut(&crate::MasterHandle)>;
 
 /// Signals a program may bind to its own master actions with [`Cluster::on_signal`].
 ///
@@ -81,42 +21,6 @@ pub(crate) type OnSignal = Box<dyn FnMut(&crate::MasterHandle)>;
 /// handled; `SIGCHLD` must stay untouched (workers are reaped through pidfds). The list may grow.
 pub const BINDABLE_SIGNALS: &[Signal] =
     &[Signal::HUP, Signal::QUIT, Signal::USR1, Signal::USR2, Signal::WINCH, Signal::ALRM, Signal::TTIN, Signal::TTOU];
-
-/// A worker process, as [`Cluster::on_start`] and [`Cluster::on_worker_ready`] see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WorkerInfo {
-    /// The worker's slot, from 0.
-    pub worker_id: usize,
-    /// Its pid.
-    pub pid: u32,
-}
-
-/// How a worker process ended, as [`Cluster::on_exit`] sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WorkerExit {
-    /// The worker's slot, from 0.
-    pub worker_id: usize,
-    /// Its pid.
-    pub pid: u32,
-    /// Its exit code or the signal that killed it.
-    pub status: ExitStatus,
-    /// It was not asked to stop and did not exit cleanly (the spec's `is_crash`).
-    pub crash: bool,
-    /// When the slot will be started again, if it will.
-    pub respawn_in: Option<Duration>,
-}
-
-/// What the master knows when every initial worker has reported ready (see [`Cluster::on_ready`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ReadyInfo {
-    /// The address the cluster listens on, with the real port (also when port 0 was asked for).
-    pub addr: std::net::SocketAddr,
-    /// Workers ready and serving.
-    pub workers: usize,
-}
 
 /// The cluster's configuration: the spec's `Cluster` structure, as a builder.
 ///
@@ -136,44 +40,26 @@ pub struct ReadyInfo {
 /// # let _ = opts;
 /// ```
 pub struct Cluster {
-    pub(crate) port: u16,
-    pub(crate) cpus: usize,
-    pub(crate) respawn: bool,
-    pub(crate) shutdown_timeout: Duration,
-    pub(crate) worker_startup_delay: Duration,
-    pub(crate) worker_respawn_delay: Duration,
-    pub(crate) respawn_window: Duration,
-    pub(crate) respawn_max_crashes: u32,
-    pub(crate) address: IpAddr,
-    pub(crate) balance: Balance,
-    pub(crate) backlog: u32,
-    pub(crate) ready_timeout: Duration,
-    pub(crate) name: Option<String>,
-    pub(crate) control: ControlSetting,
-    pub(crate) on_start: Option<OnStart>,
-    pub(crate) on_exit: Option<OnExit>,
-    pub(crate) on_worker_ready: Option<OnStart>,
-    pub(crate) on_ready: Option<OnReady>,
-    pub(crate) on_signal: Vec<(Signal, OnSignal)>,
+    pub(crate) s: Settings,
 }
 
 impl fmt::Debug for Cluster {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cluster")
-            .field("port", &self.port)
-            .field("cpus", &self.cpus)
-            .field("respawn", &self.respawn)
-            .field("shutdown_timeout", &self.shutdown_timeout)
-            .field("worker_startup_delay", &self.worker_startup_delay)
-            .field("worker_respawn_delay", &self.worker_respawn_delay)
-            .field("respawn_window", &self.respawn_window)
-            .field("respawn_max_crashes", &self.respawn_max_crashes)
-            .field("address", &self.address)
-            .field("balance", &self.balance)
-            .field("backlog", &self.backlog)
-            .field("ready_timeout", &self.ready_timeout)
-            .field("name", &self.name)
-            .field("control", &self.control)
+            .field("port", &self.s.port)
+            .field("cpus", &self.s.cpus)
+            .field("respawn", &self.s.respawn)
+            .field("shutdown_timeout", &self.s.shutdown_timeout)
+            .field("worker_startup_delay", &self.s.worker_startup_delay)
+            .field("worker_respawn_delay", &self.s.worker_respawn_delay)
+            .field("respawn_window", &self.s.respawn_window)
+            .field("respawn_max_crashes", &self.s.respawn_max_crashes)
+            .field("address", &self.s.address)
+            .field("balance", &self.s.balance)
+            .field("backlog", &self.s.backlog)
+            .field("ready_timeout", &self.s.ready_timeout)
+            .field("name", &self.s.name)
+            .field("control", &self.s.control)
             .finish_non_exhaustive()
     }
 }
@@ -184,106 +70,108 @@ impl Cluster {
     /// 100 ms between spawns, 100 ms before a respawn, at most 3 crashes in 5 s.
     pub fn new(port: u16) -> Cluster {
         Cluster {
-            port,
-            cpus: 0,
-            respawn: false,
-            shutdown_timeout: Duration::from_millis(15_000),
-            worker_startup_delay: Duration::from_millis(100),
-            worker_respawn_delay: Duration::from_millis(100),
-            respawn_window: Duration::from_secs(5),
-            respawn_max_crashes: 3,
-            address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            balance: Balance::default(),
-            backlog: 1024,
-            ready_timeout: Duration::from_secs(60),
-            name: None,
-            control: ControlSetting::Default,
-            on_start: None,
-            on_exit: None,
-            on_worker_ready: None,
-            on_ready: None,
-            on_signal: Vec::new(),
+            s: Settings {
+                port,
+                cpus: 0,
+                respawn: false,
+                shutdown_timeout: Duration::from_millis(15_000),
+                worker_startup_delay: Duration::from_millis(100),
+                worker_respawn_delay: Duration::from_millis(100),
+                respawn_window: Duration::from_secs(5),
+                respawn_max_crashes: 3,
+                address: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                balance: Balance::default(),
+                backlog: 1024,
+                ready_timeout: Duration::from_secs(60),
+                name: None,
+                control: ControlSetting::Default,
+                on_start: None,
+                on_exit: None,
+                on_worker_ready: None,
+                on_ready: None,
+                on_signal: Vec::new(),
+            },
         }
     }
 
     /// The port to listen on (0: any free port; the real one is reported by [`crate::port`]).
     pub fn port(mut self, port: u16) -> Cluster {
-        self.port = port;
+        self.s.port = port;
         self
     }
 
     /// Number of workers; 0 (the default) means [`crate::cpus`].
     pub fn cpus(mut self, workers: usize) -> Cluster {
-        self.cpus = workers;
+        self.s.cpus = workers;
         self
     }
 
     /// Restart workers that exit without being asked to (default: off).
     pub fn respawn(mut self, on: bool) -> Cluster {
-        self.respawn = on;
+        self.s.respawn = on;
         self
     }
 
     /// How long a stopping worker may drain before the master kills it (default 15 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Cluster {
-        self.shutdown_timeout = timeout;
+        self.s.shutdown_timeout = timeout;
         self
     }
 
     /// Delay between starting consecutive workers at start-up (default 100 ms).
     pub fn worker_startup_delay(mut self, delay: Duration) -> Cluster {
-        self.worker_startup_delay = delay;
+        self.s.worker_startup_delay = delay;
         self
     }
 
     /// Delay before a worker that exited is started again (default 100 ms).
     pub fn worker_respawn_delay(mut self, delay: Duration) -> Cluster {
-        self.worker_respawn_delay = delay;
+        self.s.worker_respawn_delay = delay;
         self
     }
 
     /// The crash-rate window of crash protection (default 5 s).
     pub fn respawn_window(mut self, window: Duration) -> Cluster {
-        self.respawn_window = window;
+        self.s.respawn_window = window;
         self
     }
 
     /// Crashes within [`respawn_window`](Cluster::respawn_window) after which a slot is disabled
     /// (default 3).
     pub fn respawn_max_crashes(mut self, crashes: u32) -> Cluster {
-        self.respawn_max_crashes = crashes;
+        self.s.respawn_max_crashes = crashes;
         self
     }
 
     /// The address to bind (default `0.0.0.0`, every IPv4 interface; `::` listens on IPv6 and IPv4).
     pub fn address(mut self, address: IpAddr) -> Cluster {
-        self.address = address;
+        self.s.address = address;
         self
     }
 
     /// How connections are spread over workers (default [`Balance::ReusePort`]).
     pub fn balance(mut self, balance: Balance) -> Cluster {
-        self.balance = balance;
+        self.s.balance = balance;
         self
     }
 
     /// The listen backlog of each socket (default 1024; the kernel caps it at `net.core.somaxconn`).
     pub fn backlog(mut self, backlog: u32) -> Cluster {
-        self.backlog = backlog;
+        self.s.backlog = backlog;
         self
     }
 
     /// How long a graceful restart waits for each new worker to report ready before it gives
     /// up, keeps the old workers serving and reports the failure (default 60 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
-        self.ready_timeout = timeout;
+        self.s.ready_timeout = timeout;
         self
     }
 
     /// The cluster's name, used for its control socket (`<name>-<port>.sock`) and in `ecewo-cluster
     /// list` (default: the program's file name).
     pub fn name(mut self, name: impl Into<String>) -> Cluster {
-        self.name = Some(name.into());
+        self.s.name = Some(name.into());
         self
     }
 
@@ -291,39 +179,39 @@ impl Cluster {
     /// `$XDG_RUNTIME_DIR/ecewo-cluster/<name>-<port>.sock` (or a per-user directory under the
     /// temporary directory).
     pub fn control_socket(mut self, path: impl Into<std::path::PathBuf>) -> Cluster {
-        self.control = ControlSetting::Path(path.into());
+        self.s.control = ControlSetting::Path(path.into());
         self
     }
 
     /// Runs without a control socket (the `ecewo-cluster` CLI cannot reach this cluster then).
     pub fn no_control_socket(mut self) -> Cluster {
-        self.control = ControlSetting::Off;
+        self.s.control = ControlSetting::Off;
         self
     }
 
     /// Called on the master thread when a worker process was started (the spec's
     /// `on_worker_start(worker_id, pid)`).
     pub fn on_start(mut self, f: impl FnMut(&WorkerInfo) + 'static) -> Cluster {
-        self.on_start = Some(Box::new(f));
+        self.s.on_start = Some(Box::new(f));
         self
     }
 
     /// Called on the master thread when a worker process ended (the spec's
     /// `on_worker_exit(worker_id, exit_status, is_crash)`).
     pub fn on_exit(mut self, f: impl FnMut(&WorkerExit) + 'static) -> Cluster {
-        self.on_exit = Some(Box::new(f));
+        self.s.on_exit = Some(Box::new(f));
         self
     }
 
     /// Called on the master thread when a worker reported ready.
     pub fn on_worker_ready(mut self, f: impl FnMut(&WorkerInfo) + 'static) -> Cluster {
-        self.on_worker_ready = Some(Box::new(f));
+        self.s.on_worker_ready = Some(Box::new(f));
         self
     }
 
     /// Called once on the master thread when every initial worker has reported ready.
     pub fn on_ready(mut self, f: impl FnMut(&ReadyInfo) + 'static) -> Cluster {
-        self.on_ready = Some(Box::new(f));
+        self.s.on_ready = Some(Box::new(f));
         self
     }
 
@@ -343,15 +231,20 @@ impl Cluster {
     /// Only the signals in [`BINDABLE_SIGNALS`] can be bound; [`init`](Cluster::init) refuses
     /// others. Binding a signal twice keeps the last action.
     pub fn on_signal(mut self, signal: Signal, action: impl FnMut(&crate::MasterHandle) + 'static) -> Cluster {
-        self.on_signal.retain(|(s, _)| *s != signal);
-        self.on_signal.push((signal, Box::new(action)));
+        self.s.on_signal.retain(|(s, _)| *s != signal);
+        self.s.on_signal.push((signal, Box::new(action)));
         self
     }
 
     /// The number of workers `init` would start: [`cpus`](Cluster::cpus), or the detected CPU
     /// count when that is 0.
     pub fn worker_count(&self) -> usize {
-        if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }
+        self.s.worker_count()
+    }
+
+    /// The options as the master takes them.
+    pub(crate) fn into_settings(self) -> Settings {
+        self.s
     }
 
     /// Checks every option; the error names the option and what to change.
@@ -366,41 +259,41 @@ impl Cluster {
                 ),
             );
         }
-        if self.respawn_max_crashes == 0 {
+        if self.s.respawn_max_crashes == 0 {
             return invalid("respawn_max_crashes", "must be at least 1 (default 3)".into());
         }
-        if self.respawn_window.is_zero() {
+        if self.s.respawn_window.is_zero() {
             return invalid("respawn_window", "must be longer than zero (default 5 s)".into());
         }
-        if self.shutdown_timeout.is_zero() {
+        if self.s.shutdown_timeout.is_zero() {
             return invalid(
                 "shutdown_timeout",
                 "must be longer than zero: workers need time to finish their requests (default 15 s)".into(),
             );
         }
         for (option, value) in [
-            ("shutdown_timeout", self.shutdown_timeout),
-            ("worker_startup_delay", self.worker_startup_delay),
-            ("worker_respawn_delay", self.worker_respawn_delay),
-            ("respawn_window", self.respawn_window),
-            ("ready_timeout", self.ready_timeout),
+            ("shutdown_timeout", self.s.shutdown_timeout),
+            ("worker_startup_delay", self.s.worker_startup_delay),
+            ("worker_respawn_delay", self.s.worker_respawn_delay),
+            ("respawn_window", self.s.respawn_window),
+            ("ready_timeout", self.s.ready_timeout),
         ] {
             if value > MAX_DURATION {
                 return invalid(option, format!("{value:?} is more than the one day supported; use a shorter time"));
             }
         }
-        if self.ready_timeout.is_zero() {
+        if self.s.ready_timeout.is_zero() {
             return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
         }
-        if self.backlog == 0 || self.backlog > i32::MAX as u32 {
-            return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.backlog));
+        if self.s.backlog == 0 || self.s.backlog > i32::MAX as u32 {
+            return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.s.backlog));
         }
-        if let Some(name) = &self.name
+        if let Some(name) = &self.s.name
             && (name.is_empty() || name.contains('/') || name.len() > 64)
         {
             return invalid("name", format!("{name:?}: use 1 to 64 characters without '/'"));
         }
-        if let Some((sig, _)) = self.on_signal.iter().find(|(s, _)| !BINDABLE_SIGNALS.contains(s)) {
+        if let Some((sig, _)) = self.s.on_signal.iter().find(|(s, _)| !BINDABLE_SIGNALS.contains(s)) {
             return invalid(
                 "on_signal",
                 format!(
@@ -419,15 +312,15 @@ mod tests {
     #[test]
     fn defaults_are_the_specs() {
         let c = Cluster::new(3000);
-        assert_eq!(c.port, 3000);
-        assert_eq!(c.cpus, 0);
-        assert!(!c.respawn);
-        assert_eq!(c.shutdown_timeout, Duration::from_millis(15_000));
-        assert_eq!(c.worker_startup_delay, Duration::from_millis(100));
-        assert_eq!(c.worker_respawn_delay, Duration::from_millis(100));
-        assert_eq!(c.respawn_window, Duration::from_secs(5));
-        assert_eq!(c.respawn_max_crashes, 3);
-        assert_eq!(c.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(c.s.port, 3000);
+        assert_eq!(c.s.cpus, 0);
+        assert!(!c.s.respawn);
+        assert_eq!(c.s.shutdown_timeout, Duration::from_millis(15_000));
+        assert_eq!(c.s.worker_startup_delay, Duration::from_millis(100));
+        assert_eq!(c.s.worker_respawn_delay, Duration::from_millis(100));
+        assert_eq!(c.s.respawn_window, Duration::from_secs(5));
+        assert_eq!(c.s.respawn_max_crashes, 3);
+        assert_eq!(c.s.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert!(c.worker_count() >= 1);
         c.validate().unwrap();
     }

@@ -83,3 +83,61 @@ pub use role::{
 pub use signal::{Signal, UnknownSignal};
 pub use stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
 pub use worker::Worker;
+
+/// The import rules of the tree (ARCHITECTURE.md, "The tree"), checked on the sources: a
+/// module that reaches into a room it may not touch fails this test.
+#[cfg(test)]
+mod layering {
+    use std::path::Path;
+
+    /// The rooms, and the `crate::` paths code in each may not use.
+    const RULES: &[(&str, &[&str])] = &[
+        ("src/supervisor", &["master", "worker", "os", "proto", "config", "role", "serve", "control", "metrics"]),
+        ("src/proto", &["master", "worker", "os", "supervisor", "config", "role", "serve"]),
+        ("src/os", &["master", "worker", "proto", "supervisor", "config", "role", "serve", "control", "metrics"]),
+        ("src/master", &["worker", "config", "role", "serve", "Cluster"]),
+        ("src/worker", &["master", "supervisor", "config", "role", "Cluster", "MasterHandle", "Master"]),
+        ("src/stats.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
+        ("src/signal.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
+        ("src/error.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
+    ];
+
+    fn files(path: &Path, out: &mut Vec<std::path::PathBuf>) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                files(&entry.unwrap().path(), out);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path.to_owned());
+        }
+    }
+
+    #[test]
+    fn each_room_imports_only_what_it_may() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut broken = Vec::new();
+        for (room, forbidden) in RULES {
+            let mut list = Vec::new();
+            files(&root.join(room), &mut list);
+            assert!(!list.is_empty(), "{room} has no sources");
+            for file in list {
+                let text = std::fs::read_to_string(&file).unwrap();
+                // Unit tests may use the front to set things up.
+                let body = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+                for (n, line) in body.lines().enumerate() {
+                    let code = line.split("//").next().unwrap_or("");
+                    for name in *forbidden {
+                        let path = format!("crate::{name}");
+                        let hit = code.match_indices(&path).any(|(i, _)| {
+                            !code[i + path.len()..].starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                        });
+                        if hit {
+                            broken.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+                        }
+                    }
+                }
+            }
+        }
+        assert!(broken.is_empty(), "imports across the architecture's walls:\n{}", broken.join("\n"));
+    }
+}

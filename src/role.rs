@@ -146,7 +146,7 @@ impl Cluster {
             return Ok(Role::Worker(worker));
         }
         self.validate()?;
-        let master = Master::new(self)?;
+        let master = Master::new(self.into_settings())?;
         ROLE.set(Global::Master(master.shared())).map_err(|_| Error::AlreadyInitialized)?;
         Ok(Role::Master(master))
     }

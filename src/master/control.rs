@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 
 use super::driver::Driver;
-use crate::config::check_scale;
+use super::settings::check_scale;
 use crate::error::Error;
 use crate::proto::control::{self, MAX_REQUEST, MasterInfo, Request, Response, Status};
 use crate::proto::line::LineIo;
@@ -257,12 +257,14 @@ impl Driver {
                 Err(message) => Err(message),
                 Ok(Request::Status) => {
                     let (cluster, workers) = self.stats_now();
+                    let pid = self.master_pid.as_raw_nonzero().get() as u32;
                     let master = MasterInfo::new(
-                        self.master_pid.as_raw_nonzero().get() as u32,
+                        pid,
                         self.m.name.clone(),
                         self.m.shared.addr.to_string(),
                         self.m.balance.to_string(),
                         self.m.started,
+                        crate::os::procfs::proc_usage(pid).map(|(rss, _)| rss),
                     );
                     Ok(Response::Status(Box::new(Status { master, cluster, workers })))
                 }

@@ -19,6 +19,7 @@ mod control;
 mod driver;
 mod notify;
 mod report;
+mod settings;
 mod signals;
 mod spawn;
 mod steer;
@@ -32,7 +33,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Instant, SystemTime};
 
-use crate::config::{Balance, Cluster, ControlSetting, OnExit, OnReady, OnSignal, OnStart, check_scale};
 use crate::error::Error;
 use crate::signal::Signal;
 use crate::stats::{ClusterStats, RestartOutcome, WorkerStats};
@@ -40,6 +40,9 @@ use crate::supervisor::{Policy, Supervisor};
 use control::ControlServer;
 use driver::Driver;
 use notify::Notifier;
+pub use settings::{Balance, ReadyInfo, WorkerExit, WorkerInfo};
+pub(crate) use settings::{ControlSetting, Settings};
+use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
 use steer::Group;
 
@@ -139,7 +142,7 @@ impl Shared {
     }
 }
 
-/// The master role: returned by [`Cluster::init`] in the first run of the program.
+/// The master role: returned by [`Cluster::init`](crate::Cluster::init) in the first run of the program.
 pub struct Master {
     shared: Arc<Shared>,
     policy: Policy,
@@ -261,7 +264,7 @@ impl MasterHandle {
 }
 
 impl Master {
-    pub(crate) fn new(mut opts: Cluster) -> Result<Master, Error> {
+    pub(crate) fn new(mut opts: Settings) -> Result<Master, Error> {
         let workers = opts.worker_count();
         if opts.cpus == 0 {
             let detected = crate::os::cpu::cpus_detailed();
@@ -426,7 +429,7 @@ impl Master {
     ///
     /// # Caveats
     ///
-    /// - Call it on the thread that called [`Cluster::init`], normally the main thread: each
+    /// - Call it on the thread that called [`Cluster::init`](crate::Cluster::init), normally the main thread: each
     ///   worker's parent-death signal is tied to the thread that started it, so workers started by
     ///   a thread that then exits receive `SIGTERM`.
     /// - Do not reap children elsewhere in the program (`waitpid(-1)`, `SIGCHLD` set to
@@ -474,8 +477,8 @@ mod tests {
     use super::*;
 
     fn master() -> Master {
-        let opts = Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
-        Master::new(opts).expect("a master on a free loopback port")
+        let opts = crate::Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
+        Master::new(opts.into_settings()).expect("a master on a free loopback port")
     }
 
     /// A caller blocked in `restart_and_wait` must not wait for ever when the `Master` goes

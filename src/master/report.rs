@@ -2,7 +2,7 @@
 //! notifications and the answers to callers waiting for a restart.
 
 use super::driver::{Driver, guard};
-use crate::config::{ReadyInfo, WorkerExit, WorkerInfo};
+use super::{ReadyInfo, WorkerExit, WorkerInfo};
 use crate::proto::control::Response;
 use crate::stats::RestartOutcome;
 use crate::supervisor::{Program, Report};

@@ -11,9 +11,9 @@ use std::process::{Command as Process, Stdio};
 use command_fds::{CommandFdExt, FdMapping};
 use rustix::process::{Pid, PidfdFlags};
 
+use super::Balance;
 use super::channel::MasterEnd;
 use super::driver::{Driver, Proc};
-use crate::config::Balance;
 use crate::proto::handoff::{CHANNEL_FD, LISTEN_FD, PRIVATE_ENV, env};
 use crate::supervisor::Program;
 

@@ -14,8 +14,8 @@
 
 use std::os::fd::AsFd;
 
+use super::Balance;
 use super::driver::Driver;
-use crate::config::Balance;
 
 /// The kernel's array of a reuseport group, as slot ids (mirrors `struct sock_reuseport`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -133,8 +133,14 @@ pub struct MasterInfo {
 
 impl MasterInfo {
     /// The master's description (for the master's own status answer).
-    pub(crate) fn new(pid: u32, name: String, address: String, balance: String, started: SystemTime) -> MasterInfo {
-        let rss_bytes = crate::os::procfs::proc_usage(pid).map(|(rss, _)| rss);
+    pub(crate) fn new(
+        pid: u32,
+        name: String,
+        address: String,
+        balance: String,
+        started: SystemTime,
+        rss_bytes: Option<u64>,
+    ) -> MasterInfo {
         MasterInfo { pid, name, address, balance, started: Some(started), rss_bytes }
     }
 }

@@ -1,0 +1,140 @@
+//! What a master is built from: the options of a [`Cluster`](crate::Cluster) (which wraps a
+//! [`Settings`]), and the types its callbacks receive. The builder lives in `config.rs`; the
+//! master never imports it.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use super::MasterHandle;
+use crate::error::Error;
+use crate::signal::Signal;
+use crate::stats::ExitStatus;
+use crate::supervisor::MAX_WORKERS;
+
+/// How connections are spread over the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Balance {
+    /// One `SO_REUSEPORT` socket per worker slot, all created and held by the master. The kernel
+    /// hashes each new connection to one slot: no thundering herd. A replacement worker takes over
+    /// its slot's socket, so connections queued there are never lost.
+    #[default]
+    ReusePort,
+    /// One socket inherited by every worker. Nothing is ever hashed to a slot nobody serves, but
+    /// every idle worker wakes for each new connection and busy workers win more of them.
+    Shared,
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::ReusePort => "reuseport",
+            Balance::Shared => "shared",
+        })
+    }
+}
+
+impl std::str::FromStr for Balance {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "reuseport" | "reuse-port" => Ok(Balance::ReusePort),
+            "shared" => Ok(Balance::Shared),
+            other => Err(format!("unknown balance mode `{other}`: use `reuseport` or `shared`")),
+        }
+    }
+}
+
+/// Where the master's control socket goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum ControlSetting {
+    /// `control::socket_path("<name>-<port>")`.
+    #[default]
+    Default,
+    Path(std::path::PathBuf),
+    Off,
+}
+
+pub(crate) type OnStart = Box<dyn FnMut(&WorkerInfo)>;
+pub(crate) type OnExit = Box<dyn FnMut(&WorkerExit)>;
+pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
+pub(crate) type OnSignal = Box<dyn FnMut(&MasterHandle)>;
+
+/// A worker process, as [`Cluster::on_start`](crate::Cluster::on_start) and [`Cluster::on_worker_ready`](crate::Cluster::on_worker_ready) see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// The worker's slot, from 0.
+    pub worker_id: usize,
+    /// Its pid.
+    pub pid: u32,
+}
+
+/// How a worker process ended, as [`Cluster::on_exit`](crate::Cluster::on_exit) sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerExit {
+    /// The worker's slot, from 0.
+    pub worker_id: usize,
+    /// Its pid.
+    pub pid: u32,
+    /// Its exit code or the signal that killed it.
+    pub status: ExitStatus,
+    /// It was not asked to stop and did not exit cleanly (the spec's `is_crash`).
+    pub crash: bool,
+    /// When the slot will be started again, if it will.
+    pub respawn_in: Option<Duration>,
+}
+
+/// What the master knows when every initial worker has reported ready (see [`Cluster::on_ready`](crate::Cluster::on_ready)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadyInfo {
+    /// The address the cluster listens on, with the real port (also when port 0 was asked for).
+    pub addr: std::net::SocketAddr,
+    /// Workers ready and serving.
+    pub workers: usize,
+}
+
+/// The cluster's options as the master uses them (see [`Cluster`](crate::Cluster) for each).
+pub(crate) struct Settings {
+    pub(crate) port: u16,
+    pub(crate) cpus: usize,
+    pub(crate) respawn: bool,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) worker_startup_delay: Duration,
+    pub(crate) worker_respawn_delay: Duration,
+    pub(crate) respawn_window: Duration,
+    pub(crate) respawn_max_crashes: u32,
+    pub(crate) address: IpAddr,
+    pub(crate) balance: Balance,
+    pub(crate) backlog: u32,
+    pub(crate) ready_timeout: Duration,
+    pub(crate) name: Option<String>,
+    pub(crate) control: ControlSetting,
+    pub(crate) on_start: Option<OnStart>,
+    pub(crate) on_exit: Option<OnExit>,
+    pub(crate) on_worker_ready: Option<OnStart>,
+    pub(crate) on_ready: Option<OnReady>,
+    pub(crate) on_signal: Vec<(Signal, OnSignal)>,
+}
+
+impl Settings {
+    /// The number of workers to start: `cpus`, or the detected CPU count when that is 0.
+    pub(crate) fn worker_count(&self) -> usize {
+        if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }
+    }
+}
+
+/// Checks a number of workers asked for while running (`scale`).
+pub(crate) fn check_scale(workers: usize) -> Result<(), Error> {
+    if (1..=MAX_WORKERS).contains(&workers) {
+        Ok(())
+    } else {
+        Err(Error::InvalidOption {
+            option: "scale",
+            reason: format!("cannot scale to {workers} workers: use 1 to {MAX_WORKERS}"),
+        })
+    }
+}
