@@ -247,7 +247,14 @@ impl Cluster {
         self.s
     }
 
-    /// Checks every option; the error names the option and what to change.
+    /// Checks every option; [`init`](Cluster::init) calls it before anything is started.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOption`], naming the option (as its setter is named) and what to change:
+    /// a worker count over [`MAX_WORKERS`], zero crashes or a zero crash window, a zero shutdown
+    /// or ready timeout, a duration over [`MAX_DURATION`], a backlog of 0, a bad name, or a signal
+    /// outside [`BINDABLE_SIGNALS`].
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
         let workers = self.worker_count();

@@ -207,6 +207,18 @@ impl Cluster {
     ///     })
     /// }
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// Those of [`init`](Cluster::init) and, in the master, of [`Master::wait`]; in a worker,
+    /// those of [`serve`](crate::serve::serve) (the runtime or the listener cannot be set up).
+    ///
+    /// # Caveats
+    ///
+    /// `make_service` runs in every worker, inside its runtime, never in the master. Each worker
+    /// runs a single-threaded runtime: the cluster already gives one process per core. For a
+    /// multi-thread runtime or another server, use [`init`](Cluster::init) and the
+    /// [`serve`](crate::serve) helpers yourself.
     pub fn serve<F, S, B>(self, make_service: F) -> Result<(), Error>
     where
         F: FnOnce(&Worker) -> S,
