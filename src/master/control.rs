@@ -303,9 +303,6 @@ impl Driver {
                     events.push_back(Event::Shutdown);
                     Ok(Response::Stopping)
                 }
-                // A request this master does not know (the enum may grow).
-                #[allow(unreachable_patterns)]
-                Ok(_) => Err("this master does not support that command; upgrade it".into()),
             };
             if let Some(ctl) = self.m.control.as_mut() {
                 let line = match &reply {
