@@ -1,6 +1,11 @@
 //! Unit tests of the supervisor's policies with a fake clock.
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
 use super::*;
+use crate::signal::Signal;
+use crate::stats::{ExitStatus, RestartOutcome, WorkerStatus};
 
 const MS: Duration = Duration::from_millis(1);
 
