@@ -4,11 +4,14 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Command, Loc, Phase, ProcState, Report, SpawnReason, Supervisor, WorkerKey, signal_bit};
+use super::{Command, Loc, Notify, Phase, ProcState, Report, SpawnReason, Supervisor, WorkerKey, signal_bit};
 use crate::stats::{ExitStatus, WorkerStatus};
 
 /// An exit the master did not ask for is a crash when the code is non-zero or the process died
 /// of a signal the master did not send it (`signalled`, see [`super::Proc::signalled`]).
+/// The status recorded for a worker whose real status is lost ([`super::Event::Lost`]).
+pub(super) const LOST_STATUS: ExitStatus = ExitStatus::Code(255);
+
 fn is_crash(status: ExitStatus, signalled: u64) -> bool {
     match status {
         ExitStatus::Code(code) => code != 0,
@@ -17,6 +20,7 @@ fn is_crash(status: ExitStatus, signalled: u64) -> bool {
 }
 
 impl Supervisor {
+    /// The driver started a process: it is starting (or, asked to stop meanwhile, stopped).
     pub(super) fn on_spawned(&mut self, key: WorkerKey, pid: u32, now: Instant, out: &mut Vec<Command>) {
         let Some(loc) = self.locate(key) else { return };
         let shutting_down = self.phase != Phase::Running;
@@ -40,6 +44,7 @@ impl Supervisor {
         }
     }
 
+    /// The driver could not start a process: a crash of the slot, or a failed rollout.
     pub(super) fn on_spawn_failed(
         &mut self,
         key: WorkerKey,
@@ -61,6 +66,7 @@ impl Supervisor {
         }
     }
 
+    /// A worker reported ready: it serves (a replacement takes its slot over).
     pub(super) fn on_ready(&mut self, key: WorkerKey, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let Some(loc) = self.locate(key) else { return };
         let Some(p) = self.proc_at(loc) else { return };
@@ -80,11 +86,13 @@ impl Supervisor {
         }
     }
 
-    /// A worker process ended: classified, then its slot's book-keeping (or its rollout's).
+    /// A worker process ended with `status` (`reason`: what the status does not say): it is
+    /// classified, then its slot's book-keeping (or its rollout's) follows.
     pub(super) fn on_exited(
         &mut self,
         key: WorkerKey,
         status: ExitStatus,
+        reason: Option<String>,
         now: Instant,
         wall: SystemTime,
         out: &mut Vec<Command>,
@@ -94,24 +102,30 @@ impl Supervisor {
         let pid = p.pid.unwrap_or(0);
         let asked = p.state == ProcState::Stopping;
         let crash = !asked && is_crash(status, p.signalled);
+        let exited = |crash, respawn_in| Report::Exited { slot, pid, status, crash, reason, respawn_in };
         match loc {
             Loc::Current(_) => {
                 let respawn_in = self.after_exit(slot, status, crash, now, out);
-                out.push(Command::Report(Report::Exited { slot, pid, status, crash, respawn_in }));
+                out.push(Command::Report(exited(crash, respawn_in)));
             }
             Loc::Next(_) => {
                 // A replacement that dies before it is ready: a broken deploy, not a crash of
                 // the slot (its old worker still serves).
-                out.push(Command::Report(Report::Exited { slot, pid, status, crash: false, respawn_in: None }));
+                out.push(Command::Report(exited(false, None)));
                 if !asked {
                     let reason = format!("the new worker exited before it was ready ({status})");
                     self.fail_rollout(slot, reason, now, wall, out);
                 }
             }
-            Loc::Retiring(_) => {
-                out.push(Command::Report(Report::Exited { slot, pid, status, crash: false, respawn_in: None }))
-            }
+            Loc::Retiring(_) => out.push(Command::Report(exited(false, None))),
         }
+    }
+
+    /// A worker process ended and its status is lost (reaped elsewhere): a crash of unknown
+    /// cause, recorded as exit code 255, unless it had been asked to stop.
+    pub(super) fn on_lost(&mut self, key: WorkerKey, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let reason = "reaped elsewhere, its exit status is lost (is SIGCHLD ignored, or waitpid(-1) called?)";
+        self.on_exited(key, LOST_STATUS, Some(reason.into()), now, wall, out);
     }
 
     /// Book-keeping after the current process of `slot` is gone: crash protection and respawn.
@@ -166,6 +180,7 @@ impl Supervisor {
         if !waiting && workers > 0 {
             self.announced_ready = true;
             out.push(Command::Report(Report::AllReady { workers }));
+            out.push(Command::Notify(Notify::Ready { workers }));
         }
     }
 }

@@ -15,12 +15,13 @@
 //! | `lifecycle.rs` | spawn, ready, exit; crash classification, respawn, crash protection |
 //! | `rollout.rs` | rolling restarts: surge first, one slot at a time, coalescing |
 //! | `scaling.rs` | adding and removing slots |
-//! | `shutdown.rs` | stopping everything, signalling workers, the end of supervision |
+//! | `shutdown.rs` | stopping everything, the end of supervision |
+//! | `signals.rs` | what the master's signals mean (defaults, bound actions); signalling workers |
 //! | `timers.rs` | deadlines: [`Supervisor::next_deadline`] and what is due at a time |
 //! | `sockets.rs` | routing new connections and closing sockets nobody serves (`ReusePort`) |
 //! | `views.rs` | statistics and statuses |
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
@@ -30,6 +31,7 @@ mod lifecycle;
 mod rollout;
 mod scaling;
 mod shutdown;
+mod signals;
 mod sockets;
 mod timers;
 mod types;
@@ -165,7 +167,25 @@ pub struct Supervisor {
     /// The slots new connections were last routed to.
     routed: Vec<usize>,
     /// Slots (disabled or removed) whose socket is to be closed once no process holds it.
-    unserved: std::collections::BTreeSet<usize>,
+    unserved: BTreeSet<usize>,
+    /// Whether new connections are steered (`ReusePort`), as far as the driver told.
+    steering: Steering,
+    /// Signals the user bound to actions of their own ([`Supervisor::bind_signals`]).
+    bound: Vec<Signal>,
+    /// Deploys whose program file the driver may hold open (a worker was spawned from it and
+    /// [`Command::ReleaseProgram`] was not sent yet).
+    deployed: BTreeSet<u64>,
+}
+
+/// Connection steering (`ReusePort`), as the driver's failures left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Steering {
+    /// Routes are sent and, as far as the supervisor knows, applied.
+    On,
+    /// A route did not fit a steering program (reported once); routes are still sent.
+    Unfit,
+    /// The kernel refused a program: no more routes, the kernel hashes.
+    Off,
 }
 
 const SIGKILL: Signal = Signal::KILL;
@@ -198,7 +218,10 @@ impl Supervisor {
             deploys: 0,
             program: Program::Running,
             routed: Vec::new(),
-            unserved: Default::default(),
+            unserved: BTreeSet::new(),
+            steering: Steering::On,
+            bound: Vec::new(),
+            deployed: BTreeSet::new(),
         }
     }
 
@@ -206,6 +229,7 @@ impl Supervisor {
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
+
     fn procs(&self) -> impl Iterator<Item = (usize, &Proc)> {
         self.slots
             .iter()
@@ -234,12 +258,14 @@ impl Supervisor {
             Event::Spawned { key, pid } => self.on_spawned(key, pid, now, &mut out),
             Event::SpawnFailed { key, error } => self.on_spawn_failed(key, error, now, wall, &mut out),
             Event::Ready { key } => self.on_ready(key, now, wall, &mut out),
-            Event::Exited { key, status } => self.on_exited(key, status, now, wall, &mut out),
+            Event::Exited { key, status } => self.on_exited(key, status, None, now, wall, &mut out),
             Event::Shutdown => self.on_shutdown(now, &mut out),
             Event::SignalWorkers { signal } => self.on_signal_workers(signal, &mut out),
             Event::Restart { ticket } => self.on_restart(ticket, now, wall, &mut out),
             Event::Scale { workers } => self.on_scale(workers, now, wall, &mut out),
-            Event::ScaleBy { delta } => self.on_scale_by(delta, now, wall, &mut out),
+            Event::Signal { signal } => self.on_signal(signal, now, wall, &mut out),
+            Event::Lost { key } => self.on_lost(key, now, wall, &mut out),
+            Event::SteerFailed { failure } => self.on_steer_failed(failure, &mut out),
         }
         self.settle(now, wall, &mut out);
         out
@@ -260,7 +286,10 @@ impl Supervisor {
     ///    of slots with an active worker, sent when it changed.
     /// 4. *the start-up is announced once it is over* ([`check_all_ready`](Self::check_all_ready)):
     ///    after steps 1–3, so that a slot disabled or a worker made active at this instant counts.
-    /// 5. *supervision ends when nothing is left* ([`check_done`](Self::check_done)): last,
+    /// 5. *no deploy's program file stays open that no worker runs or will run*
+    ///    ([`release_programs`](Self::release_programs)): after every step that may start a
+    ///    process from one (spawns due now, a queued rollout that began).
+    /// 6. *supervision ends when nothing is left* ([`check_done`](Self::check_done)): last,
     ///    because any earlier step may have started a process, and `Exit` must be the last
     ///    command the driver sees.
     fn settle(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
@@ -268,7 +297,17 @@ impl Supervisor {
         self.close_unserved(out);
         self.update_route(out);
         self.check_all_ready(out);
+        self.release_programs(out);
         self.check_done(out);
+    }
+
+    /// Asks the driver to start process `key` in `slot`, from `program` (the driver opens a
+    /// deploy's program file for it, which [`Command::ReleaseProgram`] later closes).
+    fn push_spawn(&mut self, slot: usize, key: WorkerKey, program: Program, out: &mut Vec<Command>) {
+        if let Program::Deployed(n) = program {
+            self.deployed.insert(n);
+        }
+        out.push(Command::Spawn { slot, key, program });
     }
 
     fn locate(&self, key: WorkerKey) -> Option<Loc> {

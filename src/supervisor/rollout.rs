@@ -4,7 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::{Command, Phase, Program, Report, Rollout, SpawnReason, Supervisor};
+use super::{Command, Notify, Phase, Program, Report, Rollout, SpawnReason, Supervisor};
 use crate::stats::RestartOutcome;
 
 impl Supervisor {
@@ -34,6 +34,7 @@ impl Supervisor {
             replaced: 0,
         });
         out.push(Command::Report(Report::RestartStarted { workers: self.slots.len() }));
+        out.push(Command::Notify(Notify::Reloading { workers: self.slots.len() }));
         self.advance_rollout(now, wall, out);
     }
 
@@ -58,7 +59,7 @@ impl Supervisor {
         // The replacement takes the slot over: no respawn or first start on top of it.
         s.next_spawn = None;
         s.next = Some(p);
-        out.push(Command::Spawn { slot, key, program });
+        self.push_spawn(slot, key, program, out);
     }
 
     /// The replacement of `slot` failed: stop the rollout there (a queued restart then starts).
@@ -80,9 +81,15 @@ impl Supervisor {
         self.start_queued(now, wall, out);
     }
 
+    /// A rollout ended (or a restart was refused): record and report the outcome; systemd hears
+    /// `READY=1` again unless the cluster is stopping or has not finished starting (the start-up
+    /// announces itself).
     pub(super) fn finish_restart(&mut self, outcome: RestartOutcome, tickets: Vec<u64>, out: &mut Vec<Command>) {
         self.last_restart = Some(outcome.clone());
-        out.push(Command::Report(Report::RestartFinished { outcome, tickets }));
+        out.push(Command::Report(Report::RestartFinished { outcome: outcome.clone(), tickets }));
+        if self.phase == Phase::Running && self.announced_ready {
+            out.push(Command::Notify(Notify::Reloaded { outcome }));
+        }
     }
 
     pub(super) fn start_queued(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
@@ -120,16 +127,33 @@ impl Supervisor {
         out.push(Command::Report(Report::Replaced { slot, old_pid, new_pid }));
     }
 
-    /// The program files workers currently run or will run (the driver may release others).
-    pub fn programs_in_use(&self) -> Vec<Program> {
+    /// The program files workers currently run or will run: those of the slots (their
+    /// respawns), of every process, of the rollout under way, and the one new slots start with.
+    pub(super) fn programs_in_use(&self) -> Vec<Program> {
         let mut v: Vec<Program> = self
             .slots
             .iter()
             .map(|s| s.program)
             .chain(self.procs().map(|(_, p)| p.program))
             .chain(self.rollout.iter().map(|r| r.program))
+            .chain([self.program])
             .collect();
+        v.sort();
         v.dedup();
         v
+    }
+
+    /// Releases the program files of deploys that no worker runs or will run any more.
+    pub(super) fn release_programs(&mut self, out: &mut Vec<Command>) {
+        if self.deployed.is_empty() {
+            return;
+        }
+        let in_use = self.programs_in_use();
+        let unused: Vec<u64> =
+            self.deployed.iter().copied().filter(|&n| !in_use.contains(&Program::Deployed(n))).collect();
+        for deploy in unused {
+            self.deployed.remove(&deploy);
+            out.push(Command::ReleaseProgram { deploy });
+        }
     }
 }

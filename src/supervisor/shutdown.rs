@@ -4,8 +4,7 @@
 
 use std::time::Instant;
 
-use super::{Command, Outcome, Phase, ProcState, Report, SIGKILL, Supervisor, signal_bit};
-use crate::signal::Signal;
+use super::{Command, Notify, Outcome, Phase, ProcState, Report, SIGKILL, Supervisor, signal_bit};
 use crate::stats::RestartOutcome;
 
 impl Supervisor {
@@ -39,24 +38,12 @@ impl Supervisor {
                 }
                 self.retiring = retiring;
                 out.push(Command::Report(Report::ShuttingDown { workers }));
+                out.push(Command::Notify(Notify::Stopping { workers }));
             }
             // Asked again: do not wait for the timeout.
             Phase::ShuttingDown { killed: false } => self.kill_all(out),
             Phase::ShuttingDown { killed: true } | Phase::Done => {}
         }
-    }
-
-    pub(super) fn on_signal_workers(&mut self, signal: Signal, out: &mut Vec<Command>) {
-        let mut slots = Vec::new();
-        for s in &mut self.slots {
-            if let Some(p) = s.current.as_mut().filter(|p| p.state == ProcState::Active) {
-                // Remembered: a death by this signal is then not a crash.
-                p.signalled |= signal_bit(signal);
-                slots.push(s.id);
-                out.push(Command::Signal { key: p.key, signal });
-            }
-        }
-        out.push(Command::Report(Report::Signalled { signal, slots }));
     }
 
     pub(super) fn kill_all(&mut self, out: &mut Vec<Command>) {

@@ -666,8 +666,8 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
         assert!(r.contains(&Command::CloseSocket { slot }), "closed once its last worker is gone: {r:?}");
     }
     assert!(h.feed(Event::Scale { workers: 0 }).is_empty(), "zero workers is refused");
-    assert_eq!(reports(&h.feed(Event::ScaleBy { delta: -1 })), vec![&Report::ScaleRefused { workers: 0 }]);
-    let r = h.feed(Event::ScaleBy { delta: 1 });
+    assert_eq!(reports(&h.feed(Event::Signal { signal: Signal::TTOU })), vec![&Report::ScaleRefused { workers: 0 }]);
+    let r = h.feed(Event::Signal { signal: Signal::TTIN });
     assert!(reports(&r).contains(&&Report::Scaled { from: 1, to: 2 }), "{r:?}");
 }
 
@@ -810,4 +810,197 @@ fn a_removed_slot_added_back_before_its_worker_left_keeps_its_socket() {
     let key = h.sup.retiring[0].1.key;
     let r = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
     assert!(!r.iter().any(|c| matches!(c, Command::CloseSocket { .. })), "{r:?}");
+}
+
+// ---- decisions the driver used to make ----
+
+fn has_shutdown(cmds: &[Command]) -> bool {
+    cmds.contains(&Command::CloseListeners)
+}
+
+#[test]
+fn signals_have_their_default_actions_unless_bound() {
+    // TERM and INT shut down; a second one kills.
+    for sig in [Signal::TERM, Signal::INT, Signal::HUP, Signal::QUIT] {
+        let mut h = Harness::new(policy(2));
+        h.start_all();
+        let r = h.feed(Event::Signal { signal: sig });
+        assert!(has_shutdown(&r), "{sig}: {r:?}");
+        assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count(), 2);
+        let r = h.feed(Event::Signal { signal: sig });
+        assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::KILL, .. })).count(), 2, "{sig}");
+    }
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    let r = h.feed(Event::Signal { signal: Signal::USR2 });
+    assert!(reports(&r).contains(&&Report::RestartStarted { workers: 2 }), "{r:?}");
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    assert!(reports(&h.feed(Event::Signal { signal: Signal::TTIN })).contains(&&Report::Scaled { from: 2, to: 3 }));
+    assert!(reports(&h.feed(Event::Signal { signal: Signal::TTOU })).contains(&&Report::Scaled { from: 3, to: 2 }));
+    assert_eq!(h.feed(Event::Signal { signal: Signal::CHLD }), vec![Command::ReapOrphans]);
+    assert!(h.feed(Event::Signal { signal: Signal::WINCH }).is_empty(), "unbound and without a default");
+}
+
+#[test]
+fn a_bound_signal_runs_its_action_instead_of_its_default() {
+    let mut h = Harness::new(policy(2));
+    h.sup.bind_signals([Signal::HUP, Signal::USR2, Signal::TTIN, Signal::TERM, Signal::INT, Signal::WINCH]);
+    h.start_all();
+    for sig in [Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH] {
+        assert_eq!(h.feed(Event::Signal { signal: sig }), vec![Command::RunSignalAction { signal: sig }], "{sig}");
+    }
+    // QUIT is not bound: still a graceful shutdown. TERM and INT cannot be bound.
+    assert!(has_shutdown(&h.feed(Event::Signal { signal: Signal::QUIT })));
+    let mut h = Harness::new(policy(1));
+    h.sup.bind_signals([Signal::TERM, Signal::INT]);
+    h.start_all();
+    assert!(has_shutdown(&h.feed(Event::Signal { signal: Signal::INT })));
+    // Bound, during a shutdown: still the action (it does not stop anything by itself).
+    let mut h = Harness::new(policy(1));
+    h.sup.bind_signals([Signal::HUP]);
+    h.start_all();
+    h.feed(Event::Shutdown);
+    assert_eq!(h.feed(Event::Signal { signal: Signal::HUP }), vec![Command::RunSignalAction { signal: Signal::HUP }]);
+}
+
+#[test]
+fn a_worker_reaped_elsewhere_is_a_crash_of_unknown_cause() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    let key = h.key_of(0);
+    let r = h.feed(Event::Lost { key });
+    let rs = reports(&r);
+    assert!(
+        matches!(
+            rs[..],
+            [Report::Exited {
+                slot: 0,
+                status: ExitStatus::Code(255),
+                crash: true,
+                reason: Some(_),
+                respawn_in: Some(_),
+                ..
+            }]
+        ),
+        "{rs:?}"
+    );
+    assert_eq!(h.sup.worker_stats(h.now)[0].crash_count, 1);
+    // Asked to stop, then lost: gone as asked, no crash.
+    h.feed(Event::Shutdown);
+    let key = h.key_of(1);
+    let r = h.feed(Event::Lost { key });
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]), "{r:?}");
+    assert_eq!(h.sup.worker_stats(h.now)[1].crash_count, 0);
+}
+
+#[test]
+fn a_route_no_program_fits_falls_back_to_hashing_and_a_refused_program_ends_steering() {
+    let mut h = Harness::new(policy(3));
+    h.start_all();
+    let r = h.feed(Event::SteerFailed { failure: SteerFailure::NoProgram { slots: 3 } });
+    assert_eq!(r, vec![Command::Unsteer { for_good: false }, Command::Report(Report::RouteTooLarge { slots: 3 })]);
+    // Reported once; routes are still sent (a later one may fit).
+    let r = h.feed(Event::SteerFailed { failure: SteerFailure::NoProgram { slots: 3 } });
+    assert_eq!(r, vec![Command::Unsteer { for_good: false }]);
+    assert_eq!(routes(&h.exit(1, ExitStatus::Code(1))), vec![vec![0, 2]]);
+    let r = h.feed(Event::SteerFailed { failure: SteerFailure::Attach { error: "ENOMEM".into() } });
+    assert_eq!(
+        r,
+        vec![Command::Unsteer { for_good: true }, Command::Report(Report::SteeringFailed { error: "ENOMEM".into() })]
+    );
+    // For good: no more routes, and nothing more to say.
+    h.at(1000);
+    assert!(routes(&h.ready(1)).is_empty());
+    assert!(h.feed(Event::SteerFailed { failure: SteerFailure::Attach { error: "x".into() } }).is_empty());
+}
+
+fn notifications(cmds: &[Command]) -> Vec<&Notify> {
+    cmds.iter().filter_map(|c| if let Command::Notify(n) = c { Some(n) } else { None }).collect()
+}
+
+#[test]
+fn systemd_hears_ready_reloading_ready_again_and_stopping() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    // A restart asked for during the start-up: no READY=1 at its end, the start-up's comes.
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Ready { key: k });
+    assert!(finished(&r).is_some_and(|(o, _)| o.is_completed()), "{r:?}");
+    assert_eq!(notifications(&r), vec![&Notify::Ready { workers: 2 }]);
+    assert_eq!(notifications(&h.log).len(), 2, "RELOADING, then the start-up's READY: {:?}", notifications(&h.log));
+    // Started: RELOADING=1, then READY=1 with the outcome.
+    let r = h.feed(Event::Restart { ticket: None });
+    assert_eq!(notifications(&r), vec![&Notify::Reloading { workers: 2 }]);
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    let (outcome, _) = finished(&r).unwrap();
+    assert_eq!(notifications(&r), vec![&Notify::Reloaded { outcome }]);
+    // Stopping: STOPPING=1, and a cancelled rollout says nothing more.
+    h.feed(Event::Restart { ticket: None });
+    let r = h.feed(Event::Shutdown);
+    assert_eq!(notifications(&r), vec![&Notify::Stopping { workers: 3 }], "two workers and a replacement");
+    assert!(notifications(&h.feed(Event::Restart { ticket: None })).is_empty());
+}
+
+#[test]
+fn the_watchdog_is_fed_while_starting_or_serving_and_quiet_while_stopping() {
+    let mut h = Harness::new(policy(2));
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed, "starting");
+    h.start_all();
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed);
+    h.exit(0, ExitStatus::Code(1));
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed, "one worker still serves");
+    h.exit(1, ExitStatus::Code(1));
+    assert!(matches!(h.sup.watchdog(h.now), Watchdog::Withhold { .. }), "nobody serves");
+    h.feed(Event::Shutdown);
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Quiet);
+}
+
+fn released(cmds: &[Command]) -> Vec<u64> {
+    cmds.iter().filter_map(|c| if let Command::ReleaseProgram { deploy } = c { Some(*deploy) } else { None }).collect()
+}
+
+#[test]
+fn a_deploys_program_is_released_once_no_worker_runs_or_will_run_it() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    // Deploy 1 completes: in use by every slot.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        h.feed(Event::Ready { key: k });
+    }
+    // Deploy 2 fails at slot 1: slot 0 runs 2, slot 1 still runs 1.
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(released(&r).is_empty(), "both deploys are in use");
+    // Deploy 3 completes: 1 and 2 are released once their last workers are gone.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        let r = h.feed(Event::Ready { key: k });
+        assert!(released(&r).is_empty(), "the old workers still drain: {r:?}");
+    }
+    let retiring: Vec<WorkerKey> = h.sup.retiring.iter().map(|(_, p)| p.key).collect();
+    for key in retiring {
+        h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
+    }
+    let mut gone = released(&h.log);
+    gone.sort();
+    assert_eq!(gone, vec![1, 2], "each once, as its last worker left");
+    // A failed deploy's program goes with its replacement.
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::SpawnFailed { key: k, error: "ENOENT".into() });
+    assert_eq!(released(&r), vec![4]);
+    assert_eq!(h.sup.programs_in_use(), vec![Program::Deployed(3)]);
 }

@@ -36,7 +36,7 @@ impl Supervisor {
                 s.next_spawn = None;
                 s.last_start_wall = Some(wall);
                 s.current = Some(p);
-                out.push(Command::Spawn { slot: i, key, program });
+                self.push_spawn(i, key, program, out);
             }
         }
         if let Some((slot, deadline)) = self.rollout.as_ref().and_then(|r| r.current)

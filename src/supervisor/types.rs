@@ -33,12 +33,14 @@ pub struct Policy {
     /// Each slot has its own socket (`Balance::ReusePort`), which must be closed when the slot is
     /// disabled or removed.
     pub socket_per_slot: bool,
-    /// How long a graceful restart waits for a replacement to report ready.
+    /// How long any new worker (initial, respawned, added by scaling, or a rollout's
+    /// replacement) has to report ready. Past it, it is killed: a replacement fails its rollout,
+    /// any other counts as a crash (a boot failure).
     pub ready_timeout: Duration,
 }
 
 /// Which program file a worker runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Program {
     /// The binary the master itself runs (`/proc/self/exe`): crash respawns use it, so a file
     /// replaced on disk never mixes versions by accident.
@@ -102,11 +104,38 @@ pub enum Event {
         /// The new number of slots.
         workers: usize,
     },
-    /// One worker more or fewer (`SIGTTIN`, `SIGTTOU`): refused below 1 or above
-    /// [`crate::MAX_WORKERS`].
-    ScaleBy {
-        /// Slots to add (or, negative, remove).
-        delta: isize,
+    /// A worker process ended but its exit status is lost: it was reaped behind the master's
+    /// back (`waitid` said `ECHILD`: a `SIGCHLD` set to `SIG_IGN`, a `waitpid(-1)` elsewhere).
+    Lost {
+        /// The worker.
+        key: WorkerKey,
+    },
+    /// The master received `signal`. What it means (a default action, or the user's bound
+    /// action instead) is the supervisor's decision: see [`Supervisor::bind_signals`].
+    Signal {
+        /// The signal.
+        signal: Signal,
+    },
+    /// The driver could not steer new connections as the last [`Command::Route`] asked.
+    SteerFailed {
+        /// What went wrong.
+        failure: SteerFailure,
+    },
+}
+
+/// Why the driver could not steer connections ([`Event::SteerFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SteerFailure {
+    /// No classic BPF program can express the route (too many routed slots, or none in the
+    /// group): a later route, or a change of the group, may fit again.
+    NoProgram {
+        /// The slots the route asked for.
+        slots: usize,
+    },
+    /// The kernel refused to attach the program.
+    Attach {
+        /// The error, as the driver got it.
+        error: String,
     },
 }
 
@@ -146,10 +175,73 @@ pub enum Command {
     },
     /// Close every listening socket: the cluster is shutting down.
     CloseListeners,
+    /// Stop steering (`ReusePort` only): detach the steering program, so that the kernel's own
+    /// hashing spreads new connections over every socket of the group. With `for_good`, never
+    /// attach one again (no [`Command::Route`] follows); otherwise the next route is tried.
+    Unsteer {
+        /// Steering failed in a way that will not get better.
+        for_good: bool,
+    },
+    /// Close the program file of deploy number `deploy` ([`Program::Deployed`]): no worker runs
+    /// it and none will.
+    ReleaseProgram {
+        /// The restart number.
+        deploy: u64,
+    },
+    /// Run the user's action bound to `signal` (`Cluster::on_signal`), instead of the signal's
+    /// default action.
+    RunSignalAction {
+        /// The signal.
+        signal: Signal,
+    },
+    /// Reap the children that are not workers (the master is PID 1 and got `SIGCHLD`).
+    ReapOrphans,
+    /// Tell systemd (`sd_notify`), when it listens.
+    Notify(Notify),
     /// Tell the user (log line, callback).
     Report(Report),
     /// Supervision is over: return from `wait()` with this outcome.
     Exit(Outcome),
+}
+
+/// What to tell systemd ([`Command::Notify`]); the driver adds a `STATUS=` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notify {
+    /// `READY=1`: the initial start-up is over.
+    Ready {
+        /// Workers serving.
+        workers: usize,
+    },
+    /// `RELOADING=1`: a rolling restart began.
+    Reloading {
+        /// Slots to replace.
+        workers: usize,
+    },
+    /// `READY=1` again: a rolling restart ended, and the cluster is neither stopping nor still
+    /// starting.
+    Reloaded {
+        /// How it ended.
+        outcome: RestartOutcome,
+    },
+    /// `STOPPING=1`: a shutdown began.
+    Stopping {
+        /// Workers asked to stop.
+        workers: usize,
+    },
+}
+
+/// What the systemd watchdog's keep-alive should say now ([`Supervisor::watchdog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watchdog {
+    /// All is well: send `WATCHDOG=1`.
+    Feed,
+    /// Say nothing, so that systemd restarts the service; `reason` is for the log.
+    Withhold {
+        /// Why.
+        reason: &'static str,
+    },
+    /// Shutting down: nothing to say, and nothing wrong.
+    Quiet,
 }
 
 /// How supervision ended ([`Command::Exit`]).
@@ -207,6 +299,9 @@ pub enum Report {
         status: ExitStatus,
         /// It was not asked to stop and did not exit cleanly.
         crash: bool,
+        /// What the status does not say: why a crash is one (a worker killed because it was
+        /// not ready in time, a worker reaped elsewhere whose status is lost).
+        reason: Option<String>,
         /// When it will be started again, if it will.
         respawn_in: Option<Duration>,
     },
@@ -259,7 +354,8 @@ pub enum Report {
         /// The waiting callers it answers.
         tickets: Vec<u64>,
     },
-    /// A relative scale would leave fewer than 1 or more than [`crate::MAX_WORKERS`] slots.
+    /// A relative scale (`SIGTTIN`, `SIGTTOU`) would leave fewer than 1 or more than
+    /// [`crate::MAX_WORKERS`] slots.
     ScaleRefused {
         /// The number it would have reached.
         workers: isize,
@@ -270,6 +366,17 @@ pub enum Report {
         from: usize,
         /// Slots now.
         to: usize,
+    },
+    /// No classic BPF program fits the route: the kernel's hashing applies (reported once).
+    RouteTooLarge {
+        /// The slots the route asked for.
+        slots: usize,
+    },
+    /// Steering failed for good: the kernel's hashing applies from now on, including to slots
+    /// that are restarting.
+    SteeringFailed {
+        /// The error.
+        error: String,
     },
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Phase, ProcState, Slot, SpawnReason, Supervisor};
+use super::{Phase, ProcState, Slot, SpawnReason, Supervisor, Watchdog};
 use crate::stats::{ClusterStats, WorkerStats, WorkerStatus};
 
 impl Slot {
@@ -30,9 +30,19 @@ impl Slot {
 }
 
 impl Supervisor {
-    /// True once every initial worker has been ready ([`Report::AllReady`] was sent).
-    pub fn started(&self) -> bool {
-        self.announced_ready
+    /// What systemd's watchdog should hear now: `WATCHDOG=1` while the loop runs and the
+    /// cluster serves or is still starting; nothing while no worker serves, so that systemd
+    /// restarts the service; nothing either, and nothing wrong, once a shutdown began.
+    pub fn watchdog(&self, _now: Instant) -> Watchdog {
+        if self.phase != Phase::Running {
+            return Watchdog::Quiet;
+        }
+        let serving = self.slots.iter().any(|s| s.status() == WorkerStatus::Active);
+        if serving || !self.announced_ready {
+            Watchdog::Feed
+        } else {
+            Watchdog::Withhold { reason: "no worker is serving" }
+        }
     }
 
     /// True once [`Command::Exit`] has been returned.
