@@ -44,6 +44,9 @@ impl Driver {
                 "Worker {slot} crashing too fast ({crashes} times in {}), disabling respawn",
                 short_duration(within)
             ),
+            Report::NotReady { slot, pid, timeout } => tracing::warn!(
+                "worker {slot} (pid {pid}) not ready within {timeout:?}: killing it; a boot failure counts as a crash"
+            ),
             Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
             Report::Signalled { signal, slots } => {
                 tracing::info!("sent {signal} to workers {slots:?}")

@@ -70,7 +70,8 @@ impl Supervisor {
     pub(super) fn on_ready(&mut self, key: WorkerKey, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let Some(loc) = self.locate(key) else { return };
         let Some(p) = self.proc_at(loc) else { return };
-        if p.state != ProcState::Starting {
+        // Killed at its ready deadline: too late, whatever was still on its way.
+        if p.state != ProcState::Starting || p.not_ready {
             return;
         }
         p.state = ProcState::Active;
@@ -101,7 +102,10 @@ impl Supervisor {
         let (slot, p) = self.take_at(loc).expect("located");
         let pid = p.pid.unwrap_or(0);
         let asked = p.state == ProcState::Stopping;
-        let crash = !asked && is_crash(status, p.signalled);
+        // Killed because it was not ready in time: a boot failure, whatever the status says.
+        let crash = !asked && (p.not_ready || is_crash(status, p.signalled));
+        let reason =
+            reason.or_else(|| p.not_ready.then(|| format!("not ready within {:?}", self.policy.ready_timeout)));
         let exited = |crash, respawn_in| Report::Exited { slot, pid, status, crash, reason, respawn_in };
         match loc {
             Loc::Current(_) => {

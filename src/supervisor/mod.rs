@@ -70,6 +70,18 @@ struct Proc {
     /// When a worker of a removed slot is asked to stop: once new connections were routed away
     /// from its socket for long enough that no handshake towards it is still under way.
     stop_at: Option<Instant>,
+    /// When it must have reported ready (the ready timeout after it was asked for), if ever.
+    ready_deadline: Option<Instant>,
+    /// It missed its ready deadline and was killed: its exit is a crash (a boot failure).
+    not_ready: bool,
+}
+
+impl Proc {
+    /// Its ready deadline, while it matters: running, not ready yet, not already killed for it.
+    /// (A process not yet confirmed by the driver is judged once it is.)
+    fn ready_due(&self) -> Option<Instant> {
+        self.ready_deadline.filter(|_| self.state == ProcState::Starting && !self.not_ready)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,8 +151,8 @@ enum Phase {
 struct Rollout {
     /// Slots still to replace, in order.
     queue: VecDeque<usize>,
-    /// The slot whose replacement is starting, and when it must be ready.
-    current: Option<(usize, Instant)>,
+    /// The slot whose replacement is starting (its ready deadline is the replacement's).
+    current: Option<usize>,
     program: Program,
     tickets: Vec<u64>,
     replaced: usize,
@@ -172,6 +184,9 @@ pub struct Supervisor {
     steering: Steering,
     /// Signals the user bound to actions of their own ([`Supervisor::bind_signals`]).
     bound: Vec<Signal>,
+    /// When the initial start-up should be over: the last initial spawn plus the ready timeout
+    /// (`None`: never, for timeouts beyond the clock's range).
+    startup_deadline: Option<Instant>,
     /// Deploys whose program file the driver may hold open (a worker was spawned from it and
     /// [`Command::ReleaseProgram`] was not sent yet).
     deployed: BTreeSet<u64>,
@@ -204,7 +219,13 @@ impl Supervisor {
         let slots = (0..policy.workers)
             .map(|id| Slot::new(id, now + policy.startup_delay * id as u32, Program::Running))
             .collect();
+        let startup_deadline = u32::try_from(policy.workers.saturating_sub(1))
+            .ok()
+            .and_then(|n| policy.startup_delay.checked_mul(n))
+            .and_then(|last| last.checked_add(policy.ready_timeout))
+            .and_then(|d| now.checked_add(d));
         Supervisor {
+            startup_deadline,
             policy,
             slots,
             retiring: Vec::new(),
@@ -365,6 +386,8 @@ impl Supervisor {
             signalled: 0,
             stop_deadline: None,
             stop_at: None,
+            ready_deadline: now.checked_add(self.policy.ready_timeout),
+            not_ready: false,
         }
     }
 }

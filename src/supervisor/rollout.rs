@@ -52,7 +52,7 @@ impl Supervisor {
             return;
         };
         let program = r.program;
-        r.current = Some((slot, now + self.policy.ready_timeout));
+        r.current = Some(slot);
         let p = self.new_proc(program, now, wall);
         let key = p.key;
         let s = &mut self.slots[slot];
@@ -71,7 +71,7 @@ impl Supervisor {
         wall: SystemTime,
         out: &mut Vec<Command>,
     ) {
-        let Some(r) = self.rollout.take_if(|r| r.current.is_some_and(|(s, _)| s == slot)) else { return };
+        let Some(r) = self.rollout.take_if(|r| r.current == Some(slot)) else { return };
         let s = &mut self.slots[slot];
         // The slot lost its worker while the replacement was starting: respawn it as usual.
         if s.current.is_none() && !s.disabled && self.policy.respawn && self.phase == Phase::Running {

@@ -38,7 +38,7 @@ impl Supervisor {
             }
             if let Some(r) = &mut self.rollout {
                 r.queue.retain(|&s| s < workers);
-                if r.current.is_some_and(|(s, _)| s >= workers) {
+                if r.current.is_some_and(|s| s >= workers) {
                     r.current = None;
                 }
             }

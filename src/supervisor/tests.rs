@@ -109,7 +109,7 @@ fn startup_is_paced_by_the_startup_delay() {
     assert!(spawns(&h.at(99)).is_empty());
     assert_eq!(spawns(&h.at(100)), vec![1]);
     assert_eq!(spawns(&h.at(250)), vec![2]);
-    assert_eq!(h.sup.next_deadline(), None, "idle: no wake-ups");
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "slot 0's ready deadline");
     for i in 0..3 {
         assert_eq!(h.status(i), WorkerStatus::Starting);
     }
@@ -132,6 +132,7 @@ fn ready_makes_active_and_all_ready_is_reported_once() {
     let r = h.ready(1);
     assert!(!reports(&r).iter().any(|r| matches!(r, Report::AllReady { .. })));
     assert_eq!(h.sup.cluster_stats().active_workers, 2);
+    assert_eq!(h.sup.next_deadline(), None, "all ready, nothing pending: no wake-ups");
 }
 
 #[test]
@@ -1003,4 +1004,124 @@ fn a_deploys_program_is_released_once_no_worker_runs_or_will_run_it() {
     let r = h.feed(Event::SpawnFailed { key: k, error: "ENOENT".into() });
     assert_eq!(released(&r), vec![4]);
     assert_eq!(h.sup.programs_in_use(), vec![Program::Deployed(3)]);
+}
+
+// ---- the ready timeout applies to every spawn ----
+
+fn kills(cmds: &[Command]) -> Vec<WorkerKey> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Signal { key, signal: Signal::KILL } => Some(*key),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_never_ready_is_killed_at_the_ready_timeout_and_counts_as_a_crash() {
+    let mut h = Harness::new(policy(1));
+    h.at(0);
+    let key = h.key_of(0);
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "its ready deadline");
+    assert!(kills(&h.at(1999)).is_empty());
+    let r = h.at(2000);
+    assert_eq!(kills(&r), vec![key]);
+    assert!(reports(&r).contains(&&Report::NotReady { slot: 0, pid: 1001, timeout: 2000 * MS }), "{r:?}");
+    assert_eq!(h.sup.next_deadline(), None, "killed: nothing more to wait for until it exits");
+    // A ready report already on its way when it was killed changes nothing.
+    h.feed(Event::Ready { key });
+    assert_eq!(h.status(0), WorkerStatus::Starting);
+    let r = h.exit(0, ExitStatus::Signal(Signal::KILL));
+    let rs = reports(&r);
+    assert!(
+        matches!(&rs[..], [Report::Exited { crash: true, reason: Some(why), respawn_in: Some(_), .. }] if why.contains("not ready within 2s")),
+        "{rs:?}"
+    );
+    let w = &h.sup.worker_stats(h.now)[0];
+    assert_eq!((w.crash_count, w.status), (1, WorkerStatus::Respawning));
+}
+
+#[test]
+fn respawned_and_added_workers_have_the_ready_timeout_too() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.at(1000);
+    h.exit(0, ExitStatus::Code(1));
+    h.at(1100); // respawned
+    let key = h.key_of(0);
+    assert_eq!(kills(&h.at(3100)), vec![key], "the respawn");
+    h.exit(0, ExitStatus::Signal(Signal::KILL));
+    h.at(3200);
+    h.ready(0);
+    h.feed(Event::Scale { workers: 2 });
+    let key = h.key_of(1);
+    assert_eq!(kills(&h.at(5200)), vec![key], "the new slot");
+    let r = h.exit(1, ExitStatus::Signal(Signal::KILL));
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: true, .. }]), "{r:?}");
+}
+
+#[test]
+fn workers_never_ready_are_disabled_by_crash_protection() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    let mut t = 100;
+    for i in 0..3 {
+        t += 2000;
+        let key = h.key_of(1);
+        assert_eq!(kills(&h.at(t)), vec![key], "boot failure {i}");
+        let r = h.exit(1, ExitStatus::Signal(Signal::KILL));
+        if i < 2 {
+            t += 100;
+            assert_eq!(spawns(&h.at(t)), vec![1]);
+        } else {
+            assert!(reports(&r).iter().any(|x| matches!(x, Report::Disabled { slot: 1, crashes: 3, .. })), "{r:?}");
+            assert!(reports(&r).contains(&&Report::AllReady { workers: 1 }), "slot 0 serves: {r:?}");
+        }
+    }
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert_eq!(h.sup.worker_stats(h.now)[1].crash_count, 3);
+}
+
+#[test]
+fn a_worker_never_ready_with_respawn_off_leaves_its_slot_crashed() {
+    let mut p = policy(1);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.at(0);
+    let key = h.key_of(0);
+    assert_eq!(kills(&h.at(2000)), vec![key]);
+    let r = h.exit(0, ExitStatus::Signal(Signal::KILL));
+    assert_eq!(h.status(0), WorkerStatus::Crashed);
+    assert!(matches!(r.last(), Some(Command::Exit(Outcome::AllFailed { crashed: 1, .. }))), "{r:?}");
+}
+
+#[test]
+fn the_watchdog_goes_silent_when_the_start_up_overruns() {
+    let mut p = policy(2);
+    p.max_crashes = 100;
+    let mut h = Harness::new(p);
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    // Slot 1 keeps crashing, never disabled (a high max_crashes), never ready.
+    let mut t = 100;
+    while t < 2100 {
+        t += 300;
+        h.at(t);
+        if h.sup.slots[1].current.is_some() {
+            h.exit(1, ExitStatus::Code(1));
+        }
+        let expect = if t < 2100 { Watchdog::Feed } else { Watchdog::Withhold { reason: "" } };
+        assert_eq!(
+            std::mem::discriminant(&h.sup.watchdog(h.now)),
+            std::mem::discriminant(&expect),
+            "at {t} ms: the last initial spawn (100 ms) plus the ready timeout (2 s) is the start-up's deadline"
+        );
+    }
+    // Once the start-up is over, one serving worker is enough again.
+    h.at(t + 200);
+    h.ready(1);
+    assert!(h.sup.watchdog(h.now) == Watchdog::Feed);
 }

@@ -305,6 +305,16 @@ pub enum Report {
         /// When it will be started again, if it will.
         respawn_in: Option<Duration>,
     },
+    /// A worker did not report ready within the ready timeout: it is killed, and its exit
+    /// counts as a crash (a boot failure), so that crash protection applies.
+    NotReady {
+        /// Slot.
+        slot: usize,
+        /// Pid.
+        pid: u32,
+        /// The ready timeout.
+        timeout: Duration,
+    },
     /// Crash protection disabled a slot.
     Disabled {
         /// Slot.

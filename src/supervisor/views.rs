@@ -30,15 +30,23 @@ impl Slot {
 }
 
 impl Supervisor {
-    /// What systemd's watchdog should hear now: `WATCHDOG=1` while the loop runs and the
-    /// cluster serves or is still starting; nothing while no worker serves, so that systemd
-    /// restarts the service; nothing either, and nothing wrong, once a shutdown began.
-    pub fn watchdog(&self, _now: Instant) -> Watchdog {
+    /// What systemd's watchdog should hear at `now`: `WATCHDOG=1` while the cluster serves, or
+    /// is still starting within the start-up's deadline (the last initial spawn plus the ready
+    /// timeout); nothing once the start-up overran it, or while no worker serves, so that
+    /// systemd restarts the service; nothing either, and nothing wrong, once a shutdown began.
+    pub fn watchdog(&self, now: Instant) -> Watchdog {
         if self.phase != Phase::Running {
             return Watchdog::Quiet;
         }
-        let serving = self.slots.iter().any(|s| s.status() == WorkerStatus::Active);
-        if serving || !self.announced_ready {
+        if !self.announced_ready {
+            return match self.startup_deadline {
+                Some(deadline) if now >= deadline => {
+                    Watchdog::Withhold { reason: "the start-up did not complete within the ready timeout" }
+                }
+                _ => Watchdog::Feed,
+            };
+        }
+        if self.slots.iter().any(|s| s.status() == WorkerStatus::Active) {
             Watchdog::Feed
         } else {
             Watchdog::Withhold { reason: "no worker is serving" }
