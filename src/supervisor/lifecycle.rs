@@ -159,9 +159,6 @@ impl Supervisor {
                 s.disabled = true;
                 let within = now.duration_since(*s.recent_crashes.front().unwrap_or(&now));
                 out.push(Command::Report(Report::Disabled { slot, crashes, within }));
-                if policy.socket_per_slot {
-                    self.unserved.insert(slot);
-                }
                 return None;
             }
         }

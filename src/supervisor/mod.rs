@@ -178,8 +178,9 @@ pub struct Supervisor {
     program: Program,
     /// The slots new connections were last routed to.
     routed: Vec<usize>,
-    /// Slots (disabled or removed) whose socket is to be closed once no process holds it.
-    unserved: BTreeSet<usize>,
+    /// The slots whose socket is open (`ReusePort`): all at first, closed by
+    /// [`Command::CloseSocket`], opened again by a spawn into the slot.
+    sockets: BTreeSet<usize>,
     /// Whether new connections are steered (`ReusePort`), as far as the driver told.
     steering: Steering,
     /// Signals the user bound to actions of their own ([`Supervisor::bind_signals`]).
@@ -224,6 +225,7 @@ impl Supervisor {
             .and_then(|n| policy.startup_delay.checked_mul(n))
             .and_then(|last| last.checked_add(policy.ready_timeout))
             .and_then(|d| now.checked_add(d));
+        let (policy_sockets, workers) = (policy.socket_per_slot, policy.workers);
         Supervisor {
             startup_deadline,
             policy,
@@ -239,7 +241,7 @@ impl Supervisor {
             deploys: 0,
             program: Program::Running,
             routed: Vec::new(),
-            unserved: BTreeSet::new(),
+            sockets: if policy_sockets { (0..workers).collect() } else { BTreeSet::new() },
             steering: Steering::On,
             bound: Vec::new(),
             deployed: BTreeSet::new(),
@@ -300,9 +302,10 @@ impl Supervisor {
     ///    must see the state as it is at `now` (a spawn due now is a process, a worker killed
     ///    now is no longer counted on).
     /// 2. *no socket stays open that nobody will serve* ([`close_unserved`](Self::close_unserved)):
-    ///    once the processes of this instant are known, the sockets of slots that no process
-    ///    holds and none will hold again are closed, before the route is computed, so that the
-    ///    route the driver applies next is over the group as it will be.
+    ///    once the processes of this instant are known (a respawn due now has been spawned, a
+    ///    worker killed now is still there), the sockets of slots that no process holds and none
+    ///    will hold again are closed, before the route is computed, so that the route the driver
+    ///    applies next is over the group as it will be.
     /// 3. *connections go to ready workers only* ([`update_route`](Self::update_route)): the set
     ///    of slots with an active worker, sent when it changed.
     /// 4. *the start-up is announced once it is over* ([`check_all_ready`](Self::check_all_ready)):
@@ -322,11 +325,15 @@ impl Supervisor {
         self.check_done(out);
     }
 
-    /// Asks the driver to start process `key` in `slot`, from `program` (the driver opens a
-    /// deploy's program file for it, which [`Command::ReleaseProgram`] later closes).
+    /// Asks the driver to start process `key` in `slot`, from `program`. The driver opens what
+    /// it needs: the slot's socket if it was closed, a deploy's program file (closed by
+    /// [`Command::CloseSocket`] and [`Command::ReleaseProgram`] once nobody needs them).
     fn push_spawn(&mut self, slot: usize, key: WorkerKey, program: Program, out: &mut Vec<Command>) {
         if let Program::Deployed(n) = program {
             self.deployed.insert(n);
+        }
+        if self.policy.socket_per_slot {
+            self.sockets.insert(slot);
         }
         out.push(Command::Spawn { slot, key, program });
     }

@@ -32,9 +32,6 @@ impl Supervisor {
                     }
                     self.retiring.push((s.id, p));
                 }
-                if self.policy.socket_per_slot {
-                    self.unserved.insert(s.id);
-                }
             }
             if let Some(r) = &mut self.rollout {
                 r.queue.retain(|&s| s < workers);

@@ -13,6 +13,7 @@ impl Supervisor {
             Phase::Running => {
                 self.phase = Phase::ShuttingDown { killed: false };
                 out.push(Command::CloseListeners);
+                self.sockets.clear();
                 let cancelled =
                     |replaced| RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced };
                 if let Some(r) = self.rollout.take() {

@@ -1,25 +1,38 @@
 //! Sockets of the `ReusePort` group: new connections are routed to the slots whose worker is
-//! ready, and the socket of a slot nobody serves any more is closed once no process holds it.
+//! ready (and what follows when the driver cannot steer), and the socket of a slot nobody will
+//! serve again is closed once no process holds it.
 
 use super::{Command, Phase, ProcState, Report, SteerFailure, Steering, Supervisor};
 
 impl Supervisor {
-    /// Closes the sockets of disabled or removed slots that no process holds any more. A slot
-    /// that got a process again (revived by a restart, re-added by scaling) keeps its socket.
+    /// Closes the socket of every slot that no process holds and none will hold again: a
+    /// removed slot; a slot with no process, no pending spawn (respawn off after a crash or a
+    /// clean exit, disabled by crash protection, a revival by a restart that failed) and no
+    /// rollout, running or queued, that will start one in it. (Closing a socket a process
+    /// still holds would not take it out of the kernel's group, and would reset what that
+    /// process still takes from it.) A slot served again later gets a new socket.
     pub(super) fn close_unserved(&mut self, out: &mut Vec<Command>) {
-        let (mut close, mut wait) = (Vec::new(), std::collections::BTreeSet::new());
-        for &s in &self.unserved {
-            if self.slots.get(s).is_some_and(|slot| !slot.disabled) {
-                continue; // served again: keep the socket
-            }
-            if self.procs().any(|(slot, _)| slot == s) {
-                wait.insert(s);
-            } else {
-                close.push(s);
-            }
+        if self.phase != Phase::Running {
+            return;
         }
-        self.unserved = wait;
-        out.extend(close.into_iter().map(|slot| Command::CloseSocket { slot }));
+        let unserved: Vec<usize> =
+            self.sockets.iter().copied().filter(|&slot| !self.holds_or_will_hold(slot)).collect();
+        for slot in unserved {
+            self.sockets.remove(&slot);
+            out.push(Command::CloseSocket { slot });
+        }
+    }
+
+    /// Whether a process of `slot` holds its socket, or one will be started in it.
+    fn holds_or_will_hold(&self, slot: usize) -> bool {
+        let retiring = || self.retiring.iter().any(|(s, _)| *s == slot);
+        let Some(s) = self.slots.get(slot) else { return retiring() };
+        s.current.is_some()
+            || s.next.is_some()
+            || s.next_spawn.is_some()
+            || retiring()
+            || self.queued_restart.is_some()
+            || self.rollout.as_ref().is_some_and(|r| r.current == Some(slot) || r.queue.contains(&slot))
     }
 
     /// Routes new connections to the slots whose worker is ready, if that set changed.

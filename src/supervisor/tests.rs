@@ -1125,3 +1125,99 @@ fn the_watchdog_goes_silent_when_the_start_up_overruns() {
     h.ready(1);
     assert!(h.sup.watchdog(h.now) == Watchdog::Feed);
 }
+
+// ---- sockets of slots nobody will serve again (ReusePort) ----
+
+fn closed(cmds: &[Command]) -> Vec<usize> {
+    cmds.iter().filter_map(|c| if let Command::CloseSocket { slot } = c { Some(*slot) } else { None }).collect()
+}
+
+#[test]
+fn without_respawn_a_slot_whose_worker_exited_closes_its_socket() {
+    let mut p = policy(3);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    assert_eq!(closed(&h.exit(1, ExitStatus::Code(1))), vec![1], "a crash");
+    assert_eq!(closed(&h.exit(2, ExitStatus::Code(0))), vec![2], "a clean exit");
+    assert!(closed(&h.log).len() == 2 && !h.sup.is_done(), "slot 0 still serves");
+    // With respawn on, the slot is served again: its socket stays (connections wait there).
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    assert!(closed(&h.exit(1, ExitStatus::Code(1))).is_empty());
+    assert!(closed(&h.exit(0, ExitStatus::Code(0))).is_empty());
+    // Shared mode has no socket per slot.
+    let mut p = policy(2);
+    p.respawn = false;
+    p.socket_per_slot = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.exit(1, ExitStatus::Code(1));
+    assert!(closed(&h.log).is_empty());
+}
+
+#[test]
+fn a_slot_whose_worker_exits_during_its_replacement_keeps_its_socket() {
+    let mut p = policy(2);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    // Slot 0's old worker crashes while its replacement starts: the replacement will serve.
+    assert!(closed(&h.exit(0, ExitStatus::Code(1))).is_empty());
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    assert_eq!(h.status(0), WorkerStatus::Active);
+    // Slot 1 crashes before the rollout reaches it: the rollout will start it again.
+    assert!(closed(&h.exit(1, ExitStatus::Code(1))).is_empty(), "queued in the rollout");
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { worker_id: 1, .. }, _))));
+    assert_eq!(closed(&r), vec![1], "the revival failed: nobody will serve slot 1 again");
+}
+
+#[test]
+fn a_disabled_slot_whose_revival_failed_closes_its_new_socket() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    for t in [1000u64, 1100, 1200] {
+        h.at(t);
+        h.exit(1, ExitStatus::Code(1));
+    }
+    assert_eq!(closed(&h.log), vec![1]);
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Ready { key: k });
+    assert_eq!(spawns(&r), vec![1], "the revival opens a new socket");
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { worker_id: 1, .. }, _))));
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert_eq!(closed(&r), vec![1], "closed again");
+    // A later restart that succeeds: spawned into a new socket, never closed.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        assert!(closed(&h.feed(Event::Ready { key: k })).is_empty());
+    }
+    assert_eq!(h.status(1), WorkerStatus::Active);
+}
+
+#[test]
+fn a_slot_disabled_while_a_rollout_will_reach_it_keeps_its_socket_for_it() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    for t in [1000u64, 1100, 1200] {
+        h.at(t);
+        assert!(closed(&h.exit(1, ExitStatus::Code(1))).is_empty());
+    }
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Ready { key: k });
+    assert_eq!(spawns(&r), vec![1]);
+    let k = next_key(&h, 1);
+    h.feed(Event::Ready { key: k });
+    assert_eq!(h.status(1), WorkerStatus::Active);
+    assert!(closed(&h.log).is_empty());
+}

@@ -30,8 +30,8 @@ pub struct Policy {
     pub respawn_window: Duration,
     /// Crashes within the window that disable a slot.
     pub max_crashes: u32,
-    /// Each slot has its own socket (`Balance::ReusePort`), which must be closed when the slot is
-    /// disabled or removed.
+    /// Each slot has its own socket (`Balance::ReusePort`), which must be closed when nobody
+    /// will serve the slot again (removed, disabled, or left without a worker with respawn off).
     pub socket_per_slot: bool,
     /// How long any new worker (initial, respawned, added by scaling, or a rollout's
     /// replacement) has to report ready. Past it, it is killed: a replacement fails its rollout,
@@ -165,10 +165,11 @@ pub enum Command {
         /// The slots to route to.
         slots: Vec<usize>,
     },
-    /// Close the listening socket of a slot (`ReusePort` only): the slot is disabled or removed
-    /// and no process of it holds the socket any more (closing it while one does would not take
-    /// it out of the kernel's group, and would reset what that process still takes from it).
-    /// Spawning into a slot whose socket is closed opens a new one.
+    /// Close the listening socket of a slot (`ReusePort` only): nobody will serve the slot
+    /// again (it was removed; or it has no worker and none will start: respawn off, disabled,
+    /// a revival by a restart failed) and no process of it holds the socket any more (closing
+    /// it while one does would not take it out of the kernel's group, and would reset what that
+    /// process still takes from it). Spawning into a slot whose socket is closed opens a new one.
     CloseSocket {
         /// The slot.
         slot: usize,

@@ -272,3 +272,34 @@ fn a_worker_never_ready_is_killed_as_a_boot_failure_until_crash_protection_disab
         assert!(!alive(pid), "worker {pid} was killed and reaped");
     }
 }
+
+#[test]
+fn the_socket_of_a_slot_nobody_serves_again_is_closed() {
+    // Respawn off: a worker that crashes, or exits cleanly, leaves a slot nobody will serve.
+    let mut tb = Testbed::start(&["--workers", "3", "--startup-delay-ms", "10"]);
+    tb.remember_workers();
+    assert_eq!(listeners_held(tb.pid(), tb.port), 3);
+    let stats = tb.stats();
+    let (crasher, quitter) = (worker_pid_in(&stats, 1).unwrap() as u32, worker_pid_in(&stats, 2).unwrap() as u32);
+    send_signal(crasher, Signal::KILL);
+    assert!(
+        tb.wait_log(Duration::from_secs(5), |l| l.contains("closed the listening socket of worker 1")),
+        "{}",
+        tb.stderr()
+    );
+    assert_eq!(listeners_held(tb.pid(), tb.port), 2);
+    // SIGTERM sent by somebody else: the worker drains and exits 0, a clean exit.
+    send_signal(quitter, Signal::TERM);
+    assert!(tb.wait_log(Duration::from_secs(5), |l| l.contains("on_exit id=2 status=exit code 0 raw=0 crash=false")));
+    assert!(
+        tb.wait_log(Duration::from_secs(5), |l| l.contains("closed the listening socket of worker 2")),
+        "{}",
+        tb.stderr()
+    );
+    assert_eq!(listeners_held(tb.pid(), tb.port), 1);
+    // Slot 0 still serves every connection.
+    for _ in 0..20 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!((status, worker_of(&body)), (200, Some(0)));
+    }
+}
