@@ -32,15 +32,25 @@ struct Harness {
     next_pid: u32,
     /// Every command returned, in order.
     log: Vec<Command>,
+    /// Spawns fail (`ENOENT`) instead of succeeding.
+    failing_spawns: bool,
 }
 
 impl Harness {
     fn new(policy: Policy) -> Harness {
         let t0 = Instant::now();
-        Harness { sup: Supervisor::new(policy, t0), t0, now: t0, next_pid: 1000, log: Vec::new() }
+        Harness {
+            sup: Supervisor::new(policy, t0),
+            t0,
+            now: t0,
+            next_pid: 1000,
+            log: Vec::new(),
+            failing_spawns: false,
+        }
     }
 
-    /// Feeds an event; answers Spawn commands like a driver whose spawns succeed.
+    /// Feeds an event; answers Spawn commands like a driver whose spawns succeed (or fail, with
+    /// `failing_spawns`).
     fn feed(&mut self, event: Event) -> Vec<Command> {
         let mut all = Vec::new();
         let mut queue = VecDeque::from([event]);
@@ -48,8 +58,12 @@ impl Harness {
             let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
             for c in &cmds {
                 if let Command::Spawn { key, .. } = c {
-                    self.next_pid += 1;
-                    queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
+                    if self.failing_spawns {
+                        queue.push_back(Event::SpawnFailed { key: *key, error: "ENOENT".into() });
+                    } else {
+                        self.next_pid += 1;
+                        queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
+                    }
                 }
             }
             all.extend(cmds);
@@ -251,12 +265,43 @@ fn every_slot_disabled_ends_with_an_error() {
 
 #[test]
 fn spawn_failure_counts_as_a_crash() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.ready(0);
+    h.failing_spawns = true;
+    // Slot 1 cannot be started, again and again: each failure is a crash (exit code 127).
+    let r = h.at(100);
+    assert_eq!(spawns(&r), vec![1]);
+    assert!(reports(&r).contains(&&Report::SpawnFailed { slot: 1, error: "ENOENT".into() }), "{r:?}");
+    assert_eq!(h.status(1), WorkerStatus::Respawning);
+    assert_eq!((h.sup.slots[1].crash_count, h.sup.slots[1].recent_crashes.len()), (1, 1));
+    let w = &h.sup.worker_stats(h.now)[1];
+    assert_eq!((w.crash_count, w.exit_status, w.pid), (1, Some(ExitStatus::Code(127)), None));
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 200 * MS), "respawned after the respawn delay");
+    assert_eq!(spawns(&h.at(200)), vec![1]);
+    assert_eq!((h.sup.slots[1].crash_count, h.sup.slots[1].recent_crashes.len()), (2, 2));
+    assert_eq!(h.status(1), WorkerStatus::Respawning);
+    // The third within the window disables the slot: no fork loop.
+    let r = h.at(300);
+    assert_eq!(spawns(&r), vec![1]);
+    assert!(reports(&r).contains(&&Report::Disabled { slot: 1, crashes: 3, within: 200 * MS }), "{r:?}");
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert_eq!(h.sup.slots[1].crash_count, 3);
+    assert!(h.sup.worker_stats(h.now)[1].respawn_disabled);
+    assert_eq!(h.sup.cluster_stats().disabled_workers, 1);
+    assert_eq!(h.sup.next_deadline(), None, "slot 0 is ready, slot 1 disabled: nothing to wait for");
+    assert!(spawns(&h.at(10_000)).is_empty(), "never tried again");
+    assert_eq!(spawns(&h.log).iter().filter(|&&s| s == 1).count(), 3);
+    assert!(!h.sup.is_done(), "slot 0 serves");
+    // A cluster whose only slot cannot start gives up with an error.
     let mut h = Harness::new(policy(1));
-    let cmds = h.sup.handle(Event::Tick, h.now, SystemTime::UNIX_EPOCH);
-    let Command::Spawn { key, .. } = cmds[0] else { panic!("{cmds:?}") };
-    let r = h.feed(Event::SpawnFailed { key, error: "ENOENT".into() });
-    assert!(matches!(reports(&r)[0], Report::SpawnFailed { slot: 0, .. }));
-    assert_eq!(h.status(0), WorkerStatus::Respawning);
+    h.failing_spawns = true;
+    let mut last = Vec::new();
+    for t in [0, 100, 200] {
+        last = h.at(t);
+    }
+    assert!(matches!(last.last(), Some(Command::Exit(Outcome::AllFailed { disabled: 1, .. }))), "{last:?}");
+    assert_eq!(spawns(&h.log).len(), 3);
 }
 
 #[test]
