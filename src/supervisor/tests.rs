@@ -1266,3 +1266,19 @@ fn a_slot_disabled_while_a_rollout_will_reach_it_keeps_its_socket_for_it() {
     assert_eq!(h.status(1), WorkerStatus::Active);
     assert!(closed(&h.log).is_empty());
 }
+
+#[test]
+fn a_respawn_scheduled_by_a_rollout_failing_at_its_deadline_is_not_left_overdue() {
+    // Found by the property test: with no respawn delay, the respawn that a failed rollout
+    // schedules for a slot left empty is due at once, and must be spawned in the same tick.
+    let mut p = policy(1);
+    p.respawn_delay = Duration::ZERO;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    h.exit(0, ExitStatus::Code(0));
+    let r = h.at(2000);
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { .. }, _))), "{r:?}");
+    assert_eq!(spawns(&r), vec![0], "respawned at once");
+    assert!(h.sup.next_deadline().is_none_or(|d| d > h.now));
+}

@@ -19,28 +19,10 @@ impl Supervisor {
         [spawns, ready, stops].into_iter().flatten().min()
     }
 
-    /// Acts on whatever is due at `now`: spawns, ready deadlines, stop timeouts.
+    /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns
+    /// come last because the others may schedule one at `now` itself (a rollout failing at
+    /// its ready deadline respawns a slot left empty, after a respawn delay that may be zero).
     pub(super) fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
-        if self.phase == Phase::Running {
-            for i in 0..self.slots.len() {
-                let Some((due, reason)) = self.slots[i].next_spawn else { continue };
-                if due > now {
-                    continue;
-                }
-                let program = self.slots[i].program;
-                let p = self.new_proc(program, now, wall);
-                let key = p.key;
-                let s = &mut self.slots[i];
-                if reason == SpawnReason::Respawn {
-                    self.total_restarts += 1;
-                    s.restarts += 1;
-                }
-                s.next_spawn = None;
-                s.last_start_wall = Some(wall);
-                s.current = Some(p);
-                self.push_spawn(i, key, program, out);
-            }
-        }
         self.expire_unready(now, wall, out);
         let shutdown_timeout = self.policy.shutdown_timeout;
         for (_, p) in self.procs_mut() {
@@ -63,6 +45,32 @@ impl Supervisor {
         }
         if !overdue.is_empty() {
             out.push(Command::Report(Report::StopTimeout { slots: overdue }));
+        }
+        self.spawn_due(now, wall, out);
+    }
+
+    /// Starts the slots whose (initial or respawn) spawn time has come.
+    fn spawn_due(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let Some((due, reason)) = self.slots[i].next_spawn else { continue };
+            if due > now {
+                continue;
+            }
+            let program = self.slots[i].program;
+            let p = self.new_proc(program, now, wall);
+            let key = p.key;
+            let s = &mut self.slots[i];
+            if reason == SpawnReason::Respawn {
+                self.total_restarts += 1;
+                s.restarts += 1;
+            }
+            s.next_spawn = None;
+            s.last_start_wall = Some(wall);
+            s.current = Some(p);
+            self.push_spawn(i, key, program, out);
         }
     }
 
