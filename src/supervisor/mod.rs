@@ -38,6 +38,8 @@ mod types;
 mod views;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 pub use types::*;
