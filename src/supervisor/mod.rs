@@ -6,7 +6,8 @@
 //! pacing, crash classification, respawn delay, crash protection, rolling restarts, scaling,
 //! stop timeouts) lives here and is unit-tested with a fake clock.
 //!
-//! It imports only the vocabulary (`crate::stats`, `crate::signal`). One file per policy:
+//! It imports only the vocabulary (`crate::stats`, `crate::signal`), never `master`, `os`,
+//! `config`, `proto` or `worker`. One file per policy:
 //!
 //! | file | what it decides |
 //! | --- | --- |
@@ -19,7 +20,8 @@
 //! | `signals.rs` | what the master's signals mean (defaults, bound actions); signalling workers |
 //! | `timers.rs` | deadlines: [`Supervisor::next_deadline`] and what is due at a time |
 //! | `sockets.rs` | routing new connections and closing sockets nobody serves (`ReusePort`) |
-//! | `views.rs` | statistics and statuses |
+//! | `views.rs` | statistics, statuses, the systemd watchdog's verdict |
+//! | `tests.rs`, `proptests.rs` | unit tests with a fake clock; the property test |
 
 use std::collections::{BTreeSet, VecDeque};
 use std::time::{Instant, SystemTime};
@@ -299,10 +301,11 @@ impl Supervisor {
     /// The invariant pipeline, run after every event: whatever the event was, it restores, in
     /// this order,
     ///
-    /// 1. *nothing due is pending* ([`on_time`](Self::on_time)): spawns whose time came, ready
-    ///    deadlines and stop deadlines that passed are acted on. First, because every later step
-    ///    must see the state as it is at `now` (a spawn due now is a process, a worker killed
-    ///    now is no longer counted on).
+    /// 1. *nothing due is left pending* ([`on_time`](Self::on_time)): ready deadlines and stop
+    ///    deadlines that passed are acted on, then spawns whose time came (including one those
+    ///    scheduled for `now`). First, because every later step must see the state as it is at
+    ///    `now` (a spawn due now is a process, a worker killed now is no longer counted on), and
+    ///    because [`next_deadline`](Self::next_deadline) must then be in the future.
     /// 2. *no socket stays open that nobody will serve* ([`close_unserved`](Self::close_unserved)):
     ///    once the processes of this instant are known (a respawn due now has been spawned, a
     ///    worker killed now is still there), the sockets of slots that no process holds and none

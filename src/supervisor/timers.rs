@@ -6,7 +6,7 @@ use std::time::{Instant, SystemTime};
 use super::{Command, Phase, ProcState, Report, SIGKILL, SIGTERM, SpawnReason, Supervisor, signal_bit};
 
 impl Supervisor {
-    /// When the supervisor wants an [`Event::Tick`] at the latest, if ever. After
+    /// When the supervisor wants an [`Event::Tick`](super::Event::Tick) at the latest, if ever. After
     /// [`handle`](Self::handle) returned, it is always later than the `now` it was given:
     /// whatever was due then has been acted on.
     pub fn next_deadline(&self) -> Option<Instant> {

@@ -54,7 +54,7 @@ pub enum Program {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkerKey(pub u64);
 
-/// Something that happened, fed to [`Supervisor::handle`].
+/// Something that happened, fed to [`Supervisor::handle`](super::Supervisor::handle).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// Time passed (also used to start the machine).
@@ -111,7 +111,7 @@ pub enum Event {
         key: WorkerKey,
     },
     /// The master received `signal`. What it means (a default action, or the user's bound
-    /// action instead) is the supervisor's decision: see [`Supervisor::bind_signals`].
+    /// action instead) is the supervisor's decision: see [`Supervisor::bind_signals`](super::Supervisor::bind_signals).
     Signal {
         /// The signal.
         signal: Signal,
@@ -139,7 +139,7 @@ pub enum SteerFailure {
     },
 }
 
-/// Something the driver must do, returned by [`Supervisor::handle`].
+/// Something the driver must do, returned by [`Supervisor::handle`](super::Supervisor::handle).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Start a worker process for `slot`, identified from now on by `key`. The driver answers
@@ -231,7 +231,7 @@ pub enum Notify {
     },
 }
 
-/// What the systemd watchdog's keep-alive should say now ([`Supervisor::watchdog`]).
+/// What the systemd watchdog's keep-alive should say now ([`Supervisor::watchdog`](super::Supervisor::watchdog)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Watchdog {
     /// All is well: send `WATCHDOG=1`.
