@@ -161,8 +161,10 @@ impl Cluster {
         self
     }
 
-    /// How long a graceful restart waits for each new worker to report ready before it gives
-    /// up, keeps the old workers serving and reports the failure (default 60 s).
+    /// How long every new worker (initial, respawned, added by scaling, or a rolling restart's
+    /// replacement) has to report ready (default 60 s). One that misses it is killed: a
+    /// replacement fails its rollout (the old workers keep serving), any other counts as a crash
+    /// (a boot failure), so crash protection stops a slot that never gets ready.
     pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
         self.s.ready_timeout = timeout;
         self

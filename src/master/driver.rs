@@ -41,6 +41,7 @@ pub(super) struct Driver {
     /// The kernel's array of the `ReusePort` group, and the slots new connections go to.
     pub(super) group: Group,
     pub(super) route: Vec<usize>,
+    /// The supervisor ended steering for good ([`Command::Unsteer`] `for_good`).
     pub(super) steering_failed: bool,
 }
 
@@ -93,6 +94,7 @@ impl Driver {
         }
     }
 
+    /// Carries out one command; what it could not do, or what it started, comes back as events.
     fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
         match cmd {
             Command::Spawn { slot, key, program } => match self.spawn(slot, program) {
@@ -114,13 +116,12 @@ impl Driver {
             }
             Command::Route { slots } => {
                 self.route = slots;
-                self.apply_route();
+                self.apply_route(events);
             }
             Command::CloseSocket { slot } => {
                 if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
                     drop(fd);
                     self.group.leave(slot);
-                    self.apply_route();
                     tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more");
                 }
             }
@@ -128,8 +129,20 @@ impl Driver {
                 self.m.listeners.clear();
                 self.group = Group::default();
             }
+            Command::Unsteer { for_good } => self.unsteer(for_good),
+            Command::ReleaseProgram { deploy } => {
+                self.programs.remove(&deploy);
+            }
+            Command::RunSignalAction { signal } => self.run_signal_action(signal),
+            Command::ReapOrphans => self.reap_orphans(),
+            Command::Notify(n) => self.notify(n),
             Command::Report(r) => self.report(r),
             Command::Exit(outcome) => self.outcome = Some(outcome),
+        }
+        // A socket joined or left the group: the steering program indexes the kernel's array
+        // of the group, so it is attached again.
+        if self.group.take_changed() {
+            self.apply_route(events);
         }
     }
 }
@@ -228,10 +241,9 @@ impl Driver {
         if let Some(ctl) = &mut self.m.control {
             ctl.close_idle(Instant::now());
         }
-        let stats = self.sup.cluster_stats();
-        if let Some(n) = self.m.notify.as_mut().filter(|_| !stats.shutdown_requested) {
-            // Healthy: the loop runs and the cluster serves (or is still starting).
-            n.watchdog(Instant::now(), stats.active_workers > 0 || !self.sup.started());
+        if let Some(n) = self.m.notify.as_mut() {
+            let now = Instant::now();
+            n.watchdog(now, self.sup.watchdog(now));
         }
         Ok(())
     }
@@ -267,9 +279,12 @@ impl Driver {
             Ok(None) => return,
             Err(e) => {
                 // ECHILD: somebody else reaped it (a SIGCHLD handler set to SIG_IGN, a waitpid(-1)
-                // elsewhere in the program). Its status is lost; call it a crash of unknown cause.
+                // elsewhere in the program). Its status is lost: the supervisor decides what
+                // that means.
                 tracing::error!("cannot reap worker {} (pid {}): {e}; was it reaped elsewhere?", p.slot, p.pid);
-                ExitStatus::Code(255)
+                self.procs.remove(&key);
+                events.push_back(Event::Lost { key });
+                return;
             }
         };
         self.procs.remove(&key);

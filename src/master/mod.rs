@@ -307,6 +307,7 @@ impl Master {
             max_crashes: opts.respawn_max_crashes,
             socket_per_slot: opts.balance == Balance::ReusePort,
             ready_timeout: opts.ready_timeout,
+            bound_signals: opts.on_signal.iter().map(|(s, _)| *s).collect(),
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {

@@ -6,6 +6,8 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::{Duration, Instant};
 
+use crate::supervisor::Watchdog;
+
 /// A connection to systemd's notification socket.
 #[derive(Debug)]
 pub(crate) struct Notifier {
@@ -60,18 +62,21 @@ impl Notifier {
         self.watchdog.map(|(_, due)| due)
     }
 
-    /// Sends `WATCHDOG=1` if it is due and the cluster is `healthy`; an unhealthy cluster stays
-    /// silent, so that systemd restarts it.
-    pub(crate) fn watchdog(&mut self, now: Instant, healthy: bool) {
+    /// When the keep-alive is due, says what the supervisor's `verdict` is: `WATCHDOG=1`, or
+    /// nothing (an unhealthy cluster stays silent, so that systemd restarts it). The next one
+    /// is due an interval later in every case.
+    pub(crate) fn watchdog(&mut self, now: Instant, verdict: Watchdog) {
         let Some((every, due)) = self.watchdog else { return };
         if now < due {
             return;
         }
         self.watchdog = Some((every, now + every));
-        if healthy {
-            self.send("WATCHDOG=1");
-        } else {
-            tracing::warn!("no worker is serving: not telling systemd's watchdog that all is well");
+        match verdict {
+            Watchdog::Feed => self.send("WATCHDOG=1"),
+            Watchdog::Withhold { reason } => {
+                tracing::warn!("{reason}: not telling systemd's watchdog that all is well")
+            }
+            Watchdog::Quiet => {}
         }
     }
 

@@ -5,9 +5,10 @@ use super::driver::{Driver, guard};
 use super::{ReadyInfo, WorkerExit, WorkerInfo};
 use crate::proto::control::Response;
 use crate::stats::RestartOutcome;
-use crate::supervisor::{Program, Report};
+use crate::supervisor::{Notify, Report};
 
 impl Driver {
+    /// Logs a report and runs the matching callback (or answers the callers it concerns).
     pub(super) fn report(&mut self, r: Report) {
         let m = &mut self.m;
         match r {
@@ -23,20 +24,18 @@ impl Driver {
             Report::AllReady { workers } => {
                 let info = ReadyInfo { addr: m.shared.addr, workers };
                 tracing::info!("listening on {} with {workers} workers", info.addr);
-                if let Some(n) = &mut m.notify {
-                    n.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", info.addr));
-                }
                 guard("on_ready", m.on_ready.as_mut(), |f| f(&info));
             }
-            Report::Exited { slot, pid, status, crash, respawn_in } => {
+            Report::Exited { slot, pid, status, crash, reason, respawn_in } => {
                 let then = match respawn_in {
                     Some(d) => format!("; respawning in {d:?}"),
                     None => String::new(),
                 };
+                let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
                 if crash {
-                    tracing::warn!("worker {slot} (pid {pid}) crashed: {status}{then}");
+                    tracing::warn!("worker {slot} (pid {pid}) crashed: {status}{why}{then}");
                 } else {
-                    tracing::info!("worker {slot} (pid {pid}) exited: {status}{then}");
+                    tracing::info!("worker {slot} (pid {pid}) exited: {status}{why}{then}");
                 }
                 let exit = WorkerExit { worker_id: slot, pid, status, crash, respawn_in };
                 guard("on_exit", m.on_exit.as_mut(), |f| f(&exit));
@@ -45,21 +44,16 @@ impl Driver {
                 "Worker {slot} crashing too fast ({crashes} times in {}), disabling respawn",
                 short_duration(within)
             ),
-            Report::ShuttingDown { workers } => {
-                tracing::info!("shutting down: stopping {workers} workers");
-                if let Some(n) = &mut m.notify {
-                    n.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers"));
-                }
-            }
+            Report::NotReady { slot, pid, timeout } => tracing::warn!(
+                "worker {slot} (pid {pid}) not ready within {timeout:?}: killing it; a boot failure counts as a crash"
+            ),
+            Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
             Report::Signalled { signal, slots } => {
                 tracing::info!("sent {signal} to workers {slots:?}")
             }
             Report::StopTimeout { slots } => tracing::warn!("shutdown timeout: killing workers {slots:?}"),
             Report::RestartStarted { workers } => {
-                tracing::info!("graceful restart: replacing {workers} workers one at a time");
-                if let Some(n) = &mut m.notify {
-                    n.reloading(&format!("rolling restart of {workers} workers"));
-                }
+                tracing::info!("graceful restart: replacing {workers} workers one at a time")
             }
             Report::RestartQueued => tracing::info!("a graceful restart is running; one more will follow it"),
             Report::Replaced { slot, old_pid, new_pid } => match old_pid {
@@ -74,10 +68,6 @@ impl Driver {
                     }
                     _ => tracing::warn!("graceful restart {outcome}"),
                 }
-                let (stopping, started) = (self.sup.cluster_stats().shutdown_requested, self.sup.started());
-                if let (Some(n), false, true) = (&mut m.notify, stopping, started) {
-                    n.send(&format!("READY=1\nSTATUS=graceful restart {outcome}"));
-                }
                 let mut waiters = m.shared.waiters.lock().unwrap_or_else(|e| e.into_inner());
                 for t in &tickets {
                     if let Some(tx) = waiters.remove(t) {
@@ -91,11 +81,28 @@ impl Driver {
                         ctl.reply(id, &Response::RestartFinished(outcome.clone()).encode());
                     }
                 }
-                let in_use = self.sup.programs_in_use();
-                self.programs.retain(|g, _| in_use.contains(&Program::Deployed(*g)));
             }
             Report::Scaled { from, to } => tracing::info!("scaled from {from} to {to} workers"),
             Report::ScaleRefused { workers } => tracing::warn!("cannot scale to {workers} workers"),
+            Report::RouteTooLarge { slots } => tracing::info!(
+                "cannot steer new connections to {slots} slots with a classic BPF program; the kernel's hashing applies (reported once)"
+            ),
+            Report::SteeringFailed { error } => tracing::warn!(
+                "cannot steer connections ({error}); the kernel's hashing applies, including to slots that are restarting"
+            ),
+        }
+    }
+
+    /// Tells systemd, when it listens.
+    pub(super) fn notify(&mut self, n: Notify) {
+        let Some(notifier) = &mut self.m.notify else { return };
+        match n {
+            Notify::Ready { workers } => {
+                notifier.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", self.m.shared.addr))
+            }
+            Notify::Reloading { workers } => notifier.reloading(&format!("rolling restart of {workers} workers")),
+            Notify::Reloaded { outcome } => notifier.send(&format!("READY=1\nSTATUS=graceful restart {outcome}")),
+            Notify::Stopping { workers } => notifier.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers")),
         }
     }
 }

@@ -15,27 +15,21 @@ use crate::signal::Signal;
 use crate::supervisor::Event;
 
 impl Driver {
+    /// Reports the signals that arrived; what each means is the supervisor's decision.
     pub(super) fn on_signals(&mut self, events: &mut VecDeque<Event>) {
-        for sig in self.m.signals.take() {
-            if sig == Signal::CHLD {
-                self.reap_orphans();
-                continue;
+        for signal in self.m.signals.take() {
+            if signal != Signal::CHLD {
+                tracing::info!("received {signal}");
             }
-            tracing::info!("received {sig}");
-            if sig == Signal::TERM || sig == Signal::INT {
-                events.push_back(Event::Shutdown);
-            } else if let Some((_, action)) = self.m.on_signal.iter_mut().find(|(s, _)| *s == sig) {
-                let handle = MasterHandle { shared: self.m.shared.clone() };
-                guard("on_signal", Some(action), |f| f(&handle));
-            } else if sig == Signal::HUP || sig == Signal::QUIT {
-                // The terminal is gone (HUP) or Ctrl-\ (QUIT): stop as gracefully as SIGTERM,
-                // instead of the kernel's default of dying without stopping the workers.
-                events.push_back(Event::Shutdown);
-            } else if sig == Signal::USR2 {
-                events.push_back(Event::Restart { ticket: None });
-            } else if sig == Signal::TTIN || sig == Signal::TTOU {
-                events.push_back(Event::ScaleBy { delta: if sig == Signal::TTIN { 1 } else { -1 } });
-            }
+            events.push_back(Event::Signal { signal });
+        }
+    }
+
+    /// Runs the user's action bound to `signal` ([`Command::RunSignalAction`](crate::supervisor::Command)).
+    pub(super) fn run_signal_action(&mut self, signal: Signal) {
+        if let Some((_, action)) = self.m.on_signal.iter_mut().find(|(s, _)| *s == signal) {
+            let handle = MasterHandle { shared: self.m.shared.clone() };
+            guard("on_signal", Some(action), |f| f(&handle));
         }
     }
 

@@ -85,8 +85,8 @@ impl Driver {
         if self.m.listeners[index].is_none() && self.m.balance == Balance::ReusePort {
             let fd = crate::os::socket::bind_reuseport(self.m.shared.addr, self.m.backlog)?;
             self.m.listeners[index] = Some(fd);
+            // The driver attaches the steering program again once the spawn is done.
             self.group.join(slot);
-            self.apply_route();
         }
         self.m.listeners[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))
     }

@@ -14,26 +14,39 @@
 
 use std::os::fd::AsFd;
 
+use std::collections::VecDeque;
+
 use super::Balance;
 use super::driver::Driver;
+use crate::supervisor::{Event, SteerFailure};
 
 /// The kernel's array of a reuseport group, as slot ids (mirrors `struct sock_reuseport`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Group {
     members: Vec<usize>,
+    /// A member joined or left since [`Group::take_changed`] was last called.
+    changed: bool,
 }
 
 impl Group {
     /// A socket of `slot` started listening: it joins at the end.
     pub(crate) fn join(&mut self, slot: usize) {
         self.members.push(slot);
+        self.changed = true;
     }
 
     /// The socket of `slot` was closed by its last holder: the last member takes its place.
     pub(crate) fn leave(&mut self, slot: usize) {
         if let Some(i) = self.members.iter().position(|&s| s == slot) {
             self.members.swap_remove(i);
+            self.changed = true;
         }
+    }
+
+    /// Whether the group changed since the last call (a program attached before indexes the
+    /// old array).
+    pub(crate) fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
     }
 
     /// The program that sends new connections, at random, to the sockets of `slots` (those in
@@ -89,22 +102,31 @@ fn program_for(targets: &[u32], group_len: usize) -> Option<Vec<libc::sock_filte
 }
 
 impl Driver {
-    /// Attaches the steering program for the current route to the `ReusePort` group.
-    pub(super) fn apply_route(&mut self) {
+    /// Attaches the steering program for the current route to the `ReusePort` group. What it
+    /// cannot do is reported to the supervisor ([`Event::SteerFailed`]), which decides what
+    /// follows.
+    pub(super) fn apply_route(&mut self, events: &mut VecDeque<Event>) {
         if self.m.balance != Balance::ReusePort || self.steering_failed {
             return;
         }
         let Some(any) = self.m.listeners.iter().flatten().next() else { return };
-        let Some(program) = self.group.program(&self.route) else {
-            // Too many routed slots for a classic BPF program: let the kernel hash over all.
-            let _ = crate::os::sys::detach_reuseport_bpf(any.as_fd());
-            return;
+        let failure = match self.group.program(&self.route) {
+            None => SteerFailure::NoProgram { slots: self.route.len() },
+            Some(program) => match crate::os::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
+                Ok(()) => return,
+                Err(e) => SteerFailure::Attach { error: e.to_string() },
+            },
         };
-        if let Err(e) = crate::os::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
-            self.steering_failed = true;
-            tracing::warn!(
-                "cannot steer connections ({e}); the kernel's hashing applies, including to slots that are restarting"
-            );
+        events.push_back(Event::SteerFailed { failure });
+    }
+
+    /// Detaches the steering program: the kernel hashes over the whole group. `for_good`:
+    /// never attach one again.
+    pub(super) fn unsteer(&mut self, for_good: bool) {
+        self.steering_failed |= for_good;
+        if let Some(any) = self.m.listeners.iter().flatten().next() {
+            // Nothing attached (ENOENT) is as good.
+            let _ = crate::os::sys::detach_reuseport_bpf(any.as_fd());
         }
     }
 }

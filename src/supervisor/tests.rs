@@ -1,6 +1,11 @@
 //! Unit tests of the supervisor's policies with a fake clock.
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
 use super::*;
+use crate::signal::Signal;
+use crate::stats::{ExitStatus, RestartOutcome, WorkerStatus};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -16,6 +21,7 @@ fn policy(workers: usize) -> Policy {
         max_crashes: 3,
         socket_per_slot: true,
         ready_timeout: 2000 * MS,
+        bound_signals: Vec::new(),
     }
 }
 
@@ -27,15 +33,25 @@ struct Harness {
     next_pid: u32,
     /// Every command returned, in order.
     log: Vec<Command>,
+    /// Spawns fail (`ENOENT`) instead of succeeding.
+    failing_spawns: bool,
 }
 
 impl Harness {
     fn new(policy: Policy) -> Harness {
         let t0 = Instant::now();
-        Harness { sup: Supervisor::new(policy, t0), t0, now: t0, next_pid: 1000, log: Vec::new() }
+        Harness {
+            sup: Supervisor::new(policy, t0),
+            t0,
+            now: t0,
+            next_pid: 1000,
+            log: Vec::new(),
+            failing_spawns: false,
+        }
     }
 
-    /// Feeds an event; answers Spawn commands like a driver whose spawns succeed.
+    /// Feeds an event; answers Spawn commands like a driver whose spawns succeed (or fail, with
+    /// `failing_spawns`).
     fn feed(&mut self, event: Event) -> Vec<Command> {
         let mut all = Vec::new();
         let mut queue = VecDeque::from([event]);
@@ -43,8 +59,12 @@ impl Harness {
             let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
             for c in &cmds {
                 if let Command::Spawn { key, .. } = c {
-                    self.next_pid += 1;
-                    queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
+                    if self.failing_spawns {
+                        queue.push_back(Event::SpawnFailed { key: *key, error: "ENOENT".into() });
+                    } else {
+                        self.next_pid += 1;
+                        queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
+                    }
                 }
             }
             all.extend(cmds);
@@ -104,7 +124,7 @@ fn startup_is_paced_by_the_startup_delay() {
     assert!(spawns(&h.at(99)).is_empty());
     assert_eq!(spawns(&h.at(100)), vec![1]);
     assert_eq!(spawns(&h.at(250)), vec![2]);
-    assert_eq!(h.sup.next_deadline(), None, "idle: no wake-ups");
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "slot 0's ready deadline");
     for i in 0..3 {
         assert_eq!(h.status(i), WorkerStatus::Starting);
     }
@@ -127,6 +147,7 @@ fn ready_makes_active_and_all_ready_is_reported_once() {
     let r = h.ready(1);
     assert!(!reports(&r).iter().any(|r| matches!(r, Report::AllReady { .. })));
     assert_eq!(h.sup.cluster_stats().active_workers, 2);
+    assert_eq!(h.sup.next_deadline(), None, "all ready, nothing pending: no wake-ups");
 }
 
 #[test]
@@ -245,12 +266,43 @@ fn every_slot_disabled_ends_with_an_error() {
 
 #[test]
 fn spawn_failure_counts_as_a_crash() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.ready(0);
+    h.failing_spawns = true;
+    // Slot 1 cannot be started, again and again: each failure is a crash (exit code 127).
+    let r = h.at(100);
+    assert_eq!(spawns(&r), vec![1]);
+    assert!(reports(&r).contains(&&Report::SpawnFailed { slot: 1, error: "ENOENT".into() }), "{r:?}");
+    assert_eq!(h.status(1), WorkerStatus::Respawning);
+    assert_eq!((h.sup.slots[1].crash_count, h.sup.slots[1].recent_crashes.len()), (1, 1));
+    let w = &h.sup.worker_stats(h.now)[1];
+    assert_eq!((w.crash_count, w.exit_status, w.pid), (1, Some(ExitStatus::Code(127)), None));
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 200 * MS), "respawned after the respawn delay");
+    assert_eq!(spawns(&h.at(200)), vec![1]);
+    assert_eq!((h.sup.slots[1].crash_count, h.sup.slots[1].recent_crashes.len()), (2, 2));
+    assert_eq!(h.status(1), WorkerStatus::Respawning);
+    // The third within the window disables the slot: no fork loop.
+    let r = h.at(300);
+    assert_eq!(spawns(&r), vec![1]);
+    assert!(reports(&r).contains(&&Report::Disabled { slot: 1, crashes: 3, within: 200 * MS }), "{r:?}");
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert_eq!(h.sup.slots[1].crash_count, 3);
+    assert!(h.sup.worker_stats(h.now)[1].respawn_disabled);
+    assert_eq!(h.sup.cluster_stats().disabled_workers, 1);
+    assert_eq!(h.sup.next_deadline(), None, "slot 0 is ready, slot 1 disabled: nothing to wait for");
+    assert!(spawns(&h.at(10_000)).is_empty(), "never tried again");
+    assert_eq!(spawns(&h.log).iter().filter(|&&s| s == 1).count(), 3);
+    assert!(!h.sup.is_done(), "slot 0 serves");
+    // A cluster whose only slot cannot start gives up with an error.
     let mut h = Harness::new(policy(1));
-    let cmds = h.sup.handle(Event::Tick, h.now, SystemTime::UNIX_EPOCH);
-    let Command::Spawn { key, .. } = cmds[0] else { panic!("{cmds:?}") };
-    let r = h.feed(Event::SpawnFailed { key, error: "ENOENT".into() });
-    assert!(matches!(reports(&r)[0], Report::SpawnFailed { slot: 0, .. }));
-    assert_eq!(h.status(0), WorkerStatus::Respawning);
+    h.failing_spawns = true;
+    let mut last = Vec::new();
+    for t in [0, 100, 200] {
+        last = h.at(t);
+    }
+    assert!(matches!(last.last(), Some(Command::Exit(Outcome::AllFailed { disabled: 1, .. }))), "{last:?}");
+    assert_eq!(spawns(&h.log).len(), 3);
 }
 
 #[test]
@@ -661,8 +713,8 @@ fn scaling_up_adds_paced_slots_and_down_drains_the_highest() {
         assert!(r.contains(&Command::CloseSocket { slot }), "closed once its last worker is gone: {r:?}");
     }
     assert!(h.feed(Event::Scale { workers: 0 }).is_empty(), "zero workers is refused");
-    assert_eq!(reports(&h.feed(Event::ScaleBy { delta: -1 })), vec![&Report::ScaleRefused { workers: 0 }]);
-    let r = h.feed(Event::ScaleBy { delta: 1 });
+    assert_eq!(reports(&h.feed(Event::Signal { signal: Signal::TTOU })), vec![&Report::ScaleRefused { workers: 0 }]);
+    let r = h.feed(Event::Signal { signal: Signal::TTIN });
     assert!(reports(&r).contains(&&Report::Scaled { from: 1, to: 2 }), "{r:?}");
 }
 
@@ -805,4 +857,429 @@ fn a_removed_slot_added_back_before_its_worker_left_keeps_its_socket() {
     let key = h.sup.retiring[0].1.key;
     let r = h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
     assert!(!r.iter().any(|c| matches!(c, Command::CloseSocket { .. })), "{r:?}");
+}
+
+// ---- decisions the driver used to make ----
+
+fn has_shutdown(cmds: &[Command]) -> bool {
+    cmds.contains(&Command::CloseListeners)
+}
+
+#[test]
+fn signals_have_their_default_actions_unless_bound() {
+    // TERM and INT shut down; a second one kills.
+    for sig in [Signal::TERM, Signal::INT, Signal::HUP, Signal::QUIT] {
+        let mut h = Harness::new(policy(2));
+        h.start_all();
+        let r = h.feed(Event::Signal { signal: sig });
+        assert!(has_shutdown(&r), "{sig}: {r:?}");
+        assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count(), 2);
+        let r = h.feed(Event::Signal { signal: sig });
+        assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::KILL, .. })).count(), 2, "{sig}");
+    }
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    let r = h.feed(Event::Signal { signal: Signal::USR2 });
+    assert!(reports(&r).contains(&&Report::RestartStarted { workers: 2 }), "{r:?}");
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    assert!(reports(&h.feed(Event::Signal { signal: Signal::TTIN })).contains(&&Report::Scaled { from: 2, to: 3 }));
+    assert!(reports(&h.feed(Event::Signal { signal: Signal::TTOU })).contains(&&Report::Scaled { from: 3, to: 2 }));
+    assert_eq!(h.feed(Event::Signal { signal: Signal::CHLD }), vec![Command::ReapOrphans]);
+    assert!(h.feed(Event::Signal { signal: Signal::WINCH }).is_empty(), "unbound and without a default");
+}
+
+#[test]
+fn a_bound_signal_runs_its_action_instead_of_its_default() {
+    let mut h = Harness::new(policy(2));
+    h.sup.bind_signals([Signal::HUP, Signal::USR2, Signal::TTIN, Signal::TERM, Signal::INT, Signal::WINCH]);
+    h.start_all();
+    for sig in [Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH] {
+        assert_eq!(h.feed(Event::Signal { signal: sig }), vec![Command::RunSignalAction { signal: sig }], "{sig}");
+    }
+    // QUIT is not bound: still a graceful shutdown. TERM and INT cannot be bound.
+    assert!(has_shutdown(&h.feed(Event::Signal { signal: Signal::QUIT })));
+    let mut h = Harness::new(policy(1));
+    h.sup.bind_signals([Signal::TERM, Signal::INT]);
+    h.start_all();
+    assert!(has_shutdown(&h.feed(Event::Signal { signal: Signal::INT })));
+    // Bound, during a shutdown: still the action (it does not stop anything by itself).
+    let mut h = Harness::new(policy(1));
+    h.sup.bind_signals([Signal::HUP]);
+    h.start_all();
+    h.feed(Event::Shutdown);
+    assert_eq!(h.feed(Event::Signal { signal: Signal::HUP }), vec![Command::RunSignalAction { signal: Signal::HUP }]);
+}
+
+#[test]
+fn a_worker_reaped_elsewhere_is_a_crash_of_unknown_cause() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    let key = h.key_of(0);
+    let r = h.feed(Event::Lost { key });
+    let rs = reports(&r);
+    assert!(
+        matches!(
+            rs[..],
+            [Report::Exited {
+                slot: 0,
+                status: ExitStatus::Code(255),
+                crash: true,
+                reason: Some(_),
+                respawn_in: Some(_),
+                ..
+            }]
+        ),
+        "{rs:?}"
+    );
+    assert_eq!(h.sup.worker_stats(h.now)[0].crash_count, 1);
+    // Asked to stop, then lost: gone as asked, no crash.
+    h.feed(Event::Shutdown);
+    let key = h.key_of(1);
+    let r = h.feed(Event::Lost { key });
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: false, .. }]), "{r:?}");
+    assert_eq!(h.sup.worker_stats(h.now)[1].crash_count, 0);
+}
+
+#[test]
+fn a_route_no_program_fits_falls_back_to_hashing_and_a_refused_program_ends_steering() {
+    let mut h = Harness::new(policy(3));
+    h.start_all();
+    let r = h.feed(Event::SteerFailed { failure: SteerFailure::NoProgram { slots: 3 } });
+    assert_eq!(r, vec![Command::Unsteer { for_good: false }, Command::Report(Report::RouteTooLarge { slots: 3 })]);
+    // Reported once; routes are still sent (a later one may fit).
+    let r = h.feed(Event::SteerFailed { failure: SteerFailure::NoProgram { slots: 3 } });
+    assert_eq!(r, vec![Command::Unsteer { for_good: false }]);
+    assert_eq!(routes(&h.exit(1, ExitStatus::Code(1))), vec![vec![0, 2]]);
+    let r = h.feed(Event::SteerFailed { failure: SteerFailure::Attach { error: "ENOMEM".into() } });
+    assert_eq!(
+        r,
+        vec![Command::Unsteer { for_good: true }, Command::Report(Report::SteeringFailed { error: "ENOMEM".into() })]
+    );
+    // For good: no more routes, and nothing more to say.
+    h.at(1000);
+    assert!(routes(&h.ready(1)).is_empty());
+    assert!(h.feed(Event::SteerFailed { failure: SteerFailure::Attach { error: "x".into() } }).is_empty());
+}
+
+fn notifications(cmds: &[Command]) -> Vec<&Notify> {
+    cmds.iter().filter_map(|c| if let Command::Notify(n) = c { Some(n) } else { None }).collect()
+}
+
+#[test]
+fn systemd_hears_ready_reloading_ready_again_and_stopping() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    // A restart asked for during the start-up: no READY=1 at its end, the start-up's comes.
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Ready { key: k });
+    assert!(finished(&r).is_some_and(|(o, _)| o.is_completed()), "{r:?}");
+    assert_eq!(notifications(&r), vec![&Notify::Ready { workers: 2 }]);
+    assert_eq!(notifications(&h.log).len(), 2, "RELOADING, then the start-up's READY: {:?}", notifications(&h.log));
+    // Started: RELOADING=1, then READY=1 with the outcome.
+    let r = h.feed(Event::Restart { ticket: None });
+    assert_eq!(notifications(&r), vec![&Notify::Reloading { workers: 2 }]);
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    let (outcome, _) = finished(&r).unwrap();
+    assert_eq!(notifications(&r), vec![&Notify::Reloaded { outcome }]);
+    // Stopping: STOPPING=1, and a cancelled rollout says nothing more.
+    h.feed(Event::Restart { ticket: None });
+    let r = h.feed(Event::Shutdown);
+    assert_eq!(notifications(&r), vec![&Notify::Stopping { workers: 3 }], "two workers and a replacement");
+    assert!(notifications(&h.feed(Event::Restart { ticket: None })).is_empty());
+}
+
+#[test]
+fn the_watchdog_is_fed_while_starting_or_serving_and_quiet_while_stopping() {
+    let mut h = Harness::new(policy(2));
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed, "starting");
+    h.start_all();
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed);
+    h.exit(0, ExitStatus::Code(1));
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed, "one worker still serves");
+    h.exit(1, ExitStatus::Code(1));
+    assert!(matches!(h.sup.watchdog(h.now), Watchdog::Withhold { .. }), "nobody serves");
+    h.feed(Event::Shutdown);
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Quiet);
+}
+
+fn released(cmds: &[Command]) -> Vec<u64> {
+    cmds.iter().filter_map(|c| if let Command::ReleaseProgram { deploy } = c { Some(*deploy) } else { None }).collect()
+}
+
+#[test]
+fn a_deploys_program_is_released_once_no_worker_runs_or_will_run_it() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    // Deploy 1 completes: in use by every slot.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        h.feed(Event::Ready { key: k });
+    }
+    // Deploy 2 fails at slot 1: slot 0 runs 2, slot 1 still runs 1.
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(released(&r).is_empty(), "both deploys are in use");
+    // Deploy 3 completes: 1 and 2 are released once their last workers are gone.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        let r = h.feed(Event::Ready { key: k });
+        assert!(released(&r).is_empty(), "the old workers still drain: {r:?}");
+    }
+    let retiring: Vec<WorkerKey> = h.sup.retiring.iter().map(|(_, p)| p.key).collect();
+    for key in retiring {
+        h.feed(Event::Exited { key, status: ExitStatus::Code(0) });
+    }
+    let mut gone = released(&h.log);
+    gone.sort();
+    assert_eq!(gone, vec![1, 2], "each once, as its last worker left");
+    // A failed deploy's program goes with its replacement.
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::SpawnFailed { key: k, error: "ENOENT".into() });
+    assert_eq!(released(&r), vec![4]);
+    assert_eq!(h.sup.programs_in_use(), vec![Program::Deployed(3)]);
+}
+
+// ---- the ready timeout applies to every spawn ----
+
+fn kills(cmds: &[Command]) -> Vec<WorkerKey> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::Signal { key, signal: Signal::KILL } => Some(*key),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_worker_never_ready_is_killed_at_the_ready_timeout_and_counts_as_a_crash() {
+    let mut h = Harness::new(policy(1));
+    h.at(0);
+    let key = h.key_of(0);
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "its ready deadline");
+    assert!(kills(&h.at(1999)).is_empty());
+    let r = h.at(2000);
+    assert_eq!(kills(&r), vec![key]);
+    assert!(reports(&r).contains(&&Report::NotReady { slot: 0, pid: 1001, timeout: 2000 * MS }), "{r:?}");
+    assert_eq!(h.sup.next_deadline(), None, "killed: nothing more to wait for until it exits");
+    // A ready report already on its way when it was killed changes nothing.
+    h.feed(Event::Ready { key });
+    assert_eq!(h.status(0), WorkerStatus::Starting);
+    let r = h.exit(0, ExitStatus::Signal(Signal::KILL));
+    let rs = reports(&r);
+    assert!(
+        matches!(&rs[..], [Report::Exited { crash: true, reason: Some(why), respawn_in: Some(_), .. }] if why.contains("not ready within 2s")),
+        "{rs:?}"
+    );
+    let w = &h.sup.worker_stats(h.now)[0];
+    assert_eq!((w.crash_count, w.status), (1, WorkerStatus::Respawning));
+}
+
+#[test]
+fn respawned_and_added_workers_have_the_ready_timeout_too() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.at(1000);
+    h.exit(0, ExitStatus::Code(1));
+    h.at(1100); // respawned
+    let key = h.key_of(0);
+    assert_eq!(kills(&h.at(3100)), vec![key], "the respawn");
+    h.exit(0, ExitStatus::Signal(Signal::KILL));
+    h.at(3200);
+    h.ready(0);
+    h.feed(Event::Scale { workers: 2 });
+    let key = h.key_of(1);
+    assert_eq!(kills(&h.at(5200)), vec![key], "the new slot");
+    let r = h.exit(1, ExitStatus::Signal(Signal::KILL));
+    assert!(matches!(reports(&r)[..], [Report::Exited { crash: true, .. }]), "{r:?}");
+}
+
+#[test]
+fn workers_never_ready_are_disabled_by_crash_protection() {
+    let mut h = Harness::new(policy(2));
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    let mut t = 100;
+    for i in 0..3 {
+        t += 2000;
+        let key = h.key_of(1);
+        assert_eq!(kills(&h.at(t)), vec![key], "boot failure {i}");
+        let r = h.exit(1, ExitStatus::Signal(Signal::KILL));
+        if i < 2 {
+            t += 100;
+            assert_eq!(spawns(&h.at(t)), vec![1]);
+        } else {
+            assert!(reports(&r).iter().any(|x| matches!(x, Report::Disabled { slot: 1, crashes: 3, .. })), "{r:?}");
+            assert!(reports(&r).contains(&&Report::AllReady { workers: 1 }), "slot 0 serves: {r:?}");
+        }
+    }
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert_eq!(h.sup.worker_stats(h.now)[1].crash_count, 3);
+}
+
+#[test]
+fn a_worker_never_ready_with_respawn_off_leaves_its_slot_crashed() {
+    let mut p = policy(1);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.at(0);
+    let key = h.key_of(0);
+    assert_eq!(kills(&h.at(2000)), vec![key]);
+    let r = h.exit(0, ExitStatus::Signal(Signal::KILL));
+    assert_eq!(h.status(0), WorkerStatus::Crashed);
+    assert!(matches!(r.last(), Some(Command::Exit(Outcome::AllFailed { crashed: 1, .. }))), "{r:?}");
+}
+
+#[test]
+fn the_watchdog_goes_silent_when_the_start_up_overruns() {
+    let mut p = policy(2);
+    p.max_crashes = 100;
+    let mut h = Harness::new(p);
+    h.at(0);
+    h.at(100);
+    h.ready(0);
+    // Slot 1 keeps crashing, never disabled (a high max_crashes), never ready.
+    let mut t = 100;
+    while t < 2100 {
+        t += 300;
+        h.at(t);
+        if h.sup.slots[1].current.is_some() {
+            h.exit(1, ExitStatus::Code(1));
+        }
+        let expect = if t < 2100 { Watchdog::Feed } else { Watchdog::Withhold { reason: "" } };
+        assert_eq!(
+            std::mem::discriminant(&h.sup.watchdog(h.now)),
+            std::mem::discriminant(&expect),
+            "at {t} ms: the last initial spawn (100 ms) plus the ready timeout (2 s) is the start-up's deadline"
+        );
+    }
+    // Once the start-up is over, one serving worker is enough again.
+    h.at(t + 200);
+    h.ready(1);
+    assert!(h.sup.watchdog(h.now) == Watchdog::Feed);
+}
+
+// ---- sockets of slots nobody will serve again (ReusePort) ----
+
+fn closed(cmds: &[Command]) -> Vec<usize> {
+    cmds.iter().filter_map(|c| if let Command::CloseSocket { slot } = c { Some(*slot) } else { None }).collect()
+}
+
+#[test]
+fn without_respawn_a_slot_whose_worker_exited_closes_its_socket() {
+    let mut p = policy(3);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    assert_eq!(closed(&h.exit(1, ExitStatus::Code(1))), vec![1], "a crash");
+    assert_eq!(closed(&h.exit(2, ExitStatus::Code(0))), vec![2], "a clean exit");
+    assert!(closed(&h.log).len() == 2 && !h.sup.is_done(), "slot 0 still serves");
+    // With respawn on, the slot is served again: its socket stays (connections wait there).
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    assert!(closed(&h.exit(1, ExitStatus::Code(1))).is_empty());
+    assert!(closed(&h.exit(0, ExitStatus::Code(0))).is_empty());
+    // Shared mode has no socket per slot.
+    let mut p = policy(2);
+    p.respawn = false;
+    p.socket_per_slot = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.exit(1, ExitStatus::Code(1));
+    assert!(closed(&h.log).is_empty());
+}
+
+#[test]
+fn a_slot_whose_worker_exits_during_its_replacement_keeps_its_socket() {
+    let mut p = policy(2);
+    p.respawn = false;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    // Slot 0's old worker crashes while its replacement starts: the replacement will serve.
+    assert!(closed(&h.exit(0, ExitStatus::Code(1))).is_empty());
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    assert_eq!(h.status(0), WorkerStatus::Active);
+    // Slot 1 crashes before the rollout reaches it: the rollout will start it again.
+    assert!(closed(&h.exit(1, ExitStatus::Code(1))).is_empty(), "queued in the rollout");
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { worker_id: 1, .. }, _))));
+    assert_eq!(closed(&r), vec![1], "the revival failed: nobody will serve slot 1 again");
+}
+
+#[test]
+fn a_disabled_slot_whose_revival_failed_closes_its_new_socket() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    for t in [1000u64, 1100, 1200] {
+        h.at(t);
+        h.exit(1, ExitStatus::Code(1));
+    }
+    assert_eq!(closed(&h.log), vec![1]);
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Ready { key: k });
+    assert_eq!(spawns(&r), vec![1], "the revival opens a new socket");
+    let k = next_key(&h, 1);
+    let r = h.feed(Event::Exited { key: k, status: ExitStatus::Code(1) });
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { worker_id: 1, .. }, _))));
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    assert_eq!(closed(&r), vec![1], "closed again");
+    // A later restart that succeeds: spawned into a new socket, never closed.
+    h.feed(Event::Restart { ticket: None });
+    for slot in 0..2 {
+        let k = next_key(&h, slot);
+        assert!(closed(&h.feed(Event::Ready { key: k })).is_empty());
+    }
+    assert_eq!(h.status(1), WorkerStatus::Active);
+}
+
+#[test]
+fn a_slot_disabled_while_a_rollout_will_reach_it_keeps_its_socket_for_it() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    for t in [1000u64, 1100, 1200] {
+        h.at(t);
+        assert!(closed(&h.exit(1, ExitStatus::Code(1))).is_empty());
+    }
+    assert_eq!(h.status(1), WorkerStatus::Disabled);
+    let k = next_key(&h, 0);
+    let r = h.feed(Event::Ready { key: k });
+    assert_eq!(spawns(&r), vec![1]);
+    let k = next_key(&h, 1);
+    h.feed(Event::Ready { key: k });
+    assert_eq!(h.status(1), WorkerStatus::Active);
+    assert!(closed(&h.log).is_empty());
+}
+
+#[test]
+fn a_respawn_scheduled_by_a_rollout_failing_at_its_deadline_is_not_left_overdue() {
+    // Found by the property test: with no respawn delay, the respawn that a failed rollout
+    // schedules for a slot left empty is due at once, and must be spawned in the same tick.
+    let mut p = policy(1);
+    p.respawn_delay = Duration::ZERO;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.feed(Event::Restart { ticket: None });
+    h.exit(0, ExitStatus::Code(0));
+    let r = h.at(2000);
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { .. }, _))), "{r:?}");
+    assert_eq!(spawns(&r), vec![0], "respawned at once");
+    assert!(h.sup.next_deadline().is_none_or(|d| d > h.now));
 }

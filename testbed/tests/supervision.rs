@@ -230,3 +230,76 @@ fn a_crash_respawn_runs_the_running_binary_even_if_the_file_was_replaced() {
     let link = std::fs::read_link(format!("/proc/{new}/exe")).unwrap();
     assert!(link.to_string_lossy().ends_with("(deleted)"), "the respawn runs the old, replaced file: {link:?}");
 }
+
+/// The pids of the `on_start id=<slot> pid=<pid>` lines of a log.
+fn started_pids(log: &str, slot: usize) -> Vec<u32> {
+    let prefix = format!("on_start id={slot} pid=");
+    log.lines().filter_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok()).collect()
+}
+
+#[test]
+fn a_worker_never_ready_is_killed_as_a_boot_failure_until_crash_protection_disables_it() {
+    // Workers would take 100 s to get ready; the master gives each 300 ms.
+    let (mut tb, _rx) = Testbed::spawn(args(&[
+        "--workers",
+        "1",
+        "--respawn",
+        "--respawn-delay-ms",
+        "50",
+        "--respawn-max-crashes",
+        "2",
+        "--ready-timeout-ms",
+        "300",
+        "--ready-delay-ms",
+        "100000",
+    ]));
+    let st = tb.wait_exit(Duration::from_secs(10));
+    let log = tb.stderr();
+    let st = st.unwrap_or_else(|| panic!("the master still waits for a worker that never gets ready:\n{log}"));
+    assert!(!st.success(), "{st:?}");
+    let pids = started_pids(&log, 0);
+    assert_eq!(pids.len(), 2, "started, respawned once, then disabled: {log}");
+    assert_eq!(log.matches("not ready within 300ms: killing it").count(), 2, "{log}");
+    assert_eq!(log.matches("on_exit id=0 status=signal 9 (SIGKILL) raw=137 crash=true").count(), 2, "{log}");
+    assert!(log.contains("crashed: signal 9 (SIGKILL) (not ready within 300ms)"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("Worker 0 crashing too fast (2 times in ") && l.ends_with("s), disabling respawn")),
+        "{log}"
+    );
+    assert!(log.contains("no worker can run any more"), "{log}");
+    for pid in pids {
+        assert!(!alive(pid), "worker {pid} was killed and reaped");
+    }
+}
+
+#[test]
+fn the_socket_of_a_slot_nobody_serves_again_is_closed() {
+    // Respawn off: a worker that crashes, or exits cleanly, leaves a slot nobody will serve.
+    let mut tb = Testbed::start(&["--workers", "3", "--startup-delay-ms", "10"]);
+    tb.remember_workers();
+    assert_eq!(listeners_held(tb.pid(), tb.port), 3);
+    let stats = tb.stats();
+    let (crasher, quitter) = (worker_pid_in(&stats, 1).unwrap() as u32, worker_pid_in(&stats, 2).unwrap() as u32);
+    send_signal(crasher, Signal::KILL);
+    assert!(
+        tb.wait_log(Duration::from_secs(5), |l| l.contains("closed the listening socket of worker 1")),
+        "{}",
+        tb.stderr()
+    );
+    assert_eq!(listeners_held(tb.pid(), tb.port), 2);
+    // SIGTERM sent by somebody else: the worker drains and exits 0, a clean exit.
+    send_signal(quitter, Signal::TERM);
+    assert!(tb.wait_log(Duration::from_secs(5), |l| l.contains("on_exit id=2 status=exit code 0 raw=0 crash=false")));
+    assert!(
+        tb.wait_log(Duration::from_secs(5), |l| l.contains("closed the listening socket of worker 2")),
+        "{}",
+        tb.stderr()
+    );
+    assert_eq!(listeners_held(tb.pid(), tb.port), 1);
+    // Slot 0 still serves every connection.
+    for _ in 0..20 {
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!((status, worker_of(&body)), (200, Some(0)));
+    }
+}

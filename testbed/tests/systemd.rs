@@ -117,3 +117,61 @@ fn the_watchdog_is_fed_while_workers_serve() {
         assert!(!environ.contains("WATCHDOG_USEC"), "worker {w}");
     }
 }
+
+#[test]
+fn the_watchdog_goes_silent_when_the_start_up_overruns() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sock, path) = notify_socket(dir.path());
+    sock.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    // The worker would take 100 s to get ready; the master gives it 300 ms, then kills and
+    // respawns it (a boot failure), again and again: the start-up never completes.
+    let mut opts = args(&[
+        "--workers",
+        "1",
+        "--respawn",
+        "--respawn-delay-ms",
+        "50",
+        "--respawn-max-crashes",
+        "1000",
+        "--ready-timeout-ms",
+        "300",
+        "--ready-delay-ms",
+        "100000",
+    ]);
+    let env_path = path.clone();
+    opts.configure = Some(Box::new(move |cmd| {
+        // WATCHDOG=1 is due every 50 ms.
+        cmd.env("NOTIFY_SOCKET", &env_path).env("WATCHDOG_USEC", "100000");
+    }));
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    // The WATCHDOG=1 messages that arrive within the socket's read timeout (20 ms) of each other.
+    let pings = |sock: &UnixDatagram| {
+        let mut buf = [0u8; 4096];
+        let mut n = 0;
+        while let Ok(len) = sock.recv(&mut buf) {
+            n += usize::from(&buf[..len] == b"WATCHDOG=1");
+        }
+        n
+    };
+    // Fed while the start-up runs within its deadline.
+    let t0 = std::time::Instant::now();
+    let mut early = 0;
+    while t0.elapsed() < Duration::from_secs(10) && !tb.stderr().contains("not ready within 300ms: killing it") {
+        early += pings(&sock);
+    }
+    assert!(tb.stderr().contains("not ready within 300ms"), "{}", tb.stderr());
+    assert!(early > 0, "fed during the start-up");
+    // Past the deadline: what was sent before is drained, and nothing comes any more.
+    early += pings(&sock);
+    let t1 = std::time::Instant::now();
+    let mut late = 0;
+    while t1.elapsed() < Duration::from_millis(600) {
+        late += pings(&sock);
+    }
+    tb.remember_workers();
+    assert!(tb.child.try_wait().unwrap().is_none(), "the master still runs: {}", tb.stderr());
+    assert_eq!(late, 0, "{early} pings before the start-up overran, {late} after");
+    assert!(tb.stderr().contains("the start-up did not complete within the ready timeout: not telling systemd"));
+    // It keeps respawning the slot meanwhile.
+    assert!(tb.wait_log(Duration::from_secs(5), |l| l.matches("on_start id=0 ").count() >= 2));
+}

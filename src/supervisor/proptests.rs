@@ -1,0 +1,391 @@
+//! A property test: the supervisor driven by random event sequences through a small fake
+//! driver, its invariants checked after every step.
+//!
+//! The fake driver answers every [`Command::Spawn`] at once with [`Event::Spawned`] or
+//! [`Event::SpawnFailed`] (as the real one does), remembers the live processes, and feeds exits:
+//! of processes it chose to crash, exit or lose (random steps), of processes asked to stop that
+//! drain (random steps), and of every process sent `SIGKILL` (at the next step: SIGKILL is
+//! always honoured; SIGTERM may be ignored for ever). The invariants:
+//!
+//! - **deadlines**: after every step, [`Supervisor::next_deadline`] is none or strictly after
+//!   `now` (whatever was due has been acted on; the driver never spins);
+//! - **capacity**: a slot whose worker served (`Active`) before a step still has an active
+//!   worker after it, unless that very worker exited (or was lost) during the step, the slot
+//!   was removed by scaling, or a shutdown began. So a rolling restart never takes capacity
+//!   away: at every step of a rollout, the active workers are at least those active before it
+//!   minus the ones that exited or were removed meanwhile;
+//! - **surge**: at most one replacement process exists at a time, and (until a shutdown stops
+//!   it) only in the slot the rollout is replacing;
+//! - **bookkeeping**: the processes the supervisor tracks are exactly the fake driver's live
+//!   ones; signals only go to processes that were started; a socket is closed only when no live
+//!   process of its slot holds it; routes name only slots with an active worker; no spawn
+//!   after a shutdown began; `Exit` is the last command of its batch, and comes only when no
+//!   process is left;
+//! - **termination**: after a final `Shutdown`, letting time pass a bounded number of times
+//!   (with SIGKILL honoured), the machine returns `Exit`, every process the fake driver saw
+//!   spawned has exited, and every caller waiting for a restart was answered exactly once.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant, SystemTime};
+
+use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
+
+use super::*;
+use crate::signal::Signal;
+use crate::stats::ExitStatus;
+
+/// The seed used unless `PROPTEST_RNG_SEED` sets another: the same cases on every CI run.
+const SEED: u64 = 0x5eed_c1a5_7e25;
+
+/// One random step.
+#[derive(Debug, Clone)]
+enum Op {
+    /// Time passes (milliseconds).
+    Tick(u64),
+    /// The n-th live process (modulo their number) that has not reported ready does.
+    Ready(usize),
+    /// The n-th live process exits with this status, asked or not.
+    Exit(usize, ExitStatus),
+    /// The n-th live process that was sent SIGTERM finishes draining (exit code 0).
+    Drain(usize),
+    /// The n-th live process is reaped elsewhere ([`Event::Lost`]).
+    Lose(usize),
+    Shutdown,
+    /// A restart, with a waiting caller or not.
+    Restart(bool),
+    Scale(usize),
+    /// A signal to the master.
+    Signal(Signal),
+    SignalWorkers(Signal),
+}
+
+fn status() -> impl Strategy<Value = ExitStatus> {
+    prop::sample::select(vec![
+        ExitStatus::Code(0),
+        ExitStatus::Code(1),
+        ExitStatus::Code(255),
+        ExitStatus::Signal(Signal::KILL),
+        ExitStatus::Signal(Signal::SEGV),
+        ExitStatus::Signal(Signal::TERM),
+        ExitStatus::Signal(Signal::USR1),
+    ])
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let master_signals = vec![
+        Signal::TERM,
+        Signal::INT,
+        Signal::HUP,
+        Signal::QUIT,
+        Signal::USR2,
+        Signal::TTIN,
+        Signal::TTOU,
+        Signal::WINCH,
+        Signal::CHLD,
+    ];
+    prop_oneof![
+        6 => (0u64..2500).prop_map(Op::Tick),
+        6 => any::<usize>().prop_map(Op::Ready),
+        3 => (any::<usize>(), status()).prop_map(|(i, s)| Op::Exit(i, s)),
+        2 => any::<usize>().prop_map(Op::Drain),
+        1 => any::<usize>().prop_map(Op::Lose),
+        1 => Just(Op::Shutdown),
+        3 => any::<bool>().prop_map(Op::Restart),
+        1 => (1usize..6).prop_map(Op::Scale),
+        2 => prop::sample::select(master_signals).prop_map(Op::Signal),
+        1 => prop::sample::select(vec![Signal::USR1, Signal::KILL]).prop_map(Op::SignalWorkers),
+    ]
+}
+
+/// A policy with small numbers, so that every timer matters within a sequence.
+fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
+    (
+        (1usize..5, any::<bool>(), any::<bool>(), 1u32..5),
+        (100u64..2000, 0u64..300, 0u64..500, 1u64..10, 300u64..3000),
+        prop::sample::subsequence(vec![Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH], 0..3),
+    )
+        .prop_map(
+            |((workers, respawn, socket_per_slot, max_crashes), (stop, startup, respawn_ms, window, ready), bound)| {
+                let ms = Duration::from_millis;
+                let policy = Policy {
+                    workers,
+                    port: 3000,
+                    respawn,
+                    shutdown_timeout: ms(stop),
+                    startup_delay: ms(startup),
+                    respawn_delay: ms(respawn_ms),
+                    respawn_window: Duration::from_secs(window),
+                    max_crashes,
+                    socket_per_slot,
+                    ready_timeout: ms(ready),
+                    bound_signals: Vec::new(),
+                };
+                (policy, bound)
+            },
+        )
+}
+
+/// A process as the fake driver sees it.
+#[derive(Debug)]
+struct Live {
+    slot: usize,
+    ready: bool,
+    /// It was sent SIGTERM.
+    termed: bool,
+}
+
+/// The fake driver.
+struct Fake {
+    sup: Supervisor,
+    now: Instant,
+    next_pid: u32,
+    /// Whether each spawn succeeds, in turn (cycled).
+    spawn_plan: Vec<bool>,
+    spawns: usize,
+    live: BTreeMap<WorkerKey, Live>,
+    /// Sent SIGKILL: they exit at the next step.
+    dying: BTreeSet<WorkerKey>,
+    spawned: BTreeSet<WorkerKey>,
+    exited: BTreeSet<WorkerKey>,
+    /// Exited (or lost) during the current step.
+    exited_now: BTreeSet<WorkerKey>,
+    done: bool,
+    next_ticket: u64,
+    tickets: BTreeSet<u64>,
+    answered: Vec<u64>,
+}
+
+impl Fake {
+    fn new(policy: Policy, bound: Vec<Signal>, spawn_plan: Vec<bool>) -> Fake {
+        let now = Instant::now();
+        let mut sup = Supervisor::new(policy, now);
+        sup.bind_signals(bound);
+        Fake {
+            sup,
+            now,
+            next_pid: 100,
+            spawn_plan,
+            spawns: 0,
+            live: BTreeMap::new(),
+            dying: BTreeSet::new(),
+            spawned: BTreeSet::new(),
+            exited: BTreeSet::new(),
+            exited_now: BTreeSet::new(),
+            done: false,
+            next_ticket: 1,
+            tickets: BTreeSet::new(),
+            answered: Vec::new(),
+        }
+    }
+
+    /// Feeds `event` and every event its commands lead to, checking each command.
+    fn feed(&mut self, event: Event) -> Result<(), TestCaseError> {
+        let mut queue = VecDeque::from([event]);
+        while let Some(ev) = queue.pop_front() {
+            if let Event::Exited { key, .. } | Event::Lost { key } = ev {
+                self.live.remove(&key);
+                self.dying.remove(&key);
+                self.exited.insert(key);
+                self.exited_now.insert(key);
+            }
+            let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
+            if self.done {
+                prop_assert!(cmds.is_empty(), "commands after Exit: {:?}", cmds);
+            }
+            for (i, cmd) in cmds.iter().enumerate() {
+                self.execute(cmd, i + 1 == cmds.len(), &mut queue)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn execute(&mut self, cmd: &Command, last: bool, queue: &mut VecDeque<Event>) -> Result<(), TestCaseError> {
+        match cmd {
+            Command::Spawn { slot, key, .. } => {
+                prop_assert!(self.sup.phase == Phase::Running, "a spawn during a shutdown");
+                let ok = self.spawn_plan[self.spawns % self.spawn_plan.len()];
+                self.spawns += 1;
+                if ok {
+                    self.next_pid += 1;
+                    self.live.insert(*key, Live { slot: *slot, ready: false, termed: false });
+                    self.spawned.insert(*key);
+                    queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
+                } else {
+                    queue.push_back(Event::SpawnFailed { key: *key, error: "EAGAIN".into() });
+                }
+            }
+            Command::Signal { key, signal } => {
+                prop_assert!(self.spawned.contains(key), "{signal} sent to {key:?}, never started");
+                if let Some(p) = self.live.get_mut(key) {
+                    if *signal == Signal::KILL {
+                        self.dying.insert(*key);
+                    } else if *signal == Signal::TERM {
+                        p.termed = true;
+                    }
+                }
+            }
+            Command::CloseSocket { slot } => {
+                prop_assert!(
+                    !self.live.values().any(|p| p.slot == *slot),
+                    "socket {slot} closed while a live process holds it"
+                );
+            }
+            Command::Route { slots } => {
+                for &s in slots {
+                    let active = self.sup.slots.get(s).and_then(|s| s.current.as_ref()).map(|p| p.state);
+                    prop_assert_eq!(active, Some(ProcState::Active), "routed to slot {}", s);
+                }
+            }
+            Command::Report(Report::RestartFinished { tickets, .. }) => self.answered.extend(tickets),
+            Command::Exit(_) => {
+                prop_assert!(last, "Exit is not the last command");
+                prop_assert!(self.live.is_empty(), "Exit with live processes: {:?}", self.live);
+                self.done = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The n-th (modulo) of the live processes that pass `filter`.
+    fn pick(&self, n: usize, filter: impl Fn(&Live) -> bool) -> Option<WorkerKey> {
+        let keys: Vec<WorkerKey> = self.live.iter().filter(|(_, p)| filter(p)).map(|(k, _)| *k).collect();
+        (!keys.is_empty()).then(|| keys[n % keys.len()])
+    }
+
+    /// Slots with an active worker, and its key.
+    fn serving(&self) -> Vec<(usize, WorkerKey)> {
+        self.sup
+            .slots
+            .iter()
+            .filter_map(|s| s.current.as_ref().filter(|p| p.state == ProcState::Active).map(|p| (s.id, p.key)))
+            .collect()
+    }
+
+    /// One step: the processes killed at the last step exit, then `op`.
+    fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let before = self.serving();
+        let was_running = self.sup.phase == Phase::Running;
+        self.exited_now.clear();
+        for key in std::mem::take(&mut self.dying) {
+            self.feed(Event::Exited { key, status: ExitStatus::Signal(Signal::KILL) })?;
+        }
+        let event = match *op {
+            Op::Tick(ms) => {
+                self.now += Duration::from_millis(ms);
+                Some(Event::Tick)
+            }
+            Op::Ready(n) => self.pick(n, |p| !p.ready).map(|key| {
+                if let Some(p) = self.live.get_mut(&key) {
+                    p.ready = true;
+                }
+                Event::Ready { key }
+            }),
+            Op::Exit(n, status) => self.pick(n, |_| true).map(|key| Event::Exited { key, status }),
+            Op::Drain(n) => self.pick(n, |p| p.termed).map(|key| Event::Exited { key, status: ExitStatus::Code(0) }),
+            Op::Lose(n) => self.pick(n, |_| true).map(|key| Event::Lost { key }),
+            Op::Shutdown => Some(Event::Shutdown),
+            Op::Restart(wait) => {
+                // Once the machine is done, the driver no longer supervises: it answers waiting
+                // callers itself (NotSupervising).
+                let ticket = (wait && !self.done).then(|| {
+                    self.next_ticket += 1;
+                    self.tickets.insert(self.next_ticket);
+                    self.next_ticket
+                });
+                Some(Event::Restart { ticket })
+            }
+            Op::Scale(workers) => Some(Event::Scale { workers }),
+            Op::Signal(signal) => Some(Event::Signal { signal }),
+            Op::SignalWorkers(signal) => Some(Event::SignalWorkers { signal }),
+        };
+        if let Some(event) = event {
+            self.feed(event)?;
+        }
+        self.check(&before, was_running)
+    }
+
+    /// The invariants after a step (see the module documentation).
+    fn check(&self, before: &[(usize, WorkerKey)], was_running: bool) -> Result<(), TestCaseError> {
+        if let Some(deadline) = self.sup.next_deadline() {
+            prop_assert!(deadline > self.now, "a deadline {:?} not after now", self.now.duration_since(deadline));
+        }
+        // Capacity.
+        if was_running && self.sup.phase == Phase::Running {
+            let after = self.serving();
+            let mut lost = 0;
+            for &(slot, key) in before {
+                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len();
+                if excused {
+                    lost += 1;
+                } else {
+                    prop_assert!(after.iter().any(|&(s, _)| s == slot), "slot {slot} stopped serving");
+                }
+            }
+            prop_assert!(after.len() + lost >= before.len());
+        }
+        // Surge.
+        let surging: Vec<usize> = self.sup.slots.iter().filter(|s| s.next.is_some()).map(|s| s.id).collect();
+        prop_assert!(surging.len() <= 1, "replacements in slots {:?}", surging);
+        if let Some(&slot) = surging.first().filter(|_| self.sup.phase == Phase::Running) {
+            prop_assert_eq!(self.sup.rollout.as_ref().and_then(|r| r.current), Some(slot));
+        }
+        // Bookkeeping: the supervisor's processes are the live ones.
+        let tracked: BTreeSet<WorkerKey> = self.sup.procs().map(|(_, p)| p.key).collect();
+        let live: BTreeSet<WorkerKey> = self.live.keys().copied().collect();
+        prop_assert_eq!(tracked, live);
+        Ok(())
+    }
+
+    /// Shuts down and lets time pass until the machine exits.
+    fn finish(&mut self) -> Result<(), TestCaseError> {
+        self.step(&Op::Shutdown)?;
+        let wait = self.sup.policy().shutdown_timeout + Duration::from_millis(1);
+        for _ in 0..5 {
+            if self.done {
+                break;
+            }
+            self.step(&Op::Tick(wait.as_millis() as u64))?;
+        }
+        prop_assert!(self.done, "no Exit after a shutdown and five stop timeouts");
+        prop_assert!(self.live.is_empty());
+        prop_assert_eq!(&self.spawned, &self.exited, "every process started has exited");
+        let mut answered = self.answered.clone();
+        answered.sort();
+        let tickets: Vec<u64> = self.tickets.iter().copied().collect();
+        prop_assert_eq!(answered, tickets, "every waiting caller answered once");
+        Ok(())
+    }
+}
+
+fn config() -> ProptestConfig {
+    let mut config = ProptestConfig::default();
+    if std::env::var_os("PROPTEST_CASES").is_none() {
+        config.cases = 256;
+    }
+    if config.rng_seed == RngSeed::Random {
+        config.rng_seed = RngSeed::Fixed(SEED);
+    }
+    // A failure prints its minimal case; no regression files in the source tree.
+    config.failure_persistence = None;
+    config
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn the_supervisor_keeps_its_invariants(
+        (policy, bound) in policy(),
+        spawn_plan in prop::collection::vec(prop::bool::weighted(0.85), 1..16),
+        ops in prop::collection::vec(op(), 0..60),
+    ) {
+        let mut fake = Fake::new(policy, bound, spawn_plan);
+        fake.step(&Op::Tick(0))?;
+        for op in &ops {
+            fake.step(op)?;
+        }
+        fake.finish()?;
+    }
+}

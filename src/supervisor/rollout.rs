@@ -1,0 +1,159 @@
+//! Rolling restarts: surge first (a slot's replacement starts next to the old worker, which is
+//! asked to stop only once the new one is ready), one slot at a time, from the program file
+//! found at the original path (a deploy); restarts asked for during one coalesce into one more.
+
+use std::time::{Instant, SystemTime};
+
+use super::{Command, Notify, Phase, Program, Report, Rollout, SpawnReason, Supervisor};
+use crate::stats::RestartOutcome;
+
+impl Supervisor {
+    pub(super) fn on_restart(&mut self, ticket: Option<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let tickets: Vec<u64> = ticket.into_iter().collect();
+        if self.phase != Phase::Running {
+            let outcome = RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced: 0 };
+            self.finish_restart(outcome, tickets, out);
+            return;
+        }
+        if self.rollout.is_some() {
+            // Coalesced: one more rollout after this one, whoever asks and how often.
+            self.queued_restart.get_or_insert_with(Vec::new).extend(tickets);
+            out.push(Command::Report(Report::RestartQueued));
+            return;
+        }
+        self.start_rollout(tickets, now, wall, out);
+    }
+
+    pub(super) fn start_rollout(&mut self, tickets: Vec<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        self.deploys += 1;
+        self.rollout = Some(Rollout {
+            queue: (0..self.slots.len()).collect(),
+            current: None,
+            program: Program::Deployed(self.deploys),
+            tickets,
+            replaced: 0,
+        });
+        out.push(Command::Report(Report::RestartStarted { workers: self.slots.len() }));
+        out.push(Command::Notify(Notify::Reloading { workers: self.slots.len() }));
+        self.advance_rollout(now, wall, out);
+    }
+
+    /// Starts the replacement of the next slot, or ends the rollout when none is left.
+    pub(super) fn advance_rollout(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let Some(r) = &mut self.rollout else { return };
+        if r.current.is_some() {
+            return;
+        }
+        let Some(slot) = r.queue.pop_front() else {
+            let r = self.rollout.take().expect("checked");
+            self.program = r.program;
+            self.finish_restart(RestartOutcome::Completed { replaced: r.replaced }, r.tickets, out);
+            self.start_queued(now, wall, out);
+            return;
+        };
+        let program = r.program;
+        r.current = Some(slot);
+        let p = self.new_proc(program, now, wall);
+        let key = p.key;
+        let s = &mut self.slots[slot];
+        // The replacement takes the slot over: no respawn or first start on top of it.
+        s.next_spawn = None;
+        s.next = Some(p);
+        self.push_spawn(slot, key, program, out);
+    }
+
+    /// The replacement of `slot` failed: stop the rollout there (a queued restart then starts).
+    pub(super) fn fail_rollout(
+        &mut self,
+        slot: usize,
+        reason: String,
+        now: Instant,
+        wall: SystemTime,
+        out: &mut Vec<Command>,
+    ) {
+        let Some(r) = self.rollout.take_if(|r| r.current == Some(slot)) else { return };
+        let s = &mut self.slots[slot];
+        // The slot lost its worker while the replacement was starting: respawn it as usual.
+        if s.current.is_none() && !s.disabled && self.policy.respawn && self.phase == Phase::Running {
+            s.next_spawn = Some((now + self.policy.respawn_delay, SpawnReason::Respawn));
+        }
+        self.finish_restart(RestartOutcome::Failed { worker_id: slot, reason, replaced: r.replaced }, r.tickets, out);
+        self.start_queued(now, wall, out);
+    }
+
+    /// A rollout ended (or a restart was refused): record and report the outcome; systemd hears
+    /// `READY=1` again unless the cluster is stopping or has not finished starting (the start-up
+    /// announces itself).
+    pub(super) fn finish_restart(&mut self, outcome: RestartOutcome, tickets: Vec<u64>, out: &mut Vec<Command>) {
+        self.last_restart = Some(outcome.clone());
+        out.push(Command::Report(Report::RestartFinished { outcome: outcome.clone(), tickets }));
+        if self.phase == Phase::Running && self.announced_ready {
+            out.push(Command::Notify(Notify::Reloaded { outcome }));
+        }
+    }
+
+    pub(super) fn start_queued(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        if self.rollout.is_none()
+            && self.phase == Phase::Running
+            && let Some(tickets) = self.queued_restart.take()
+        {
+            self.start_rollout(tickets, now, wall, out);
+        }
+    }
+
+    /// The replacement of `slot` is ready: it takes the slot, and the old worker drains.
+    pub(super) fn promote(&mut self, slot: usize, now: Instant, out: &mut Vec<Command>) {
+        let s = &mut self.slots[slot];
+        let Some(new) = s.next.take() else { return };
+        let new_pid = new.pid.unwrap_or(0);
+        s.program = new.program;
+        s.last_start_wall = Some(new.started_wall);
+        s.next_spawn = None;
+        // A deploy gives a disabled slot a new chance.
+        s.disabled = false;
+        s.recent_crashes.clear();
+        let old = s.current.replace(new);
+        let old_pid = old.as_ref().and_then(|p| p.pid);
+        if let Some(mut old) = old {
+            self.stop(&mut old, now, out);
+            self.retiring.push((slot, old));
+        }
+        self.total_restarts += 1;
+        self.slots[slot].restarts += 1;
+        if let Some(r) = &mut self.rollout {
+            r.current = None;
+            r.replaced += 1;
+        }
+        out.push(Command::Report(Report::Replaced { slot, old_pid, new_pid }));
+    }
+
+    /// The program files workers currently run or will run: those of the slots (their
+    /// respawns), of every process, of the rollout under way, and the one new slots start with.
+    pub(super) fn programs_in_use(&self) -> Vec<Program> {
+        let mut v: Vec<Program> = self
+            .slots
+            .iter()
+            .map(|s| s.program)
+            .chain(self.procs().map(|(_, p)| p.program))
+            .chain(self.rollout.iter().map(|r| r.program))
+            .chain([self.program])
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Releases the program files of deploys that no worker runs or will run any more.
+    pub(super) fn release_programs(&mut self, out: &mut Vec<Command>) {
+        if self.deployed.is_empty() {
+            return;
+        }
+        let in_use = self.programs_in_use();
+        let unused: Vec<u64> =
+            self.deployed.iter().copied().filter(|&n| !in_use.contains(&Program::Deployed(n))).collect();
+        for deploy in unused {
+            self.deployed.remove(&deploy);
+            out.push(Command::ReleaseProgram { deploy });
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Shutdown and the end of supervision: every process is asked to stop (SIGTERM, then SIGKILL
+//! at its deadline), a second request kills at once, and the machine exits when nothing is
+//! left. Also signalling the workers on the user's behalf.
+
+use std::time::Instant;
+
+use super::{Command, Notify, Outcome, Phase, ProcState, Report, SIGKILL, Supervisor, signal_bit};
+use crate::stats::RestartOutcome;
+
+impl Supervisor {
+    pub(super) fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
+        match self.phase {
+            Phase::Running => {
+                self.phase = Phase::ShuttingDown { killed: false };
+                out.push(Command::CloseListeners);
+                self.sockets.clear();
+                let cancelled =
+                    |replaced| RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced };
+                if let Some(r) = self.rollout.take() {
+                    self.finish_restart(cancelled(r.replaced), r.tickets, out);
+                }
+                if let Some(tickets) = self.queued_restart.take() {
+                    self.finish_restart(cancelled(0), tickets, out);
+                }
+                let mut workers = 0;
+                let mut slots = std::mem::take(&mut self.slots);
+                for s in &mut slots {
+                    s.next_spawn = None;
+                    for p in s.current.iter_mut().chain(s.next.iter_mut()) {
+                        workers += 1;
+                        self.stop(p, now, out);
+                    }
+                }
+                self.slots = slots;
+                // Workers of removed slots still waiting for their stop: now.
+                let mut retiring = std::mem::take(&mut self.retiring);
+                for (_, p) in &mut retiring {
+                    self.stop(p, now, out);
+                }
+                self.retiring = retiring;
+                out.push(Command::Report(Report::ShuttingDown { workers }));
+                out.push(Command::Notify(Notify::Stopping { workers }));
+            }
+            // Asked again: do not wait for the timeout.
+            Phase::ShuttingDown { killed: false } => self.kill_all(out),
+            Phase::ShuttingDown { killed: true } | Phase::Done => {}
+        }
+    }
+
+    pub(super) fn kill_all(&mut self, out: &mut Vec<Command>) {
+        let mut slots = Vec::new();
+        for (slot, p) in self.procs_mut() {
+            if p.state != ProcState::Spawning {
+                slots.push(slot);
+                p.signalled |= signal_bit(SIGKILL);
+                p.stop_deadline = None;
+                out.push(Command::Signal { key: p.key, signal: SIGKILL });
+            }
+        }
+        if let Phase::ShuttingDown { .. } = self.phase {
+            self.phase = Phase::ShuttingDown { killed: true };
+        }
+        if !slots.is_empty() {
+            out.push(Command::Report(Report::StopTimeout { slots }));
+        }
+    }
+
+    pub(super) fn check_done(&mut self, out: &mut Vec<Command>) {
+        let pending = self.slots.iter().any(|s| s.next_spawn.is_some());
+        if self.procs().next().is_some() || pending {
+            return;
+        }
+        let outcome = match self.phase {
+            Phase::ShuttingDown { .. } => Outcome::Stopped,
+            Phase::Running => {
+                let disabled = self.slots.iter().filter(|s| s.disabled).count();
+                let crashed =
+                    self.slots.iter().filter(|s| !s.disabled && matches!(s.last_exit, Some((_, true)))).count();
+                if disabled + crashed == 0 {
+                    Outcome::Stopped
+                } else {
+                    Outcome::AllFailed { workers: self.slots.len(), disabled, crashed }
+                }
+            }
+            Phase::Done => return,
+        };
+        self.phase = Phase::Done;
+        out.push(Command::Exit(outcome));
+    }
+}

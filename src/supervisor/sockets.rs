@@ -1,0 +1,77 @@
+//! Sockets of the `ReusePort` group: new connections are routed to the slots whose worker is
+//! ready (and what follows when the driver cannot steer), and the socket of a slot nobody will
+//! serve again is closed once no process holds it.
+
+use super::{Command, Phase, ProcState, Report, SteerFailure, Steering, Supervisor};
+
+impl Supervisor {
+    /// Closes the socket of every slot that no process holds and none will hold again: a
+    /// removed slot; a slot with no process, no pending spawn (respawn off after a crash or a
+    /// clean exit, disabled by crash protection, a revival by a restart that failed) and no
+    /// rollout, running or queued, that will start one in it. (Closing a socket a process
+    /// still holds would not take it out of the kernel's group, and would reset what that
+    /// process still takes from it.) A slot served again later gets a new socket.
+    pub(super) fn close_unserved(&mut self, out: &mut Vec<Command>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        let unserved: Vec<usize> =
+            self.sockets.iter().copied().filter(|&slot| !self.holds_or_will_hold(slot)).collect();
+        for slot in unserved {
+            self.sockets.remove(&slot);
+            out.push(Command::CloseSocket { slot });
+        }
+    }
+
+    /// Whether a process of `slot` holds its socket, or one will be started in it.
+    fn holds_or_will_hold(&self, slot: usize) -> bool {
+        let retiring = || self.retiring.iter().any(|(s, _)| *s == slot);
+        let Some(s) = self.slots.get(slot) else { return retiring() };
+        s.current.is_some()
+            || s.next.is_some()
+            || s.next_spawn.is_some()
+            || retiring()
+            || self.queued_restart.is_some()
+            || self.rollout.as_ref().is_some_and(|r| r.current == Some(slot) || r.queue.contains(&slot))
+    }
+
+    /// Routes new connections to the slots whose worker is ready, if that set changed.
+    pub(super) fn update_route(&mut self, out: &mut Vec<Command>) {
+        if !self.policy.socket_per_slot || self.phase != Phase::Running || self.steering == Steering::Off {
+            return;
+        }
+        let ready: Vec<usize> = self
+            .slots
+            .iter()
+            .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
+            .map(|s| s.id)
+            .collect();
+        if ready != self.routed {
+            self.routed = ready.clone();
+            out.push(Command::Route { slots: ready });
+        }
+    }
+
+    /// The driver could not steer connections as routed. A route no program fits is left to
+    /// the kernel's hashing until a later one fits (reported once); a program the kernel
+    /// refuses ends steering for good.
+    pub(super) fn on_steer_failed(&mut self, failure: SteerFailure, out: &mut Vec<Command>) {
+        if self.steering == Steering::Off {
+            return;
+        }
+        match failure {
+            SteerFailure::NoProgram { slots } => {
+                out.push(Command::Unsteer { for_good: false });
+                if self.steering == Steering::On {
+                    self.steering = Steering::Unfit;
+                    out.push(Command::Report(Report::RouteTooLarge { slots }));
+                }
+            }
+            SteerFailure::Attach { error } => {
+                self.steering = Steering::Off;
+                out.push(Command::Unsteer { for_good: true });
+                out.push(Command::Report(Report::SteeringFailed { error }));
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Timers: every deadline the machine keeps (pending spawns, every new worker's ready deadline,
+//! the settling of a removed slot's route, stop timeouts), when the next one is, and what is due.
+
+use std::time::{Instant, SystemTime};
+
+use super::{Command, Phase, ProcState, Report, SIGKILL, SIGTERM, SpawnReason, Supervisor, signal_bit};
+
+impl Supervisor {
+    /// When the supervisor wants an [`Event::Tick`](super::Event::Tick) at the latest, if ever. After
+    /// [`handle`](Self::handle) returned, it is always later than the `now` it was given:
+    /// whatever was due then has been acted on.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let spawns = match self.phase {
+            Phase::Running => self.slots.iter().filter_map(|s| s.next_spawn.map(|(t, _)| t)).min(),
+            _ => None,
+        };
+        let ready = self.procs().filter_map(|(_, p)| p.ready_due()).min();
+        let stops = self.procs().filter_map(|(_, p)| p.stop_deadline.or(p.stop_at)).min();
+        [spawns, ready, stops].into_iter().flatten().min()
+    }
+
+    /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns
+    /// come last because the others may schedule one at `now` itself (a rollout failing at
+    /// its ready deadline respawns a slot left empty, after a respawn delay that may be zero).
+    pub(super) fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        self.expire_unready(now, wall, out);
+        let shutdown_timeout = self.policy.shutdown_timeout;
+        for (_, p) in self.procs_mut() {
+            if p.stop_at.is_some_and(|t| t <= now) {
+                p.stop_at = None;
+                p.state = ProcState::Stopping;
+                p.signalled |= signal_bit(SIGTERM);
+                p.stop_deadline = Some(now + shutdown_timeout);
+                out.push(Command::Signal { key: p.key, signal: SIGTERM });
+            }
+        }
+        let mut overdue = Vec::new();
+        for (slot, p) in self.procs_mut() {
+            if p.stop_deadline.is_some_and(|d| d <= now) {
+                p.stop_deadline = None;
+                p.signalled |= signal_bit(SIGKILL);
+                overdue.push(slot);
+                out.push(Command::Signal { key: p.key, signal: SIGKILL });
+            }
+        }
+        if !overdue.is_empty() {
+            out.push(Command::Report(Report::StopTimeout { slots: overdue }));
+        }
+        self.spawn_due(now, wall, out);
+    }
+
+    /// Starts the slots whose (initial or respawn) spawn time has come.
+    fn spawn_due(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        for i in 0..self.slots.len() {
+            let Some((due, reason)) = self.slots[i].next_spawn else { continue };
+            if due > now {
+                continue;
+            }
+            let program = self.slots[i].program;
+            let p = self.new_proc(program, now, wall);
+            let key = p.key;
+            let s = &mut self.slots[i];
+            if reason == SpawnReason::Respawn {
+                self.total_restarts += 1;
+                s.restarts += 1;
+            }
+            s.next_spawn = None;
+            s.last_start_wall = Some(wall);
+            s.current = Some(p);
+            self.push_spawn(i, key, program, out);
+        }
+    }
+
+    /// Kills the workers past their ready deadline. A rollout's replacement fails its rollout
+    /// (a broken deploy, not a crash of the slot); any other worker is a boot failure: killed,
+    /// it stays in its slot until it has exited, and its exit then counts as a crash, so that
+    /// crash protection stops a slot whose workers never get ready.
+    fn expire_unready(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        let timeout = self.policy.ready_timeout;
+        for s in &mut self.slots {
+            if let Some(p) = s.current.as_mut().filter(|p| p.ready_due().is_some_and(|d| d <= now)) {
+                p.not_ready = true;
+                p.signalled |= signal_bit(SIGKILL);
+                out.push(Command::Signal { key: p.key, signal: SIGKILL });
+                out.push(Command::Report(Report::NotReady { slot: s.id, pid: p.pid.unwrap_or(0), timeout }));
+            }
+        }
+        if let Some(slot) = self.rollout.as_ref().and_then(|r| r.current)
+            && self.slots[slot].next.as_ref().and_then(|p| p.ready_due()).is_some_and(|d| d <= now)
+            && let Some(mut p) = self.slots[slot].next.take()
+        {
+            p.signalled |= signal_bit(SIGKILL);
+            p.state = ProcState::Stopping;
+            out.push(Command::Signal { key: p.key, signal: SIGKILL });
+            self.retiring.push((slot, p));
+            let reason = format!("the new worker was not ready within {timeout:?}");
+            self.fail_rollout(slot, reason, now, wall, out);
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! The supervisor's public vocabulary, in one place: the policy it applies, the events it is
+//! fed, the commands and reports it answers with, and the identifiers they use.
+
+use std::time::Duration;
+
+use crate::signal::Signal;
+use crate::stats::{ExitStatus, RestartOutcome};
+
+/// The most worker slots a cluster accepts. Each slot costs the master a few file descriptors
+/// (a pidfd, a channel and, with `Balance::ReusePort`, a socket); beyond this a count is almost
+/// certainly a mistake (a 256-core host's count on a 2-CPU quota, a typo).
+pub const MAX_WORKERS: usize = 4096;
+
+/// The policy numbers the supervisor works with (from [`crate::Cluster`]).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Worker slots.
+    pub workers: usize,
+    /// Port reported in statistics.
+    pub port: u16,
+    /// Respawn workers that exit unasked.
+    pub respawn: bool,
+    /// Time a stopping worker gets before SIGKILL.
+    pub shutdown_timeout: Duration,
+    /// Delay between initial spawns.
+    pub startup_delay: Duration,
+    /// Delay before a respawn.
+    pub respawn_delay: Duration,
+    /// Crash-protection window.
+    pub respawn_window: Duration,
+    /// Crashes within the window that disable a slot.
+    pub max_crashes: u32,
+    /// Each slot has its own socket (`Balance::ReusePort`), which must be closed when nobody
+    /// will serve the slot again (removed, disabled, or left without a worker with respawn off).
+    pub socket_per_slot: bool,
+    /// How long any new worker (initial, respawned, added by scaling, or a rollout's
+    /// replacement) has to report ready. Past it, it is killed: a replacement fails its rollout,
+    /// any other counts as a crash (a boot failure).
+    pub ready_timeout: Duration,
+    /// Signals the user bound to actions of their own (`Cluster::on_signal`): each answers
+    /// [`Command::RunSignalAction`] instead of its default action. `SIGTERM`, `SIGINT` and
+    /// `SIGCHLD` keep their meaning whatever is listed.
+    pub bound_signals: Vec<Signal>,
+}
+
+/// Which program file a worker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Program {
+    /// The binary the master itself runs (`/proc/self/exe`): crash respawns use it, so a file
+    /// replaced on disk never mixes versions by accident.
+    Running,
+    /// The program file found at the original path when graceful restart number `n` began (a
+    /// deploy). Workers started by that restart, and their crash respawns, run it.
+    Deployed(u64),
+}
+
+/// Identifies one worker process for its whole life (a slot holds many over time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkerKey(pub u64);
+
+/// Something that happened, fed to [`Supervisor::handle`](super::Supervisor::handle).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed (also used to start the machine).
+    Tick,
+    /// The driver started the process asked for by [`Command::Spawn`].
+    Spawned {
+        /// The process.
+        key: WorkerKey,
+        /// Its pid.
+        pid: u32,
+    },
+    /// The driver could not start the process asked for by [`Command::Spawn`].
+    SpawnFailed {
+        /// The process that was not started.
+        key: WorkerKey,
+        /// Why.
+        error: String,
+    },
+    /// A worker reported ready.
+    Ready {
+        /// The worker.
+        key: WorkerKey,
+    },
+    /// A worker process ended (and was reaped).
+    Exited {
+        /// The worker.
+        key: WorkerKey,
+        /// How it ended.
+        status: ExitStatus,
+    },
+    /// A graceful shutdown was asked for (SIGTERM, SIGINT, a handle). Asked again while one runs,
+    /// it becomes immediate: the remaining workers are killed.
+    Shutdown,
+    /// Send `signal` to every active worker (the spec's `cluster_signal_workers`).
+    SignalWorkers {
+        /// The signal.
+        signal: Signal,
+    },
+    /// A graceful (rolling) restart was asked for; `ticket` identifies a caller waiting for its
+    /// outcome ([`Report::RestartFinished`] lists the tickets it answers).
+    Restart {
+        /// The waiting caller, if any.
+        ticket: Option<u64>,
+    },
+    /// Change the number of worker slots (at least 1).
+    Scale {
+        /// The new number of slots.
+        workers: usize,
+    },
+    /// A worker process ended but its exit status is lost: it was reaped behind the master's
+    /// back (`waitid` said `ECHILD`: a `SIGCHLD` set to `SIG_IGN`, a `waitpid(-1)` elsewhere).
+    Lost {
+        /// The worker.
+        key: WorkerKey,
+    },
+    /// The master received `signal`. What it means (a default action, or the user's bound
+    /// action instead) is the supervisor's decision: see [`Supervisor::bind_signals`](super::Supervisor::bind_signals).
+    Signal {
+        /// The signal.
+        signal: Signal,
+    },
+    /// The driver could not steer new connections as the last [`Command::Route`] asked.
+    SteerFailed {
+        /// What went wrong.
+        failure: SteerFailure,
+    },
+}
+
+/// Why the driver could not steer connections ([`Event::SteerFailed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SteerFailure {
+    /// No classic BPF program can express the route (too many routed slots, or none in the
+    /// group): a later route, or a change of the group, may fit again.
+    NoProgram {
+        /// The slots the route asked for.
+        slots: usize,
+    },
+    /// The kernel refused to attach the program.
+    Attach {
+        /// The error, as the driver got it.
+        error: String,
+    },
+}
+
+/// Something the driver must do, returned by [`Supervisor::handle`](super::Supervisor::handle).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Start a worker process for `slot`, identified from now on by `key`. The driver answers
+    /// with [`Event::Spawned`] or [`Event::SpawnFailed`].
+    Spawn {
+        /// The slot (worker id).
+        slot: usize,
+        /// The new process's key.
+        key: WorkerKey,
+        /// The program file to execute.
+        program: Program,
+    },
+    /// Send a signal to a worker (through its pidfd).
+    Signal {
+        /// The worker.
+        key: WorkerKey,
+        /// The signal.
+        signal: Signal,
+    },
+    /// New connections should go to the sockets of these slots only (`ReusePort` only): the
+    /// slots whose worker is ready. Sent whenever the set changes; empty means "no preference".
+    Route {
+        /// The slots to route to.
+        slots: Vec<usize>,
+    },
+    /// Close the listening socket of a slot (`ReusePort` only): nobody will serve the slot
+    /// again (it was removed; or it has no worker and none will start: respawn off, disabled,
+    /// a revival by a restart failed) and no process of it holds the socket any more (closing
+    /// it while one does would not take it out of the kernel's group, and would reset what that
+    /// process still takes from it). Spawning into a slot whose socket is closed opens a new one.
+    CloseSocket {
+        /// The slot.
+        slot: usize,
+    },
+    /// Close every listening socket: the cluster is shutting down.
+    CloseListeners,
+    /// Stop steering (`ReusePort` only): detach the steering program, so that the kernel's own
+    /// hashing spreads new connections over every socket of the group. With `for_good`, never
+    /// attach one again (no [`Command::Route`] follows); otherwise the next route is tried.
+    Unsteer {
+        /// Steering failed in a way that will not get better.
+        for_good: bool,
+    },
+    /// Close the program file of deploy number `deploy` ([`Program::Deployed`]): no worker runs
+    /// it and none will.
+    ReleaseProgram {
+        /// The restart number.
+        deploy: u64,
+    },
+    /// Run the user's action bound to `signal` (`Cluster::on_signal`), instead of the signal's
+    /// default action.
+    RunSignalAction {
+        /// The signal.
+        signal: Signal,
+    },
+    /// Reap the children that are not workers (the master is PID 1 and got `SIGCHLD`).
+    ReapOrphans,
+    /// Tell systemd (`sd_notify`), when it listens.
+    Notify(Notify),
+    /// Tell the user (log line, callback).
+    Report(Report),
+    /// Supervision is over: return from `wait()` with this outcome.
+    Exit(Outcome),
+}
+
+/// What to tell systemd ([`Command::Notify`]); the driver adds a `STATUS=` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notify {
+    /// `READY=1`: the initial start-up is over.
+    Ready {
+        /// Workers serving.
+        workers: usize,
+    },
+    /// `RELOADING=1`: a rolling restart began.
+    Reloading {
+        /// Slots to replace.
+        workers: usize,
+    },
+    /// `READY=1` again: a rolling restart ended, and the cluster is neither stopping nor still
+    /// starting.
+    Reloaded {
+        /// How it ended.
+        outcome: RestartOutcome,
+    },
+    /// `STOPPING=1`: a shutdown began.
+    Stopping {
+        /// Workers asked to stop.
+        workers: usize,
+    },
+}
+
+/// What the systemd watchdog's keep-alive should say now ([`Supervisor::watchdog`](super::Supervisor::watchdog)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Watchdog {
+    /// All is well: send `WATCHDOG=1`.
+    Feed,
+    /// Say nothing, so that systemd restarts the service; `reason` is for the log.
+    Withhold {
+        /// Why.
+        reason: &'static str,
+    },
+    /// Shutting down: nothing to say, and nothing wrong.
+    Quiet,
+}
+
+/// How supervision ended ([`Command::Exit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A requested shutdown finished, or every worker exited cleanly with respawn off.
+    Stopped,
+    /// No worker can run any more.
+    AllFailed {
+        /// Slots configured.
+        workers: usize,
+        /// Slots disabled by crash protection.
+        disabled: usize,
+        /// Slots whose worker crashed with respawn off.
+        crashed: usize,
+    },
+}
+
+/// A fact worth telling the user: the driver logs it and runs the matching callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// A worker process started (`on_start`).
+    Started {
+        /// Slot.
+        slot: usize,
+        /// Pid.
+        pid: u32,
+    },
+    /// A worker could not be started.
+    SpawnFailed {
+        /// Slot.
+        slot: usize,
+        /// Why.
+        error: String,
+    },
+    /// A worker reported ready (`on_worker_ready`).
+    Ready {
+        /// Slot.
+        slot: usize,
+        /// Pid.
+        pid: u32,
+    },
+    /// Every initial worker is ready (`on_ready`); reported once.
+    AllReady {
+        /// Workers serving.
+        workers: usize,
+    },
+    /// A worker process ended (`on_exit`).
+    Exited {
+        /// Slot.
+        slot: usize,
+        /// Pid.
+        pid: u32,
+        /// How it ended.
+        status: ExitStatus,
+        /// It was not asked to stop and did not exit cleanly.
+        crash: bool,
+        /// What the status does not say: why a crash is one (a worker killed because it was
+        /// not ready in time, a worker reaped elsewhere whose status is lost).
+        reason: Option<String>,
+        /// When it will be started again, if it will.
+        respawn_in: Option<Duration>,
+    },
+    /// A worker did not report ready within the ready timeout: it is killed, and its exit
+    /// counts as a crash (a boot failure), so that crash protection applies.
+    NotReady {
+        /// Slot.
+        slot: usize,
+        /// Pid.
+        pid: u32,
+        /// The ready timeout.
+        timeout: Duration,
+    },
+    /// Crash protection disabled a slot.
+    Disabled {
+        /// Slot.
+        slot: usize,
+        /// Crashes within the window.
+        crashes: u32,
+        /// Time from the first of them to the last.
+        within: Duration,
+    },
+    /// A shutdown began.
+    ShuttingDown {
+        /// Workers asked to stop.
+        workers: usize,
+    },
+    /// A signal was sent to the active workers.
+    Signalled {
+        /// The signal.
+        signal: Signal,
+        /// Slots of the workers signalled.
+        slots: Vec<usize>,
+    },
+    /// Stopping workers outlived the shutdown timeout and are being killed.
+    StopTimeout {
+        /// Slots of the workers killed.
+        slots: Vec<usize>,
+    },
+    /// A graceful restart began.
+    RestartStarted {
+        /// Slots to replace.
+        workers: usize,
+    },
+    /// A restart was asked for while one runs: it will run once the current one ends.
+    RestartQueued,
+    /// A replacement is ready and the worker it replaces was asked to stop.
+    Replaced {
+        /// Slot.
+        slot: usize,
+        /// The old worker's pid, if the slot had one.
+        old_pid: Option<u32>,
+        /// The new worker's pid.
+        new_pid: u32,
+    },
+    /// A graceful restart ended.
+    RestartFinished {
+        /// How.
+        outcome: RestartOutcome,
+        /// The waiting callers it answers.
+        tickets: Vec<u64>,
+    },
+    /// A relative scale (`SIGTTIN`, `SIGTTOU`) would leave fewer than 1 or more than
+    /// [`crate::MAX_WORKERS`] slots.
+    ScaleRefused {
+        /// The number it would have reached.
+        workers: isize,
+    },
+    /// The number of slots changed.
+    Scaled {
+        /// Slots before.
+        from: usize,
+        /// Slots now.
+        to: usize,
+    },
+    /// No classic BPF program fits the route: the kernel's hashing applies (reported once).
+    RouteTooLarge {
+        /// The slots the route asked for.
+        slots: usize,
+    },
+    /// Steering failed for good: the kernel's hashing applies from now on, including to slots
+    /// that are restarting.
+    SteeringFailed {
+        /// The error.
+        error: String,
+    },
+}
+
+/// How long the sockets of removed slots stop receiving new connections before their workers
+/// are asked to stop (`ReusePort`): long enough for handshakes that began before the route
+/// changed to complete (clients with a round trip under a second), so that what is queued on
+/// the socket when the worker takes its last connections is all it will ever get.
+pub const ROUTE_SETTLE: Duration = Duration::from_secs(1);
