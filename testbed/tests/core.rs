@@ -260,3 +260,94 @@ fn as_pid_1_the_master_reaps_orphans() {
     );
     assert_eq!(tb.get("/").unwrap().0, 200);
 }
+
+#[test]
+fn programs_a_worker_runs_inherit_no_cluster_variables() {
+    let mut opts = args(&["--workers", "2"]);
+    // A user setting, not part of the hand-off: keep it out of the picture.
+    opts.configure = Some(Box::new(|cmd| {
+        cmd.env_remove("ECEWO_CLUSTER_CPUS");
+    }));
+    let tb = Testbed::start_with(opts);
+    let mut workers = BTreeSet::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (status, body) = tb.get("/child-env").unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body, "", "a child of a worker sees the cluster's variables");
+            let (_, hello) = tb.get("/").unwrap();
+            workers.extend(worker_of(&hello));
+            workers.len() == 2
+        }),
+        "both workers answered"
+    );
+}
+
+/// The hand-off variables of a worker, as a worker's child inherits them (forged: this test is
+/// not a master).
+fn forged_worker_env(cmd: &mut std::process::Command, master_pid: u32) {
+    cmd.env("ECEWO_CLUSTER_WORKER_ID", "0")
+        .env("ECEWO_CLUSTER_WORKERS", "1")
+        .env("ECEWO_CLUSTER_PORT", "1")
+        .env("ECEWO_CLUSTER_LISTEN_FD", "3")
+        .env("ECEWO_CLUSTER_CHANNEL_FD", "4")
+        .env("ECEWO_CLUSTER_MASTER_PID", master_pid.to_string())
+        .env("ECEWO_CLUSTER_SHUTDOWN_TIMEOUT_MS", "1000")
+        .env("RUST_LOG", "debug");
+}
+
+#[test]
+fn stale_cluster_variables_without_the_masters_channel_make_a_master() {
+    // (1) No descriptor at fd 4 (a worker's child: the worker's channel is close-on-exec), the
+    // "master" being our own pid, which is this process's parent. (2) fd 4 a unix socket whose
+    // peer is this test, but another master pid.
+    for case in ["no channel", "another peer"] {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut opts = args(&["--workers", "1"]);
+        opts.configure = Some(Box::new(move |cmd| {
+            if case == "no channel" {
+                forged_worker_env(cmd, std::process::id());
+            } else {
+                forged_worker_env(cmd, 1);
+                cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: 4 }]).unwrap();
+            }
+        }));
+        let mut tb = Testbed::start_with(opts);
+        assert_eq!(tb.ready_line, format!("ready: 1 workers on port {}", tb.port), "{case}");
+        assert_ne!(tb.port, 1, "{case}: the forged port is not used");
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!((status, worker_of(&body)), (200, Some(0)), "{case}: {body}");
+        // Its own worker is a real one, and its children see no variables either.
+        assert_eq!(tb.get("/child-env").unwrap(), (200, String::new()), "{case}");
+        let log = tb.stderr();
+        assert!(log.contains("ignoring the ECEWO_CLUSTER_* variables"), "{case}: {log}");
+        tb.signal(Signal::TERM);
+        let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+        assert!(st.success(), "{case}: {st:?}\n{}", tb.stderr());
+        drop(ours);
+    }
+}
+
+#[test]
+fn a_worker_whose_master_died_before_init_exits_with_master_gone() {
+    // The channel's peer is this test (the "master"), but the process's parent is a shell in
+    // between: as if the master died and the worker was re-parented before its init.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut opts = args(&["--workers", "1"]);
+    opts.program = Some("sh".into());
+    opts.args = ["-c", "\"$0\" \"$@\"; exit $?", TESTBED, "--port", "0", "--workers", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    opts.configure = Some(Box::new(move |cmd| {
+        forged_worker_env(cmd, std::process::id());
+        cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: 4 }]).unwrap();
+    }));
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!st.success());
+    let log = tb.stderr();
+    assert!(log.contains("the master process is gone"), "{log}");
+    assert!(!log.contains("ready"), "{log}");
+    drop(ours);
+}
