@@ -243,3 +243,73 @@ fn a_caller_can_wait_for_the_outcome() {
     assert_eq!(outcome["result"], "failed", "{outcome}");
     assert_eq!(outcome["worker_id"], 0);
 }
+
+/// One HTTP/2 GET on an open connection: status and body.
+async fn h2_get(
+    mut sender: hyper::client::conn::http2::SendRequest<http_body_util::Empty<hyper::body::Bytes>>,
+    port: u16,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use http_body_util::BodyExt;
+    sender.ready().await.map_err(|e| format!("not ready: {e}"))?;
+    let req = hyper::Request::get(format!("http://127.0.0.1:{port}{path}"))
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| format!("refused: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[test]
+fn a_drain_sends_http2_connections_a_goaway_at_once() {
+    // An idle grace far longer than the test: only a GOAWAY can close the connection in time.
+    let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--idle-grace-ms", "20000"]);
+    tb.remember_workers();
+    let port = tb.port;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let worker = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection with prior knowledge");
+        // Completes when the server closes the connection.
+        let mut conn = tokio::spawn(conn);
+        let (status, body) = h2_get(sender.clone(), port, "/").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        let worker = pid_of(&body).unwrap();
+        let slow = tokio::spawn(h2_get(sender.clone(), port, "/slow?ms=1500"));
+        // Time for the request to reach the handler (nothing outside the worker shows when it
+        // has; a GOAWAY keeps the streams the server has seen in any case).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!slow.is_finished());
+        let t0 = Instant::now();
+        send_signal(worker, Signal::TERM);
+        // The GOAWAY comes at once: within a second (the idle grace is 20 s), a new request on
+        // the connection is refused instead of being served by the draining worker.
+        let mut served_after = 0;
+        let refused = loop {
+            match h2_get(sender.clone(), port, "/").await {
+                Ok((200, body)) if pid_of(&body) == Some(worker) => served_after += 1,
+                Ok(other) => panic!("unexpected answer {other:?}"),
+                Err(e) => break e,
+            }
+            assert!(t0.elapsed() < Duration::from_secs(1), "no GOAWAY within 1 s: {served_after} requests served");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        eprintln!("refused {:?} after the SIGTERM ({served_after} served before): {refused}", t0.elapsed());
+        // The request in flight completes.
+        let (status, body) =
+            tokio::time::timeout(Duration::from_secs(5), slow).await.expect("slow ends").unwrap().unwrap();
+        assert_eq!((status, body.as_str()), (200, "slow 1500"));
+        // And then the server closes the connection, long before the idle grace.
+        let closed = tokio::time::timeout(Duration::from_secs(3), &mut conn).await;
+        assert!(closed.is_ok(), "the connection is still open {:?} after the SIGTERM", t0.elapsed());
+        assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+        worker
+    });
+    assert!(wait_until(Duration::from_secs(5), || !alive(worker)), "the drained worker exits");
+}
