@@ -131,7 +131,8 @@ impl Worker {
         self.inner.env.master_pid
     }
 
-    /// The master's shutdown timeout: how long this worker may drain before it is killed.
+    /// The master's shutdown timeout: how long this worker may drain before it is killed (and,
+    /// when the master is gone, before the library ends the process).
     pub fn shutdown_timeout(&self) -> Duration {
         self.inner.env.shutdown_timeout
     }
@@ -139,12 +140,33 @@ impl Worker {
     /// Takes the listening socket the master bound for this worker (blocking mode). It can be
     /// taken once; keep it for the life of the server. Workers never bind themselves: the master
     /// holds every socket, so connections queued on it survive a worker's exit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ListenerTaken`] if it was taken already (by this method,
+    /// [`serve::listener`](crate::serve::listener) or [`serve::serve`](crate::serve::serve)).
+    ///
+    /// # Caveats
+    ///
+    /// The socket is close-on-exec: programs the worker runs do not inherit it. In
+    /// `Balance::Shared` mode every worker holds the same socket: do not change its options.
     pub fn listener(&self) -> Result<TcpListener, Error> {
         self.inner.listener.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or(Error::ListenerTaken)
     }
 
     /// Tells the master this worker accepts connections. Until then it is `Starting`; the master
     /// announces the cluster ready when every worker is. Calling it again does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MasterGone`] if the channel to the master is broken.
+    ///
+    /// # Caveats
+    ///
+    /// Call it once the listener is taken and the server accepts (connections wait in the
+    /// socket's queue meanwhile). A worker that does not report ready within the cluster's
+    /// `ready_timeout` is killed; during a rolling restart, the old worker of this slot keeps
+    /// serving until this call.
     pub fn ready(&self) -> Result<(), Error> {
         if self.inner.ready_sent.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -159,11 +181,22 @@ impl Worker {
     }
 
     /// True once the master is gone (its channel reached EOF): the worker should drain and exit.
+    ///
+    /// # Caveats
+    ///
+    /// Once the master is gone nobody else will stop this worker: the library ends the process
+    /// (exit code 1) after the master's shutdown timeout if it is still running.
     pub fn is_master_gone(&self) -> bool {
         *self.inner.gone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocks until the master is gone.
+    /// Blocks until the master is gone (its channel reached EOF).
+    ///
+    /// # Caveats
+    ///
+    /// It blocks the calling thread for as long as the master lives, which is normally the whole
+    /// life of the worker: call it from a thread of its own, never from async code. The process
+    /// then has the master's shutdown timeout to drain before the library ends it.
     pub fn wait_master_gone(&self) {
         let mut gone = self.inner.gone.lock().unwrap_or_else(|e| e.into_inner());
         while !*gone {
@@ -178,7 +211,23 @@ impl Worker {
     }
 
     /// Asks the master for the cluster's statistics and every worker's (blocks up to 5 s; from
-    /// async code, call it through `spawn_blocking`).
+    /// async code, use [`serve::cluster_stats`](crate::serve::cluster_stats)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MasterGone`] once the master is gone; [`Error::Timeout`] when it does not
+    /// answer within 5 s (an overloaded master, or this worker's channel thread unable to read).
+    ///
+    /// # Panics
+    ///
+    /// Never: whatever the master sends, a reply that cannot be decoded is skipped (and the
+    /// call times out).
+    ///
+    /// # Caveats
+    ///
+    /// Each call is one request over the channel, answered by the master's loop; calls from
+    /// many threads at once are fine. A worker whose answers pile up unread (16 MiB) gets no
+    /// more answers until it reads them.
     pub fn stats(&self) -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
