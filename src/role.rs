@@ -6,7 +6,6 @@ use crate::config::Cluster;
 use crate::error::Error;
 use crate::master::{Master, Shared};
 use crate::os::fds::claim_inherited_fds;
-use crate::proto::handoff::WorkerEnv;
 use crate::signal::Signal;
 use crate::stats::{ClusterStats, WorkerStats};
 use crate::worker::Worker;
@@ -135,7 +134,7 @@ impl Cluster {
         if ROLE.get().is_some() {
             return Err(Error::AlreadyInitialized);
         }
-        if let Some(env) = WorkerEnv::from_env()? {
+        if let Some(env) = crate::worker::inherited_env()? {
             // Claimed before the inherited descriptors are taken, so that they can never get two
             // owners (a second or concurrent init, a retry after a failed one).
             if !claim_inherited_fds() {

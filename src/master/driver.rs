@@ -185,8 +185,12 @@ impl Driver {
             sources.push(Source::Exit(*key));
             fds.push(PollFd::new(&p.pidfd, PollFlags::IN));
             if !p.chan.closed {
-                let mut flags = PollFlags::IN;
-                if p.chan.io.wants_write() {
+                // Backpressure: no input while the worker's answers pile up unread.
+                let mut flags = PollFlags::empty();
+                if p.chan.wants_read() {
+                    flags |= PollFlags::IN;
+                }
+                if p.chan.wants_write() {
                     flags |= PollFlags::OUT;
                 }
                 sources.push(Source::Channel(*key));

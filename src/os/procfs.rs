@@ -1,4 +1,4 @@
-//! Readings from `/proc`: a process's memory and CPU time.
+//! Readings from `/proc`: a process's memory and CPU time, this process's thread count.
 
 use std::time::Duration;
 
@@ -15,6 +15,13 @@ pub(crate) fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
     let hz = rustix::param::clock_ticks_per_second().max(1);
     let page = rustix::param::page_size() as u64;
     Some((resident * page, Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
+}
+
+/// How many threads this process has (the `Threads:` line of `/proc/self/status`), if `/proc`
+/// says.
+pub(crate) fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse().ok())
 }
 
 /// Fills in the resource figures of running workers, and the cluster's totals.
@@ -41,5 +48,17 @@ mod tests {
         assert!(rss > 100_000, "{rss}");
         assert!(cpu < Duration::from_secs(3600));
         assert!(proc_usage(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn thread_count_of_this_process() {
+        let before = thread_count().unwrap();
+        assert!(before >= 1);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        // Other tests' threads come and go, but this one is there until we let it go.
+        assert!(thread_count().unwrap() >= 2);
+        drop(tx);
+        let _ = t.join();
     }
 }

@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 
 use socket2::{Domain, Socket, Type};
 
@@ -114,6 +114,27 @@ pub(crate) fn check_inherited_listener(fd: OwnedFd, number: i32) -> Result<TcpLi
     Ok(s.into())
 }
 
+/// Checks that descriptor `fd` of this process is a channel from `master_pid`: an open unix
+/// stream socket whose peer (`SO_PEERCRED`) is that process. `Err` says what it is instead.
+/// The descriptor is only looked at, never taken or closed.
+pub(crate) fn check_channel_peer(fd: RawFd, master_pid: u32) -> Result<(), String> {
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    let checked = crate::os::sys::inspect_fd(fd, |sock| {
+        if sockopt::socket_domain(sock).ok() != Some(AddressFamily::UNIX)
+            || sockopt::socket_type(sock).ok() != Some(SocketType::STREAM)
+        {
+            return Err(format!("fd {fd} is not a unix stream socket"));
+        }
+        match crate::os::sys::unix_peer_pid(sock) {
+            Ok(Some(pid)) if pid == master_pid => Ok(()),
+            Ok(Some(pid)) => Err(format!("the peer of fd {fd} is process {pid}, not the master {master_pid}")),
+            Ok(None) => Err(format!("fd {fd} has no peer process in this PID namespace")),
+            Err(e) => Err(format!("fd {fd}: cannot read its peer's credentials: {e}")),
+        }
+    });
+    checked.unwrap_or_else(|e| Err(format!("fd {fd} is not open ({e})")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +179,28 @@ mod tests {
         assert!(check_inherited_listener(s.into(), 3).is_err());
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         assert!(check_inherited_listener(a.into(), 3).is_err());
+    }
+
+    #[test]
+    fn a_channel_is_a_unix_stream_socket_from_the_master() {
+        use std::os::fd::AsRawFd;
+        let me = std::process::id();
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Both ends of a pair carry the credentials of the process that created it: here, us.
+        assert_eq!(check_channel_peer(a.as_raw_fd(), me), Ok(()));
+        let err = check_channel_peer(a.as_raw_fd(), me + 1).unwrap_err();
+        assert!(err.contains(&format!("is process {me}, not the master {}", me + 1)), "{err}");
+        let tcp = TcpListener::bind(loopback(0)).unwrap();
+        assert!(check_channel_peer(tcp.as_raw_fd(), me).unwrap_err().contains("not a unix stream socket"));
+        let (d, _e) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        assert!(check_channel_peer(d.as_raw_fd(), me).unwrap_err().contains("not a unix stream socket"));
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        assert!(check_channel_peer(file.as_raw_fd(), me).unwrap_err().contains("not a unix stream socket"));
+        // A unix stream socket without a peer: the kernel reports pid 0.
+        let lone = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        assert!(check_channel_peer(lone.as_raw_fd(), me).unwrap_err().contains("no peer"));
+        // Numbers that are not open.
+        assert!(check_channel_peer(i32::MAX, me).unwrap_err().contains("not open"));
+        assert!(check_channel_peer(-1, me).unwrap_err().contains("not open"));
     }
 }

@@ -64,6 +64,78 @@ pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Runs `f` on descriptor `fd` of this process without taking ownership of it (to look at a
+/// descriptor that may or may not be what the environment says it is). Fails with `EBADF`,
+/// without calling `f`, if `fd` is not open.
+///
+/// For process initialisation, before any other thread exists: `f` must only query the
+/// descriptor, never close it.
+pub(crate) fn inspect_fd<R>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> R) -> io::Result<R> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: `fd` is not -1 (checked above). The borrow is first used with fcntl, which fails
+    // with EBADF without touching anything if the number is not open; once it is known open, the
+    // borrow lives only for the call of `f`, during which nothing in this process closes it: `f`
+    // only queries it, and the caller runs during initialisation, before any other thread.
+    // Ownership is not claimed.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::fcntl_getfd(borrowed)?;
+    Ok(f(borrowed))
+}
+
+/// The pid of the process at the other end of a connected unix socket (`SO_PEERCRED`: the
+/// process that created the pair, or connected, at that time), or `None` when the kernel knows
+/// none (a socket with no peer, or a peer outside this PID namespace: pid 0).
+///
+/// Called through libc rather than rustix: rustix's `socket_peercred` reads the pid into a
+/// non-zero type, which the kernel's 0 would make undefined behaviour.
+pub(crate) fn unix_peer_pid(socket: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid, initialised `ucred` borrowed for the whole call, and `len` is
+    // exactly its size; the kernel writes at most `len` bytes into it and stores the length it
+    // wrote in `len`. Every bit pattern is a valid `ucred` (three integers).
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != std::mem::size_of::<libc::ucred>() {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(u32::try_from(cred.pid).ok().filter(|&pid| pid != 0))
+}
+
+/// Removes the variables `keys` from this process's environment, but only while the process
+/// has exactly one thread (this one). `Err` says why it did not (more than one thread, or
+/// `/proc` unreadable): then the environment is left as it is.
+pub(crate) fn remove_env_if_single_threaded(keys: &[&str]) -> Result<(), String> {
+    match crate::os::procfs::thread_count() {
+        Some(1) => {}
+        Some(n) => return Err(format!("the process already has {n} threads")),
+        None => return Err("/proc/self/status gives no thread count".into()),
+    }
+    for key in keys {
+        // SAFETY: `remove_var` is unsafe because the C library's environment has no lock: another
+        // thread reading or writing it at the same time (C code calling getenv, or setenv) would
+        // race with us. /proc/self/status just said this process has exactly one thread, the one
+        // running this loop; no other can appear meanwhile, because only a thread of this
+        // process can create one and the only one is busy here. (A signal handler interrupting
+        // this thread could read the environment, but getenv is not async-signal-safe, so no
+        // correct handler does.)
+        unsafe { std::env::remove_var(key) };
+    }
+    Ok(())
+}
+
 /// Marks descriptor `fd` close-on-exec without taking ownership of it (for descriptors this
 /// process inherited but does not use, such as extra sockets passed by socket activation).
 pub(crate) fn set_cloexec_raw(fd: RawFd) -> io::Result<()> {

@@ -16,6 +16,11 @@ pub(crate) mod env {
     pub const CHANNEL_FD: &str = "ECEWO_CLUSTER_CHANNEL_FD";
     pub const MASTER_PID: &str = "ECEWO_CLUSTER_MASTER_PID";
     pub const SHUTDOWN_TIMEOUT_MS: &str = "ECEWO_CLUSTER_SHUTDOWN_TIMEOUT_MS";
+
+    /// All of them: what a worker removes from its environment once read, so that programs it
+    /// runs do not inherit them. (`ECEWO_CLUSTER_CPUS` is a user setting, not part of the
+    /// hand-off: it stays.)
+    pub const ALL: [&str; 7] = [WORKER_ID, WORKERS, PORT, LISTEN_FD, CHANNEL_FD, MASTER_PID, SHUTDOWN_TIMEOUT_MS];
 }
 
 /// The fixed descriptor numbers a worker inherits.
@@ -35,11 +40,10 @@ pub(crate) struct WorkerEnv {
 }
 
 impl WorkerEnv {
-    /// `Ok(None)` when this process is not a worker (no `ECEWO_CLUSTER_WORKER_ID`).
-    pub(crate) fn from_env() -> Result<Option<WorkerEnv>, Error> {
-        Self::parse(|k| std::env::var_os(k))
-    }
-
+    /// Parses the hand-off from the variables `get` returns: `Ok(None)` without
+    /// `ECEWO_CLUSTER_WORKER_ID`, an error naming the variable when one is missing or garbled.
+    /// (Whether the process really is a worker is the worker side's check: see
+    /// `worker::inherited_env`.)
     pub(crate) fn parse(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Option<WorkerEnv>, Error> {
         if get(env::WORKER_ID).is_none() {
             return Ok(None);

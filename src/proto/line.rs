@@ -13,7 +13,10 @@ pub(crate) struct LineIo {
     inbuf: Vec<u8>,
     /// `inbuf[..scanned]` holds no newline: a long line is scanned once, not at every read.
     scanned: usize,
+    /// Output not yet written: `outbuf[out_start..]` (written bytes are dropped in bulk, not
+    /// moved at every write).
     outbuf: Vec<u8>,
+    out_start: usize,
 }
 
 /// What one [`LineIo::read_lines`] found.
@@ -30,7 +33,7 @@ pub(crate) struct Input {
 impl LineIo {
     pub(crate) fn new(sock: UnixStream) -> io::Result<LineIo> {
         sock.set_nonblocking(true)?;
-        Ok(LineIo { sock, inbuf: Vec::new(), scanned: 0, outbuf: Vec::new() })
+        Ok(LineIo { sock, inbuf: Vec::new(), scanned: 0, outbuf: Vec::new(), out_start: 0 })
     }
 
     /// Reads what is available without blocking.
@@ -80,24 +83,73 @@ impl LineIo {
 
     /// Writes pending output without blocking. An error means the peer is gone.
     pub(crate) fn flush(&mut self) -> io::Result<()> {
-        while !self.outbuf.is_empty() {
-            match self.sock.write(&self.outbuf) {
-                Ok(n) => {
-                    self.outbuf.drain(..n);
-                }
+        let result = loop {
+            if self.out_start == self.outbuf.len() {
+                break Ok(());
+            }
+            match self.sock.write(&self.outbuf[self.out_start..]) {
+                Ok(n) => self.out_start += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
                 Err(e) => {
-                    self.outbuf.clear();
+                    self.outbuf = Vec::new();
+                    self.out_start = 0;
                     return Err(e);
                 }
             }
+        };
+        if self.out_start == self.outbuf.len() {
+            self.outbuf.clear();
+            self.out_start = 0;
+        } else if self.out_start > self.outbuf.len() / 2 {
+            // Most of it is written: move the rest to the front (amortised: at most once per
+            // half of the buffer written).
+            self.outbuf.drain(..self.out_start);
+            self.out_start = 0;
         }
-        Ok(())
+        result
     }
 
     /// Output is waiting for the socket to take it.
     pub(crate) fn wants_write(&self) -> bool {
-        !self.outbuf.is_empty()
+        self.pending_output() > 0
+    }
+
+    /// How many bytes of output are waiting for the socket to take them.
+    pub(crate) fn pending_output(&self) -> usize {
+        self.outbuf.len() - self.out_start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_the_socket_cannot_take_waits_in_order() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let mut io = LineIo::new(a).unwrap();
+        let line: Vec<u8> = (0..1000).map(|i| b'a' + (i % 26) as u8).chain([b'\n']).collect();
+        let mut sent = 0;
+        // Far more than the socket buffers hold.
+        while io.pending_output() < (4 << 20) {
+            io.send(&line).unwrap();
+            sent += 1;
+        }
+        assert!(io.wants_write());
+        let mut received = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        b.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        while received.len() < sent * line.len() {
+            io.flush().unwrap();
+            let n = b.read(&mut buf).unwrap();
+            received.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(io.pending_output(), 0);
+        assert!(!io.wants_write());
+        assert!(received.chunks(line.len()).all(|c| c == line.as_slice()), "every line whole and in order");
+        drop(b);
+        assert!(io.send(&line).is_err(), "the peer is gone");
+        assert_eq!(io.pending_output(), 0);
     }
 }

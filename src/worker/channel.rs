@@ -7,6 +7,16 @@ use std::sync::Arc;
 use super::Inner;
 use crate::proto::channel::{MAX_LINE, ToWorker};
 
+/// Decodes one message from the master. A panic while decoding (a value out of range for the
+/// platform's types) is a malformed message like any other: this thread must survive it, since
+/// it is the one that notices the master's death.
+fn decode(line: &[u8]) -> Result<ToWorker, String> {
+    match std::panic::catch_unwind(|| serde_json::from_slice::<ToWorker>(line)) {
+        Ok(decoded) => decoded.map_err(|e| e.to_string()),
+        Err(_) => Err("a value is out of range".to_owned()),
+    }
+}
+
 /// The channel thread: dispatches the master's replies and notices EOF. When the master is gone
 /// nobody will kill a wedged drain any more, so after the shutdown timeout it ends the process.
 pub(super) fn channel_reader(inner: Arc<Inner>, stream: UnixStream) {
@@ -31,7 +41,7 @@ pub(super) fn channel_reader(inner: Arc<Inner>, stream: UnixStream) {
             }
             continue;
         }
-        match serde_json::from_slice::<ToWorker>(&line) {
+        match decode(&line) {
             Ok(msg) => {
                 let id = match &msg {
                     ToWorker::Stats { id, .. } => *id,
@@ -56,4 +66,19 @@ pub(super) fn channel_reader(inner: Arc<Inner>, stream: UnixStream) {
         inner.env.shutdown_timeout
     );
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_values_from_the_master_are_malformed_messages_not_panics() {
+        let ok = br#"{"t":"stats","id":7,"cluster":{"total_workers":1,"active_workers":1,"crashed_workers":0,"disabled_workers":0,"shutdown_requested":false,"restart_requested":false,"total_restarts":0,"last_restart":null},"workers":[]}"#;
+        assert!(matches!(decode(ok), Ok(ToWorker::Stats { id: 7, .. })));
+        // A start time 10^19 s after the epoch: past what `SystemTime` holds.
+        let far = br#"{"t":"stats","id":8,"cluster":{"total_workers":1,"active_workers":1,"crashed_workers":0,"disabled_workers":0,"shutdown_requested":false,"restart_requested":false,"total_restarts":0,"last_restart":null},"workers":[{"worker_id":0,"pid":1,"port":1,"status":"active","start_time":1e19,"uptime":0.0,"exit_status":null,"crash_count":0,"respawn_disabled":false}]}"#;
+        assert!(decode(far).is_err());
+        assert!(decode(b"{not json").is_err());
+    }
 }

@@ -6,7 +6,7 @@ mod channel;
 pub mod serve;
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
@@ -16,11 +16,27 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::proto::channel::{self as messages, ToMaster, ToWorker};
-use crate::proto::handoff::WorkerEnv;
+use crate::proto::handoff::{WorkerEnv, env as vars};
 use crate::stats::{ClusterStats, WorkerStats};
 
 /// A handle to this worker process: its identity, its listener, readiness and the channel to
 /// the master. Cheap to clone; every clone refers to the same worker.
+///
+/// [`Cluster::init`](crate::Cluster::init) returns it in a process that the master executed as
+/// a worker.
+///
+/// # Caveats
+///
+/// - The worker's identity comes from `ECEWO_CLUSTER_*` environment variables, which `init`
+///   removes from the environment once read (when the process has one thread, as it does first
+///   thing in `main`), so that programs the worker runs do not inherit them; read the identity
+///   from this handle or the module functions ([`worker_id`](crate::worker_id), …), not from the
+///   environment. A program that inherits them anyway (`init` called after threads were started)
+///   is not mistaken for a worker: only a process holding the master's channel is one.
+/// - The listener and the channel are close-on-exec: programs the worker runs do not inherit
+///   them.
+/// - When the master is gone, the worker has its shutdown timeout to drain and exit; after that
+///   its channel thread ends the process (exit code 1).
 #[derive(Clone)]
 pub struct Worker {
     inner: Arc<Inner>,
@@ -115,7 +131,8 @@ impl Worker {
         self.inner.env.master_pid
     }
 
-    /// The master's shutdown timeout: how long this worker may drain before it is killed.
+    /// The master's shutdown timeout: how long this worker may drain before it is killed (and,
+    /// when the master is gone, before the library ends the process).
     pub fn shutdown_timeout(&self) -> Duration {
         self.inner.env.shutdown_timeout
     }
@@ -123,12 +140,33 @@ impl Worker {
     /// Takes the listening socket the master bound for this worker (blocking mode). It can be
     /// taken once; keep it for the life of the server. Workers never bind themselves: the master
     /// holds every socket, so connections queued on it survive a worker's exit.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ListenerTaken`] if it was taken already (by this method,
+    /// [`serve::listener`] or [`serve::serve`]).
+    ///
+    /// # Caveats
+    ///
+    /// The socket is close-on-exec: programs the worker runs do not inherit it. In
+    /// `Balance::Shared` mode every worker holds the same socket: do not change its options.
     pub fn listener(&self) -> Result<TcpListener, Error> {
         self.inner.listener.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or(Error::ListenerTaken)
     }
 
     /// Tells the master this worker accepts connections. Until then it is `Starting`; the master
     /// announces the cluster ready when every worker is. Calling it again does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MasterGone`] if the channel to the master is broken.
+    ///
+    /// # Caveats
+    ///
+    /// Call it once the listener is taken and the server accepts (connections wait in the
+    /// socket's queue meanwhile). A worker that does not report ready within the cluster's
+    /// `ready_timeout` is killed; during a rolling restart, the old worker of this slot keeps
+    /// serving until this call.
     pub fn ready(&self) -> Result<(), Error> {
         if self.inner.ready_sent.swap(true, Ordering::SeqCst) {
             return Ok(());
@@ -143,11 +181,22 @@ impl Worker {
     }
 
     /// True once the master is gone (its channel reached EOF): the worker should drain and exit.
+    ///
+    /// # Caveats
+    ///
+    /// Once the master is gone nobody else will stop this worker: the library ends the process
+    /// (exit code 1) after the master's shutdown timeout if it is still running.
     pub fn is_master_gone(&self) -> bool {
         *self.inner.gone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Blocks until the master is gone.
+    /// Blocks until the master is gone (its channel reached EOF).
+    ///
+    /// # Caveats
+    ///
+    /// It blocks the calling thread for as long as the master lives, which is normally the whole
+    /// life of the worker: call it from a thread of its own, never from async code. The process
+    /// then has the master's shutdown timeout to drain before the library ends it.
     pub fn wait_master_gone(&self) {
         let mut gone = self.inner.gone.lock().unwrap_or_else(|e| e.into_inner());
         while !*gone {
@@ -162,7 +211,23 @@ impl Worker {
     }
 
     /// Asks the master for the cluster's statistics and every worker's (blocks up to 5 s; from
-    /// async code, call it through `spawn_blocking`).
+    /// async code, use [`serve::cluster_stats`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MasterGone`] once the master is gone; [`Error::Timeout`] when it does not
+    /// answer within 5 s (an overloaded master, or this worker's channel thread unable to read).
+    ///
+    /// # Panics
+    ///
+    /// Never: whatever the master sends, a reply that cannot be decoded is skipped (and the
+    /// call times out).
+    ///
+    /// # Caveats
+    ///
+    /// Each call is one request over the channel, answered by the master's loop; calls from
+    /// many threads at once are fine. A worker whose answers pile up unread (16 MiB) gets no
+    /// more answers until it reads them.
     pub fn stats(&self) -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
@@ -181,6 +246,53 @@ impl Worker {
     }
 }
 
+/// The hand-off a master left in this process's environment, if this process really is that
+/// master's worker: `Ok(None)` for a process that is not a worker, including one that merely
+/// inherited the variables (a program a worker runs, or one it runs in turn), which must start
+/// as if they were absent. Then removes the variables from the environment, so that programs
+/// this process runs do not inherit them.
+///
+/// A process is a worker only if the channel the variables name really leads to the master they
+/// name: the descriptor `ECEWO_CLUSTER_CHANNEL_FD` is a unix stream socket whose peer
+/// (`SO_PEERCRED`) is process `ECEWO_CLUSTER_MASTER_PID`. A worker's child fails this (the
+/// worker made its channel close-on-exec); a real worker whose master has died since passes it
+/// and then fails with [`Error::MasterGone`] in [`Worker::from_env`].
+pub(crate) fn inherited_env() -> Result<Option<WorkerEnv>, Error> {
+    let found = detect(|k| std::env::var_os(k));
+    if std::env::var_os(vars::WORKER_ID).is_some() {
+        // Before any thread exists (init runs first in main), so the environment can be changed
+        // safely; if threads exist already, leave it: children still fail the channel check.
+        match crate::os::sys::remove_env_if_single_threaded(&vars::ALL) {
+            Ok(()) => tracing::debug!("removed the ECEWO_CLUSTER_* hand-off variables from the environment"),
+            Err(why) => tracing::debug!(
+                "left the ECEWO_CLUSTER_* variables in the environment ({why}): programs this process runs \
+                 inherit them, and ignore them"
+            ),
+        }
+    }
+    found
+}
+
+/// [`inherited_env`] with the environment read through `get`, without changing it.
+fn detect(get: impl Fn(&str) -> Option<OsString>) -> Result<Option<WorkerEnv>, Error> {
+    if get(vars::WORKER_ID).is_none() {
+        return Ok(None);
+    }
+    let num = |key: &str| get(key).and_then(|v| v.to_str().and_then(|s| s.parse::<u32>().ok()));
+    let stale = match (num(vars::CHANNEL_FD).and_then(|fd| i32::try_from(fd).ok()), num(vars::MASTER_PID)) {
+        (Some(fd), Some(master)) => crate::os::socket::check_channel_peer(fd, master).err(),
+        _ => Some(format!("{} or {} is missing or not a number", vars::CHANNEL_FD, vars::MASTER_PID)),
+    };
+    if let Some(why) = stale {
+        tracing::debug!(
+            "ignoring the ECEWO_CLUSTER_* variables in the environment: {why}, so this process is not a \
+             cluster's worker (it inherited them from one); starting as if they were unset"
+        );
+        return Ok(None);
+    }
+    WorkerEnv::parse(get)
+}
+
 /// Workers are executed through `/proc/self/exe`, which would make their `comm` (what `ps -o
 /// comm`, `top` and `pkill` see) "exe"; give them the program's name back.
 fn set_process_name() {
@@ -190,5 +302,72 @@ fn set_process_name() {
     bytes.truncate(15);
     if let Ok(name) = std::ffi::CString::new(bytes) {
         let _ = rustix::thread::set_name(&name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn hand_off(channel_fd: &str, master_pid: &str) -> impl Fn(&str) -> Option<OsString> {
+        let map: HashMap<&str, String> = [
+            (vars::WORKER_ID, "1".to_owned()),
+            (vars::WORKERS, "2".to_owned()),
+            (vars::PORT, "3000".to_owned()),
+            (vars::LISTEN_FD, "3".to_owned()),
+            (vars::CHANNEL_FD, channel_fd.to_owned()),
+            (vars::MASTER_PID, master_pid.to_owned()),
+            (vars::SHUTDOWN_TIMEOUT_MS, "1000".to_owned()),
+        ]
+        .into_iter()
+        .collect();
+        move |k| map.get(k).map(OsString::from)
+    }
+
+    #[test]
+    fn only_a_process_holding_the_masters_channel_is_a_worker() {
+        let me = std::process::id().to_string();
+        let (chan, _master_end) = UnixStream::pair().unwrap();
+        let fd = chan.as_raw_fd().to_string();
+        let env = detect(hand_off(&fd, &me)).unwrap().expect("the channel's peer is the master: a worker");
+        assert_eq!((env.id, env.count, env.channel_fd), (1, 2, chan.as_raw_fd()));
+        // Another master, a descriptor that is not open or not a socket, garbled numbers: stale.
+        let not_open = i32::MAX.to_string();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let not_a_socket = file.as_raw_fd().to_string();
+        for (fd, pid) in [
+            (fd.as_str(), "1"),
+            (not_open.as_str(), me.as_str()),
+            (not_a_socket.as_str(), me.as_str()),
+            ("four", me.as_str()),
+            (fd.as_str(), "-1"),
+        ] {
+            assert_eq!(detect(hand_off(fd, pid)).unwrap(), None, "fd {fd} master {pid}");
+        }
+        assert_eq!(detect(|_| None).unwrap(), None, "no variables: not a worker");
+        // A real channel with the rest of the hand-off garbled is a clear error.
+        let broken = hand_off(&fd, &me);
+        let err = detect(|k| if k == vars::WORKERS { None } else { broken(k) }).unwrap_err();
+        assert!(err.to_string().contains("ECEWO_CLUSTER_WORKERS is not set"), "{err}");
+    }
+
+    #[test]
+    fn the_environment_is_left_alone_when_threads_exist() {
+        // The test harness runs this on one of its threads; hold one more to be sure.
+        let (tx, rx) = mpsc::channel::<()>();
+        let other = std::thread::spawn(move || rx.recv());
+        let key = "ECEWO_CLUSTER_TEST_UNREMOVED";
+        // Safe here: this test process's other threads do not touch the environment (no other
+        // test reads or writes this variable, and std's own accesses take its lock).
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var(key, "1");
+        }
+        let refused = crate::os::sys::remove_env_if_single_threaded(&[key]).unwrap_err();
+        assert!(refused.contains("threads"), "{refused}");
+        assert_eq!(std::env::var_os(key), Some("1".into()));
+        drop(tx);
+        let _ = other.join();
     }
 }

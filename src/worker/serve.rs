@@ -9,10 +9,12 @@
 //!   serve.
 //!
 //! The drain, on SIGTERM or when the master is gone: stop accepting at once (the socket stays
-//! open in the master, so queued connections go to the other workers or the replacement); answer
-//! the next request on every keep-alive connection with `Connection: close`; after
-//! [`ServeOptions::idle_grace`], close connections that are still idle; finish in-flight requests;
-//! give up after [`ServeOptions::drain_timeout`] and return.
+//! open in the master, so queued connections go to the other workers or the replacement); send
+//! HTTP/2 connections a GOAWAY at once (their in-flight streams finish; clients open new
+//! streams elsewhere); answer the next request on every HTTP/1 keep-alive connection with
+//! `Connection: close`; after [`ServeOptions::idle_grace`], close HTTP/1 connections that are
+//! still idle; finish in-flight requests; give up after [`ServeOptions::drain_timeout`] and
+//! return.
 
 use std::future::Future;
 use std::io;
@@ -22,11 +24,11 @@ use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
 use hyper::header::{CONNECTION, HeaderValue};
-use hyper::{Request, Response};
+use hyper::{Request, Response, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::error::Error;
 use crate::stats::{ClusterStats, WorkerStats};
@@ -34,17 +36,28 @@ use crate::worker::Worker;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Options of [`serve`].
+/// The longest [`ServeOptions::idle_grace`] and [`ServeOptions::drain_timeout`] taken into
+/// account: one day (the longest timeout the cluster's options accept). Longer values are
+/// capped to it.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Options of [`serve`]: how a draining worker treats its open connections.
+///
+/// # Caveats
+///
+/// Both durations are capped at one day: a longer value (`Duration::MAX` included) means one
+/// day. The master kills a worker that is still draining after its shutdown timeout anyway.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ServeOptions {
-    /// How long a draining worker lets idle keep-alive connections live, so that a request a
-    /// client is sending right now is answered (with `Connection: close`) instead of hitting a
-    /// closed socket. Default 1 s.
+    /// How long a draining worker lets idle HTTP/1 keep-alive connections live, so that a
+    /// request a client is sending right now is answered (with `Connection: close`) instead of
+    /// hitting a closed socket. Default 1 s, at most one day. (HTTP/2 connections need no grace:
+    /// they get a GOAWAY as soon as the drain starts.)
     pub idle_grace: Duration,
     /// The longest the whole drain may take before `serve` returns and in-flight requests are
     /// dropped. Default: the master's shutdown timeout less 500 ms (at least 1 s), so the worker
-    /// ends on its own terms before the master's SIGKILL.
+    /// ends on its own terms before the master's SIGKILL. At most one day.
     pub drain_timeout: Option<Duration>,
 }
 
@@ -55,45 +68,105 @@ impl Default for ServeOptions {
 }
 
 impl ServeOptions {
-    /// Sets [`idle_grace`](ServeOptions::idle_grace).
+    /// Sets [`idle_grace`](ServeOptions::idle_grace); values over one day are capped to a day.
     pub fn idle_grace(mut self, d: Duration) -> ServeOptions {
-        self.idle_grace = d;
+        self.idle_grace = d.min(MAX_WAIT);
         self
     }
 
-    /// Sets [`drain_timeout`](ServeOptions::drain_timeout).
+    /// Sets [`drain_timeout`](ServeOptions::drain_timeout); values over one day are capped to a
+    /// day.
     pub fn drain_timeout(mut self, d: Duration) -> ServeOptions {
-        self.drain_timeout = Some(d);
+        self.drain_timeout = Some(d.min(MAX_WAIT));
         self
     }
 
-    fn drain_timeout_for(&self, worker: &Worker) -> Duration {
-        self.drain_timeout.unwrap_or_else(|| {
-            worker.shutdown_timeout().saturating_sub(Duration::from_millis(500)).max(Duration::from_secs(1))
-        })
+    /// The drain timeout for a worker whose master kills it `shutdown_timeout` after asking it
+    /// to stop; capped (the fields are public, so the setters' cap is not enough).
+    fn drain_timeout_for(&self, shutdown_timeout: Duration) -> Duration {
+        self.drain_timeout
+            .unwrap_or_else(|| shutdown_timeout.saturating_sub(Duration::from_millis(500)).max(Duration::from_secs(1)))
+            .min(MAX_WAIT)
     }
+
+    /// The idle grace, capped, and never longer than the drain.
+    fn idle_grace_within(&self, drain_timeout: Duration) -> Duration {
+        self.idle_grace.min(MAX_WAIT).min(drain_timeout)
+    }
+}
+
+/// An error unless this is called inside a tokio runtime: the tokio helpers panic outside one.
+fn in_runtime(what: &'static str) -> Result<(), Error> {
+    tokio::runtime::Handle::try_current()
+        .map(|_| ())
+        .map_err(|e| Error::Io { context: what, source: io::Error::other(e) })
 }
 
 /// The worker's inherited socket as a tokio listener (non-blocking, registered with the current
 /// runtime). Must be called inside a tokio runtime; the listener can be taken once.
+///
+/// # Errors
+///
+/// [`Error::ListenerTaken`] if the listener was already taken (by this function,
+/// [`Worker::listener`] or [`serve`]); [`Error::Io`] outside a tokio runtime or when the socket
+/// cannot be registered.
+///
+/// # Panics
+///
+/// If the current runtime was built without its I/O driver (`enable_io` or `enable_all`).
 pub fn listener(worker: &Worker) -> Result<tokio::net::TcpListener, Error> {
+    in_runtime("serve::listener must be called inside a tokio runtime")?;
     let std = worker.listener()?;
     std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
     tokio::net::TcpListener::from_std(std).map_err(Error::io("cannot register the listener with tokio"))
 }
 
-/// A future that completes when this worker should stop: SIGTERM (from the master: shutdown,
-/// restart, scale-down) or the master is gone. Use it with axum's or hyper's graceful shutdown.
-///
-/// The SIGTERM handler is installed when this function is called, not when the future is first
-/// polled: call it before reporting ready, so an early SIGTERM is not lost.
-pub fn shutdown_signal(worker: &Worker) -> io::Result<impl Future<Output = ()> + Send + 'static> {
+/// Why a worker stops serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: the master asks (shutdown, restart, scale-down).
+    Term,
+    /// The master is gone (its channel reached EOF).
+    MasterGone,
+}
+
+/// The SIGTERM handler, installed now, and a future that says when and why to stop.
+fn stop_signal(worker: &Worker) -> io::Result<impl Future<Output = Stop> + Send + 'static> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(io::Error::other("serve::shutdown_signal must be called inside a tokio runtime"));
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut gone = worker.master_gone_receiver();
     Ok(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: draining"),
-            _ = gone.wait_for(|g| *g) => {}
+            _ = term.recv() => Stop::Term,
+            _ = gone.wait_for(|g| *g) => Stop::MasterGone,
+        }
+    })
+}
+
+/// A future that completes when this worker should stop: SIGTERM (from the master: shutdown,
+/// restart, scale-down) or the master is gone. Use it with axum's or hyper's graceful shutdown.
+///
+/// # Caveats
+///
+/// The SIGTERM handler is installed when this function is called, not when the future is first
+/// polled: call it before reporting ready, so an early SIGTERM is not lost. From then on SIGTERM
+/// no longer ends the process by default: the program must stop when the future completes (the
+/// master kills it after its shutdown timeout otherwise).
+///
+/// # Errors
+///
+/// An error outside a tokio runtime, or if the SIGTERM handler cannot be installed.
+///
+/// # Panics
+///
+/// If the current runtime was built without its I/O driver (`enable_io` or `enable_all`).
+pub fn shutdown_signal(worker: &Worker) -> io::Result<impl Future<Output = ()> + Send + 'static> {
+    let stop = stop_signal(worker)?;
+    Ok(async move {
+        if stop.await == Stop::Term {
+            tracing::info!("SIGTERM: draining");
         }
     })
 }
@@ -101,6 +174,29 @@ pub fn shutdown_signal(worker: &Worker) -> io::Result<impl Future<Output = ()> +
 /// Serves `service` on the worker's socket until [`shutdown_signal`], then drains (see the
 /// [module documentation](self)). Reports the worker ready once it accepts connections.
 /// Must be called inside a tokio runtime.
+///
+/// HTTP/1.1 and HTTP/2 (with prior knowledge, h2c) are served on the same socket; connection
+/// upgrades (WebSocket) work.
+///
+/// # Caveats
+///
+/// - It takes the worker's listener ([`Worker::listener`] cannot be called as well) and
+///   installs a SIGTERM handler (SIGTERM then starts the drain instead of ending the process).
+/// - When the drain timeout passes, it returns with requests still in flight: their tasks stop
+///   when the runtime is dropped (at the end of [`run_worker`]).
+/// - While draining, responses to HTTP/1 requests carry `Connection: close` (replacing any
+///   `Connection` header the service set).
+///
+/// # Errors
+///
+/// [`Error::ListenerTaken`] if the listener was taken already; [`Error::Io`] outside a tokio
+/// runtime, or when the listener or the signal handler cannot be set up;
+/// [`Error::MasterGone`] if the readiness report cannot reach the master. Failed connections
+/// are logged (at debug level), never returned.
+///
+/// # Panics
+///
+/// If the current runtime was built without its I/O driver (`enable_io` or `enable_all`).
 pub async fn serve<S, B>(worker: &Worker, service: S, options: ServeOptions) -> Result<(), Error>
 where
     S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
@@ -110,30 +206,42 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    in_runtime("serve must be called inside a tokio runtime")?;
     let listener = listener(worker)?;
-    let shutdown = shutdown_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
-    tokio::pin!(shutdown);
+    let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
+    tokio::pin!(stop);
+    // Read by every response (no lock on the request path): `true` once the drain started.
     let draining = Arc::new(AtomicBool::new(false));
-    // Connections watch this: `true` means "close once idle".
-    let (close_idle_tx, close_idle_rx) = watch::channel(false);
+    // Watched by every connection task (which holds a receiver until its connection ends).
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let builder = auto::Builder::new(TokioExecutor::new());
     let spawn_conn = |stream: tokio::net::TcpStream| {
         let _ = stream.set_nodelay(true);
-        let svc = DrainService { inner: service.clone(), draining: draining.clone() };
+        let conn_kind = Arc::new(ConnKind::default());
+        let svc = DrainService { inner: service.clone(), draining: draining.clone(), conn: conn_kind.clone() };
         let builder = builder.clone();
-        let mut close_idle = close_idle_rx.clone();
+        let (mut for_h2, mut for_all) = (phase_rx.clone(), phase_rx.clone());
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(
                 TokioIo::new(stream),
                 hyper_util::service::TowerToHyperService::new(svc),
             );
             tokio::pin!(conn);
+            // When to close: HTTP/2 as soon as the drain starts (GOAWAY: the client stops
+            // opening streams here and retries elsewhere, with no race), everything else once
+            // the idle grace is over.
+            let goaway_h2 = async {
+                let _ = for_h2.wait_for(|p| *p >= Phase::Draining).await;
+                conn_kind.http2().await;
+            };
             tokio::select! {
                 biased;
                 res = conn.as_mut() => { if let Err(e) = res { tracing::debug!("connection error: {e}") } return; }
-                _ = close_idle.wait_for(|c| *c) => {}
+                _ = goaway_h2 => {}
+                _ = for_all.wait_for(|p| *p >= Phase::CloseIdle) => {}
             }
-            // Finishes an in-flight request, then closes; closes an idle connection now.
+            // Finishes in-flight requests (HTTP/2: streams), then closes; closes an idle
+            // connection now.
             conn.as_mut().graceful_shutdown();
             if let Err(e) = conn.await {
                 tracing::debug!("connection error while draining: {e}");
@@ -141,10 +249,10 @@ where
         });
     };
     worker.ready()?;
-    loop {
+    let why = loop {
         let accepted = tokio::select! {
             biased;
-            () = &mut shutdown => break,
+            why = &mut stop => break why,
             accepted = listener.accept() => accepted,
         };
         match accepted {
@@ -155,6 +263,12 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+    };
+    draining.store(true, Ordering::SeqCst);
+    phase_tx.send_replace(Phase::Draining);
+    if why == Stop::Term {
+        // Logged once the drain has started: from this line on, every response says so.
+        tracing::info!("SIGTERM: draining");
     }
     // Take what is still queued, then close the socket: the master holds its own reference (or
     // has routed new connections elsewhere), so nothing queued is lost.
@@ -167,40 +281,102 @@ where
         }
     }
     drop(listener);
-    draining.store(true, Ordering::SeqCst);
-    let drain_timeout = options.drain_timeout_for(worker);
-    let deadline = tokio::time::Instant::now() + drain_timeout;
-    // Every connection task holds a receiver: `closed()` completes when the last one ended.
-    drop(close_idle_rx);
-    let _ = tokio::time::timeout(options.idle_grace.min(drain_timeout), close_idle_tx.closed()).await;
-    close_idle_tx.send_replace(true);
-    if tokio::time::timeout_at(deadline, close_idle_tx.closed()).await.is_err() {
+    drop(phase_rx);
+    let drain_timeout = options.drain_timeout_for(worker.shutdown_timeout());
+    if !drain(phase_tx, options.idle_grace_within(drain_timeout), drain_timeout).await {
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with connections still open; exiting");
     }
     Ok(())
 }
 
+/// Where a drain stands, as connection tasks see it (ordered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// The drain started: HTTP/2 connections close (GOAWAY), HTTP/1 responses say
+    /// `Connection: close`.
+    Draining,
+    /// The idle grace is over: every connection closes once its in-flight requests are done.
+    CloseIdle,
+}
+
+/// The drain once the listener is closed: waits up to `idle_grace` for the connections to end
+/// on their own, then asks all to close, and waits for them until `drain_timeout` has passed
+/// since the start. Every connection task holds a receiver of `phase`, so `closed()` completes
+/// when the last one ended. True if they all did.
+async fn drain(phase: watch::Sender<Phase>, idle_grace: Duration, drain_timeout: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + drain_timeout.min(MAX_WAIT);
+    let _ = tokio::time::timeout(idle_grace.min(MAX_WAIT), phase.closed()).await;
+    phase.send_replace(Phase::CloseIdle);
+    tokio::time::timeout_at(deadline, phase.closed()).await.is_ok()
+}
+
 /// Asks the master for the cluster's statistics and every worker's, without blocking the
 /// runtime (the query runs on tokio's blocking pool): what the spec's monitoring example's
 /// `/stats` endpoint needs, in a worker.
+///
+/// # Errors
+///
+/// As [`Worker::stats`]: [`Error::MasterGone`] once the master is gone, [`Error::Timeout`] when
+/// it does not answer within 5 s.
+///
+/// # Caveats
+///
+/// Polled outside a tokio runtime it does not panic: it blocks on the query instead.
 pub async fn cluster_stats(worker: &Worker) -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
     let worker = worker.clone();
-    tokio::task::spawn_blocking(move || worker.stats()).await.unwrap_or(Err(Error::MasterGone))
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.spawn_blocking(move || worker.stats()).await.unwrap_or(Err(Error::MasterGone)),
+        Err(_) => worker.stats(),
+    }
 }
 
 /// The cluster's Prometheus metrics, from the master ([`crate::metrics`]): serve it at
 /// `/metrics` in any worker, and every scrape sees the whole cluster.
+///
+/// # Errors
+///
+/// As [`cluster_stats`].
 pub async fn metrics(worker: &Worker) -> Result<String, Error> {
     let (cluster, workers) = cluster_stats(worker).await?;
     Ok(crate::proto::metrics::render(&cluster, &workers))
 }
 
-/// Wraps the user's service: while draining, every response carries `Connection: close`, so
-/// keep-alive clients learn to reconnect (to another worker) before the connection is closed.
+/// What a connection task knows of its connection's protocol: HTTP/2 once a request said so.
+#[derive(Debug, Default)]
+struct ConnKind {
+    http2: AtomicBool,
+    /// Notified (once) when `http2` turns true; the permit waits if nobody listens yet.
+    became_http2: Notify,
+}
+
+impl ConnKind {
+    /// Records the version of a request on this connection.
+    fn saw(&self, version: Version) {
+        if version == Version::HTTP_2 && !self.http2.load(Ordering::Relaxed) && !self.http2.swap(true, Ordering::SeqCst)
+        {
+            self.became_http2.notify_one();
+        }
+    }
+
+    /// Completes once the connection is known to be HTTP/2 (never for HTTP/1).
+    async fn http2(&self) {
+        if !self.http2.load(Ordering::SeqCst) {
+            self.became_http2.notified().await;
+        }
+    }
+}
+
+/// Wraps the user's service: while draining, every HTTP/1 response carries `Connection: close`,
+/// so keep-alive clients learn to reconnect (to another worker) before the connection is closed;
+/// and it tells the connection's task when the connection turns out to be HTTP/2 (closed by a
+/// GOAWAY as soon as the drain starts instead).
 #[derive(Clone)]
 struct DrainService<S> {
     inner: S,
     draining: Arc<AtomicBool>,
+    conn: Arc<ConnKind>,
 }
 
 impl<S, B> tower_service::Service<Request<Incoming>> for DrainService<S>
@@ -216,7 +392,11 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
-        DrainFuture { inner: self.inner.call(req), draining: self.draining.clone() }
+        let version = req.version();
+        self.conn.saw(version);
+        // `Connection` is an HTTP/1 header (HTTP/2 forbids it).
+        let http1 = version < Version::HTTP_2;
+        DrainFuture { inner: self.inner.call(req), draining: self.draining.clone(), http1 }
     }
 }
 
@@ -227,6 +407,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         draining: Arc<AtomicBool>,
+        http1: bool,
     }
 }
 
@@ -239,19 +420,32 @@ where
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.project();
         let mut resp = std::task::ready!(this.inner.poll(cx))?;
-        if this.draining.load(Ordering::Relaxed) {
+        if *this.http1 && this.draining.load(Ordering::Relaxed) {
             resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
         std::task::Poll::Ready(Ok(resp))
     }
 }
 
-/// Runs `f` in a new single-threaded tokio runtime, inside a tracing span naming the worker.
+/// Runs `f` in a new single-threaded tokio runtime, inside a tracing span naming the worker,
+/// and returns what it returns. One worker per core: a current-thread runtime is what a worker
+/// needs; build your own runtime to use more threads.
+///
+/// # Errors
+///
+/// What `f`'s future returns; [`Error::Io`] if the runtime cannot be built, or when called
+/// inside a tokio runtime already (a runtime cannot block inside another).
 pub fn run_worker<'w, F, Fut>(worker: &'w Worker, f: F) -> Result<(), Error>
 where
     F: FnOnce(&'w Worker) -> Fut,
     Fut: Future<Output = Result<(), Error>>,
 {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Error::Io {
+            context: "serve::run_worker builds its own runtime and cannot be called inside one",
+            source: io::Error::other("already inside a tokio runtime"),
+        });
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -259,4 +453,91 @@ where
     let span = tracing::info_span!("worker", id = worker.id());
     let _entered = span.enter();
     rt.block_on(f(worker))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    }
+
+    #[test]
+    fn extreme_durations_are_capped_and_do_not_panic() {
+        let day = Duration::from_secs(24 * 3600);
+        let opts = ServeOptions::default().drain_timeout(Duration::MAX).idle_grace(Duration::MAX);
+        assert_eq!((opts.drain_timeout, opts.idle_grace), (Some(day), day));
+        // The fields are public (users can assign them): the cap also holds where they are used.
+        let raw = ServeOptions { drain_timeout: Some(Duration::MAX), idle_grace: Duration::MAX };
+        let shutdown = Duration::from_millis(u64::MAX);
+        assert_eq!(raw.drain_timeout_for(shutdown), day);
+        assert_eq!(raw.idle_grace_within(raw.drain_timeout_for(shutdown)), day);
+        assert_eq!(ServeOptions::default().drain_timeout_for(shutdown), day);
+        assert_eq!(ServeOptions::default().drain_timeout_for(Duration::ZERO), Duration::from_secs(1));
+        // A drain with no connection left ends at once, whatever the durations.
+        for (grace, timeout) in [(Duration::MAX, Duration::MAX), (raw.idle_grace, raw.drain_timeout.unwrap())] {
+            let (tx, rx) = watch::channel(Phase::Serving);
+            drop(rx);
+            let started = std::time::Instant::now();
+            assert!(runtime().block_on(drain(tx, grace, timeout)));
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+    }
+
+    #[test]
+    fn a_drain_waits_for_connections_then_gives_up() {
+        let rt = runtime();
+        // A connection that ends by itself during the grace.
+        let (tx, rx) = watch::channel(Phase::Serving);
+        let started = std::time::Instant::now();
+        rt.block_on(async {
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(rx);
+            });
+            assert!(drain(tx, Duration::from_secs(10), Duration::from_secs(20)).await);
+        });
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // One that ignores everything: the timeout ends the drain, after the grace said close.
+        let (tx, mut rx) = watch::channel(Phase::Serving);
+        rt.block_on(async {
+            let told = tokio::spawn(async move {
+                let _ = rx.wait_for(|p| *p == Phase::CloseIdle).await;
+                std::future::pending::<()>().await;
+            });
+            assert!(!drain(tx, Duration::from_millis(20), Duration::from_millis(100)).await);
+            told.abort();
+        });
+    }
+
+    #[test]
+    fn http2_is_noticed_before_or_after_anyone_waits() {
+        let rt = runtime();
+        let early = ConnKind::default();
+        early.saw(Version::HTTP_11);
+        early.saw(Version::HTTP_2);
+        early.saw(Version::HTTP_2);
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), early.http2()).await })
+            .expect("known before the wait");
+        let late = Arc::new(ConnKind::default());
+        let waiting = late.clone();
+        rt.block_on(async {
+            let waiter = tokio::spawn(async move { waiting.http2().await });
+            tokio::task::yield_now().await;
+            late.saw(Version::HTTP_2);
+            tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        });
+        let http1 = ConnKind::default();
+        http1.saw(Version::HTTP_11);
+        assert!(rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), http1.http2()).await }).is_err());
+    }
+
+    #[test]
+    fn outside_a_runtime_the_helpers_fail_instead_of_panicking() {
+        assert!(in_runtime("x").is_err());
+        runtime().block_on(async {
+            assert!(in_runtime("x").is_ok());
+        });
+    }
 }

@@ -2,8 +2,11 @@
 //!
 //! Its options and endpoints are a fixed contract (see the README's "Testbed" section):
 //! `GET /` → `Hello from worker <id>! pid=<pid> tag=<tag>`, `GET /slow?ms=N`, `GET /crash`
-//! (abort), `GET /exit?code=N`. Once every worker is ready the master prints exactly one line on
-//! stdout: `ready: N workers on port P`.
+//! (abort), `GET /exit?code=N`, `GET /child-env` (the `ECEWO_CLUSTER_*` lines a program the
+//! worker runs sees, one per line: none). Once every worker is ready the master prints exactly
+//! one line on stdout: `ready: N workers on port P`. SIGHUP prints `stats: <JSON>` and sends
+//! SIGUSR1 to the workers, unless `--default-sighup` leaves it to the library (a graceful
+//! shutdown).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -108,6 +111,13 @@ struct Args {
     /// this long after start.
     #[arg(long)]
     stop_after_ms: Option<u64>,
+    /// Do not bind SIGHUP (which otherwise prints the statistics): the library's default, a
+    /// graceful shutdown, applies.
+    #[arg(long)]
+    default_sighup: bool,
+    /// The workers' `ServeOptions::idle_grace`, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    idle_grace_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -155,8 +165,11 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         .on_start(|w| eprintln!("on_start id={} pid={}", w.worker_id, w.pid))
         .on_exit(|e| {
             eprintln!("on_exit id={} status={} raw={} crash={}", e.worker_id, e.status, e.status.as_raw(), e.crash)
-        })
-        .on_signal(Signal::HUP, |master| {
+        });
+    let cluster = if args.default_sighup {
+        cluster
+    } else {
+        cluster.on_signal(Signal::HUP, |master| {
             // Print the master's view of the statistics, then forward SIGUSR1 to the workers.
             let view = serde_json::json!({ "cluster": master.stats(), "workers": master.workers() });
             let mut out = std::io::stdout().lock();
@@ -165,7 +178,8 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             if let Err(e) = master.signal_workers(Signal::USR1) {
                 eprintln!("testbed: {e}");
             }
-        });
+        })
+    };
     let cluster = match (&args.control_socket, args.no_control_socket) {
         (_, true) => cluster.no_control_socket(),
         (Some(path), false) => cluster.control_socket(path),
@@ -236,6 +250,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 worker: Some(worker.clone()),
             });
             let count_dir = args.count_dir.clone();
+            let idle_grace_ms = args.idle_grace_ms;
             let counted = state.clone();
             let result = run_worker(&worker, |w| async move {
                 // Count SIGUSR1 (sent through signal_workers); registered before ready.
@@ -247,7 +262,8 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                         counter.usr1.fetch_add(1, Ordering::SeqCst);
                     }
                 });
-                serve(w, Testbed(state), ServeOptions::default()).await
+                let options = ServeOptions::default().idle_grace(Duration::from_millis(idle_grace_ms));
+                serve(w, Testbed(state), options).await
             });
             if let Some(dir) = count_dir {
                 let path = dir.join(format!("worker-{}-{}.count", counted.id, counted.pid));
@@ -359,6 +375,17 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     // subreaper or PID 1, which must reap it when it exits.
                     let spawned = std::process::Command::new("sh").args(["-c", "sleep 0.2 &"]).status();
                     text(StatusCode::OK, format!("orphan: {spawned:?}"))
+                }
+                "/child-env" => {
+                    // What a program this worker runs inherits of the cluster's hand-off.
+                    match std::process::Command::new("env").output() {
+                        Ok(out) => {
+                            let env = String::from_utf8_lossy(&out.stdout);
+                            let lines: Vec<&str> = env.lines().filter(|l| l.starts_with("ECEWO_CLUSTER_")).collect();
+                            text(StatusCode::OK, lines.join("\n"))
+                        }
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot run env: {e}")),
+                    }
                 }
                 "/metrics" => match &st.worker {
                     Some(worker) => match ecewo_cluster::serve::metrics(worker).await {

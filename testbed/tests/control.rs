@@ -114,17 +114,24 @@ fn restart_wait_reports_the_outcome() {
 fn scale_up_and_down_without_losing_a_request() {
     let mut tb = Testbed::start(&["--workers", "2", "--startup-delay-ms", "10"]);
     let load = Load::start(tb.port, 2, 2, false);
-    std::thread::sleep(Duration::from_millis(200));
+    // Enough requests on each side of every change for a loss to show.
+    let more_requests = |n: usize| {
+        let target = load.count() + n;
+        assert!(wait_until(Duration::from_secs(20), || load.count() >= target), "the load stalled");
+    };
+    more_requests(200);
     let out = cli(&tb, &["scale", "4"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(wait_until(Duration::from_secs(10), || status_json(&tb)["cluster"]["active_workers"] == 4));
     assert_eq!(tb.workers().len(), 4);
     assert_eq!(listeners_held(tb.pid(), tb.port), 4);
-    std::thread::sleep(Duration::from_millis(300));
+    // The four workers serve.
+    assert_eq!(tb.serving_pids(200).len(), 4);
+    more_requests(300);
     let out = cli(&tb, &["scale", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(wait_until(Duration::from_secs(10), || tb.workers().len() == 1));
-    std::thread::sleep(Duration::from_millis(300));
+    more_requests(300);
     let result = load.stop();
     assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
     assert!(result.ok > 500, "{}", result.ok);
@@ -321,4 +328,23 @@ fn prometheus_metrics_describe_the_whole_cluster_from_any_worker() {
     assert!(out.status.success(), "{}", stderr(&out));
     let line = format!("ecewo_cluster_workers_configured{{cluster=\"testbed-{}\"}} 2", tb.port);
     assert!(stdout(&out).lines().any(|l| l == line), "{}", stdout(&out));
+}
+
+#[test]
+fn a_bad_option_is_a_usage_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for option in [&["--timeout", "0"][..], &["--timeout=-1"], &["--timeout", "nope"], &["--timeout", "86401"]] {
+        let value = option.join(" ");
+        let mut cmd = Command::new(cli_binary());
+        cmd.args(option).arg("status").env("XDG_RUNTIME_DIR", dir.path());
+        let out = run_bounded(cmd, Duration::from_secs(10)).expect("the CLI gives up at once");
+        // clap's usage error.
+        assert_eq!(out.status.code(), Some(2), "{value}: {:?}", out.status);
+        let err = stderr(&out);
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: ") && first.contains("--timeout"), "{value}: {err}");
+        assert!(first.contains("is not a number of seconds between 0 and 86400"), "{value}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(stdout(&out).is_empty());
+    }
 }

@@ -99,31 +99,51 @@ fn address_in_use_fails_before_any_worker() {
     }
 }
 
+/// `sig` to the master with a slow request in flight: the request completes, the master stops
+/// every worker gracefully and exits 0, and no process is left.
+fn a_signal_lets_in_flight_requests_finish(sig: Signal, name: &str, extra: &[&str]) {
+    let mut list = vec!["--workers", "2"];
+    list.extend(extra);
+    let mut tb = Testbed::start(&list);
+    let workers = tb.workers();
+    assert_eq!(workers.len(), 2);
+    let (_, slow) = tb.get_in_flight("/slow?ms=1500");
+    tb.signal(sig);
+    let (status, body) = slow.join().unwrap().expect("the in-flight request completes");
+    assert_eq!((status, body.as_str()), (200, "slow 1500"), "{name}");
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+    assert!(st.success(), "{name}: {st:?}\n{}", tb.stderr());
+    for w in workers {
+        assert!(!alive(w), "{name}: worker {w} outlived the master");
+    }
+    let log = tb.stderr();
+    assert!(log.contains(&format!("received {name}")), "{log}");
+    assert!(log.contains("shutting down: stopping 2 workers"), "{name}: a graceful shutdown\n{log}");
+    assert_eq!(log.matches("exited: exit code 0").count(), 2, "{name}: both workers drained and exited 0\n{log}");
+    assert!(!log.contains("crashed"), "{log}");
+}
+
 #[test]
 fn sigterm_lets_in_flight_requests_finish() {
-    let mut tb = Testbed::start(&["--workers", "2"]);
-    let workers = tb.workers();
-    let port = tb.port;
-    let slow = std::thread::spawn(move || http_get(port, "/slow?ms=1500"));
-    std::thread::sleep(Duration::from_millis(300));
-    tb.signal(Signal::TERM);
-    let (status, body) = slow.join().unwrap().expect("the in-flight request completes");
-    assert_eq!((status, body.as_str()), (200, "slow 1500"));
-    let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
-    assert!(st.success(), "{st:?}\n{}", tb.stderr());
-    for w in workers {
-        assert!(!alive(w), "worker {w} outlived the master");
-    }
-    assert!(!tb.stderr().contains("crashed"));
+    a_signal_lets_in_flight_requests_finish(Signal::TERM, "SIGTERM", &[]);
+}
+
+#[test]
+fn sigquit_stops_gracefully_by_default() {
+    a_signal_lets_in_flight_requests_finish(Signal::QUIT, "SIGQUIT", &[]);
+}
+
+#[test]
+fn sighup_stops_gracefully_unless_bound() {
+    // The testbed binds SIGHUP (to print statistics) unless told not to.
+    a_signal_lets_in_flight_requests_finish(Signal::HUP, "SIGHUP", &["--default-sighup"]);
 }
 
 #[test]
 fn shutdown_timeout_kills_a_wedged_worker() {
     let mut tb = Testbed::start(&["--workers", "1", "--shutdown-timeout-ms", "500"]);
     let workers = tb.workers();
-    let port = tb.port;
-    let slow = std::thread::spawn(move || http_get(port, "/slow?ms=60000"));
-    std::thread::sleep(Duration::from_millis(300));
+    let (_, slow) = tb.get_in_flight("/slow?ms=60000");
     let t0 = Instant::now();
     tb.signal(Signal::TERM);
     let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
@@ -198,15 +218,18 @@ fn introspection_in_both_roles() {
     let log = tb.stderr();
     let master_line = format!("is_master=true is_worker=false worker_id=0 worker_count=3 port={}", tb.port);
     assert!(log.contains(&master_line), "{log}");
+    // Every worker answers with its own id (fresh connections are spread over the three).
     let mut ids = BTreeSet::new();
-    for _ in 0..60 {
+    let mut asked = 0;
+    while ids.len() < 3 && asked < 300 {
         let (status, body) = tb.get("/info").unwrap();
         assert_eq!(status, 200);
         let id: usize = body.split("worker_id=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
         assert_eq!(body, format!("is_master=false is_worker=true worker_id={id} worker_count=3 port={}", tb.port));
         ids.insert(id);
+        asked += 1;
     }
-    assert!(ids.iter().all(|&i| i < 3) && ids.len() >= 2, "{ids:?}");
+    assert_eq!(ids, BTreeSet::from([0, 1, 2]), "after {asked} requests");
 }
 
 #[test]
@@ -251,12 +274,127 @@ fn as_pid_1_the_master_reaps_orphans() {
         let (status, body) = tb.get("/orphan").unwrap();
         assert_eq!(status, 200, "{body}");
     }
-    // The orphaned `sleep`s are re-parented to the master, exit after 0.2 s, and are reaped.
-    std::thread::sleep(Duration::from_millis(400));
+    // The orphaned `sleep`s were re-parented to the master when their shell exited (before each
+    // answer); they exit after 0.2 s, and must be reaped (not left as zombies).
+    let orphans: Vec<(u32, char)> =
+        children_with_state(master).into_iter().filter(|(p, _)| !workers.contains(p)).collect();
+    assert!(!orphans.is_empty(), "the orphans are the master's children now");
     assert!(
         wait_until(Duration::from_secs(3), || children_with_state(master).iter().all(|(p, _)| workers.contains(p))),
-        "left over: {:?}",
+        "left over: {:?} (were {orphans:?})",
         children_with_state(master)
     );
     assert_eq!(tb.get("/").unwrap().0, 200);
+}
+
+#[test]
+fn programs_a_worker_runs_inherit_no_cluster_variables() {
+    let mut opts = args(&["--workers", "2"]);
+    // A user setting, not part of the hand-off: keep it out of the picture.
+    opts.configure = Some(Box::new(|cmd| {
+        cmd.env_remove("ECEWO_CLUSTER_CPUS");
+    }));
+    let tb = Testbed::start_with(opts);
+    let mut workers = BTreeSet::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let (status, body) = tb.get("/child-env").unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body, "", "a child of a worker sees the cluster's variables");
+            let (_, hello) = tb.get("/").unwrap();
+            workers.extend(worker_of(&hello));
+            workers.len() == 2
+        }),
+        "both workers answered"
+    );
+}
+
+/// The hand-off variables of a worker, as a worker's child inherits them (forged: this test is
+/// not a master).
+fn forged_worker_env(cmd: &mut std::process::Command, master_pid: u32) {
+    cmd.env("ECEWO_CLUSTER_WORKER_ID", "0")
+        .env("ECEWO_CLUSTER_WORKERS", "1")
+        .env("ECEWO_CLUSTER_PORT", "1")
+        .env("ECEWO_CLUSTER_LISTEN_FD", "3")
+        .env("ECEWO_CLUSTER_CHANNEL_FD", "4")
+        .env("ECEWO_CLUSTER_MASTER_PID", master_pid.to_string())
+        .env("ECEWO_CLUSTER_SHUTDOWN_TIMEOUT_MS", "1000")
+        .env("RUST_LOG", "debug");
+}
+
+#[test]
+fn stale_cluster_variables_without_the_masters_channel_make_a_master() {
+    // (1) No descriptor at fd 4 (a worker's child: the worker's channel is close-on-exec), the
+    // "master" being our own pid, which is this process's parent. (2) fd 4 a unix socket whose
+    // peer is this test, but another master pid.
+    for case in ["no channel", "another peer"] {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut opts = args(&["--workers", "1"]);
+        opts.configure = Some(Box::new(move |cmd| {
+            if case == "no channel" {
+                forged_worker_env(cmd, std::process::id());
+            } else {
+                forged_worker_env(cmd, 1);
+                cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: 4 }]).unwrap();
+            }
+        }));
+        let mut tb = Testbed::start_with(opts);
+        assert_eq!(tb.ready_line, format!("ready: 1 workers on port {}", tb.port), "{case}");
+        assert_ne!(tb.port, 1, "{case}: the forged port is not used");
+        let (status, body) = tb.get("/").unwrap();
+        assert_eq!((status, worker_of(&body)), (200, Some(0)), "{case}: {body}");
+        // Its own worker is a real one, and its children see no variables either.
+        assert_eq!(tb.get("/child-env").unwrap(), (200, String::new()), "{case}");
+        let log = tb.stderr();
+        assert!(log.contains("ignoring the ECEWO_CLUSTER_* variables"), "{case}: {log}");
+        tb.signal(Signal::TERM);
+        let st = tb.wait_exit(Duration::from_secs(10)).expect("master exits");
+        assert!(st.success(), "{case}: {st:?}\n{}", tb.stderr());
+        drop(ours);
+    }
+}
+
+#[test]
+fn a_worker_whose_master_died_before_init_exits_with_master_gone() {
+    // The channel's peer is this test (the "master"), but the process's parent is a shell in
+    // between: as if the master died and the worker was re-parented before its init.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut opts = args(&["--workers", "1"]);
+    opts.program = Some("sh".into());
+    opts.args = ["-c", "\"$0\" \"$@\"; exit $?", TESTBED, "--port", "0", "--workers", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    opts.configure = Some(Box::new(move |cmd| {
+        forged_worker_env(cmd, std::process::id());
+        cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: 4 }]).unwrap();
+    }));
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!st.success());
+    let log = tb.stderr();
+    assert!(log.contains("the master process is gone"), "{log}");
+    assert!(!log.contains("ready"), "{log}");
+    drop(ours);
+}
+
+#[test]
+fn a_program_that_cannot_listen_says_so_in_one_sentence() {
+    // `fn main() -> Result<(), ecewo_cluster::Error>` (the hello example) with its port taken.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(example_binary("hello"));
+    cmd.args(["--port", &port.to_string(), "--workers", "1"]).env("NO_COLOR", "1").env("XDG_RUNTIME_DIR", dir.path());
+    let out = run_bounded(cmd, Duration::from_secs(20)).expect("hello gives up at once");
+    assert!(!out.status.success(), "{:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    assert!(last.starts_with("Error: cannot listen on "), "the last line: {last:?}\n{err}");
+    assert!(last.contains(&format!(":{port}: ")), "names the port: {last:?}");
+    assert_eq!(err.lines().filter(|l| l.starts_with("Error:")).count(), 1, "{err}");
+    for debug in ["Bind {", "Os {", "kind:", "source:"] {
+        assert!(!err.contains(debug), "no debug structure ({debug}): {err}");
+    }
+    drop(held);
 }

@@ -16,29 +16,73 @@ use rustix::process::{Pid, Signal};
 pub const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
 
 /// The `ecewo-cluster` CLI binary (package `ecewo-cluster-cli`, a sibling in the workspace: cargo
-/// only hands tests the binaries of their own package). Built once per test process with the
-/// profile of this test, so it is never stale; cargo releases its lock while tests run.
-pub fn cli_binary() -> &'static Path {
-    static CLI: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    CLI.get_or_init(|| {
-        // <target>/<profile>/deps/<test> → <target>/<profile>/ecewo-cluster
-        let exe = std::env::current_exe().expect("the test's own path");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
-        let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", "ecewo-cluster-cli", "--bin", "ecewo-cluster"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
+/// only hands tests the binaries of their own package).
+pub fn cli_binary() -> PathBuf {
+    cargo_built(&["-p", "ecewo-cluster-cli", "--bin", "ecewo-cluster"], "ecewo-cluster")
+}
+
+/// An example of the library (`examples/<name>.rs`, default features).
+pub fn example_binary(name: &str) -> PathBuf {
+    cargo_built(&["-p", "ecewo-cluster", "--example", name], &format!("examples/{name}"))
+}
+
+/// A binary of the workspace, built by `cargo build <args>` once per test process with the
+/// profile of this test, so it is never stale (cargo releases its lock while tests run);
+/// `output` is its path under `target/<profile>/`.
+pub fn cargo_built(args: &[&str], output: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(Vec<String>, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let key: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    // Held while building: two tests asking for the same binary build it once.
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = built.iter().find(|(k, _)| *k == key) {
+        return path.clone();
+    }
+    // <target>/<profile>/deps/<test> → <target>/<profile>/<output>
+    let exe = std::env::current_exe().expect("the test's own path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet"]).args(args).current_dir(env!("CARGO_MANIFEST_DIR"));
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.env("CARGO_TARGET_DIR", target_dir);
+    }
+    let status = cmd.status().expect("run cargo");
+    assert!(status.success(), "cargo build {args:?} failed");
+    let bin = profile_dir.join(output);
+    assert!(bin.is_file(), "{} was not built", bin.display());
+    built.push((key, bin.clone()));
+    bin
+}
+
+/// Runs `cmd` to its end (stdin closed, stdout and stderr captured), killing it by pid if it is
+/// still running after `timeout`; `None` then.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> Option<std::process::Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start");
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
         }
-        if let Some(target_dir) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target_dir);
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
         }
-        let status = cmd.status().expect("run cargo to build the CLI");
-        assert!(status.success(), "cargo could not build the ecewo-cluster CLI");
-        let bin = profile_dir.join("ecewo-cluster");
-        assert!(bin.is_file(), "{} was not built", bin.display());
-        bin
-    })
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let (stdout, stderr) = (out.join().unwrap(), err.join().unwrap());
+    status.map(|status| std::process::Output { status, stdout, stderr })
 }
 
 /// A running testbed cluster. Dropping it kills the master and every worker it ever saw.
@@ -205,6 +249,23 @@ impl Testbed {
         http_get(self.port, path)
     }
 
+    /// Sends `GET path` on a fresh connection and returns once a worker has accepted it (the
+    /// request is then in that worker's hands): the worker's pid, and the thread that reads the
+    /// response.
+    pub fn get_in_flight(&mut self, path: &str) -> (u32, std::thread::JoinHandle<std::io::Result<(u16, String)>>) {
+        let s = send_get(self.port, path).expect("connect and send");
+        let client_port = s.local_addr().unwrap().port();
+        let reader = std::thread::spawn(move || read_response(s));
+        let mut holder = None;
+        let accepted = wait_until(Duration::from_secs(10), || {
+            let Some(socket) = server_socket_of(self.port, client_port) else { return false };
+            holder = self.workers().into_iter().find(|&w| fds_of(w).iter().any(|(_, t)| *t == socket));
+            holder.is_some()
+        });
+        assert!(accepted, "no worker accepted the connection of {path} within 10 s\n{}", self.stderr());
+        (holder.unwrap(), reader)
+    }
+
     /// Waits until `cond` holds on the stderr log.
     pub fn wait_log(&self, timeout: Duration, cond: impl Fn(&str) -> bool) -> bool {
         wait_until(timeout, || cond(&self.stderr()))
@@ -306,13 +367,37 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`); returns status and body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    read_response(send_get(port, path)?)
+}
+
+/// Opens a fresh connection and sends `GET path` (`Connection: close`) on it.
+pub fn send_get(port: u16, path: &str) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    Ok(s)
+}
+
+/// Reads the whole response of a [`send_get`] connection: status and body.
+pub fn read_response(mut s: TcpStream) -> std::io::Result<(u16, String)> {
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)
         .ok_or_else(|| std::io::Error::other(format!("bad response: {:?}", String::from_utf8_lossy(&raw))))
+}
+
+/// The inode target ("socket:[N]") of the server side of the IPv4 loopback connection between
+/// `server_port` and the client's `client_port`, from /proc/net/tcp.
+pub fn server_socket_of(server_port: u16, client_port: u16) -> Option<String> {
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let port =
+            |addr: Option<&&str>| addr.and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+        (port(f.get(1)) == Some(server_port) && port(f.get(2)) == Some(client_port))
+            .then(|| f.get(9).map(|inode| format!("socket:[{inode}]")))
+            .flatten()
+    })
 }
 
 pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
