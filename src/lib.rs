@@ -27,7 +27,7 @@
 //! }
 //! ```
 //!
-//! With the `tokio` feature (on by default), [`serve`](crate::serve::serve) runs any tower
+//! With the `tokio` feature (on by default), `serve::serve` runs any tower
 //! service (an axum `Router`, for example) in each worker: it reports readiness once it accepts,
 //! and drains gracefully on shutdown.
 //!

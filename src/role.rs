@@ -125,8 +125,10 @@ impl Cluster {
     ///   a small single-threaded process, and workers are this same program executed again, so
     ///   whatever runs before `init` runs in every worker too.
     /// - Workers are found by their environment (`ECEWO_CLUSTER_*`) and their inherited channel,
-    ///   never by argv, so programs that parse their own arguments keep working. Programs a
-    ///   worker starts do not inherit the worker's identity.
+    ///   never by argv, so programs that parse their own arguments keep working. The variables
+    ///   count only when the channel they name really leads to the master they name; otherwise
+    ///   they are stale and the process starts as a master. A worker removes them from its
+    ///   environment, so programs it starts do not inherit its identity.
     /// - In the master, the process's `SIGTERM`, `SIGINT`, `SIGHUP`, `SIGQUIT`, `SIGUSR2`,
     ///   `SIGTTIN` and `SIGTTOU` (and the bound signals) are handled from here on; they are
     ///   acted on once [`Master::wait`] runs.

@@ -227,7 +227,8 @@ pub(crate) mod unix_time {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SystemTime>, D::Error> {
         let secs = Option::<f64>::deserialize(d)?;
-        Ok(secs.and_then(|s| Duration::try_from_secs_f64(s).ok()).map(|d| UNIX_EPOCH + d))
+        // Out-of-range values (a negative, NaN or enormous number) read as unknown, never a panic.
+        Ok(secs.and_then(|s| Duration::try_from_secs_f64(s).ok()).and_then(|d| UNIX_EPOCH.checked_add(d)))
     }
 }
 
@@ -274,6 +275,15 @@ mod tests {
         assert_eq!(ExitStatus::Signal(Signal::KILL).as_raw(), 137);
         assert!(ExitStatus::Code(0).success());
         assert!(!ExitStatus::Signal(Signal::TERM).success());
+    }
+
+    #[test]
+    fn out_of_range_times_are_unknown_not_a_panic() {
+        let json = r#"{"worker_id":0,"pid":null,"port":1,"status":"active","start_time":1e19,"uptime":0.5,
+            "exit_status":null,"crash_count":0,"respawn_disabled":false}"#;
+        let w: WorkerStats = serde_json::from_str(json).unwrap();
+        assert_eq!(w.start_time, None);
+        assert!(serde_json::from_str::<WorkerStats>(&json.replace("0.5", "-1")).is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the whole cluster, in the text exposition format.
 //!
 //! The master holds the figures; a worker asks for them over its channel
-//! ([`crate::serve::metrics`]), so a `/metrics` route in the application returns the cluster's
+//! (`serve::metrics`, with the `tokio` feature), so a `/metrics` route in the application returns the cluster's
 //! aggregate whichever worker the scrape reaches (a metric scraped from one random worker would
 //! describe only that worker). `ecewo-cluster metrics` prints the same text, for textfile
 //! collectors.

@@ -144,7 +144,7 @@ impl Worker {
     /// # Errors
     ///
     /// [`Error::ListenerTaken`] if it was taken already (by this method,
-    /// [`serve::listener`] or [`serve::serve`]).
+    /// `serve::listener` or `serve::serve`).
     ///
     /// # Caveats
     ///
@@ -211,7 +211,7 @@ impl Worker {
     }
 
     /// Asks the master for the cluster's statistics and every worker's (blocks up to 5 s; from
-    /// async code, use [`serve::cluster_stats`]).
+    /// async code, use `serve::cluster_stats`).
     ///
     /// # Errors
     ///

@@ -126,13 +126,17 @@ fn crash_loop_disables_every_slot_and_the_master_exits_non_zero() {
     let log = tb.stderr();
     for slot in 0..2 {
         assert_eq!(log.matches(&format!("on_start id={slot} ")).count(), 3, "spawned exactly 3 times: {log}");
-        assert!(
-            log.lines().any(|l| l.contains(&format!("Worker {slot} crashing too fast (3 times in "))
-                && l.ends_with("s), disabling respawn")),
-            "{log}"
-        );
+        let prefix = format!("Worker {slot} crashing too fast (3 times in ");
+        let line = log.lines().find(|l| l.contains(&prefix)).unwrap_or_else(|| panic!("no crash line: {log}"));
+        assert!(line.ends_with("s), disabling respawn"), "{line}");
+        // Three crashes 100 ms apart: a sub-second window, shown readably (`0.2s`), never `0s`.
+        let window = line.split(&prefix).nth(1).and_then(|rest| rest.split("s)").next()).unwrap_or("");
+        let secs: f64 = window.parse().unwrap_or_else(|_| panic!("window {window:?} in {line}"));
+        assert!(secs > 0.0 && secs < 5.0 && window.contains('.'), "{line}");
     }
     assert!(log.contains("no worker can run any more"), "{log}");
+    // Logs written to a file carry no colour codes.
+    assert!(!log.contains('\u{1b}'), "ANSI escape codes in a log file: {log}");
 }
 
 #[test]
