@@ -137,14 +137,11 @@ impl ControlServer {
                     return;
                 }
             };
-            match rustix::net::sockopt::socket_peercred(&sock) {
-                Ok(cred) if cred.uid.as_raw() == self.uid || cred.uid.is_root() => {}
+            match crate::os::sys::unix_peer_cred(std::os::fd::AsFd::as_fd(&sock)) {
+                Ok(cred) if cred.uid == self.uid || cred.uid == 0 => {}
                 Ok(cred) => {
-                    tracing::warn!(
-                        "control socket: refused a connection from uid {} (pid {})",
-                        cred.uid.as_raw(),
-                        cred.pid.as_raw_nonzero()
-                    );
+                    let pid = cred.pid.map_or_else(|| "in another PID namespace".to_owned(), |p| p.to_string());
+                    tracing::warn!("control socket: refused a connection from uid {} (pid {pid})", cred.uid);
                     continue;
                 }
                 Err(e) => {

@@ -288,14 +288,6 @@ impl Master {
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
-        let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
-        if rustix::process::getpid().as_raw_nonzero().get() == 1 {
-            // PID 1 of a container: orphans of the whole container are re-parented to us and
-            // must be reaped, or they stay zombies. A handler (never SIG_IGN, which would reap
-            // our workers behind the pidfds' back) tells us when.
-            extra.push(Signal::CHLD);
-        }
-        let signals = Signals::register(&extra).map_err(Error::io("cannot install the master's signal handlers"))?;
         let policy = Policy {
             workers,
             port: addr.port(),
@@ -351,6 +343,15 @@ impl Master {
         if let Some(c) = &control {
             tracing::info!("control socket: {}", c.path().display());
         }
+        // Last, so that an error above leaves the process's signals as they were.
+        let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        if rustix::process::getpid().as_raw_nonzero().get() == 1 {
+            // PID 1 of a container: orphans of the whole container are re-parented to us and
+            // must be reaped, or they stay zombies. A handler (never SIG_IGN, which would reap
+            // our workers behind the pidfds' back) tells us when.
+            extra.push(Signal::CHLD);
+        }
+        let signals = Signals::register(&extra).map_err(Error::io("cannot install the master's signal handlers"))?;
         Ok(Master {
             notify: Notifier::from_env(),
             exe_path,
@@ -513,5 +514,55 @@ mod tests {
         let handle = master.handle();
         drop(master);
         handle
+    }
+}
+
+#[cfg(test)]
+mod signal_tests {
+    use std::io::{BufRead, BufReader};
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    use super::*;
+
+    const CHILD: &str = "ECEWO_CLUSTER_TEST_SIGNAL_CHILD";
+
+    /// In a child process (this test binary, run again for the test below): a master is made and
+    /// dropped, then the process waits. A `SIGTERM` must then end it as by default, not be
+    /// swallowed by the dropped master's handlers.
+    #[test]
+    fn child_drops_a_master_then_waits() {
+        if std::env::var_os(CHILD).is_none() {
+            return;
+        }
+        let opts = crate::Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
+        drop(Master::new(opts.into_settings()).unwrap());
+        println!("dropped");
+        std::thread::sleep(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn after_the_master_is_dropped_sigterm_acts_by_default_again() {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "master::signal_tests::child_drops_a_master_then_waits",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = rustix::process::Pid::from_child(&child);
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let dropped = lines.any(|l| l.is_ok_and(|l| l.contains("dropped")));
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let status = child.wait().unwrap();
+        assert!(dropped, "the child never dropped its master");
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "SIGTERM was swallowed: {status:?}");
     }
 }

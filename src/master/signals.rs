@@ -59,8 +59,22 @@ impl Driver {
 const DEFAULT_HANDLED: [Signal; 7] =
     [Signal::TERM, Signal::INT, Signal::HUP, Signal::QUIT, Signal::USR2, Signal::TTIN, Signal::TTOU];
 
+/// Signals whose new default (a graceful shutdown) must not override an inherited `SIG_IGN`:
+/// `nohup` ignores `SIGHUP`, and a shell starts background jobs with `SIGQUIT` ignored. Unless
+/// the program binds them, the master leaves them ignored.
+const KEEP_IGNORED: [Signal; 2] = [Signal::HUP, Signal::QUIT];
+
+/// True while no master handles signals in this process (before the first, and after it is
+/// dropped): the signals that had the kernel's default action before the first master then act
+/// as by default again, instead of being swallowed by handlers nobody reads.
+static MASTERLESS: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+
+/// Signals given that conditional default action already (once per process).
+static DEFAULTED: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+
 /// The master's signal handling: handlers only set a flag and write to a self-pipe (via
-/// signal-hook); the loop polls the pipe and reads the flags. Unregistered on drop.
+/// signal-hook); the loop polls the pipe and reads the flags. On drop they are unregistered, and
+/// signals that had the kernel's default action before act by default again.
 pub(super) struct Signals {
     pub(super) read: UnixStream,
     /// SIGCHLD is handled: this master is PID 1 and reaps orphans.
@@ -71,14 +85,31 @@ pub(super) struct Signals {
 
 impl Signals {
     /// The handlers of the signals the master always handles, and of `extra` ones (bound
-    /// signals; `SIGCHLD` as PID 1).
+    /// signals; `SIGCHLD` as PID 1). `SIGHUP` and `SIGQUIT` inherited as ignored, and not in
+    /// `extra`, stay ignored.
     pub(super) fn register(extra: &[Signal]) -> io::Result<Signals> {
         let (read, write) = UnixStream::pair()?;
         read.set_nonblocking(true)?;
         let mut s = Signals { read, reaps_orphans: extra.contains(&Signal::CHLD), flags: Vec::new(), ids: Vec::new() };
+        let masterless = MASTERLESS.get_or_init(|| Arc::new(AtomicBool::new(false)));
+        masterless.store(false, Ordering::SeqCst);
         let mut all = DEFAULT_HANDLED.to_vec();
         all.extend(extra.iter().filter(|s| !DEFAULT_HANDLED.contains(s)));
         for sig in all {
+            let before = crate::os::sys::disposition(sig)?;
+            if before == crate::os::sys::Disposition::Ignored && KEEP_IGNORED.contains(&sig) && !extra.contains(&sig) {
+                tracing::debug!("{sig} is ignored (inherited, as under nohup): leaving it so");
+                continue;
+            }
+            if before == crate::os::sys::Disposition::Default {
+                let mut defaulted = DEFAULTED.lock().unwrap_or_else(|e| e.into_inner());
+                let bit = 1u64 << (sig.as_raw() as u32 % 64);
+                if *defaulted & bit == 0 {
+                    // Never unregistered: it acts only while no master handles signals.
+                    signal_hook::flag::register_conditional_default(sig.as_raw(), masterless.clone())?;
+                    *defaulted |= bit;
+                }
+            }
             let flag = Arc::new(AtomicBool::new(false));
             s.ids.push(signal_hook::flag::register(sig.as_raw(), flag.clone())?);
             s.ids.push(signal_hook::low_level::pipe::register(sig.as_raw(), write.try_clone()?)?);
@@ -99,6 +130,9 @@ impl Drop for Signals {
     fn drop(&mut self) {
         for id in self.ids.drain(..) {
             signal_hook::low_level::unregister(id);
+        }
+        if let Some(masterless) = MASTERLESS.get() {
+            masterless.store(true, Ordering::SeqCst);
         }
     }
 }

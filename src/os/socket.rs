@@ -125,7 +125,7 @@ pub(crate) fn check_channel_peer(fd: RawFd, master_pid: u32) -> Result<(), Strin
         {
             return Err(format!("fd {fd} is not a unix stream socket"));
         }
-        match crate::os::sys::unix_peer_pid(sock) {
+        match crate::os::sys::unix_peer_cred(sock).map(|c| c.pid) {
             Ok(Some(pid)) if pid == master_pid => Ok(()),
             Ok(Some(pid)) => Err(format!("the peer of fd {fd} is process {pid}, not the master {master_pid}")),
             Ok(None) => Err(format!("fd {fd} has no peer process in this PID namespace")),

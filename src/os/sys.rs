@@ -84,13 +84,23 @@ pub(crate) fn inspect_fd<R>(fd: RawFd, f: impl FnOnce(BorrowedFd<'_>) -> R) -> i
     Ok(f(borrowed))
 }
 
-/// The pid of the process at the other end of a connected unix socket (`SO_PEERCRED`: the
-/// process that created the pair, or connected, at that time), or `None` when the kernel knows
-/// none (a socket with no peer, or a peer outside this PID namespace: pid 0).
+/// The credentials of the process at the other end of a connected unix socket
+/// (`SO_PEERCRED`: the process that created the pair, or connected, at that time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerCred {
+    /// Its pid, or `None` when the kernel knows none (a socket with no peer, or a peer outside
+    /// this PID namespace: pid 0).
+    pub(crate) pid: Option<u32>,
+    /// Its effective uid.
+    pub(crate) uid: u32,
+}
+
+/// The credentials of the peer of a connected unix socket.
 ///
-/// Called through libc rather than rustix: rustix's `socket_peercred` reads the pid into a
-/// non-zero type, which the kernel's 0 would make undefined behaviour.
-pub(crate) fn unix_peer_pid(socket: BorrowedFd<'_>) -> io::Result<Option<u32>> {
+/// Read through libc, never rustix: rustix's `socket_peercred` reads the pid into a non-zero
+/// type, which the kernel's 0 (a peer in another PID namespace) would make undefined behaviour.
+/// Do not use it anywhere in this crate.
+pub(crate) fn unix_peer_cred(socket: BorrowedFd<'_>) -> io::Result<PeerCred> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: `cred` is a valid, initialised `ucred` borrowed for the whole call, and `len` is
@@ -111,7 +121,35 @@ pub(crate) fn unix_peer_pid(socket: BorrowedFd<'_>) -> io::Result<Option<u32>> {
     if len as usize != std::mem::size_of::<libc::ucred>() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    Ok(u32::try_from(cred.pid).ok().filter(|&pid| pid != 0))
+    Ok(PeerCred { pid: u32::try_from(cred.pid).ok().filter(|&pid| pid != 0), uid: cred.uid })
+}
+
+/// What a signal does in this process right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// The kernel's default action (`SIG_DFL`).
+    Default,
+    /// Ignored (`SIG_IGN`), for example `SIGHUP` under `nohup`.
+    Ignored,
+    /// A handler is installed.
+    Handled,
+}
+
+/// The current disposition of `signal`, read without changing it.
+pub(crate) fn disposition(signal: crate::signal::Signal) -> io::Result<Disposition> {
+    // SAFETY: `sigaction` is plain data; a zeroed one is a valid value to be overwritten.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a null new action only reads the current one into `old`, a valid `sigaction`
+    // borrowed for the call; nothing in this process changes.
+    let r = unsafe { libc::sigaction(signal.as_raw(), std::ptr::null(), &mut old) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(match old.sa_sigaction {
+        libc::SIG_DFL => Disposition::Default,
+        libc::SIG_IGN => Disposition::Ignored,
+        _ => Disposition::Handled,
+    })
 }
 
 /// Removes the variables `keys` from this process's environment, but only while the process
@@ -197,7 +235,8 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: crate::signal::Si
     let sig = match Signal::from_named_raw(raw) {
         Some(named) => named,
         // SAFETY: a `crate::signal::Signal` only holds valid signal numbers, and the ones without
-        // a name are real-time signals (34 to 64), which libc does not reserve for itself.
+        // a name are real-time signals from the C library's `SIGRTMIN()` to 64, none of which it
+        // reserves for itself (glibc keeps 32 and 33, musl 32 to 34; both start `SIGRTMIN` above).
         None => unsafe { Signal::from_raw_unchecked(raw) },
     };
     rustix::process::pidfd_send_signal(pidfd, sig)

@@ -139,6 +139,35 @@ fn sighup_stops_gracefully_unless_bound() {
     a_signal_lets_in_flight_requests_finish(Signal::HUP, "SIGHUP", &["--default-sighup"]);
 }
 
+/// Under `nohup` (SIGHUP ignored when the program starts) the master keeps ignoring SIGHUP
+/// rather than shutting down when the terminal closes; SIGTERM still stops it.
+#[test]
+fn an_inherited_ignored_sighup_stays_ignored() {
+    let testbed = std::path::PathBuf::from(TESTBED);
+    let opts = Options {
+        program: Some("nohup".into()),
+        args: [testbed.to_str().unwrap(), "--port", "0", "--workers", "1", "--default-sighup"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        ..Options::default()
+    };
+    let mut tb = Testbed::start_with(opts);
+    tb.signal(Signal::HUP);
+    // The master handles SIGUSR2 after the SIGHUP it ignores: once the rollout it starts has
+    // replaced the worker, the SIGHUP would long have been acted on.
+    let before = tb.workers();
+    tb.signal(Signal::USR2);
+    assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains("graceful restart completed")), "{}", tb.stderr());
+    assert_eq!(tb.get("/").map(|(s, _)| s).ok(), Some(200), "still serving after SIGHUP");
+    let log = tb.stderr();
+    assert!(!log.contains("received SIGHUP") && !log.contains("shutting down"), "{log}");
+    assert_ne!(tb.workers(), before, "the rollout ran");
+    tb.signal(Signal::TERM);
+    let st = tb.wait_exit(Duration::from_secs(10)).expect("SIGTERM still stops it");
+    assert!(st.success(), "{st:?}");
+}
+
 #[test]
 fn shutdown_timeout_kills_a_wedged_worker() {
     let mut tb = Testbed::start(&["--workers", "1", "--shutdown-timeout-ms", "500"]);
