@@ -72,11 +72,19 @@ impl MasterEnd {
                 tracing::warn!("a worker channel sent a line over {MAX_LINE} bytes; ignoring the channel");
             }
             self.closed |= input.eof || input.too_long;
-            self.queued.extend(input.lines.iter().filter_map(|line| {
-                serde_json::from_slice::<ToMaster>(line)
-                    .map_err(|e| tracing::warn!("ignoring a malformed message from a worker: {e}"))
-                    .ok()
+            let (mut malformed, mut first_error) = (0usize, None);
+            self.queued.extend(input.lines.iter().filter_map(|line| match serde_json::from_slice::<ToMaster>(line) {
+                Ok(msg) => Some(msg),
+                Err(e) => {
+                    malformed += 1;
+                    first_error.get_or_insert(e);
+                    None
+                }
             }));
+            // One line per read, however many: a worker flooding garbage cannot flood the log.
+            if let Some(e) = first_error {
+                tracing::warn!("ignoring {malformed} malformed message(s) from a worker: {e}");
+            }
         }
         if self.closed {
             // Nobody will read answers any more: only what needs none is worth handing over.

@@ -19,6 +19,9 @@ pub(crate) struct LineIo {
     out_start: usize,
 }
 
+/// The most bytes one [`LineIo::read_lines`] call reads.
+pub(crate) const READ_BUDGET: usize = 64 * 1024;
+
 /// What one [`LineIo::read_lines`] found.
 #[derive(Debug, Default)]
 pub(crate) struct Input {
@@ -36,12 +39,19 @@ impl LineIo {
         Ok(LineIo { sock, inbuf: Vec::new(), scanned: 0, outbuf: Vec::new(), out_start: 0 })
     }
 
-    /// Reads what is available without blocking.
+    /// Reads what is available without blocking, but at most [`READ_BUDGET`] bytes per call,
+    /// so that a peer writing as fast as it can neither holds the master's loop nor fills its
+    /// memory: what is left stays in the socket, and `poll` reports it again.
     pub(crate) fn read_lines(&mut self, max_line: usize) -> Input {
         let mut input = Input::default();
         let mut buf = [0u8; 8192];
+        let mut budget = READ_BUDGET;
         loop {
-            let read = match self.sock.read(&mut buf) {
+            if budget == 0 {
+                return input;
+            }
+            let want = buf.len().min(budget);
+            let read = match self.sock.read(&mut buf[..want]) {
                 Ok(0) => {
                     input.eof = true;
                     0
@@ -54,13 +64,17 @@ impl LineIo {
                     0
                 }
             };
+            budget -= read;
             self.inbuf.extend_from_slice(&buf[..read]);
-            while let Some(pos) = self.inbuf[self.scanned..].iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.inbuf.drain(..=self.scanned + pos).collect();
-                line.pop();
-                input.lines.push(line);
-                self.scanned = 0;
+            // Every complete line, then one drain of what they took (not a move per line).
+            let mut start = 0;
+            let mut from = self.scanned;
+            while let Some(pos) = self.inbuf[from..].iter().position(|&b| b == b'\n') {
+                input.lines.push(self.inbuf[start..from + pos].to_vec());
+                start = from + pos + 1;
+                from = start;
             }
+            self.inbuf.drain(..start);
             self.scanned = self.inbuf.len();
             if self.inbuf.len() > max_line {
                 self.inbuf = Vec::new();
@@ -151,5 +165,35 @@ mod tests {
         drop(b);
         assert!(io.send(&line).is_err(), "the peer is gone");
         assert_eq!(io.pending_output(), 0);
+    }
+
+    /// A peer that writes as fast as it can: each call reads at most the budget, and together
+    /// they still get every line, in order.
+    #[test]
+    fn a_flooding_peer_is_read_a_budget_at_a_time() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut io = LineIo::new(a).unwrap();
+        let total = 100_000usize;
+        let writer = std::thread::spawn(move || {
+            let mut b = b;
+            for i in 0..total {
+                b.write_all(format!("{i}\n").as_bytes()).unwrap();
+            }
+        });
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while got.len() < total {
+            assert!(std::time::Instant::now() < deadline, "only {} lines", got.len());
+            let input = io.read_lines(1024);
+            let bytes: usize = input.lines.iter().map(|l| l.len() + 1).sum();
+            // The budget, plus the end of a line begun in the previous call.
+            assert!(bytes <= READ_BUDGET + 8, "one call returned {bytes} bytes");
+            got.extend(input.lines);
+            if got.len() < total {
+                std::thread::yield_now();
+            }
+        }
+        writer.join().unwrap();
+        assert!(got.iter().enumerate().all(|(i, l)| l == i.to_string().as_bytes()));
     }
 }

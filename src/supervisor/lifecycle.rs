@@ -176,7 +176,10 @@ impl Supervisor {
         if self.announced_ready || self.phase != Phase::Running {
             return;
         }
-        let waiting = self.slots.iter().any(|s| !s.disabled && s.status() != WorkerStatus::Active);
+        // Only slots that will still become active hold the announcement back: a slot disabled,
+        // crashed with respawn off, or stopped for good during start-up does not.
+        let waiting =
+            self.slots.iter().any(|s| matches!(s.status(), WorkerStatus::Starting | WorkerStatus::Respawning));
         let workers = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
         if !waiting && workers > 0 {
             self.announced_ready = true;

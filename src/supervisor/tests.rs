@@ -150,6 +150,33 @@ fn ready_makes_active_and_all_ready_is_reported_once() {
     assert_eq!(h.sup.next_deadline(), None, "all ready, nothing pending: no wake-ups");
 }
 
+/// A slot that ends for good during start-up (respawn off: crashed, or a clean exit) does not
+/// hold the announcement back, so the start-up completes, `READY=1` is sent and the watchdog
+/// stays fed while the other worker serves.
+#[test]
+fn a_slot_gone_for_good_during_start_up_does_not_hold_it_back() {
+    for (status, ready_first) in
+        [(ExitStatus::Code(1), true), (ExitStatus::Code(0), true), (ExitStatus::Code(1), false)]
+    {
+        let mut h = Harness::new(Policy { respawn: false, ..policy(2) });
+        h.at(0);
+        h.at(100);
+        let mut seen = Vec::new();
+        if ready_first {
+            seen.extend(h.ready(0));
+            seen.extend(h.exit(1, status));
+        } else {
+            seen.extend(h.exit(1, status));
+            seen.extend(h.ready(0));
+        }
+        assert!(reports(&seen).contains(&&Report::AllReady { workers: 1 }), "{status:?}: {seen:?}");
+        assert!(seen.contains(&Command::Notify(Notify::Ready { workers: 1 })), "{seen:?}");
+        // Long past the start-up deadline, the watchdog is still fed: one worker serves.
+        h.now = h.t0 + Duration::from_secs(60);
+        assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed, "{status:?}");
+    }
+}
+
 #[test]
 fn crash_classification() {
     let mut h = Harness::new(policy(1));
