@@ -30,7 +30,8 @@ async fn index() -> String {
 fn main() -> Result<(), cluster::Error> {
     let args = Args::parse();
     // Colour only for a person at a terminal, and never with NO_COLOR set.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(colour).init();
     match Cluster::new(args.port).cpus(args.workers).respawn(true).init()? {
         Role::Master(master) => master.wait(),

@@ -295,7 +295,13 @@ impl Cluster {
             return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
         }
         if self.s.backlog == 0 || self.s.backlog > i32::MAX as u32 {
-            return invalid("backlog", format!("{} is out of range; use 1 to 65535 (default 1024)", self.s.backlog));
+            return invalid(
+                "backlog",
+                format!(
+                    "{} is out of range; use 1 to 2147483647 (default 1024; the kernel caps it at net.core.somaxconn)",
+                    self.s.backlog
+                ),
+            );
         }
         if let Some(name) = &self.s.name
             && (name.is_empty() || name.contains('/') || name.len() > 64)

@@ -40,13 +40,11 @@ static ROLE: OnceLock<Global> = OnceLock::new();
 ///
 /// # Errors
 ///
-/// [`Error::NotMaster`] in a worker, [`Error::NotInitialized`] before [`Cluster::init`].
+/// [`Error::NotMaster`] in a worker, [`Error::NotInitialized`] before [`Cluster::init`],
+/// [`Error::NotSupervising`] once the master stopped supervising.
 pub fn signal_workers(signal: Signal) -> Result<(), Error> {
     match ROLE.get() {
-        Some(Global::Master(m)) => {
-            m.signal_workers(signal);
-            Ok(())
-        }
+        Some(Global::Master(m)) => m.signal_workers(signal),
         Some(Global::Worker(_)) => Err(Error::NotMaster { operation: "signal_workers" }),
         None => Err(Error::NotInitialized),
     }
@@ -58,13 +56,11 @@ pub fn signal_workers(signal: Signal) -> Result<(), Error> {
 ///
 /// # Errors
 ///
-/// [`Error::NotMaster`] in a worker, [`Error::NotInitialized`] before [`Cluster::init`].
+/// [`Error::NotMaster`] in a worker, [`Error::NotInitialized`] before [`Cluster::init`],
+/// [`Error::NotSupervising`] once the master stopped supervising.
 pub fn graceful_restart() -> Result<(), Error> {
     match ROLE.get() {
-        Some(Global::Master(m)) => {
-            m.graceful_restart();
-            Ok(())
-        }
+        Some(Global::Master(m)) => m.graceful_restart(),
         Some(Global::Worker(_)) => Err(Error::NotMaster { operation: "graceful_restart" }),
         None => Err(Error::NotInitialized),
     }
@@ -193,6 +189,7 @@ pub fn worker_count() -> usize {
 }
 
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 impl Cluster {
     /// Initialises the cluster and runs it: the master supervises until shutdown; each worker
     /// builds a single-threaded tokio runtime (one worker per core), calls `make_service` inside

@@ -97,10 +97,11 @@ named! {
 const MAX_SIGNAL: i32 = 64;
 
 impl Signal {
-    /// The signal with this number: a named one, or a real-time signal (34 to 64). `None` for
-    /// anything else (0, negative numbers, numbers past 64, and 32 and 33, which glibc keeps).
+    /// The signal with this number: a named one, or a real-time signal (from the C library's
+    /// `SIGRTMIN`, 34 with glibc and 35 with musl, to 64). `None` for anything else (0, negative
+    /// numbers, numbers past 64, and those the C library keeps for itself).
     pub fn from_raw(number: i32) -> Option<Signal> {
-        if NAMED.iter().any(|(s, _)| s.0 == number) || (34..=MAX_SIGNAL).contains(&number) {
+        if NAMED.iter().any(|(s, _)| s.0 == number) || (libc::SIGRTMIN()..=MAX_SIGNAL).contains(&number) {
             Some(Signal(number))
         } else {
             None

@@ -1,5 +1,7 @@
 //! `ecewo-cluster`: see and steer running clusters through their control sockets.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -73,8 +75,8 @@ enum Cmd {
 /// `--timeout`: a positive number of seconds, at most a day.
 fn parse_timeout(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(secs) if secs > 0.0 && secs <= 86_400.0 => Ok(secs),
-        _ => Err(format!("{text:?} is not a number of seconds between 0 and 86400 (for example 5 or 0.5)")),
+        Ok(secs) if (0.001..=86_400.0).contains(&secs) => Ok(secs),
+        _ => Err(format!("{text:?} is not a number of seconds from 0.001 to 86400 (for example 5 or 0.5)")),
     }
 }
 
@@ -87,22 +89,42 @@ impl<E: std::fmt::Display> From<E> for Failure {
     }
 }
 
+/// A line of output, collected and written at the end (see `main`).
+macro_rules! say {
+    ($out:expr) => {
+        $out.push('\n')
+    };
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    let mut out = String::new();
+    let code = match run(cli, &mut out) {
         Ok(code) => code,
         Err(Failure(msg)) => {
             eprintln!("ecewo-cluster: {msg}");
             ExitCode::FAILURE
         }
+    };
+    // Written in one go, and a reader that went away (`| head`) is not an error worth a panic.
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(out.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("ecewo-cluster: cannot write the output: {e}");
+            ExitCode::FAILURE
+        }
+        _ => code,
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode, Failure> {
+fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
     // parse_timeout keeps it in range.
     let timeout = Duration::from_secs_f64(cli.timeout);
     if let Cmd::List { json } = cli.command {
-        list(json, timeout)?;
+        list(json, timeout, out)?;
         return Ok(ExitCode::SUCCESS);
     }
     let path = find(&cli.target, timeout)?;
@@ -121,20 +143,20 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         (Cmd::Status { json: true }, response) => {
             // The master's whole answer, as the protocol puts it.
             let wire: serde_json::Value = serde_json::from_slice(&response.encode())?;
-            println!("{}", serde_json::to_string_pretty(&wire)?);
+            say!(out, "{}", serde_json::to_string_pretty(&wire)?);
         }
-        (Cmd::Status { json: false }, Response::Status(status)) => print_status(&status),
+        (Cmd::Status { json: false }, Response::Status(status)) => print_status(&status, out),
         (_, Response::RestartFinished(outcome)) => {
             if !outcome.is_completed() {
                 return Err(Failure(format!("graceful restart {}", describe_outcome(&outcome))));
             }
-            println!("restart {}", describe_outcome(&outcome));
+            say!(out, "restart {}", describe_outcome(&outcome));
         }
-        (_, Response::RestartStarted) => println!("restart started (`status` shows its progress)"),
-        (_, Response::Scaling { workers }) => println!("scaling to {workers} workers"),
-        (_, Response::Signalled { signal }) => println!("sent {signal} to every active worker"),
-        (_, Response::Stopping) => println!("stopping"),
-        (_, Response::Metrics { text }) => print!("{text}"),
+        (_, Response::RestartStarted) => say!(out, "restart started (`status` shows its progress)"),
+        (_, Response::Scaling { workers }) => say!(out, "scaling to {workers} workers"),
+        (_, Response::Signalled { signal }) => say!(out, "sent {signal} to every active worker"),
+        (_, Response::Stopping) => say!(out, "stopping"),
+        (_, Response::Metrics { text }) => out.push_str(&text),
         (_, other) => return Err(Failure(format!("the master answered something unexpected: {other:?}"))),
     }
     Ok(ExitCode::SUCCESS)
@@ -199,7 +221,7 @@ fn running_clusters(timeout: Duration) -> Vec<Running> {
         .collect()
 }
 
-fn list(json: bool, timeout: Duration) -> Result<(), Failure> {
+fn list(json: bool, timeout: Duration, out: &mut String) -> Result<(), Failure> {
     let running = running_clusters(timeout);
     if json {
         #[derive(serde::Serialize)]
@@ -213,16 +235,17 @@ fn list(json: bool, timeout: Duration) -> Result<(), Failure> {
             .iter()
             .map(|c| Item { name: &c.name, socket: &c.path, master: &c.status.master, cluster: &c.status.cluster })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&items)?);
+        say!(out, "{}", serde_json::to_string_pretty(&items)?);
         return Ok(());
     }
     if running.is_empty() {
-        println!("no cluster is running (sockets are looked for in {})", control::socket_dir().display());
+        say!(out, "no cluster is running (sockets are looked for in {})", control::socket_dir().display());
         return Ok(());
     }
-    println!("{:<28} {:>8} {:<22} {:>8} {:>7}", "NAME", "MASTER", "ADDRESS", "WORKERS", "ACTIVE");
+    say!(out, "{:<28} {:>8} {:<22} {:>8} {:>7}", "NAME", "MASTER", "ADDRESS", "WORKERS", "ACTIVE");
     for c in &running {
-        println!(
+        say!(
+            out,
             "{:<28} {:>8} {:<22} {:>8} {:>7}",
             c.name,
             c.status.master.pid,
@@ -234,10 +257,10 @@ fn list(json: bool, timeout: Duration) -> Result<(), Failure> {
     Ok(())
 }
 
-fn print_status(s: &Status) {
+fn print_status(s: &Status, out: &mut String) {
     let m = &s.master;
     let c = &s.cluster;
-    println!("{}  master pid {}  {}  {} balance  memory {}", m.name, m.pid, m.address, m.balance, bytes(m.rss_bytes));
+    say!(out, "{}  master pid {}  {}  {} balance  memory {}", m.name, m.pid, m.address, m.balance, bytes(m.rss_bytes));
     let mut flags = Vec::new();
     if c.restart_requested {
         flags.push("restart in progress".to_owned());
@@ -248,7 +271,8 @@ fn print_status(s: &Status) {
     if let Some(last) = &c.last_restart {
         flags.push(format!("last restart {}", describe_outcome(last)));
     }
-    println!(
+    say!(
+        out,
         "workers {} active of {}  crashed {}  disabled {}  restarts {}{}",
         c.active_workers,
         c.total_workers,
@@ -257,13 +281,22 @@ fn print_status(s: &Status) {
         c.total_restarts,
         if flags.is_empty() { String::new() } else { format!("  ({})", flags.join("; ")) }
     );
-    println!();
-    println!(
+    say!(out);
+    say!(
+        out,
         "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
-        "ID", "PID", "STATUS", "UPTIME", "RESTARTS", "CRASHES", "MEMORY", "CPU"
+        "ID",
+        "PID",
+        "STATUS",
+        "UPTIME",
+        "RESTARTS",
+        "CRASHES",
+        "MEMORY",
+        "CPU"
     );
     for w in &s.workers {
-        println!(
+        say!(
+            out,
             "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
             w.worker_id,
             w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
@@ -275,7 +308,8 @@ fn print_status(s: &Status) {
             cpu(w.cpu_time),
         );
     }
-    println!(
+    say!(
+        out,
         "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
         "",
         "",

@@ -83,8 +83,9 @@ impl Shared {
         self.snapshot.lock().unwrap_or_else(|e| e.into_inner()).cluster.total_workers
     }
 
-    pub(crate) fn graceful_restart(&self) {
-        self.request(Request::Restart(None));
+    /// `Err(NotSupervising)` once nobody would carry it out.
+    pub(crate) fn graceful_restart(&self) -> Result<(), Error> {
+        self.request(Request::Restart(None))
     }
 
     fn restart_and_wait(&self) -> Result<RestartOutcome, Error> {
@@ -100,7 +101,7 @@ impl Shared {
             }
             waiters.insert(ticket, tx);
         }
-        self.request(Request::Restart(Some(ticket)));
+        self.request(Request::Restart(Some(ticket)))?;
         // The loop answers every ticket: with the outcome, or Cancelled at shutdown. If it is
         // gone (wait() returned or unwound, or the Master was dropped), the sender was dropped.
         rx.recv().map_err(|_| Error::NotSupervising)
@@ -108,18 +109,26 @@ impl Shared {
 
     fn scale(&self, workers: usize) -> Result<(), Error> {
         check_scale(workers)?;
-        self.request(Request::Scale(workers));
+        self.request(Request::Scale(workers))
+    }
+
+    /// Hands `r` to the loop; refused once the master stopped supervising (nobody would take
+    /// it, and the queue would only grow).
+    fn request(&self, r: Request) -> Result<(), Error> {
+        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Error::NotSupervising);
+        }
+        requests.push(r);
+        drop(requests);
+        // Ignore EAGAIN: the counter is already non-zero and the loop will look.
+        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
         Ok(())
     }
 
-    fn request(&self, r: Request) {
-        self.requests.lock().unwrap_or_else(|e| e.into_inner()).push(r);
-        // Ignore EAGAIN: the counter is already non-zero and the loop will look.
-        let _ = rustix::io::write(&self.wake, &1u64.to_ne_bytes());
-    }
-
-    pub(crate) fn signal_workers(&self, signal: Signal) {
-        self.request(Request::SignalWorkers(signal));
+    /// `Err(NotSupervising)` once nobody would carry it out.
+    pub(crate) fn signal_workers(&self, signal: Signal) -> Result<(), Error> {
+        self.request(Request::SignalWorkers(signal))
     }
 
     /// Refuses new restart waiters and wakes those still waiting (their senders are dropped):
@@ -186,7 +195,8 @@ impl MasterHandle {
     /// Asks for a graceful shutdown, as SIGTERM does; [`Master::wait`] returns once every worker
     /// is gone. Asked a second time, the remaining workers are killed at once.
     pub fn shutdown(&self) {
-        self.shared.request(Request::Shutdown);
+        // Once the master stopped supervising there is nothing left to stop.
+        let _ = self.shared.request(Request::Shutdown);
     }
 
     /// Sends `signal` to every active worker (the spec's `cluster_signal_workers`); see
@@ -196,11 +206,7 @@ impl MasterHandle {
     ///
     /// [`Error::NotSupervising`] once the master no longer supervises.
     pub fn signal_workers(&self, signal: Signal) -> Result<(), Error> {
-        if self.shared.stopped.load(Ordering::SeqCst) {
-            return Err(Error::NotSupervising);
-        }
-        self.shared.signal_workers(signal);
-        Ok(())
+        self.shared.signal_workers(signal)
     }
 
     /// Starts a zero-downtime rolling restart (the spec's `cluster_graceful_restart`, like
@@ -208,7 +214,8 @@ impl MasterHandle {
     /// while one runs is queued: exactly one more rollout follows the current one, however many
     /// times it was asked for.
     pub fn graceful_restart(&self) {
-        self.shared.graceful_restart();
+        // Once the master stopped supervising there is nothing to restart.
+        let _ = self.shared.graceful_restart();
     }
 
     /// Like [`graceful_restart`](MasterHandle::graceful_restart), and blocks until the rollout
@@ -395,12 +402,14 @@ impl Master {
 
     /// Sends `signal` to every active worker once the loop runs; see [`crate::signal_workers`].
     pub fn signal_workers(&self, signal: Signal) {
-        self.shared.signal_workers(signal);
+        // The master is alive (borrowed), so it will supervise: this cannot be refused.
+        let _ = self.shared.signal_workers(signal);
     }
 
     /// Asks for a rolling restart once the loop runs; see [`MasterHandle::graceful_restart`].
     pub fn graceful_restart(&self) {
-        self.shared.graceful_restart();
+        // Once the master stopped supervising there is nothing to restart.
+        let _ = self.shared.graceful_restart();
     }
 
     /// The cluster's statistics (the spec's `cluster_get_stats`).

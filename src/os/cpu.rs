@@ -32,6 +32,7 @@ pub enum CpuSource {
 
 /// A detected CPU count and its origin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CpuCount {
     /// Number of CPUs, always at least 1.
     pub count: usize,

@@ -23,7 +23,7 @@
 //! In Rust both directions are typed: a [`Request`] is sent with [`Client::request`], which
 //! returns the matching [`Response`]; the master encodes its replies from the same types.
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -38,6 +38,10 @@ pub const PROTOCOL_VERSION: u64 = 1;
 
 /// The longest request line the master accepts, newline included.
 pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// The longest answer line a [`Client`] accepts (a status answer of `MAX_WORKERS` workers is
+/// about 1 MiB).
+pub const MAX_ANSWER: usize = 16 << 20;
 
 /// A control request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -390,7 +394,15 @@ impl Client {
         stream.set_write_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
         stream.write_all(&line).map_err(|e| io_err(e, &self.path, self.timeout))?;
         let mut answer = String::new();
-        let n = self.reader.read_line(&mut answer).map_err(|e| io_err(e, &self.path, self.timeout))?;
+        // A status answer for the largest cluster is about 1 MiB: anything far longer is not an
+        // answer of ours, and must not fill this process's memory.
+        let n = (&mut self.reader)
+            .take(MAX_ANSWER as u64)
+            .read_line(&mut answer)
+            .map_err(|e| io_err(e, &self.path, self.timeout))?;
+        if !answer.ends_with('\n') && n as u64 >= MAX_ANSWER as u64 {
+            return Err(ClientError::BadAnswer(self.path.clone()));
+        }
         if n == 0 {
             return Err(ClientError::NoAnswer(self.path.clone()));
         }

@@ -54,7 +54,7 @@ impl WorkerEnv {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| Error::BadInheritance { what: format!("{key}={} is not a number", v.to_string_lossy()) })
         }
-        Ok(Some(WorkerEnv {
+        let parsed = WorkerEnv {
             id: num(&get, env::WORKER_ID)?,
             count: num(&get, env::WORKERS)?,
             port: num(&get, env::PORT)?,
@@ -62,7 +62,17 @@ impl WorkerEnv {
             channel_fd: num(&get, env::CHANNEL_FD)?,
             master_pid: num(&get, env::MASTER_PID)?,
             shutdown_timeout: Duration::from_millis(num(&get, env::SHUTDOWN_TIMEOUT_MS)?),
-        }))
+        };
+        // Each descriptor is taken over once; the same number twice would give it two owners.
+        if parsed.listen_fd == parsed.channel_fd || parsed.listen_fd < 3 || parsed.channel_fd < 3 {
+            return Err(Error::BadInheritance {
+                what: format!(
+                    "its listener (fd {}) and channel (fd {}) must be two descriptors from 3 up",
+                    parsed.listen_fd, parsed.channel_fd
+                ),
+            });
+        }
+        Ok(Some(parsed))
     }
 }
 

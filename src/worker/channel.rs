@@ -33,10 +33,18 @@ pub(super) fn channel_reader(inner: Arc<Inner>, stream: UnixStream) {
             break;
         }
         if line.last() != Some(&b'\n') {
-            // Longer than any message we expect: skip the rest of it, keep listening.
+            // Longer than any message we expect: skip the rest of it, a bounded piece at a time,
+            // and keep listening.
             tracing::warn!("skipping a message from the master longer than {MAX_LINE} bytes");
-            let mut rest = Vec::new();
-            if !matches!(reader.read_until(b'\n', &mut rest), Ok(n) if n > 0) {
+            loop {
+                line.clear();
+                match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if line.last() == Some(&b'\n') => break,
+                    Ok(_) => {}
+                }
+            }
+            if line.last() != Some(&b'\n') {
                 break;
             }
             continue;
