@@ -95,6 +95,19 @@ pub enum Error {
     #[error("the worker's listener was already taken; call Worker::listener() once and keep it")]
     ListenerTaken,
 
+    /// [`Worker::take_listener`](crate::Worker::take_listener) was asked for a listener the
+    /// master did not pass to this worker.
+    #[error(
+        "this worker has no listener named {name:?} (it has: {}); use one of these names, or add the listener to the cluster",
+        names.join(", ")
+    )]
+    NoSuchListener {
+        /// The name asked for.
+        name: String,
+        /// The names of the listeners this worker has.
+        names: Vec<String>,
+    },
+
     /// Every worker slot has stopped for good (all crashed and respawn is off, or all were
     /// disabled by crash protection). The process should exit non-zero so that its own supervisor
     /// (systemd, Kubernetes) can act.

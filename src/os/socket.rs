@@ -114,6 +114,27 @@ pub(crate) fn check_inherited_listener(fd: OwnedFd, number: i32) -> Result<TcpLi
     Ok(s.into())
 }
 
+/// Checks, without taking it, that descriptor `fd` of this process is a listening TCP socket
+/// (a worker's inherited listener, taken later). `Err` says what it is instead.
+pub(crate) fn inspect_inherited_listener(fd: RawFd) -> Result<(), String> {
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+    let checked = crate::os::sys::inspect_fd(fd, |sock| {
+        let domain = sockopt::socket_domain(sock).map_err(|e| format!("not a socket ({e})"))?;
+        if domain != AddressFamily::INET && domain != AddressFamily::INET6 {
+            return Err("not a TCP socket".to_owned());
+        }
+        if sockopt::socket_type(sock).ok() != Some(SocketType::STREAM) {
+            return Err("not a stream socket".to_owned());
+        }
+        match sockopt::socket_acceptconn(sock) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("not a listening socket".to_owned()),
+            Err(e) => Err(format!("cannot tell whether it listens: {e}")),
+        }
+    });
+    checked.unwrap_or_else(|e| Err(format!("not open ({e})")))
+}
+
 /// Checks that descriptor `fd` of this process is a channel from `master_pid`: an open unix
 /// stream socket whose peer (`SO_PEERCRED`) is that process. `Err` says what it is instead.
 /// The descriptor is only looked at, never taken or closed.

@@ -3,7 +3,8 @@
 //! Its options and endpoints are a fixed contract (see the README's "Testbed" section):
 //! `GET /` → `Hello from worker <id>! pid=<pid> tag=<tag>`, `GET /slow?ms=N`, `GET /crash`
 //! (abort), `GET /exit?code=N`, `GET /child-env` (the `ECEWO_CLUSTER_*` lines a program the
-//! worker runs sees, one per line: none). Once every worker is ready the master prints exactly
+//! worker runs sees, one per line: none), `GET /listen-env` (`pid=P LISTEN_PID=… LISTEN_FDS=…
+//! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it). Once every worker is ready the master prints exactly
 //! one line on stdout: `ready: N workers on port P`. SIGHUP prints `stats: <JSON>` and sends
 //! SIGUSR1 to the workers, unless `--default-sighup` leaves it to the library (a graceful
 //! shutdown).
@@ -394,6 +395,21 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     },
                     None => text(StatusCode::NOT_FOUND, "no cluster in standalone mode".into()),
                 },
+                "/listen-env" => {
+                    // The systemd convention as this worker received it.
+                    let var = |k| std::env::var(k).unwrap_or_else(|_| "unset".into());
+                    let names = st.worker.as_ref().map(|w| w.listener_names().join(":")).unwrap_or_default();
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "pid={} LISTEN_PID={} LISTEN_FDS={} LISTEN_FDNAMES={} names={names}",
+                            st.pid,
+                            var("LISTEN_PID"),
+                            var("LISTEN_FDS"),
+                            var("LISTEN_FDNAMES")
+                        ),
+                    )
+                }
                 "/signals" => text(StatusCode::OK, format!("worker={} usr1={}", st.id, st.usr1.load(Ordering::SeqCst))),
                 "/stats" => match &st.worker {
                     Some(worker) => match cluster_stats(worker).await {

@@ -85,9 +85,15 @@ fn socket_activation_serves_the_socket_systemd_passed() {
     }
     assert_eq!(ids.len(), 2, "both workers share it");
     assert!(tb.stderr().contains("socket activation"), "{}", tb.stderr());
+    // The master's own LISTEN_* do not reach the workers: each gets its own (its pid).
     for w in tb.workers() {
         let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{w}/environ")).unwrap()).into_owned();
-        assert!(!environ.contains("LISTEN_FDS") && !environ.contains("LISTEN_PID"), "worker {w}");
+        let vars: Vec<&str> = environ.split('\0').filter(|v| v.starts_with("LISTEN_")).collect();
+        let mut expected = vec![format!("LISTEN_FDNAMES=default"), "LISTEN_FDS=1".into(), format!("LISTEN_PID={w}")];
+        expected.sort();
+        let mut vars: Vec<String> = vars.into_iter().map(str::to_owned).collect();
+        vars.sort();
+        assert_eq!(vars, expected, "worker {w}");
     }
     tb.signal(Signal::TERM);
     assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
