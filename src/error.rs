@@ -20,6 +20,22 @@ pub enum Error {
         reason: String,
     },
 
+    /// A listener added with [`Cluster::listen`](crate::Cluster::listen) cannot be served as
+    /// given: two listeners of one name or one address, a name systemd's convention cannot
+    /// carry, a backlog out of range. Nothing was bound or spawned.
+    #[error("listener {name:?}: {reason}")]
+    BadListener {
+        /// The listener's name.
+        name: String,
+        /// What is wrong and what to change.
+        reason: String,
+    },
+
+    /// The cluster has no listener: [`Cluster::no_default_listener`](crate::Cluster::no_default_listener)
+    /// without any [`Cluster::listen`](crate::Cluster::listen).
+    #[error("the cluster has no listener; add one with Cluster::listen, or keep the default one")]
+    NoListener,
+
     /// The master could not bind a listening socket.
     #[error("cannot listen on {addr}: {source} (is another server using this port? choose another port, or stop it)")]
     Bind {

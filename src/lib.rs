@@ -73,7 +73,10 @@ pub use worker::serve;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-pub use config::{BINDABLE_SIGNALS, Balance, Cluster, MAX_DURATION, MAX_WORKERS, ReadyInfo, WorkerExit, WorkerInfo};
+pub use config::{
+    BINDABLE_SIGNALS, Balance, Cluster, Listen, ListenerInfo, MAX_DURATION, MAX_WORKERS, ReadyInfo, WorkerExit,
+    WorkerInfo,
+};
 pub use error::Error;
 pub use master::{Master, MasterHandle};
 pub use os::cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};

@@ -40,7 +40,8 @@ use crate::supervisor::{Policy, Supervisor};
 use control::ControlServer;
 use driver::Driver;
 use notify::Notifier;
-pub use settings::{Balance, ReadyInfo, WorkerExit, WorkerInfo};
+pub(crate) use settings::ListenKind;
+pub use settings::{Balance, Listen, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
 pub(crate) use settings::{ControlSetting, Settings};
 use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
@@ -151,13 +152,33 @@ impl Shared {
     }
 }
 
+/// A listener as the master holds it.
+pub(crate) struct Bound {
+    pub(crate) name: String,
+    /// The address bound, with the real port.
+    pub(crate) addr: SocketAddr,
+    pub(crate) balance: Balance,
+    pub(crate) backlog: i32,
+    pub(crate) v6only: bool,
+    /// `ReusePort`: the socket of each slot (`None`: not bound yet, or closed); `Shared`: the
+    /// one socket, at 0.
+    pub(crate) fds: Vec<Option<OwnedFd>>,
+    /// The kernel's array of the `ReusePort` group.
+    pub(crate) group: Group,
+}
+
+impl Bound {
+    fn info(&self) -> ListenerInfo {
+        ListenerInfo { name: self.name.clone(), addr: self.addr, balance: self.balance }
+    }
+}
+
 /// The master role: returned by [`Cluster::init`](crate::Cluster::init) in the first run of the program.
 pub struct Master {
     shared: Arc<Shared>,
     policy: Policy,
-    balance: Balance,
-    backlog: i32,
-    listeners: Vec<Option<OwnedFd>>,
+    /// Every listener, in the order workers receive them.
+    listeners: Vec<Bound>,
     signals: Signals,
     argv0: OsString,
     args: Vec<OsString>,
@@ -180,7 +201,7 @@ impl std::fmt::Debug for Master {
         f.debug_struct("Master")
             .field("addr", &self.shared.addr)
             .field("workers", &self.policy.workers)
-            .field("balance", &self.balance)
+            .field("listeners", &self.listeners.iter().map(Bound::info).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -278,23 +299,41 @@ impl Master {
             tracing::info!("{} CPUs detected ({:?}): starting one worker per CPU", detected.count, detected.source);
         }
         crate::os::fds::raise_fd_limit();
-        let (fds, addr) = match crate::os::socket::activated_listener()? {
-            // systemd socket activation: serve the socket we were given, shared by every worker.
-            Some((fd, addr)) => {
-                if opts.balance != Balance::Shared {
-                    tracing::info!("socket activation: the workers share the socket systemd passed");
-                    opts.balance = Balance::Shared;
+        // Every listener is bound here, before any worker exists: a bad address fails init.
+        let mut activated = crate::os::socket::activated_listener()?;
+        let mut listeners = Vec::new();
+        for (name, listen) in opts.all_listeners() {
+            let ListenKind::Tcp { addr, v6only } = listen.kind;
+            let backlog = listen.backlog.min(i32::MAX as u32) as i32;
+            let (balance, fds, addr) = match activated.take() {
+                // systemd socket activation: the first listener is the socket systemd passed,
+                // shared by every worker.
+                Some((fd, addr)) => {
+                    if listen.balance != Balance::Shared {
+                        tracing::info!("socket activation: the workers share the socket systemd passed");
+                    }
+                    (Balance::Shared, vec![fd], addr)
                 }
-                (vec![fd], addr)
-            }
-            None => {
-                let addr = SocketAddr::new(opts.address, opts.port);
                 // With `ReusePort`, slot 0's socket only: slot i's is bound when its worker is
                 // first spawned, so that no connection ever waits on the socket of a worker
                 // that does not exist yet (`listener_for`).
-                crate::os::socket::bind_listeners(addr, opts.balance == Balance::ReusePort, 1, opts.backlog)?
-            }
-        };
+                None => {
+                    let per_slot = listen.balance == Balance::ReusePort;
+                    let (fds, real) = crate::os::socket::bind_listeners(addr, per_slot, 1, listen.backlog, v6only)?;
+                    (listen.balance, fds, real)
+                }
+            };
+            listeners.push(Bound {
+                name,
+                addr,
+                balance,
+                backlog,
+                v6only,
+                fds: fds.into_iter().map(Some).collect(),
+                group: Group::default(),
+            });
+        }
+        let addr = listeners.first().map(|b| b.addr).ok_or(Error::NoListener)?;
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
@@ -307,7 +346,7 @@ impl Master {
             respawn_delay: opts.worker_respawn_delay,
             respawn_window: opts.respawn_window,
             max_crashes: opts.respawn_max_crashes,
-            socket_per_slot: opts.balance == Balance::ReusePort,
+            socket_per_slot: listeners.iter().any(|b| b.balance == Balance::ReusePort),
             ready_timeout: opts.ready_timeout,
             bound_signals: opts.on_signal.iter().map(|(s, _)| *s).collect(),
         };
@@ -370,9 +409,7 @@ impl Master {
             started: SystemTime::now(),
             shared,
             policy,
-            balance: opts.balance,
-            backlog: opts.backlog.min(i32::MAX as u32) as i32,
-            listeners: fds.into_iter().map(Some).collect(),
+            listeners,
             signals,
             argv0,
             args: args.collect(),
@@ -396,6 +433,11 @@ impl Master {
     /// The address the cluster listens on, with the real port (also for port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    /// Every listener as bound (the real port for port 0), in the order workers receive them.
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.listeners.iter().map(Bound::info).collect()
     }
 
     /// The number of worker slots.
@@ -454,28 +496,38 @@ impl Master {
     pub fn wait(self) -> Result<(), Error> {
         let _ = self.shared.loop_thread.set(std::thread::current().id());
         let mut driver = Driver {
-            sup: Supervisor::new(self.policy.clone(), Instant::now())
-                .with_open_sockets((0..self.listeners.len()).filter(|&i| self.listeners[i].is_some())),
+            sup: Supervisor::new(self.policy.clone(), Instant::now()).with_open_sockets(open_slots(&self.listeners)),
             procs: HashMap::new(),
             programs: HashMap::new(),
             control_waiters: HashMap::new(),
-            group: Group::default(),
             route: Vec::new(),
             steering_failed: false,
             master_pid: rustix::process::getpid(),
             outcome: None,
             m: self,
         };
-        if driver.m.balance == Balance::ReusePort {
+        for b in driver.m.listeners.iter_mut().filter(|b| b.balance == Balance::ReusePort) {
             // The sockets joined their group in slot order, as they were bound.
-            for slot in (0..driver.m.listeners.len()).filter(|&i| driver.m.listeners[i].is_some()) {
-                driver.group.join(slot);
+            for slot in (0..b.fds.len()).filter(|&i| b.fds[i].is_some()) {
+                b.group.join(slot);
             }
         }
         // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,
         // and the Master's Drop wakes whoever still waits for a restart.
         driver.run()
     }
+}
+
+/// The slots whose `ReusePort` sockets are open.
+fn open_slots(listeners: &[Bound]) -> Vec<usize> {
+    let mut slots: Vec<usize> = listeners
+        .iter()
+        .filter(|b| b.balance == Balance::ReusePort)
+        .flat_map(|b| (0..b.fds.len()).filter(|&i| b.fds[i].is_some()))
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
 }
 
 impl Drop for Master {

@@ -97,8 +97,79 @@ pub struct ReadyInfo {
     pub workers: usize,
 }
 
+/// A listening socket of the cluster, added by name with
+/// [`Cluster::listen`](crate::Cluster::listen): where, with which backlog and (TCP) balance.
+///
+/// ```
+/// use ecewo_cluster::{Balance, Cluster, Listen};
+/// let cluster = Cluster::new(8080)
+///     .listen("admin", Listen::tcp("127.0.0.1:9090".parse().unwrap()).balance(Balance::Shared))
+///     .listen("v6", Listen::tcp("[::]:8443".parse().unwrap()).v6only(true).backlog(4096));
+/// assert!(cluster.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Listen {
+    pub(crate) kind: ListenKind,
+    pub(crate) backlog: u32,
+    pub(crate) balance: Balance,
+}
+
+/// Where a [`Listen`] listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ListenKind {
+    /// TCP on this address; `v6only` for IPv6 addresses.
+    Tcp { addr: std::net::SocketAddr, v6only: bool },
+}
+
+impl Listen {
+    /// TCP on `addr` (port 0: any free port, the same for every worker). An IPv6 wildcard
+    /// (`[::]`) is dual-stack (serves IPv4 too) unless [`v6only`](Listen::v6only) says otherwise.
+    /// Backlog 1024, [`Balance::ReusePort`].
+    pub fn tcp(addr: std::net::SocketAddr) -> Listen {
+        Listen { kind: ListenKind::Tcp { addr, v6only: false }, backlog: 1024, balance: Balance::default() }
+    }
+
+    /// For an IPv6 address: serve IPv6 only (`IPV6_V6ONLY`), so that an IPv4 listener may use
+    /// the same port. No effect on IPv4 addresses.
+    pub fn v6only(mut self, on: bool) -> Listen {
+        let ListenKind::Tcp { v6only, .. } = &mut self.kind;
+        *v6only = on;
+        self
+    }
+
+    /// The accept-queue length asked of the kernel (capped by `net.core.somaxconn`), per socket.
+    pub fn backlog(mut self, backlog: u32) -> Listen {
+        self.backlog = backlog;
+        self
+    }
+
+    /// How new connections are spread over the workers (TCP).
+    pub fn balance(mut self, balance: Balance) -> Listen {
+        self.balance = balance;
+        self
+    }
+}
+
+/// A listener as the master bound it (see [`Master::listeners`](crate::Master::listeners)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerInfo {
+    /// Its name (`"default"` for the listener of `Cluster::new(port)`).
+    pub name: String,
+    /// The address it listens on, with the real port.
+    pub addr: std::net::SocketAddr,
+    /// How its connections are spread.
+    pub balance: Balance,
+}
+
 /// The cluster's options as the master uses them (see [`Cluster`](crate::Cluster) for each).
 pub(crate) struct Settings {
+    /// Whether `Cluster::new(port)`'s listener (`port`, `address`, `balance`, `backlog`) is
+    /// served, as [`DEFAULT_LISTENER`](crate::proto::handoff::DEFAULT_LISTENER), first.
+    pub(crate) default_listener: bool,
+    /// Listeners added by name, in order.
+    pub(crate) listeners: Vec<(String, Listen)>,
     pub(crate) port: u16,
     pub(crate) cpus: usize,
     pub(crate) respawn: bool,
@@ -121,6 +192,16 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// Every listener, in the order workers receive them: the default one first (if served).
+    pub(crate) fn all_listeners(&self) -> Vec<(String, Listen)> {
+        let default = self.default_listener.then(|| {
+            let addr = std::net::SocketAddr::new(self.address, self.port);
+            let listen = Listen::tcp(addr).backlog(self.backlog).balance(self.balance);
+            (crate::proto::handoff::DEFAULT_LISTENER.to_owned(), listen)
+        });
+        default.into_iter().chain(self.listeners.iter().cloned()).collect()
+    }
+
     /// The number of workers to start: `cpus`, or the detected CPU count when that is 0.
     pub(crate) fn worker_count(&self) -> usize {
         if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }

@@ -20,36 +20,37 @@ pub(crate) fn bind_listeners(
     per_slot: bool,
     slots: usize,
     backlog: u32,
+    v6only: bool,
 ) -> Result<(Vec<OwnedFd>, SocketAddr), Error> {
     let bind_err = |source| Error::Bind { addr, source };
     let backlog = backlog.min(i32::MAX as u32) as i32;
     if !per_slot {
-        let s = new_socket(addr, false).map_err(bind_err)?;
+        let s = new_socket(addr, false, v6only).map_err(bind_err)?;
         s.bind(&addr.into()).map_err(bind_err)?;
         s.listen(backlog).map_err(bind_err)?;
         let local = local_addr(&s).map_err(bind_err)?;
         return Ok((vec![s.into()], local));
     }
-    let probe = new_socket(addr, false).map_err(bind_err)?;
+    let probe = new_socket(addr, false, v6only).map_err(bind_err)?;
     probe.bind(&addr.into()).map_err(bind_err)?;
     let real = local_addr(&probe).map_err(bind_err)?;
     drop(probe);
     let mut fds = Vec::with_capacity(slots);
     for _ in 0..slots {
-        fds.push(bind_reuseport(real, backlog).map_err(|source| Error::Bind { addr: real, source })?);
+        fds.push(bind_reuseport(real, backlog, v6only).map_err(|source| Error::Bind { addr: real, source })?);
     }
     Ok((fds, real))
 }
 
 /// One more `SO_REUSEPORT` socket on `addr` (for a slot added while running).
-pub(crate) fn bind_reuseport(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
-    let s = new_socket(addr, true)?;
+pub(crate) fn bind_reuseport(addr: SocketAddr, backlog: i32, v6only: bool) -> io::Result<OwnedFd> {
+    let s = new_socket(addr, true, v6only)?;
     s.bind(&addr.into())?;
     s.listen(backlog)?;
     Ok(s.into())
 }
 
-fn new_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+fn new_socket(addr: SocketAddr, reuse_port: bool, v6only: bool) -> io::Result<Socket> {
     // socket2 creates sockets with SOCK_CLOEXEC on Linux.
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
@@ -57,8 +58,8 @@ fn new_socket(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
         s.set_reuse_port(true)?;
     }
     if addr.is_ipv6() {
-        // `::` serves IPv4 too, whatever the system's default.
-        s.set_only_v6(false)?;
+        // `::` serves IPv4 too, whatever the system's default, unless asked otherwise.
+        s.set_only_v6(v6only)?;
     }
     Ok(s)
 }
@@ -167,7 +168,7 @@ mod tests {
 
     #[test]
     fn port_zero_gives_one_real_port_for_every_slot() {
-        let (fds, addr) = bind_listeners(loopback(0), true, 3, 128).unwrap();
+        let (fds, addr) = bind_listeners(loopback(0), true, 3, 128, false).unwrap();
         assert_ne!(addr.port(), 0);
         assert_eq!(fds.len(), 3);
         for fd in fds {
@@ -178,7 +179,7 @@ mod tests {
 
     #[test]
     fn shared_is_one_socket() {
-        let (fds, addr) = bind_listeners(loopback(0), false, 4, 128).unwrap();
+        let (fds, addr) = bind_listeners(loopback(0), false, 4, 128, false).unwrap();
         assert_eq!(fds.len(), 1);
         assert_ne!(addr.port(), 0);
     }
@@ -186,8 +187,8 @@ mod tests {
     #[test]
     fn address_in_use_is_an_error_naming_it_even_against_a_reuseport_group() {
         for per_slot in [true, false] {
-            let (_held, addr) = bind_listeners(loopback(0), true, 1, 128).unwrap();
-            match bind_listeners(addr, per_slot, 2, 128) {
+            let (_held, addr) = bind_listeners(loopback(0), true, 1, 128, false).unwrap();
+            match bind_listeners(addr, per_slot, 2, 128, false) {
                 Err(e @ Error::Bind { .. }) => assert!(e.to_string().contains(&addr.to_string()), "{e}"),
                 other => panic!("per_slot={per_slot}: expected a bind error, got {other:?}"),
             }

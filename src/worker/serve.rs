@@ -171,16 +171,18 @@ pub fn shutdown_signal(worker: &Worker) -> io::Result<impl Future<Output = ()> +
     })
 }
 
-/// Serves `service` on the worker's socket until [`shutdown_signal`], then drains (see the
-/// [module documentation](self)). Reports the worker ready once it accepts connections.
-/// Must be called inside a tokio runtime.
+/// Serves `service` on every listener of the worker until [`shutdown_signal`], then drains
+/// (see the [module documentation](self)): all listeners stop accepting at once. Reports the
+/// worker ready once it accepts on all of them. Must be called inside a tokio runtime. For a
+/// service per listener, see [`serve_each`].
 ///
 /// HTTP/1.1 and HTTP/2 (with prior knowledge, h2c) are served on the same socket; connection
 /// upgrades (WebSocket) work.
 ///
 /// # Caveats
 ///
-/// - It takes the worker's listener ([`Worker::listener`] cannot be called as well) and
+/// - It takes the worker's listeners that are not taken yet (at least one must be left:
+///   [`Worker::listener`] or [`Worker::take_listener`] before it leave it the others) and
 ///   installs a SIGTERM handler (SIGTERM then starts the drain instead of ending the process).
 /// - When the drain timeout passes, it returns with requests still in flight: their tasks stop
 ///   when the runtime is dropped (at the end of [`run_worker`]).
@@ -207,7 +209,81 @@ where
     B::Error: Into<BoxError>,
 {
     in_runtime("serve must be called inside a tokio runtime")?;
-    let listener = listener(worker)?;
+    let all = listeners(worker)?.into_iter().map(|(_, l)| (l, service.clone())).collect();
+    serve_on(worker, all, options).await
+}
+
+/// Serves a service per listener: `make(name)` gives the service of the listener `name`
+/// (`"default"` for the one of `Cluster::new(port)`); otherwise as [`serve`], whose caveats,
+/// errors and panics apply.
+///
+/// ```no_run
+/// # async fn f(worker: ecewo_cluster::Worker) -> Result<(), ecewo_cluster::Error> {
+/// use ecewo_cluster::serve::{ServeOptions, serve_each};
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "app" }));
+/// let admin = axum::Router::new().route("/", axum::routing::get(|| async { "admin" }));
+/// serve_each(&worker, |name| if name == "admin" { admin.clone() } else { app.clone() }, ServeOptions::default()).await
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// As [`serve`].
+pub async fn serve_each<S, B>(
+    worker: &Worker,
+    mut make: impl FnMut(&str) -> S,
+    options: ServeOptions,
+) -> Result<(), Error>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    in_runtime("serve_each must be called inside a tokio runtime")?;
+    let all = listeners(worker)?.into_iter().map(|(name, l)| (l, make(&name))).collect();
+    serve_on(worker, all, options).await
+}
+
+/// Takes every listener of the worker not taken yet, with its name, registered with tokio (at
+/// least one).
+///
+/// # Errors
+///
+/// [`Error::ListenerTaken`] if none is left; as [`listener`] otherwise.
+pub fn listeners(worker: &Worker) -> Result<Vec<(String, tokio::net::TcpListener)>, Error> {
+    in_runtime("serve::listeners must be called inside a tokio runtime")?;
+    let all = worker.take_listeners()?;
+    if all.is_empty() {
+        return Err(Error::ListenerTaken);
+    }
+    all.into_iter()
+        .map(|(name, l)| {
+            let crate::worker::Listener::Tcp(std) = l;
+            std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
+            let l =
+                tokio::net::TcpListener::from_std(std).map_err(Error::io("cannot register the listener with tokio"))?;
+            Ok((name, l))
+        })
+        .collect()
+}
+
+/// The accept loop and the drain, over `listeners`, each with its service.
+async fn serve_on<S, B>(
+    worker: &Worker,
+    listeners: Vec<(tokio::net::TcpListener, S)>,
+    options: ServeOptions,
+) -> Result<(), Error>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
     let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
     tokio::pin!(stop);
     // Read by every response (no lock on the request path): `true` once the drain started.
@@ -215,7 +291,7 @@ where
     // Watched by every connection task (which holds a receiver until its connection ends).
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let builder = auto::Builder::new(TokioExecutor::new());
-    let spawn_conn = |stream: tokio::net::TcpStream| {
+    let spawn_conn = |stream: tokio::net::TcpStream, service: &S| {
         let _ = stream.set_nodelay(true);
         let conn_kind = Arc::new(ConnKind::default());
         let svc = DrainService { inner: service.clone(), draining: draining.clone(), conn: conn_kind.clone() };
@@ -249,16 +325,28 @@ where
         });
     };
     worker.ready()?;
+    // Accept from whichever listener has a connection, starting the scan one further each
+    // time so that a busy listener cannot starve the others.
+    let mut next = 0usize;
     let why = loop {
         let accepted = tokio::select! {
             biased;
             why = &mut stop => break why,
-            accepted = listener.accept() => accepted,
+            accepted = std::future::poll_fn(|cx| {
+                let n = listeners.len();
+                for k in 0..n {
+                    let i = (next + k) % n;
+                    if let std::task::Poll::Ready(r) = listeners[i].0.poll_accept(cx) {
+                        next = i + 1;
+                        return std::task::Poll::Ready((i, r));
+                    }
+                }
+                std::task::Poll::Pending
+            }) => accepted,
         };
         match accepted {
-            Ok((stream, _peer)) => spawn_conn(stream),
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+            (i, Ok((stream, _peer))) => spawn_conn(stream, &listeners[i].1),
+            (_, Err(e)) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -267,20 +355,19 @@ where
     draining.store(true, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Draining);
     if why == Stop::Term {
-        // Logged once the drain has started: from this line on, every response says so.
         tracing::info!("SIGTERM: draining");
     }
-    // Take what is still queued, then close the socket: the master holds its own reference (or
-    // has routed new connections elsewhere), so nothing queued is lost.
-    let listener = listener.into_std().map_err(Error::io("cannot take the listener back from tokio"))?;
-    while let Ok((stream, _)) = listener.accept() {
-        if stream.set_nonblocking(true).is_ok()
-            && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
-        {
-            spawn_conn(stream);
+    // Every listener stops accepting at once; what is already queued on each is served.
+    for (listener, service) in listeners {
+        let listener = listener.into_std().map_err(Error::io("cannot take the listener back from tokio"))?;
+        while let Ok((stream, _)) = listener.accept() {
+            if stream.set_nonblocking(true).is_ok()
+                && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
+            {
+                spawn_conn(stream, &service);
+            }
         }
     }
-    drop(listener);
     drop(phase_rx);
     let drain_timeout = options.drain_timeout_for(worker.shutdown_timeout());
     if !drain(phase_tx, options.idle_grace_within(drain_timeout), drain_timeout).await {

@@ -116,9 +116,24 @@ struct Args {
     /// graceful shutdown, applies.
     #[arg(long)]
     default_sighup: bool,
+    /// A listener `NAME=ADDR` (repeatable; ADDR as `127.0.0.1:0`, `[::1]:0`, `0.0.0.0:P`):
+    /// with any, the cluster serves exactly these (not `--port`), every endpoint on every one,
+    /// and the master prints `listener NAME ADDR` (the bound address) for each before its
+    /// ready line, whose port is then the first TCP listener's.
+    #[arg(long = "listen", value_name = "NAME=ADDR", value_parser = parse_listen)]
+    listen: Vec<(String, std::net::SocketAddr)>,
     /// The workers' `ServeOptions::idle_grace`, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     idle_grace_ms: u64,
+}
+
+fn parse_listen(s: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: use NAME=ADDR"))?;
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return Err(format!("{name}: unix sockets ({path}) are not supported yet; use a TCP address"));
+    }
+    let addr = addr.parse().map_err(|e| format!("{name}: {addr:?} is not an address ({e})"))?;
+    Ok((name.to_owned(), addr))
 }
 
 fn main() -> ExitCode {
@@ -167,6 +182,13 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         .on_exit(|e| {
             eprintln!("on_exit id={} status={} raw={} crash={}", e.worker_id, e.status, e.status.as_raw(), e.crash)
         });
+    let cluster = if args.listen.is_empty() {
+        cluster
+    } else {
+        args.listen.iter().fold(cluster.no_default_listener(), |c, (name, addr)| {
+            c.listen(name, ecewo_cluster::Listen::tcp(*addr).balance(args.balance))
+        })
+    };
     let cluster = if args.default_sighup {
         cluster
     } else {
@@ -198,6 +220,13 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
     });
     match cluster.init()? {
         Role::Master(master) => {
+            if !args.listen.is_empty() {
+                let mut out = std::io::stdout().lock();
+                for l in master.listeners() {
+                    let _ = writeln!(out, "listener {} {}", l.name, l.addr);
+                }
+                let _ = out.flush();
+            }
             eprintln!(
                 "testbed master: is_master={} is_worker={} worker_id={} worker_count={} port={}",
                 ecewo_cluster::is_master(),
