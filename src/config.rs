@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::error::Error;
-pub use crate::master::{Balance, Listen, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
+pub use crate::master::{Balance, Listen, ListenAddr, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
 use crate::master::{ControlSetting, Settings};
 use crate::signal::Signal;
 pub use crate::supervisor::MAX_WORKERS;
@@ -363,15 +363,35 @@ fn check_listeners(all: &[(String, Listen)]) -> Result<(), Error> {
             if other == name {
                 return bad(name, "two listeners have this name; give each listener its own".into());
             }
-            let (ListenKind::Tcp { addr: a, .. }, ListenKind::Tcp { addr: b, .. }) = (&listen.kind, &earlier.kind);
-            if a == b && a.port() != 0 {
+            let same = match (&listen.kind, &earlier.kind) {
+                (ListenKind::Tcp { addr: a, .. }, ListenKind::Tcp { addr: b, .. }) => {
+                    (a == b && a.port() != 0).then(|| a.to_string())
+                }
+                (ListenKind::Unix { path: a }, ListenKind::Unix { path: b }) => {
+                    (a == b).then(|| a.display().to_string())
+                }
+                (ListenKind::Abstract { name: a }, ListenKind::Abstract { name: b }) => {
+                    (a == b).then(|| format!("@{a}"))
+                }
+                _ => None,
+            };
+            if let Some(addr) = same {
                 return bad(
                     name,
                     format!(
-                        "{a} is also the address of listener {other:?}; one listener serves every worker, so keep one"
+                        "{addr} is also the address of listener {other:?}; one listener serves every worker, so keep one"
                     ),
                 );
             }
+        }
+        let is_file = matches!(listen.kind, ListenKind::Unix { .. });
+        if !is_file && (listen.mode.is_some() || listen.owner != (None, None)) {
+            return bad(name, "a mode or owner applies to unix socket files only; remove it".into());
+        }
+        if let ListenKind::Unix { path } = &listen.kind
+            && path.as_os_str().is_empty()
+        {
+            return bad(name, "the unix socket path is empty; give a path".into());
         }
     }
     Ok(())
@@ -451,6 +471,17 @@ mod tests {
             (named(""), "", "1 to 255"),
             (named("x y"), "x y", "spaces"),
             (Cluster::new(0).listen("q", Listen::tcp(a).backlog(0)), "q", "backlog 0"),
+            (Cluster::new(0).listen("m", Listen::tcp(a).mode(0o600)), "m", "unix socket files only"),
+            (
+                Cluster::new(0).listen("u", Listen::unix("/run/x.sock")).listen("w", Listen::unix("/run/x.sock")),
+                "w",
+                "/run/x.sock is also the address of listener \"u\"",
+            ),
+            (
+                Cluster::new(0).listen("u", Listen::abstract_unix("x")).listen("w", Listen::abstract_unix("x")),
+                "w",
+                "@x is also",
+            ),
         ] {
             match cluster.validate() {
                 Err(e @ Error::BadListener { .. }) => {

@@ -41,7 +41,7 @@ use control::ControlServer;
 use driver::Driver;
 use notify::Notifier;
 pub(crate) use settings::ListenKind;
-pub use settings::{Balance, Listen, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
+pub use settings::{Balance, Listen, ListenAddr, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
 pub(crate) use settings::{ControlSetting, Settings};
 use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
@@ -155,8 +155,8 @@ impl Shared {
 /// A listener as the master holds it.
 pub(crate) struct Bound {
     pub(crate) name: String,
-    /// The address bound, with the real port.
-    pub(crate) addr: SocketAddr,
+    /// Where it listens, with the real port.
+    pub(crate) addr: ListenAddr,
     pub(crate) balance: Balance,
     pub(crate) backlog: i32,
     pub(crate) v6only: bool,
@@ -165,11 +165,13 @@ pub(crate) struct Bound {
     pub(crate) fds: Vec<Option<OwnedFd>>,
     /// The kernel's array of the `ReusePort` group.
     pub(crate) group: Group,
+    /// A unix socket file the master created: removed when the master is done (if still ours).
+    _file: Option<crate::os::socket::SocketFile>,
 }
 
 impl Bound {
     fn info(&self) -> ListenerInfo {
-        ListenerInfo { name: self.name.clone(), addr: self.addr, balance: self.balance }
+        ListenerInfo { name: self.name.clone(), addr: self.addr.clone(), balance: self.balance }
     }
 }
 
@@ -303,24 +305,36 @@ impl Master {
         let mut activated = crate::os::socket::activated_listener()?;
         let mut listeners = Vec::new();
         for (name, listen) in opts.all_listeners() {
-            let ListenKind::Tcp { addr, v6only } = listen.kind;
             let backlog = listen.backlog.min(i32::MAX as u32) as i32;
-            let (balance, fds, addr) = match activated.take() {
-                // systemd socket activation: the first listener is the socket systemd passed,
-                // shared by every worker.
-                Some((fd, addr)) => {
+            let refused =
+                |e: crate::os::socket::UnixBindError| Error::BadListener { name: name.clone(), reason: e.to_string() };
+            let (balance, fds, addr, v6only, file) = match listen.kind {
+                // systemd socket activation: the first TCP listener is the socket systemd
+                // passed, shared by every worker.
+                ListenKind::Tcp { .. } if activated.is_some() => {
+                    let (fd, addr) = activated.take().ok_or(Error::NoListener)?;
                     if listen.balance != Balance::Shared {
                         tracing::info!("socket activation: the workers share the socket systemd passed");
                     }
-                    (Balance::Shared, vec![fd], addr)
+                    (Balance::Shared, vec![fd], ListenAddr::Tcp(addr), false, None)
                 }
                 // With `ReusePort`, slot 0's socket only: slot i's is bound when its worker is
                 // first spawned, so that no connection ever waits on the socket of a worker
-                // that does not exist yet (`listener_for`).
-                None => {
+                // that does not exist yet (`listeners_for`).
+                ListenKind::Tcp { addr, v6only } => {
                     let per_slot = listen.balance == Balance::ReusePort;
                     let (fds, real) = crate::os::socket::bind_listeners(addr, per_slot, 1, listen.backlog, v6only)?;
-                    (listen.balance, fds, real)
+                    (listen.balance, fds, ListenAddr::Tcp(real), v6only, None)
+                }
+                ListenKind::Unix { path } => {
+                    let (fd, file) =
+                        crate::os::socket::bind_unix_path(&path, listen.backlog, listen.mode, listen.owner)
+                            .map_err(refused)?;
+                    (Balance::Shared, vec![fd], ListenAddr::Unix(path), false, Some(file))
+                }
+                ListenKind::Abstract { name: abstract_name } => {
+                    let fd = crate::os::socket::bind_unix_abstract(&abstract_name, listen.backlog).map_err(refused)?;
+                    (Balance::Shared, vec![fd], ListenAddr::Abstract(abstract_name), false, None)
                 }
             };
             listeners.push(Bound {
@@ -331,9 +345,20 @@ impl Master {
                 v6only,
                 fds: fds.into_iter().map(Some).collect(),
                 group: Group::default(),
+                _file: file,
             });
         }
-        let addr = listeners.first().map(|b| b.addr).ok_or(Error::NoListener)?;
+        if listeners.is_empty() {
+            return Err(Error::NoListener);
+        }
+        // The first TCP listener's address (port 0 when there is none).
+        let addr = listeners
+            .iter()
+            .find_map(|b| match &b.addr {
+                ListenAddr::Tcp(a) => Some(*a),
+                _ => None,
+            })
+            .unwrap_or_else(|| SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0));
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;

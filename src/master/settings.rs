@@ -113,6 +113,9 @@ pub struct Listen {
     pub(crate) kind: ListenKind,
     pub(crate) backlog: u32,
     pub(crate) balance: Balance,
+    /// Unix socket files: the mode and owner applied once bound.
+    pub(crate) mode: Option<u32>,
+    pub(crate) owner: (Option<u32>, Option<u32>),
 }
 
 /// Where a [`Listen`] listens.
@@ -120,6 +123,51 @@ pub struct Listen {
 pub(crate) enum ListenKind {
     /// TCP on this address; `v6only` for IPv6 addresses.
     Tcp { addr: std::net::SocketAddr, v6only: bool },
+    /// A unix socket file.
+    Unix { path: std::path::PathBuf },
+    /// A Linux abstract unix socket name (without the leading NUL).
+    Abstract { name: String },
+}
+
+/// Where a listener listens, as bound (see [`ListenerInfo`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenAddr {
+    /// TCP, with the real port.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket file.
+    Unix(std::path::PathBuf),
+    /// A Linux abstract unix socket (shown as `@name`).
+    Abstract(String),
+}
+
+impl ListenAddr {
+    /// The TCP port, if it is TCP.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            ListenAddr::Tcp(a) => Some(a.port()),
+            _ => None,
+        }
+    }
+
+    /// `"tcp"`, `"unix"` or `"abstract"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ListenAddr::Tcp(_) => "tcp",
+            ListenAddr::Unix(_) => "unix",
+            ListenAddr::Abstract(_) => "abstract",
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "{}", p.display()),
+            ListenAddr::Abstract(n) => write!(f, "@{n}"),
+        }
+    }
 }
 
 impl Listen {
@@ -127,14 +175,46 @@ impl Listen {
     /// (`[::]`) is dual-stack (serves IPv4 too) unless [`v6only`](Listen::v6only) says otherwise.
     /// Backlog 1024, [`Balance::ReusePort`].
     pub fn tcp(addr: std::net::SocketAddr) -> Listen {
-        Listen { kind: ListenKind::Tcp { addr, v6only: false }, backlog: 1024, balance: Balance::default() }
+        Listen::of(ListenKind::Tcp { addr, v6only: false })
+    }
+
+    /// A unix socket file at `path`, shared by every worker. Its directory must exist and
+    /// belong to this user (or root); a socket file left by a dead server is replaced, a live
+    /// one is an error, and so is any other file there. The master removes the file at exit
+    /// if it is still the one it created. Backlog 1024.
+    pub fn unix(path: impl Into<std::path::PathBuf>) -> Listen {
+        Listen::of(ListenKind::Unix { path: path.into() })
+    }
+
+    /// A Linux abstract unix socket `name` (no file; `@name` in `ss`), shared by every worker.
+    pub fn abstract_unix(name: impl Into<String>) -> Listen {
+        Listen::of(ListenKind::Abstract { name: name.into() })
+    }
+
+    fn of(kind: ListenKind) -> Listen {
+        Listen { kind, backlog: 1024, balance: Balance::default(), mode: None, owner: (None, None) }
     }
 
     /// For an IPv6 address: serve IPv6 only (`IPV6_V6ONLY`), so that an IPv4 listener may use
-    /// the same port. No effect on IPv4 addresses.
+    /// the same port. No effect on other listeners.
     pub fn v6only(mut self, on: bool) -> Listen {
-        let ListenKind::Tcp { v6only, .. } = &mut self.kind;
-        *v6only = on;
+        if let ListenKind::Tcp { v6only, .. } = &mut self.kind {
+            *v6only = on;
+        }
+        self
+    }
+
+    /// For a unix socket file: its mode once bound (e.g. `0o660`; default: what the umask
+    /// leaves). [`init`](crate::Cluster::init) refuses it on other listeners.
+    pub fn mode(mut self, mode: u32) -> Listen {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// For a unix socket file: its owner and group once bound (`None` keeps the master's).
+    /// [`init`](crate::Cluster::init) refuses it on other listeners.
+    pub fn owner(mut self, uid: Option<u32>, gid: Option<u32>) -> Listen {
+        self.owner = (uid, gid);
         self
     }
 
@@ -144,7 +224,7 @@ impl Listen {
         self
     }
 
-    /// How new connections are spread over the workers (TCP).
+    /// How new connections are spread over the workers (TCP; unix sockets are always shared).
     pub fn balance(mut self, balance: Balance) -> Listen {
         self.balance = balance;
         self
@@ -157,8 +237,8 @@ impl Listen {
 pub struct ListenerInfo {
     /// Its name (`"default"` for the listener of `Cluster::new(port)`).
     pub name: String,
-    /// The address it listens on, with the real port.
-    pub addr: std::net::SocketAddr,
+    /// Where it listens, with the real port.
+    pub addr: ListenAddr,
     /// How its connections are spread.
     pub balance: Balance,
 }

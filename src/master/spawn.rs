@@ -100,8 +100,11 @@ impl Driver {
             if b.fds.len() <= index {
                 b.fds.resize_with(index + 1, || None);
             }
-            if b.fds[index].is_none() && b.balance == Balance::ReusePort {
-                let fd = crate::os::socket::bind_reuseport(b.addr, b.backlog, b.v6only)
+            if b.fds[index].is_none()
+                && b.balance == Balance::ReusePort
+                && let super::ListenAddr::Tcp(addr) = b.addr
+            {
+                let fd = crate::os::socket::bind_reuseport(addr, b.backlog, b.v6only)
                     .map_err(|e| io::Error::new(e.kind(), format!("listener {} on {}: {e}", b.name, b.addr)))?;
                 b.fds[index] = Some(fd);
                 // The driver attaches the steering program again once the spawn is done.

@@ -68,6 +68,132 @@ fn local_addr(s: &Socket) -> io::Result<SocketAddr> {
     s.local_addr()?.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an internet socket"))
 }
 
+/// Why a unix socket path cannot be listened on, for the caller to name its listener.
+#[derive(Debug)]
+pub(crate) enum UnixBindError {
+    /// A mistake of the configuration or the system state: what to do.
+    Refused(String),
+    /// The system call failed.
+    Io(&'static str, io::Error),
+}
+
+impl std::fmt::Display for UnixBindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UnixBindError::Refused(why) => f.write_str(why),
+            UnixBindError::Io(what, e) => write!(f, "{what}: {e}"),
+        }
+    }
+}
+
+/// A unix socket file this process created: removed when dropped, only if the path still
+/// names that very file (device and inode), so a socket another server put there since stays.
+#[derive(Debug)]
+pub(crate) struct SocketFile {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+            && (meta.dev(), meta.ino()) == self.id
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Listens on the unix socket `path` with `backlog`, then applies `mode` and the owner (uid,
+/// gid; `None` keeps it). The directory must exist and belong to this user (or root); a
+/// socket file left by a dead server is replaced, a live one (it accepts a connection) is an
+/// error, and so is anything else at the path.
+pub(crate) fn bind_unix_path(
+    path: &std::path::Path,
+    backlog: u32,
+    mode: Option<u32>,
+    owner: (Option<u32>, Option<u32>),
+) -> Result<(OwnedFd, SocketFile), UnixBindError> {
+    use UnixBindError::{Io, Refused};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(|e| {
+        Refused(format!("its directory {} is missing ({e}); create it first, or choose another path", dir.display()))
+    })?;
+    let euid = rustix::process::geteuid().as_raw();
+    if !meta.is_dir() {
+        return Err(Refused(format!("{} is not a directory; choose a path in a directory", dir.display())));
+    }
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(Refused(format!(
+            "its directory {} belongs to uid {}, not to this user ({euid}) nor root; use a directory of this user",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if let Ok(existing) = std::fs::symlink_metadata(path) {
+        if !existing.file_type().is_socket() {
+            return Err(Refused(format!(
+                "{} exists and is not a socket; remove it or choose another path",
+                path.display()
+            )));
+        }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(Refused(format!(
+                    "another server listens on {}; stop it or choose another path",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!("replacing the stale socket {} (nobody listens on it)", path.display());
+                std::fs::remove_file(path).map_err(|e| Io("cannot remove the stale socket", e))?;
+            }
+            Err(e) => {
+                return Err(Refused(format!(
+                    "{} cannot be checked ({e}); remove it or choose another path",
+                    path.display()
+                )));
+            }
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| Io("cannot listen", e))?;
+    socket2::SockRef::from(&listener)
+        .listen(backlog.min(i32::MAX as u32) as i32)
+        .map_err(|e| Io("cannot set the backlog", e))?;
+    let created = std::fs::symlink_metadata(path).map_err(|e| Io("cannot read the new socket", e))?;
+    // From here on the file is ours: dropped on any error below, it is removed.
+    let file = SocketFile { path: path.to_owned(), id: (created.dev(), created.ino()) };
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Io("cannot set its mode", e))?;
+    }
+    if owner != (None, None) {
+        std::os::unix::fs::chown(path, owner.0, owner.1).map_err(|e| Io("cannot set its owner", e))?;
+    }
+    Ok((listener.into(), file))
+}
+
+/// Listens on the abstract unix socket `name` (Linux: no file; it vanishes with its last
+/// holder).
+pub(crate) fn bind_unix_abstract(name: &str, backlog: u32) -> Result<OwnedFd, UnixBindError> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
+        .map_err(|e| UnixBindError::Refused(format!("@{name} is not an abstract socket name ({e})")))?;
+    let listener = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            UnixBindError::Refused(format!("another server listens on @{name}; stop it or choose another name"))
+        } else {
+            UnixBindError::Io("cannot listen", e)
+        }
+    })?;
+    socket2::SockRef::from(&listener)
+        .listen(backlog.min(i32::MAX as u32) as i32)
+        .map_err(|e| UnixBindError::Io("cannot set the backlog", e))?;
+    Ok(listener.into())
+}
+
 /// The listening socket systemd passed by socket activation (`LISTEN_PID` is this process,
 /// `LISTEN_FDS` ≥ 1: the first of them, at fd 3), if any. It must be a listening TCP socket.
 pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Error> {
@@ -96,6 +222,23 @@ pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Erro
     Ok(Some((listener.into(), addr)))
 }
 
+/// Checks that an inherited descriptor really is a listening unix stream socket.
+pub(crate) fn check_inherited_unix_listener(
+    fd: OwnedFd,
+    number: i32,
+) -> Result<std::os::unix::net::UnixListener, Error> {
+    let s = Socket::from(fd);
+    let bad = |what: String| Error::BadInheritance { what };
+    let ty = s.r#type().map_err(|e| bad(format!("fd {number} is not a socket ({e})")))?;
+    if ty != Type::STREAM || s.domain().ok() != Some(Domain::UNIX) {
+        return Err(bad(format!("fd {number} is not a unix stream socket")));
+    }
+    if !s.is_listener().map_err(|e| bad(format!("fd {number}: {e}")))? {
+        return Err(bad(format!("fd {number} is not a listening socket")));
+    }
+    Ok(std::os::unix::net::UnixListener::from(OwnedFd::from(s)))
+}
+
 /// Checks that an inherited descriptor really is a listening TCP socket and returns it as a
 /// non-blocking-ready std listener (still blocking; callers choose).
 pub(crate) fn check_inherited_listener(fd: OwnedFd, number: i32) -> Result<TcpListener, Error> {
@@ -115,20 +258,22 @@ pub(crate) fn check_inherited_listener(fd: OwnedFd, number: i32) -> Result<TcpLi
     Ok(s.into())
 }
 
-/// Checks, without taking it, that descriptor `fd` of this process is a listening TCP socket
-/// (a worker's inherited listener, taken later). `Err` says what it is instead.
-pub(crate) fn inspect_inherited_listener(fd: RawFd) -> Result<(), String> {
+/// Checks, without taking it, that descriptor `fd` of this process is a listening TCP or unix
+/// stream socket (a worker's inherited listener, taken later): `Ok(true)` for unix. `Err` says
+/// what it is instead.
+pub(crate) fn inspect_inherited_listener(fd: RawFd) -> Result<bool, String> {
     use rustix::net::{AddressFamily, SocketType, sockopt};
     let checked = crate::os::sys::inspect_fd(fd, |sock| {
         let domain = sockopt::socket_domain(sock).map_err(|e| format!("not a socket ({e})"))?;
-        if domain != AddressFamily::INET && domain != AddressFamily::INET6 {
-            return Err("not a TCP socket".to_owned());
+        let unix = domain == AddressFamily::UNIX;
+        if !unix && domain != AddressFamily::INET && domain != AddressFamily::INET6 {
+            return Err("not a TCP or unix socket".to_owned());
         }
         if sockopt::socket_type(sock).ok() != Some(SocketType::STREAM) {
             return Err("not a stream socket".to_owned());
         }
         match sockopt::socket_acceptconn(sock) {
-            Ok(true) => Ok(()),
+            Ok(true) => Ok(unix),
             Ok(false) => Err("not a listening socket".to_owned()),
             Err(e) => Err(format!("cannot tell whether it listens: {e}")),
         }
@@ -224,5 +369,35 @@ mod tests {
         // Numbers that are not open.
         assert!(check_channel_peer(i32::MAX, me).unwrap_err().contains("not open"));
         assert!(check_channel_peer(-1, me).unwrap_err().contains("not open"));
+    }
+
+    #[test]
+    fn an_abstract_name_in_use_is_refused_and_serves_once_bound() {
+        let name = format!("ecewo-cluster-test-{}", std::process::id());
+        let fd = bind_unix_abstract(&name, 16).unwrap();
+        match bind_unix_abstract(&name, 16) {
+            Err(UnixBindError::Refused(why)) => assert!(why.contains("another server listens on @"), "{why}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        assert!(std::os::unix::net::UnixStream::connect_addr(&addr).is_ok());
+        drop(fd);
+        assert!(std::os::unix::net::UnixStream::connect_addr(&addr).is_err(), "gone with its last holder");
+    }
+
+    #[test]
+    fn a_unix_socket_file_gets_its_mode_and_is_removed_only_while_ours() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ecewo-cluster-unix-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let (fd, file) = bind_unix_path(&path, 16, Some(0o660), (None, None)).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+        assert!(matches!(bind_unix_path(&path, 16, None, (None, None)), Err(UnixBindError::Refused(_))), "live");
+        drop(fd);
+        drop(file);
+        assert!(!path.exists(), "removed: it was ours");
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

@@ -64,12 +64,15 @@ impl std::fmt::Debug for Worker {
 pub enum Listener {
     /// A TCP socket (IPv4 or IPv6), in blocking mode.
     Tcp(TcpListener),
+    /// A unix stream socket (a path or an abstract name), in blocking mode.
+    Unix(std::os::unix::net::UnixListener),
 }
 
 /// One inherited listening socket: its name, its descriptor, whether it was taken.
 struct Inherited {
     name: String,
     fd: i32,
+    unix: bool,
     taken: bool,
 }
 
@@ -101,11 +104,11 @@ impl Worker {
         // them instead.
         let mut listeners = Vec::with_capacity(env.listeners.len());
         for (name, fd) in &env.listeners {
-            crate::os::socket::inspect_inherited_listener(*fd)
+            let unix = crate::os::socket::inspect_inherited_listener(*fd)
                 .map_err(|e| bad(format!("its listener {name:?} (fd {fd}): {e}")))?;
             crate::os::sys::set_cloexec_raw(*fd)
                 .map_err(|e| bad(format!("cannot set close-on-exec on fd {fd}: {e}")))?;
-            listeners.push(Inherited { name: name.clone(), fd: *fd, taken: false });
+            listeners.push(Inherited { name: name.clone(), fd: *fd, unix, taken: false });
         }
         let chan = crate::os::sys::take_inherited_fd(env.channel_fd)
             .map_err(|e| bad(format!("its channel (fd {}) is missing: {e}", env.channel_fd)))?;
@@ -165,7 +168,8 @@ impl Worker {
     }
 
     /// Takes the first TCP listening socket the master bound for this worker (blocking mode):
-    /// the one of [`Cluster::new`](crate::Cluster::new). It can be taken once; keep it for the
+    /// the one of [`Cluster::new`](crate::Cluster::new), unless it has none
+    /// ([`Error::NoSuchListener`] then). It can be taken once; keep it for the
     /// life of the server. Workers never bind themselves: the master holds every socket, so
     /// connections queued on it survive a worker's exit.
     ///
@@ -179,9 +183,16 @@ impl Worker {
     /// The socket is close-on-exec: programs the worker runs do not inherit it. In
     /// `Balance::Shared` mode every worker holds the same socket: do not change its options.
     pub fn listener(&self) -> Result<TcpListener, Error> {
-        let first = self.listener_names().into_iter().next().ok_or(Error::ListenerTaken)?;
+        let first = {
+            let all = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            all.iter().find(|l| !l.unix).map(|l| l.name.clone())
+        };
+        let Some(first) = first else {
+            return Err(Error::NoSuchListener { name: "(a TCP listener)".into(), names: self.listener_names() });
+        };
         match self.take_listener(&first)? {
             Listener::Tcp(l) => Ok(l),
+            Listener::Unix(_) => Err(Error::ListenerTaken),
         }
     }
 
@@ -219,7 +230,11 @@ impl Worker {
         let owned = crate::os::sys::take_inherited_fd(fd)
             .map_err(|e| bad(format!("its listener {name:?} (fd {fd}) is gone: {e}")))?;
         all[i].taken = true;
-        Ok(Listener::Tcp(crate::os::socket::check_inherited_listener(owned, fd)?))
+        if all[i].unix {
+            Ok(Listener::Unix(crate::os::socket::check_inherited_unix_listener(owned, fd)?))
+        } else {
+            Ok(Listener::Tcp(crate::os::socket::check_inherited_listener(owned, fd)?))
+        }
     }
 
     /// Takes every listening socket not taken yet, with its name, in descriptor order.

@@ -209,7 +209,7 @@ where
     B::Error: Into<BoxError>,
 {
     in_runtime("serve must be called inside a tokio runtime")?;
-    let all = listeners(worker)?.into_iter().map(|(_, l)| (l, service.clone())).collect();
+    let all = take_all(worker)?.into_iter().map(|(_, l)| (l, service.clone())).collect();
     serve_on(worker, all, options).await
 }
 
@@ -243,60 +243,126 @@ where
     B::Error: Into<BoxError>,
 {
     in_runtime("serve_each must be called inside a tokio runtime")?;
-    let all = listeners(worker)?.into_iter().map(|(name, l)| (l, make(&name))).collect();
+    let all = take_all(worker)?.into_iter().map(|(name, l)| (l, make(&name))).collect();
     serve_on(worker, all, options).await
+}
+
+/// A listener registered with tokio.
+enum Accepting {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// A connection it accepted.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Accepting {
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<Accepted>> {
+        match self {
+            Accepting::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Tcp(s)),
+            Accepting::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+
+    /// Takes what is already queued, without waiting (the final accepts of a drain).
+    fn drain_queue(self) -> io::Result<Vec<Accepted>> {
+        let mut out = Vec::new();
+        match self {
+            Accepting::Tcp(l) => {
+                let l = l.into_std()?;
+                while let Ok((s, _)) = l.accept() {
+                    if s.set_nonblocking(true).is_ok()
+                        && let Ok(s) = tokio::net::TcpStream::from_std(s)
+                    {
+                        out.push(Accepted::Tcp(s));
+                    }
+                }
+            }
+            Accepting::Unix(l) => {
+                let l = l.into_std()?;
+                while let Ok((s, _)) = l.accept() {
+                    if s.set_nonblocking(true).is_ok()
+                        && let Ok(s) = tokio::net::UnixStream::from_std(s)
+                    {
+                        out.push(Accepted::Unix(s));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Takes every listener of the worker not taken yet, with its name, registered with tokio (at
 /// least one).
-///
-/// # Errors
-///
-/// [`Error::ListenerTaken`] if none is left; as [`listener`] otherwise.
-pub fn listeners(worker: &Worker) -> Result<Vec<(String, tokio::net::TcpListener)>, Error> {
-    in_runtime("serve::listeners must be called inside a tokio runtime")?;
+fn take_all(worker: &Worker) -> Result<Vec<(String, Accepting)>, Error> {
     let all = worker.take_listeners()?;
     if all.is_empty() {
         return Err(Error::ListenerTaken);
     }
+    let reg = || Error::io("cannot register the listener with tokio");
     all.into_iter()
         .map(|(name, l)| {
-            let crate::worker::Listener::Tcp(std) = l;
-            std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
-            let l =
-                tokio::net::TcpListener::from_std(std).map_err(Error::io("cannot register the listener with tokio"))?;
+            let l = match l {
+                crate::worker::Listener::Tcp(std) => {
+                    std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
+                    Accepting::Tcp(tokio::net::TcpListener::from_std(std).map_err(reg())?)
+                }
+                crate::worker::Listener::Unix(std) => {
+                    std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
+                    Accepting::Unix(tokio::net::UnixListener::from_std(std).map_err(reg())?)
+                }
+            };
             Ok((name, l))
         })
         .collect()
 }
 
-/// The accept loop and the drain, over `listeners`, each with its service.
-async fn serve_on<S, B>(
-    worker: &Worker,
-    listeners: Vec<(tokio::net::TcpListener, S)>,
-    options: ServeOptions,
-) -> Result<(), Error>
-where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
-    let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
-    tokio::pin!(stop);
-    // Read by every response (no lock on the request path): `true` once the drain started.
-    let draining = Arc::new(AtomicBool::new(false));
-    // Watched by every connection task (which holds a receiver until its connection ends).
-    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let spawn_conn = |stream: tokio::net::TcpStream, service: &S| {
-        let _ = stream.set_nodelay(true);
+/// Starts connection tasks: what every connection shares.
+struct Spawner {
+    builder: auto::Builder<TokioExecutor>,
+    /// Read by every response (no lock on the request path): `true` once the drain started.
+    draining: Arc<AtomicBool>,
+    /// Watched by every connection task (which holds a receiver until its connection ends).
+    phase: watch::Receiver<Phase>,
+}
+
+impl Spawner {
+    fn spawn<S, B>(&self, accepted: Accepted, service: &S)
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        match accepted {
+            Accepted::Tcp(stream) => {
+                let _ = stream.set_nodelay(true);
+                self.spawn_io(stream, service);
+            }
+            Accepted::Unix(stream) => self.spawn_io(stream, service),
+        }
+    }
+
+    fn spawn_io<S, B, IO>(&self, stream: IO, service: &S)
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let conn_kind = Arc::new(ConnKind::default());
-        let svc = DrainService { inner: service.clone(), draining: draining.clone(), conn: conn_kind.clone() };
-        let builder = builder.clone();
-        let (mut for_h2, mut for_all) = (phase_rx.clone(), phase_rx.clone());
+        let svc = DrainService { inner: service.clone(), draining: self.draining.clone(), conn: conn_kind.clone() };
+        let builder = self.builder.clone();
+        let (mut for_h2, mut for_all) = (self.phase.clone(), self.phase.clone());
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(
                 TokioIo::new(stream),
@@ -323,6 +389,26 @@ where
                 tracing::debug!("connection error while draining: {e}");
             }
         });
+    }
+}
+
+/// The accept loop and the drain, over `listeners`, each with its service.
+async fn serve_on<S, B>(worker: &Worker, listeners: Vec<(Accepting, S)>, options: ServeOptions) -> Result<(), Error>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
+    tokio::pin!(stop);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    let spawner = Spawner {
+        builder: auto::Builder::new(TokioExecutor::new()),
+        draining: Arc::new(AtomicBool::new(false)),
+        phase: phase_rx,
     };
     worker.ready()?;
     // Accept from whichever listener has a connection, starting the scan one further each
@@ -345,30 +431,25 @@ where
             }) => accepted,
         };
         match accepted {
-            (i, Ok((stream, _peer))) => spawn_conn(stream, &listeners[i].1),
+            (i, Ok(conn)) => spawner.spawn(conn, &listeners[i].1),
             (_, Err(e)) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     };
-    draining.store(true, Ordering::SeqCst);
+    spawner.draining.store(true, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Draining);
     if why == Stop::Term {
         tracing::info!("SIGTERM: draining");
     }
     // Every listener stops accepting at once; what is already queued on each is served.
     for (listener, service) in listeners {
-        let listener = listener.into_std().map_err(Error::io("cannot take the listener back from tokio"))?;
-        while let Ok((stream, _)) = listener.accept() {
-            if stream.set_nonblocking(true).is_ok()
-                && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
-            {
-                spawn_conn(stream, &service);
-            }
+        for conn in listener.drain_queue().map_err(Error::io("cannot take the listener back from tokio"))? {
+            spawner.spawn(conn, &service);
         }
     }
-    drop(phase_rx);
+    drop(spawner);
     let drain_timeout = options.drain_timeout_for(worker.shutdown_timeout());
     if !drain(phase_tx, options.idle_grace_within(drain_timeout), drain_timeout).await {
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with connections still open; exiting");

@@ -116,24 +116,32 @@ struct Args {
     /// graceful shutdown, applies.
     #[arg(long)]
     default_sighup: bool,
-    /// A listener `NAME=ADDR` (repeatable; ADDR as `127.0.0.1:0`, `[::1]:0`, `0.0.0.0:P`):
+    /// A listener `NAME=ADDR` (repeatable; ADDR as `127.0.0.1:0`, `[::1]:0`, `0.0.0.0:P`,
+    /// `unix:PATH`):
     /// with any, the cluster serves exactly these (not `--port`), every endpoint on every one,
     /// and the master prints `listener NAME ADDR` (the bound address) for each before its
     /// ready line, whose port is then the first TCP listener's.
     #[arg(long = "listen", value_name = "NAME=ADDR", value_parser = parse_listen)]
-    listen: Vec<(String, std::net::SocketAddr)>,
+    listen: Vec<(String, ListenAt)>,
     /// The workers' `ServeOptions::idle_grace`, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     idle_grace_ms: u64,
 }
 
-fn parse_listen(s: &str) -> Result<(String, std::net::SocketAddr), String> {
+/// Where a `--listen` listener listens.
+#[derive(Debug, Clone)]
+enum ListenAt {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+fn parse_listen(s: &str) -> Result<(String, ListenAt), String> {
     let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: use NAME=ADDR"))?;
     if let Some(path) = addr.strip_prefix("unix:") {
-        return Err(format!("{name}: unix sockets ({path}) are not supported yet; use a TCP address"));
+        return Ok((name.to_owned(), ListenAt::Unix(PathBuf::from(path))));
     }
     let addr = addr.parse().map_err(|e| format!("{name}: {addr:?} is not an address ({e})"))?;
-    Ok((name.to_owned(), addr))
+    Ok((name.to_owned(), ListenAt::Tcp(addr)))
 }
 
 fn main() -> ExitCode {
@@ -185,8 +193,9 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
     let cluster = if args.listen.is_empty() {
         cluster
     } else {
-        args.listen.iter().fold(cluster.no_default_listener(), |c, (name, addr)| {
-            c.listen(name, ecewo_cluster::Listen::tcp(*addr).balance(args.balance))
+        args.listen.iter().fold(cluster.no_default_listener(), |c, (name, at)| match at {
+            ListenAt::Tcp(addr) => c.listen(name, ecewo_cluster::Listen::tcp(*addr).balance(args.balance)),
+            ListenAt::Unix(path) => c.listen(name, ecewo_cluster::Listen::unix(path)),
         })
     };
     let cluster = if args.default_sighup {
