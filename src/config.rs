@@ -385,6 +385,10 @@ fn check_listeners(all: &[(String, Listen)]) -> Result<(), Error> {
             }
         }
         let is_file = matches!(listen.kind, ListenKind::Unix { .. });
+        if listen.kind == ListenKind::Systemd && listen.balance != crate::master::Balance::default() {
+            // Harmless, but say so: one passed socket cannot be split.
+            tracing::debug!("listener {name:?}: a socket systemd passes is shared; its balance is ignored");
+        }
         if !is_file && (listen.mode.is_some() || listen.owner != (None, None)) {
             return bad(name, "a mode or owner applies to unix socket files only; remove it".into());
         }

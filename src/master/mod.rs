@@ -302,21 +302,51 @@ impl Master {
         }
         crate::os::fds::raise_fd_limit();
         // Every listener is bound here, before any worker exists: a bad address fails init.
-        let mut activated = crate::os::socket::activated_listener()?;
+        let mut passed = crate::os::socket::activated_sockets()?;
+        let all = opts.all_listeners();
+        // The default listener of `Cluster::new(port)` under socket activation: the passed
+        // socket named "default", or else the first one no `Listen::systemd` listener names.
+        let claimed: Vec<&str> =
+            all.iter().filter(|(_, l)| l.kind == ListenKind::Systemd).map(|(n, _)| n.as_str()).collect();
+        let default_takes = (opts.default_listener && !passed.is_empty())
+            .then(|| {
+                passed
+                    .iter()
+                    .position(|p| p.name == crate::proto::handoff::DEFAULT_LISTENER)
+                    .or_else(|| passed.iter().position(|p| !claimed.contains(&p.name.as_str())))
+            })
+            .flatten();
+        let mut activated = default_takes.map(|i| passed.remove(i));
         let mut listeners = Vec::new();
-        for (name, listen) in opts.all_listeners() {
+        for (i, (name, listen)) in all.into_iter().enumerate() {
             let backlog = listen.backlog.min(i32::MAX as u32) as i32;
             let refused =
                 |e: crate::os::socket::UnixBindError| Error::BadListener { name: name.clone(), reason: e.to_string() };
             let (balance, fds, addr, v6only, file) = match listen.kind {
-                // systemd socket activation: the first TCP listener is the socket systemd
-                // passed, shared by every worker.
-                ListenKind::Tcp { .. } if activated.is_some() => {
-                    let (fd, addr) = activated.take().ok_or(Error::NoListener)?;
+                // systemd socket activation: the default listener is a socket systemd passed,
+                // shared by every worker.
+                ListenKind::Tcp { .. } if i == 0 && opts.default_listener && activated.is_some() => {
+                    let p = activated.take().ok_or(Error::NoListener)?;
                     if listen.balance != Balance::Shared {
                         tracing::info!("socket activation: the workers share the socket systemd passed");
                     }
-                    (Balance::Shared, vec![fd], ListenAddr::Tcp(addr), false, None)
+                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None)
+                }
+                ListenKind::Systemd => {
+                    let Some(at) = passed.iter().position(|p| p.name == name) else {
+                        let names: Vec<&str> = passed.iter().map(|p| p.name.as_str()).collect();
+                        let reason = if names.is_empty() {
+                            "systemd passed no socket (LISTEN_FDS is unset or for another process); run it from a .socket unit or systemd-socket-activate, or listen on an address".to_owned()
+                        } else {
+                            format!(
+                                "systemd passed no socket of this name (it passed: {}); set FileDescriptorName= in the .socket unit, or rename the listener",
+                                names.join(", ")
+                            )
+                        };
+                        return Err(Error::BadListener { name, reason });
+                    };
+                    let p = passed.remove(at);
+                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None)
                 }
                 // With `ReusePort`, slot 0's socket only: slot i's is bound when its worker is
                 // first spawned, so that no connection ever waits on the socket of a worker
@@ -350,6 +380,9 @@ impl Master {
         }
         if listeners.is_empty() {
             return Err(Error::NoListener);
+        }
+        for p in passed {
+            tracing::warn!("socket activation passed a socket named {:?} that no listener serves; closing it", p.name);
         }
         // The first TCP listener's address (port 0 when there is none).
         let addr = listeners
@@ -540,6 +573,17 @@ impl Master {
         // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,
         // and the Master's Drop wakes whoever still waits for a restart.
         driver.run()
+    }
+}
+
+/// A passed socket's address as a listener's.
+fn passed_addr(addr: crate::os::socket::PassedAddr) -> ListenAddr {
+    use crate::os::socket::PassedAddr;
+    match addr {
+        PassedAddr::Tcp(a) => ListenAddr::Tcp(a),
+        PassedAddr::Unix(p) => ListenAddr::Unix(p),
+        PassedAddr::Abstract(n) => ListenAddr::Abstract(n),
+        PassedAddr::Unnamed => ListenAddr::Unix(PathBuf::new()),
     }
 }
 

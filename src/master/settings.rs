@@ -127,6 +127,8 @@ pub(crate) enum ListenKind {
     Unix { path: std::path::PathBuf },
     /// A Linux abstract unix socket name (without the leading NUL).
     Abstract { name: String },
+    /// The socket systemd passed under the listener's name (socket activation).
+    Systemd,
 }
 
 /// Where a listener listens, as bound (see [`ListenerInfo`]).
@@ -189,6 +191,14 @@ impl Listen {
     /// A Linux abstract unix socket `name` (no file; `@name` in `ss`), shared by every worker.
     pub fn abstract_unix(name: impl Into<String>) -> Listen {
         Listen::of(ListenKind::Abstract { name: name.into() })
+    }
+
+    /// The socket systemd passes under this listener's name (socket activation: the
+    /// `FileDescriptorName=` of a `.socket` unit, or `systemd-socket-activate --fdname`), TCP
+    /// or unix, shared by every worker. [`init`](crate::Cluster::init) fails with
+    /// [`Error::BadListener`](crate::Error::BadListener) if systemd passed none of that name.
+    pub fn systemd() -> Listen {
+        Listen::of(ListenKind::Systemd)
     }
 
     fn of(kind: ListenKind) -> Listen {

@@ -194,32 +194,71 @@ pub(crate) fn bind_unix_abstract(name: &str, backlog: u32) -> Result<OwnedFd, Un
     Ok(listener.into())
 }
 
-/// The listening socket systemd passed by socket activation (`LISTEN_PID` is this process,
-/// `LISTEN_FDS` ≥ 1: the first of them, at fd 3), if any. It must be a listening TCP socket.
-pub(crate) fn activated_listener() -> Result<Option<(OwnedFd, SocketAddr)>, Error> {
+/// Where a socket systemd passed listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PassedAddr {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+    Abstract(String),
+    /// A unix socket without a name.
+    Unnamed,
+}
+
+/// A listening socket systemd passed by socket activation.
+#[derive(Debug)]
+pub(crate) struct Passed {
+    /// Its name in `LISTEN_FDNAMES` (`"unknown"` when systemd gave none, as `sd_listen_fds_with_names`).
+    pub(crate) name: String,
+    pub(crate) fd: OwnedFd,
+    pub(crate) addr: PassedAddr,
+}
+
+/// The listening sockets systemd passed by socket activation (`LISTEN_PID` is this process,
+/// `LISTEN_FDS` ≥ 1: fds 3, 4, …, named by `LISTEN_FDNAMES`), each checked to be a listening
+/// TCP or unix stream socket and made close-on-exec. Empty without socket activation.
+pub(crate) fn activated_sockets() -> Result<Vec<Passed>, Error> {
     let var = |k| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
     let ours = var("LISTEN_PID") == Some(rustix::process::getpid().as_raw_nonzero().get() as u32);
-    let count = var("LISTEN_FDS").unwrap_or(0);
+    let count = var("LISTEN_FDS").unwrap_or(0).min(1024);
     if !ours || count == 0 {
-        return Ok(None);
+        return Ok(Vec::new());
     }
     if !crate::os::fds::claim_inherited_fds() {
         return Err(Error::AlreadyInitialized);
     }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .ok()
+        .map(|v| v.split(':').map(str::to_owned).collect())
+        .filter(|n: &Vec<String>| n.len() == count as usize)
+        .unwrap_or_else(|| vec!["unknown".to_owned(); count as usize]);
     let bad = |what: String| Error::BadInheritance { what };
-    let fd =
-        crate::os::sys::take_inherited_fd(3).map_err(|e| bad(format!("socket activation: fd 3 is missing: {e}")))?;
-    rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(format!("fd 3: {e}")))?;
-    let listener = check_inherited_listener(fd, 3)?;
-    let addr = listener.local_addr().map_err(|e| bad(format!("fd 3: {e}")))?;
-    if count > 1 {
-        tracing::warn!("socket activation passed {count} sockets; serving the first ({addr}) only");
-        // The others must not reach workers or anything else this program executes.
-        for extra in 4..3 + count.min(1024) as i32 {
-            let _ = crate::os::sys::set_cloexec_raw(extra);
-        }
+    let mut out = Vec::with_capacity(count as usize);
+    for (i, name) in names.into_iter().enumerate() {
+        let n = 3 + i as i32;
+        let fd = crate::os::sys::take_inherited_fd(n)
+            .map_err(|e| bad(format!("socket activation: fd {n} ({name}) is missing: {e}")))?;
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC).map_err(|e| bad(format!("fd {n}: {e}")))?;
+        let unix =
+            inspect_inherited_listener(n).map_err(|e| bad(format!("socket activation: fd {n} ({name}): {e}")))?;
+        let addr = if unix {
+            let local = Socket::from(fd.try_clone().map_err(|e| bad(format!("fd {n}: {e}")))?).local_addr();
+            match local {
+                Ok(a) if a.as_pathname().is_some() => {
+                    PassedAddr::Unix(a.as_pathname().unwrap_or(std::path::Path::new("")).to_owned())
+                }
+                Ok(a) => match a.as_abstract_namespace() {
+                    Some(name) => PassedAddr::Abstract(String::from_utf8_lossy(name).into_owned()),
+                    None => PassedAddr::Unnamed,
+                },
+                Err(_) => PassedAddr::Unnamed,
+            }
+        } else {
+            let l = check_inherited_listener(fd.try_clone().map_err(|e| bad(format!("fd {n}: {e}")))?, n)?;
+            PassedAddr::Tcp(l.local_addr().map_err(|e| bad(format!("fd {n}: {e}")))?)
+        };
+        out.push(Passed { name, fd, addr });
     }
-    Ok(Some((listener.into(), addr)))
+    Ok(out)
 }
 
 /// Checks that an inherited descriptor really is a listening unix stream socket.

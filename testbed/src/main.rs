@@ -117,7 +117,7 @@ struct Args {
     #[arg(long)]
     default_sighup: bool,
     /// A listener `NAME=ADDR` (repeatable; ADDR as `127.0.0.1:0`, `[::1]:0`, `0.0.0.0:P`,
-    /// `unix:PATH`):
+    /// `unix:PATH`, or `systemd`: the socket systemd passes under NAME):
     /// with any, the cluster serves exactly these (not `--port`), every endpoint on every one,
     /// and the master prints `listener NAME ADDR` (the bound address) for each before its
     /// ready line, whose port is then the first TCP listener's.
@@ -133,12 +133,17 @@ struct Args {
 enum ListenAt {
     Tcp(std::net::SocketAddr),
     Unix(PathBuf),
+    /// The socket systemd passes under the listener's name.
+    Systemd,
 }
 
 fn parse_listen(s: &str) -> Result<(String, ListenAt), String> {
     let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: use NAME=ADDR"))?;
     if let Some(path) = addr.strip_prefix("unix:") {
         return Ok((name.to_owned(), ListenAt::Unix(PathBuf::from(path))));
+    }
+    if addr == "systemd" {
+        return Ok((name.to_owned(), ListenAt::Systemd));
     }
     let addr = addr.parse().map_err(|e| format!("{name}: {addr:?} is not an address ({e})"))?;
     Ok((name.to_owned(), ListenAt::Tcp(addr)))
@@ -196,6 +201,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         args.listen.iter().fold(cluster.no_default_listener(), |c, (name, at)| match at {
             ListenAt::Tcp(addr) => c.listen(name, ecewo_cluster::Listen::tcp(*addr).balance(args.balance)),
             ListenAt::Unix(path) => c.listen(name, ecewo_cluster::Listen::unix(path)),
+            ListenAt::Systemd => c.listen(name, ecewo_cluster::Listen::systemd()),
         })
     };
     let cluster = if args.default_sighup {

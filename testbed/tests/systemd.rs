@@ -181,3 +181,81 @@ fn the_watchdog_goes_silent_when_the_start_up_overruns() {
     // It keeps respawning the slot meanwhile.
     assert!(tb.wait_log(Duration::from_secs(5), |l| l.matches("on_start id=0 ").count() >= 2));
 }
+
+/// Socket activation with two named sockets (`--fdname`): each listener takes the socket of its
+/// name, every worker serves both; a name systemd did not pass fails init naming it.
+#[test]
+fn socket_activation_with_named_sockets() {
+    if std::process::Command::new("systemd-socket-activate").arg("--version").output().is_err() {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`; .ci/run installs it)");
+        return;
+    }
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (web, admin) = (free(), free());
+    let (web_s, admin_s) = (web.to_string(), admin.to_string());
+    let mut opts = args(&[
+        "-l",
+        &web_s,
+        "-l",
+        &admin_s,
+        "--fdname=web:admin",
+        TESTBED,
+        // (`Testbed::spawn` adds `--port 0` in front of everything unless it is there.)
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--listen",
+        "admin=systemd",
+        "--listen",
+        "web=systemd",
+    ]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    // It starts the server on the first connection, which waits in the socket meanwhile.
+    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(web).is_ok()), "listening");
+    let first = std::thread::spawn(move || http_get(web.port(), "/"));
+    let mut lines = Vec::new();
+    let ready = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
+        if line.starts_with("ready:") {
+            break line;
+        }
+        lines.push(line);
+    };
+    tb.set_ready(ready);
+    assert_eq!(lines, vec![format!("listener admin {admin}"), format!("listener web {web}")], "by name, in order");
+    assert_eq!(tb.port, admin.port(), "the first listener's port");
+    assert_eq!(first.join().unwrap().expect("the connection that started it is served").0, 200);
+    for (name, addr) in [("web", web), ("admin", admin)] {
+        let mut ids = std::collections::BTreeSet::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let (status, body) = http_get(addr.port(), "/").unwrap();
+                assert_eq!(status, 200, "{name}: {body}");
+                ids.insert(worker_of(&body));
+                ids.len() == 2
+            }),
+            "{name}: both workers serve it"
+        );
+        let (_, env) = http_get(addr.port(), "/listen-env").unwrap();
+        assert!(env.contains("LISTEN_FDS=2 LISTEN_FDNAMES=admin:web names=admin:web"), "{name}: {env}");
+    }
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
+
+    // A name systemd did not pass.
+    let other = free();
+    let other_s = other.to_string();
+    let mut opts =
+        args(&["-l", &other_s, "--fdname=web", TESTBED, "--port", "0", "--workers", "2", "--listen", "admin=systemd"]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    // The first connection starts it.
+    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(other).is_ok()), "listening");
+    let st = tb.wait_exit(Duration::from_secs(20)).expect("init fails and the master exits");
+    assert!(!st.success());
+    let log = tb.stderr();
+    assert!(log.contains("listener \"admin\": systemd passed no socket of this name (it passed: web)"), "{log}");
+    assert!(!log.contains("on_start"), "nothing spawned: {log}");
+}
