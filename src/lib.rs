@@ -85,7 +85,7 @@ pub use role::{
     worker_stats,
 };
 pub use signal::{Signal, UnknownSignal};
-pub use stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
+pub use stats::{ClusterStats, ExitStatus, ListenerStats, RestartOutcome, WorkerStats, WorkerStatus};
 pub use worker::{Listener, Worker};
 
 /// The import rules of the tree (ARCHITECTURE.md, "The tree"), checked on the sources: a

@@ -172,14 +172,22 @@ impl Driver {
     /// The statistics now, with each worker's resource figures from `/proc`.
     pub(super) fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
         let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
+        cluster.listeners = self.listener_stats();
         crate::os::procfs::add_usage(&mut cluster, &mut workers);
         (cluster, workers)
+    }
+
+    /// The listeners, with the accept-queue length of the TCP ones.
+    pub(super) fn listener_stats(&self) -> Vec<crate::stats::ListenerStats> {
+        super::listener_stats(&self.m.listeners)
     }
 
     /// Publishes the statistics for handles and module functions.
     fn publish(&self) {
         let now = Instant::now();
-        let snap = Snapshot { cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now), taken: now };
+        let mut cluster = self.sup.cluster_stats();
+        cluster.listeners = self.listener_stats();
+        let snap = Snapshot { cluster, workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
     }
 

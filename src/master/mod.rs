@@ -418,7 +418,7 @@ impl Master {
             stopped: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
             snapshot: Mutex::new(Snapshot {
-                cluster: sup.cluster_stats(),
+                cluster: ClusterStats { listeners: listener_stats(&listeners), ..sup.cluster_stats() },
                 workers: sup.worker_stats(Instant::now()),
                 taken: Instant::now(),
             }),
@@ -574,6 +574,34 @@ impl Master {
         // and the Master's Drop wakes whoever still waits for a restart.
         driver.run()
     }
+}
+
+/// The listeners' statistics, with the accept-queue length of the TCP ones (one `TCP_INFO`
+/// per socket the master holds).
+pub(crate) fn listener_stats(listeners: &[Bound]) -> Vec<crate::stats::ListenerStats> {
+    use std::os::fd::AsFd;
+    listeners
+        .iter()
+        .map(|b| {
+            let open: Vec<&OwnedFd> = b.fds.iter().flatten().collect();
+            let queued = match b.addr {
+                ListenAddr::Tcp(_) => open
+                    .iter()
+                    .map(|fd| crate::os::sys::tcp_accept_queue(fd.as_fd()).map(u64::from))
+                    .sum::<std::io::Result<u64>>()
+                    .ok(),
+                _ => None,
+            };
+            crate::stats::ListenerStats {
+                name: b.name.clone(),
+                address: b.addr.to_string(),
+                kind: b.addr.kind().to_owned(),
+                balance: b.balance.to_string(),
+                sockets: open.len(),
+                queued,
+            }
+        })
+        .collect()
 }
 
 /// A passed socket's address as a listener's.

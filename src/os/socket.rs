@@ -439,4 +439,19 @@ mod tests {
         assert!(!path.exists(), "removed: it was ours");
         std::fs::remove_dir(&dir).unwrap();
     }
+
+    #[test]
+    fn tcp_info_gives_the_accept_queue_length() {
+        use std::os::fd::AsFd;
+        let (fds, addr) = bind_listeners(loopback(0), false, 1, 16, false).unwrap();
+        assert_eq!(crate::os::sys::tcp_accept_queue(fds[0].as_fd()).unwrap(), 0);
+        let clients: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        // The handshakes complete in the kernel; nobody accepts.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while crate::os::sys::tcp_accept_queue(fds[0].as_fd()).unwrap() < 3 && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        assert_eq!(crate::os::sys::tcp_accept_queue(fds[0].as_fd()).unwrap(), 3);
+        drop(clients);
+    }
 }

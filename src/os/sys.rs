@@ -155,6 +155,30 @@ pub(crate) fn set_exec_with_own_pid(
     Ok(())
 }
 
+/// The number of connections waiting in the accept queue of a listening TCP socket
+/// (`TCP_INFO`'s `tcpi_unacked`, which the kernel fills with the queue length for a socket in
+/// the listen state).
+pub(crate) fn tcp_accept_queue(socket: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: `tcp_info` is plain data (integers); all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a valid, initialised `tcp_info` borrowed for the whole call and `len` is
+    // its size; the kernel writes at most `len` bytes and stores the length it wrote.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_unacked)
+}
+
 /// Takes ownership of descriptor `fd`, which the master placed in this worker at a fixed number.
 ///
 /// Fails if `fd` is not open. Must be called at most once per number: the worker takes its
