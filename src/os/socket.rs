@@ -454,4 +454,19 @@ mod tests {
         assert_eq!(crate::os::sys::tcp_accept_queue(fds[0].as_fd()).unwrap(), 3);
         drop(clients);
     }
+
+    #[test]
+    fn an_ipv6_wildcard_is_dual_stack_unless_v6only() {
+        let any6: SocketAddr = "[::]:0".parse().unwrap();
+        if bind_listeners(any6, false, 1, 16, false).is_err() {
+            eprintln!("no IPv6 here: skipped");
+            return;
+        }
+        for (v6only, ipv4_served) in [(false, true), (true, false)] {
+            let (_fds, addr) = bind_listeners(any6, true, 1, 16, v6only).unwrap();
+            let v4 = std::net::TcpStream::connect(loopback(addr.port()));
+            assert_eq!(v4.is_ok(), ipv4_served, "v6only={v6only}: IPv4 connect {v4:?}");
+            assert!(std::net::TcpStream::connect(("::1", addr.port())).is_ok(), "v6only={v6only}: IPv6 connect");
+        }
+    }
 }
