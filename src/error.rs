@@ -22,7 +22,10 @@ pub enum Error {
 
     /// A listener added with [`Cluster::listen`](crate::Cluster::listen) cannot be served as
     /// given: two listeners of one name or one address, a name systemd's convention cannot
-    /// carry, a backlog out of range. Nothing was bound or spawned.
+    /// carry, a backlog out of range, an address it cannot bind, a unix socket path that is
+    /// unusable (its directory missing or another user's, a live server or another file
+    /// there), a name systemd did not pass. Nothing was spawned; sockets already bound for
+    /// other listeners are closed.
     #[error("listener {name:?}: {reason}")]
     BadListener {
         /// The listener's name.

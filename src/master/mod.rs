@@ -287,7 +287,8 @@ impl MasterHandle {
         self.shared.snapshot().1.into_iter().find(|w| w.worker_id == worker_id)
     }
 
-    /// The address the cluster listens on, with the real port.
+    /// The address of the cluster's first TCP listener, with the real port (port 0 when it has
+    /// none); [`Master::listeners`] lists them all.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
     }
@@ -353,7 +354,15 @@ impl Master {
                 // that does not exist yet (`listeners_for`).
                 ListenKind::Tcp { addr, v6only } => {
                     let per_slot = listen.balance == Balance::ReusePort;
-                    let (fds, real) = crate::os::socket::bind_listeners(addr, per_slot, 1, listen.backlog, v6only)?;
+                    let (fds, real) = crate::os::socket::bind_listeners(addr, per_slot, 1, listen.backlog, v6only)
+                        .map_err(|e| match e {
+                            // A named listener's bind error names it (the default one's stays
+                            // `Error::Bind`, as before listeners had names).
+                            Error::Bind { .. } if !(i == 0 && opts.default_listener) => {
+                                Error::BadListener { name: name.clone(), reason: e.to_string() }
+                            }
+                            e => e,
+                        })?;
                     (listen.balance, fds, ListenAddr::Tcp(real), v6only, None)
                 }
                 ListenKind::Unix { path } => {
@@ -488,7 +497,8 @@ impl Master {
         MasterHandle { shared: self.shared.clone() }
     }
 
-    /// The address the cluster listens on, with the real port (also for port 0).
+    /// The address of the cluster's first TCP listener, with the real port (also for port 0;
+    /// port 0 when it has no TCP listener). [`Master::listeners`] lists them all.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
     }

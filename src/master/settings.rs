@@ -91,7 +91,8 @@ pub struct WorkerExit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReadyInfo {
-    /// The address the cluster listens on, with the real port (also when port 0 was asked for).
+    /// The address of the cluster's first TCP listener, with the real port (also when port 0
+    /// was asked for; port 0 when it has no TCP listener).
     pub addr: std::net::SocketAddr,
     /// Workers ready and serving.
     pub workers: usize,

@@ -114,7 +114,12 @@ fn bad_listeners_fail_init_naming_the_listener_and_nothing_is_spawned() {
     let port = free.local_addr().unwrap().port();
     drop(free);
     let same = format!("127.0.0.1:{port}");
+    // An address somebody else holds: the bind error names the listener.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = format!("b={}", busy.local_addr().unwrap());
+    let busy_says = format!("listener \"b\": cannot listen on {}", busy.local_addr().unwrap());
     for (list, says) in [
+        (vec!["--listen", "a=127.0.0.1:0", "--listen", &busy_addr], busy_says.as_str()),
         (
             vec!["--listen", "a=127.0.0.1:0", "--listen", "a=127.0.0.1:0"],
             "listener \"a\": two listeners have this name",
