@@ -296,3 +296,29 @@ fn a_socket_file_replaced_meanwhile_is_left_at_exit() {
     assert!(sock.exists(), "another server's socket file was removed");
     drop(theirs);
 }
+
+/// A slot added by scaling up gets its own socket on every `ReusePort` listener, and serves
+/// them all.
+#[test]
+fn a_slot_added_by_scaling_up_serves_every_listener() {
+    let tb = Testbed::start(&["--workers", "1", "--listen", "a=127.0.0.1:0", "--listen", "b=127.0.0.1:0"]);
+    let addrs: Vec<SocketAddr> = tb.listeners.iter().map(|(_, a)| a.parse().unwrap()).collect();
+    for a in &addrs {
+        assert_eq!(listeners_held(tb.pid(), a.port()), 1, "{a}: slot 0's socket only");
+    }
+    tb.signal(Signal::TTIN);
+    for a in &addrs {
+        let mut workers = BTreeSet::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                if let Ok((200, body)) = get_at(*a, "/") {
+                    workers.extend(worker_of(&body));
+                }
+                workers.len() == 2
+            }),
+            "{a}: both workers answer after scaling up ({workers:?})\n{}",
+            tb.stderr()
+        );
+        assert_eq!(listeners_held(tb.pid(), a.port()), 2, "{a}: a socket per slot");
+    }
+}

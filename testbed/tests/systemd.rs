@@ -259,3 +259,46 @@ fn socket_activation_with_named_sockets() {
     assert!(log.contains("listener \"admin\": systemd passed no socket of this name (it passed: web)"), "{log}");
     assert!(!log.contains("on_start"), "nothing spawned: {log}");
 }
+
+/// A unix socket passed by name is served like a TCP one.
+#[test]
+fn socket_activation_passes_a_named_unix_socket() {
+    if std::process::Command::new("systemd-socket-activate").arg("--version").output().is_err() {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`; .ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("web.sock");
+    let path_s = path.display().to_string();
+    let mut opts =
+        args(&["-l", &path_s, "--fdname=web", TESTBED, "--port", "0", "--workers", "1", "--listen", "web=systemd"]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    let get = |what: &str| -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {what} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        parse_response(&raw).ok_or_else(|| std::io::Error::other("bad response"))
+    };
+    // The first connection starts it.
+    assert!(wait_until(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&path).is_ok()));
+    let mut lines = Vec::new();
+    let ready = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
+        if line.starts_with("ready:") {
+            break line;
+        }
+        lines.push(line);
+    };
+    tb.set_ready(ready);
+    assert_eq!(lines, vec![format!("listener web {path_s}")]);
+    assert_eq!(tb.ready_line, "ready: 1 workers on port 0", "no TCP listener: port 0");
+    let (status, body) = get("/").unwrap();
+    assert_eq!((status, worker_of(&body)), (200, Some(0)), "{body}");
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
+    assert!(path.exists(), "the master removes only socket files it created");
+}
