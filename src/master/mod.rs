@@ -289,7 +289,10 @@ impl Master {
             }
             None => {
                 let addr = SocketAddr::new(opts.address, opts.port);
-                crate::os::socket::bind_listeners(addr, opts.balance == Balance::ReusePort, workers, opts.backlog)?
+                // With `ReusePort`, slot 0's socket only: slot i's is bound when its worker is
+                // first spawned, so that no connection ever waits on the socket of a worker
+                // that does not exist yet (`listener_for`).
+                crate::os::socket::bind_listeners(addr, opts.balance == Balance::ReusePort, 1, opts.backlog)?
             }
         };
         let wake =
@@ -451,7 +454,8 @@ impl Master {
     pub fn wait(self) -> Result<(), Error> {
         let _ = self.shared.loop_thread.set(std::thread::current().id());
         let mut driver = Driver {
-            sup: Supervisor::new(self.policy.clone(), Instant::now()),
+            sup: Supervisor::new(self.policy.clone(), Instant::now())
+                .with_open_sockets((0..self.listeners.len()).filter(|&i| self.listeners[i].is_some())),
             procs: HashMap::new(),
             programs: HashMap::new(),
             control_waiters: HashMap::new(),

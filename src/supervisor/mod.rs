@@ -182,8 +182,9 @@ pub struct Supervisor {
     program: Program,
     /// The slots new connections were last routed to.
     routed: Vec<usize>,
-    /// The slots whose socket is open (`ReusePort`): all at first, closed by
-    /// [`Command::CloseSocket`], opened again by a spawn into the slot.
+    /// The slots whose socket is open (`ReusePort`): those the master opened at first
+    /// ([`Supervisor::with_open_sockets`]), closed by [`Command::CloseSocket`], opened by a
+    /// spawn into the slot (the driver binds a missing socket then).
     sockets: BTreeSet<usize>,
     /// Whether new connections are steered (`ReusePort`), as far as the driver told.
     steering: Steering,
@@ -229,7 +230,6 @@ impl Supervisor {
             .and_then(|n| policy.startup_delay.checked_mul(n))
             .and_then(|last| last.checked_add(policy.ready_timeout))
             .and_then(|d| now.checked_add(d));
-        let (policy_sockets, workers) = (policy.socket_per_slot, policy.workers);
         let bound = policy.bound_signals.clone();
         let mut sup = Supervisor {
             startup_deadline,
@@ -246,13 +246,25 @@ impl Supervisor {
             deploys: 0,
             program: Program::Running,
             routed: Vec::new(),
-            sockets: if policy_sockets { (0..workers).collect() } else { BTreeSet::new() },
+            sockets: BTreeSet::new(),
             steering: Steering::On,
             bound: Vec::new(),
             deployed: BTreeSet::new(),
         };
         sup.bind_signals(bound);
         sup
+    }
+
+    /// The slots whose socket the master opened before the supervisor started (`ReusePort`;
+    /// ignored otherwise). Without it none is open: the socket of a slot is then opened by its
+    /// first spawn. The master opens slot 0's only, so that no connection waits on the socket
+    /// of a slot whose worker does not exist yet.
+    #[must_use]
+    pub fn with_open_sockets(mut self, slots: impl IntoIterator<Item = usize>) -> Supervisor {
+        if self.policy.socket_per_slot {
+            self.sockets = slots.into_iter().filter(|&s| s < self.slots.len()).collect();
+        }
+        self
     }
 
     /// The policy in force.

@@ -18,7 +18,8 @@
 //!   it) only in the slot the rollout is replacing;
 //! - **bookkeeping**: the processes the supervisor tracks are exactly the fake driver's live
 //!   ones; signals only go to processes that were started; a socket is closed only when no live
-//!   process of its slot holds it; routes name only slots with an active worker; no spawn
+//!   process of its slot holds it; routes name only slots with an active worker (or, while
+//!   none is, slots with a started worker that is not stopping); no spawn
 //!   after a shutdown began; `Exit` is the last command of its batch, and comes only when no
 //!   process is left;
 //! - **termination**: after a final `Shutdown`, letting time pass a bounded number of times
@@ -154,14 +155,19 @@ struct Fake {
     next_ticket: u64,
     tickets: BTreeSet<u64>,
     answered: Vec<u64>,
+    /// The slots whose socket is open (`ReusePort`): slot 0's, as the master opens it, then
+    /// every slot spawned into.
+    sockets: BTreeSet<usize>,
 }
 
 impl Fake {
     fn new(policy: Policy, bound: Vec<Signal>, spawn_plan: Vec<bool>) -> Fake {
         let now = Instant::now();
-        let mut sup = Supervisor::new(policy, now);
+        let per_slot = policy.socket_per_slot;
+        let mut sup = Supervisor::new(policy, now).with_open_sockets([0]);
         sup.bind_signals(bound);
         Fake {
+            sockets: if per_slot { BTreeSet::from([0]) } else { BTreeSet::new() },
             sup,
             now,
             next_pid: 100,
@@ -206,6 +212,9 @@ impl Fake {
                 prop_assert!(self.sup.phase == Phase::Running, "a spawn during a shutdown");
                 let ok = self.spawn_plan[self.spawns % self.spawn_plan.len()];
                 self.spawns += 1;
+                if self.sup.policy.socket_per_slot {
+                    self.sockets.insert(*slot);
+                }
                 if ok {
                     self.next_pid += 1;
                     self.live.insert(*key, Live { slot: *slot, ready: false, termed: false });
@@ -226,15 +235,33 @@ impl Fake {
                 }
             }
             Command::CloseSocket { slot } => {
+                prop_assert!(self.sockets.remove(slot), "socket {slot} closed, never opened");
                 prop_assert!(
                     !self.live.values().any(|p| p.slot == *slot),
                     "socket {slot} closed while a live process holds it"
                 );
             }
             Command::Route { slots } => {
+                // To active workers; while there is none, to started ones (never to a slot
+                // without a process, whose socket may not exist yet).
+                let state = |s: usize| self.sup.slots.get(s).and_then(|s| s.current.as_ref()).map(|p| p.state);
+                let any_active = self
+                    .sup
+                    .slots
+                    .iter()
+                    .any(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active));
                 for &s in slots {
-                    let active = self.sup.slots.get(s).and_then(|s| s.current.as_ref()).map(|p| p.state);
-                    prop_assert_eq!(active, Some(ProcState::Active), "routed to slot {}", s);
+                    prop_assert!(self.sockets.contains(&s), "routed to slot {}, whose socket is not open", s);
+                    if any_active {
+                        prop_assert_eq!(state(s), Some(ProcState::Active), "routed to slot {}", s);
+                    } else {
+                        prop_assert!(
+                            state(s).is_some_and(|st| st != ProcState::Stopping),
+                            "routed to slot {} ({:?}) while none is active",
+                            s,
+                            state(s)
+                        );
+                    }
                 }
             }
             Command::Report(Report::RestartFinished { tickets, .. }) => self.answered.extend(tickets),

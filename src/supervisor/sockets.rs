@@ -35,20 +35,29 @@ impl Supervisor {
             || self.rollout.as_ref().is_some_and(|r| r.current == Some(slot) || r.queue.contains(&slot))
     }
 
-    /// Routes new connections to the slots whose worker is ready, if that set changed.
+    /// Routes new connections to the slots whose worker is ready, if that set changed. While
+    /// no slot is ready (the start-up, or every worker crashed), to the slots whose worker was
+    /// started and is not stopping: each connection then waits for a worker that exists, never
+    /// on the socket of a slot that will only be spawned later (or respawned after a delay).
+    /// With none of those either, the route is empty: the driver then leaves the whole group.
     pub(super) fn update_route(&mut self, out: &mut Vec<Command>) {
         if !self.policy.socket_per_slot || self.phase != Phase::Running || self.steering == Steering::Off {
             return;
         }
-        let ready: Vec<usize> = self
-            .slots
-            .iter()
-            .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
-            .map(|s| s.id)
-            .collect();
-        if ready != self.routed {
-            self.routed = ready.clone();
-            out.push(Command::Route { slots: ready });
+        let with = |ok: fn(ProcState) -> bool| -> Vec<usize> {
+            self.slots
+                .iter()
+                .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| ok(p.state)))
+                .map(|s| s.id)
+                .collect()
+        };
+        let mut route = with(|st| st == ProcState::Active);
+        if route.is_empty() {
+            route = with(|st| st != ProcState::Stopping);
+        }
+        if route != self.routed {
+            self.routed = route.clone();
+            out.push(Command::Route { slots: route });
         }
     }
 

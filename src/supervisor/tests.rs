@@ -1,6 +1,6 @@
 //! Unit tests of the supervisor's policies with a fake clock.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::*;
@@ -41,7 +41,8 @@ impl Harness {
     fn new(policy: Policy) -> Harness {
         let t0 = Instant::now();
         Harness {
-            sup: Supervisor::new(policy, t0),
+            // As the master does: slot 0's socket is open before the first spawn.
+            sup: Supervisor::new(policy, t0).with_open_sockets([0]),
             t0,
             now: t0,
             next_pid: 1000,
@@ -783,6 +784,66 @@ fn connections_are_routed_to_ready_workers_only() {
     let mut h = Harness::new(p);
     h.start_all();
     assert!(routes(&h.log).is_empty());
+}
+
+/// The start-up defect measured with 4 workers, 300 ms between spawns, each ready 200 ms after
+/// it starts: connections made before the first worker was ready waited on the sockets of
+/// slots whose worker did not exist yet (1.1 s for slot 3). Only the sockets of started slots
+/// exist, and while none is ready connections go to the started ones.
+#[test]
+fn during_start_up_connections_wait_only_for_workers_that_exist() {
+    let mut p = policy(4);
+    p.startup_delay = 300 * MS;
+    let mut h = Harness::new(p);
+    assert_eq!(h.sup.sockets, BTreeSet::from([0]), "the socket the master opened");
+    let r = h.at(0);
+    assert_eq!(spawns(&r), vec![0]);
+    assert_eq!(routes(&r), vec![vec![0]], "to the started slot, not to the whole group");
+    h.now = h.t0 + 200 * MS;
+    assert!(routes(&h.ready(0)).is_empty(), "already routed to slot 0");
+    for slot in 1..4 {
+        let r = h.at(300 * slot as u64);
+        assert_eq!(spawns(&r), vec![slot]);
+        assert!(routes(&r).is_empty(), "slot {slot} is not ready: still only the ready ones");
+        assert_eq!(h.sup.sockets, (0..=slot).collect(), "a socket opens with its first spawn");
+        h.now += 200 * MS;
+        let r = h.ready(slot);
+        assert_eq!(routes(&r), vec![(0..=slot).collect::<Vec<_>>()]);
+    }
+    // Slots added by scaling up: a socket each, opened by its spawn only.
+    let r = h.feed(Event::Scale { workers: 6 });
+    assert_eq!(spawns(&r), vec![4]);
+    assert_eq!(h.sup.sockets, (0..5).collect(), "slot 5 is spawned later: no socket yet");
+    assert!(routes(&r).is_empty(), "ready slots only");
+    // No worker is ready (all crashed): the started ones, never the respawning ones.
+    let mut p = policy(3);
+    p.startup_delay = Duration::ZERO;
+    let mut h = Harness::new(p);
+    h.start_all();
+    h.exit(0, ExitStatus::Code(1));
+    h.now += 50 * MS;
+    h.exit(1, ExitStatus::Code(1));
+    let r = h.exit(2, ExitStatus::Code(1));
+    assert_eq!(routes(&r), vec![Vec::<usize>::new()], "nobody started: no preference");
+    h.now += 50 * MS;
+    let r = h.feed(Event::Tick);
+    assert_eq!(spawns(&r), vec![0]);
+    assert_eq!(routes(&r), vec![vec![0]], "the respawned slot, not the ones still waiting");
+    h.now += 50 * MS;
+    let r = h.feed(Event::Tick);
+    assert_eq!(spawns(&r), vec![1, 2]);
+    assert_eq!(routes(&r), vec![vec![0, 1, 2]]);
+}
+
+/// Slots removed before they were ever spawned had no socket: nothing to close.
+#[test]
+fn scaling_down_during_start_up_closes_only_sockets_that_were_opened() {
+    let mut h = Harness::new(policy(4));
+    h.at(0);
+    h.at(100);
+    let r = h.feed(Event::Scale { workers: 1 });
+    assert!(!r.iter().any(|c| matches!(c, Command::CloseSocket { slot: 2 | 3 })), "{r:?}");
+    assert_eq!(h.sup.sockets, BTreeSet::from([0, 1]), "slot 1's worker still holds its socket");
 }
 
 #[test]

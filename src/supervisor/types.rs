@@ -164,7 +164,8 @@ pub enum Command {
         signal: Signal,
     },
     /// New connections should go to the sockets of these slots only (`ReusePort` only): the
-    /// slots whose worker is ready. Sent whenever the set changes; empty means "no preference".
+    /// slots whose worker is ready or, while none is, those whose worker was started (and is
+    /// not stopping). Sent whenever the set changes; empty means "no preference".
     Route {
         /// The slots to route to.
         slots: Vec<usize>,
