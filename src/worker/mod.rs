@@ -315,7 +315,8 @@ mod tests {
             (vars::WORKER_ID, "1".to_owned()),
             (vars::WORKERS, "2".to_owned()),
             (vars::PORT, "3000".to_owned()),
-            (vars::LISTEN_FD, "3".to_owned()),
+            // Any number but the channel's: the two must differ.
+            (vars::LISTEN_FD, if channel_fd == "3" { "4" } else { "3" }.to_owned()),
             (vars::CHANNEL_FD, channel_fd.to_owned()),
             (vars::MASTER_PID, master_pid.to_owned()),
             (vars::SHUTDOWN_TIMEOUT_MS, "1000".to_owned()),
