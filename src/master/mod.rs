@@ -655,6 +655,40 @@ mod tests {
         Master::new(opts.into_settings()).expect("a master on a free loopback port")
     }
 
+    /// Every TCP listener has its own balance; unix sockets are shared; the supervisor's open
+    /// sockets are slot 0's of the `ReusePort` ones.
+    #[test]
+    fn each_listener_keeps_its_own_balance() {
+        let loopback = |port| std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let dir = std::env::temp_dir().join(format!("ecewo-cluster-balance-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = crate::Cluster::new(0)
+            .address(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .cpus(2)
+            .no_control_socket()
+            .listen("shared", crate::Listen::tcp(loopback(0)).balance(Balance::Shared).backlog(7))
+            .listen("sock", crate::Listen::unix(dir.join("s.sock")));
+        let master = Master::new(opts.into_settings()).expect("a master on loopback");
+        let balances: Vec<(String, Balance)> = master.listeners().into_iter().map(|l| (l.name, l.balance)).collect();
+        assert_eq!(
+            balances,
+            vec![
+                ("default".to_owned(), Balance::ReusePort),
+                ("shared".to_owned(), Balance::Shared),
+                ("sock".to_owned(), Balance::Shared)
+            ]
+        );
+        assert!(master.policy.socket_per_slot, "one listener uses ReusePort");
+        assert_eq!(open_slots(&master.listeners), vec![0]);
+        let stats = listener_stats(&master.listeners);
+        assert_eq!(stats.iter().map(|l| l.sockets).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert_eq!(stats[1].queued, Some(0));
+        assert_eq!(stats[2].queued, None);
+        drop(master);
+        assert!(!dir.join("s.sock").exists(), "the master removed its socket file");
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
     /// A caller blocked in `restart_and_wait` must not wait for ever when the `Master` goes
     /// away without supervising (dropped without `wait()`, or `wait()` unwinding drops it).
     #[test]
