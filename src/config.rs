@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::error::Error;
-pub use crate::master::{Balance, ReadyInfo, WorkerExit, WorkerInfo};
+pub use crate::master::{Balance, Listen, ListenAddr, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
 use crate::master::{ControlSetting, Settings};
 use crate::signal::Signal;
 pub use crate::supervisor::MAX_WORKERS;
@@ -71,6 +71,8 @@ impl Cluster {
     pub fn new(port: u16) -> Cluster {
         Cluster {
             s: Settings {
+                default_listener: true,
+                listeners: Vec::new(),
                 port,
                 cpus: 0,
                 respawn: false,
@@ -158,6 +160,28 @@ impl Cluster {
     /// The listen backlog of each socket (default 1024; the kernel caps it at `net.core.somaxconn`).
     pub fn backlog(mut self, backlog: u32) -> Cluster {
         self.s.backlog = backlog;
+        self
+    }
+
+    /// Adds a listener named `name`: every worker serves it too, and receives it by the systemd
+    /// convention with that name (`Worker::take_listener(name)`, `LISTEN_FDNAMES`). Workers
+    /// receive the listeners in order: the default one (of `Cluster::new(port)`, named
+    /// `"default"`) first, then these as added.
+    ///
+    /// A name is 1 to 255 printable ASCII characters without `:` (systemd's rule for
+    /// `FileDescriptorName=`); names and addresses must be distinct, which
+    /// [`init`](Cluster::init) and [`validate`](Cluster::validate) check
+    /// ([`Error::BadListener`]).
+    pub fn listen(mut self, name: impl Into<String>, listen: Listen) -> Cluster {
+        self.s.listeners.push((name.into(), listen));
+        self
+    }
+
+    /// Serves only the listeners added with [`listen`](Cluster::listen): not the default one
+    /// of `Cluster::new(port)` (whose `port`, `address`, `balance` and `backlog` are then
+    /// unused).
+    pub fn no_default_listener(mut self) -> Cluster {
+        self.s.default_listener = false;
         self
     }
 
@@ -303,6 +327,7 @@ impl Cluster {
                 ),
             );
         }
+        check_listeners(&self.s.all_listeners())?;
         if let Some(name) = &self.s.name
             && (name.is_empty() || name.contains('/') || name.len() > 64)
         {
@@ -318,6 +343,62 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// Names valid for `LISTEN_FDNAMES` and distinct, addresses distinct, backlogs in range.
+fn check_listeners(all: &[(String, Listen)]) -> Result<(), Error> {
+    use crate::master::ListenKind;
+    if all.is_empty() {
+        return Err(Error::NoListener);
+    }
+    let bad = |name: &str, reason: String| Err(Error::BadListener { name: name.to_owned(), reason });
+    for (i, (name, listen)) in all.iter().enumerate() {
+        if name.is_empty() || name.len() > 255 || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return bad(name, "use 1 to 255 printable ASCII characters without ':' or spaces".into());
+        }
+        if listen.backlog == 0 || listen.backlog > i32::MAX as u32 {
+            return bad(name, format!("backlog {} is out of range; use 1 to 2147483647", listen.backlog));
+        }
+        for (other, earlier) in &all[..i] {
+            if other == name {
+                return bad(name, "two listeners have this name; give each listener its own".into());
+            }
+            let same = match (&listen.kind, &earlier.kind) {
+                (ListenKind::Tcp { addr: a, .. }, ListenKind::Tcp { addr: b, .. }) => {
+                    (a == b && a.port() != 0).then(|| a.to_string())
+                }
+                (ListenKind::Unix { path: a }, ListenKind::Unix { path: b }) => {
+                    (a == b).then(|| a.display().to_string())
+                }
+                (ListenKind::Abstract { name: a }, ListenKind::Abstract { name: b }) => {
+                    (a == b).then(|| format!("@{a}"))
+                }
+                _ => None,
+            };
+            if let Some(addr) = same {
+                return bad(
+                    name,
+                    format!(
+                        "{addr} is also the address of listener {other:?}; one listener serves every worker, so keep one"
+                    ),
+                );
+            }
+        }
+        let is_file = matches!(listen.kind, ListenKind::Unix { .. });
+        if listen.kind == ListenKind::Systemd && listen.balance != crate::master::Balance::default() {
+            // Harmless, but say so: one passed socket cannot be split.
+            tracing::debug!("listener {name:?}: a socket systemd passes is shared; its balance is ignored");
+        }
+        if !is_file && (listen.mode.is_some() || listen.owner != (None, None)) {
+            return bad(name, "a mode or owner applies to unix socket files only; remove it".into());
+        }
+        if let ListenKind::Unix { path } = &listen.kind
+            && path.as_os_str().is_empty()
+        {
+            return bad(name, "the unix socket path is empty; give a path".into());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -375,5 +456,49 @@ mod tests {
         assert_eq!("shared".parse::<Balance>().unwrap(), Balance::Shared);
         assert_eq!("reuseport".parse::<Balance>().unwrap(), Balance::ReusePort);
         assert!("round-robin".parse::<Balance>().unwrap_err().contains("reuseport"));
+    }
+
+    #[test]
+    fn listeners_with_one_name_or_address_or_a_bad_name_are_refused_naming_them() {
+        use std::net::SocketAddr;
+        let a: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let named = |name: &str| Cluster::new(8080).listen(name, Listen::tcp("127.0.0.1:9090".parse().unwrap()));
+        assert!(named("admin").validate().is_ok());
+        for (cluster, name, says) in [
+            (named("default"), "default", "two listeners have this name"),
+            (
+                Cluster::new(0).listen("a", Listen::tcp(a)).listen("b", Listen::tcp(a)),
+                "b",
+                "also the address of listener \"a\"",
+            ),
+            (named("a:b"), "a:b", "without ':'"),
+            (named(""), "", "1 to 255"),
+            (named("x y"), "x y", "spaces"),
+            (Cluster::new(0).listen("q", Listen::tcp(a).backlog(0)), "q", "backlog 0"),
+            (Cluster::new(0).listen("m", Listen::tcp(a).mode(0o600)), "m", "unix socket files only"),
+            (
+                Cluster::new(0).listen("u", Listen::unix("/run/x.sock")).listen("w", Listen::unix("/run/x.sock")),
+                "w",
+                "/run/x.sock is also the address of listener \"u\"",
+            ),
+            (
+                Cluster::new(0).listen("u", Listen::abstract_unix("x")).listen("w", Listen::abstract_unix("x")),
+                "w",
+                "@x is also",
+            ),
+        ] {
+            match cluster.validate() {
+                Err(e @ Error::BadListener { .. }) => {
+                    let Error::BadListener { name: got, reason } = &e else { unreachable!() };
+                    assert_eq!(got, name, "{e}");
+                    assert!(reason.contains(says), "{e}");
+                }
+                other => panic!("{name:?}: expected BadListener, got {other:?}"),
+            }
+        }
+        // Port 0 twice is two different ports.
+        let zero: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(Cluster::new(0).listen("a", Listen::tcp(zero)).listen("b", Listen::tcp(zero)).validate().is_ok());
+        assert!(matches!(Cluster::new(0).no_default_listener().validate(), Err(Error::NoListener)));
     }
 }

@@ -20,6 +20,25 @@ pub enum Error {
         reason: String,
     },
 
+    /// A listener added with [`Cluster::listen`](crate::Cluster::listen) cannot be served as
+    /// given: two listeners of one name or one address, a name systemd's convention cannot
+    /// carry, a backlog out of range, an address it cannot bind, a unix socket path that is
+    /// unusable (its directory missing or another user's, a live server or another file
+    /// there), a name systemd did not pass. Nothing was spawned; sockets already bound for
+    /// other listeners are closed.
+    #[error("listener {name:?}: {reason}")]
+    BadListener {
+        /// The listener's name.
+        name: String,
+        /// What is wrong and what to change.
+        reason: String,
+    },
+
+    /// The cluster has no listener: [`Cluster::no_default_listener`](crate::Cluster::no_default_listener)
+    /// without any [`Cluster::listen`](crate::Cluster::listen).
+    #[error("the cluster has no listener; add one with Cluster::listen, or keep the default one")]
+    NoListener,
+
     /// The master could not bind a listening socket.
     #[error("cannot listen on {addr}: {source} (is another server using this port? choose another port, or stop it)")]
     Bind {
@@ -94,6 +113,19 @@ pub enum Error {
     /// The worker's listener was already taken by an earlier call to [`Worker::listener`](crate::Worker::listener).
     #[error("the worker's listener was already taken; call Worker::listener() once and keep it")]
     ListenerTaken,
+
+    /// [`Worker::take_listener`](crate::Worker::take_listener) was asked for a listener the
+    /// master did not pass to this worker.
+    #[error(
+        "this worker has no listener named {name:?} (it has: {}); use one of these names, or add the listener to the cluster",
+        names.join(", ")
+    )]
+    NoSuchListener {
+        /// The name asked for.
+        name: String,
+        /// The names of the listeners this worker has.
+        names: Vec<String>,
+    },
 
     /// Every worker slot has stopped for good (all crashed and respawn is off, or all were
     /// disabled by crash protection). The process should exit non-zero so that its own supervisor

@@ -73,7 +73,10 @@ pub use worker::serve;
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
-pub use config::{BINDABLE_SIGNALS, Balance, Cluster, MAX_DURATION, MAX_WORKERS, ReadyInfo, WorkerExit, WorkerInfo};
+pub use config::{
+    BINDABLE_SIGNALS, Balance, Cluster, Listen, ListenAddr, ListenerInfo, MAX_DURATION, MAX_WORKERS, ReadyInfo,
+    WorkerExit, WorkerInfo,
+};
 pub use error::Error;
 pub use master::{Master, MasterHandle};
 pub use os::cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
@@ -82,8 +85,8 @@ pub use role::{
     worker_stats,
 };
 pub use signal::{Signal, UnknownSignal};
-pub use stats::{ClusterStats, ExitStatus, RestartOutcome, WorkerStats, WorkerStatus};
-pub use worker::Worker;
+pub use stats::{ClusterStats, ExitStatus, ListenerStats, RestartOutcome, WorkerStats, WorkerStatus};
+pub use worker::{Listener, Worker};
 
 /// The import rules of the tree (ARCHITECTURE.md, "The tree"), checked on the sources: a
 /// module that reaches into a room it may not touch fails this test.

@@ -150,6 +150,26 @@ impl fmt::Display for RestartOutcome {
     }
 }
 
+/// A listener of the cluster, as the master holds it (in [`ClusterStats::listeners`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// Its name (`"default"` for the listener of `Cluster::new(port)`).
+    pub name: String,
+    /// Where it listens: `ip:port` (the real port), a unix socket path, or `@name`.
+    pub address: String,
+    /// `tcp`, `unix` or `abstract`.
+    pub kind: String,
+    /// How its connections are spread: `reuseport` or `shared`.
+    pub balance: String,
+    /// The listening sockets the master holds for it (one per started slot with `reuseport`).
+    pub sockets: usize,
+    /// Connections waiting in its accept queues, summed over its sockets (TCP: `TCP_INFO`'s
+    /// `tcpi_unacked` of each listening socket); `None` where the kernel does not give it
+    /// cheaply (unix sockets).
+    pub queued: Option<u64>,
+}
+
 /// Cluster-wide statistics (the spec's `cluster_stats_t`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -173,6 +193,9 @@ pub struct ClusterStats {
     /// Resident memory of all running workers, in bytes (from `/proc`).
     #[serde(default)]
     pub total_rss_bytes: u64,
+    /// The cluster's listeners, in the order workers receive them (filled by the master).
+    #[serde(default)]
+    pub listeners: Vec<ListenerStats>,
     /// CPU time (user + system) used by all running workers so far (from `/proc`).
     #[serde(default, with = "secs")]
     pub total_cpu_time: Duration,

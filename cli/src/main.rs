@@ -281,6 +281,14 @@ fn print_status(s: &Status, out: &mut String) {
         c.total_restarts,
         if flags.is_empty() { String::new() } else { format!("  ({})", flags.join("; ")) }
     );
+    if !c.listeners.is_empty() {
+        say!(out);
+        say!(out, "{:<16} {:<9} {:<10} {:>7} {:>7}  ADDRESS", "LISTENER", "KIND", "BALANCE", "SOCKETS", "QUEUED");
+        for l in &c.listeners {
+            let queued = l.queued.map_or_else(|| "-".to_owned(), |q| q.to_string());
+            say!(out, "{:<16} {:<9} {:<10} {:>7} {:>7}  {}", l.name, l.kind, l.balance, l.sockets, queued, l.address);
+        }
+    }
     say!(out);
     say!(
         out,

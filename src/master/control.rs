@@ -259,7 +259,7 @@ impl Driver {
                         pid,
                         self.m.name.clone(),
                         self.m.shared.addr.to_string(),
-                        self.m.balance.to_string(),
+                        self.m.listeners.first().map(|b| b.balance.to_string()).unwrap_or_default(),
                         self.m.started,
                         crate::os::procfs::proc_usage(pid).map(|(rss, _)| rss),
                     );

@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, WaitId, WaitIdOptions};
 
+use super::Balance;
 use super::channel::MasterEnd;
 use super::control::{ConnId, ControlServer};
 use super::notify::Notifier;
@@ -38,8 +39,7 @@ pub(super) struct Driver {
     pub(super) outcome: Option<Outcome>,
     /// Control connections waiting for a restart's outcome, by ticket.
     pub(super) control_waiters: HashMap<u64, ConnId>,
-    /// The kernel's array of the `ReusePort` group, and the slots new connections go to.
-    pub(super) group: Group,
+    /// The slots new connections go to (`ReusePort` listeners).
     pub(super) route: Vec<usize>,
     /// The supervisor ended steering for good ([`Command::Unsteer`] `for_good`).
     pub(super) steering_failed: bool,
@@ -58,13 +58,18 @@ enum Source {
 
 impl Driver {
     pub(super) fn run(&mut self) -> Result<(), Error> {
-        tracing::info!(
-            "master {} starting {} workers on {} ({} balance)",
-            self.master_pid.as_raw_nonzero(),
-            self.m.policy.workers,
-            self.m.shared.addr,
-            self.m.balance
-        );
+        if let Some(first) = self.m.listeners.first() {
+            tracing::info!(
+                "master {} starting {} workers on {} ({} balance)",
+                self.master_pid.as_raw_nonzero(),
+                self.m.policy.workers,
+                first.addr,
+                first.balance
+            );
+        }
+        for b in &self.m.listeners {
+            tracing::info!("listener {} on {} ({} balance)", b.name, b.addr, b.balance);
+        }
         if self.m.signals.reaps_orphans {
             // Zombies that arrived before our SIGCHLD handler existed.
             self.reap_orphans();
@@ -119,15 +124,27 @@ impl Driver {
                 self.apply_route(events);
             }
             Command::CloseSocket { slot } => {
-                if let Some(fd) = self.m.listeners.get_mut(slot).and_then(Option::take) {
-                    drop(fd);
-                    self.group.leave(slot);
-                    tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more");
+                let mut closed = 0;
+                for b in self.m.listeners.iter_mut().filter(|b| b.balance == Balance::ReusePort) {
+                    if let Some(fd) = b.fds.get_mut(slot).and_then(Option::take) {
+                        drop(fd);
+                        b.group.leave(slot);
+                        closed += 1;
+                    }
+                }
+                match closed {
+                    0 => {}
+                    1 => tracing::info!("closed the listening socket of worker {slot}: nobody serves it any more"),
+                    n => tracing::info!(
+                        "closed the listening socket of worker {slot} on each of {n} listeners: nobody serves them any more"
+                    ),
                 }
             }
             Command::CloseListeners => {
-                self.m.listeners.clear();
-                self.group = Group::default();
+                for b in &mut self.m.listeners {
+                    b.fds.clear();
+                    b.group = Group::default();
+                }
             }
             Command::Unsteer { for_good } => self.unsteer(for_good),
             Command::ReleaseProgram { deploy } => {
@@ -141,7 +158,11 @@ impl Driver {
         }
         // A socket joined or left the group: the steering program indexes the kernel's array
         // of the group, so it is attached again.
-        if self.group.take_changed() {
+        let mut changed = false;
+        for b in &mut self.m.listeners {
+            changed |= b.group.take_changed();
+        }
+        if changed {
             self.apply_route(events);
         }
     }
@@ -151,14 +172,22 @@ impl Driver {
     /// The statistics now, with each worker's resource figures from `/proc`.
     pub(super) fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
         let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
+        cluster.listeners = self.listener_stats();
         crate::os::procfs::add_usage(&mut cluster, &mut workers);
         (cluster, workers)
+    }
+
+    /// The listeners, with the accept-queue length of the TCP ones.
+    pub(super) fn listener_stats(&self) -> Vec<crate::stats::ListenerStats> {
+        super::listener_stats(&self.m.listeners)
     }
 
     /// Publishes the statistics for handles and module functions.
     fn publish(&self) {
         let now = Instant::now();
-        let snap = Snapshot { cluster: self.sup.cluster_stats(), workers: self.sup.worker_stats(now), taken: now };
+        let mut cluster = self.sup.cluster_stats();
+        cluster.listeners = self.listener_stats();
+        let snap = Snapshot { cluster, workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
     }
 

@@ -40,7 +40,8 @@ use crate::supervisor::{Policy, Supervisor};
 use control::ControlServer;
 use driver::Driver;
 use notify::Notifier;
-pub use settings::{Balance, ReadyInfo, WorkerExit, WorkerInfo};
+pub(crate) use settings::ListenKind;
+pub use settings::{Balance, Listen, ListenAddr, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
 pub(crate) use settings::{ControlSetting, Settings};
 use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
@@ -151,13 +152,35 @@ impl Shared {
     }
 }
 
+/// A listener as the master holds it.
+pub(crate) struct Bound {
+    pub(crate) name: String,
+    /// Where it listens, with the real port.
+    pub(crate) addr: ListenAddr,
+    pub(crate) balance: Balance,
+    pub(crate) backlog: i32,
+    pub(crate) v6only: bool,
+    /// `ReusePort`: the socket of each slot (`None`: not bound yet, or closed); `Shared`: the
+    /// one socket, at 0.
+    pub(crate) fds: Vec<Option<OwnedFd>>,
+    /// The kernel's array of the `ReusePort` group.
+    pub(crate) group: Group,
+    /// A unix socket file the master created: removed when the master is done (if still ours).
+    _file: Option<crate::os::socket::SocketFile>,
+}
+
+impl Bound {
+    fn info(&self) -> ListenerInfo {
+        ListenerInfo { name: self.name.clone(), addr: self.addr.clone(), balance: self.balance }
+    }
+}
+
 /// The master role: returned by [`Cluster::init`](crate::Cluster::init) in the first run of the program.
 pub struct Master {
     shared: Arc<Shared>,
     policy: Policy,
-    balance: Balance,
-    backlog: i32,
-    listeners: Vec<Option<OwnedFd>>,
+    /// Every listener, in the order workers receive them.
+    listeners: Vec<Bound>,
     signals: Signals,
     argv0: OsString,
     args: Vec<OsString>,
@@ -180,7 +203,7 @@ impl std::fmt::Debug for Master {
         f.debug_struct("Master")
             .field("addr", &self.shared.addr)
             .field("workers", &self.policy.workers)
-            .field("balance", &self.balance)
+            .field("listeners", &self.listeners.iter().map(Bound::info).collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -264,7 +287,8 @@ impl MasterHandle {
         self.shared.snapshot().1.into_iter().find(|w| w.worker_id == worker_id)
     }
 
-    /// The address the cluster listens on, with the real port.
+    /// The address of the cluster's first TCP listener, with the real port (port 0 when it has
+    /// none); [`Master::listeners`] lists them all.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
     }
@@ -278,23 +302,105 @@ impl Master {
             tracing::info!("{} CPUs detected ({:?}): starting one worker per CPU", detected.count, detected.source);
         }
         crate::os::fds::raise_fd_limit();
-        let (fds, addr) = match crate::os::socket::activated_listener()? {
-            // systemd socket activation: serve the socket we were given, shared by every worker.
-            Some((fd, addr)) => {
-                if opts.balance != Balance::Shared {
-                    tracing::info!("socket activation: the workers share the socket systemd passed");
-                    opts.balance = Balance::Shared;
+        // Every listener is bound here, before any worker exists: a bad address fails init.
+        let mut passed = crate::os::socket::activated_sockets()?;
+        let all = opts.all_listeners();
+        // The default listener of `Cluster::new(port)` under socket activation: the passed
+        // socket named "default", or else the first one no `Listen::systemd` listener names.
+        let claimed: Vec<&str> =
+            all.iter().filter(|(_, l)| l.kind == ListenKind::Systemd).map(|(n, _)| n.as_str()).collect();
+        let default_takes = (opts.default_listener && !passed.is_empty())
+            .then(|| {
+                passed
+                    .iter()
+                    .position(|p| p.name == crate::proto::handoff::DEFAULT_LISTENER)
+                    .or_else(|| passed.iter().position(|p| !claimed.contains(&p.name.as_str())))
+            })
+            .flatten();
+        let mut activated = default_takes.map(|i| passed.remove(i));
+        let mut listeners = Vec::new();
+        for (i, (name, listen)) in all.into_iter().enumerate() {
+            let backlog = listen.backlog.min(i32::MAX as u32) as i32;
+            let refused =
+                |e: crate::os::socket::UnixBindError| Error::BadListener { name: name.clone(), reason: e.to_string() };
+            let (balance, fds, addr, v6only, file) = match listen.kind {
+                // systemd socket activation: the default listener is a socket systemd passed,
+                // shared by every worker.
+                ListenKind::Tcp { .. } if i == 0 && opts.default_listener && activated.is_some() => {
+                    let p = activated.take().ok_or(Error::NoListener)?;
+                    if listen.balance != Balance::Shared {
+                        tracing::info!("socket activation: the workers share the socket systemd passed");
+                    }
+                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None)
                 }
-                (vec![fd], addr)
-            }
-            None => {
-                let addr = SocketAddr::new(opts.address, opts.port);
+                ListenKind::Systemd => {
+                    let Some(at) = passed.iter().position(|p| p.name == name) else {
+                        let names: Vec<&str> = passed.iter().map(|p| p.name.as_str()).collect();
+                        let reason = if names.is_empty() {
+                            "systemd passed no socket (LISTEN_FDS is unset or for another process); run it from a .socket unit or systemd-socket-activate, or listen on an address".to_owned()
+                        } else {
+                            format!(
+                                "systemd passed no socket of this name (it passed: {}); set FileDescriptorName= in the .socket unit, or rename the listener",
+                                names.join(", ")
+                            )
+                        };
+                        return Err(Error::BadListener { name, reason });
+                    };
+                    let p = passed.remove(at);
+                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None)
+                }
                 // With `ReusePort`, slot 0's socket only: slot i's is bound when its worker is
                 // first spawned, so that no connection ever waits on the socket of a worker
-                // that does not exist yet (`listener_for`).
-                crate::os::socket::bind_listeners(addr, opts.balance == Balance::ReusePort, 1, opts.backlog)?
-            }
-        };
+                // that does not exist yet (`listeners_for`).
+                ListenKind::Tcp { addr, v6only } => {
+                    let per_slot = listen.balance == Balance::ReusePort;
+                    let (fds, real) = crate::os::socket::bind_listeners(addr, per_slot, 1, listen.backlog, v6only)
+                        .map_err(|e| match e {
+                            // A named listener's bind error names it (the default one's stays
+                            // `Error::Bind`, as before listeners had names).
+                            Error::Bind { .. } if !(i == 0 && opts.default_listener) => {
+                                Error::BadListener { name: name.clone(), reason: e.to_string() }
+                            }
+                            e => e,
+                        })?;
+                    (listen.balance, fds, ListenAddr::Tcp(real), v6only, None)
+                }
+                ListenKind::Unix { path } => {
+                    let (fd, file) =
+                        crate::os::socket::bind_unix_path(&path, listen.backlog, listen.mode, listen.owner)
+                            .map_err(refused)?;
+                    (Balance::Shared, vec![fd], ListenAddr::Unix(path), false, Some(file))
+                }
+                ListenKind::Abstract { name: abstract_name } => {
+                    let fd = crate::os::socket::bind_unix_abstract(&abstract_name, listen.backlog).map_err(refused)?;
+                    (Balance::Shared, vec![fd], ListenAddr::Abstract(abstract_name), false, None)
+                }
+            };
+            listeners.push(Bound {
+                name,
+                addr,
+                balance,
+                backlog,
+                v6only,
+                fds: fds.into_iter().map(Some).collect(),
+                group: Group::default(),
+                _file: file,
+            });
+        }
+        if listeners.is_empty() {
+            return Err(Error::NoListener);
+        }
+        for p in passed {
+            tracing::warn!("socket activation passed a socket named {:?} that no listener serves; closing it", p.name);
+        }
+        // The first TCP listener's address (port 0 when there is none).
+        let addr = listeners
+            .iter()
+            .find_map(|b| match &b.addr {
+                ListenAddr::Tcp(a) => Some(*a),
+                _ => None,
+            })
+            .unwrap_or_else(|| SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0));
         let wake =
             rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK)
                 .map_err(|e| Error::Io { context: "cannot create the master's wake-up eventfd", source: e.into() })?;
@@ -307,7 +413,7 @@ impl Master {
             respawn_delay: opts.worker_respawn_delay,
             respawn_window: opts.respawn_window,
             max_crashes: opts.respawn_max_crashes,
-            socket_per_slot: opts.balance == Balance::ReusePort,
+            socket_per_slot: listeners.iter().any(|b| b.balance == Balance::ReusePort),
             ready_timeout: opts.ready_timeout,
             bound_signals: opts.on_signal.iter().map(|(s, _)| *s).collect(),
         };
@@ -321,7 +427,7 @@ impl Master {
             stopped: AtomicBool::new(false),
             requests: Mutex::new(Vec::new()),
             snapshot: Mutex::new(Snapshot {
-                cluster: sup.cluster_stats(),
+                cluster: ClusterStats { listeners: listener_stats(&listeners), ..sup.cluster_stats() },
                 workers: sup.worker_stats(Instant::now()),
                 taken: Instant::now(),
             }),
@@ -370,9 +476,7 @@ impl Master {
             started: SystemTime::now(),
             shared,
             policy,
-            balance: opts.balance,
-            backlog: opts.backlog.min(i32::MAX as u32) as i32,
-            listeners: fds.into_iter().map(Some).collect(),
+            listeners,
             signals,
             argv0,
             args: args.collect(),
@@ -393,9 +497,15 @@ impl Master {
         MasterHandle { shared: self.shared.clone() }
     }
 
-    /// The address the cluster listens on, with the real port (also for port 0).
+    /// The address of the cluster's first TCP listener, with the real port (also for port 0;
+    /// port 0 when it has no TCP listener). [`Master::listeners`] lists them all.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    /// Every listener as bound (the real port for port 0), in the order workers receive them.
+    pub fn listeners(&self) -> Vec<ListenerInfo> {
+        self.listeners.iter().map(Bound::info).collect()
     }
 
     /// The number of worker slots.
@@ -454,28 +564,77 @@ impl Master {
     pub fn wait(self) -> Result<(), Error> {
         let _ = self.shared.loop_thread.set(std::thread::current().id());
         let mut driver = Driver {
-            sup: Supervisor::new(self.policy.clone(), Instant::now())
-                .with_open_sockets((0..self.listeners.len()).filter(|&i| self.listeners[i].is_some())),
+            sup: Supervisor::new(self.policy.clone(), Instant::now()).with_open_sockets(open_slots(&self.listeners)),
             procs: HashMap::new(),
             programs: HashMap::new(),
             control_waiters: HashMap::new(),
-            group: Group::default(),
             route: Vec::new(),
             steering_failed: false,
             master_pid: rustix::process::getpid(),
             outcome: None,
             m: self,
         };
-        if driver.m.balance == Balance::ReusePort {
+        for b in driver.m.listeners.iter_mut().filter(|b| b.balance == Balance::ReusePort) {
             // The sockets joined their group in slot order, as they were bound.
-            for slot in (0..driver.m.listeners.len()).filter(|&i| driver.m.listeners[i].is_some()) {
-                driver.group.join(slot);
+            for slot in (0..b.fds.len()).filter(|&i| b.fds[i].is_some()) {
+                b.group.join(slot);
             }
         }
         // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,
         // and the Master's Drop wakes whoever still waits for a restart.
         driver.run()
     }
+}
+
+/// The listeners' statistics, with the accept-queue length of the TCP ones (one `TCP_INFO`
+/// per socket the master holds).
+pub(crate) fn listener_stats(listeners: &[Bound]) -> Vec<crate::stats::ListenerStats> {
+    use std::os::fd::AsFd;
+    listeners
+        .iter()
+        .map(|b| {
+            let open: Vec<&OwnedFd> = b.fds.iter().flatten().collect();
+            let queued = match b.addr {
+                ListenAddr::Tcp(_) => open
+                    .iter()
+                    .map(|fd| crate::os::sys::tcp_accept_queue(fd.as_fd()).map(u64::from))
+                    .sum::<std::io::Result<u64>>()
+                    .ok(),
+                _ => None,
+            };
+            crate::stats::ListenerStats {
+                name: b.name.clone(),
+                address: b.addr.to_string(),
+                kind: b.addr.kind().to_owned(),
+                balance: b.balance.to_string(),
+                sockets: open.len(),
+                queued,
+            }
+        })
+        .collect()
+}
+
+/// A passed socket's address as a listener's.
+fn passed_addr(addr: crate::os::socket::PassedAddr) -> ListenAddr {
+    use crate::os::socket::PassedAddr;
+    match addr {
+        PassedAddr::Tcp(a) => ListenAddr::Tcp(a),
+        PassedAddr::Unix(p) => ListenAddr::Unix(p),
+        PassedAddr::Abstract(n) => ListenAddr::Abstract(n),
+        PassedAddr::Unnamed => ListenAddr::Unix(PathBuf::new()),
+    }
+}
+
+/// The slots whose `ReusePort` sockets are open.
+fn open_slots(listeners: &[Bound]) -> Vec<usize> {
+    let mut slots: Vec<usize> = listeners
+        .iter()
+        .filter(|b| b.balance == Balance::ReusePort)
+        .flat_map(|b| (0..b.fds.len()).filter(|&i| b.fds[i].is_some()))
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
 }
 
 impl Drop for Master {
@@ -494,6 +653,40 @@ mod tests {
     fn master() -> Master {
         let opts = crate::Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
         Master::new(opts.into_settings()).expect("a master on a free loopback port")
+    }
+
+    /// Every TCP listener has its own balance; unix sockets are shared; the supervisor's open
+    /// sockets are slot 0's of the `ReusePort` ones.
+    #[test]
+    fn each_listener_keeps_its_own_balance() {
+        let loopback = |port| std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port);
+        let dir = std::env::temp_dir().join(format!("ecewo-cluster-balance-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = crate::Cluster::new(0)
+            .address(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .cpus(2)
+            .no_control_socket()
+            .listen("shared", crate::Listen::tcp(loopback(0)).balance(Balance::Shared).backlog(7))
+            .listen("sock", crate::Listen::unix(dir.join("s.sock")));
+        let master = Master::new(opts.into_settings()).expect("a master on loopback");
+        let balances: Vec<(String, Balance)> = master.listeners().into_iter().map(|l| (l.name, l.balance)).collect();
+        assert_eq!(
+            balances,
+            vec![
+                ("default".to_owned(), Balance::ReusePort),
+                ("shared".to_owned(), Balance::Shared),
+                ("sock".to_owned(), Balance::Shared)
+            ]
+        );
+        assert!(master.policy.socket_per_slot, "one listener uses ReusePort");
+        assert_eq!(open_slots(&master.listeners), vec![0]);
+        let stats = listener_stats(&master.listeners);
+        assert_eq!(stats.iter().map(|l| l.sockets).collect::<Vec<_>>(), vec![1, 1, 1]);
+        assert_eq!(stats[1].queued, Some(0));
+        assert_eq!(stats[2].queued, None);
+        drop(master);
+        assert!(!dir.join("s.sock").exists(), "the master removed its socket file");
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     /// A caller blocked in `restart_and_wait` must not wait for ever when the `Master` goes

@@ -91,14 +91,176 @@ pub struct WorkerExit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ReadyInfo {
-    /// The address the cluster listens on, with the real port (also when port 0 was asked for).
+    /// The address of the cluster's first TCP listener, with the real port (also when port 0
+    /// was asked for; port 0 when it has no TCP listener).
     pub addr: std::net::SocketAddr,
     /// Workers ready and serving.
     pub workers: usize,
 }
 
+/// A listening socket of the cluster, added by name with
+/// [`Cluster::listen`](crate::Cluster::listen): where, with which backlog and (TCP) balance.
+///
+/// ```
+/// use ecewo_cluster::{Balance, Cluster, Listen};
+/// let cluster = Cluster::new(8080)
+///     .listen("admin", Listen::tcp("127.0.0.1:9090".parse().unwrap()).balance(Balance::Shared))
+///     .listen("v6", Listen::tcp("[::]:8443".parse().unwrap()).v6only(true).backlog(4096));
+/// assert!(cluster.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Listen {
+    pub(crate) kind: ListenKind,
+    pub(crate) backlog: u32,
+    pub(crate) balance: Balance,
+    /// Unix socket files: the mode and owner applied once bound.
+    pub(crate) mode: Option<u32>,
+    pub(crate) owner: (Option<u32>, Option<u32>),
+}
+
+/// Where a [`Listen`] listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ListenKind {
+    /// TCP on this address; `v6only` for IPv6 addresses.
+    Tcp { addr: std::net::SocketAddr, v6only: bool },
+    /// A unix socket file.
+    Unix { path: std::path::PathBuf },
+    /// A Linux abstract unix socket name (without the leading NUL).
+    Abstract { name: String },
+    /// The socket systemd passed under the listener's name (socket activation).
+    Systemd,
+}
+
+/// Where a listener listens, as bound (see [`ListenerInfo`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ListenAddr {
+    /// TCP, with the real port.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket file.
+    Unix(std::path::PathBuf),
+    /// A Linux abstract unix socket (shown as `@name`).
+    Abstract(String),
+}
+
+impl ListenAddr {
+    /// The TCP port, if it is TCP.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            ListenAddr::Tcp(a) => Some(a.port()),
+            _ => None,
+        }
+    }
+
+    /// `"tcp"`, `"unix"` or `"abstract"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ListenAddr::Tcp(_) => "tcp",
+            ListenAddr::Unix(_) => "unix",
+            ListenAddr::Abstract(_) => "abstract",
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "{}", p.display()),
+            ListenAddr::Abstract(n) => write!(f, "@{n}"),
+        }
+    }
+}
+
+impl Listen {
+    /// TCP on `addr` (port 0: any free port, the same for every worker). An IPv6 wildcard
+    /// (`[::]`) is dual-stack (serves IPv4 too) unless [`v6only`](Listen::v6only) says otherwise.
+    /// Backlog 1024, [`Balance::ReusePort`].
+    pub fn tcp(addr: std::net::SocketAddr) -> Listen {
+        Listen::of(ListenKind::Tcp { addr, v6only: false })
+    }
+
+    /// A unix socket file at `path`, shared by every worker. Its directory must exist and
+    /// belong to this user (or root); a socket file left by a dead server is replaced, a live
+    /// one is an error, and so is any other file there. The master removes the file at exit
+    /// if it is still the one it created. Backlog 1024.
+    pub fn unix(path: impl Into<std::path::PathBuf>) -> Listen {
+        Listen::of(ListenKind::Unix { path: path.into() })
+    }
+
+    /// A Linux abstract unix socket `name` (no file; `@name` in `ss`), shared by every worker.
+    pub fn abstract_unix(name: impl Into<String>) -> Listen {
+        Listen::of(ListenKind::Abstract { name: name.into() })
+    }
+
+    /// The socket systemd passes under this listener's name (socket activation: the
+    /// `FileDescriptorName=` of a `.socket` unit, or `systemd-socket-activate --fdname`), TCP
+    /// or unix, shared by every worker. [`init`](crate::Cluster::init) fails with
+    /// [`Error::BadListener`](crate::Error::BadListener) if systemd passed none of that name.
+    pub fn systemd() -> Listen {
+        Listen::of(ListenKind::Systemd)
+    }
+
+    fn of(kind: ListenKind) -> Listen {
+        Listen { kind, backlog: 1024, balance: Balance::default(), mode: None, owner: (None, None) }
+    }
+
+    /// For an IPv6 address: serve IPv6 only (`IPV6_V6ONLY`), so that an IPv4 listener may use
+    /// the same port. No effect on other listeners.
+    pub fn v6only(mut self, on: bool) -> Listen {
+        if let ListenKind::Tcp { v6only, .. } = &mut self.kind {
+            *v6only = on;
+        }
+        self
+    }
+
+    /// For a unix socket file: its mode once bound (e.g. `0o660`; default: what the umask
+    /// leaves). [`init`](crate::Cluster::init) refuses it on other listeners.
+    pub fn mode(mut self, mode: u32) -> Listen {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// For a unix socket file: its owner and group once bound (`None` keeps the master's).
+    /// [`init`](crate::Cluster::init) refuses it on other listeners.
+    pub fn owner(mut self, uid: Option<u32>, gid: Option<u32>) -> Listen {
+        self.owner = (uid, gid);
+        self
+    }
+
+    /// The accept-queue length asked of the kernel (capped by `net.core.somaxconn`), per socket.
+    pub fn backlog(mut self, backlog: u32) -> Listen {
+        self.backlog = backlog;
+        self
+    }
+
+    /// How new connections are spread over the workers (TCP; unix sockets are always shared).
+    pub fn balance(mut self, balance: Balance) -> Listen {
+        self.balance = balance;
+        self
+    }
+}
+
+/// A listener as the master bound it (see [`Master::listeners`](crate::Master::listeners)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerInfo {
+    /// Its name (`"default"` for the listener of `Cluster::new(port)`).
+    pub name: String,
+    /// Where it listens, with the real port.
+    pub addr: ListenAddr,
+    /// How its connections are spread.
+    pub balance: Balance,
+}
+
 /// The cluster's options as the master uses them (see [`Cluster`](crate::Cluster) for each).
 pub(crate) struct Settings {
+    /// Whether `Cluster::new(port)`'s listener (`port`, `address`, `balance`, `backlog`) is
+    /// served, as [`DEFAULT_LISTENER`](crate::proto::handoff::DEFAULT_LISTENER), first.
+    pub(crate) default_listener: bool,
+    /// Listeners added by name, in order.
+    pub(crate) listeners: Vec<(String, Listen)>,
     pub(crate) port: u16,
     pub(crate) cpus: usize,
     pub(crate) respawn: bool,
@@ -121,6 +283,16 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
+    /// Every listener, in the order workers receive them: the default one first (if served).
+    pub(crate) fn all_listeners(&self) -> Vec<(String, Listen)> {
+        let default = self.default_listener.then(|| {
+            let addr = std::net::SocketAddr::new(self.address, self.port);
+            let listen = Listen::tcp(addr).backlog(self.backlog).balance(self.balance);
+            (crate::proto::handoff::DEFAULT_LISTENER.to_owned(), listen)
+        });
+        default.into_iter().chain(self.listeners.iter().cloned()).collect()
+    }
+
     /// The number of workers to start: `cpus`, or the detected CPU count when that is 0.
     pub(crate) fn worker_count(&self) -> usize {
         if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }

@@ -1,6 +1,8 @@
 //! Starting a worker process: the program file, its identity in the environment, its listener
-//! and channel at fixed descriptor numbers, and the child setup between fork and exec.
+//! by the systemd convention (fd 3, `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID` = its own pid)
+//! and its channel right after, and the child setup between fork and exec.
 
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -14,15 +16,17 @@ use rustix::process::{Pid, PidfdFlags};
 use super::Balance;
 use super::channel::MasterEnd;
 use super::driver::{Driver, Proc};
-use crate::proto::handoff::{CHANNEL_FD, LISTEN_FD, PRIVATE_ENV, env};
+use crate::proto::handoff::{FIRST_LISTEN_FD, PRIVATE_ENV, env};
 use crate::supervisor::Program;
 
 impl Driver {
     /// Starts the worker process of `slot`: `/proc/self/exe` (the binary this master runs, even
     /// if the file was replaced since), with the master's arguments and environment plus the
-    /// worker's identity, its socket at fd 3 and its channel at fd 4.
+    /// worker's identity, its listeners from fd 3 (`LISTEN_FDS`, `LISTEN_FDNAMES` their names,
+    /// `LISTEN_PID` its own pid) and its channel right after them. The master's own systemd
+    /// variables are removed first.
     pub(super) fn spawn(&mut self, slot: usize, program: Program) -> io::Result<Proc> {
-        let listener = self.listener_for(slot)?.try_clone()?;
+        let listeners = self.listeners_for(slot)?;
         let exe = match program {
             Program::Running => PathBuf::from("/proc/self/exe"),
             Program::Deployed(n) => {
@@ -33,29 +37,40 @@ impl Driver {
             }
         };
         let (master_end, worker_end) = UnixStream::pair()?;
-        let mut cmd = Process::new(exe);
-        cmd.arg0(&self.m.argv0)
-            .args(&self.m.args)
-            .env(env::WORKER_ID, slot.to_string())
+        let count = listeners.len() as i32;
+        let channel_fd = FIRST_LISTEN_FD + count;
+        let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
+        let names = names.join(":");
+        let mut cmd = Process::new(&exe);
+        cmd.arg0(&self.m.argv0).args(&self.m.args);
+        // The master's own relation with systemd first, then the workers' listeners.
+        for key in PRIVATE_ENV {
+            cmd.env_remove(key);
+        }
+        cmd.env(env::WORKER_ID, slot.to_string())
             .env(env::WORKERS, self.sup.policy().workers.to_string())
             .env(env::PORT, self.m.shared.addr.port().to_string())
-            .env(env::LISTEN_FD, LISTEN_FD.to_string())
-            .env(env::CHANNEL_FD, CHANNEL_FD.to_string())
+            .env(env::CHANNEL_FD, channel_fd.to_string())
             .env(env::MASTER_PID, self.master_pid.as_raw_nonzero().to_string())
             .env(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
+            .env(env::LISTEN_FDS, count.to_string())
+            .env(env::LISTEN_FDNAMES, names)
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C reaches the master only, which then stops
             // the workers gracefully.
             .process_group(0);
-        for key in PRIVATE_ENV {
-            cmd.env_remove(key);
-        }
-        cmd.fd_mappings(vec![
-            FdMapping { parent_fd: listener, child_fd: LISTEN_FD },
-            FdMapping { parent_fd: worker_end.into(), child_fd: CHANNEL_FD },
-        ])
-        .map_err(|e| io::Error::other(e.to_string()))?;
-        crate::os::sys::set_child_setup(&mut cmd, self.master_pid, (CHANNEL_FD + 1) as u32);
+        let mut mappings: Vec<FdMapping> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| FdMapping { parent_fd: fd, child_fd: FIRST_LISTEN_FD + i as i32 })
+            .collect();
+        mappings.push(FdMapping { parent_fd: worker_end.into(), child_fd: channel_fd });
+        cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
+        crate::os::sys::set_child_setup(&mut cmd, self.master_pid, (channel_fd + 1) as u32);
+        // Last: the child executes the program itself, with LISTEN_PID = its own pid.
+        let argv: Vec<OsString> = std::iter::once(self.m.argv0.clone()).chain(self.m.args.iter().cloned()).collect();
+        let envp = child_env(&cmd);
+        crate::os::sys::set_exec_with_own_pid(&mut cmd, exe.as_os_str(), &argv, envp)?;
         let mut child = cmd.spawn()?;
         let pid = child.id();
         // Nobody else reaps our children (we never wait for "any child"), so the pid cannot have
@@ -72,24 +87,49 @@ impl Driver {
         tracked // Dropping a std Child neither waits nor kills.
     }
 
-    /// The listening socket a worker of `slot` inherits. In `ReusePort` mode a slot whose socket
-    /// was closed (disabled, or new after scaling up) gets a new one.
-    fn listener_for(&mut self, slot: usize) -> io::Result<&OwnedFd> {
-        let index = match self.m.balance {
-            Balance::ReusePort => slot,
-            Balance::Shared => 0,
-        };
-        if self.m.listeners.len() <= index {
-            self.m.listeners.resize_with(index + 1, || None);
+    /// The listening sockets a worker of `slot` inherits (copies), one per listener in order.
+    /// In `ReusePort` mode a slot whose socket was closed or never bound (a slot spawned for
+    /// the first time, disabled, or new after scaling up) gets a new one.
+    fn listeners_for(&mut self, slot: usize) -> io::Result<Vec<OwnedFd>> {
+        let mut fds = Vec::with_capacity(self.m.listeners.len());
+        for b in &mut self.m.listeners {
+            let index = match b.balance {
+                Balance::ReusePort => slot,
+                Balance::Shared => 0,
+            };
+            if b.fds.len() <= index {
+                b.fds.resize_with(index + 1, || None);
+            }
+            if b.fds[index].is_none()
+                && b.balance == Balance::ReusePort
+                && let super::ListenAddr::Tcp(addr) = b.addr
+            {
+                let fd = crate::os::socket::bind_reuseport(addr, b.backlog, b.v6only)
+                    .map_err(|e| io::Error::new(e.kind(), format!("listener {} on {}: {e}", b.name, b.addr)))?;
+                b.fds[index] = Some(fd);
+                // The driver attaches the steering program again once the spawn is done.
+                b.group.join(slot);
+            }
+            let fd = b.fds[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))?;
+            fds.push(fd.try_clone()?);
         }
-        if self.m.listeners[index].is_none() && self.m.balance == Balance::ReusePort {
-            let fd = crate::os::socket::bind_reuseport(self.m.shared.addr, self.m.backlog)?;
-            self.m.listeners[index] = Some(fd);
-            // The driver attaches the steering program again once the spawn is done.
-            self.group.join(slot);
-        }
-        self.m.listeners[index].as_ref().ok_or_else(|| io::Error::other("the listening socket is closed"))
+        Ok(fds)
     }
+}
+
+/// The environment `cmd`'s child gets: the master's with `cmd`'s changes applied, as
+/// `KEY=VALUE` byte strings, `LISTEN_PID` left out (the child writes its own).
+fn child_env(cmd: &Process) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut vars: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(v) => vars.insert(key.to_owned(), v.to_owned()),
+            None => vars.remove(key),
+        };
+    }
+    vars.remove(std::ffi::OsStr::new(env::LISTEN_PID));
+    vars.into_iter().map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat()).collect()
 }
 
 /// The path the program was started from, kept to execute it again on a graceful restart (so

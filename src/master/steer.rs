@@ -102,31 +102,39 @@ fn program_for(targets: &[u32], group_len: usize) -> Option<Vec<libc::sock_filte
 }
 
 impl Driver {
-    /// Attaches the steering program for the current route to the `ReusePort` group. What it
-    /// cannot do is reported to the supervisor ([`Event::SteerFailed`]), which decides what
-    /// follows.
+    /// Attaches the steering program for the current route to the group of every `ReusePort`
+    /// listener. What it cannot do is reported to the supervisor ([`Event::SteerFailed`]: the
+    /// first failure), which decides what follows.
     pub(super) fn apply_route(&mut self, events: &mut VecDeque<Event>) {
-        if self.m.balance != Balance::ReusePort || self.steering_failed {
+        if self.steering_failed {
             return;
         }
-        let Some(any) = self.m.listeners.iter().flatten().next() else { return };
-        let failure = match self.group.program(&self.route) {
-            None => SteerFailure::NoProgram { slots: self.route.len() },
-            Some(program) => match crate::os::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
-                Ok(()) => return,
-                Err(e) => SteerFailure::Attach { error: e.to_string() },
-            },
-        };
-        events.push_back(Event::SteerFailed { failure });
+        let mut failure = None;
+        for b in self.m.listeners.iter().filter(|b| b.balance == Balance::ReusePort) {
+            let Some(any) = b.fds.iter().flatten().next() else { continue };
+            let failed = match b.group.program(&self.route) {
+                None => SteerFailure::NoProgram { slots: self.route.len() },
+                Some(program) => match crate::os::sys::attach_reuseport_cbpf(any.as_fd(), &program) {
+                    Ok(()) => continue,
+                    Err(e) => SteerFailure::Attach { error: e.to_string() },
+                },
+            };
+            failure.get_or_insert(failed);
+        }
+        if let Some(failure) = failure {
+            events.push_back(Event::SteerFailed { failure });
+        }
     }
 
-    /// Detaches the steering program: the kernel hashes over the whole group. `for_good`:
+    /// Detaches the steering programs: the kernel hashes over each whole group. `for_good`:
     /// never attach one again.
     pub(super) fn unsteer(&mut self, for_good: bool) {
         self.steering_failed |= for_good;
-        if let Some(any) = self.m.listeners.iter().flatten().next() {
-            // Nothing attached (ENOENT) is as good.
-            let _ = crate::os::sys::detach_reuseport_bpf(any.as_fd());
+        for b in self.m.listeners.iter().filter(|b| b.balance == Balance::ReusePort) {
+            if let Some(any) = b.fds.iter().flatten().next() {
+                // Nothing attached (ENOENT) is as good.
+                let _ = crate::os::sys::detach_reuseport_bpf(any.as_fd());
+            }
         }
     }
 }
@@ -200,7 +208,7 @@ mod tests {
     #[test]
     fn the_kernel_follows_the_program() {
         let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let (fds, addr) = crate::os::socket::bind_listeners(addr, true, 2, 64).unwrap();
+        let (fds, addr) = crate::os::socket::bind_listeners(addr, true, 2, 64, false).unwrap();
         let mut group = Group::default();
         group.join(0);
         group.join(1);

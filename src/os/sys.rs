@@ -47,10 +47,143 @@ pub(crate) fn set_child_setup(cmd: &mut Command, master_pid: Pid, first_free: u3
     }
 }
 
+/// The placeholder of `LISTEN_PID` in a worker's environment before fork: room for any pid
+/// (at most 10 digits: Linux pids are below 2^22).
+const LISTEN_PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";
+
+/// Everything the child of a spawn executes, built before fork so that the child only patches
+/// one pre-allocated buffer and calls `execve`: no allocation, no lock.
+struct ExecImage {
+    path: Vec<u8>,
+    argv: Vec<Vec<u8>>,
+    /// `KEY=VALUE\0` entries; the last is [`LISTEN_PID_PLACEHOLDER`].
+    envp: Vec<Vec<u8>>,
+    /// Room for the pointer arrays (their capacity is reserved before fork).
+    argv_ptrs: Ptrs,
+    envp_ptrs: Ptrs,
+}
+
+/// A pointer array for `execve`, filled in the child only.
+struct Ptrs(Vec<*const libc::c_char>);
+
+// SAFETY: the pointers are written and read only in the forked child, inside the hook that owns
+// the buffers they point into; the parent never reads them. Moving the (empty-or-stale) vector
+// between threads before fork is harmless.
+unsafe impl Send for Ptrs {}
+// SAFETY: as above: nothing dereferences them outside the child's hook.
+unsafe impl Sync for Ptrs {}
+
+/// Makes the child of `cmd` execute `path` with `argv` and `env` (`KEY=VALUE` byte strings,
+/// without `LISTEN_PID`) itself, with `LISTEN_PID` set to the child's own pid, as the systemd
+/// convention of passed sockets requires (`sd_listen_fds`, `listenfd` and `tokio-listener`
+/// accept the sockets only then). std cannot set a variable to a value only known after fork,
+/// so the environment is built here beforehand with a placeholder, and the hook, in the child,
+/// writes `getpid()`'s digits into it and calls `execve`; `cmd`'s own program, arguments and
+/// environment are then never used. If `execve` fails the hook returns its error, which std
+/// reports to the parent as the spawn's error.
+///
+/// Register it last: hooks run in order, and nothing after it runs.
+pub(crate) fn set_exec_with_own_pid(
+    cmd: &mut Command,
+    path: &std::ffi::OsStr,
+    argv: &[std::ffi::OsString],
+    env: Vec<Vec<u8>>,
+) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_string = |bytes: &[u8]| -> io::Result<Vec<u8>> {
+        if bytes.contains(&0) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a NUL byte in a worker's argument or environment",
+            ));
+        }
+        Ok([bytes, b"\0"].concat())
+    };
+    let mut envp = env.iter().map(|e| c_string(e)).collect::<io::Result<Vec<_>>>()?;
+    envp.push(c_string(LISTEN_PID_PLACEHOLDER)?);
+    let argv = argv.iter().map(|a| c_string(a.as_bytes())).collect::<io::Result<Vec<_>>>()?;
+    let mut image = ExecImage {
+        path: c_string(path.as_bytes())?,
+        argv_ptrs: Ptrs(Vec::with_capacity(argv.len() + 1)),
+        envp_ptrs: Ptrs(Vec::with_capacity(envp.len() + 1)),
+        argv,
+        envp,
+    };
+    let hook = move || -> io::Result<()> {
+        // Only async-signal-safe calls: getpid, execve; writes into buffers allocated before
+        // fork; `Vec::push` within the reserved capacity does not allocate. An array built
+        // before fork is not used, so that no pointer outlives a write to its buffer.
+        let img = &mut image;
+        let Some(pid_entry) = img.envp.last_mut() else { return Err(io::Error::from_raw_os_error(libc::EINVAL)) };
+        let mut pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        let mut digits = [0u8; 10];
+        let mut n = 0;
+        loop {
+            digits[n] = b'0' + (pid % 10) as u8;
+            pid /= 10;
+            n += 1;
+            if pid == 0 || n == digits.len() {
+                break;
+            }
+        }
+        let start = b"LISTEN_PID=".len();
+        for i in 0..n {
+            pid_entry[start + i] = digits[n - 1 - i];
+        }
+        pid_entry[start + n] = 0;
+        for (ptrs, strings) in [(&mut img.argv_ptrs, &img.argv), (&mut img.envp_ptrs, &img.envp)] {
+            ptrs.0.clear();
+            for s in strings {
+                ptrs.0.push(s.as_ptr().cast::<libc::c_char>());
+            }
+            ptrs.0.push(std::ptr::null());
+        }
+        // SAFETY: `path` and every entry are NUL-terminated buffers owned by this closure and
+        // alive for the call; both pointer arrays end with a null pointer. On success execve
+        // does not return; on failure it changes nothing but errno.
+        unsafe {
+            libc::execve(img.path.as_ptr().cast::<libc::c_char>(), img.argv_ptrs.0.as_ptr(), img.envp_ptrs.0.as_ptr());
+        }
+        Err(io::Error::last_os_error())
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
+    // calls (getpid, execve) on memory allocated before fork (`push` stays within the capacity
+    // reserved above); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+    Ok(())
+}
+
+/// The number of connections waiting in the accept queue of a listening TCP socket
+/// (`TCP_INFO`'s `tcpi_unacked`, which the kernel fills with the queue length for a socket in
+/// the listen state).
+pub(crate) fn tcp_accept_queue(socket: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: `tcp_info` is plain data (integers); all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a valid, initialised `tcp_info` borrowed for the whole call and `len` is
+    // its size; the kernel writes at most `len` bytes and stores the length it wrote.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_unacked)
+}
+
 /// Takes ownership of descriptor `fd`, which the master placed in this worker at a fixed number.
 ///
-/// Fails if `fd` is not open. Must be called at most once per number (the worker's
-/// initialisation guarantees this by running once per process).
+/// Fails if `fd` is not open. Must be called at most once per number: the worker takes its
+/// channel once, at initialisation (which runs once per process), and each listener once (its
+/// entry in the `Worker`'s table is marked taken under a lock).
 pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
@@ -60,7 +193,8 @@ pub(crate) fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     rustix::io::fcntl_getfd(borrowed)?;
     // SAFETY: `fd` is open (checked above) and was placed here by our master for this process
-    // alone; nothing else in this process owns it, because initialisation runs once.
+    // alone; nothing else in this process owns it: each number is taken once (see above), and
+    // the documentation forbids taking a listener through another crate as well.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

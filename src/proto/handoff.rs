@@ -1,6 +1,7 @@
 //! The master-to-worker hand-off: who a worker is (environment variables, never argv, so that
-//! programs parsing their own arguments keep working) and where its descriptors are (fixed
-//! numbers).
+//! programs parsing their own arguments keep working) and where its descriptors are: its
+//! listening sockets by the systemd convention (from fd 3, `LISTEN_FDS`, `LISTEN_FDNAMES`,
+//! `LISTEN_PID` = the worker's own pid), its channel right after them.
 
 use std::time::Duration;
 
@@ -12,7 +13,6 @@ pub(crate) mod env {
     pub const WORKER_ID: &str = "ECEWO_CLUSTER_WORKER_ID";
     pub const WORKERS: &str = "ECEWO_CLUSTER_WORKERS";
     pub const PORT: &str = "ECEWO_CLUSTER_PORT";
-    pub const LISTEN_FD: &str = "ECEWO_CLUSTER_LISTEN_FD";
     pub const CHANNEL_FD: &str = "ECEWO_CLUSTER_CHANNEL_FD";
     pub const MASTER_PID: &str = "ECEWO_CLUSTER_MASTER_PID";
     pub const SHUTDOWN_TIMEOUT_MS: &str = "ECEWO_CLUSTER_SHUTDOWN_TIMEOUT_MS";
@@ -20,12 +20,22 @@ pub(crate) mod env {
     /// All of them: what a worker removes from its environment once read, so that programs it
     /// runs do not inherit them. (`ECEWO_CLUSTER_CPUS` is a user setting, not part of the
     /// hand-off: it stays.)
-    pub const ALL: [&str; 7] = [WORKER_ID, WORKERS, PORT, LISTEN_FD, CHANNEL_FD, MASTER_PID, SHUTDOWN_TIMEOUT_MS];
+    pub const ALL: [&str; 6] = [WORKER_ID, WORKERS, PORT, CHANNEL_FD, MASTER_PID, SHUTDOWN_TIMEOUT_MS];
+
+    /// The systemd convention for passed sockets (`sd_listen_fds(3)`): how many, from fd 3.
+    pub const LISTEN_FDS: &str = "LISTEN_FDS";
+    /// Their names, `:`-separated.
+    pub const LISTEN_FDNAMES: &str = "LISTEN_FDNAMES";
+    /// The process they are for: a worker's own pid (written between fork and exec).
+    pub const LISTEN_PID: &str = "LISTEN_PID";
 }
 
-/// The fixed descriptor numbers a worker inherits.
-pub(crate) const LISTEN_FD: i32 = 3;
-pub(crate) const CHANNEL_FD: i32 = 4;
+/// The descriptor of a worker's first listening socket (the systemd convention's
+/// `SD_LISTEN_FDS_START`); the others follow, then the channel.
+pub(crate) const FIRST_LISTEN_FD: i32 = 3;
+
+/// The name of the listener of `Cluster::new(port)`.
+pub const DEFAULT_LISTENER: &str = "default";
 
 /// A worker's identity, parsed from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +43,8 @@ pub(crate) struct WorkerEnv {
     pub id: usize,
     pub count: usize,
     pub port: u16,
-    pub listen_fd: i32,
+    /// The listening sockets, by name, at fds 3, 4, … in this order.
+    pub listeners: Vec<(String, i32)>,
     pub channel_fd: i32,
     pub master_pid: u32,
     pub shutdown_timeout: Duration,
@@ -44,7 +55,10 @@ impl WorkerEnv {
     /// `ECEWO_CLUSTER_WORKER_ID`, an error naming the variable when one is missing or garbled.
     /// (Whether the process really is a worker is the worker side's check: see
     /// `worker::inherited_env`.)
-    pub(crate) fn parse(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Option<WorkerEnv>, Error> {
+    pub(crate) fn parse(
+        get: impl Fn(&str) -> Option<std::ffi::OsString>,
+        own_pid: u32,
+    ) -> Result<Option<WorkerEnv>, Error> {
         if get(env::WORKER_ID).is_none() {
             return Ok(None);
         }
@@ -54,23 +68,42 @@ impl WorkerEnv {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| Error::BadInheritance { what: format!("{key}={} is not a number", v.to_string_lossy()) })
         }
-        let parsed = WorkerEnv {
+        let mut parsed = WorkerEnv {
             id: num(&get, env::WORKER_ID)?,
             count: num(&get, env::WORKERS)?,
             port: num(&get, env::PORT)?,
-            listen_fd: num(&get, env::LISTEN_FD)?,
             channel_fd: num(&get, env::CHANNEL_FD)?,
             master_pid: num(&get, env::MASTER_PID)?,
             shutdown_timeout: Duration::from_millis(num(&get, env::SHUTDOWN_TIMEOUT_MS)?),
+            listeners: Vec::new(),
         };
+        let bad = |what: String| Error::BadInheritance { what };
+        let listen_pid: u32 = num(&get, env::LISTEN_PID)?;
+        if listen_pid != own_pid {
+            return Err(bad(format!("LISTEN_PID={listen_pid} is not this process ({own_pid})")));
+        }
+        let count: u32 = num(&get, env::LISTEN_FDS)?;
+        if count == 0 || count > 1024 {
+            return Err(bad(format!("LISTEN_FDS={count}: a worker inherits from 1 to 1024 listening sockets")));
+        }
+        let names = get(env::LISTEN_FDNAMES).ok_or_else(|| bad("LISTEN_FDNAMES is not set".into()))?;
+        let names: Vec<String> = names
+            .to_str()
+            .ok_or_else(|| bad("LISTEN_FDNAMES is not UTF-8".into()))?
+            .split(':')
+            .map(str::to_owned)
+            .collect();
+        if names.len() != count as usize {
+            return Err(bad(format!("LISTEN_FDNAMES has {} names for LISTEN_FDS={count}", names.len())));
+        }
+        parsed.listeners = names.into_iter().enumerate().map(|(i, name)| (name, FIRST_LISTEN_FD + i as i32)).collect();
         // Each descriptor is taken over once; the same number twice would give it two owners.
-        if parsed.listen_fd == parsed.channel_fd || parsed.listen_fd < 3 || parsed.channel_fd < 3 {
-            return Err(Error::BadInheritance {
-                what: format!(
-                    "its listener (fd {}) and channel (fd {}) must be two descriptors from 3 up",
-                    parsed.listen_fd, parsed.channel_fd
-                ),
-            });
+        let after = FIRST_LISTEN_FD + count as i32;
+        if parsed.channel_fd != after {
+            return Err(bad(format!(
+                "its channel (fd {}) must follow its {count} listening sockets (fd {after})",
+                parsed.channel_fd
+            )));
         }
         Ok(Some(parsed))
     }
@@ -94,31 +127,45 @@ mod tests {
 
     #[test]
     fn no_worker_id_means_master() {
-        assert_eq!(WorkerEnv::parse(env_of(&[])).unwrap(), None);
+        assert_eq!(WorkerEnv::parse(env_of(&[]), 1).unwrap(), None);
     }
+
+    const FULL: [(&str, &str); 9] = [
+        (env::WORKER_ID, "2"),
+        (env::WORKERS, "4"),
+        (env::PORT, "3000"),
+        (env::CHANNEL_FD, "5"),
+        (env::MASTER_PID, "77"),
+        (env::SHUTDOWN_TIMEOUT_MS, "1500"),
+        (env::LISTEN_PID, "78"),
+        (env::LISTEN_FDS, "2"),
+        (env::LISTEN_FDNAMES, "default:admin"),
+    ];
 
     #[test]
     fn full_environment_parses() {
-        let e = WorkerEnv::parse(env_of(&[
-            (env::WORKER_ID, "2"),
-            (env::WORKERS, "4"),
-            (env::PORT, "3000"),
-            (env::LISTEN_FD, "3"),
-            (env::CHANNEL_FD, "4"),
-            (env::MASTER_PID, "77"),
-            (env::SHUTDOWN_TIMEOUT_MS, "1500"),
-        ]))
-        .unwrap()
-        .unwrap();
-        assert_eq!((e.id, e.count, e.port, e.master_pid), (2, 4, 3000, 77));
+        let e = WorkerEnv::parse(env_of(&FULL), 78).unwrap().unwrap();
+        assert_eq!((e.id, e.count, e.port, e.master_pid, e.channel_fd), (2, 4, 3000, 77, 5));
         assert_eq!(e.shutdown_timeout, Duration::from_millis(1500));
+        assert_eq!(e.listeners, vec![("default".to_owned(), 3), ("admin".to_owned(), 4)]);
     }
 
     #[test]
     fn partial_or_garbled_environment_is_a_clear_error() {
-        let err = WorkerEnv::parse(env_of(&[(env::WORKER_ID, "1")])).unwrap_err();
+        let err = WorkerEnv::parse(env_of(&[(env::WORKER_ID, "1")]), 1).unwrap_err();
         assert!(err.to_string().contains("ECEWO_CLUSTER_WORKERS is not set"), "{err}");
-        let err = WorkerEnv::parse(env_of(&[(env::WORKER_ID, "x")])).unwrap_err();
+        let err = WorkerEnv::parse(env_of(&[(env::WORKER_ID, "x")]), 1).unwrap_err();
         assert!(err.to_string().contains("not a number"), "{err}");
+        let with = |key: &str, value: &str| {
+            let mut pairs = FULL.to_vec();
+            pairs.retain(|(k, _)| *k != key);
+            pairs.push((key, value));
+            WorkerEnv::parse(env_of(&pairs), 78).unwrap_err().to_string()
+        };
+        // Sockets passed to another process (the master's own, or a parent's) are not ours.
+        assert!(with(env::LISTEN_PID, "77").contains("LISTEN_PID=77 is not this process (78)"));
+        assert!(with(env::LISTEN_FDS, "0").contains("from 1 to 1024"));
+        assert!(with(env::LISTEN_FDNAMES, "default").contains("1 names for LISTEN_FDS=2"));
+        assert!(with(env::CHANNEL_FD, "4").contains("must follow its 2 listening sockets (fd 5)"));
     }
 }

@@ -50,6 +50,19 @@ pub fn render_labeled(cluster: &ClusterStats, workers: &[WorkerStats], labels: &
         .map(|st| (format!("state=\"{st}\""), workers.iter().filter(|w| w.status == *st).count() as f64))
         .collect();
     metric("ecewo_cluster_workers", "gauge", "Worker slots by status.", &by_state);
+    let listener = |l: &crate::stats::ListenerStats| {
+        format!("listener=\"{}\",kind=\"{}\",address=\"{}\"", escape(&l.name), escape(&l.kind), escape(&l.address))
+    };
+    let sockets: Vec<(String, f64)> = cluster.listeners.iter().map(|l| (listener(l), l.sockets as f64)).collect();
+    metric("ecewo_cluster_listener_sockets", "gauge", "Listening sockets the master holds, by listener.", &sockets);
+    let queued: Vec<(String, f64)> =
+        cluster.listeners.iter().filter_map(|l| l.queued.map(|q| (listener(l), q as f64))).collect();
+    metric(
+        "ecewo_cluster_listener_queued",
+        "gauge",
+        "Connections waiting in a listener's accept queues (TCP listeners).",
+        &queued,
+    );
     metric(
         "ecewo_cluster_restarts_total",
         "counter",
@@ -123,6 +136,44 @@ fn escape(v: &str) -> String {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn listeners_are_listed_with_their_queues() {
+        let cluster = ClusterStats {
+            listeners: vec![
+                crate::stats::ListenerStats {
+                    name: "web".into(),
+                    address: "127.0.0.1:80".into(),
+                    kind: "tcp".into(),
+                    balance: "reuseport".into(),
+                    sockets: 2,
+                    queued: Some(5),
+                },
+                crate::stats::ListenerStats {
+                    name: "sock".into(),
+                    address: "/run/s.sock".into(),
+                    kind: "unix".into(),
+                    balance: "shared".into(),
+                    sockets: 1,
+                    queued: None,
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&cluster, &[]);
+        assert!(
+            text.contains("ecewo_cluster_listener_sockets{listener=\"web\",kind=\"tcp\",address=\"127.0.0.1:80\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ecewo_cluster_listener_queued{listener=\"web\",kind=\"tcp\",address=\"127.0.0.1:80\"} 5"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ecewo_cluster_listener_sockets{listener=\"sock\",kind=\"unix\",address=\"/run/s.sock\"} 1")
+        );
+        assert!(!text.contains("ecewo_cluster_listener_queued{listener=\"sock\""), "no queue for unix: {text}");
+    }
 
     #[test]
     fn renders_the_text_format() {

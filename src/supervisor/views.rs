@@ -73,6 +73,8 @@ impl Supervisor {
             last_restart: self.last_restart.clone(),
             total_rss_bytes: 0,
             total_cpu_time: Duration::ZERO,
+            // The driver's to fill: the supervisor knows no sockets.
+            listeners: Vec::new(),
         }
     }
 

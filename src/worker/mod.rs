@@ -33,7 +33,13 @@ use crate::stats::{ClusterStats, WorkerStats};
 ///   from this handle or the module functions ([`worker_id`](crate::worker_id), …), not from the
 ///   environment. A program that inherits them anyway (`init` called after threads were started)
 ///   is not mistaken for a worker: only a process holding the master's channel is one.
-/// - The listener and the channel are close-on-exec: programs the worker runs do not inherit
+/// - The listeners arrive by the systemd convention of passed sockets: fds 3, 4, … with
+///   `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (this process's pid) in the environment,
+///   which stay there, so that `listenfd`, `tokio-listener` or `sd_listen_fds` accept them
+///   unchanged; programs the worker runs ignore them (`LISTEN_PID` is not theirs). Take each
+///   socket either through this handle ([`take_listener`](Worker::take_listener), …) or through
+///   such a crate, never both: each would own the descriptor.
+/// - The listeners and the channel are close-on-exec: programs the worker runs do not inherit
 ///   them.
 /// - When the master is gone, the worker has its shutdown timeout to drain and exit; after that
 ///   its channel thread ends the process (exit code 1).
@@ -52,9 +58,27 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// A listening socket a worker inherited from the master.
+#[non_exhaustive]
+#[derive(Debug)]
+pub enum Listener {
+    /// A TCP socket (IPv4 or IPv6), in blocking mode.
+    Tcp(TcpListener),
+    /// A unix stream socket (a path or an abstract name), in blocking mode.
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// One inherited listening socket: its name, its descriptor, whether it was taken.
+struct Inherited {
+    name: String,
+    fd: i32,
+    unix: bool,
+    taken: bool,
+}
+
 struct Inner {
     env: WorkerEnv,
-    listener: Mutex<Option<TcpListener>>,
+    listeners: Mutex<Vec<Inherited>>,
     writer: Mutex<UnixStream>,
     ready_sent: AtomicBool,
     gone: Mutex<bool>,
@@ -75,17 +99,23 @@ impl Worker {
             return Err(Error::MasterGone);
         }
         let bad = |what: String| Error::BadInheritance { what };
-        let listen = crate::os::sys::take_inherited_fd(env.listen_fd)
-            .map_err(|e| bad(format!("its listening socket (fd {}) is missing: {e}", env.listen_fd)))?;
+        // The listening sockets are checked now (a broken hand-off fails loudly at init) but
+        // taken only when asked for, so that a crate reading the systemd convention may take
+        // them instead.
+        let mut listeners = Vec::with_capacity(env.listeners.len());
+        for (name, fd) in &env.listeners {
+            let unix = crate::os::socket::inspect_inherited_listener(*fd)
+                .map_err(|e| bad(format!("its listener {name:?} (fd {fd}): {e}")))?;
+            crate::os::sys::set_cloexec_raw(*fd)
+                .map_err(|e| bad(format!("cannot set close-on-exec on fd {fd}: {e}")))?;
+            listeners.push(Inherited { name: name.clone(), fd: *fd, unix, taken: false });
+        }
         let chan = crate::os::sys::take_inherited_fd(env.channel_fd)
             .map_err(|e| bad(format!("its channel (fd {}) is missing: {e}", env.channel_fd)))?;
-        // The master cleared close-on-exec so that exec kept them; programs this worker runs
-        // must not inherit them.
-        for fd in [&listen, &chan] {
-            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)
-                .map_err(|e| bad(format!("cannot set close-on-exec: {e}")))?;
-        }
-        let listener = crate::os::socket::check_inherited_listener(listen, env.listen_fd)?;
+        // The master cleared close-on-exec so that exec kept it; programs this worker runs
+        // must not inherit it.
+        rustix::io::fcntl_setfd(&chan, rustix::io::FdFlags::CLOEXEC)
+            .map_err(|e| bad(format!("cannot set close-on-exec: {e}")))?;
         let chan = UnixStream::from(chan);
         let reader = chan.try_clone().map_err(Error::io("cannot clone the worker channel"))?;
         set_process_name();
@@ -93,7 +123,7 @@ impl Worker {
         let (gone_tx, _) = tokio::sync::watch::channel(false);
         let inner = Arc::new(Inner {
             env,
-            listener: Mutex::new(Some(listener)),
+            listeners: Mutex::new(listeners),
             writer: Mutex::new(chan),
             ready_sent: AtomicBool::new(false),
             gone: Mutex::new(false),
@@ -137,21 +167,88 @@ impl Worker {
         self.inner.env.shutdown_timeout
     }
 
-    /// Takes the listening socket the master bound for this worker (blocking mode). It can be
-    /// taken once; keep it for the life of the server. Workers never bind themselves: the master
-    /// holds every socket, so connections queued on it survive a worker's exit.
+    /// Takes the first TCP listening socket the master bound for this worker (blocking mode):
+    /// the one of [`Cluster::new`](crate::Cluster::new), unless it has none
+    /// ([`Error::NoSuchListener`] then). It can be taken once; keep it for the
+    /// life of the server. Workers never bind themselves: the master holds every socket, so
+    /// connections queued on it survive a worker's exit.
     ///
     /// # Errors
     ///
     /// [`Error::ListenerTaken`] if it was taken already (by this method,
-    /// `serve::listener` or `serve::serve`).
+    /// [`take_listener`](Worker::take_listener), `serve::listener` or `serve::serve`).
     ///
     /// # Caveats
     ///
     /// The socket is close-on-exec: programs the worker runs do not inherit it. In
     /// `Balance::Shared` mode every worker holds the same socket: do not change its options.
     pub fn listener(&self) -> Result<TcpListener, Error> {
-        self.inner.listener.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or(Error::ListenerTaken)
+        let first = {
+            let all = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            all.iter().find(|l| !l.unix).map(|l| l.name.clone())
+        };
+        let Some(first) = first else {
+            return Err(Error::NoSuchListener { name: "(a TCP listener)".into(), names: self.listener_names() });
+        };
+        match self.take_listener(&first)? {
+            Listener::Tcp(l) => Ok(l),
+            Listener::Unix(_) => Err(Error::ListenerTaken),
+        }
+    }
+
+    /// The names of the listening sockets this worker inherited, in descriptor order (fd 3
+    /// first), taken or not. `Cluster::new(port)`'s is named `"default"`.
+    pub fn listener_names(&self) -> Vec<String> {
+        self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|l| l.name.clone()).collect()
+    }
+
+    /// Takes the listening socket named `name` (blocking mode). Each can be taken once.
+    ///
+    /// # Errors
+    ///
+    /// - [`Error::NoSuchListener`] if the master passed no socket of that name (the error lists
+    ///   the names it passed);
+    /// - [`Error::ListenerTaken`] if it was taken already;
+    /// - [`Error::BadInheritance`] if its descriptor is no longer a listening socket (something
+    ///   in the program closed or replaced it).
+    ///
+    /// # Caveats
+    ///
+    /// Do not also take the same socket through a crate that reads `LISTEN_FDS` (`listenfd`,
+    /// …): both would own the descriptor. The socket is close-on-exec.
+    pub fn take_listener(&self, name: &str) -> Result<Listener, Error> {
+        let mut all = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let names = || all.iter().map(|l| l.name.clone()).collect::<Vec<_>>();
+        let Some(i) = all.iter().position(|l| l.name == name) else {
+            return Err(Error::NoSuchListener { name: name.to_owned(), names: names() });
+        };
+        if all[i].taken {
+            return Err(Error::ListenerTaken);
+        }
+        let fd = all[i].fd;
+        let bad = |what: String| Error::BadInheritance { what };
+        let owned = crate::os::sys::take_inherited_fd(fd)
+            .map_err(|e| bad(format!("its listener {name:?} (fd {fd}) is gone: {e}")))?;
+        all[i].taken = true;
+        if all[i].unix {
+            Ok(Listener::Unix(crate::os::socket::check_inherited_unix_listener(owned, fd)?))
+        } else {
+            Ok(Listener::Tcp(crate::os::socket::check_inherited_listener(owned, fd)?))
+        }
+    }
+
+    /// Takes every listening socket not taken yet, with its name, in descriptor order.
+    ///
+    /// # Errors
+    ///
+    /// As [`take_listener`](Worker::take_listener); the sockets taken before an error are
+    /// dropped (closed in this worker only: the master keeps its copies).
+    pub fn take_listeners(&self) -> Result<Vec<(String, Listener)>, Error> {
+        let pending: Vec<String> = {
+            let all = self.inner.listeners.lock().unwrap_or_else(|e| e.into_inner());
+            all.iter().filter(|l| !l.taken).map(|l| l.name.clone()).collect()
+        };
+        pending.into_iter().map(|name| self.take_listener(&name).map(|l| (name, l))).collect()
     }
 
     /// Tells the master this worker accepts connections. Until then it is `Starting`; the master
@@ -258,7 +355,7 @@ impl Worker {
 /// worker made its channel close-on-exec); a real worker whose master has died since passes it
 /// and then fails with [`Error::MasterGone`] in [`Worker::from_env`].
 pub(crate) fn inherited_env() -> Result<Option<WorkerEnv>, Error> {
-    let found = detect(|k| std::env::var_os(k));
+    let found = detect(|k| std::env::var_os(k), Me::now());
     if std::env::var_os(vars::WORKER_ID).is_some() {
         // Before any thread exists (init runs first in main), so the environment can be changed
         // safely; if threads exist already, leave it: children still fail the channel check.
@@ -274,7 +371,21 @@ pub(crate) fn inherited_env() -> Result<Option<WorkerEnv>, Error> {
 }
 
 /// [`inherited_env`] with the environment read through `get`, without changing it.
-fn detect(get: impl Fn(&str) -> Option<OsString>) -> Result<Option<WorkerEnv>, Error> {
+/// This process, as [`detect`] checks it against the hand-off.
+#[derive(Debug, Clone, Copy)]
+struct Me {
+    pid: u32,
+    /// Its parent's pid (`None`: none in this PID namespace).
+    parent: Option<u32>,
+}
+
+impl Me {
+    fn now() -> Me {
+        Me { pid: std::process::id(), parent: rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) }
+    }
+}
+
+fn detect(get: impl Fn(&str) -> Option<OsString>, me: Me) -> Result<Option<WorkerEnv>, Error> {
     if get(vars::WORKER_ID).is_none() {
         return Ok(None);
     }
@@ -290,7 +401,14 @@ fn detect(get: impl Fn(&str) -> Option<OsString>) -> Result<Option<WorkerEnv>, E
         );
         return Ok(None);
     }
-    WorkerEnv::parse(get)
+    // A real channel: whether its master is still our parent comes before the rest of the
+    // hand-off (a worker re-parented before its init fails with MasterGone, whatever else).
+    if let Some(master) = num(vars::MASTER_PID)
+        && me.parent != Some(master)
+    {
+        return Err(Error::MasterGone);
+    }
+    WorkerEnv::parse(get, me.pid)
 }
 
 /// Workers are executed through `/proc/self/exe`, which would make their `comm` (what `ps -o
@@ -311,12 +429,16 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     fn hand_off(channel_fd: &str, master_pid: &str) -> impl Fn(&str) -> Option<OsString> {
+        // The channel follows the listeners: as many as there are numbers from 3 below it.
+        let listeners = channel_fd.parse::<i32>().map_or(1, |fd| fd.saturating_sub(3).clamp(1, 1024));
+        let names: Vec<String> = (0..listeners).map(|i| format!("l{i}")).collect();
         let map: HashMap<&str, String> = [
             (vars::WORKER_ID, "1".to_owned()),
             (vars::WORKERS, "2".to_owned()),
             (vars::PORT, "3000".to_owned()),
-            // Any number but the channel's: the two must differ.
-            (vars::LISTEN_FD, if channel_fd == "3" { "4" } else { "3" }.to_owned()),
+            (vars::LISTEN_PID, std::process::id().to_string()),
+            (vars::LISTEN_FDS, listeners.to_string()),
+            (vars::LISTEN_FDNAMES, names.join(":")),
             (vars::CHANNEL_FD, channel_fd.to_owned()),
             (vars::MASTER_PID, master_pid.to_owned()),
             (vars::SHUTDOWN_TIMEOUT_MS, "1000".to_owned()),
@@ -330,8 +452,12 @@ mod tests {
     fn only_a_process_holding_the_masters_channel_is_a_worker() {
         let me = std::process::id().to_string();
         let (chan, _master_end) = UnixStream::pair().unwrap();
+        // Above fd 3, so that at least one listener comes before it.
+        let chan = rustix::io::fcntl_dupfd_cloexec(&chan, 10).unwrap();
         let fd = chan.as_raw_fd().to_string();
-        let env = detect(hand_off(&fd, &me)).unwrap().expect("the channel's peer is the master: a worker");
+        // As the master's child would see it: its parent is the master (here: this process).
+        let child = Me { pid: std::process::id(), parent: Some(std::process::id()) };
+        let env = detect(hand_off(&fd, &me), child).unwrap().expect("the channel's peer is the master: a worker");
         assert_eq!((env.id, env.count, env.channel_fd), (1, 2, chan.as_raw_fd()));
         // Another master, a descriptor that is not open or not a socket, garbled numbers: stale.
         let not_open = i32::MAX.to_string();
@@ -344,13 +470,20 @@ mod tests {
             ("four", me.as_str()),
             (fd.as_str(), "-1"),
         ] {
-            assert_eq!(detect(hand_off(fd, pid)).unwrap(), None, "fd {fd} master {pid}");
+            assert_eq!(detect(hand_off(fd, pid), child).unwrap(), None, "fd {fd} master {pid}");
         }
-        assert_eq!(detect(|_| None).unwrap(), None, "no variables: not a worker");
+        assert_eq!(detect(|_| None, child).unwrap(), None, "no variables: not a worker");
         // A real channel with the rest of the hand-off garbled is a clear error.
         let broken = hand_off(&fd, &me);
-        let err = detect(|k| if k == vars::WORKERS { None } else { broken(k) }).unwrap_err();
+        let err = detect(|k| if k == vars::WORKERS { None } else { broken(k) }, child).unwrap_err();
         assert!(err.to_string().contains("ECEWO_CLUSTER_WORKERS is not set"), "{err}");
+        // A real channel, but the master is no longer our parent: gone, whatever else.
+        let orphan = Me { parent: Some(1), ..child };
+        let err = detect(|k| if k == vars::WORKERS { None } else { broken(k) }, orphan).unwrap_err();
+        assert!(matches!(err, Error::MasterGone), "{err}");
+        // Sockets passed for another process are refused.
+        let err = detect(hand_off(&fd, &me), Me { pid: child.pid + 1, ..child }).unwrap_err();
+        assert!(err.to_string().contains("is not this process"), "{err}");
     }
 
     #[test]

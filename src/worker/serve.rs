@@ -171,16 +171,18 @@ pub fn shutdown_signal(worker: &Worker) -> io::Result<impl Future<Output = ()> +
     })
 }
 
-/// Serves `service` on the worker's socket until [`shutdown_signal`], then drains (see the
-/// [module documentation](self)). Reports the worker ready once it accepts connections.
-/// Must be called inside a tokio runtime.
+/// Serves `service` on every listener of the worker until [`shutdown_signal`], then drains
+/// (see the [module documentation](self)): all listeners stop accepting at once. Reports the
+/// worker ready once it accepts on all of them. Must be called inside a tokio runtime. For a
+/// service per listener, see [`serve_each`].
 ///
 /// HTTP/1.1 and HTTP/2 (with prior knowledge, h2c) are served on the same socket; connection
 /// upgrades (WebSocket) work.
 ///
 /// # Caveats
 ///
-/// - It takes the worker's listener ([`Worker::listener`] cannot be called as well) and
+/// - It takes the worker's listeners that are not taken yet (at least one must be left:
+///   [`Worker::listener`] or [`Worker::take_listener`] before it leave it the others) and
 ///   installs a SIGTERM handler (SIGTERM then starts the drain instead of ending the process).
 /// - When the drain timeout passes, it returns with requests still in flight: their tasks stop
 ///   when the runtime is dropped (at the end of [`run_worker`]).
@@ -207,20 +209,160 @@ where
     B::Error: Into<BoxError>,
 {
     in_runtime("serve must be called inside a tokio runtime")?;
-    let listener = listener(worker)?;
-    let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
-    tokio::pin!(stop);
-    // Read by every response (no lock on the request path): `true` once the drain started.
-    let draining = Arc::new(AtomicBool::new(false));
-    // Watched by every connection task (which holds a receiver until its connection ends).
-    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
-    let builder = auto::Builder::new(TokioExecutor::new());
-    let spawn_conn = |stream: tokio::net::TcpStream| {
-        let _ = stream.set_nodelay(true);
+    let all = take_all(worker)?.into_iter().map(|(_, l)| (l, service.clone())).collect();
+    serve_on(worker, all, options).await
+}
+
+/// Serves a service per listener: `make(name)` gives the service of the listener `name`
+/// (`"default"` for the one of `Cluster::new(port)`); otherwise as [`serve`], whose caveats,
+/// errors and panics apply.
+///
+/// ```no_run
+/// # async fn f(worker: ecewo_cluster::Worker) -> Result<(), ecewo_cluster::Error> {
+/// use ecewo_cluster::serve::{ServeOptions, serve_each};
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "app" }));
+/// let admin = axum::Router::new().route("/", axum::routing::get(|| async { "admin" }));
+/// serve_each(&worker, |name| if name == "admin" { admin.clone() } else { app.clone() }, ServeOptions::default()).await
+/// # }
+/// ```
+///
+/// # Errors
+///
+/// As [`serve`].
+pub async fn serve_each<S, B>(
+    worker: &Worker,
+    mut make: impl FnMut(&str) -> S,
+    options: ServeOptions,
+) -> Result<(), Error>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    in_runtime("serve_each must be called inside a tokio runtime")?;
+    let all = take_all(worker)?.into_iter().map(|(name, l)| (l, make(&name))).collect();
+    serve_on(worker, all, options).await
+}
+
+/// A listener registered with tokio.
+enum Accepting {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+/// A connection it accepted.
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl Accepting {
+    fn poll_accept(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<Accepted>> {
+        match self {
+            Accepting::Tcp(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Tcp(s)),
+            Accepting::Unix(l) => l.poll_accept(cx).map_ok(|(s, _)| Accepted::Unix(s)),
+        }
+    }
+
+    /// Takes what is already queued, without waiting (the final accepts of a drain).
+    fn drain_queue(self) -> io::Result<Vec<Accepted>> {
+        let mut out = Vec::new();
+        match self {
+            Accepting::Tcp(l) => {
+                let l = l.into_std()?;
+                while let Ok((s, _)) = l.accept() {
+                    if s.set_nonblocking(true).is_ok()
+                        && let Ok(s) = tokio::net::TcpStream::from_std(s)
+                    {
+                        out.push(Accepted::Tcp(s));
+                    }
+                }
+            }
+            Accepting::Unix(l) => {
+                let l = l.into_std()?;
+                while let Ok((s, _)) = l.accept() {
+                    if s.set_nonblocking(true).is_ok()
+                        && let Ok(s) = tokio::net::UnixStream::from_std(s)
+                    {
+                        out.push(Accepted::Unix(s));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Takes every listener of the worker not taken yet, with its name, registered with tokio (at
+/// least one).
+fn take_all(worker: &Worker) -> Result<Vec<(String, Accepting)>, Error> {
+    let all = worker.take_listeners()?;
+    if all.is_empty() {
+        return Err(Error::ListenerTaken);
+    }
+    let reg = || Error::io("cannot register the listener with tokio");
+    all.into_iter()
+        .map(|(name, l)| {
+            let l = match l {
+                crate::worker::Listener::Tcp(std) => {
+                    std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
+                    Accepting::Tcp(tokio::net::TcpListener::from_std(std).map_err(reg())?)
+                }
+                crate::worker::Listener::Unix(std) => {
+                    std.set_nonblocking(true).map_err(Error::io("cannot make the listener non-blocking"))?;
+                    Accepting::Unix(tokio::net::UnixListener::from_std(std).map_err(reg())?)
+                }
+            };
+            Ok((name, l))
+        })
+        .collect()
+}
+
+/// Starts connection tasks: what every connection shares.
+struct Spawner {
+    builder: auto::Builder<TokioExecutor>,
+    /// Read by every response (no lock on the request path): `true` once the drain started.
+    draining: Arc<AtomicBool>,
+    /// Watched by every connection task (which holds a receiver until its connection ends).
+    phase: watch::Receiver<Phase>,
+}
+
+impl Spawner {
+    fn spawn<S, B>(&self, accepted: Accepted, service: &S)
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        match accepted {
+            Accepted::Tcp(stream) => {
+                let _ = stream.set_nodelay(true);
+                self.spawn_io(stream, service);
+            }
+            Accepted::Unix(stream) => self.spawn_io(stream, service),
+        }
+    }
+
+    fn spawn_io<S, B, IO>(&self, stream: IO, service: &S)
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let conn_kind = Arc::new(ConnKind::default());
-        let svc = DrainService { inner: service.clone(), draining: draining.clone(), conn: conn_kind.clone() };
-        let builder = builder.clone();
-        let (mut for_h2, mut for_all) = (phase_rx.clone(), phase_rx.clone());
+        let svc = DrainService { inner: service.clone(), draining: self.draining.clone(), conn: conn_kind.clone() };
+        let builder = self.builder.clone();
+        let (mut for_h2, mut for_all) = (self.phase.clone(), self.phase.clone());
         tokio::spawn(async move {
             let conn = builder.serve_connection_with_upgrades(
                 TokioIo::new(stream),
@@ -247,41 +389,67 @@ where
                 tracing::debug!("connection error while draining: {e}");
             }
         });
+    }
+}
+
+/// The accept loop and the drain, over `listeners`, each with its service.
+async fn serve_on<S, B>(worker: &Worker, listeners: Vec<(Accepting, S)>, options: ServeOptions) -> Result<(), Error>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
+    tokio::pin!(stop);
+    let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
+    let spawner = Spawner {
+        builder: auto::Builder::new(TokioExecutor::new()),
+        draining: Arc::new(AtomicBool::new(false)),
+        phase: phase_rx,
     };
     worker.ready()?;
+    // Accept from whichever listener has a connection, starting the scan one further each
+    // time so that a busy listener cannot starve the others.
+    let mut next = 0usize;
     let why = loop {
         let accepted = tokio::select! {
             biased;
             why = &mut stop => break why,
-            accepted = listener.accept() => accepted,
+            accepted = std::future::poll_fn(|cx| {
+                let n = listeners.len();
+                for k in 0..n {
+                    let i = (next + k) % n;
+                    if let std::task::Poll::Ready(r) = listeners[i].0.poll_accept(cx) {
+                        next = i + 1;
+                        return std::task::Poll::Ready((i, r));
+                    }
+                }
+                std::task::Poll::Pending
+            }) => accepted,
         };
         match accepted {
-            Ok((stream, _peer)) => spawn_conn(stream),
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+            (i, Ok(conn)) => spawner.spawn(conn, &listeners[i].1),
+            (_, Err(e)) => {
                 tracing::warn!("accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     };
-    draining.store(true, Ordering::SeqCst);
+    spawner.draining.store(true, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Draining);
     if why == Stop::Term {
-        // Logged once the drain has started: from this line on, every response says so.
         tracing::info!("SIGTERM: draining");
     }
-    // Take what is still queued, then close the socket: the master holds its own reference (or
-    // has routed new connections elsewhere), so nothing queued is lost.
-    let listener = listener.into_std().map_err(Error::io("cannot take the listener back from tokio"))?;
-    while let Ok((stream, _)) = listener.accept() {
-        if stream.set_nonblocking(true).is_ok()
-            && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
-        {
-            spawn_conn(stream);
+    // Every listener stops accepting at once; what is already queued on each is served.
+    for (listener, service) in listeners {
+        for conn in listener.drain_queue().map_err(Error::io("cannot take the listener back from tokio"))? {
+            spawner.spawn(conn, &service);
         }
     }
-    drop(listener);
-    drop(phase_rx);
+    drop(spawner);
     let drain_timeout = options.drain_timeout_for(worker.shutdown_timeout());
     if !drain(phase_tx, options.idle_grace_within(drain_timeout), drain_timeout).await {
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with connections still open; exiting");

@@ -3,7 +3,8 @@
 //! Its options and endpoints are a fixed contract (see the README's "Testbed" section):
 //! `GET /` → `Hello from worker <id>! pid=<pid> tag=<tag>`, `GET /slow?ms=N`, `GET /crash`
 //! (abort), `GET /exit?code=N`, `GET /child-env` (the `ECEWO_CLUSTER_*` lines a program the
-//! worker runs sees, one per line: none). Once every worker is ready the master prints exactly
+//! worker runs sees, one per line: none), `GET /listen-env` (`pid=P LISTEN_PID=… LISTEN_FDS=…
+//! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it). Once every worker is ready the master prints exactly
 //! one line on stdout: `ready: N workers on port P`. SIGHUP prints `stats: <JSON>` and sends
 //! SIGUSR1 to the workers, unless `--default-sighup` leaves it to the library (a graceful
 //! shutdown).
@@ -115,9 +116,37 @@ struct Args {
     /// graceful shutdown, applies.
     #[arg(long)]
     default_sighup: bool,
+    /// A listener `NAME=ADDR` (repeatable; ADDR as `127.0.0.1:0`, `[::1]:0`, `0.0.0.0:P`,
+    /// `unix:PATH`, or `systemd`: the socket systemd passes under NAME):
+    /// with any, the cluster serves exactly these (not `--port`), every endpoint on every one,
+    /// and the master prints `listener NAME ADDR` (the bound address) for each before its
+    /// ready line, whose port is then the first TCP listener's.
+    #[arg(long = "listen", value_name = "NAME=ADDR", value_parser = parse_listen)]
+    listen: Vec<(String, ListenAt)>,
     /// The workers' `ServeOptions::idle_grace`, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     idle_grace_ms: u64,
+}
+
+/// Where a `--listen` listener listens.
+#[derive(Debug, Clone)]
+enum ListenAt {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+    /// The socket systemd passes under the listener's name.
+    Systemd,
+}
+
+fn parse_listen(s: &str) -> Result<(String, ListenAt), String> {
+    let (name, addr) = s.split_once('=').ok_or_else(|| format!("{s:?}: use NAME=ADDR"))?;
+    if let Some(path) = addr.strip_prefix("unix:") {
+        return Ok((name.to_owned(), ListenAt::Unix(PathBuf::from(path))));
+    }
+    if addr == "systemd" {
+        return Ok((name.to_owned(), ListenAt::Systemd));
+    }
+    let addr = addr.parse().map_err(|e| format!("{name}: {addr:?} is not an address ({e})"))?;
+    Ok((name.to_owned(), ListenAt::Tcp(addr)))
 }
 
 fn main() -> ExitCode {
@@ -166,6 +195,15 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         .on_exit(|e| {
             eprintln!("on_exit id={} status={} raw={} crash={}", e.worker_id, e.status, e.status.as_raw(), e.crash)
         });
+    let cluster = if args.listen.is_empty() {
+        cluster
+    } else {
+        args.listen.iter().fold(cluster.no_default_listener(), |c, (name, at)| match at {
+            ListenAt::Tcp(addr) => c.listen(name, ecewo_cluster::Listen::tcp(*addr).balance(args.balance)),
+            ListenAt::Unix(path) => c.listen(name, ecewo_cluster::Listen::unix(path)),
+            ListenAt::Systemd => c.listen(name, ecewo_cluster::Listen::systemd()),
+        })
+    };
     let cluster = if args.default_sighup {
         cluster
     } else {
@@ -197,6 +235,13 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
     });
     match cluster.init()? {
         Role::Master(master) => {
+            if !args.listen.is_empty() {
+                let mut out = std::io::stdout().lock();
+                for l in master.listeners() {
+                    let _ = writeln!(out, "listener {} {}", l.name, l.addr);
+                }
+                let _ = out.flush();
+            }
             eprintln!(
                 "testbed master: is_master={} is_worker={} worker_id={} worker_count={} port={}",
                 ecewo_cluster::is_master(),
@@ -394,6 +439,21 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     },
                     None => text(StatusCode::NOT_FOUND, "no cluster in standalone mode".into()),
                 },
+                "/listen-env" => {
+                    // The systemd convention as this worker received it.
+                    let var = |k| std::env::var(k).unwrap_or_else(|_| "unset".into());
+                    let names = st.worker.as_ref().map(|w| w.listener_names().join(":")).unwrap_or_default();
+                    text(
+                        StatusCode::OK,
+                        format!(
+                            "pid={} LISTEN_PID={} LISTEN_FDS={} LISTEN_FDNAMES={} names={names}",
+                            st.pid,
+                            var("LISTEN_PID"),
+                            var("LISTEN_FDS"),
+                            var("LISTEN_FDNAMES")
+                        ),
+                    )
+                }
                 "/signals" => text(StatusCode::OK, format!("worker={} usr1={}", st.id, st.usr1.load(Ordering::SeqCst))),
                 "/stats" => match &st.worker {
                     Some(worker) => match cluster_stats(worker).await {

@@ -373,3 +373,46 @@ fn a_bad_option_is_a_usage_error_naming_it() {
         assert!(stdout(&out).is_empty());
     }
 }
+
+/// `status` and the metrics list the listeners (name, kind, address) and each TCP listener's
+/// accept-queue length, read on the master's own sockets.
+#[test]
+fn status_and_metrics_list_the_listeners_and_their_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("s.sock");
+    let unix = format!("sock=unix:{}", sock.display());
+    let mut tb = Testbed::start(&["--workers", "1", "--listen", "web=127.0.0.1:0", "--listen", &unix]);
+    let worker = tb.workers()[0];
+    // The worker stopped: connections wait in the accept queue of the master's socket.
+    send_signal(worker, Signal::STOP);
+    let waiting: Vec<std::net::TcpStream> =
+        (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", tb.port)).unwrap()).collect();
+    let mut json = Value::Null;
+    let queued = wait_until(Duration::from_secs(10), || {
+        json = status_json(&tb);
+        json["cluster"]["listeners"][0]["queued"] == 3
+    });
+    send_signal(worker, Signal::CONT);
+    assert!(queued, "{json}");
+    let listeners = &json["cluster"]["listeners"];
+    assert_eq!(listeners[0]["name"], "web");
+    assert_eq!(listeners[0]["kind"], "tcp");
+    assert_eq!(listeners[0]["address"], format!("127.0.0.1:{}", tb.port));
+    assert_eq!(listeners[0]["balance"], "reuseport");
+    assert_eq!(listeners[0]["sockets"], 1);
+    assert_eq!(listeners[1]["name"], "sock");
+    assert_eq!(listeners[1]["kind"], "unix");
+    assert_eq!(listeners[1]["address"], sock.display().to_string());
+    assert_eq!(listeners[1]["queued"], Value::Null);
+    drop(waiting);
+    let table = stdout(&cli(&tb, &["status"]));
+    assert!(table.contains("LISTENER") && table.contains("QUEUED"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("sock ") && l.contains("unix") && l.contains(&sock.display().to_string())),
+        "{table}"
+    );
+    let (_, metrics) = tb.get("/metrics").unwrap();
+    let web = format!("listener=\"web\",kind=\"tcp\",address=\"127.0.0.1:{}\"", tb.port);
+    assert!(metrics.contains(&format!("ecewo_cluster_listener_sockets{{{web}}} 1")), "{metrics}");
+    assert!(metrics.contains(&format!("ecewo_cluster_listener_queued{{{web}}} ")), "{metrics}");
+}

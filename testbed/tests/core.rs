@@ -344,7 +344,6 @@ fn forged_worker_env(cmd: &mut std::process::Command, master_pid: u32) {
     cmd.env("ECEWO_CLUSTER_WORKER_ID", "0")
         .env("ECEWO_CLUSTER_WORKERS", "1")
         .env("ECEWO_CLUSTER_PORT", "1")
-        .env("ECEWO_CLUSTER_LISTEN_FD", "3")
         .env("ECEWO_CLUSTER_CHANNEL_FD", "4")
         .env("ECEWO_CLUSTER_MASTER_PID", master_pid.to_string())
         .env("ECEWO_CLUSTER_SHUTDOWN_TIMEOUT_MS", "1000")
@@ -426,4 +425,36 @@ fn a_program_that_cannot_listen_says_so_in_one_sentence() {
         assert!(!err.contains(debug), "no debug structure ({debug}): {err}");
     }
     drop(held);
+}
+
+/// Workers receive their listener by the systemd convention (fd 3, `LISTEN_FDS`,
+/// `LISTEN_FDNAMES`, `LISTEN_PID` = the worker's own pid), so that `sd_listen_fds` and the crates
+/// that follow it accept it inside a worker; the channel is at the fd after it.
+#[test]
+fn workers_receive_their_listener_by_the_systemd_convention() {
+    for balance in ["reuseport", "shared"] {
+        let mut tb = Testbed::start(&["--workers", "2", "--balance", balance]);
+        let mut seen = BTreeSet::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let (status, body) = tb.get("/listen-env").unwrap();
+                assert_eq!(status, 200, "{body}");
+                let pid = body.strip_prefix("pid=").and_then(|b| b.split(' ').next()).unwrap().to_owned();
+                assert_eq!(
+                    body,
+                    format!("pid={pid} LISTEN_PID={pid} LISTEN_FDS=1 LISTEN_FDNAMES=default names=default"),
+                    "{balance}"
+                );
+                seen.insert(pid);
+                seen.len() == 2
+            }),
+            "{balance}: both workers answered"
+        );
+        for w in tb.workers() {
+            let fds = fds_of(w);
+            let target = |n: i32| fds.iter().find(|(fd, _)| *fd == n).map(|(_, t)| t.clone());
+            assert!(listening_inodes(tb.port).contains(&target(3).unwrap()), "{balance}: fd 3 of {w} is the listener");
+            assert!(target(4).is_some_and(|t| t.starts_with("socket:")), "{balance}: fd 4 of {w} is the channel");
+        }
+    }
 }

@@ -85,9 +85,15 @@ fn socket_activation_serves_the_socket_systemd_passed() {
     }
     assert_eq!(ids.len(), 2, "both workers share it");
     assert!(tb.stderr().contains("socket activation"), "{}", tb.stderr());
+    // The master's own LISTEN_* do not reach the workers: each gets its own (its pid).
     for w in tb.workers() {
         let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{w}/environ")).unwrap()).into_owned();
-        assert!(!environ.contains("LISTEN_FDS") && !environ.contains("LISTEN_PID"), "worker {w}");
+        let vars: Vec<&str> = environ.split('\0').filter(|v| v.starts_with("LISTEN_")).collect();
+        let mut expected = vec![format!("LISTEN_FDNAMES=default"), "LISTEN_FDS=1".into(), format!("LISTEN_PID={w}")];
+        expected.sort();
+        let mut vars: Vec<String> = vars.into_iter().map(str::to_owned).collect();
+        vars.sort();
+        assert_eq!(vars, expected, "worker {w}");
     }
     tb.signal(Signal::TERM);
     assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
@@ -174,4 +180,125 @@ fn the_watchdog_goes_silent_when_the_start_up_overruns() {
     assert!(tb.stderr().contains("the start-up did not complete within the ready timeout: not telling systemd"));
     // It keeps respawning the slot meanwhile.
     assert!(tb.wait_log(Duration::from_secs(5), |l| l.matches("on_start id=0 ").count() >= 2));
+}
+
+/// Socket activation with two named sockets (`--fdname`): each listener takes the socket of its
+/// name, every worker serves both; a name systemd did not pass fails init naming it.
+#[test]
+fn socket_activation_with_named_sockets() {
+    if std::process::Command::new("systemd-socket-activate").arg("--version").output().is_err() {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`; .ci/run installs it)");
+        return;
+    }
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (web, admin) = (free(), free());
+    let (web_s, admin_s) = (web.to_string(), admin.to_string());
+    let mut opts = args(&[
+        "-l",
+        &web_s,
+        "-l",
+        &admin_s,
+        "--fdname=web:admin",
+        TESTBED,
+        // (`Testbed::spawn` adds `--port 0` in front of everything unless it is there.)
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        "--listen",
+        "admin=systemd",
+        "--listen",
+        "web=systemd",
+    ]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    // It starts the server on the first connection, which waits in the socket meanwhile.
+    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(web).is_ok()), "listening");
+    let first = std::thread::spawn(move || http_get(web.port(), "/"));
+    let mut lines = Vec::new();
+    let ready = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
+        if line.starts_with("ready:") {
+            break line;
+        }
+        lines.push(line);
+    };
+    tb.set_ready(ready);
+    assert_eq!(lines, vec![format!("listener admin {admin}"), format!("listener web {web}")], "by name, in order");
+    assert_eq!(tb.port, admin.port(), "the first listener's port");
+    assert_eq!(first.join().unwrap().expect("the connection that started it is served").0, 200);
+    for (name, addr) in [("web", web), ("admin", admin)] {
+        let mut ids = std::collections::BTreeSet::new();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let (status, body) = http_get(addr.port(), "/").unwrap();
+                assert_eq!(status, 200, "{name}: {body}");
+                ids.insert(worker_of(&body));
+                ids.len() == 2
+            }),
+            "{name}: both workers serve it"
+        );
+        let (_, env) = http_get(addr.port(), "/listen-env").unwrap();
+        assert!(env.contains("LISTEN_FDS=2 LISTEN_FDNAMES=admin:web names=admin:web"), "{name}: {env}");
+    }
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
+
+    // A name systemd did not pass.
+    let other = free();
+    let other_s = other.to_string();
+    let mut opts =
+        args(&["-l", &other_s, "--fdname=web", TESTBED, "--port", "0", "--workers", "2", "--listen", "admin=systemd"]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    // The first connection starts it.
+    assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(other).is_ok()), "listening");
+    let st = tb.wait_exit(Duration::from_secs(20)).expect("init fails and the master exits");
+    assert!(!st.success());
+    let log = tb.stderr();
+    assert!(log.contains("listener \"admin\": systemd passed no socket of this name (it passed: web)"), "{log}");
+    assert!(!log.contains("on_start"), "nothing spawned: {log}");
+}
+
+/// A unix socket passed by name is served like a TCP one.
+#[test]
+fn socket_activation_passes_a_named_unix_socket() {
+    if std::process::Command::new("systemd-socket-activate").arg("--version").output().is_err() {
+        eprintln!("skipped: systemd-socket-activate is not installed (Debian package `systemd`; .ci/run installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("web.sock");
+    let path_s = path.display().to_string();
+    let mut opts =
+        args(&["-l", &path_s, "--fdname=web", TESTBED, "--port", "0", "--workers", "1", "--listen", "web=systemd"]);
+    opts.program = Some("systemd-socket-activate".into());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    let get = |what: &str| -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&path)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {what} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        parse_response(&raw).ok_or_else(|| std::io::Error::other("bad response"))
+    };
+    // The first connection starts it.
+    assert!(wait_until(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&path).is_ok()));
+    let mut lines = Vec::new();
+    let ready = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
+        if line.starts_with("ready:") {
+            break line;
+        }
+        lines.push(line);
+    };
+    tb.set_ready(ready);
+    assert_eq!(lines, vec![format!("listener web {path_s}")]);
+    assert_eq!(tb.ready_line, "ready: 1 workers on port 0", "no TCP listener: port 0");
+    let (status, body) = get("/").unwrap();
+    assert_eq!((status, worker_of(&body)), (200, Some(0)), "{body}");
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
+    assert!(path.exists(), "the master removes only socket files it created");
 }

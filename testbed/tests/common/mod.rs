@@ -92,6 +92,8 @@ pub struct Testbed {
     pub dir: PathBuf,
     pub port: u16,
     pub ready_line: String,
+    /// `listener NAME ADDR` lines printed before the ready line (with `--listen`).
+    pub listeners: Vec<(String, String)>,
     pub stderr_path: PathBuf,
     _dir: tempfile::TempDir,
     known_workers: BTreeSet<u32>,
@@ -129,12 +131,21 @@ impl Testbed {
     pub fn start_with(opts: Options) -> Testbed {
         let timeout = opts.ready_timeout;
         let (mut tb, rx) = Testbed::spawn(opts);
-        match rx.recv_timeout(timeout) {
-            Ok(line) => {
-                tb.set_ready(line);
-                tb
+        let deadline = Instant::now() + timeout;
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("listener ")
+                        && let Some((name, addr)) = rest.split_once(' ')
+                    {
+                        tb.listeners.push((name.to_owned(), addr.to_owned()));
+                        continue;
+                    }
+                    tb.set_ready(line);
+                    return tb;
+                }
+                Err(_) => panic!("testbed not ready within {timeout:?}; stderr:\n{}", tb.stderr()),
             }
-            Err(_) => panic!("testbed not ready within {timeout:?}; stderr:\n{}", tb.stderr()),
         }
     }
 
@@ -174,6 +185,7 @@ impl Testbed {
             child,
             port: 0,
             ready_line: String::new(),
+            listeners: Vec::new(),
             stderr_path,
             _dir: dir,
             known_workers: BTreeSet::new(),
