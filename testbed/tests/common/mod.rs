@@ -110,11 +110,19 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// Run this file instead of the built testbed.
     pub program: Option<PathBuf>,
+    /// Pass `args` as they are: no `--port 0` in front (for a program that is not the testbed).
+    pub exact_args: bool,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { args: Vec::new(), configure: None, ready_timeout: Duration::from_secs(20), program: None }
+        Options {
+            args: Vec::new(),
+            configure: None,
+            ready_timeout: Duration::from_secs(20),
+            program: None,
+            exact_args: false,
+        }
     }
 }
 
@@ -151,12 +159,12 @@ impl Testbed {
 
     /// Starts the testbed without waiting for it; the receiver gets stdout lines.
     pub fn spawn(opts: Options) -> (Testbed, mpsc::Receiver<String>) {
-        let Options { args, configure, program, .. } = opts;
+        let Options { args, configure, program, exact_args, .. } = opts;
         let dir = tempfile::tempdir().unwrap();
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).unwrap();
         let mut cmd = Command::new(program.as_deref().unwrap_or(Path::new(TESTBED)));
-        if !args.iter().any(|a| a == "--port") {
+        if !exact_args && !args.iter().any(|a| a == "--port") {
             cmd.args(["--port", "0"]);
         }
         // Control sockets go to this test's own directory, never the user's.
