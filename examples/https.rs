@@ -101,6 +101,24 @@ fn tcp_listener(worker: &Worker, name: &str) -> Result<tokio::net::TcpListener, 
     }
 }
 
+/// How long a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The accepted connection, or, when accepting failed (EMFILE and friends under load), nothing
+/// after a short pause: the loop goes on accepting instead of spinning or giving up.
+async fn accepted_or_back_off(
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) -> Option<tokio::net::TcpStream> {
+    match accepted {
+        Ok((stream, _)) => Some(stream),
+        Err(e) => {
+            tracing::warn!("accept failed: {e}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            None
+        }
+    }
+}
+
 async fn worker_main(w: &Worker, acceptor: tokio_rustls::TlsAcceptor) -> Result<(), cluster::Error> {
     let https = tcp_listener(w, "https")?;
     let http = tcp_listener(w, "http")?;
@@ -116,17 +134,20 @@ async fn worker_main(w: &Worker, acceptor: tokio_rustls::TlsAcceptor) -> Result<
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            Ok((stream, _)) = https.accept() => {
+            accepted = https.accept() => {
+                let Some(stream) = accepted_or_back_off(accepted).await else { continue };
                 let (acceptor, builder) = (acceptor.clone(), builder.clone());
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
-                    // A client that fails the handshake only loses its own connection.
-                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    // A client that fails or stalls the handshake only loses its own connection.
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let Ok(Ok(tls)) = handshake.await else { return };
                     let conn = builder.serve_connection(TokioIo::new(tls), service_fn(hello)).into_owned();
                     let _ = watcher.watch(conn).await;
                 });
             }
-            Ok((stream, _)) = http.accept() => {
+            accepted = http.accept() => {
+                let Some(stream) = accepted_or_back_off(accepted).await else { continue };
                 let service = service_fn(move |req| async move { Ok::<_, Infallible>(redirect(&req, https_port)) });
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                 let conn = graceful.watch(conn);

@@ -351,6 +351,14 @@ fn check_listeners(all: &[(String, Listen)]) -> Result<(), Error> {
     if all.is_empty() {
         return Err(Error::NoListener);
     }
+    // A worker accepts at most this many (`proto::handoff`); more would crash-loop every worker.
+    if all.len() > 1024 {
+        let name = &all[1024].0;
+        return Err(Error::BadListener {
+            name: name.clone(),
+            reason: format!("{} listeners are more than the 1024 a worker takes; serve fewer", all.len()),
+        });
+    }
     let bad = |name: &str, reason: String| Err(Error::BadListener { name: name.to_owned(), reason });
     for (i, (name, listen)) in all.iter().enumerate() {
         if name.is_empty() || name.len() > 255 || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {

@@ -317,6 +317,17 @@ impl Master {
                     .or_else(|| passed.iter().position(|p| !claimed.contains(&p.name.as_str())))
             })
             .flatten();
+        if opts.default_listener && !passed.is_empty() && default_takes.is_none() {
+            // Under socket activation the default listener is a passed socket; binding its
+            // own port beside them would expose one nobody asked for.
+            return Err(Error::BadListener {
+                name: crate::proto::handoff::DEFAULT_LISTENER.to_owned(),
+                reason: format!(
+                    "systemd passed sockets, and named listeners take every one; Cluster::new({})'s own listener would bind its port beside them: call no_default_listener(), or pass it a socket named \"default\"",
+                    opts.port
+                ),
+            });
+        }
         let mut activated = default_takes.map(|i| passed.remove(i));
         let mut listeners = Vec::new();
         for (i, (name, listen)) in all.into_iter().enumerate() {

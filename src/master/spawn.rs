@@ -31,7 +31,10 @@ impl Driver {
             Program::Running => PathBuf::from("/proc/self/exe"),
             Program::Deployed(n) => {
                 if !self.programs.contains_key(&n) {
-                    self.programs.insert(n, open_program(&self.m.exe_path)?);
+                    // Above every number a worker's descriptors are placed at: its listeners from
+                    // 3, then its channel.
+                    let above = (3 + self.m.listeners.len() as i32 + 1).max(10);
+                    self.programs.insert(n, open_program(&self.m.exe_path, above)?);
                 }
                 PathBuf::from(format!("/proc/self/fd/{}", self.programs[&n].as_raw_fd()))
             }
@@ -149,9 +152,10 @@ pub(super) fn program_path(argv0: &std::ffi::OsStr) -> PathBuf {
     std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"))
 }
 
-/// Opens the program file for a deploy. Its descriptor is moved above the numbers a worker's
-/// descriptors are placed at, so that `/proc/self/fd/N` still names it in the child at exec.
-fn open_program(path: &std::path::Path) -> io::Result<OwnedFd> {
+/// Opens the program file for a deploy. Its descriptor is moved to `above` or higher, above the
+/// numbers a worker's descriptors are placed at, so that `/proc/self/fd/N` still names it in the
+/// child at exec (a descriptor placed over it would make the child execute something else).
+fn open_program(path: &std::path::Path, above: i32) -> io::Result<OwnedFd> {
     let file = std::fs::File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-    rustix::io::fcntl_dupfd_cloexec(&file, 10).map_err(io::Error::from)
+    rustix::io::fcntl_dupfd_cloexec(&file, above).map_err(io::Error::from)
 }
