@@ -432,6 +432,21 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot run env: {e}")),
                     }
                 }
+                "/child-fds" => {
+                    // The descriptors a program this worker runs inherits: `ls` lists its own
+                    // (stdio, and the one it reads the directory with).
+                    match std::process::Command::new("ls")
+                        .arg("/proc/self/fd")
+                        .stdin(std::process::Stdio::null())
+                        .output()
+                    {
+                        Ok(out) => {
+                            let fds = String::from_utf8_lossy(&out.stdout);
+                            text(StatusCode::OK, fds.split_whitespace().collect::<Vec<_>>().join(" "))
+                        }
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot run ls: {e}")),
+                    }
+                }
                 "/metrics" => match &st.worker {
                     Some(worker) => match ecewo_cluster::serve::metrics(worker).await {
                         Ok(body) => text(StatusCode::OK, body),

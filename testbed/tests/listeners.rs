@@ -89,6 +89,12 @@ fn ipv4_ipv6_and_unix_listeners_are_each_served_by_every_worker() {
             env.contains(&format!("LISTEN_FDS={} LISTEN_FDNAMES={names} names={names}", expected.len())),
             "{name}: {env}"
         );
+        // A program the worker runs inherits none of its listeners nor its channel: only
+        // stdio, and the descriptor `ls` reads /proc/self/fd with.
+        let (status, fds) = get_listener(addr, "/child-fds").unwrap();
+        assert_eq!(status, 200, "{fds}");
+        let fds: Vec<u32> = fds.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        assert!(fds.len() <= 4 && fds.iter().filter(|&&f| f > 2).count() <= 1, "{name}: the child has fds {fds:?}");
     }
 }
 
