@@ -16,8 +16,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -149,21 +149,97 @@ fn parse_listen(s: &str) -> Result<(String, ListenAt), String> {
     Ok((name.to_owned(), ListenAt::Tcp(addr)))
 }
 
-fn main() -> ExitCode {
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(colour_on_stderr())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("testbed: {e}");
-            ExitCode::FAILURE
+/// stderr, through a bounded queue that a thread of its own writes out: the master never
+/// blocks on a stderr nobody reads (a stuck log collector); lines that do not fit are dropped
+/// and counted instead. Started right after `Cluster::init` (which must run while the process
+/// has one thread); until then lines go to stderr directly.
+static LOG: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
+/// Flushes the queue when dropped (at the end of `main`).
+static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
+
+/// Starts the log queue and its writer thread.
+fn start_log_queue() {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_LINES)
+        .thread_name("testbed-log")
+        .finish(std::io::stderr());
+    if LOG.set(writer).is_ok() {
+        *LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
+    }
+}
+
+/// Where the subscriber writes: the queue once it runs, stderr before.
+#[derive(Clone, Copy)]
+struct LogWriter;
+
+/// One log write: queued, or direct.
+enum LogOut {
+    Queued(tracing_appender::non_blocking::NonBlocking),
+    Direct(std::io::Stderr),
+}
+
+impl Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LogOut::Queued(q) => q.write(buf),
+            LogOut::Direct(e) => e.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LogOut::Queued(q) => q.flush(),
+            LogOut::Direct(e) => e.flush(),
         }
     }
 }
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LogOut;
+
+    fn make_writer(&'a self) -> LogOut {
+        match LOG.get() {
+            Some(q) => LogOut::Queued(q.clone()),
+            None => LogOut::Direct(std::io::stderr()),
+        }
+    }
+}
+
+/// Writes one line to the log (what callbacks print too), never blocking.
+fn log_line(args: std::fmt::Arguments<'_>) {
+    match LOG.get() {
+        Some(log) => {
+            let _ = writeln!(log.clone(), "{args}");
+        }
+        None => eprintln!("{args}"),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(LogWriter)
+        .with_ansi(colour_on_stderr())
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let code = match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log_line(format_args!("testbed: {e}"));
+            ExitCode::FAILURE
+        }
+    };
+    if let Some(dropped) = LOG.get().map(|l| l.error_counter().dropped_lines()).filter(|&n| n > 0) {
+        log_line(format_args!("testbed: {dropped} log lines were dropped: stderr was not read fast enough"));
+    }
+    // Written out before exit (the writer gives up after a second on a stderr nobody reads).
+    drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
+    code
+}
+
+/// Log lines queued for stderr at most; past it they are dropped (and counted).
+const LOG_LINES: usize = 16_384;
 
 /// Colour codes only for a person at a terminal, and never with `NO_COLOR` set (no-color.org).
 fn colour_on_stderr() -> bool {
@@ -191,9 +267,15 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             let _ = out.flush();
         })
         .ready_timeout(Duration::from_millis(args.ready_timeout_ms))
-        .on_start(|w| eprintln!("on_start id={} pid={}", w.worker_id, w.pid))
+        .on_start(|w| log_line(format_args!("on_start id={} pid={}", w.worker_id, w.pid)))
         .on_exit(|e| {
-            eprintln!("on_exit id={} status={} raw={} crash={}", e.worker_id, e.status, e.status.as_raw(), e.crash)
+            log_line(format_args!(
+                "on_exit id={} status={} raw={} crash={}",
+                e.worker_id,
+                e.status,
+                e.status.as_raw(),
+                e.crash
+            ))
         });
     let cluster = if args.listen.is_empty() {
         cluster
@@ -214,7 +296,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             let _ = writeln!(out, "stats: {view}");
             let _ = out.flush();
             if let Err(e) = master.signal_workers(Signal::USR1) {
-                eprintln!("testbed: {e}");
+                log_line(format_args!("testbed: {e}"));
             }
         })
     };
@@ -233,7 +315,9 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             panic!("testbed: on_worker_ready panics on purpose (worker {})", w.worker_id);
         }
     });
-    match cluster.init()? {
+    let role = cluster.init()?;
+    start_log_queue();
+    match role {
         Role::Master(master) => {
             if !args.listen.is_empty() {
                 let mut out = std::io::stdout().lock();
@@ -242,14 +326,14 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 }
                 let _ = out.flush();
             }
-            eprintln!(
+            log_line(format_args!(
                 "testbed master: is_master={} is_worker={} worker_id={} worker_count={} port={}",
                 ecewo_cluster::is_master(),
                 ecewo_cluster::is_worker(),
                 ecewo_cluster::worker_id(),
                 ecewo_cluster::worker_count(),
                 ecewo_cluster::port()
-            );
+            ));
             if let Some(ms) = args.restart_after_ms {
                 let handle = master.handle();
                 std::thread::spawn(move || {

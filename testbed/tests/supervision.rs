@@ -307,3 +307,44 @@ fn the_socket_of_a_slot_nobody_serves_again_is_closed() {
         assert_eq!((status, worker_of(&body)), (200, Some(0)));
     }
 }
+
+/// The master's stderr is a pipe nobody reads (a stuck log collector): supervision goes on.
+/// Each respawn logs a few lines, so a blocking writer would stop the master once the pipe's
+/// buffer (64 KiB, about 170 respawns) is full.
+#[test]
+fn an_unread_stderr_never_stops_supervision() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("c.sock");
+    let mut opts = args(&[
+        "--workers",
+        "1",
+        "--respawn",
+        "--crash-on-start",
+        "--respawn-delay-ms",
+        "1",
+        "--respawn-max-crashes",
+        "1000000",
+        "--control-socket",
+        sock.to_str().unwrap(),
+    ]);
+    opts.configure = Some(Box::new(|cmd: &mut std::process::Command| {
+        cmd.stderr(std::process::Stdio::piped());
+    }));
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    // The read end is held, never read.
+    let _unread = tb.child.stderr.take().expect("a piped stderr");
+    let restarts = |sock: &std::path::Path| -> Option<u64> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"{\"v\":1,\"cmd\":\"status\"}\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&line).ok()?;
+        v["cluster"]["total_restarts"].as_u64()
+    };
+    // Far past what the pipe's buffer would hold if the master blocked on it.
+    let enough = wait_until(Duration::from_secs(30), || restarts(&sock).is_some_and(|n| n >= 1000));
+    assert!(enough, "supervision stalled at {:?} respawns", restarts(&sock));
+    tb.signal(Signal::KILL);
+}
