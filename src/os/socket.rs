@@ -226,12 +226,21 @@ pub(crate) fn activated_sockets() -> Result<Vec<Passed>, Error> {
     if !crate::os::fds::claim_inherited_fds() {
         return Err(Error::AlreadyInitialized);
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .ok()
-        .map(|v| v.split(':').map(str::to_owned).collect())
-        .filter(|n: &Vec<String>| n.len() == count as usize)
-        .unwrap_or_else(|| vec!["unknown".to_owned(); count as usize]);
     let bad = |what: String| Error::BadInheritance { what };
+    // As `sd_listen_fds_with_names`: unset, every socket is "unknown"; set, one name per socket.
+    let names: Vec<String> = match std::env::var("LISTEN_FDNAMES") {
+        Ok(v) => {
+            let names: Vec<String> = v.split(':').map(str::to_owned).collect();
+            if names.len() != count as usize {
+                return Err(bad(format!(
+                    "socket activation: LISTEN_FDNAMES={v:?} names {} sockets but LISTEN_FDS={count}; give every socket of the .socket unit a FileDescriptorName=",
+                    names.len()
+                )));
+            }
+            names
+        }
+        Err(_) => vec!["unknown".to_owned(); count as usize],
+    };
     let mut out = Vec::with_capacity(count as usize);
     for (i, name) in names.into_iter().enumerate() {
         let n = 3 + i as i32;

@@ -302,3 +302,22 @@ fn socket_activation_passes_a_named_unix_socket() {
     assert!(tb.wait_exit(Duration::from_secs(10)).unwrap().success());
     assert!(path.exists(), "the master removes only socket files it created");
 }
+
+/// `LISTEN_FDNAMES` that does not name every passed socket is refused with one sentence (as
+/// `sd_listen_fds_with_names` refuses it), and no worker is started.
+#[test]
+fn socket_names_that_do_not_match_the_sockets_are_refused() {
+    use command_fds::{CommandFdExt, FdMapping};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let runtime_dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new("sh");
+    // `exec` keeps the shell's pid, so LISTEN_PID=$$ is the testbed's own.
+    cmd.args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web:extra exec \"$0\" --workers 1", TESTBED])
+        .env("XDG_RUNTIME_DIR", runtime_dir.path());
+    cmd.fd_mappings(vec![FdMapping { parent_fd: listener.into(), child_fd: 3 }]).unwrap();
+    let out = run_bounded(cmd, Duration::from_secs(20)).expect("it gives up at once");
+    assert!(!out.status.success(), "{:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LISTEN_FDNAMES") && err.contains("LISTEN_FDS=1"), "{err}");
+    assert!(!err.contains("on_start"), "no worker was started: {err}");
+}
