@@ -17,6 +17,19 @@ fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
     (sock, path)
 }
 
+/// The stdout lines before the `ready:` line (which is recorded in `tb`).
+fn lines_until_ready(tb: &mut Testbed, rx: &std::sync::mpsc::Receiver<String>) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
+        if line.starts_with("ready:") {
+            tb.set_ready(line);
+            return lines;
+        }
+        lines.push(line);
+    }
+}
+
 fn next_message(sock: &UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
     let n = sock.recv(&mut buf).expect("a notification within the timeout");
@@ -215,15 +228,7 @@ fn socket_activation_with_named_sockets() {
     // It starts the server on the first connection, which waits in the socket meanwhile.
     assert!(wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(web).is_ok()), "listening");
     let first = std::thread::spawn(move || http_get(web.port(), "/"));
-    let mut lines = Vec::new();
-    let ready = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
-        if line.starts_with("ready:") {
-            break line;
-        }
-        lines.push(line);
-    };
-    tb.set_ready(ready);
+    let lines = lines_until_ready(&mut tb, &rx);
     assert_eq!(lines, vec![format!("listener admin {admin}"), format!("listener web {web}")], "by name, in order");
     assert_eq!(tb.port, admin.port(), "the first listener's port");
     assert_eq!(first.join().unwrap().expect("the connection that started it is served").0, 200);
@@ -285,15 +290,7 @@ fn socket_activation_passes_a_named_unix_socket() {
     };
     // The first connection starts it.
     assert!(wait_until(Duration::from_secs(10), || std::os::unix::net::UnixStream::connect(&path).is_ok()));
-    let mut lines = Vec::new();
-    let ready = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("ready after the first connection");
-        if line.starts_with("ready:") {
-            break line;
-        }
-        lines.push(line);
-    };
-    tb.set_ready(ready);
+    let lines = lines_until_ready(&mut tb, &rx);
     assert_eq!(lines, vec![format!("listener web {path_s}")]);
     assert_eq!(tb.ready_line, "ready: 1 workers on port 0", "no TCP listener: port 0");
     let (status, body) = get("/").unwrap();
