@@ -161,22 +161,32 @@ pub(crate) fn set_exec_with_own_pid(
 pub(crate) fn tcp_accept_queue(socket: BorrowedFd<'_>) -> io::Result<u32> {
     // SAFETY: `tcp_info` is plain data (integers); all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is a valid, initialised `tcp_info` borrowed for the whole call and `len` is
-    // its size; the kernel writes at most `len` bytes and stores the length it wrote.
-    let r = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `TCP_INFO` fills a `tcp_info`, integers only: any bytes the kernel writes are valid.
+    unsafe { get_socket_option(socket, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)? };
     Ok(info.tcpi_unacked)
+}
+
+/// `getsockopt(socket, level, option, value)`: the kernel writes the option into `value`.
+/// Returns how many bytes it wrote.
+///
+/// # Safety
+///
+/// `T` must be the plain C type the option fills, made of integers only, so that whatever
+/// bytes the kernel writes (all of `T` or a prefix) leave a valid `T`.
+unsafe fn get_socket_option<T>(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: &mut T,
+) -> io::Result<usize> {
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a valid, initialised `T` borrowed mutably for the whole call, and `len`
+    // is exactly its size: the kernel writes at most `len` bytes into it and stores how many it
+    // wrote in `len`; the caller guarantees any such bytes make a valid `T`.
+    let r = unsafe {
+        libc::getsockopt(std::os::fd::AsRawFd::as_raw_fd(&socket), level, option, (value as *mut T).cast(), &mut len)
+    };
+    if r == 0 { Ok(len as usize) } else { Err(io::Error::last_os_error()) }
 }
 
 /// Takes ownership of descriptor `fd`, which the master placed in this worker at a fixed number.
@@ -236,23 +246,9 @@ pub(crate) struct PeerCred {
 /// Do not use it anywhere in this crate.
 pub(crate) fn unix_peer_cred(socket: BorrowedFd<'_>) -> io::Result<PeerCred> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` is a valid, initialised `ucred` borrowed for the whole call, and `len` is
-    // exactly its size; the kernel writes at most `len` bytes into it and stores the length it
-    // wrote in `len`. Every bit pattern is a valid `ucred` (three integers).
-    let r = unsafe {
-        libc::getsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if len as usize != std::mem::size_of::<libc::ucred>() {
+    // SAFETY: `SO_PEERCRED` fills a `ucred`, three integers: any bytes make a valid one.
+    let written = unsafe { get_socket_option(socket, libc::SOL_SOCKET, libc::SO_PEERCRED, &mut cred)? };
+    if written != std::mem::size_of::<libc::ucred>() {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
     Ok(PeerCred { pid: u32::try_from(cred.pid).ok().filter(|&pid| pid != 0), uid: cred.uid })
