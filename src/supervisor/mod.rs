@@ -188,8 +188,6 @@ pub struct Supervisor {
     sockets: BTreeSet<usize>,
     /// Whether new connections are steered (`ReusePort`), as far as the driver told.
     steering: Steering,
-    /// Signals the user bound to actions of their own ([`Supervisor::bind_signals`]).
-    bound: Vec<Signal>,
     /// When the initial start-up should be over: the last initial spawn plus the ready timeout
     /// (`None`: never, for timeouts beyond the clock's range).
     startup_deadline: Option<Instant>,
@@ -230,8 +228,7 @@ impl Supervisor {
             .and_then(|n| policy.startup_delay.checked_mul(n))
             .and_then(|last| last.checked_add(policy.ready_timeout))
             .and_then(|d| now.checked_add(d));
-        let bound = policy.bound_signals.clone();
-        let mut sup = Supervisor {
+        Supervisor {
             startup_deadline,
             policy,
             slots,
@@ -248,11 +245,8 @@ impl Supervisor {
             routed: Vec::new(),
             sockets: BTreeSet::new(),
             steering: Steering::On,
-            bound: Vec::new(),
             deployed: BTreeSet::new(),
-        };
-        sup.bind_signals(bound);
-        sup
+        }
     }
 
     /// The slots whose socket the master opened before the supervisor started (`ReusePort`;

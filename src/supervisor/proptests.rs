@@ -164,8 +164,8 @@ impl Fake {
     fn new(policy: Policy, bound: Vec<Signal>, spawn_plan: Vec<bool>) -> Fake {
         let now = Instant::now();
         let per_slot = policy.socket_per_slot;
-        let mut sup = Supervisor::new(policy, now).with_open_sockets([0]);
-        sup.bind_signals(bound);
+        let policy = Policy { bound_signals: bound, ..policy };
+        let sup = Supervisor::new(policy, now).with_open_sockets([0]);
         Fake {
             sockets: if per_slot { BTreeSet::from([0]) } else { BTreeSet::new() },
             sup,

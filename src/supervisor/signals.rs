@@ -9,27 +9,14 @@ use std::time::{Instant, SystemTime};
 use super::{Command, ProcState, Report, Supervisor, signal_bit};
 use crate::signal::Signal;
 
-/// The signals whose meaning the user cannot change.
-const UNBINDABLE: [Signal; 3] = [Signal::TERM, Signal::INT, Signal::CHLD];
-
 impl Supervisor {
-    /// Replaces the signals bound to actions of their own (set from
-    /// [`Policy::bound_signals`](super::Policy::bound_signals) at creation): each then answers
-    /// [`Command::RunSignalAction`] instead of its default action. `SIGTERM`, `SIGINT` and
-    /// `SIGCHLD` keep their meaning whatever is passed.
-    pub fn bind_signals(&mut self, signals: impl IntoIterator<Item = Signal>) {
-        self.bound = signals.into_iter().filter(|s| !UNBINDABLE.contains(s)).collect();
-        self.bound.sort();
-        self.bound.dedup();
-    }
-
     /// The master received `signal`.
     pub(super) fn on_signal(&mut self, signal: Signal, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         match signal {
             Signal::CHLD => out.push(Command::ReapOrphans),
             // A second one during a shutdown kills the remaining workers (a second Ctrl-C).
             Signal::TERM | Signal::INT => self.on_shutdown(now, out),
-            bound if self.bound.contains(&bound) => out.push(Command::RunSignalAction { signal: bound }),
+            bound if self.policy.bound_signals.contains(&bound) => out.push(Command::RunSignalAction { signal: bound }),
             // The terminal is gone (HUP) or Ctrl-\ (QUIT): stop as gracefully as SIGTERM,
             // instead of the kernel's default of dying without stopping the workers.
             Signal::HUP | Signal::QUIT => self.on_shutdown(now, out),

@@ -980,7 +980,8 @@ fn signals_have_their_default_actions_unless_bound() {
 #[test]
 fn a_bound_signal_runs_its_action_instead_of_its_default() {
     let mut h = Harness::new(policy(2));
-    h.sup.bind_signals([Signal::HUP, Signal::USR2, Signal::TTIN, Signal::TERM, Signal::INT, Signal::WINCH]);
+    h.sup.policy.bound_signals =
+        vec![Signal::HUP, Signal::USR2, Signal::TTIN, Signal::TERM, Signal::INT, Signal::WINCH];
     h.start_all();
     for sig in [Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH] {
         assert_eq!(h.feed(Event::Signal { signal: sig }), vec![Command::RunSignalAction { signal: sig }], "{sig}");
@@ -988,12 +989,12 @@ fn a_bound_signal_runs_its_action_instead_of_its_default() {
     // QUIT is not bound: still a graceful shutdown. TERM and INT cannot be bound.
     assert!(has_shutdown(&h.feed(Event::Signal { signal: Signal::QUIT })));
     let mut h = Harness::new(policy(1));
-    h.sup.bind_signals([Signal::TERM, Signal::INT]);
+    h.sup.policy.bound_signals = vec![Signal::TERM, Signal::INT];
     h.start_all();
     assert!(has_shutdown(&h.feed(Event::Signal { signal: Signal::INT })));
     // Bound, during a shutdown: still the action (it does not stop anything by itself).
     let mut h = Harness::new(policy(1));
-    h.sup.bind_signals([Signal::HUP]);
+    h.sup.policy.bound_signals = vec![Signal::HUP];
     h.start_all();
     h.feed(Event::Shutdown);
     assert_eq!(h.feed(Event::Signal { signal: Signal::HUP }), vec![Command::RunSignalAction { signal: Signal::HUP }]);

@@ -115,7 +115,7 @@ pub enum Event {
         key: WorkerKey,
     },
     /// The master received `signal`. What it means (a default action, or the user's bound
-    /// action instead) is the supervisor's decision: see [`Supervisor::bind_signals`](super::Supervisor::bind_signals).
+    /// action instead, from [`Policy::bound_signals`]) is the supervisor's decision.
     Signal {
         /// The signal.
         signal: Signal,
