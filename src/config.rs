@@ -5,10 +5,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use crate::error::Error;
-pub use crate::master::{Balance, Listen, ListenAddr, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
+use crate::master::DEFAULT_WORKER_TIMEOUT;
+pub use crate::master::{Balance, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo};
 use crate::master::{ControlSetting, Settings};
 use crate::signal::Signal;
 pub use crate::supervisor::MAX_WORKERS;
+use crate::supervisor::{Backoff, Liveness};
 
 /// The longest timeout or delay an option accepts: one day.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
@@ -58,6 +60,9 @@ impl fmt::Debug for Cluster {
             .field("balance", &self.s.balance)
             .field("backlog", &self.s.backlog)
             .field("ready_timeout", &self.s.ready_timeout)
+            .field("liveness", &self.s.liveness)
+            .field("heartbeat", &self.s.heartbeat)
+            .field("memory_measure", &self.s.memory_measure)
             .field("name", &self.s.name)
             .field("control", &self.s.control)
             .finish_non_exhaustive()
@@ -85,6 +90,9 @@ impl Cluster {
                 balance: Balance::default(),
                 backlog: 1024,
                 ready_timeout: Duration::from_secs(60),
+                liveness: Liveness { worker_timeout: Some(DEFAULT_WORKER_TIMEOUT), ..Liveness::default() },
+                heartbeat: None,
+                memory_measure: MemoryMeasure::default(),
                 name: None,
                 control: ControlSetting::Default,
                 on_start: None,
@@ -194,6 +202,119 @@ impl Cluster {
         self
     }
 
+    /// How long a ready worker may go without a heartbeat before it counts as hung (default
+    /// 30 s; [`Duration::ZERO`] turns the check off). The check applies to a worker from its
+    /// first heartbeat on: the `serve` helpers beat on their own, from a task on the serving
+    /// runtime (so a runtime blocked by a synchronous call stops beating); a blocking server
+    /// calls [`Worker::heartbeat`](crate::Worker::heartbeat) from its loop; a worker that never
+    /// beats is never taken for hung.
+    ///
+    /// A hung worker is taken out of the route at once (`Balance::ReusePort`: no new
+    /// connection goes to it), its state is logged (`/proc` `wchan`, system call, threads), it
+    /// gets [`hung_signal`](Cluster::hung_signal) (`SIGABRT` by default) and `SIGKILL` after a
+    /// grace (2 s); its exit counts as a crash (reason `hung`) and the slot respawns through the
+    /// readiness gate.
+    pub fn worker_timeout(mut self, timeout: Duration) -> Cluster {
+        self.s.liveness.worker_timeout = (!timeout.is_zero()).then_some(timeout);
+        self
+    }
+
+    /// How often workers beat (default 1 s, and at most a third of the worker timeout). Workers
+    /// learn it at start ([`Worker::heartbeat_interval`](crate::Worker::heartbeat_interval)).
+    pub fn heartbeat_interval(mut self, interval: Duration) -> Cluster {
+        self.s.heartbeat = Some(interval);
+        self
+    }
+
+    /// What a hung worker gets first (default `SIGABRT`, so that it can dump where it is stuck:
+    /// a core, or a handler's backtrace), and how long before `SIGKILL` follows (default 2 s).
+    pub fn hung_signal(mut self, signal: Signal, grace: Duration) -> Cluster {
+        self.s.liveness.hung_signal = signal;
+        self.s.liveness.hung_grace = grace;
+        self
+    }
+
+    /// Recycle each worker after it served about `requests` requests (default: never), as the
+    /// `serve` helpers count them (or [`Worker::track_request`](crate::Worker::track_request)).
+    /// A recycle starts a replacement first and stops the old worker once the new one is
+    /// ready (no capacity lost, never counted as a crash); see
+    /// [`max_recycling`](Cluster::max_recycling).
+    pub fn max_requests(mut self, requests: u64) -> Cluster {
+        self.s.liveness.max_requests = Some(requests);
+        self
+    }
+
+    /// Adds a random number of requests from 0 to `jitter` to each worker's
+    /// [`max_requests`](Cluster::max_requests), so that workers started together are not
+    /// recycled together (default 0).
+    pub fn max_requests_jitter(mut self, jitter: u64) -> Cluster {
+        self.s.liveness.max_requests_jitter = jitter;
+        self
+    }
+
+    /// Recycle each worker once it is `age` old (default: never).
+    pub fn max_age(mut self, age: Duration) -> Cluster {
+        self.s.liveness.max_age = Some(age);
+        self
+    }
+
+    /// Adds a random time from 0 to `jitter` to each worker's [`max_age`](Cluster::max_age)
+    /// (default 0).
+    pub fn max_age_jitter(mut self, jitter: Duration) -> Cluster {
+        self.s.liveness.max_age_jitter = jitter;
+        self
+    }
+
+    /// Recycle a worker whose memory stays above `bytes` for several readings in a row
+    /// (default: never; see [`memory_check`](Cluster::memory_check) and
+    /// [`memory_measure`](Cluster::memory_measure)). When the cgroup's memory limit leaves no
+    /// room for one more worker, the worker is replaced in place (it drains, then its slot
+    /// respawns at once) instead of surge first.
+    pub fn max_memory(mut self, bytes: u64) -> Cluster {
+        self.s.liveness.max_memory = Some(bytes);
+        self
+    }
+
+    /// What [`max_memory`](Cluster::max_memory) is compared with (default
+    /// [`MemoryMeasure::Rss`]).
+    pub fn memory_measure(mut self, measure: MemoryMeasure) -> Cluster {
+        self.s.memory_measure = measure;
+        self
+    }
+
+    /// How often the workers' memory is read, and how many readings in a row above
+    /// [`max_memory`](Cluster::max_memory) trigger a recycle (default every 1 s, 3 readings).
+    pub fn memory_check(mut self, interval: Duration, samples: u32) -> Cluster {
+        self.s.liveness.memory_interval = interval;
+        self.s.liveness.memory_samples = samples;
+        self
+    }
+
+    /// How many slots may be recycling at the same time (default 1); the others wait.
+    pub fn max_recycling(mut self, slots: usize) -> Cluster {
+        self.s.liveness.max_recycling = slots;
+        self
+    }
+
+    /// Exponential backoff between respawns of a slot that keeps crashing, instead of the fixed
+    /// [`worker_respawn_delay`](Cluster::worker_respawn_delay): the `n`th crash in a row waits
+    /// `base × 2^(n-1)`, at most `max`, less a random part of up to half (so that slots crashing
+    /// together do not respawn together). A worker that ran for the crash window
+    /// ([`respawn_window`](Cluster::respawn_window)) starts the sequence again. Crash protection
+    /// still applies.
+    pub fn respawn_backoff(mut self, base: Duration, max: Duration) -> Cluster {
+        self.s.liveness.backoff = Some(Backoff { base, max });
+        self
+    }
+
+    /// A slot disabled by crash protection gets one probe spawn after `cooloff` (default:
+    /// never, the spec's behaviour): ready, the slot is enabled again; crashed, it is disabled
+    /// again until the next cool-off.
+    pub fn respawn_cooloff(mut self, cooloff: Duration) -> Cluster {
+        self.s.liveness.cooloff = Some(cooloff);
+        self
+    }
+
     /// The cluster's name, used for its control socket (`<name>-<port>.sock`) and in `ecewo-cluster
     /// list` (default: the program's file name).
     pub fn name(mut self, name: impl Into<String>) -> Cluster {
@@ -273,14 +394,70 @@ impl Cluster {
         self.s
     }
 
+    /// The liveness and recycling options' own checks (see [`validate`](Cluster::validate)).
+    fn validate_liveness(&self) -> Result<(), Error> {
+        let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
+        let l = &self.s.liveness;
+        if let (Some(timeout), Some(beat)) = (l.worker_timeout, self.s.heartbeat)
+            && beat.saturating_mul(2) > timeout
+        {
+            return invalid(
+                "heartbeat_interval",
+                format!(
+                    "{beat:?} leaves no margin under the worker timeout of {timeout:?}; use at most half of it (a third is safer)"
+                ),
+            );
+        }
+        if self.s.heartbeat.is_some_and(|b| b.is_zero()) {
+            return invalid("heartbeat_interval", "must be longer than zero (default 1 s)".into());
+        }
+        if l.max_requests == Some(0) {
+            return invalid("max_requests", "must be at least 1 (leave it unset to never recycle by requests)".into());
+        }
+        if l.max_age.is_some_and(|a| a.is_zero()) {
+            return invalid("max_age", "must be longer than zero (leave it unset to never recycle by age)".into());
+        }
+        if l.max_memory == Some(0) {
+            return invalid("max_memory", "must be at least 1 byte (leave it unset to never recycle by memory)".into());
+        }
+        if l.memory_samples == 0 || l.memory_interval.is_zero() {
+            return invalid(
+                "memory_check",
+                "needs an interval longer than zero and at least 1 reading (default 1 s, 3)".into(),
+            );
+        }
+        if l.max_recycling == 0 {
+            return invalid("max_recycling", "must be at least 1 (default 1)".into());
+        }
+        if let Some(b) = l.backoff
+            && (b.base.is_zero() || b.max < b.base)
+        {
+            return invalid(
+                "respawn_backoff",
+                format!(
+                    "base {:?} and max {:?}: use a base longer than zero and a max at least the base",
+                    b.base, b.max
+                ),
+            );
+        }
+        if l.cooloff.is_some_and(|c| c.is_zero()) {
+            return invalid(
+                "respawn_cooloff",
+                "must be longer than zero (leave it unset to keep disabled slots disabled)".into(),
+            );
+        }
+        Ok(())
+    }
+
     /// Checks every option; [`init`](Cluster::init) calls it before anything is started.
     ///
     /// # Errors
     ///
     /// [`Error::InvalidOption`], naming the option (as its setter is named) and what to change:
     /// a worker count over [`MAX_WORKERS`], zero crashes or a zero crash window, a zero shutdown
-    /// or ready timeout, a duration over [`MAX_DURATION`], a backlog of 0, a bad name, or a signal
-    /// outside [`BINDABLE_SIGNALS`].
+    /// or ready timeout, a duration over [`MAX_DURATION`], a backlog of 0, a bad name, a signal
+    /// outside [`BINDABLE_SIGNALS`], a heartbeat not shorter than half the worker timeout, a
+    /// request or memory limit of 0, a backoff whose `max` is below its `base`.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
         let workers = self.worker_count();
@@ -310,6 +487,14 @@ impl Cluster {
             ("worker_respawn_delay", self.s.worker_respawn_delay),
             ("respawn_window", self.s.respawn_window),
             ("ready_timeout", self.s.ready_timeout),
+            ("worker_timeout", self.s.liveness.worker_timeout.unwrap_or_default()),
+            ("heartbeat_interval", self.s.heartbeat.unwrap_or_default()),
+            ("hung_signal", self.s.liveness.hung_grace),
+            ("max_age", self.s.liveness.max_age.unwrap_or_default()),
+            ("max_age_jitter", self.s.liveness.max_age_jitter),
+            ("memory_check", self.s.liveness.memory_interval),
+            ("respawn_backoff", self.s.liveness.backoff.map(|b| b.max.max(b.base)).unwrap_or_default()),
+            ("respawn_cooloff", self.s.liveness.cooloff.unwrap_or_default()),
         ] {
             if value > MAX_DURATION {
                 return invalid(option, format!("{value:?} is more than the one day supported; use a shorter time"));
@@ -318,6 +503,7 @@ impl Cluster {
         if self.s.ready_timeout.is_zero() {
             return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
         }
+        self.validate_liveness()?;
         if self.s.backlog == 0 || self.s.backlog > i32::MAX as u32 {
             return invalid(
                 "backlog",
@@ -433,6 +619,19 @@ mod tests {
     fn invalid_options_name_the_option() {
         let cases = [
             (Cluster::new(1).respawn_max_crashes(0), "respawn_max_crashes"),
+            (
+                Cluster::new(1).worker_timeout(Duration::from_secs(1)).heartbeat_interval(Duration::from_secs(1)),
+                "heartbeat_interval",
+            ),
+            (Cluster::new(1).heartbeat_interval(Duration::ZERO), "heartbeat_interval"),
+            (Cluster::new(1).max_requests(0), "max_requests"),
+            (Cluster::new(1).max_age(Duration::ZERO), "max_age"),
+            (Cluster::new(1).max_memory(0), "max_memory"),
+            (Cluster::new(1).memory_check(Duration::from_secs(1), 0), "memory_check"),
+            (Cluster::new(1).max_recycling(0), "max_recycling"),
+            (Cluster::new(1).respawn_backoff(Duration::from_secs(2), Duration::from_secs(1)), "respawn_backoff"),
+            (Cluster::new(1).respawn_cooloff(Duration::ZERO), "respawn_cooloff"),
+            (Cluster::new(1).max_age(Duration::from_secs(200_000)), "max_age"),
             (Cluster::new(1).respawn_window(Duration::ZERO), "respawn_window"),
             (Cluster::new(1).cpus(MAX_WORKERS + 1), "cpus"),
             (Cluster::new(1).shutdown_timeout(Duration::ZERO), "shutdown_timeout"),

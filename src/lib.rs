@@ -74,8 +74,8 @@ pub use worker::serve;
 pub struct ReadmeDoctests;
 
 pub use config::{
-    BINDABLE_SIGNALS, Balance, Cluster, Listen, ListenAddr, ListenerInfo, MAX_DURATION, MAX_WORKERS, ReadyInfo,
-    WorkerExit, WorkerInfo,
+    BINDABLE_SIGNALS, Balance, Cluster, Listen, ListenAddr, ListenerInfo, MAX_DURATION, MAX_WORKERS, MemoryMeasure,
+    ReadyInfo, WorkerExit, WorkerInfo,
 };
 pub use error::Error;
 pub use master::{Master, MasterHandle};
@@ -85,7 +85,9 @@ pub use role::{
     worker_stats,
 };
 pub use signal::{Signal, UnknownSignal};
-pub use stats::{ClusterStats, ExitStatus, ListenerStats, RestartOutcome, WorkerStats, WorkerStatus};
+pub use stats::{
+    ClusterStats, ExitCounts, ExitReason, ExitStatus, ListenerStats, RestartOutcome, WorkerStats, WorkerStatus,
+};
 pub use worker::{Listener, Worker};
 
 /// The import rules of the tree (ARCHITECTURE.md, "The tree"), checked on the sources: a

@@ -199,6 +199,156 @@ pub struct ClusterStats {
     /// CPU time (user + system) used by all running workers so far (from `/proc`).
     #[serde(default, with = "secs")]
     pub total_cpu_time: Duration,
+    /// Worker processes that ended since the cluster started, by why they ended.
+    #[serde(default)]
+    pub exits: ExitCounts,
+}
+
+/// Why a worker process ended, as the master classifies it (the status alone does not say:
+/// a worker killed because it hung and one killed because it was recycled may both end by
+/// `SIGKILL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ExitReason {
+    /// It exited unasked with a non-zero code, or died of a signal the master did not send.
+    Crash,
+    /// It stopped sending heartbeats for longer than the worker timeout and was killed.
+    Hung,
+    /// It did not report ready within the ready timeout and was killed (a boot failure).
+    BootTimeout,
+    /// It was replaced after serving its request limit (`max_requests`).
+    RecycledRequests,
+    /// It was replaced after reaching its maximum age (`max_age`).
+    RecycledAge,
+    /// It was replaced after using more memory than allowed (`max_memory`).
+    RecycledMemory,
+    /// A graceful (rolling) restart replaced it.
+    Restart,
+    /// Its slot was removed by scaling down.
+    Scale,
+    /// The cluster shut down.
+    Shutdown,
+    /// It exited unasked with code 0.
+    Exited,
+}
+
+impl ExitReason {
+    /// Every reason, in the order of [`ExitCounts`]'s fields.
+    pub const ALL: [ExitReason; 10] = [
+        ExitReason::Crash,
+        ExitReason::Hung,
+        ExitReason::BootTimeout,
+        ExitReason::RecycledRequests,
+        ExitReason::RecycledAge,
+        ExitReason::RecycledMemory,
+        ExitReason::Restart,
+        ExitReason::Scale,
+        ExitReason::Shutdown,
+        ExitReason::Exited,
+    ];
+
+    /// The reason as one word (`crash`, `hung`, `boot_timeout`, `recycled_requests`, …), as in
+    /// JSON, the metrics' `reason` label and the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Crash => "crash",
+            ExitReason::Hung => "hung",
+            ExitReason::BootTimeout => "boot_timeout",
+            ExitReason::RecycledRequests => "recycled_requests",
+            ExitReason::RecycledAge => "recycled_age",
+            ExitReason::RecycledMemory => "recycled_memory",
+            ExitReason::Restart => "restart",
+            ExitReason::Scale => "scale",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::Exited => "exited",
+        }
+    }
+
+    /// Whether crash protection counts it (`crash`, `hung`, `boot_timeout`).
+    pub fn is_crash(self) -> bool {
+        matches!(self, ExitReason::Crash | ExitReason::Hung | ExitReason::BootTimeout)
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Worker processes that ended, counted by [`ExitReason`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct ExitCounts {
+    /// [`ExitReason::Crash`].
+    pub crash: u64,
+    /// [`ExitReason::Hung`].
+    pub hung: u64,
+    /// [`ExitReason::BootTimeout`].
+    pub boot_timeout: u64,
+    /// [`ExitReason::RecycledRequests`].
+    pub recycled_requests: u64,
+    /// [`ExitReason::RecycledAge`].
+    pub recycled_age: u64,
+    /// [`ExitReason::RecycledMemory`].
+    pub recycled_memory: u64,
+    /// [`ExitReason::Restart`].
+    pub restart: u64,
+    /// [`ExitReason::Scale`].
+    pub scale: u64,
+    /// [`ExitReason::Shutdown`].
+    pub shutdown: u64,
+    /// [`ExitReason::Exited`].
+    pub exited: u64,
+}
+
+impl ExitCounts {
+    /// The count of one reason.
+    pub fn get(&self, reason: ExitReason) -> u64 {
+        *self.field(reason)
+    }
+
+    /// Counts one more exit for `reason`.
+    pub(crate) fn add(&mut self, reason: ExitReason) {
+        *self.field_mut(reason) += 1;
+    }
+
+    /// Every reason with its count, in [`ExitReason::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = (ExitReason, u64)> + '_ {
+        ExitReason::ALL.into_iter().map(|r| (r, self.get(r)))
+    }
+
+    fn field(&self, reason: ExitReason) -> &u64 {
+        match reason {
+            ExitReason::Crash => &self.crash,
+            ExitReason::Hung => &self.hung,
+            ExitReason::BootTimeout => &self.boot_timeout,
+            ExitReason::RecycledRequests => &self.recycled_requests,
+            ExitReason::RecycledAge => &self.recycled_age,
+            ExitReason::RecycledMemory => &self.recycled_memory,
+            ExitReason::Restart => &self.restart,
+            ExitReason::Scale => &self.scale,
+            ExitReason::Shutdown => &self.shutdown,
+            ExitReason::Exited => &self.exited,
+        }
+    }
+
+    fn field_mut(&mut self, reason: ExitReason) -> &mut u64 {
+        match reason {
+            ExitReason::Crash => &mut self.crash,
+            ExitReason::Hung => &mut self.hung,
+            ExitReason::BootTimeout => &mut self.boot_timeout,
+            ExitReason::RecycledRequests => &mut self.recycled_requests,
+            ExitReason::RecycledAge => &mut self.recycled_age,
+            ExitReason::RecycledMemory => &mut self.recycled_memory,
+            ExitReason::Restart => &mut self.restart,
+            ExitReason::Scale => &mut self.scale,
+            ExitReason::Shutdown => &mut self.shutdown,
+            ExitReason::Exited => &mut self.exited,
+        }
+    }
 }
 
 /// Statistics of one worker slot (the spec's `worker_stats_t`).
@@ -234,6 +384,18 @@ pub struct WorkerStats {
     /// CPU time (user + system) the running worker used so far (from `/proc`).
     #[serde(default, with = "opt_secs")]
     pub cpu_time: Option<Duration>,
+    /// Time since the running worker's last heartbeat, if it beats (from its channel).
+    #[serde(default, with = "opt_secs")]
+    pub heartbeat_age: Option<Duration>,
+    /// Requests the running worker served so far, as its last heartbeat said.
+    #[serde(default)]
+    pub requests: Option<u64>,
+    /// Requests in flight in the running worker, as its last heartbeat said.
+    #[serde(default)]
+    pub in_flight: Option<u64>,
+    /// Why the slot's last process ended, if one has.
+    #[serde(default)]
+    pub last_exit_reason: Option<ExitReason>,
 }
 
 /// `Option<SystemTime>` as seconds since the Unix epoch (a float), or null.
@@ -301,6 +463,23 @@ mod tests {
     }
 
     #[test]
+    fn exit_counts_by_reason() {
+        let mut c = ExitCounts::default();
+        c.add(ExitReason::Hung);
+        c.add(ExitReason::Hung);
+        c.add(ExitReason::RecycledMemory);
+        assert_eq!(c.get(ExitReason::Hung), 2);
+        assert_eq!(c.iter().map(|(_, n)| n).sum::<u64>(), 3);
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains("\"hung\":2") && json.contains("\"recycled_memory\":1"), "{json}");
+        for r in ExitReason::ALL {
+            assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{}\"", r.as_str()));
+        }
+        // An older master's answer (no counts) reads as zeros.
+        assert_eq!(serde_json::from_str::<ExitCounts>("{}").unwrap(), ExitCounts::default());
+    }
+
+    #[test]
     fn out_of_range_times_are_unknown_not_a_panic() {
         let json = r#"{"worker_id":0,"pid":null,"port":1,"status":"active","start_time":1e19,"uptime":0.5,
             "exit_status":null,"crash_count":0,"respawn_disabled":false}"#;
@@ -324,6 +503,10 @@ mod tests {
             restarts: 2,
             rss_bytes: Some(4096),
             cpu_time: Some(Duration::from_millis(500)),
+            heartbeat_age: Some(Duration::from_millis(250)),
+            requests: Some(10),
+            in_flight: Some(1),
+            last_exit_reason: Some(ExitReason::Hung),
         };
         let json = serde_json::to_string(&w).unwrap();
         assert!(json.contains("\"status\":\"active\""), "{json}");

@@ -18,6 +18,10 @@ use crate::proto::line::LineIo;
 /// largest cluster (about 1 MiB each). It can be passed by at most one answer.
 pub(crate) const MAX_PENDING_OUTPUT: usize = 2 * MAX_LINE;
 
+/// The most batches of messages the loop takes from one channel per wake-up: a worker that
+/// writes as fast as the master reads cannot hold the loop.
+pub(crate) const MAX_BATCHES: usize = 8;
+
 /// The master's end of one worker channel.
 #[derive(Debug)]
 pub(crate) struct MasterEnd {
@@ -110,6 +114,14 @@ impl MasterEnd {
         out
     }
 
+    /// Requests were read that wait for room in the output buffer to be answered, and there is
+    /// room now (the socket took the last answers at once): call
+    /// [`read_messages`](MasterEnd::read_messages) again rather than wait for the socket to be
+    /// writable, which it may not become while the worker does not read.
+    pub(crate) fn can_answer_more(&self) -> bool {
+        !self.closed && !self.queued.is_empty() && self.room() > 0
+    }
+
     /// Queues a message and writes as much as the socket takes now.
     pub(crate) fn send(&mut self, msg: &ToWorker) {
         if self.closed {
@@ -195,10 +207,15 @@ mod tests {
             return false;
         }
         end.flush();
-        for msg in end.read_messages() {
-            if let ToMaster::Stats { id } = msg {
-                end.send(&answer(id));
-                *answered += 1;
+        for _ in 0..MAX_BATCHES {
+            for msg in end.read_messages() {
+                if let ToMaster::Stats { id } = msg {
+                    end.send(&answer(id));
+                    *answered += 1;
+                }
+            }
+            if !end.can_answer_more() {
+                break;
             }
         }
         true

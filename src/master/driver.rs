@@ -102,7 +102,7 @@ impl Driver {
     /// Carries out one command; what it could not do, or what it started, comes back as events.
     fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
         match cmd {
-            Command::Spawn { slot, key, program } => match self.spawn(slot, program) {
+            Command::Spawn { slot, key, program, request_limit } => match self.spawn(slot, program, request_limit) {
                 Ok(p) => {
                     events.push_back(Event::Spawned { key, pid: p.pid });
                     self.procs.insert(key, p);
@@ -149,6 +149,20 @@ impl Driver {
             Command::Unsteer { for_good } => self.unsteer(for_good),
             Command::ReleaseProgram { deploy } => {
                 self.programs.remove(&deploy);
+            }
+            Command::SampleMemory => {
+                let measure = self.m.memory_measure;
+                let readings =
+                    self.procs.iter().filter_map(|(key, p)| Some((*key, read_memory(p.pid, measure)?))).collect();
+                events.push_back(Event::MemorySampled {
+                    readings,
+                    headroom: crate::os::procfs::cgroup_memory_headroom(),
+                });
+            }
+            Command::Diagnose { key } => {
+                if let Some(p) = self.procs.get(&key) {
+                    tracing::warn!("worker {} (pid {}) is hung: {}", p.slot, p.pid, crate::os::procfs::diagnose(p.pid));
+                }
             }
             Command::RunSignalAction { signal } => self.run_signal_action(signal),
             Command::ReapOrphans => self.reap_orphans(),
@@ -327,10 +341,22 @@ impl Driver {
     fn on_channel(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
         let Some(p) = self.procs.get_mut(&key) else { return };
         p.chan.flush();
+        for _ in 0..super::channel::MAX_BATCHES {
+            self.take_messages(key, events);
+            if !self.procs.get(&key).is_some_and(|p| p.chan.can_answer_more()) {
+                break;
+            }
+        }
+    }
+
+    /// One batch of messages from a worker's channel, handled.
+    fn take_messages(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
+        let Some(p) = self.procs.get_mut(&key) else { return };
         let msgs = p.chan.read_messages();
         for msg in msgs {
             match msg {
                 ToMaster::Ready => events.push_back(Event::Ready { key }),
+                ToMaster::Beat { served, in_flight } => events.push_back(Event::Beat { key, served, in_flight }),
                 ToMaster::Stats { id } => {
                     let (cluster, workers) = self.stats_now();
                     let reply = ToWorker::Stats { id, cluster, workers };
@@ -361,4 +387,14 @@ pub(super) fn guard<F: ?Sized>(name: &str, f: Option<&mut Box<F>>, call: impl Fn
     {
         tracing::error!("the {name} callback panicked; supervision continues");
     }
+}
+
+/// A worker's memory, as `max_memory` is compared with it.
+fn read_memory(pid: u32, measure: super::MemoryMeasure) -> Option<u64> {
+    use crate::os::procfs::MemoryKind;
+    let kind = match measure {
+        super::MemoryMeasure::Pss => MemoryKind::Pss,
+        _ => MemoryKind::Rss,
+    };
+    crate::os::procfs::memory(pid, kind)
 }

@@ -41,8 +41,8 @@ use control::ControlServer;
 use driver::Driver;
 use notify::Notifier;
 pub(crate) use settings::ListenKind;
-pub use settings::{Balance, Listen, ListenAddr, ListenerInfo, ReadyInfo, WorkerExit, WorkerInfo};
-pub(crate) use settings::{ControlSetting, Settings};
+pub use settings::{Balance, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo};
+pub(crate) use settings::{ControlSetting, DEFAULT_WORKER_TIMEOUT, Settings};
 use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
 use steer::Group;
@@ -196,6 +196,10 @@ pub struct Master {
     on_worker_ready: Option<OnStart>,
     on_ready: Option<OnReady>,
     on_signal: Vec<(Signal, OnSignal)>,
+    /// The interval workers are told to beat at.
+    heartbeat: std::time::Duration,
+    /// What memory `max_memory` is compared with.
+    memory_measure: MemoryMeasure,
 }
 
 impl std::fmt::Debug for Master {
@@ -427,6 +431,7 @@ impl Master {
             socket_per_slot: listeners.iter().any(|b| b.balance == Balance::ReusePort),
             ready_timeout: opts.ready_timeout,
             bound_signals: opts.on_signal.iter().map(|(s, _)| *s).collect(),
+            liveness: crate::supervisor::Liveness { seed: random_seed(), ..opts.liveness.clone() },
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {
@@ -496,6 +501,8 @@ impl Master {
             on_worker_ready: opts.on_worker_ready.take(),
             on_ready: opts.on_ready.take(),
             on_signal: std::mem::take(&mut opts.on_signal),
+            heartbeat: opts.heartbeat_interval(),
+            memory_measure: opts.memory_measure,
         })
     }
 
@@ -782,4 +789,13 @@ mod signal_tests {
         assert!(dropped, "the child never dropped its master");
         assert_eq!(status.signal(), Some(libc::SIGTERM), "SIGTERM was swallowed: {status:?}");
     }
+}
+
+/// A seed for the supervisor's jitter, different in every master (no dependency needed: the
+/// standard library's hasher keys are random per process).
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish()
 }

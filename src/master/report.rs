@@ -26,18 +26,18 @@ impl Driver {
                 tracing::info!("listening on {} with {workers} workers", info.addr);
                 guard("on_ready", m.on_ready.as_mut(), |f| f(&info));
             }
-            Report::Exited { slot, pid, status, crash, reason, respawn_in } => {
+            Report::Exited { slot, pid, status, crash, reason, cause, respawn_in } => {
                 let then = match respawn_in {
                     Some(d) => format!("; respawning in {d:?}"),
                     None => String::new(),
                 };
                 let why = reason.map(|r| format!(" ({r})")).unwrap_or_default();
                 if crash {
-                    tracing::warn!("worker {slot} (pid {pid}) crashed: {status}{why}{then}");
+                    tracing::warn!("worker {slot} (pid {pid}) crashed: {status}{why} [reason {cause}]{then}");
                 } else {
-                    tracing::info!("worker {slot} (pid {pid}) exited: {status}{why}{then}");
+                    tracing::info!("worker {slot} (pid {pid}) exited: {status}{why} [reason {cause}]{then}");
                 }
-                let exit = WorkerExit { worker_id: slot, pid, status, crash, respawn_in };
+                let exit = WorkerExit { worker_id: slot, pid, status, crash, reason: cause, respawn_in };
                 guard("on_exit", m.on_exit.as_mut(), |f| f(&exit));
             }
             Report::Disabled { slot, crashes, within } => tracing::error!(
@@ -47,6 +47,27 @@ impl Driver {
             Report::NotReady { slot, pid, timeout } => tracing::warn!(
                 "worker {slot} (pid {pid}) not ready within {timeout:?}: killing it; a boot failure counts as a crash"
             ),
+            Report::Hung { slot, pid, silent, signal, grace } => tracing::error!(
+                "worker {slot} (pid {pid}) is hung: no heartbeat for {}; out of the route, sent {signal}, SIGKILL in {}",
+                short_duration(silent),
+                short_duration(grace)
+            ),
+            Report::Recycling { slot, pid, reason, in_place } => {
+                if in_place {
+                    tracing::info!(
+                        "recycling worker {slot} (pid {pid}): {reason}; in place (the memory limit leaves no room for one more worker)"
+                    )
+                } else {
+                    tracing::info!("recycling worker {slot} (pid {pid}): {reason}; its replacement starts first")
+                }
+            }
+            Report::RecycleFailed { slot, reason } => {
+                tracing::warn!("recycling worker {slot} failed: {reason}; the old worker keeps serving")
+            }
+            Report::Probing { slot } => {
+                tracing::info!("worker {slot} was disabled; its cool-off is over: one probe spawn")
+            }
+            Report::Reenabled { slot } => tracing::info!("worker {slot}'s probe is ready: respawn enabled again"),
             Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
             Report::Signalled { signal, slots } => {
                 tracing::info!("sent {signal} to workers {slots:?}")

@@ -81,8 +81,11 @@ pub struct WorkerExit {
     pub pid: u32,
     /// Its exit code or the signal that killed it.
     pub status: ExitStatus,
-    /// It was not asked to stop and did not exit cleanly (the spec's `is_crash`).
+    /// It was not asked to stop and did not exit cleanly (the spec's `is_crash`); a hung
+    /// worker's or a boot failure's exit is one too.
     pub crash: bool,
+    /// Why it ended, as the statistics count it.
+    pub reason: crate::stats::ExitReason,
     /// When the slot will be started again, if it will.
     pub respawn_in: Option<Duration>,
 }
@@ -273,6 +276,12 @@ pub(crate) struct Settings {
     pub(crate) balance: Balance,
     pub(crate) backlog: u32,
     pub(crate) ready_timeout: Duration,
+    /// Heartbeats, recycling and backoff, as the supervisor applies them.
+    pub(crate) liveness: crate::supervisor::Liveness,
+    /// The interval workers beat at (`None`: derived from the worker timeout).
+    pub(crate) heartbeat: Option<Duration>,
+    /// What memory the `max_memory` limit is compared with.
+    pub(crate) memory_measure: MemoryMeasure,
     pub(crate) name: Option<String>,
     pub(crate) control: ControlSetting,
     pub(crate) on_start: Option<OnStart>,
@@ -293,9 +302,56 @@ impl Settings {
         default.into_iter().chain(self.listeners.iter().cloned()).collect()
     }
 
+    /// The interval workers beat at: the one set, or 1 s, but at most a third of the worker
+    /// timeout (so that a late beat or two is never taken for a hang).
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        let third = self.liveness.worker_timeout.map(|t| t / 3).unwrap_or(DEFAULT_HEARTBEAT);
+        self.heartbeat.unwrap_or_else(|| DEFAULT_HEARTBEAT.min(third)).max(Duration::from_millis(1))
+    }
+
     /// The number of workers to start: `cpus`, or the detected CPU count when that is 0.
     pub(crate) fn worker_count(&self) -> usize {
         if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }
+    }
+}
+
+/// The heartbeat interval when none is set (and the worker timeout leaves room for it).
+pub(crate) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The worker timeout when none is set: a ready worker that beat once and then stays silent
+/// this long is hung.
+pub(crate) const DEFAULT_WORKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What [`Cluster::max_memory`](crate::Cluster::max_memory) is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum MemoryMeasure {
+    /// Resident memory (`/proc/PID/statm`): cheap to read; counts pages shared with the other
+    /// workers (the program, copy-on-write data) in full.
+    #[default]
+    Rss,
+    /// Proportional memory (`Pss` of `/proc/PID/smaps_rollup`): shared pages divided among the
+    /// processes sharing them, so the workers' sum is what they really cost; dearer to read.
+    Pss,
+}
+
+impl fmt::Display for MemoryMeasure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemoryMeasure::Rss => "rss",
+            MemoryMeasure::Pss => "pss",
+        })
+    }
+}
+
+impl std::str::FromStr for MemoryMeasure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rss" => Ok(MemoryMeasure::Rss),
+            "pss" => Ok(MemoryMeasure::Pss),
+            other => Err(format!("unknown memory measure `{other}`: use `rss` or `pss`")),
+        }
     }
 }
 

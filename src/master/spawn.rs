@@ -25,7 +25,7 @@ impl Driver {
     /// worker's identity, its listeners from fd 3 (`LISTEN_FDS`, `LISTEN_FDNAMES` their names,
     /// `LISTEN_PID` its own pid) and its channel right after them. The master's own systemd
     /// variables are removed first.
-    pub(super) fn spawn(&mut self, slot: usize, program: Program) -> io::Result<Proc> {
+    pub(super) fn spawn(&mut self, slot: usize, program: Program, request_limit: Option<u64>) -> io::Result<Proc> {
         let listeners = self.listeners_for(slot)?;
         let exe = match program {
             Program::Running => PathBuf::from("/proc/self/exe"),
@@ -58,10 +58,14 @@ impl Driver {
             .env(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
             .env(env::LISTEN_FDS, count.to_string())
             .env(env::LISTEN_FDNAMES, names)
+            .env("ECEWO_CLUSTER_HEARTBEAT_MS", self.m.heartbeat.as_millis().max(1).to_string())
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C reaches the master only, which then stops
             // the workers gracefully.
             .process_group(0);
+        if let Some(limit) = request_limit {
+            cmd.env("ECEWO_CLUSTER_MAX_REQUESTS", limit.to_string());
+        }
         let mut mappings: Vec<FdMapping> = listeners
             .into_iter()
             .enumerate()

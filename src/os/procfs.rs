@@ -62,3 +62,19 @@ mod tests {
         let _ = t.join();
     }
 }
+
+// TEMPORARY until the os branch lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MemoryKind {
+    Rss,
+    Pss,
+}
+pub(crate) fn memory(pid: u32, _kind: MemoryKind) -> Option<u64> {
+    proc_usage(pid).map(|u| u.0)
+}
+pub(crate) fn cgroup_memory_headroom() -> Option<u64> {
+    None
+}
+pub(crate) fn diagnose(_pid: u32) -> String {
+    String::new()
+}

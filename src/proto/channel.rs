@@ -18,6 +18,8 @@ pub(crate) enum ToMaster {
     Ready,
     /// The worker asks for the cluster's statistics; the reply carries the same id.
     Stats { id: u64 },
+    /// A heartbeat: the requests served so far and in flight.
+    Beat { served: u64, in_flight: u64 },
 }
 
 /// Messages from the master to a worker.

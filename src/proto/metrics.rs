@@ -124,6 +124,27 @@ pub fn render_labeled(cluster: &ClusterStats, workers: &[WorkerStats], labels: &
         "CPU time (user and system) of the slot's current worker.",
         &per_worker(&|w| w.cpu_time.map(|t| t.as_secs_f64())),
     );
+    metric(
+        "ecewo_cluster_worker_heartbeat_age_seconds",
+        "gauge",
+        "Time since the slot's worker last beat (workers that beat).",
+        &per_worker(&|w| w.heartbeat_age.map(|t| t.as_secs_f64())),
+    );
+    metric(
+        "ecewo_cluster_worker_requests_total",
+        "counter",
+        "Requests the slot's current worker served, as its last heartbeat said.",
+        &per_worker(&|w| w.requests.map(|n| n as f64)),
+    );
+    metric(
+        "ecewo_cluster_worker_requests_in_flight",
+        "gauge",
+        "Requests in flight in the slot's worker, as its last heartbeat said.",
+        &per_worker(&|w| w.in_flight.map(|n| n as f64)),
+    );
+    let exits: Vec<(String, f64)> =
+        cluster.exits.iter().map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64)).collect();
+    metric("ecewo_cluster_worker_exits_total", "counter", "Worker processes that ended, by reason.", &exits);
     out
 }
 
@@ -177,7 +198,8 @@ mod tests {
 
     #[test]
     fn renders_the_text_format() {
-        let cluster = ClusterStats { total_workers: 2, active_workers: 1, total_restarts: 3, ..Default::default() };
+        let mut cluster = ClusterStats { total_workers: 2, active_workers: 1, total_restarts: 3, ..Default::default() };
+        cluster.exits.add(crate::stats::ExitReason::Hung);
         let w = |id, status, pid| WorkerStats {
             worker_id: id,
             pid,
@@ -191,6 +213,10 @@ mod tests {
             restarts: 1,
             rss_bytes: pid.map(|_| 4096),
             cpu_time: pid.map(|_| Duration::from_millis(250)),
+            heartbeat_age: pid.map(|_| Duration::from_millis(500)),
+            requests: pid.map(|_| 42),
+            in_flight: pid.map(|_| 3),
+            last_exit_reason: None,
         };
         let text = render(&cluster, &[w(0, WorkerStatus::Active, Some(10)), w(1, WorkerStatus::Respawning, None)]);
         for line in [
@@ -205,6 +231,11 @@ mod tests {
             "ecewo_cluster_worker_uptime_seconds{worker=\"0\"} 1.5",
             "ecewo_cluster_worker_resident_memory_bytes{worker=\"0\"} 4096",
             "ecewo_cluster_worker_cpu_seconds_total{worker=\"0\"} 0.25",
+            "ecewo_cluster_worker_heartbeat_age_seconds{worker=\"0\"} 0.5",
+            "ecewo_cluster_worker_requests_total{worker=\"0\"} 42",
+            "ecewo_cluster_worker_requests_in_flight{worker=\"0\"} 3",
+            "ecewo_cluster_worker_exits_total{reason=\"hung\"} 1",
+            "ecewo_cluster_worker_exits_total{reason=\"recycled_memory\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

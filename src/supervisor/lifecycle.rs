@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{Command, Loc, Notify, Phase, ProcState, Report, SpawnReason, Supervisor, WorkerKey, signal_bit};
-use crate::stats::{ExitStatus, WorkerStatus};
+use crate::stats::{ExitReason, ExitStatus, WorkerStatus};
 
 /// An exit the master did not ask for is a crash when the code is non-zero or the process died
 /// of a signal the master did not send it (`signalled`, see [`super::Proc::signalled`]).
@@ -35,7 +35,7 @@ impl Supervisor {
         out.push(Command::Report(Report::Started { slot, pid }));
         if shutting_down || stopping {
             // Asked to stop before it even started: stop it straight away.
-            self.stop(&mut p, now, out);
+            self.stop(&mut p, ExitReason::Shutdown, now, out);
         }
         match loc {
             Loc::Current(i) => self.slots[i].current = Some(p),
@@ -59,9 +59,13 @@ impl Supervisor {
         match loc {
             // A worker that cannot even start counts as a crash: crash protection stops a loop.
             Loc::Current(_) => {
-                self.after_exit(slot, ExitStatus::Code(127), true, now, out);
+                self.exits.add(ExitReason::Crash);
+                self.after_exit(slot, ExitStatus::Code(127), ExitReason::Crash, Duration::ZERO, now, out);
             }
-            Loc::Next(_) => self.fail_rollout(slot, format!("cannot start the new worker: {error}"), now, wall, out),
+            Loc::Next(_) => {
+                let reason = format!("cannot start the new worker: {error}");
+                self.fail_replacement(slot, reason, now, wall, out);
+            }
             Loc::Retiring(_) => {}
         }
     }
@@ -77,11 +81,22 @@ impl Supervisor {
         p.state = ProcState::Active;
         let pid = p.pid.unwrap_or(0);
         match loc {
-            Loc::Current(slot) => out.push(Command::Report(Report::Ready { slot, pid })),
+            Loc::Current(slot) => {
+                out.push(Command::Report(Report::Ready { slot, pid }));
+                let s = &mut self.slots[slot];
+                // A worker recycled in place has its replacement now.
+                s.recycling = None;
+                if std::mem::take(&mut s.probing) {
+                    out.push(Command::Report(Report::Reenabled { slot }));
+                }
+            }
             Loc::Next(slot) => {
                 out.push(Command::Report(Report::Ready { slot, pid }));
+                let rollout = self.slots[slot].recycling.is_none();
                 self.promote(slot, now, out);
-                self.advance_rollout(now, wall, out);
+                if rollout {
+                    self.advance_rollout(now, wall, out);
+                }
             }
             Loc::Retiring(_) => {}
         }
@@ -102,14 +117,33 @@ impl Supervisor {
         let (slot, p) = self.take_at(loc).expect("located");
         let pid = p.pid.unwrap_or(0);
         let asked = p.state == ProcState::Stopping;
-        // Killed because it was not ready in time: a boot failure, whatever the status says.
-        let crash = !asked && (p.not_ready || is_crash(status, p.signalled));
-        let reason =
-            reason.or_else(|| p.not_ready.then(|| format!("not ready within {:?}", self.policy.ready_timeout)));
-        let exited = |crash, respawn_in| Report::Exited { slot, pid, status, crash, reason, respawn_in };
+        let uptime = now.saturating_duration_since(p.started);
+        // Killed because it hung, or because it was not ready in time: a crash, whatever the
+        // status says (the master's own signals killed it).
+        let cause = if p.hung {
+            ExitReason::Hung
+        } else if p.not_ready {
+            ExitReason::BootTimeout
+        } else if asked {
+            p.why_stopped.unwrap_or(ExitReason::Shutdown)
+        } else if is_crash(status, p.signalled) {
+            ExitReason::Crash
+        } else {
+            ExitReason::Exited
+        };
+        self.exits.add(cause);
+        let crash = p.hung || (!asked && cause.is_crash());
+        let reason = reason.or_else(|| match cause {
+            ExitReason::BootTimeout => Some(format!("not ready within {:?}", self.policy.ready_timeout)),
+            ExitReason::Hung => {
+                self.policy.liveness.worker_timeout.map(|t| format!("no heartbeat for over {t:?}: hung"))
+            }
+            _ => None,
+        });
+        let exited = |crash, respawn_in| Report::Exited { slot, pid, status, crash, reason, cause, respawn_in };
         match loc {
             Loc::Current(_) => {
-                let respawn_in = self.after_exit(slot, status, crash, now, out);
+                let respawn_in = self.after_exit(slot, status, cause, uptime, now, out);
                 out.push(Command::Report(exited(crash, respawn_in)));
             }
             Loc::Next(_) => {
@@ -118,7 +152,7 @@ impl Supervisor {
                 out.push(Command::Report(exited(false, None)));
                 if !asked {
                     let reason = format!("the new worker exited before it was ready ({status})");
-                    self.fail_rollout(slot, reason, now, wall, out);
+                    self.fail_replacement(slot, reason, now, wall, out);
                 }
             }
             Loc::Retiring(_) => out.push(Command::Report(exited(false, None))),
@@ -132,42 +166,79 @@ impl Supervisor {
         self.on_exited(key, LOST_STATUS, Some(reason.into()), now, wall, out);
     }
 
-    /// Book-keeping after the current process of `slot` is gone: crash protection and respawn.
-    /// Returns the respawn delay if the slot will be started again.
+    /// Book-keeping after the current process of `slot` is gone (`cause`: why, `uptime`: how
+    /// long it ran): crash protection, then the respawn, after the respawn delay, the backoff
+    /// (crashes), or at once (a worker recycled in place). Returns the delay if the slot will
+    /// be started again.
     pub(super) fn after_exit(
         &mut self,
         slot: usize,
         status: ExitStatus,
-        crash: bool,
+        cause: ExitReason,
+        uptime: Duration,
         now: Instant,
         out: &mut Vec<Command>,
     ) -> Option<Duration> {
-        let policy = &self.policy;
-        let s = &mut self.slots[slot];
-        s.last_exit = Some((status, crash));
+        let crash = cause.is_crash();
+        let recycled_in_place =
+            matches!(cause, ExitReason::RecycledAge | ExitReason::RecycledMemory | ExitReason::RecycledRequests);
+        {
+            let s = &mut self.slots[slot];
+            s.last_exit = Some((status, crash));
+            s.last_exit_reason = Some(cause);
+            if !recycled_in_place && s.next.is_none() {
+                // The slot's recycle in place is over: its new worker did not make it.
+                s.recycling = None;
+            }
+        }
         if self.phase != Phase::Running {
             return None;
         }
-        if crash {
+        let delay = if crash {
+            let window = self.policy.respawn_window;
+            let s = &mut self.slots[slot];
+            if uptime >= window {
+                // It ran for a whole crash window: a new sequence of crashes begins.
+                s.crashes_in_a_row = 0;
+            }
+            s.crashes_in_a_row = s.crashes_in_a_row.saturating_add(1);
             s.crash_count += 1;
             s.recent_crashes.push_back(now);
-            while s.recent_crashes.front().is_some_and(|&t| now.duration_since(t) > policy.respawn_window) {
+            while s.recent_crashes.front().is_some_and(|&t| now.duration_since(t) > window) {
                 s.recent_crashes.pop_front();
             }
             let crashes = s.recent_crashes.len() as u32;
-            if policy.respawn && crashes >= policy.max_crashes && s.next.is_none() {
+            let failed_probe = std::mem::take(&mut s.probing);
+            if self.policy.respawn && (crashes >= self.policy.max_crashes || failed_probe) && s.next.is_none() {
                 s.disabled = true;
+                s.probe_at = self.policy.liveness.cooloff.and_then(|c| now.checked_add(c));
                 let within = now.duration_since(*s.recent_crashes.front().unwrap_or(&now));
                 out.push(Command::Report(Report::Disabled { slot, crashes, within }));
                 return None;
             }
-        }
+            let n = s.crashes_in_a_row;
+            self.backoff_delay(n)
+        } else {
+            self.slots[slot].crashes_in_a_row = 0;
+            if recycled_in_place { Duration::ZERO } else { self.policy.respawn_delay }
+        };
         // A replacement already starting takes the slot over: no respawn.
-        if policy.respawn && s.next.is_none() {
-            s.next_spawn = Some((now + policy.respawn_delay, SpawnReason::Respawn));
-            return Some(policy.respawn_delay);
+        let s = &mut self.slots[slot];
+        if (self.policy.respawn || recycled_in_place) && s.next.is_none() {
+            s.next_spawn = Some((now + delay, SpawnReason::Respawn));
+            return Some(delay);
         }
         None
+    }
+
+    /// The delay before respawning a slot after its `n`th crash in a row: the respawn delay, or
+    /// with a backoff `base × 2^(n-1)` capped at `max`, less a random part of up to half.
+    pub(super) fn backoff_delay(&mut self, n: u32) -> Duration {
+        let Some(b) = self.policy.liveness.backoff else { return self.policy.respawn_delay };
+        let doubled = b.base.saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX));
+        let full = doubled.min(b.max);
+        let half_ms = u64::try_from(full.as_millis() / 2).unwrap_or(u64::MAX);
+        full.saturating_sub(Duration::from_millis(self.random_below(half_ms.saturating_add(1))))
     }
 
     /// Announces, once, that the initial start-up is over: every slot that is not disabled is

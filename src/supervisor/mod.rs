@@ -13,7 +13,9 @@
 //! | --- | --- |
 //! | `types.rs` | the public vocabulary: [`Policy`], [`Event`], [`Command`], [`Report`], … |
 //! | `mod.rs` | the state, [`Supervisor::handle`] and the invariant pipeline ([`Supervisor::settle`]) |
-//! | `lifecycle.rs` | spawn, ready, exit; crash classification, respawn, crash protection |
+//! | `lifecycle.rs` | spawn, ready, exit; crash classification, respawn (with backoff), crash protection (with cool-off) |
+//! | `liveness.rs` | heartbeats, hung workers |
+//! | `recycle.rs` | recycling by requests, age and memory: surge first, or in place |
 //! | `rollout.rs` | rolling restarts: surge first, one slot at a time, coalescing |
 //! | `scaling.rs` | adding and removing slots |
 //! | `shutdown.rs` | stopping everything, the end of supervision |
@@ -27,9 +29,11 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
-use crate::stats::{ExitStatus, RestartOutcome};
+use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome};
 
 mod lifecycle;
+mod liveness;
+mod recycle;
 mod rollout;
 mod scaling;
 mod shutdown;
@@ -39,6 +43,8 @@ mod timers;
 mod types;
 mod views;
 
+#[cfg(test)]
+mod liveness_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -78,6 +84,23 @@ struct Proc {
     ready_deadline: Option<Instant>,
     /// It missed its ready deadline and was killed: its exit is a crash (a boot failure).
     not_ready: bool,
+    /// Its last heartbeat, once it beat (from then on the worker timeout applies).
+    last_beat: Option<Instant>,
+    /// Requests served and in flight, as its last heartbeat said.
+    served: u64,
+    in_flight: u64,
+    /// It stopped beating for longer than the worker timeout and is being killed.
+    hung: bool,
+    /// The requests after which it is recycled.
+    request_limit: Option<u64>,
+    /// When it is recycled for its age.
+    recycle_at: Option<Instant>,
+    /// Consecutive memory readings over the limit.
+    over_memory: u32,
+    /// Why it was asked to stop (a rollout, a recycle, scaling, the shutdown).
+    why_stopped: Option<ExitReason>,
+    /// A recycle of it is queued or under way.
+    recycling: bool,
 }
 
 impl Proc {
@@ -111,7 +134,18 @@ struct Slot {
     restarts: u64,
     disabled: bool,
     last_exit: Option<(ExitStatus, bool)>,
+    last_exit_reason: Option<ExitReason>,
     last_start_wall: Option<SystemTime>,
+    /// Its replacement (`next`) is a recycle's, not a rollout's.
+    recycling: Option<RecycleReason>,
+    /// Crashes in a row (for the backoff), reset by a worker that ran for the crash window.
+    crashes_in_a_row: u32,
+    /// Disabled, it gets a probe spawn at this time (cool-off).
+    probe_at: Option<Instant>,
+    /// Its worker is a probe: ready, the slot is enabled again; crashed, disabled again.
+    probing: bool,
+    /// A failed recycle is not tried again before this time.
+    recycle_retry: Option<Instant>,
 }
 
 impl Slot {
@@ -127,7 +161,13 @@ impl Slot {
             restarts: 0,
             disabled: false,
             last_exit: None,
+            last_exit_reason: None,
             last_start_wall: None,
+            recycling: None,
+            crashes_in_a_row: 0,
+            probe_at: None,
+            probing: false,
+            recycle_retry: None,
         }
     }
 }
@@ -194,6 +234,18 @@ pub struct Supervisor {
     /// Deploys whose program file the driver may hold open (a worker was spawned from it and
     /// [`Command::ReleaseProgram`] was not sent yet).
     deployed: BTreeSet<u64>,
+    /// Worker processes that ended, by reason.
+    exits: ExitCounts,
+    /// Recycles waiting for their turn ([`Liveness::max_recycling`]): slot, worker, why.
+    recycle_queue: VecDeque<(usize, WorkerKey, RecycleReason)>,
+    /// When memory is read next (`max_memory` set, running).
+    next_sample: Option<Instant>,
+    /// The cgroup's memory headroom and the smallest worker, from the last readings: a surge
+    /// worker fits when the headroom exceeds the smallest worker (a fresh one is about that).
+    headroom: Option<u64>,
+    smallest_worker: Option<u64>,
+    /// The jitter's generator state (splitmix64).
+    rng: u64,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -230,7 +282,6 @@ impl Supervisor {
             .and_then(|d| now.checked_add(d));
         Supervisor {
             startup_deadline,
-            policy,
             slots,
             retiring: Vec::new(),
             phase: Phase::Running,
@@ -246,7 +297,34 @@ impl Supervisor {
             sockets: BTreeSet::new(),
             steering: Steering::On,
             deployed: BTreeSet::new(),
+            exits: ExitCounts::default(),
+            recycle_queue: VecDeque::new(),
+            next_sample: None,
+            headroom: None,
+            smallest_worker: None,
+            rng: 0,
+            policy,
         }
+        .seeded(now)
+    }
+
+    fn seeded(mut self, now: Instant) -> Supervisor {
+        self.rng = self.policy.liveness.seed;
+        if self.policy.liveness.max_memory.is_some() {
+            self.next_sample = now.checked_add(self.policy.liveness.memory_interval);
+        }
+        self
+    }
+
+    /// A random number below `bound` (0 when `bound` is 0), from the seeded generator.
+    fn random_below(&mut self, bound: u64) -> u64 {
+        // splitmix64: small, fast, and good enough to spread recycles and respawns.
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        if bound == 0 { 0 } else { z % bound }
     }
 
     /// The slots whose socket the master opened before the supervisor started (`ReusePort`;
@@ -302,6 +380,8 @@ impl Supervisor {
             Event::Signal { signal } => self.on_signal(signal, now, wall, &mut out),
             Event::Lost { key } => self.on_lost(key, now, wall, &mut out),
             Event::SteerFailed { failure } => self.on_steer_failed(failure, &mut out),
+            Event::Beat { key, served, in_flight } => self.on_beat(key, served, in_flight, now),
+            Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
         }
         self.settle(now, wall, &mut out);
         out
@@ -315,6 +395,8 @@ impl Supervisor {
     ///    scheduled for `now`). First, because every later step must see the state as it is at
     ///    `now` (a spawn due now is a process, a worker killed now is no longer counted on), and
     ///    because [`next_deadline`](Self::next_deadline) must then be in the future.
+    ///    Then the recycles whose turn came start ([`start_recycles`](Self::start_recycles)),
+    ///    since a trigger of this instant (a beat, a reading, an age) may have queued one.
     /// 2. *no socket stays open that nobody will serve* ([`close_unserved`](Self::close_unserved)):
     ///    once the processes of this instant are known (a respawn due now has been spawned, a
     ///    worker killed now is still there), the sockets of slots that no process holds and none
@@ -332,6 +414,7 @@ impl Supervisor {
     ///    command the driver sees.
     fn settle(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         self.on_time(now, wall, out);
+        self.start_recycles(now, wall, out);
         self.close_unserved(out);
         self.update_route(out);
         self.check_all_ready(out);
@@ -342,14 +425,14 @@ impl Supervisor {
     /// Asks the driver to start process `key` in `slot`, from `program`. The driver opens what
     /// it needs: the slot's socket if it was closed, a deploy's program file (closed by
     /// [`Command::CloseSocket`] and [`Command::ReleaseProgram`] once nobody needs them).
-    fn push_spawn(&mut self, slot: usize, key: WorkerKey, program: Program, out: &mut Vec<Command>) {
-        if let Program::Deployed(n) = program {
+    fn push_spawn(&mut self, slot: usize, p: &Proc, out: &mut Vec<Command>) {
+        if let Program::Deployed(n) = p.program {
             self.deployed.insert(n);
         }
         if self.policy.socket_per_slot {
             self.sockets.insert(slot);
         }
-        out.push(Command::Spawn { slot, key, program });
+        out.push(Command::Spawn { slot, key: p.key, program: p.program, request_limit: p.request_limit });
     }
 
     fn locate(&self, key: WorkerKey) -> Option<Loc> {
@@ -380,10 +463,18 @@ impl Supervisor {
         }
     }
 
-    /// Asks a worker to stop: SIGTERM now, SIGKILL at the shutdown timeout.
-    fn stop(&self, p: &mut Proc, now: Instant, out: &mut Vec<Command>) {
+    /// Asks a worker to stop (`why`: what its exit will be counted as): SIGTERM now, SIGKILL at
+    /// the shutdown timeout.
+    fn stop(&self, p: &mut Proc, why: ExitReason, now: Instant, out: &mut Vec<Command>) {
         p.stop_at = None;
+        p.why_stopped.get_or_insert(why);
         if p.state == ProcState::Stopping {
+            // Already stopping (a hung worker's grace may be longer): never later than asked.
+            let by = now.checked_add(self.policy.shutdown_timeout);
+            p.stop_deadline = match (p.stop_deadline, by) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             return;
         }
         if p.state != ProcState::Spawning {
@@ -397,6 +488,15 @@ impl Supervisor {
     fn new_proc(&mut self, program: Program, now: Instant, wall: SystemTime) -> Proc {
         let key = WorkerKey(self.next_key);
         self.next_key += 1;
+        let l = &self.policy.liveness;
+        let (max_requests, requests_jitter, max_age, age_jitter) =
+            (l.max_requests, l.max_requests_jitter, l.max_age, l.max_age_jitter);
+        let request_limit = max_requests.map(|n| n.max(1).saturating_add(self.random_below(requests_jitter + 1)));
+        let recycle_at = max_age.and_then(|age| {
+            let jitter_ms = u64::try_from(age_jitter.as_millis()).unwrap_or(u64::MAX);
+            let extra = std::time::Duration::from_millis(self.random_below(jitter_ms.saturating_add(1)));
+            age.checked_add(extra).and_then(|d| now.checked_add(d))
+        });
         Proc {
             key,
             pid: None,
@@ -409,6 +509,15 @@ impl Supervisor {
             stop_at: None,
             ready_deadline: now.checked_add(self.policy.ready_timeout),
             not_ready: false,
+            last_beat: None,
+            served: 0,
+            in_flight: 0,
+            hung: false,
+            request_limit,
+            recycle_at,
+            over_memory: 0,
+            why_stopped: None,
+            recycling: false,
         }
     }
 }

@@ -11,11 +11,11 @@
 //!   `now` (whatever was due has been acted on; the driver never spins);
 //! - **capacity**: a slot whose worker served (`Active`) before a step still has an active
 //!   worker after it, unless that very worker exited (or was lost) during the step, the slot
-//!   was removed by scaling, or a shutdown began. So a rolling restart never takes capacity
+//!   was removed by scaling, it hung, it is drained for a recycle in place, or a shutdown began. So a rolling restart never takes capacity
 //!   away: at every step of a rollout, the active workers are at least those active before it
 //!   minus the ones that exited or were removed meanwhile;
-//! - **surge**: at most one replacement process exists at a time, and (until a shutdown stops
-//!   it) only in the slot the rollout is replacing;
+//! - **surge**: at most one replacement process exists at a time during a rollout, only in the
+//!   slot it is replacing; otherwise at most `max_recycling`, in slots being recycled;
 //! - **bookkeeping**: the processes the supervisor tracks are exactly the fake driver's live
 //!   ones; signals only go to processes that were started; a socket is closed only when no live
 //!   process of its slot holds it; routes name only slots with an active worker (or, while
@@ -59,6 +59,11 @@ enum Op {
     /// A signal to the master.
     Signal(Signal),
     SignalWorkers(Signal),
+    /// The n-th live process beats, having served this many requests.
+    Beat(usize, u64),
+    /// Memory readings of every live process: over the limit or not, with room for a surge
+    /// worker or not.
+    Memory(bool, bool),
 }
 
 fn status() -> impl Strategy<Value = ExitStatus> {
@@ -96,6 +101,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (1usize..6).prop_map(Op::Scale),
         2 => prop::sample::select(master_signals).prop_map(Op::Signal),
         1 => prop::sample::select(vec![Signal::USR1, Signal::KILL]).prop_map(Op::SignalWorkers),
+        4 => (any::<usize>(), 0u64..40).prop_map(|(i, n)| Op::Beat(i, n)),
+        2 => (any::<bool>(), any::<bool>()).prop_map(|(over, room)| Op::Memory(over, room)),
     ]
 }
 
@@ -105,9 +112,15 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
         (1usize..5, any::<bool>(), any::<bool>(), 1u32..5),
         (100u64..2000, 0u64..300, 0u64..500, 1u64..10, 300u64..3000),
         prop::sample::subsequence(vec![Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH], 0..3),
+        liveness(),
     )
         .prop_map(
-            |((workers, respawn, socket_per_slot, max_crashes), (stop, startup, respawn_ms, window, ready), bound)| {
+            |(
+                (workers, respawn, socket_per_slot, max_crashes),
+                (stop, startup, respawn_ms, window, ready),
+                bound,
+                liveness,
+            )| {
                 let ms = Duration::from_millis;
                 let policy = Policy {
                     workers,
@@ -121,10 +134,41 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
                     socket_per_slot,
                     ready_timeout: ms(ready),
                     bound_signals: Vec::new(),
+                    liveness,
                 };
                 (policy, bound)
             },
         )
+}
+
+/// Heartbeats, recycling and backoff: each on or off, with small numbers.
+fn liveness() -> impl Strategy<Value = Liveness> {
+    let ms = Duration::from_millis;
+    (
+        prop::option::of(300u64..3000),
+        0u64..500,
+        prop::option::of(5u64..30),
+        prop::option::of(500u64..5000),
+        any::<bool>(),
+        1usize..3,
+        prop::option::of((10u64..200, 200u64..2000)),
+        prop::option::of(500u64..5000),
+    )
+        .prop_map(move |(timeout, grace, requests, age, memory, recycling, backoff, cooloff)| Liveness {
+            worker_timeout: timeout.map(ms),
+            hung_grace: ms(grace),
+            max_requests: requests,
+            max_requests_jitter: 5,
+            max_age: age.map(ms),
+            max_age_jitter: ms(100),
+            max_memory: memory.then_some(100),
+            memory_samples: 2,
+            memory_interval: ms(300),
+            max_recycling: recycling,
+            backoff: backoff.map(|(base, max)| Backoff { base: ms(base), max: ms(max) }),
+            cooloff: cooloff.map(ms),
+            ..Liveness::default()
+        })
 }
 
 /// A process as the fake driver sees it.
@@ -202,6 +246,11 @@ impl Fake {
             for (i, cmd) in cmds.iter().enumerate() {
                 self.execute(cmd, i + 1 == cmds.len(), &mut queue)?;
             }
+            // The last route of a batch is the one in force once it is carried out: it must
+            // fit the state the batch left (an earlier one may route away from slots first).
+            if let Some(Command::Route { slots }) = cmds.iter().rev().find(|c| matches!(c, Command::Route { .. })) {
+                self.check_route(slots)?;
+            }
         }
         Ok(())
     }
@@ -241,29 +290,6 @@ impl Fake {
                     "socket {slot} closed while a live process holds it"
                 );
             }
-            Command::Route { slots } => {
-                // To active workers; while there is none, to started ones (never to a slot
-                // without a process, whose socket may not exist yet).
-                let state = |s: usize| self.sup.slots.get(s).and_then(|s| s.current.as_ref()).map(|p| p.state);
-                let any_active = self
-                    .sup
-                    .slots
-                    .iter()
-                    .any(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active));
-                for &s in slots {
-                    prop_assert!(self.sockets.contains(&s), "routed to slot {}, whose socket is not open", s);
-                    if any_active {
-                        prop_assert_eq!(state(s), Some(ProcState::Active), "routed to slot {}", s);
-                    } else {
-                        prop_assert!(
-                            state(s).is_some_and(|st| st != ProcState::Stopping),
-                            "routed to slot {} ({:?}) while none is active",
-                            s,
-                            state(s)
-                        );
-                    }
-                }
-            }
             Command::Report(Report::RestartFinished { tickets, .. }) => self.answered.extend(tickets),
             Command::Exit(_) => {
                 prop_assert!(last, "Exit is not the last command");
@@ -271,6 +297,31 @@ impl Fake {
                 self.done = true;
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// A route: to active workers; while there is none, to started ones (never to a slot
+    /// without a process, whose socket may not exist yet).
+    fn check_route(&self, slots: &[usize]) -> Result<(), TestCaseError> {
+        let state = |s: usize| self.sup.slots.get(s).and_then(|s| s.current.as_ref()).map(|p| p.state);
+        let any_active = self
+            .sup
+            .slots
+            .iter()
+            .any(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active));
+        for &s in slots {
+            prop_assert!(self.sockets.contains(&s), "routed to slot {}, whose socket is not open", s);
+            if any_active {
+                prop_assert_eq!(state(s), Some(ProcState::Active), "routed to slot {}", s);
+            } else {
+                prop_assert!(
+                    state(s).is_some_and(|st| st != ProcState::Stopping),
+                    "routed to slot {} ({:?}) while none is active",
+                    s,
+                    state(s)
+                );
+            }
         }
         Ok(())
     }
@@ -326,6 +377,11 @@ impl Fake {
             Op::Scale(workers) => Some(Event::Scale { workers }),
             Op::Signal(signal) => Some(Event::Signal { signal }),
             Op::SignalWorkers(signal) => Some(Event::SignalWorkers { signal }),
+            Op::Beat(n, served) => self.pick(n, |_| true).map(|key| Event::Beat { key, served, in_flight: 1 }),
+            Op::Memory(over, room) => Some(Event::MemorySampled {
+                readings: self.live.keys().map(|&k| (k, if over { 1000 } else { 10 })).collect(),
+                headroom: Some(if room { 1 << 20 } else { 0 }),
+            }),
         };
         if let Some(event) = event {
             self.feed(event)?;
@@ -343,7 +399,13 @@ impl Fake {
             let after = self.serving();
             let mut lost = 0;
             for &(slot, key) in before {
-                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len();
+                // A worker that hung stops serving by itself; one recycled in place drains
+                // before its replacement starts (there was no room for both).
+                let given_up =
+                    self.sup.slots.get(slot).and_then(|s| s.current.as_ref()).is_some_and(|p| {
+                        p.hung || p.why_stopped.is_some_and(|w| w != crate::stats::ExitReason::Shutdown)
+                    });
+                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len() || given_up;
                 if excused {
                     lost += 1;
                 } else {
@@ -354,9 +416,21 @@ impl Fake {
         }
         // Surge.
         let surging: Vec<usize> = self.sup.slots.iter().filter(|s| s.next.is_some()).map(|s| s.id).collect();
-        prop_assert!(surging.len() <= 1, "replacements in slots {:?}", surging);
-        if let Some(&slot) = surging.first().filter(|_| self.sup.phase == Phase::Running) {
-            prop_assert_eq!(self.sup.rollout.as_ref().and_then(|r| r.current), Some(slot));
+        let most = self.sup.policy.liveness.max_recycling.max(1);
+        prop_assert!(surging.len() <= most, "replacements in slots {:?}", surging);
+        if self.sup.phase == Phase::Running {
+            let rolling = self.sup.rollout.as_ref().and_then(|r| r.current);
+            for &slot in &surging {
+                let recycling = self.sup.slots[slot].recycling.is_some();
+                prop_assert!(
+                    rolling == Some(slot) || (recycling && rolling.is_none()),
+                    "a replacement in slot {}",
+                    slot
+                );
+            }
+            if rolling.is_some() {
+                prop_assert!(surging.len() <= 1, "recycles during a rollout: {:?}", surging);
+            }
         }
         // Bookkeeping: the supervisor's processes are the live ones.
         let tracked: BTreeSet<WorkerKey> = self.sup.procs().map(|(_, p)| p.key).collect();

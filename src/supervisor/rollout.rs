@@ -4,8 +4,8 @@
 
 use std::time::{Instant, SystemTime};
 
-use super::{Command, Notify, Phase, Program, Report, Rollout, SpawnReason, Supervisor};
-use crate::stats::RestartOutcome;
+use super::{Command, Notify, Phase, Program, RecycleReason, Report, Rollout, SpawnReason, Supervisor};
+use crate::stats::{ExitReason, RestartOutcome};
 
 impl Supervisor {
     pub(super) fn on_restart(&mut self, ticket: Option<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
@@ -25,6 +25,8 @@ impl Supervisor {
     }
 
     pub(super) fn start_rollout(&mut self, tickets: Vec<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
+        // The rollout replaces every slot anyway: recycles waiting or under way give way.
+        self.cancel_recycles(now, out);
         self.deploys += 1;
         self.rollout = Some(Rollout {
             queue: (0..self.slots.len()).collect(),
@@ -54,12 +56,12 @@ impl Supervisor {
         let program = r.program;
         r.current = Some(slot);
         let p = self.new_proc(program, now, wall);
-        let key = p.key;
+        self.push_spawn(slot, &p, out);
         let s = &mut self.slots[slot];
-        // The replacement takes the slot over: no respawn or first start on top of it.
+        // The replacement takes the slot over: no respawn, first start or probe on top of it.
         s.next_spawn = None;
+        s.probe_at = None;
         s.next = Some(p);
-        self.push_spawn(slot, key, program, out);
     }
 
     /// The replacement of `slot` failed: stop the rollout there (a queued restart then starts).
@@ -101,26 +103,34 @@ impl Supervisor {
         }
     }
 
-    /// The replacement of `slot` is ready: it takes the slot, and the old worker drains.
+    /// The replacement of `slot` is ready: it takes the slot, and the old worker drains. A
+    /// rollout's replacement also gives a disabled slot a new chance; a recycle's does not
+    /// touch the slot's crash history.
     pub(super) fn promote(&mut self, slot: usize, now: Instant, out: &mut Vec<Command>) {
         let s = &mut self.slots[slot];
+        let recycled = s.recycling.take();
         let Some(new) = s.next.take() else { return };
         let new_pid = new.pid.unwrap_or(0);
         s.program = new.program;
         s.last_start_wall = Some(new.started_wall);
         s.next_spawn = None;
-        // A deploy gives a disabled slot a new chance.
-        s.disabled = false;
-        s.recent_crashes.clear();
+        if recycled.is_none() {
+            // A deploy gives a disabled slot a new chance.
+            s.disabled = false;
+            s.probe_at = None;
+            s.probing = false;
+            s.recent_crashes.clear();
+        }
         let old = s.current.replace(new);
         let old_pid = old.as_ref().and_then(|p| p.pid);
         if let Some(mut old) = old {
-            self.stop(&mut old, now, out);
+            let why = recycled.map_or(ExitReason::Restart, RecycleReason::exit_reason);
+            self.stop(&mut old, why, now, out);
             self.retiring.push((slot, old));
         }
         self.total_restarts += 1;
         self.slots[slot].restarts += 1;
-        if let Some(r) = &mut self.rollout {
+        if let Some(r) = self.rollout.as_mut().filter(|r| r.current == Some(slot)) {
             r.current = None;
             r.replaced += 1;
         }

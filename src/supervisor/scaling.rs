@@ -4,6 +4,7 @@
 use std::time::{Instant, SystemTime};
 
 use super::{Command, MAX_WORKERS, Phase, ProcState, ROUTE_SETTLE, Report, Slot, Supervisor};
+use crate::stats::ExitReason;
 
 impl Supervisor {
     pub(super) fn on_scale(&mut self, workers: usize, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
@@ -27,8 +28,9 @@ impl Supervisor {
                 for mut p in s.current.take().into_iter().chain(s.next.take()) {
                     if self.policy.socket_per_slot && p.state == ProcState::Active {
                         p.stop_at = Some(now + ROUTE_SETTLE);
+                        p.why_stopped.get_or_insert(ExitReason::Scale);
                     } else {
-                        self.stop(&mut p, now, out);
+                        self.stop(&mut p, ExitReason::Scale, now, out);
                     }
                     self.retiring.push((s.id, p));
                 }

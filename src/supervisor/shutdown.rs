@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::{Command, Notify, Outcome, Phase, ProcState, Report, SIGKILL, Supervisor, signal_bit};
-use crate::stats::RestartOutcome;
+use crate::stats::{ExitReason, RestartOutcome};
 
 impl Supervisor {
     pub(super) fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
@@ -28,14 +28,14 @@ impl Supervisor {
                     s.next_spawn = None;
                     for p in s.current.iter_mut().chain(s.next.iter_mut()) {
                         workers += 1;
-                        self.stop(p, now, out);
+                        self.stop(p, ExitReason::Shutdown, now, out);
                     }
                 }
                 self.slots = slots;
                 // Workers of removed slots still waiting for their stop: now.
                 let mut retiring = std::mem::take(&mut self.retiring);
                 for (_, p) in &mut retiring {
-                    self.stop(p, now, out);
+                    self.stop(p, ExitReason::Shutdown, now, out);
                 }
                 self.retiring = retiring;
                 out.push(Command::Report(Report::ShuttingDown { workers }));

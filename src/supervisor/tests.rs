@@ -7,9 +7,9 @@ use super::*;
 use crate::signal::Signal;
 use crate::stats::{ExitStatus, RestartOutcome, WorkerStatus};
 
-const MS: Duration = Duration::from_millis(1);
+pub(super) const MS: Duration = Duration::from_millis(1);
 
-fn policy(workers: usize) -> Policy {
+pub(super) fn policy(workers: usize) -> Policy {
     Policy {
         workers,
         port: 3000,
@@ -22,23 +22,24 @@ fn policy(workers: usize) -> Policy {
         socket_per_slot: true,
         ready_timeout: 2000 * MS,
         bound_signals: Vec::new(),
+        liveness: Liveness::default(),
     }
 }
 
 /// A supervisor with a fake clock and a fake driver that starts processes with pids from 1000.
-struct Harness {
-    sup: Supervisor,
-    t0: Instant,
-    now: Instant,
+pub(super) struct Harness {
+    pub(super) sup: Supervisor,
+    pub(super) t0: Instant,
+    pub(super) now: Instant,
     next_pid: u32,
     /// Every command returned, in order.
-    log: Vec<Command>,
+    pub(super) log: Vec<Command>,
     /// Spawns fail (`ENOENT`) instead of succeeding.
     failing_spawns: bool,
 }
 
 impl Harness {
-    fn new(policy: Policy) -> Harness {
+    pub(super) fn new(policy: Policy) -> Harness {
         let t0 = Instant::now();
         Harness {
             // As the master does: slot 0's socket is open before the first spawn.
@@ -53,7 +54,7 @@ impl Harness {
 
     /// Feeds an event; answers Spawn commands like a driver whose spawns succeed (or fail, with
     /// `failing_spawns`).
-    fn feed(&mut self, event: Event) -> Vec<Command> {
+    pub(super) fn feed(&mut self, event: Event) -> Vec<Command> {
         let mut all = Vec::new();
         let mut queue = VecDeque::from([event]);
         while let Some(ev) = queue.pop_front() {
@@ -74,31 +75,31 @@ impl Harness {
         all
     }
 
-    fn at(&mut self, ms: u64) -> Vec<Command> {
+    pub(super) fn at(&mut self, ms: u64) -> Vec<Command> {
         self.now = self.t0 + Duration::from_millis(ms);
         self.feed(Event::Tick)
     }
 
-    fn key_of(&self, slot: usize) -> WorkerKey {
+    pub(super) fn key_of(&self, slot: usize) -> WorkerKey {
         self.sup.slots[slot].current.as_ref().expect("slot has a process").key
     }
 
-    fn status(&self, slot: usize) -> WorkerStatus {
+    pub(super) fn status(&self, slot: usize) -> WorkerStatus {
         self.sup.slots[slot].status()
     }
 
-    fn exit(&mut self, slot: usize, status: ExitStatus) -> Vec<Command> {
+    pub(super) fn exit(&mut self, slot: usize, status: ExitStatus) -> Vec<Command> {
         let key = self.key_of(slot);
         self.feed(Event::Exited { key, status })
     }
 
-    fn ready(&mut self, slot: usize) -> Vec<Command> {
+    pub(super) fn ready(&mut self, slot: usize) -> Vec<Command> {
         let key = self.key_of(slot);
         self.feed(Event::Ready { key })
     }
 
     /// Starts every slot and makes it ready.
-    fn start_all(&mut self) {
+    pub(super) fn start_all(&mut self) {
         let n = self.sup.slots.len() as u64;
         for i in 0..n {
             self.at(i * 100);
@@ -109,11 +110,11 @@ impl Harness {
     }
 }
 
-fn spawns(cmds: &[Command]) -> Vec<usize> {
+pub(super) fn spawns(cmds: &[Command]) -> Vec<usize> {
     cmds.iter().filter_map(|c| if let Command::Spawn { slot, .. } = c { Some(*slot) } else { None }).collect()
 }
 
-fn reports(cmds: &[Command]) -> Vec<&Report> {
+pub(super) fn reports(cmds: &[Command]) -> Vec<&Report> {
     cmds.iter().filter_map(|c| if let Command::Report(r) = c { Some(r) } else { None }).collect()
 }
 

@@ -16,7 +16,18 @@ impl Supervisor {
         };
         let ready = self.procs().filter_map(|(_, p)| p.ready_due()).min();
         let stops = self.procs().filter_map(|(_, p)| p.stop_deadline.or(p.stop_at)).min();
-        [spawns, ready, stops].into_iter().flatten().min()
+        let running = self.phase == Phase::Running;
+        let probes = self.slots.iter().filter_map(|s| s.probe_at).min().filter(|_| running);
+        let hung = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.as_ref())
+            .filter_map(|p| self.hung_due(p))
+            .min()
+            .filter(|_| running);
+        let ages = (0..self.slots.len()).filter_map(|slot| self.age_due(slot)).min();
+        let samples = self.next_sample.filter(|_| running);
+        [spawns, ready, stops, probes, hung, ages, samples].into_iter().flatten().min()
     }
 
     /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns
@@ -24,10 +35,15 @@ impl Supervisor {
     /// its ready deadline respawns a slot left empty, after a respawn delay that may be zero).
     pub(super) fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         self.expire_unready(now, wall, out);
+        self.expire_silent(now, out);
+        self.recycle_old(now);
+        self.sample_due(now, out);
+        self.probe_due(now, out);
         let shutdown_timeout = self.policy.shutdown_timeout;
         for (_, p) in self.procs_mut() {
             if p.stop_at.is_some_and(|t| t <= now) {
                 p.stop_at = None;
+                p.why_stopped.get_or_insert(crate::stats::ExitReason::Scale);
                 p.state = ProcState::Stopping;
                 p.signalled |= signal_bit(SIGTERM);
                 p.stop_deadline = Some(now + shutdown_timeout);
@@ -39,7 +55,10 @@ impl Supervisor {
             if p.stop_deadline.is_some_and(|d| d <= now) {
                 p.stop_deadline = None;
                 p.signalled |= signal_bit(SIGKILL);
-                overdue.push(slot);
+                // A hung worker's kill was announced with its hang.
+                if !p.hung {
+                    overdue.push(slot);
+                }
                 out.push(Command::Signal { key: p.key, signal: SIGKILL });
             }
         }
@@ -61,7 +80,7 @@ impl Supervisor {
             }
             let program = self.slots[i].program;
             let p = self.new_proc(program, now, wall);
-            let key = p.key;
+            self.push_spawn(i, &p, out);
             let s = &mut self.slots[i];
             if reason == SpawnReason::Respawn {
                 self.total_restarts += 1;
@@ -70,7 +89,23 @@ impl Supervisor {
             s.next_spawn = None;
             s.last_start_wall = Some(wall);
             s.current = Some(p);
-            self.push_spawn(i, key, program, out);
+        }
+    }
+
+    /// Gives the disabled slots whose cool-off is over one probe spawn.
+    fn probe_due(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        for s in &mut self.slots {
+            if s.disabled && s.current.is_none() && s.next.is_none() && s.probe_at.is_some_and(|t| t <= now) {
+                s.probe_at = None;
+                s.disabled = false;
+                s.probing = true;
+                s.recent_crashes.clear();
+                s.next_spawn = Some((now, SpawnReason::Respawn));
+                out.push(Command::Report(Report::Probing { slot: s.id }));
+            }
         }
     }
 
@@ -88,16 +123,19 @@ impl Supervisor {
                 out.push(Command::Report(Report::NotReady { slot: s.id, pid: p.pid.unwrap_or(0), timeout }));
             }
         }
-        if let Some(slot) = self.rollout.as_ref().and_then(|r| r.current)
-            && self.slots[slot].next.as_ref().and_then(|p| p.ready_due()).is_some_and(|d| d <= now)
-            && let Some(mut p) = self.slots[slot].next.take()
-        {
-            p.signalled |= signal_bit(SIGKILL);
-            p.state = ProcState::Stopping;
-            out.push(Command::Signal { key: p.key, signal: SIGKILL });
-            self.retiring.push((slot, p));
-            let reason = format!("the new worker was not ready within {timeout:?}");
-            self.fail_rollout(slot, reason, now, wall, out);
+        // Replacements (a rollout's, a recycle's) past their deadline fail their replacement.
+        for slot in 0..self.slots.len() {
+            if self.slots[slot].next.as_ref().and_then(|p| p.ready_due()).is_some_and(|d| d <= now)
+                && let Some(mut p) = self.slots[slot].next.take()
+            {
+                p.signalled |= signal_bit(SIGKILL);
+                p.state = ProcState::Stopping;
+                p.why_stopped = Some(crate::stats::ExitReason::BootTimeout);
+                out.push(Command::Signal { key: p.key, signal: SIGKILL });
+                self.retiring.push((slot, p));
+                let reason = format!("the new worker was not ready within {timeout:?}");
+                self.fail_replacement(slot, reason, now, wall, out);
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::signal::Signal;
-use crate::stats::{ExitStatus, RestartOutcome};
+use crate::stats::{ExitReason, ExitStatus, RestartOutcome};
 
 /// The most worker slots a cluster accepts. Each slot costs the master a few file descriptors
 /// (a pidfd, a channel and, with `Balance::ReusePort`, a socket); beyond this a count is almost
@@ -41,6 +41,112 @@ pub struct Policy {
     /// [`Command::RunSignalAction`] instead of its default action. `SIGTERM`, `SIGINT` and
     /// `SIGCHLD` keep their meaning whatever is listed.
     pub bound_signals: Vec<Signal>,
+    /// Heartbeats, recycling and crash backoff.
+    pub liveness: Liveness,
+}
+
+/// Liveness and recycling: what the supervisor does with heartbeats, memory readings and
+/// ages, and how it paces respawns after crashes. The default does none of it (the spec's
+/// behaviour), except the worker timeout the front end sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Liveness {
+    /// A ready worker that beat once and then stays silent this long is hung: it is taken out
+    /// of the route at once, signalled with [`hung_signal`](Liveness::hung_signal), killed after
+    /// [`hung_grace`](Liveness::hung_grace), and its exit counts as a crash (`hung`).
+    pub worker_timeout: Option<Duration>,
+    /// The first signal a hung worker gets (so that it can say where it is stuck).
+    pub hung_signal: Signal,
+    /// Time between the hung signal and `SIGKILL`.
+    pub hung_grace: Duration,
+    /// Recycle a worker once it served this many requests (plus up to `max_requests_jitter`).
+    pub max_requests: Option<u64>,
+    /// The most requests added at random to each worker's `max_requests`.
+    pub max_requests_jitter: u64,
+    /// Recycle a worker once it is this old (plus up to `max_age_jitter`).
+    pub max_age: Option<Duration>,
+    /// The most time added at random to each worker's `max_age`.
+    pub max_age_jitter: Duration,
+    /// Recycle a worker whose memory stayed above this many bytes for `memory_samples`
+    /// consecutive readings.
+    pub max_memory: Option<u64>,
+    /// Consecutive readings above `max_memory` that trigger a recycle (at least 1).
+    pub memory_samples: u32,
+    /// Time between memory readings ([`Command::SampleMemory`]).
+    pub memory_interval: Duration,
+    /// Slots that may be recycling at the same time (at least 1).
+    pub max_recycling: usize,
+    /// Exponential backoff between respawns after crashes, instead of the fixed respawn delay.
+    pub backoff: Option<Backoff>,
+    /// A slot disabled by crash protection gets one probe spawn after this long (and again
+    /// after each failed probe), instead of staying disabled for ever.
+    pub cooloff: Option<Duration>,
+    /// Seeds the jitter (the driver gives a random one; tests a fixed one).
+    pub seed: u64,
+}
+
+impl Default for Liveness {
+    fn default() -> Liveness {
+        Liveness {
+            worker_timeout: None,
+            hung_signal: Signal::ABRT,
+            hung_grace: Duration::from_secs(2),
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_age: None,
+            max_age_jitter: Duration::ZERO,
+            max_memory: None,
+            memory_samples: 3,
+            memory_interval: Duration::from_secs(1),
+            max_recycling: 1,
+            backoff: None,
+            cooloff: None,
+            seed: 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+}
+
+/// Exponential backoff between respawns of a slot that keeps crashing: the `n`th crash in a row
+/// waits `base × 2^(n-1)`, at most `max`, of which a random part (up to half) is taken off, so
+/// that slots crashing together do not respawn together. A worker that ran for the crash
+/// window (`respawn_window`) before it crashed starts the sequence again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first delay.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+}
+
+/// Why a worker is recycled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecycleReason {
+    /// It served its request limit.
+    Requests,
+    /// It reached its maximum age.
+    Age,
+    /// Its memory stayed over the limit.
+    Memory,
+}
+
+impl RecycleReason {
+    /// The exit reason of the worker it replaces.
+    pub fn exit_reason(self) -> ExitReason {
+        match self {
+            RecycleReason::Requests => ExitReason::RecycledRequests,
+            RecycleReason::Age => ExitReason::RecycledAge,
+            RecycleReason::Memory => ExitReason::RecycledMemory,
+        }
+    }
+}
+
+impl std::fmt::Display for RecycleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecycleReason::Requests => "it served its request limit",
+            RecycleReason::Age => "it reached its maximum age",
+            RecycleReason::Memory => "its memory stayed over the limit",
+        })
+    }
 }
 
 /// Which program file a worker runs.
@@ -125,6 +231,23 @@ pub enum Event {
         /// What went wrong.
         failure: SteerFailure,
     },
+    /// A worker's heartbeat.
+    Beat {
+        /// The worker.
+        key: WorkerKey,
+        /// Requests it served so far.
+        served: u64,
+        /// Requests in flight.
+        in_flight: u64,
+    },
+    /// The memory readings asked for by [`Command::SampleMemory`].
+    MemorySampled {
+        /// Each running worker's memory, in bytes (workers the driver could not read are left
+        /// out).
+        readings: Vec<(WorkerKey, u64)>,
+        /// How much the cluster's cgroup may still grow before its memory limit, if it has one.
+        headroom: Option<u64>,
+    },
 }
 
 /// Why the driver could not steer connections ([`Event::SteerFailed`]).
@@ -155,6 +278,16 @@ pub enum Command {
         key: WorkerKey,
         /// The program file to execute.
         program: Program,
+        /// The requests after which this worker will be recycled, if any (the worker is told,
+        /// so that it reports promptly when it gets there).
+        request_limit: Option<u64>,
+    },
+    /// Read every running worker's memory; the driver answers with [`Event::MemorySampled`].
+    SampleMemory,
+    /// Log where a worker is (it is hung): its kernel state, system call and threads.
+    Diagnose {
+        /// The worker.
+        key: WorkerKey,
     },
     /// Send a signal to a worker (through its pidfd).
     Signal {
@@ -308,6 +441,8 @@ pub enum Report {
         /// What the status does not say: why a crash is one (a worker killed because it was
         /// not ready in time, a worker reaped elsewhere whose status is lost).
         reason: Option<String>,
+        /// Why it ended, as counted in the statistics.
+        cause: ExitReason,
         /// When it will be started again, if it will.
         respawn_in: Option<Duration>,
     },
@@ -320,6 +455,49 @@ pub enum Report {
         pid: u32,
         /// The ready timeout.
         timeout: Duration,
+    },
+    /// A worker stopped beating for longer than the worker timeout: it is out of the route,
+    /// it got `signal`, and is killed after `grace`.
+    Hung {
+        /// Slot.
+        slot: usize,
+        /// Pid.
+        pid: u32,
+        /// Time since its last heartbeat.
+        silent: Duration,
+        /// The signal it got.
+        signal: Signal,
+        /// Time until `SIGKILL`.
+        grace: Duration,
+    },
+    /// A worker is being recycled: a replacement starts next to it (surge), or, when the
+    /// memory left does not fit one more worker, it drains first (in place).
+    Recycling {
+        /// Slot.
+        slot: usize,
+        /// The worker's pid.
+        pid: u32,
+        /// Why.
+        reason: RecycleReason,
+        /// Drained first, then replaced (no room for a surge worker).
+        in_place: bool,
+    },
+    /// A recycle's replacement could not start or get ready: the old worker keeps serving.
+    RecycleFailed {
+        /// Slot.
+        slot: usize,
+        /// Why.
+        reason: String,
+    },
+    /// A disabled slot gets a probe spawn after its cool-off.
+    Probing {
+        /// Slot.
+        slot: usize,
+    },
+    /// A probe spawn got ready: the slot is enabled again.
+    Reenabled {
+        /// Slot.
+        slot: usize,
     },
     /// Crash protection disabled a slot.
     Disabled {

@@ -75,6 +75,7 @@ impl Supervisor {
             total_cpu_time: Duration::ZERO,
             // The driver's to fill: the supervisor knows no sockets.
             listeners: Vec::new(),
+            exits: self.exits,
         }
     }
 
@@ -95,6 +96,10 @@ impl Supervisor {
                 restarts: s.restarts,
                 rss_bytes: None,
                 cpu_time: None,
+                heartbeat_age: s.current.as_ref().and_then(|p| p.last_beat).map(|t| now.saturating_duration_since(t)),
+                requests: s.current.as_ref().filter(|p| p.last_beat.is_some()).map(|p| p.served),
+                in_flight: s.current.as_ref().filter(|p| p.last_beat.is_some()).map(|p| p.in_flight),
+                last_exit_reason: s.last_exit_reason,
             })
             .collect()
     }
