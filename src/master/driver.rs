@@ -331,6 +331,7 @@ impl Driver {
         for msg in msgs {
             match msg {
                 ToMaster::Ready => events.push_back(Event::Ready { key }),
+                ToMaster::Beat { .. } => {}
                 ToMaster::Stats { id } => {
                     let (cluster, workers) = self.stats_now();
                     let reply = ToWorker::Stats { id, cluster, workers };
