@@ -417,7 +417,7 @@ impl Worker {
     ///   master the server makes progress, and a side thread would keep beating while the
     ///   server is stuck, which is exactly what heartbeats are there to notice.
     /// - An idle server must beat too: a loop blocked in `accept` sends nothing. Wake it at
-    ///   least once per interval (a poll or accept with a timeout shorter than
+    ///   least once per interval (poll the listener with a timeout shorter than
     ///   [`heartbeat_interval`](Worker::heartbeat_interval)).
     /// - A beat that is sent writes one line to the channel, taking the channel's lock: it can
     ///   wait while another thread of the worker writes to the master.

@@ -4,7 +4,10 @@
 //! `GET /` → `Hello from worker <id>! pid=<pid> tag=<tag>`, `GET /slow?ms=N`, `GET /crash`
 //! (abort), `GET /exit?code=N`, `GET /child-env` (the `ECEWO_CLUSTER_*` lines a program the
 //! worker runs sees, one per line: none), `GET /listen-env` (`pid=P LISTEN_PID=… LISTEN_FDS=…
-//! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it). Once every worker is ready the master prints exactly
+//! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it), `GET
+//! /hang?ms=N` (blocks the worker's runtime thread N ms, default 1000, then `hung N`: no
+//! heartbeat meanwhile), `GET /leak?mb=N` (allocates N MiB, default 1, touches every page and
+//! keeps it for the worker's life: `leaked N total T`, T the MiB leaked so far). Once every worker is ready the master prints exactly
 //! one line on stdout: `ready: N workers on port P`. SIGHUP prints `stats: <JSON>` and sends
 //! SIGUSR1 to the workers, unless `--default-sighup` leaves it to the library (a graceful
 //! shutdown).
@@ -568,6 +571,27 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     text(StatusCode::OK, format!("slow {ms}"))
+                }
+                "/hang" => {
+                    // Blocks the worker's runtime thread (a handler making a blocking call):
+                    // nothing else on this runtime runs meanwhile, heartbeats included.
+                    let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
+                    std::thread::sleep(Duration::from_millis(ms));
+                    text(StatusCode::OK, format!("hung {ms}"))
+                }
+                "/leak" => {
+                    // Memory kept for the worker's life, every page touched (resident, not
+                    // just reserved).
+                    static LEAKED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+                    let mb = query_param(&req, "mb").unwrap_or(1).max(0) as usize;
+                    let mut block = vec![0u8; mb.saturating_mul(1 << 20)];
+                    for byte in block.iter_mut().step_by(4096) {
+                        *byte = 1;
+                    }
+                    let mut leaked = LEAKED.lock().unwrap_or_else(|e| e.into_inner());
+                    leaked.push(block);
+                    let total: usize = leaked.iter().map(|b| b.len() >> 20).sum();
+                    text(StatusCode::OK, format!("leaked {mb} total {total}"))
                 }
                 "/crash" => std::process::abort(),
                 "/exit" => std::process::exit(query_param(&req, "code").unwrap_or(0) as i32),
