@@ -21,7 +21,9 @@
 //! the requests served and in flight (every request is counted, from the call of the service
 //! until its response future completes or is dropped). The task runs on the runtime, not on a
 //! thread of its own, on purpose: a runtime stuck in a handler (a blocking call, a busy loop)
-//! stops beating, and the master can tell.
+//! stops beating, and the master can tell. (On a multi-thread runtime the task may run on
+//! another of its threads: only a runtime stuck on every thread stops it. [`run_worker`] and
+//! `Cluster::serve` use a current-thread runtime.)
 
 use std::future::Future;
 use std::io;
