@@ -88,7 +88,7 @@ pub use signal::{Signal, UnknownSignal};
 pub use stats::{
     ClusterStats, ExitCounts, ExitReason, ExitStatus, ListenerStats, RestartOutcome, WorkerStats, WorkerStatus,
 };
-pub use worker::{Listener, Worker};
+pub use worker::{Listener, RequestGuard, Worker};
 
 /// The import rules of the tree (ARCHITECTURE.md, "The tree"), checked on the sources: a
 /// module that reaches into a room it may not touch fails this test.

@@ -58,13 +58,13 @@ impl Driver {
             .env(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
             .env(env::LISTEN_FDS, count.to_string())
             .env(env::LISTEN_FDNAMES, names)
-            .env("ECEWO_CLUSTER_HEARTBEAT_MS", self.m.heartbeat.as_millis().max(1).to_string())
+            .env(env::HEARTBEAT_MS, self.m.heartbeat.as_millis().clamp(1, 86_400_000).to_string())
             .stdin(Stdio::null())
             // Own process group: a terminal's Ctrl-C reaches the master only, which then stops
             // the workers gracefully.
             .process_group(0);
         if let Some(limit) = request_limit {
-            cmd.env("ECEWO_CLUSTER_MAX_REQUESTS", limit.to_string());
+            cmd.env(env::MAX_REQUESTS, limit.max(1).to_string());
         }
         let mut mappings: Vec<FdMapping> = listeners
             .into_iter()

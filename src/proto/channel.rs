@@ -18,7 +18,9 @@ pub(crate) enum ToMaster {
     Ready,
     /// The worker asks for the cluster's statistics; the reply carries the same id.
     Stats { id: u64 },
-    /// A heartbeat: the requests served so far and in flight.
+    /// The worker is alive: its requests served so far and the number in flight now. Sent
+    /// from the serving runtime (or a blocking server's loop), so a worker whose server is
+    /// stuck stops beating.
     Beat { served: u64, in_flight: u64 },
 }
 
@@ -35,4 +37,22 @@ pub(crate) fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     let mut line = serde_json::to_vec(msg).expect("channel messages always serialize");
     line.push(b'\n');
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_beat_round_trips_as_one_tagged_line() {
+        let beat = ToMaster::Beat { served: u64::MAX, in_flight: 3 };
+        let line = encode(&beat);
+        assert_eq!(line, format!("{{\"t\":\"beat\",\"served\":{},\"in_flight\":3}}\n", u64::MAX).into_bytes());
+        assert_eq!(serde_json::from_slice::<ToMaster>(&line).unwrap(), beat);
+        assert_eq!(
+            serde_json::from_str::<ToMaster>(r#"{"t":"beat","served":0,"in_flight":0}"#).unwrap(),
+            ToMaster::Beat { served: 0, in_flight: 0 }
+        );
+        assert!(serde_json::from_str::<ToMaster>(r#"{"t":"beat","served":1}"#).is_err(), "both counts are required");
+    }
 }

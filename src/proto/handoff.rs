@@ -16,11 +16,22 @@ pub(crate) mod env {
     pub const CHANNEL_FD: &str = "ECEWO_CLUSTER_CHANNEL_FD";
     pub const MASTER_PID: &str = "ECEWO_CLUSTER_MASTER_PID";
     pub const SHUTDOWN_TIMEOUT_MS: &str = "ECEWO_CLUSTER_SHUTDOWN_TIMEOUT_MS";
+    /// Optional: the interval the worker beats at, in ms (from 1 ms to one day). Absent: the
+    /// master did not say; a worker that beats uses 1 s.
+    pub const HEARTBEAT_MS: &str = "ECEWO_CLUSTER_HEARTBEAT_MS";
+    /// Optional: the number of requests after which the master recycles this worker (at least
+    /// 1). Absent: no limit.
+    pub const MAX_REQUESTS: &str = "ECEWO_CLUSTER_MAX_REQUESTS";
+
+    /// The optional ones: a master that does not set them must not pass on values it inherited
+    /// itself (see `PRIVATE_ENV`).
+    pub const OPTIONAL: [&str; 2] = [HEARTBEAT_MS, MAX_REQUESTS];
 
     /// All of them: what a worker removes from its environment once read, so that programs it
     /// runs do not inherit them. (`ECEWO_CLUSTER_CPUS` is a user setting, not part of the
     /// hand-off: it stays.)
-    pub const ALL: [&str; 6] = [WORKER_ID, WORKERS, PORT, CHANNEL_FD, MASTER_PID, SHUTDOWN_TIMEOUT_MS];
+    pub const ALL: [&str; 8] =
+        [WORKER_ID, WORKERS, PORT, CHANNEL_FD, MASTER_PID, SHUTDOWN_TIMEOUT_MS, HEARTBEAT_MS, MAX_REQUESTS];
 
     /// The systemd convention for passed sockets (`sd_listen_fds(3)`): how many, from fd 3.
     pub const LISTEN_FDS: &str = "LISTEN_FDS";
@@ -48,7 +59,15 @@ pub(crate) struct WorkerEnv {
     pub channel_fd: i32,
     pub master_pid: u32,
     pub shutdown_timeout: Duration,
+    /// The interval the master expects beats at (`None`: it did not say).
+    pub heartbeat: Option<Duration>,
+    /// The number of requests after which the master recycles this worker (`None`: no limit).
+    pub request_limit: Option<u64>,
 }
+
+/// The longest heartbeat interval a worker accepts: one day (the longest duration the cluster's
+/// options accept).
+pub(crate) const MAX_HEARTBEAT: Duration = Duration::from_secs(24 * 3600);
 
 impl WorkerEnv {
     /// Parses the hand-off from the variables `get` returns: `Ok(None)` without
@@ -68,6 +87,22 @@ impl WorkerEnv {
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| Error::BadInheritance { what: format!("{key}={} is not a number", v.to_string_lossy()) })
         }
+        /// An optional variable: `None` when absent, in `range` or a clear error otherwise.
+        fn optional(
+            get: &impl Fn(&str) -> Option<std::ffi::OsString>,
+            key: &str,
+            range: std::ops::RangeInclusive<u64>,
+        ) -> Result<Option<u64>, Error> {
+            if get(key).is_none() {
+                return Ok(None);
+            }
+            let n: u64 = num(get, key)?;
+            if !range.contains(&n) {
+                let (lo, hi) = (range.start(), range.end());
+                return Err(Error::BadInheritance { what: format!("{key}={n} is not from {lo} to {hi}") });
+            }
+            Ok(Some(n))
+        }
         let mut parsed = WorkerEnv {
             id: num(&get, env::WORKER_ID)?,
             count: num(&get, env::WORKERS)?,
@@ -75,6 +110,9 @@ impl WorkerEnv {
             channel_fd: num(&get, env::CHANNEL_FD)?,
             master_pid: num(&get, env::MASTER_PID)?,
             shutdown_timeout: Duration::from_millis(num(&get, env::SHUTDOWN_TIMEOUT_MS)?),
+            heartbeat: optional(&get, env::HEARTBEAT_MS, 1..=MAX_HEARTBEAT.as_millis() as u64)?
+                .map(Duration::from_millis),
+            request_limit: optional(&get, env::MAX_REQUESTS, 1..=u64::MAX)?,
             listeners: Vec::new(),
         };
         let bad = |what: String| Error::BadInheritance { what };
@@ -109,10 +147,20 @@ impl WorkerEnv {
     }
 }
 
-/// Variables of the master's environment that must not reach workers: they describe the master's
-/// own relationship with systemd.
-pub(crate) const PRIVATE_ENV: [&str; 6] =
-    ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
+/// Variables of the master's environment that must not reach workers: the first six describe
+/// the master's own relationship with systemd; the last two are the optional hand-off
+/// variables, which the master sets only when it has a value (a value it inherited is not
+/// its workers').
+pub(crate) const PRIVATE_ENV: [&str; 8] = [
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    env::OPTIONAL[0],
+    env::OPTIONAL[1],
+];
 
 #[cfg(test)]
 mod tests {
@@ -148,6 +196,47 @@ mod tests {
         assert_eq!((e.id, e.count, e.port, e.master_pid, e.channel_fd), (2, 4, 3000, 77, 5));
         assert_eq!(e.shutdown_timeout, Duration::from_millis(1500));
         assert_eq!(e.listeners, vec![("default".to_owned(), 3), ("admin".to_owned(), 4)]);
+        // The optional variables are absent from FULL.
+        assert_eq!((e.heartbeat, e.request_limit), (None, None));
+    }
+
+    #[test]
+    fn the_optional_variables_parse_when_present() {
+        let mut pairs = FULL.to_vec();
+        pairs.extend([(env::HEARTBEAT_MS, "250"), (env::MAX_REQUESTS, "10000")]);
+        let e = WorkerEnv::parse(env_of(&pairs), 78).unwrap().unwrap();
+        assert_eq!((e.heartbeat, e.request_limit), (Some(Duration::from_millis(250)), Some(10_000)));
+        let mut pairs = FULL.to_vec();
+        pairs.extend([(env::HEARTBEAT_MS, "86400000"), (env::MAX_REQUESTS, "18446744073709551615")]);
+        let e = WorkerEnv::parse(env_of(&pairs), 78).unwrap().unwrap();
+        assert_eq!((e.heartbeat, e.request_limit), (Some(MAX_HEARTBEAT), Some(u64::MAX)));
+        let err = |key: &str, value: &str| {
+            let mut pairs = FULL.to_vec();
+            pairs.push((key, value));
+            WorkerEnv::parse(env_of(&pairs), 78).unwrap_err().to_string()
+        };
+        for (key, value) in [
+            (env::HEARTBEAT_MS, "fast"),
+            (env::HEARTBEAT_MS, ""),
+            (env::HEARTBEAT_MS, "-5"),
+            (env::MAX_REQUESTS, "1e6"),
+            (env::MAX_REQUESTS, "18446744073709551616"),
+        ] {
+            let e = err(key, value);
+            assert!(e.contains(&format!("{key}={value} is not a number")), "{key}={value}: {e}");
+        }
+        assert!(err(env::HEARTBEAT_MS, "0").contains("ECEWO_CLUSTER_HEARTBEAT_MS=0 is not from 1 to 86400000"));
+        assert!(err(env::HEARTBEAT_MS, "86400001").contains("is not from 1 to 86400000"));
+        assert!(err(env::MAX_REQUESTS, "0").contains("ECEWO_CLUSTER_MAX_REQUESTS=0 is not from 1 to"));
+    }
+
+    #[test]
+    fn every_hand_off_variable_is_scrubbed() {
+        for key in env::OPTIONAL {
+            assert!(env::ALL.contains(&key), "{key}: a worker removes it");
+            assert!(PRIVATE_ENV.contains(&key), "{key}: the master never passes on its own");
+        }
+        assert!(env::ALL.iter().all(|k| k.starts_with("ECEWO_CLUSTER_")));
     }
 
     #[test]

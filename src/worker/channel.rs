@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use super::Inner;
 use crate::proto::channel::{MAX_LINE, ToWorker};
@@ -62,6 +63,7 @@ pub(super) fn channel_reader(inner: Arc<Inner>, stream: UnixStream) {
         }
     }
     tracing::warn!(worker = inner.env.id, "the master is gone; draining and exiting");
+    inner.channel_broken.store(true, Ordering::SeqCst);
     *inner.gone.lock().unwrap_or_else(|e| e.into_inner()) = true;
     inner.gone_cv.notify_all();
     #[cfg(feature = "tokio")]

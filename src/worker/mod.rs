@@ -1,5 +1,6 @@
-//! The worker side: the inherited listener, readiness, the channel to the master and the
-//! "master is gone" notice; with the `tokio` feature, [`serve`] runs a server in the worker.
+//! The worker side: the inherited listener, readiness, the channel to the master, heartbeats
+//! and request counts, and the "master is gone" notice; with the `tokio` feature, [`serve`]
+//! runs a server in the worker.
 
 mod channel;
 #[cfg(feature = "tokio")]
@@ -12,7 +13,7 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::proto::channel::{self as messages, ToMaster, ToWorker};
@@ -87,6 +88,127 @@ struct Inner {
     gone_tx: tokio::sync::watch::Sender<bool>,
     pending: Mutex<HashMap<u64, mpsc::SyncSender<ToWorker>>>,
     next_request: AtomicU64,
+    /// Set when the master is gone (by the channel thread, with `gone`) or a beat could not be
+    /// written: later beats fail at once. Read without a lock.
+    channel_broken: AtomicBool,
+    /// Requests served so far (ended), and in flight now: what a beat carries.
+    served: AtomicU64,
+    in_flight: AtomicU64,
+    /// When the last beat was sent: nanoseconds since `epoch`, plus one (0: never).
+    last_beat: AtomicU64,
+    epoch: Instant,
+}
+
+impl Inner {
+    fn new(env: WorkerEnv, listeners: Vec<Inherited>, writer: UnixStream) -> Inner {
+        #[cfg(feature = "tokio")]
+        let (gone_tx, _) = tokio::sync::watch::channel(false);
+        Inner {
+            env,
+            listeners: Mutex::new(listeners),
+            writer: Mutex::new(writer),
+            ready_sent: AtomicBool::new(false),
+            gone: Mutex::new(false),
+            gone_cv: Condvar::new(),
+            #[cfg(feature = "tokio")]
+            gone_tx,
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            channel_broken: AtomicBool::new(false),
+            served: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_beat: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn send(&self, msg: &ToMaster) -> Result<(), Error> {
+        let line = messages::encode(msg);
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&line).map_err(|_| Error::MasterGone)
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.env.heartbeat.unwrap_or(DEFAULT_HEARTBEAT)
+    }
+
+    /// Now, as `last_beat` records it (never 0).
+    fn beat_mark(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Sends a beat now, whenever the last one was.
+    fn beat(&self) -> Result<(), Error> {
+        if self.channel_broken.load(Ordering::Relaxed) {
+            return Err(Error::MasterGone);
+        }
+        self.last_beat.store(self.beat_mark(), Ordering::Relaxed);
+        self.send_beat()
+    }
+
+    fn send_beat(&self) -> Result<(), Error> {
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let served = self.served.load(Ordering::Relaxed);
+        let sent = self.send(&ToMaster::Beat { served, in_flight });
+        if sent.is_err() {
+            self.channel_broken.store(true, Ordering::Relaxed);
+        }
+        sent
+    }
+
+    /// Sends a beat unless one was sent less than a quarter of the interval ago.
+    fn beat_coalesced(&self) -> Result<(), Error> {
+        if self.channel_broken.load(Ordering::Relaxed) {
+            return Err(Error::MasterGone);
+        }
+        let last = self.last_beat.load(Ordering::Relaxed);
+        let now = self.beat_mark();
+        let quarter = u64::try_from((self.heartbeat_interval() / 4).as_nanos()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < quarter {
+            return Ok(());
+        }
+        // One caller per window sends: another thread that got here first beats for us.
+        if self.last_beat.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err() {
+            return Ok(());
+        }
+        self.send_beat()
+    }
+}
+
+/// The heartbeat interval when the master does not say.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// One request in flight in this worker, from [`Worker::track_request`]: counted in flight
+/// while it lives, then served once dropped (whether the request succeeded, failed or was
+/// abandoned). Cheap: a few atomic operations, no allocation, no lock.
+///
+/// # Caveats
+///
+/// When the served count reaches the worker's request limit (set by the master, which then
+/// recycles the worker), the drop that reaches it sends a beat at once (one write to the
+/// channel), so the master learns promptly.
+#[must_use = "the request counts as in flight only while the guard lives: bind it (`let _guard = …`) for the request's duration"]
+pub struct RequestGuard {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RequestGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestGuard").field("worker", &self.inner.env.id).finish_non_exhaustive()
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let served = self.inner.served.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        // Exactly one guard sees the count reach the limit.
+        if self.inner.env.request_limit == Some(served)
+            && let Err(e) = self.inner.beat()
+        {
+            tracing::debug!("the beat at the request limit ({served}) was not sent: {e}");
+        }
+    }
 }
 
 /// How long a worker waits for the master to answer a query.
@@ -119,20 +241,7 @@ impl Worker {
         let chan = UnixStream::from(chan);
         let reader = chan.try_clone().map_err(Error::io("cannot clone the worker channel"))?;
         set_process_name();
-        #[cfg(feature = "tokio")]
-        let (gone_tx, _) = tokio::sync::watch::channel(false);
-        let inner = Arc::new(Inner {
-            env,
-            listeners: Mutex::new(listeners),
-            writer: Mutex::new(chan),
-            ready_sent: AtomicBool::new(false),
-            gone: Mutex::new(false),
-            gone_cv: Condvar::new(),
-            #[cfg(feature = "tokio")]
-            gone_tx,
-            pending: Mutex::new(HashMap::new()),
-            next_request: AtomicU64::new(1),
-        });
+        let inner = Arc::new(Inner::new(env, listeners, chan));
         let for_thread = inner.clone();
         std::thread::Builder::new()
             .name("ecewo-channel".into())
@@ -272,9 +381,80 @@ impl Worker {
     }
 
     fn send(&self, msg: &ToMaster) -> Result<(), Error> {
-        let line = messages::encode(msg);
-        let mut w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-        w.write_all(&line).map_err(|_| Error::MasterGone)
+        self.inner.send(msg)
+    }
+
+    /// Tells the master this worker is alive, with its request counts
+    /// ([`requests_served`](Worker::requests_served),
+    /// [`requests_in_flight`](Worker::requests_in_flight)): for servers that do not use
+    /// `serve::serve`, which beats by itself from its runtime. Call it from the serving loop,
+    /// as often as once per request: at most one beat is sent per quarter of the
+    /// [`heartbeat_interval`](Worker::heartbeat_interval), and the other calls return `Ok` at
+    /// once without sending (an atomic load and a clock read).
+    ///
+    /// ```no_run
+    /// # fn f(worker: ecewo_cluster::Worker) -> Result<(), ecewo_cluster::Error> {
+    /// let listener = worker.listener()?;
+    /// worker.ready()?;
+    /// for conn in listener.incoming() {
+    ///     let _request = worker.track_request(); // in flight until the end of the iteration
+    ///     // ... serve the connection ...
+    /// #   let _ = conn;
+    ///     worker.heartbeat()?;
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MasterGone`] once the master is gone (or the channel to it is broken): stop
+    /// serving and exit.
+    ///
+    /// # Caveats
+    ///
+    /// - Beat from the thread that serves, never from a thread of its own: a beat tells the
+    ///   master the server makes progress, and a side thread would keep beating while the
+    ///   server is stuck, which is exactly what heartbeats are there to notice.
+    /// - An idle server must beat too: a loop blocked in `accept` sends nothing. Wake it at
+    ///   least once per interval (poll the listener with a timeout shorter than
+    ///   [`heartbeat_interval`](Worker::heartbeat_interval)).
+    /// - A beat that is sent writes one line to the channel, taking the channel's lock: it can
+    ///   wait while another thread of the worker writes to the master.
+    pub fn heartbeat(&self) -> Result<(), Error> {
+        self.inner.beat_coalesced()
+    }
+
+    /// The interval this worker should beat at ([`heartbeat`](Worker::heartbeat)): the master's
+    /// (from 1 ms to one day), or 1 s when the master did not say.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.inner.heartbeat_interval()
+    }
+
+    /// Counts one request in flight until the returned guard is dropped, then counts it served
+    /// (what beats carry, and what the master's request limit counts). `serve::serve` does it
+    /// for every request; blocking servers call it as a request starts and keep the guard until
+    /// it ends. Cheap, no lock, no allocation; callable from any thread.
+    ///
+    /// # Caveats
+    ///
+    /// The drop that brings the served count to the worker's request limit (when the master
+    /// set one) sends a beat at once, so the master can recycle the worker promptly; the worker
+    /// keeps serving until the master asks it to stop.
+    pub fn track_request(&self) -> RequestGuard {
+        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        RequestGuard { inner: self.inner.clone() }
+    }
+
+    /// The requests this worker has served so far (each guard of
+    /// [`track_request`](Worker::track_request) dropped).
+    pub fn requests_served(&self) -> u64 {
+        self.inner.served.load(Ordering::Relaxed)
+    }
+
+    /// The requests in flight now (guards of [`track_request`](Worker::track_request) alive).
+    pub fn requests_in_flight(&self) -> u64 {
+        self.inner.in_flight.load(Ordering::Relaxed)
     }
 
     /// True once the master is gone (its channel reached EOF): the worker should drain and exit.
@@ -340,6 +520,44 @@ impl Worker {
         match result? {
             ToWorker::Stats { cluster, workers, .. } => Ok((cluster, workers)),
         }
+    }
+}
+
+#[cfg(test)]
+impl Worker {
+    /// A worker whose channel is `writer` (the test holds the master's end), with no channel
+    /// thread (whose EOF handling would end the test process).
+    pub(crate) fn for_test(heartbeat: Option<Duration>, request_limit: Option<u64>) -> (Worker, UnixStream) {
+        let (writer, master) = UnixStream::pair().unwrap();
+        let env = WorkerEnv {
+            id: 0,
+            count: 1,
+            port: 1,
+            listeners: Vec::new(),
+            channel_fd: -1,
+            master_pid: 1,
+            shutdown_timeout: Duration::from_secs(1),
+            heartbeat,
+            request_limit,
+        };
+        master.set_nonblocking(true).unwrap();
+        (Worker { inner: Arc::new(Inner::new(env, Vec::new(), writer)) }, master)
+    }
+
+    /// The messages the master's end has received so far (it is non-blocking).
+    pub(crate) fn received(master: &UnixStream) -> Vec<ToMaster> {
+        use std::io::Read;
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&*master).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect()
     }
 }
 
@@ -484,6 +702,101 @@ mod tests {
         // Sockets passed for another process are refused.
         let err = detect(hand_off(&fd, &me), Me { pid: child.pid + 1, ..child }).unwrap_err();
         assert!(err.to_string().contains("is not this process"), "{err}");
+    }
+
+    fn beat(served: u64, in_flight: u64) -> ToMaster {
+        ToMaster::Beat { served, in_flight }
+    }
+
+    #[test]
+    fn heartbeats_are_coalesced_to_one_per_quarter_interval() {
+        let (worker, _master) = Worker::for_test(None, None);
+        assert_eq!(worker.heartbeat_interval(), Duration::from_secs(1), "the default");
+        // A 4 s interval: one beat per second at most, whatever the callers.
+        let (worker, master) = Worker::for_test(Some(Duration::from_secs(4)), None);
+        assert_eq!(worker.heartbeat_interval(), Duration::from_secs(4));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        worker.heartbeat().unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(Worker::received(&master), vec![beat(0, 0)], "4000 calls from 4 threads, one beat");
+        // A 40 ms interval: a call 15 ms after a beat sends the next one.
+        let (worker, master) = Worker::for_test(Some(Duration::from_millis(40)), None);
+        worker.heartbeat().unwrap();
+        worker.heartbeat().unwrap();
+        assert_eq!(Worker::received(&master).len(), 1);
+        std::thread::sleep(Duration::from_millis(15));
+        let _request = worker.track_request();
+        worker.heartbeat().unwrap();
+        assert_eq!(Worker::received(&master), vec![beat(0, 1)], "the next beat, with the counts of now");
+    }
+
+    #[test]
+    fn a_heartbeat_after_the_master_is_gone_is_an_error() {
+        let (worker, master) = Worker::for_test(Some(Duration::from_secs(60)), None);
+        drop(master);
+        assert!(matches!(worker.heartbeat(), Err(Error::MasterGone)), "the write fails");
+        assert!(matches!(worker.heartbeat(), Err(Error::MasterGone)), "and so does every later call");
+        // The channel thread's notice is seen within the window, without a write.
+        let (worker, _master) = Worker::for_test(Some(Duration::from_secs(60)), None);
+        worker.heartbeat().unwrap();
+        worker.inner.channel_broken.store(true, Ordering::SeqCst);
+        assert!(matches!(worker.heartbeat(), Err(Error::MasterGone)));
+    }
+
+    #[test]
+    fn request_guards_count_in_flight_then_served() {
+        let (worker, _master) = Worker::for_test(None, None);
+        assert_eq!((worker.requests_served(), worker.requests_in_flight()), (0, 0));
+        let a = worker.track_request();
+        let b = worker.clone().track_request();
+        assert_eq!((worker.requests_served(), worker.requests_in_flight()), (0, 2));
+        drop(a);
+        assert_eq!((worker.requests_served(), worker.requests_in_flight()), (1, 1));
+        drop(b);
+        assert_eq!((worker.requests_served(), worker.requests_in_flight()), (2, 0));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..1000 {
+                        let _guard = worker.track_request();
+                        assert!(worker.requests_in_flight() >= 1);
+                    }
+                });
+            }
+        });
+        assert_eq!((worker.requests_served(), worker.requests_in_flight()), (4002, 0));
+    }
+
+    #[test]
+    fn reaching_the_request_limit_beats_at_once_and_only_once() {
+        // A day's interval: only the limit can make a beat within the window.
+        let (worker, master) = Worker::for_test(Some(Duration::from_secs(24 * 3600)), Some(3));
+        worker.heartbeat().unwrap();
+        assert_eq!(Worker::received(&master), vec![beat(0, 0)]);
+        let guards: Vec<RequestGuard> = (0..4).map(|_| worker.track_request()).collect();
+        let mut guards = guards.into_iter();
+        drop(guards.next());
+        drop(guards.next());
+        worker.heartbeat().unwrap();
+        assert_eq!(Worker::received(&master), vec![], "below the limit, coalesced");
+        drop(guards.next());
+        assert_eq!(Worker::received(&master), vec![beat(3, 1)], "the limit is reached: a beat now");
+        drop(guards.next());
+        drop(worker.track_request());
+        worker.heartbeat().unwrap();
+        assert_eq!(Worker::received(&master), vec![], "past the limit: back to the interval");
+        assert_eq!(worker.requests_served(), 5);
+        // The limit's beat restarts the window, like any beat.
+        let (worker, master) = Worker::for_test(Some(Duration::from_secs(24 * 3600)), Some(1));
+        drop(worker.track_request());
+        worker.heartbeat().unwrap();
+        assert_eq!(Worker::received(&master), vec![beat(1, 0)]);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! - [`listener`] turns the inherited socket into a `tokio::net::TcpListener`;
 //! - [`shutdown_signal`] completes on SIGTERM or when the master is gone;
 //! - [`serve`] runs any tower service (an axum `Router`, a hyper service adapted with tower) on
-//!   the worker's socket over HTTP/1.1 and HTTP/2, reports readiness once it accepts, and drains
-//!   gracefully;
+//!   the worker's socket over HTTP/1.1 and HTTP/2, reports readiness once it accepts, beats,
+//!   counts requests, and drains gracefully;
 //! - [`Cluster::serve`](crate::Cluster::serve) does it all from `main`: init, then supervise or
 //!   serve.
 //!
@@ -15,6 +15,15 @@
 //! `Connection: close`; after [`ServeOptions::idle_grace`], close HTTP/1 connections that are
 //! still idle; finish in-flight requests; give up after [`ServeOptions::drain_timeout`] and
 //! return.
+//!
+//! Heartbeats: while it serves (from readiness to the start of the drain), [`serve`] sends the
+//! master a beat every [`Worker::heartbeat_interval`] from a task on the serving runtime, with
+//! the requests served and in flight (every request is counted, from the call of the service
+//! until its response future completes or is dropped). The task runs on the runtime, not on a
+//! thread of its own, on purpose: a runtime stuck in a handler (a blocking call, a busy loop)
+//! stops beating, and the master can tell. (On a multi-thread runtime the task may run on
+//! another of its threads: only a runtime stuck on every thread stops it. [`run_worker`] and
+//! `Cluster::serve` use a current-thread runtime.)
 
 use std::future::Future;
 use std::io;
@@ -29,10 +38,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Notify, watch};
+use tokio::time::MissedTickBehavior;
 
 use crate::error::Error;
 use crate::stats::{ClusterStats, WorkerStats};
-use crate::worker::Worker;
+use crate::worker::{RequestGuard, Worker};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -324,6 +334,8 @@ fn take_all(worker: &Worker) -> Result<Vec<(String, Accepting)>, Error> {
 /// Starts connection tasks: what every connection shares.
 struct Spawner {
     builder: auto::Builder<TokioExecutor>,
+    /// Counts every request.
+    worker: Worker,
     /// Read by every response (no lock on the request path): `true` once the drain started.
     draining: Arc<AtomicBool>,
     /// Watched by every connection task (which holds a receiver until its connection ends).
@@ -360,7 +372,12 @@ impl Spawner {
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let conn_kind = Arc::new(ConnKind::default());
-        let svc = DrainService { inner: service.clone(), draining: self.draining.clone(), conn: conn_kind.clone() };
+        let svc = DrainService {
+            inner: service.clone(),
+            draining: self.draining.clone(),
+            conn: conn_kind.clone(),
+            worker: self.worker.clone(),
+        };
         let builder = self.builder.clone();
         let (mut for_h2, mut for_all) = (self.phase.clone(), self.phase.clone());
         tokio::spawn(async move {
@@ -407,10 +424,12 @@ where
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let spawner = Spawner {
         builder: auto::Builder::new(TokioExecutor::new()),
+        worker: worker.clone(),
         draining: Arc::new(AtomicBool::new(false)),
         phase: phase_rx,
     };
     worker.ready()?;
+    let heartbeat = spawn_heartbeat(worker);
     // Accept from whichever listener has a connection, starting the scan one further each
     // time so that a busy listener cannot starve the others.
     let mut next = 0usize;
@@ -438,6 +457,8 @@ where
             }
         }
     };
+    // Serving stops: so do the beats (a draining worker is on its way out).
+    drop(heartbeat);
     spawner.draining.store(true, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Draining);
     if why == Stop::Term {
@@ -455,6 +476,35 @@ where
         tracing::warn!("drain timeout ({drain_timeout:?}) reached with connections still open; exiting");
     }
     Ok(())
+}
+
+/// A task that is aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Starts the task that beats every heartbeat interval, the first beat at once, on the current
+/// runtime (never a thread of its own: a stuck runtime must stop beating), until the returned
+/// handle is dropped or the master is gone.
+fn spawn_heartbeat(worker: &Worker) -> AbortOnDrop {
+    let worker = worker.clone();
+    AbortOnDrop(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(worker.heartbeat_interval());
+        // After a stall, one beat as soon as the runtime runs again, then a full interval: no
+        // burst of make-up beats.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = worker.inner.beat() {
+                tracing::debug!("heartbeats stop: {e}");
+                return;
+            }
+        }
+    }))
 }
 
 /// Where a drain stands, as connection tasks see it (ordered).
@@ -538,18 +588,20 @@ impl ConnKind {
 
 /// Wraps the user's service: while draining, every HTTP/1 response carries `Connection: close`,
 /// so keep-alive clients learn to reconnect (to another worker) before the connection is closed;
-/// and it tells the connection's task when the connection turns out to be HTTP/2 (closed by a
-/// GOAWAY as soon as the drain starts instead).
+/// it tells the connection's task when the connection turns out to be HTTP/2 (closed by a
+/// GOAWAY as soon as the drain starts instead); and it counts every request in the worker's
+/// counters (in flight until its response future completes or is dropped, then served).
 #[derive(Clone)]
 struct DrainService<S> {
     inner: S,
     draining: Arc<AtomicBool>,
     conn: Arc<ConnKind>,
+    worker: Worker,
 }
 
-impl<S, B> tower_service::Service<Request<Incoming>> for DrainService<S>
+impl<S, B, R> tower_service::Service<Request<R>> for DrainService<S>
 where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>>,
+    S: tower_service::Service<Request<R>, Response = Response<B>>,
 {
     type Response = Response<B>;
     type Error = S::Error;
@@ -559,23 +611,26 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<R>) -> Self::Future {
         let version = req.version();
         self.conn.saw(version);
         // `Connection` is an HTTP/1 header (HTTP/2 forbids it).
         let http1 = version < Version::HTTP_2;
-        DrainFuture { inner: self.inner.call(req), draining: self.draining.clone(), http1 }
+        let request = Some(self.worker.track_request());
+        DrainFuture { inner: self.inner.call(req), draining: self.draining.clone(), http1, request }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`DrainService`]: the inner one, plus the header while draining.
-    /// (No allocation per request: this is on every request's path.)
+    /// The response future of [`DrainService`]: the inner one, plus the header while draining,
+    /// and the request's count. (No allocation per request: this is on every request's path.)
     struct DrainFuture<F> {
         #[pin]
         inner: F,
         draining: Arc<AtomicBool>,
         http1: bool,
+        // In flight until the response is ready (then dropped) or this future is dropped.
+        request: Option<RequestGuard>,
     }
 }
 
@@ -587,7 +642,9 @@ where
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.project();
-        let mut resp = std::task::ready!(this.inner.poll(cx))?;
+        let done = std::task::ready!(this.inner.poll(cx));
+        drop(this.request.take());
+        let mut resp = done?;
         if *this.http1 && this.draining.load(Ordering::Relaxed) {
             resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         }
@@ -699,6 +756,102 @@ mod tests {
         let http1 = ConnKind::default();
         http1.saw(Version::HTTP_11);
         assert!(rt.block_on(async { tokio::time::timeout(Duration::from_millis(50), http1.http2()).await }).is_err());
+    }
+
+    /// A service whose response is ready after `ms` (never, for `None`).
+    #[derive(Clone)]
+    struct After(Option<u64>);
+
+    impl tower_service::Service<Request<()>> for After {
+        type Response = Response<()>;
+        type Error = std::convert::Infallible;
+        type Future = std::pin::Pin<Box<dyn Future<Output = Result<Response<()>, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            let after = self.0;
+            Box::pin(async move {
+                match after {
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                    None => std::future::pending().await,
+                }
+                Ok(Response::new(()))
+            })
+        }
+    }
+
+    #[test]
+    fn every_request_is_counted_until_its_response_is_ready_or_dropped() {
+        use tower_service::Service;
+        let rt = runtime();
+        let (worker, _master) = Worker::for_test(None, None);
+        let counts = || (worker.requests_served(), worker.requests_in_flight());
+        let service = |after| DrainService {
+            inner: After(after),
+            draining: Arc::new(AtomicBool::new(false)),
+            conn: Arc::new(ConnKind::default()),
+            worker: worker.clone(),
+        };
+        // Answered: served once the response is ready, before the future is dropped.
+        let mut answered = service(Some(10)).call(Request::new(()));
+        assert_eq!(counts(), (0, 1));
+        let resp = rt.block_on(&mut answered);
+        assert!(resp.is_ok());
+        assert_eq!(counts(), (1, 0));
+        drop(answered);
+        assert_eq!(counts(), (1, 0), "counted once");
+        // Abandoned (a client gone, a drain timed out), polled or not: served too.
+        let never_polled = service(None).call(Request::new(()));
+        let mut pending = service(None).call(Request::new(()));
+        rt.block_on(async {
+            assert!(tokio::time::timeout(Duration::from_millis(10), &mut pending).await.is_err());
+        });
+        assert_eq!(counts(), (1, 2));
+        drop(never_polled);
+        assert_eq!(counts(), (2, 1));
+        drop(pending);
+        assert_eq!(counts(), (3, 0));
+    }
+
+    #[test]
+    fn the_heartbeat_task_beats_on_the_runtime_and_only_while_it_runs() {
+        use crate::proto::channel::ToMaster;
+        let (worker, master) = Worker::for_test(Some(Duration::from_millis(50)), None);
+        let beats = || Worker::received(&master);
+        runtime().block_on(async {
+            let _request = worker.track_request();
+            let task = spawn_heartbeat(&worker);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(beats(), vec![ToMaster::Beat { served: 0, in_flight: 1 }], "the first beat, at once");
+            // The runtime's thread is blocked (a handler sleeping): no beat, however long.
+            std::thread::sleep(Duration::from_millis(200));
+            assert_eq!(beats(), vec![], "a stuck runtime does not beat");
+            // Running again: one beat at once (no burst of make-up beats), then one per interval.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert_eq!(beats().len(), 1);
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            let n = beats().len();
+            assert!((1..=3).contains(&n), "{n} beats in 120 ms at 50 ms");
+            drop(task);
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            assert_eq!(beats(), vec![], "stopped with its handle");
+        });
+        // The master gone: the task ends by itself.
+        let (worker, master) = Worker::for_test(Some(Duration::from_millis(10)), None);
+        drop(master);
+        runtime().block_on(async {
+            let task = spawn_heartbeat(&worker);
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while !task.0.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the task ends when its beat cannot be sent");
+        });
     }
 
     #[test]

@@ -4,7 +4,10 @@
 //! `GET /` → `Hello from worker <id>! pid=<pid> tag=<tag>`, `GET /slow?ms=N`, `GET /crash`
 //! (abort), `GET /exit?code=N`, `GET /child-env` (the `ECEWO_CLUSTER_*` lines a program the
 //! worker runs sees, one per line: none), `GET /listen-env` (`pid=P LISTEN_PID=… LISTEN_FDS=…
-//! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it). Once every worker is ready the master prints exactly
+//! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it), `GET
+//! /hang?ms=N` (blocks the worker's runtime thread N ms, default 1000, then `hung N`: no
+//! heartbeat meanwhile), `GET /leak?mb=N` (allocates N MiB, default 1, touches every page and
+//! keeps it for the worker's life: `leaked N total T`, T the MiB leaked so far). Once every worker is ready the master prints exactly
 //! one line on stdout: `ready: N workers on port P`. SIGHUP prints `stats: <JSON>` and sends
 //! SIGUSR1 to the workers, unless `--default-sighup` leaves it to the library (a graceful
 //! shutdown).
@@ -126,6 +129,58 @@ struct Args {
     /// The workers' `ServeOptions::idle_grace`, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     idle_grace_ms: u64,
+    /// A ready worker silent (no heartbeat) this long is hung: routed away, signalled, killed
+    /// (0: no check; default: the library's, 30 s).
+    #[arg(long)]
+    worker_timeout_ms: Option<u64>,
+    /// How often workers beat (default: the library's, 1 s at most).
+    #[arg(long)]
+    heartbeat_ms: Option<u64>,
+    /// Time between a hung worker's first signal (SIGABRT) and SIGKILL.
+    #[arg(long, default_value_t = 2000)]
+    hung_grace_ms: u64,
+    /// The signal a hung worker gets first (a name such as `SIGQUIT` or a number).
+    #[arg(long, default_value = "SIGABRT")]
+    hung_signal: Signal,
+    /// Recycle each worker after it served this many requests.
+    #[arg(long)]
+    max_requests: Option<u64>,
+    /// Up to this many requests are added at random to each worker's --max-requests.
+    #[arg(long, default_value_t = 0)]
+    max_requests_jitter: u64,
+    /// Recycle each worker once it is this old.
+    #[arg(long)]
+    max_age_ms: Option<u64>,
+    /// Up to this long is added at random to each worker's --max-age-ms.
+    #[arg(long, default_value_t = 0)]
+    max_age_jitter_ms: u64,
+    /// Recycle a worker whose memory stays above this many MiB.
+    #[arg(long)]
+    max_memory_mb: Option<u64>,
+    /// What --max-memory-mb is compared with: rss or pss.
+    #[arg(long, default_value = "rss")]
+    memory_measure: ecewo_cluster::MemoryMeasure,
+    /// Time between memory readings, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    memory_check_ms: u64,
+    /// Readings in a row above --max-memory-mb that trigger a recycle.
+    #[arg(long, default_value_t = 3)]
+    memory_samples: u32,
+    /// Slots that may recycle at the same time.
+    #[arg(long, default_value_t = 1)]
+    max_recycling: usize,
+    /// Exponential backoff between respawns after crashes, `BASE:MAX` in milliseconds.
+    #[arg(long, value_name = "BASE:MAX", value_parser = parse_backoff)]
+    respawn_backoff_ms: Option<(u64, u64)>,
+    /// A slot disabled by crash protection gets a probe spawn after this long.
+    #[arg(long)]
+    respawn_cooloff_ms: Option<u64>,
+}
+
+fn parse_backoff(s: &str) -> Result<(u64, u64), String> {
+    let (base, max) = s.split_once(':').ok_or_else(|| format!("{s:?}: use BASE:MAX (milliseconds)"))?;
+    let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{v:?} is not a number of milliseconds ({e})"));
+    Ok((num(base)?, num(max)?))
 }
 
 /// Where a `--listen` listener listens.
@@ -277,6 +332,42 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 e.crash
             ))
         });
+    let ms = Duration::from_millis;
+    let cluster = cluster
+        .hung_signal(args.hung_signal, ms(args.hung_grace_ms))
+        .max_requests_jitter(args.max_requests_jitter)
+        .max_age_jitter(ms(args.max_age_jitter_ms))
+        .memory_measure(args.memory_measure)
+        .memory_check(ms(args.memory_check_ms), args.memory_samples)
+        .max_recycling(args.max_recycling);
+    let cluster = match args.worker_timeout_ms {
+        Some(t) => cluster.worker_timeout(ms(t)),
+        None => cluster,
+    };
+    let cluster = match args.heartbeat_ms {
+        Some(t) => cluster.heartbeat_interval(ms(t)),
+        None => cluster,
+    };
+    let cluster = match args.max_requests {
+        Some(n) => cluster.max_requests(n),
+        None => cluster,
+    };
+    let cluster = match args.max_age_ms {
+        Some(t) => cluster.max_age(ms(t)),
+        None => cluster,
+    };
+    let cluster = match args.max_memory_mb {
+        Some(mb) => cluster.max_memory(mb.saturating_mul(1 << 20)),
+        None => cluster,
+    };
+    let cluster = match args.respawn_backoff_ms {
+        Some((base, max)) => cluster.respawn_backoff(ms(base), ms(max)),
+        None => cluster,
+    };
+    let cluster = match args.respawn_cooloff_ms {
+        Some(t) => cluster.respawn_cooloff(ms(t)),
+        None => cluster,
+    };
     let cluster = if args.listen.is_empty() {
         cluster
     } else {
@@ -568,6 +659,27 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
                     tokio::time::sleep(Duration::from_millis(ms)).await;
                     text(StatusCode::OK, format!("slow {ms}"))
+                }
+                "/hang" => {
+                    // Blocks the worker's runtime thread (a handler making a blocking call):
+                    // nothing else on this runtime runs meanwhile, heartbeats included.
+                    let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
+                    std::thread::sleep(Duration::from_millis(ms));
+                    text(StatusCode::OK, format!("hung {ms}"))
+                }
+                "/leak" => {
+                    // Memory kept for the worker's life, every page touched (resident, not
+                    // just reserved).
+                    static LEAKED: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+                    let mb = query_param(&req, "mb").unwrap_or(1).max(0) as usize;
+                    let mut block = vec![0u8; mb.saturating_mul(1 << 20)];
+                    for byte in block.iter_mut().step_by(4096) {
+                        *byte = 1;
+                    }
+                    let mut leaked = LEAKED.lock().unwrap_or_else(|e| e.into_inner());
+                    leaked.push(block);
+                    let total: usize = leaked.iter().map(|b| b.len() >> 20).sum();
+                    text(StatusCode::OK, format!("leaked {mb} total {total}"))
                 }
                 "/crash" => std::process::abort(),
                 "/exit" => std::process::exit(query_param(&req, "code").unwrap_or(0) as i32),
