@@ -1,10 +1,11 @@
-//! Readings from `/proc`: a process's memory (RSS or PSS) and CPU time, this process's thread
-//! count.
+//! Readings from `/proc` and the cgroup file system: a process's memory and CPU time, this
+//! process's thread count, how much memory this process's cgroup may still take.
 //!
 //! Every reading is a plain file read: none blocks, none panics, and a process that is gone (or
 //! a file that is unreadable) gives `None`. The parsing is done by pure functions of the file's
 //! text, so that the tests can feed them fixtures.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::stats::{ClusterStats, WorkerStats};
@@ -96,8 +97,119 @@ fn smaps_rollup_pss(rollup: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The cgroup's memory limit
+
+/// Where the cgroup v2 hierarchy is mounted.
+const CGROUP2_ROOT: &str = "/sys/fs/cgroup";
+/// Where the cgroup v1 `memory` controller is mounted.
+const CGROUP1_MEMORY_ROOT: &str = "/sys/fs/cgroup/memory";
+/// A cgroup v1 limit this high means none: "unlimited" is written as the largest page-aligned
+/// signed 64-bit value (`9223372036854771712`).
+const CGROUP1_NO_LIMIT: u64 = 1 << 60;
+
+/// How many bytes this process's cgroup may still grow before it reaches its memory limit: the
+/// smallest `limit − usage` of its cgroup and of every parent cgroup (a parent's limit bounds its
+/// whole subtree), saturating at 0. `None` when no limit applies or none can be read.
+///
+/// cgroup v2: the `0::/path` line of `/proc/self/cgroup`, then `memory.max` (`max`: no limit)
+/// minus `memory.current` under `/sys/fs/cgroup/path` and each of its parents. cgroup v1 (or a
+/// hybrid system, whose `memory` controller is v1): the line naming the `memory` controller, then
+/// `memory.limit_in_bytes` (≥ 2^60: no limit) minus `memory.usage_in_bytes` under
+/// `/sys/fs/cgroup/memory/path` and its parents. Walking up to the mount point's root also finds
+/// a container's own cgroup when it is mounted there while `/proc/self/cgroup` names a host path.
+#[allow(dead_code)] // used by the master's liveness checks (issue 11)
+pub(crate) fn cgroup_memory_headroom() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    headroom_from(&cgroup, |path| std::fs::read_to_string(path).ok())
+}
+
+/// [`cgroup_memory_headroom`] with its file reads done by `read` (a fake file system in tests):
+/// `cgroup` is the text of `/proc/self/cgroup`.
+fn headroom_from(cgroup: &str, read: impl Fn(&Path) -> Option<String>) -> Option<u64> {
+    let v2 = cgroup_v2_path(cgroup)
+        .into_iter()
+        .flat_map(|path| cgroup_dirs(CGROUP2_ROOT, path))
+        .filter_map(|dir| room_in(&dir, &read, "memory.max", "memory.current", parse_v2_limit));
+    let v1 = cgroup_v1_memory_path(cgroup)
+        .into_iter()
+        .flat_map(|path| cgroup_dirs(CGROUP1_MEMORY_ROOT, path))
+        .filter_map(|dir| room_in(&dir, &read, "memory.limit_in_bytes", "memory.usage_in_bytes", parse_v1_limit));
+    v2.chain(v1).min()
+}
+
+/// The headroom in one cgroup directory `dir`: its limit file (parsed by `parse`) minus its
+/// usage file; `None` when it has no limit or either file is unreadable.
+fn room_in(
+    dir: &Path,
+    read: impl Fn(&Path) -> Option<String>,
+    limit_file: &str,
+    usage_file: &str,
+    parse: fn(&str) -> Option<Limit>,
+) -> Option<u64> {
+    let limit = parse(&read(&dir.join(limit_file))?)?;
+    let usage: u64 = read(&dir.join(usage_file))?.trim().parse().ok()?;
+    room_under(limit, usage)
+}
+
+/// A cgroup memory limit as read from its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limit {
+    /// No limit.
+    None,
+    /// At most this many bytes.
+    Bytes(u64),
+}
+
+/// What remains under `limit` with `usage` bytes in use (`None`: no limit), saturating at 0.
+fn room_under(limit: Limit, usage: u64) -> Option<u64> {
+    match limit {
+        Limit::None => None,
+        Limit::Bytes(max) => Some(max.saturating_sub(usage)),
+    }
+}
+
+/// The path of this process's cgroup v2 (the `0::/path` line of `/proc/self/cgroup`).
+fn cgroup_v2_path(cgroup: &str) -> Option<&str> {
+    cgroup.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+/// The path of this process's cgroup v1 `memory` controller (the `N:controllers:/path` line of
+/// `/proc/self/cgroup` whose comma-separated controllers include `memory`).
+fn cgroup_v1_memory_path(cgroup: &str) -> Option<&str> {
+    cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == "memory").then_some(path)
+    })
+}
+
+/// The directories of the cgroup `path` and of each of its parents up to the hierarchy's root,
+/// under the mount point `root`, the cgroup's own first. `..` and `.` components are ignored
+/// (they cannot come from the kernel, and must not lead out of `root`).
+fn cgroup_dirs(root: &str, path: &str) -> Vec<PathBuf> {
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty() && *p != "." && *p != "..").collect();
+    (0..=parts.len()).rev().map(|n| parts[..n].iter().fold(PathBuf::from(root), |dir, p| dir.join(p))).collect()
+}
+
+/// `memory.max` of cgroup v2: a number of bytes, or `max`.
+fn parse_v2_limit(text: &str) -> Option<Limit> {
+    match text.trim() {
+        "max" => Some(Limit::None),
+        n => n.parse().ok().map(Limit::Bytes),
+    }
+}
+
+/// `memory.limit_in_bytes` of cgroup v1: a number of bytes, where 2^60 or more means none.
+fn parse_v1_limit(text: &str) -> Option<Limit> {
+    let n: u64 = text.trim().parse().ok()?;
+    Some(if n >= CGROUP1_NO_LIMIT { Limit::None } else { Limit::Bytes(n) })
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     #[test]
@@ -159,5 +271,121 @@ Shared_Clean:       2696 kB
         assert_eq!(smaps_rollup_pss("Rss:  3880 kB\n"), None);
         assert_eq!(smaps_rollup_pss("Pss: lots kB\n"), None);
         assert_eq!(smaps_rollup_pss(""), None);
+    }
+
+    // --- the cgroup's memory limit ---
+
+    /// A fake file system of `(path, text)` pairs for `headroom_from`.
+    fn fake(files: &[(&str, &str)]) -> impl Fn(&Path) -> Option<String> {
+        let files: HashMap<PathBuf, String> = files.iter().map(|(p, t)| (PathBuf::from(p), t.to_string())).collect();
+        move |path| files.get(path).cloned()
+    }
+
+    const V2: &str = "0::/user.slice/app.service\n";
+    const HYBRID: &str = "\
+9:name=systemd:/
+4:memory:/process_api/a282208365bd27cb6b277dbb216e16fe
+3:cpuset:/
+0::/
+";
+
+    #[test]
+    fn cgroup_paths_from_proc_self_cgroup() {
+        assert_eq!(cgroup_v2_path(V2), Some("/user.slice/app.service"));
+        assert_eq!(cgroup_v1_memory_path(V2), None);
+        assert_eq!(cgroup_v2_path(HYBRID), Some("/"));
+        assert_eq!(cgroup_v1_memory_path(HYBRID), Some("/process_api/a282208365bd27cb6b277dbb216e16fe"));
+        // Controllers mounted together, and a name= hierarchy that merely contains the word.
+        assert_eq!(cgroup_v1_memory_path("7:cpu,memory:/docker/abc\n"), Some("/docker/abc"));
+        assert_eq!(cgroup_v1_memory_path("1:name=memoryish:/x\n2:memsw:/y\n"), None);
+        assert_eq!(cgroup_v2_path(""), None);
+    }
+
+    #[test]
+    fn cgroup_dirs_walk_up_to_the_root() {
+        let dirs = |path| cgroup_dirs("/sys/fs/cgroup", path);
+        assert_eq!(
+            dirs("/a/b"),
+            [PathBuf::from("/sys/fs/cgroup/a/b"), PathBuf::from("/sys/fs/cgroup/a"), PathBuf::from("/sys/fs/cgroup")]
+        );
+        assert_eq!(dirs("/"), [PathBuf::from("/sys/fs/cgroup")]);
+        assert_eq!(dirs("/a/../.."), [PathBuf::from("/sys/fs/cgroup/a"), PathBuf::from("/sys/fs/cgroup")]);
+    }
+
+    #[test]
+    fn limit_files() {
+        assert_eq!(parse_v2_limit("max\n"), Some(Limit::None));
+        assert_eq!(parse_v2_limit("536870912\n"), Some(Limit::Bytes(536_870_912)));
+        assert_eq!(parse_v2_limit("lots"), None);
+        assert_eq!(parse_v1_limit("9223372036854771712\n"), Some(Limit::None));
+        assert_eq!(parse_v1_limit(&(1u64 << 60).to_string()), Some(Limit::None));
+        assert_eq!(parse_v1_limit(&((1u64 << 60) - 1).to_string()), Some(Limit::Bytes((1 << 60) - 1)));
+        assert_eq!(parse_v1_limit(""), None);
+    }
+
+    #[test]
+    fn v2_headroom_is_the_smallest_along_the_parents() {
+        let d = "/sys/fs/cgroup/user.slice/app.service";
+        let p = "/sys/fs/cgroup/user.slice";
+        // The cgroup itself has no limit; its parent's applies. The root has no memory.max.
+        let fs = [
+            (format!("{d}/memory.max"), "max\n"),
+            (format!("{d}/memory.current"), "100\n"),
+            (format!("{p}/memory.max"), "1000\n"),
+            (format!("{p}/memory.current"), "400\n"),
+        ];
+        let fs: Vec<(&str, &str)> = fs.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        assert_eq!(headroom_from(V2, fake(&fs)), Some(600));
+        // Its own, tighter limit wins.
+        let mut tight = fs.clone();
+        tight[0].1 = "500\n";
+        tight[1].1 = "450\n";
+        assert_eq!(headroom_from(V2, fake(&tight)), Some(50));
+        // Over the limit (possible for a moment, and after lowering memory.max): 0.
+        tight[1].1 = "700\n";
+        assert_eq!(headroom_from(V2, fake(&tight)), Some(0));
+        // A level whose usage is unreadable is skipped.
+        let no_current: Vec<(&str, &str)> =
+            tight.iter().copied().filter(|(path, _)| !path.ends_with("app.service/memory.current")).collect();
+        assert_eq!(headroom_from(V2, fake(&no_current)), Some(600));
+        // No limit anywhere.
+        let unlimited = [(fs[0].0, "max\n"), (fs[1].0, "100\n"), (fs[2].0, "max\n"), (fs[3].0, "400\n")];
+        assert_eq!(headroom_from(V2, fake(&unlimited)), None);
+        assert_eq!(headroom_from(V2, fake(&[])), None);
+        assert_eq!(headroom_from("", fake(&fs)), None);
+    }
+
+    #[test]
+    fn v1_headroom_on_a_hybrid_system() {
+        let d = "/sys/fs/cgroup/memory/process_api/a282208365bd27cb6b277dbb216e16fe";
+        let fs = [
+            (format!("{d}/memory.limit_in_bytes"), "1073741824\n"),
+            (format!("{d}/memory.usage_in_bytes"), "4759552\n"),
+            ("/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes".into(), "9223372036854771712\n"),
+            ("/sys/fs/cgroup/memory/process_api/memory.usage_in_bytes".into(), "5000000\n"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes".into(), "9223372036854771712\n"),
+            ("/sys/fs/cgroup/memory/memory.usage_in_bytes".into(), "1843294208\n"),
+        ];
+        let fs: Vec<(&str, &str)> = fs.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+        assert_eq!(headroom_from(HYBRID, fake(&fs)), Some(1_073_741_824 - 4_759_552));
+        // "Unlimited" everywhere, as on this machine.
+        let mut unlimited = fs.clone();
+        unlimited[0].1 = "9223372036854771712\n";
+        assert_eq!(headroom_from(HYBRID, fake(&unlimited)), None);
+        // A container whose own cgroup is mounted at the root while /proc names a host path:
+        // walking up reaches the mount point's files.
+        let container = [
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "268435456\n"),
+            ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "68435456\n"),
+        ];
+        assert_eq!(headroom_from("4:memory:/docker/0123abcd\n", fake(&container)), Some(200_000_000));
+    }
+
+    #[test]
+    fn headroom_of_this_process_does_not_fail() {
+        // Whether a limit applies depends on the machine; the reading must merely work.
+        if let Some(room) = cgroup_memory_headroom() {
+            assert!(room < u64::MAX);
+        }
     }
 }
