@@ -1,8 +1,9 @@
 //! Readings from `/proc` and the cgroup file system: a process's memory and CPU time, this
-//! process's thread count, how much memory this process's cgroup may still take.
+//! process's thread count, how much memory this process's cgroup may still take, and where a
+//! (presumably hung) process is.
 //!
 //! Every reading is a plain file read: none blocks, none panics, and a process that is gone (or
-//! a file that is unreadable) gives `None`. The parsing is done by pure functions of the file's
+//! a file that is unreadable) gives `None` ([`diagnose`] says so in its line). The parsing is done by pure functions of the file's
 //! text, so that the tests can feed them fixtures.
 
 use std::path::{Path, PathBuf};
@@ -206,6 +207,158 @@ fn parse_v1_limit(text: &str) -> Option<Limit> {
     Some(if n >= CGROUP1_NO_LIMIT { Limit::None } else { Limit::Bytes(n) })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Where a process is
+
+/// At most this many threads are described by [`diagnose`].
+const DIAGNOSE_THREADS: usize = 64;
+
+/// One line for the log saying where process `pid` is, for a process that seems hung: its
+/// state, the kernel function it sleeps in (`wchan`), the system call it is in, and for each of
+/// its first 64 threads its id, name, state and `wchan`. For example:
+///
+/// ```text
+/// pid 1234: state S (sleeping) wchan do_epoll_wait syscall 232; 2 threads: 1234 testbed S do_epoll_wait, 1235 ecewo-channel S unix_stream_read_generic
+/// ```
+///
+/// `syscall running` means the process is on a CPU (or runnable), `syscall -1` that it is
+/// blocked in the kernel outside any system call; the file is readable only with ptrace access
+/// to the process, else the line says `syscall unreadable`. Missing parts say `?`; a process that
+/// is gone says so. Plain reads of `/proc` only: it never blocks and never panics.
+#[allow(dead_code)] // used by the master's liveness checks (issue 11)
+pub(crate) fn diagnose(pid: u32) -> String {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let read = |path: &Path| std::fs::read(path).ok().map(|b| String::from_utf8_lossy(&b).into_owned());
+    let Some(stat) = read(&proc_dir.join("stat")) else {
+        return format!("pid {pid}: gone (no /proc/{pid}/stat)");
+    };
+    let tids: Option<Vec<u32>> = std::fs::read_dir(proc_dir.join("task")).ok().map(|dir| {
+        let mut tids: Vec<u32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+        tids.sort_unstable();
+        tids
+    });
+    let total = tids.as_ref().map(Vec::len);
+    let threads = tids
+        .unwrap_or_default()
+        .into_iter()
+        .take(DIAGNOSE_THREADS)
+        .map(|tid| {
+            let task = proc_dir.join("task").join(tid.to_string());
+            ThreadView {
+                tid,
+                comm: read(&task.join("comm")),
+                state: read(&task.join("stat")).as_deref().and_then(stat_state),
+                wchan: read(&task.join("wchan")),
+            }
+        })
+        .collect();
+    let view = ProcessView {
+        pid,
+        state: stat_state(&stat),
+        wchan: read(&proc_dir.join("wchan")),
+        syscall: read(&proc_dir.join("syscall")),
+        threads,
+        total_threads: total,
+    };
+    render_diagnosis(&view)
+}
+
+/// What [`diagnose`] read of a process: raw file texts, `None` where a file was unreadable.
+struct ProcessView {
+    pid: u32,
+    state: Option<char>,
+    wchan: Option<String>,
+    syscall: Option<String>,
+    /// The first threads (at most [`DIAGNOSE_THREADS`]).
+    threads: Vec<ThreadView>,
+    /// How many threads `/proc/PID/task` listed (`None`: unreadable).
+    total_threads: Option<usize>,
+}
+
+/// What [`diagnose`] read of one thread.
+struct ThreadView {
+    tid: u32,
+    comm: Option<String>,
+    state: Option<char>,
+    wchan: Option<String>,
+}
+
+/// The state letter of a `/proc/PID/stat` text (field 3, right after the command name).
+fn stat_state(stat: &str) -> Option<char> {
+    stat_fields_after_comm(stat)?.split_whitespace().next()?.chars().next()
+}
+
+/// What a state letter of `/proc/PID/stat` means.
+fn state_name(state: char) -> &'static str {
+    match state {
+        'R' => "running",
+        'S' => "sleeping",
+        'D' => "uninterruptible",
+        'T' => "stopped",
+        't' => "traced",
+        'Z' => "zombie",
+        'X' => "dead",
+        'I' => "idle",
+        'P' => "parked",
+        'W' => "waking",
+        'K' => "wakekill",
+        _ => "unknown",
+    }
+}
+
+/// A `wchan` text as one word: `-` for `0` or empty (running, or hidden), `?` when unreadable.
+fn wchan_word(wchan: Option<&str>) -> String {
+    match wchan.map(str::trim) {
+        None => "?".into(),
+        Some("" | "0") => "-".into(),
+        Some(w) => clean(w),
+    }
+}
+
+/// The system call of a `/proc/PID/syscall` text: its number (first field), `running`, or
+/// `-1` (blocked outside a system call); `unreadable` when the file could not be read.
+fn syscall_word(syscall: Option<&str>) -> String {
+    match syscall.and_then(|s| s.split_whitespace().next()) {
+        None => "unreadable".into(),
+        Some(first) => clean(first),
+    }
+}
+
+/// `text` made safe for one log line: control characters (a thread can name itself with a
+/// newline) become `?`, and a very long text is cut.
+fn clean(text: &str) -> String {
+    text.chars().take(64).map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+/// The line of [`diagnose`].
+fn render_diagnosis(p: &ProcessView) -> String {
+    use std::fmt::Write;
+    let mut out = format!("pid {}: state ", p.pid);
+    match p.state {
+        Some(s) => {
+            let _ = write!(out, "{} ({})", clean(&s.to_string()), state_name(s));
+        }
+        None => out.push('?'),
+    }
+    let _ = write!(out, " wchan {} syscall {}; ", wchan_word(p.wchan.as_deref()), syscall_word(p.syscall.as_deref()));
+    let Some(total) = p.total_threads else {
+        out.push_str("threads unreadable");
+        return out;
+    };
+    let _ = write!(out, "{total} thread{}", if total == 1 { "" } else { "s" });
+    for (i, t) in p.threads.iter().enumerate() {
+        out.push_str(if i == 0 { ": " } else { ", " });
+        let comm = t.comm.as_deref().map(|c| clean(c.trim_end_matches('\n'))).unwrap_or_else(|| "?".into());
+        let state = t.state.map(|s| clean(&s.to_string())).unwrap_or_else(|| "?".into());
+        let _ = write!(out, "{} {} {} {}", t.tid, comm, state, wchan_word(t.wchan.as_deref()));
+    }
+    let more = total.saturating_sub(p.threads.len());
+    if more > 0 {
+        let _ = write!(out, " (and {more} more)");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -387,5 +540,135 @@ Shared_Clean:       2696 kB
         if let Some(room) = cgroup_memory_headroom() {
             assert!(room < u64::MAX);
         }
+    }
+
+    // --- where a process is ---
+
+    #[test]
+    fn diagnose_this_process() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let probe = std::thread::Builder::new().name("procfs-probe".into()).spawn(move || rx.recv()).unwrap();
+        let me = std::process::id();
+        // The thread is `S` once it waits in recv; until then it may show `R`.
+        let mut line = diagnose(me);
+        for _ in 0..200 {
+            if line.contains(" procfs-probe S ") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            line = diagnose(me);
+        }
+        drop(tx);
+        let _ = probe.join();
+        // The process's own state and system call are its main thread's: the test harness's
+        // main thread waits (`S`) while this test runs on another, unless it runs this test.
+        let head = format!("pid {me}: state ");
+        assert!(
+            line.starts_with(&format!("{head}S (sleeping) wchan "))
+                || line.starts_with(&format!("{head}R (running) wchan ")),
+            "{line}"
+        );
+        let syscall = line.split(" syscall ").nth(1).unwrap().split(';').next().unwrap();
+        assert!(syscall == "running" || syscall.parse::<i64>().is_ok(), "{line}");
+        assert!(line.contains(" procfs-probe S "), "{line}");
+        assert!(line.contains(&format!(": {me} ")), "the main thread comes first: {line}");
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn diagnose_a_sleeping_child() {
+        let Ok(mut child) = std::process::Command::new("sleep").arg("30").spawn() else {
+            return; // no `sleep` on this machine
+        };
+        let pid = child.id();
+        let mut line = diagnose(pid);
+        for _ in 0..400 {
+            if line.contains(" sleep S ") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            line = diagnose(pid);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(line.starts_with(&format!("pid {pid}: state S (sleeping) wchan ")), "{line}");
+        assert!(line.contains(&format!("; 1 thread: {pid} sleep S ")), "{line}");
+        // A parent may read its child's system call: a number (clock_nanosleep's, whatever the
+        // architecture numbers it), or `running` if it was caught on the way.
+        let syscall = line.split(" syscall ").nth(1).unwrap().split(';').next().unwrap();
+        assert!(syscall == "running" || syscall.parse::<i64>().is_ok(), "{line}");
+        assert!(diagnose(pid).contains("gone"), "{}", diagnose(pid));
+    }
+
+    #[test]
+    fn diagnose_a_process_that_is_gone() {
+        assert_eq!(diagnose(u32::MAX), format!("pid {}: gone (no /proc/{}/stat)", u32::MAX, u32::MAX));
+    }
+
+    #[test]
+    fn stat_state_fixtures() {
+        assert_eq!(stat_state("1234 (testbed) S 1 1234 1234 0 -1 4194560"), Some('S'));
+        // A command name with spaces and parentheses.
+        assert_eq!(stat_state("77 (a) b (c)) D 1 2 3"), Some('D'));
+        assert_eq!(stat_state("77 (cut"), None);
+        assert_eq!(stat_state("77 (x)"), None);
+    }
+
+    #[test]
+    fn render_fixtures() {
+        let thread = |tid, comm: &str, state, wchan: &str| ThreadView {
+            tid,
+            comm: Some(format!("{comm}\n")),
+            state: Some(state),
+            wchan: Some(wchan.into()),
+        };
+        let view = ProcessView {
+            pid: 1234,
+            state: Some('S'),
+            wchan: Some("futex_wait_queue".into()),
+            syscall: Some("202 0x7f1 0x80 0x0 0x0 0x0 0x0 0x7ffd 0x7f2\n".into()),
+            threads: vec![
+                thread(1234, "testbed", 'S', "do_epoll_wait"),
+                thread(1235, "ecewo-channel", 'R', "0"),
+                ThreadView { tid: 1236, comm: Some("evil\nname\n".into()), state: None, wchan: None },
+            ],
+            total_threads: Some(3),
+        };
+        assert_eq!(
+            render_diagnosis(&view),
+            "pid 1234: state S (sleeping) wchan futex_wait_queue syscall 202; 3 threads: \
+             1234 testbed S do_epoll_wait, 1235 ecewo-channel R -, 1236 evil?name ? ?"
+        );
+
+        let unreadable = ProcessView {
+            pid: 9,
+            state: Some('D'),
+            wchan: Some("0".into()),
+            syscall: None,
+            threads: Vec::new(),
+            total_threads: None,
+        };
+        assert_eq!(
+            render_diagnosis(&unreadable),
+            "pid 9: state D (uninterruptible) wchan - syscall unreadable; threads unreadable"
+        );
+
+        let running =
+            ProcessView { syscall: Some("running\n".into()), state: None, total_threads: Some(0), ..unreadable };
+        assert_eq!(render_diagnosis(&running), "pid 9: state ? wchan - syscall running; 0 threads");
+
+        // Many threads: the first 64 are named, the rest counted.
+        let many = ProcessView {
+            pid: 1,
+            state: Some('S'),
+            wchan: Some("ep_poll".into()),
+            syscall: Some("-1 0x0".into()),
+            threads: (1..=DIAGNOSE_THREADS as u32).map(|t| thread(t, "w", 'S', "futex_wait_queue")).collect(),
+            total_threads: Some(1000),
+        };
+        let line = render_diagnosis(&many);
+        assert!(line.starts_with("pid 1: state S (sleeping) wchan ep_poll syscall -1; 1000 threads: 1 w S "), "{line}");
+        assert_eq!(line.matches(" w S futex_wait_queue").count(), DIAGNOSE_THREADS);
+        assert!(line.ends_with("64 w S futex_wait_queue (and 936 more)"), "{line}");
     }
 }
