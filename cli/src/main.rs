@@ -38,7 +38,8 @@ struct Target {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Show the master and every worker: pid, status, uptime, restarts, crashes, memory, CPU.
+    /// Show the master and every worker: pid, status, uptime, restarts, crashes, memory, CPU,
+    /// requests served and in flight, heartbeat age; and the exits by reason.
     Status {
         /// Print the master's answer as JSON.
         #[arg(long)]
@@ -289,44 +290,67 @@ fn print_status(s: &Status, out: &mut String) {
             say!(out, "{:<16} {:<9} {:<10} {:>7} {:>7}  {}", l.name, l.kind, l.balance, l.sockets, queued, l.address);
         }
     }
+    let exits: Vec<String> = c.exits.iter().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{r} {n}")).collect();
+    if !exits.is_empty() {
+        say!(out, "exits  {}", exits.join("  "));
+    }
     say!(out);
-    say!(
-        out,
-        "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
-        "ID",
-        "PID",
-        "STATUS",
-        "UPTIME",
-        "RESTARTS",
-        "CRASHES",
-        "MEMORY",
-        "CPU"
-    );
-    for w in &s.workers {
+    let row = |out: &mut String, cells: [String; 11]| {
         say!(
             out,
-            "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
-            w.worker_id,
-            w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            w.status.to_string(),
-            if w.pid.is_none() { "-".into() } else { duration(w.uptime.as_secs_f64()) },
-            w.restarts,
-            w.crash_count,
-            bytes(w.rss_bytes),
-            cpu(w.cpu_time),
+            "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8} {:>9} {:>8} {:>6}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            cells[4],
+            cells[5],
+            cells[6],
+            cells[7],
+            cells[8],
+            cells[9],
+            cells[10]
+        );
+    };
+    let header =
+        ["ID", "PID", "STATUS", "UPTIME", "RESTARTS", "CRASHES", "MEMORY", "CPU", "REQUESTS", "INFLIGHT", "BEAT"];
+    row(out, header.map(str::to_owned));
+    let dash = || "-".to_owned();
+    for w in &s.workers {
+        row(
+            out,
+            [
+                w.worker_id.to_string(),
+                w.pid.map_or_else(dash, |p| p.to_string()),
+                w.status.to_string(),
+                if w.pid.is_none() { dash() } else { duration(w.uptime.as_secs_f64()) },
+                w.restarts.to_string(),
+                w.crash_count.to_string(),
+                bytes(w.rss_bytes),
+                cpu(w.cpu_time),
+                w.requests.map_or_else(dash, |n| n.to_string()),
+                w.in_flight.map_or_else(dash, |n| n.to_string()),
+                w.heartbeat_age.map_or_else(dash, |t| format!("{:.1}s", t.as_secs_f64())),
+            ],
         );
     }
-    say!(
+    let total_requests: Option<u64> = s.workers.iter().filter_map(|w| w.requests).reduce(|a, b| a + b);
+    let blank = String::new;
+    row(
         out,
-        "{:>4} {:>8} {:<11} {:>8} {:>8} {:>7} {:>10} {:>8}",
-        "",
-        "",
-        "total",
-        "",
-        "",
-        "",
-        bytes(Some(c.total_rss_bytes)),
-        cpu(Some(c.total_cpu_time))
+        [
+            blank(),
+            blank(),
+            "total".to_owned(),
+            blank(),
+            blank(),
+            blank(),
+            bytes(Some(c.total_rss_bytes)),
+            cpu(Some(c.total_cpu_time)),
+            total_requests.map_or_else(blank, |n| n.to_string()),
+            blank(),
+            blank(),
+        ],
     );
 }
 
