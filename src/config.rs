@@ -12,6 +12,12 @@ use crate::signal::Signal;
 pub use crate::supervisor::MAX_WORKERS;
 use crate::supervisor::{Backoff, Liveness};
 
+/// The shortest worker timeout [`Cluster::validate`] accepts.
+const MIN_WORKER_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The shortest `max_age` [`Cluster::validate`] accepts.
+const MIN_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// The longest timeout or delay an option accepts: one day.
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
@@ -300,8 +306,14 @@ impl Cluster {
     /// [`worker_respawn_delay`](Cluster::worker_respawn_delay): the `n`th crash in a row waits
     /// `base × 2^(n-1)`, at most `max`, less a random part of up to half (so that slots crashing
     /// together do not respawn together). A worker that ran for the crash window
-    /// ([`respawn_window`](Cluster::respawn_window)) starts the sequence again. Crash protection
-    /// still applies.
+    /// ([`respawn_window`](Cluster::respawn_window)) starts the sequence again.
+    ///
+    /// # Caveats
+    ///
+    /// Crash protection still counts crashes within `respawn_window`, but a backoff that grows
+    /// past `respawn_window / respawn_max_crashes` spaces crashes so that fewer fall within one
+    /// window: with base 10 s, a window of 60 s and 5 crashes, a slot is never disabled. Keep
+    /// `max` below that, or rely on the backoff alone to bound the cost of a crash loop.
     pub fn respawn_backoff(mut self, base: Duration, max: Duration) -> Cluster {
         self.s.liveness.backoff = Some(Backoff { base, max });
         self
@@ -395,9 +407,19 @@ impl Cluster {
     }
 
     /// The liveness and recycling options' own checks (see [`validate`](Cluster::validate)).
+    /// (Jitters may be anything: a limit plus its jitter saturates.)
     fn validate_liveness(&self) -> Result<(), Error> {
         let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
         let l = &self.s.liveness;
+        if l.worker_timeout.is_some_and(|t| t < MIN_WORKER_TIMEOUT) {
+            return invalid(
+                "worker_timeout",
+                format!(
+                    "{:?} is shorter than the 100 ms supported (default 30 s; zero turns the check off)",
+                    l.worker_timeout.unwrap_or_default()
+                ),
+            );
+        }
         if let (Some(timeout), Some(beat)) = (l.worker_timeout, self.s.heartbeat)
             && beat.saturating_mul(2) > timeout
         {
@@ -414,8 +436,11 @@ impl Cluster {
         if l.max_requests == Some(0) {
             return invalid("max_requests", "must be at least 1 (leave it unset to never recycle by requests)".into());
         }
-        if l.max_age.is_some_and(|a| a.is_zero()) {
-            return invalid("max_age", "must be longer than zero (leave it unset to never recycle by age)".into());
+        if l.max_age.is_some_and(|a| a < MIN_MAX_AGE) {
+            return invalid(
+                "max_age",
+                "must be at least 1 s: shorter, workers are replaced about as fast as they start (leave it unset to never recycle by age)".into(),
+            );
         }
         if l.max_memory == Some(0) {
             return invalid("max_memory", "must be at least 1 byte (leave it unset to never recycle by memory)".into());
@@ -456,8 +481,10 @@ impl Cluster {
     /// [`Error::InvalidOption`], naming the option (as its setter is named) and what to change:
     /// a worker count over [`MAX_WORKERS`], zero crashes or a zero crash window, a zero shutdown
     /// or ready timeout, a duration over [`MAX_DURATION`], a backlog of 0, a bad name, a signal
-    /// outside [`BINDABLE_SIGNALS`], a heartbeat not shorter than half the worker timeout, a
-    /// request or memory limit of 0, a backoff whose `max` is below its `base`.
+    /// outside [`BINDABLE_SIGNALS`], a worker timeout under 100 ms, a heartbeat longer than half
+    /// the worker timeout or of zero, a request or memory limit of 0, a `max_age` under 1 s, a
+    /// `memory_check` of zero, `max_recycling` of 0, a backoff whose base is zero or whose `max`
+    /// is below its base, a zero cool-off.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
         let workers = self.worker_count();
@@ -626,6 +653,8 @@ mod tests {
             (Cluster::new(1).heartbeat_interval(Duration::ZERO), "heartbeat_interval"),
             (Cluster::new(1).max_requests(0), "max_requests"),
             (Cluster::new(1).max_age(Duration::ZERO), "max_age"),
+            (Cluster::new(1).max_age(Duration::from_millis(999)), "max_age"),
+            (Cluster::new(1).worker_timeout(Duration::from_nanos(1)), "worker_timeout"),
             (Cluster::new(1).max_memory(0), "max_memory"),
             (Cluster::new(1).memory_check(Duration::from_secs(1), 0), "memory_check"),
             (Cluster::new(1).max_recycling(0), "max_recycling"),

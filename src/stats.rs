@@ -231,6 +231,9 @@ pub enum ExitReason {
     Shutdown,
     /// It exited unasked with code 0.
     Exited,
+    /// A reason this version does not know (read from a newer master).
+    #[serde(other)]
+    Other,
 }
 
 impl ExitReason {
@@ -262,6 +265,7 @@ impl ExitReason {
             ExitReason::Scale => "scale",
             ExitReason::Shutdown => "shutdown",
             ExitReason::Exited => "exited",
+            ExitReason::Other => "other",
         }
     }
 
@@ -331,7 +335,7 @@ impl ExitCounts {
             ExitReason::Restart => &self.restart,
             ExitReason::Scale => &self.scale,
             ExitReason::Shutdown => &self.shutdown,
-            ExitReason::Exited => &self.exited,
+            ExitReason::Exited | ExitReason::Other => &self.exited,
         }
     }
 
@@ -346,7 +350,7 @@ impl ExitCounts {
             ExitReason::Restart => &mut self.restart,
             ExitReason::Scale => &mut self.scale,
             ExitReason::Shutdown => &mut self.shutdown,
-            ExitReason::Exited => &mut self.exited,
+            ExitReason::Exited | ExitReason::Other => &mut self.exited,
         }
     }
 }
@@ -475,6 +479,11 @@ mod tests {
         for r in ExitReason::ALL {
             assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{}\"", r.as_str()));
         }
+        assert_eq!(
+            serde_json::from_str::<ExitReason>("\"oom_killed\"").unwrap(),
+            ExitReason::Other,
+            "a newer master's"
+        );
         // An older master's answer (no counts) reads as zeros.
         assert_eq!(serde_json::from_str::<ExitCounts>("{}").unwrap(), ExitCounts::default());
     }

@@ -357,6 +357,7 @@ impl Driver {
             match msg {
                 ToMaster::Ready => events.push_back(Event::Ready { key }),
                 ToMaster::Beat { served, in_flight } => events.push_back(Event::Beat { key, served, in_flight }),
+                ToMaster::Served { served, in_flight } => events.push_back(Event::Served { key, served, in_flight }),
                 ToMaster::Stats { id } => {
                     let (cluster, workers) = self.stats_now();
                     let reply = ToWorker::Stats { id, cluster, workers };

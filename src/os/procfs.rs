@@ -128,26 +128,44 @@ fn headroom_from(cgroup: &str, read: impl Fn(&Path) -> Option<String>) -> Option
     let v2 = cgroup_v2_path(cgroup)
         .into_iter()
         .flat_map(|path| cgroup_dirs(CGROUP2_ROOT, path))
-        .filter_map(|dir| room_in(&dir, &read, "memory.max", "memory.current", parse_v2_limit));
+        .filter_map(|dir| room_in(&dir, &read, "memory.max", "memory.current", "inactive_file", parse_v2_limit));
     let v1 = cgroup_v1_memory_path(cgroup)
         .into_iter()
         .flat_map(|path| cgroup_dirs(CGROUP1_MEMORY_ROOT, path))
-        .filter_map(|dir| room_in(&dir, &read, "memory.limit_in_bytes", "memory.usage_in_bytes", parse_v1_limit));
+        .filter_map(|dir| {
+            room_in(
+                &dir,
+                &read,
+                "memory.limit_in_bytes",
+                "memory.usage_in_bytes",
+                "total_inactive_file",
+                parse_v1_limit,
+            )
+        });
     v2.chain(v1).min()
 }
 
 /// The headroom in one cgroup directory `dir`: its limit file (parsed by `parse`) minus its
-/// usage file; `None` when it has no limit or either file is unreadable.
+/// usage file, less the page cache the kernel can reclaim at once (the `inactive` line of
+/// `memory.stat`: usage in a container routinely sits at the limit, most of it cache);
+/// `None` when it has no limit or either file is unreadable.
 fn room_in(
     dir: &Path,
     read: impl Fn(&Path) -> Option<String>,
     limit_file: &str,
     usage_file: &str,
+    inactive: &str,
     parse: fn(&str) -> Option<Limit>,
 ) -> Option<u64> {
     let limit = parse(&read(&dir.join(limit_file))?)?;
     let usage: u64 = read(&dir.join(usage_file))?.trim().parse().ok()?;
-    room_under(limit, usage)
+    let reclaimable = read(&dir.join("memory.stat")).and_then(|stat| stat_value(&stat, inactive)).unwrap_or(0);
+    room_under(limit, usage.saturating_sub(reclaimable))
+}
+
+/// The value of the `name value` line of a cgroup `memory.stat`.
+fn stat_value(stat: &str, name: &str) -> Option<u64> {
+    stat.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// A cgroup memory limit as read from its file.
@@ -360,6 +378,20 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn reclaimable_cache_is_not_counted_as_used() {
+        let stat = "anon 100\nfile 900\ninactive_file 600\nactive_file 300\n";
+        assert_eq!(stat_value(stat, "inactive_file"), Some(600));
+        assert_eq!(stat_value(stat, "file"), Some(900), "the whole name only");
+        let files = [
+            ("/sys/fs/cgroup/app/memory.max", "1000\n"),
+            ("/sys/fs/cgroup/app/memory.current", "1000\n"),
+            ("/sys/fs/cgroup/app/memory.stat", stat),
+        ];
+        let read = |p: &Path| files.iter().find(|(f, _)| Path::new(f) == p).map(|(_, t)| t.to_string());
+        assert_eq!(headroom_from("0::/app\n", read), Some(600), "at the limit, but 600 bytes of it is cache");
+    }
 
     #[test]
     fn usage_of_this_process() {

@@ -22,6 +22,9 @@ pub(crate) enum ToMaster {
     /// from the serving runtime (or a blocking server's loop), so a worker whose server is
     /// stuck stops beating.
     Beat { served: u64, in_flight: u64 },
+    /// The worker's request counts, without being a heartbeat (sent when the request limit is
+    /// reached: it must not arm the worker timeout of a server that does not beat).
+    Served { served: u64, in_flight: u64 },
 }
 
 /// Messages from the master to a worker.

@@ -59,7 +59,6 @@ impl Supervisor {
         match loc {
             // A worker that cannot even start counts as a crash: crash protection stops a loop.
             Loc::Current(_) => {
-                self.exits.add(ExitReason::Crash);
                 self.after_exit(slot, ExitStatus::Code(127), ExitReason::Crash, Duration::ZERO, now, out);
             }
             Loc::Next(_) => {
@@ -79,6 +78,10 @@ impl Supervisor {
             return;
         }
         p.state = ProcState::Active;
+        // Beats before ready (a long warm-up) do not count against it: the timeout runs from now.
+        if p.last_beat.is_some() {
+            p.last_beat = Some(now);
+        }
         let pid = p.pid.unwrap_or(0);
         match loc {
             Loc::Current(slot) => {

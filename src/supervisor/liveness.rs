@@ -9,13 +9,17 @@ use std::time::Instant;
 use super::{Command, Loc, Proc, ProcState, RecycleReason, Report, SIGKILL, Supervisor, WorkerKey, signal_bit};
 
 impl Supervisor {
-    /// A worker's heartbeat: it is alive, and says how many requests it served.
-    pub(super) fn on_beat(&mut self, key: WorkerKey, served: u64, in_flight: u64, now: Instant) {
+    /// A worker's heartbeat (`alive`: it is one, not only counts): it is alive, and says how
+    /// many requests it served. Counts never go back (a beat overtaken by a later one).
+    pub(super) fn on_beat(&mut self, key: WorkerKey, served: u64, in_flight: u64, alive: bool, now: Instant) {
         let Some(loc) = self.locate(key) else { return };
         let Some(p) = self.proc_at(loc) else { return };
-        p.last_beat = Some(now);
-        p.served = served;
+        if alive {
+            p.last_beat = Some(now);
+        }
+        p.served = p.served.max(served);
         p.in_flight = in_flight;
+        let served = p.served;
         let limit_reached = p.request_limit.is_some_and(|limit| served >= limit);
         if let (Loc::Current(slot), true) = (loc, limit_reached) {
             self.queue_recycle(slot, key, RecycleReason::Requests, now);

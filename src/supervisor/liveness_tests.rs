@@ -165,7 +165,7 @@ fn at_most_one_slot_recycles_at_a_time_by_default() {
     h.start_all(); // both started by t=100
     let r = h.at(10_100);
     assert_eq!(spawns(&r), vec![0], "one recycle at a time: {r:?}");
-    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 12_100 * MS), "the replacement's ready deadline only");
+    assert!(spawns(&h.at(12_000)).is_empty(), "slot 1 waits while slot 0's replacement starts");
     let new = h.sup.slots[0].next.as_ref().unwrap().key;
     let r = h.feed(Event::Ready { key: new });
     assert_eq!(spawns(&r), vec![1], "the next recycle starts once the first is done: {r:?}");
@@ -331,4 +331,107 @@ fn a_disabled_slot_gets_a_probe_after_its_cooloff() {
     }
     assert_eq!(h.status(0), WorkerStatus::Disabled);
     assert_eq!(h.sup.next_deadline(), None);
+}
+
+#[test]
+fn a_cluster_whose_every_slot_is_disabled_waits_for_the_cooloff_instead_of_exiting() {
+    let l = Liveness { cooloff: Some(Duration::from_secs(10)), ..Liveness::default() };
+    let mut h = Harness::new(Policy { liveness: l, ..policy(1) });
+    h.start_all();
+    let mut t = 1000;
+    while h.status(0) != WorkerStatus::Disabled {
+        h.at(t);
+        if h.sup.slots[0].current.is_some() {
+            h.exit(0, ExitStatus::Code(1));
+        }
+        t += 100;
+    }
+    assert!(!h.log.iter().any(|c| matches!(c, Command::Exit(_))), "no exit while a probe is due");
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Withhold { reason: "no worker is serving" });
+    let r = h.at(t + 10_000);
+    assert_eq!(spawns(&r), vec![0], "the probe");
+    // A shutdown meanwhile still ends supervision.
+    let mut h = Harness::new(Policy {
+        liveness: Liveness { cooloff: Some(Duration::from_secs(10)), ..Liveness::default() },
+        ..policy(1)
+    });
+    h.start_all();
+    for t in [1000, 1100, 1200, 1300] {
+        h.at(t);
+        if h.sup.slots[0].current.is_some() {
+            h.exit(0, ExitStatus::Code(1));
+        }
+    }
+    assert_eq!(h.status(0), WorkerStatus::Disabled);
+    let r = h.feed(Event::Shutdown);
+    assert!(r.contains(&Command::Exit(Outcome::Stopped)), "{r:?}");
+}
+
+#[test]
+fn a_stalled_master_does_not_take_its_healthy_workers_for_hung() {
+    let l = Liveness { worker_timeout: Some(500 * MS), ..Liveness::default() };
+    let mut h = Harness::new(with(l));
+    h.start_all();
+    h.at(1000);
+    beat(&mut h, 0, 1);
+    beat(&mut h, 1, 1);
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 1500 * MS));
+    // The master is stopped for 31 s (Ctrl-Z, a frozen cgroup): when it runs again, the first
+    // event it handles is a beat that waited in a channel; the other's is still queued.
+    h.now = h.t0 + Duration::from_secs(32);
+    let r = beat(&mut h, 1, 2);
+    assert!(!reports(&r).iter().any(|x| matches!(x, Report::Hung { .. })), "{r:?}");
+    let r = beat(&mut h, 0, 2);
+    assert!(!reports(&r).iter().any(|x| matches!(x, Report::Hung { .. })), "{r:?}");
+    // A worker that really is silent is still found, a timeout after the master came back.
+    let r = h.at(32_000 + 499);
+    assert!(!reports(&r).iter().any(|x| matches!(x, Report::Hung { .. })));
+    beat(&mut h, 1, 3);
+    let r = h.at(32_000 + 500);
+    assert!(reports(&r).iter().any(|x| matches!(x, Report::Hung { slot: 0, .. })), "{r:?}");
+    // And a master that wakes on time (a hung deadline) is not taken for stalled.
+    assert_eq!(h.sup.cluster_stats().active_workers, 1);
+}
+
+#[test]
+fn beats_before_ready_and_counts_without_a_beat_do_not_make_a_worker_hung() {
+    let l = Liveness { worker_timeout: Some(500 * MS), max_requests: Some(10), ..Liveness::default() };
+    let mut h = Harness::new(Policy { liveness: l, ..policy(1) });
+    h.at(0);
+    // Beats during a long warm-up, then ready much later than a timeout after them.
+    beat(&mut h, 0, 0);
+    h.at(1500);
+    let r = h.ready(0);
+    assert!(!reports(&r).iter().any(|x| matches!(x, Report::Hung { .. })), "{r:?}");
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 2000 * MS), "the timeout runs from ready");
+    // A server that never beats but reports its request limit is not watched.
+    let mut h = Harness::new(Policy {
+        liveness: Liveness { worker_timeout: Some(500 * MS), max_requests: Some(10), ..Liveness::default() },
+        ..policy(1)
+    });
+    h.start_all();
+    h.at(1000);
+    let key = h.key_of(0);
+    let r = h.feed(Event::Served { key, served: 10, in_flight: 0 });
+    assert_eq!(spawns(&r), vec![0], "the limit recycles");
+    let r = h.at(60_000);
+    assert!(!reports(&r).iter().any(|x| matches!(x, Report::Hung { .. })), "{r:?}");
+    // Counts never go back.
+    h.feed(Event::Beat { key, served: 5, in_flight: 0 });
+    assert_eq!(h.sup.worker_stats(h.now)[0].requests, Some(10));
+}
+
+#[test]
+fn extreme_jitters_saturate_instead_of_panicking() {
+    let l = Liveness {
+        max_requests: Some(u64::MAX),
+        max_requests_jitter: u64::MAX,
+        max_age: Some(Duration::MAX),
+        max_age_jitter: Duration::MAX,
+        ..Liveness::default()
+    };
+    let mut h = Harness::new(with(l));
+    h.start_all();
+    assert!(h.log.iter().any(|c| matches!(c, Command::Spawn { request_limit: Some(u64::MAX), .. })));
+    assert!(h.sup.slots.iter().all(|s| s.current.as_ref().unwrap().recycle_at.is_none()), "beyond the clock: never");
 }

@@ -246,6 +246,10 @@ pub struct Supervisor {
     smallest_worker: Option<u64>,
     /// The jitter's generator state (splitmix64).
     rng: u64,
+    /// When the last [`handle`](Supervisor::handle) asked to be woken at the latest, and when
+    /// it ran.
+    expected_wake: Option<Instant>,
+    last_handled: Option<Instant>,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -258,6 +262,10 @@ enum Steering {
     /// The kernel refused a program: no more routes, the kernel hashes.
     Off,
 }
+
+/// How late past its deadline the master may wake before it counts as held up (see
+/// [`Supervisor::forgive_stall`]).
+const STALL_TOLERANCE: std::time::Duration = std::time::Duration::from_millis(100);
 
 const SIGKILL: Signal = Signal::KILL;
 const SIGTERM: Signal = Signal::TERM;
@@ -303,6 +311,8 @@ impl Supervisor {
             headroom: None,
             smallest_worker: None,
             rng: 0,
+            expected_wake: None,
+            last_handled: None,
             policy,
         }
         .seeded(now)
@@ -310,8 +320,10 @@ impl Supervisor {
 
     fn seeded(mut self, now: Instant) -> Supervisor {
         self.rng = self.policy.liveness.seed;
-        if self.policy.liveness.max_memory.is_some() {
-            self.next_sample = now.checked_add(self.policy.liveness.memory_interval);
+        // Readings serve the memory limit, and tell every recycle whether a surge worker fits.
+        let l = &self.policy.liveness;
+        if l.max_memory.is_some() || l.max_requests.is_some() || l.max_age.is_some() {
+            self.next_sample = now.checked_add(l.memory_interval);
         }
         self
     }
@@ -367,6 +379,7 @@ impl Supervisor {
         if self.phase == Phase::Done {
             return out;
         }
+        self.forgive_stall(now);
         match event {
             Event::Tick => {}
             Event::Spawned { key, pid } => self.on_spawned(key, pid, now, &mut out),
@@ -380,11 +393,33 @@ impl Supervisor {
             Event::Signal { signal } => self.on_signal(signal, now, wall, &mut out),
             Event::Lost { key } => self.on_lost(key, now, wall, &mut out),
             Event::SteerFailed { failure } => self.on_steer_failed(failure, &mut out),
-            Event::Beat { key, served, in_flight } => self.on_beat(key, served, in_flight, now),
+            Event::Beat { key, served, in_flight } => self.on_beat(key, served, in_flight, true, now),
+            Event::Served { key, served, in_flight } => self.on_beat(key, served, in_flight, false, now),
             Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
         }
         self.settle(now, wall, &mut out);
+        self.expected_wake = self.next_deadline();
+        self.last_handled = Some(now);
         out
+    }
+
+    /// If the master itself was held up (stopped, frozen, paused, or a long callback) well past
+    /// the time it asked to be woken, the workers' beats it could not read meanwhile are not
+    /// their fault: every heartbeat clock moves on by the time since the master last ran, so
+    /// each worker is as silent as it was then, and a master stall never has every healthy
+    /// worker killed as hung. (A master that wakes on time, at a worker's deadline, forgives
+    /// nothing.)
+    fn forgive_stall(&mut self, now: Instant) {
+        let Some(late) = self.expected_wake.and_then(|w| now.checked_duration_since(w)) else { return };
+        let Some(away) = self.last_handled.and_then(|t| now.checked_duration_since(t)) else { return };
+        if late <= STALL_TOLERANCE {
+            return;
+        }
+        for (_, p) in self.procs_mut() {
+            if let Some(t) = p.last_beat {
+                p.last_beat = Some(t.checked_add(away).unwrap_or(now).min(now));
+            }
+        }
     }
 
     /// The invariant pipeline, run after every event: whatever the event was, it restores, in
@@ -491,7 +526,8 @@ impl Supervisor {
         let l = &self.policy.liveness;
         let (max_requests, requests_jitter, max_age, age_jitter) =
             (l.max_requests, l.max_requests_jitter, l.max_age, l.max_age_jitter);
-        let request_limit = max_requests.map(|n| n.max(1).saturating_add(self.random_below(requests_jitter + 1)));
+        let request_limit =
+            max_requests.map(|n| n.max(1).saturating_add(self.random_below(requests_jitter.saturating_add(1))));
         let recycle_at = max_age.and_then(|age| {
             let jitter_ms = u64::try_from(age_jitter.as_millis()).unwrap_or(u64::MAX);
             let extra = std::time::Duration::from_millis(self.random_below(jitter_ms.saturating_add(1)));

@@ -377,7 +377,11 @@ impl Fake {
             Op::Scale(workers) => Some(Event::Scale { workers }),
             Op::Signal(signal) => Some(Event::Signal { signal }),
             Op::SignalWorkers(signal) => Some(Event::SignalWorkers { signal }),
-            Op::Beat(n, served) => self.pick(n, |_| true).map(|key| Event::Beat { key, served, in_flight: 1 }),
+            // An odd count comes as counts only (the request limit reached), an even as a beat.
+            Op::Beat(n, served) => self.pick(n, |_| true).map(|key| match served % 2 {
+                0 => Event::Beat { key, served, in_flight: 1 },
+                _ => Event::Served { key, served, in_flight: 1 },
+            }),
             Op::Memory(over, room) => Some(Event::MemorySampled {
                 readings: self.live.keys().map(|&k| (k, if over { 1000 } else { 10 })).collect(),
                 headroom: Some(if room { 1 << 20 } else { 0 }),

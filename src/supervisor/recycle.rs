@@ -68,16 +68,21 @@ impl Supervisor {
         out.push(Command::SampleMemory);
     }
 
-    /// Memory readings: a worker over the limit for enough readings in a row is recycled.
+    /// Memory readings: a worker over the limit for enough readings in a row is recycled. The
+    /// smallest ready worker is what a fresh one is estimated to take.
     pub(super) fn on_memory(&mut self, readings: Vec<(WorkerKey, u64)>, headroom: Option<u64>, now: Instant) {
+        let serving: std::collections::HashMap<WorkerKey, usize> = self
+            .slots
+            .iter()
+            .filter_map(|s| s.current.as_ref().filter(|p| p.state == ProcState::Active).map(|p| (p.key, s.id)))
+            .collect();
         self.headroom = headroom;
-        self.smallest_worker = readings.iter().map(|&(_, bytes)| bytes).min();
+        self.smallest_worker =
+            readings.iter().filter(|(key, _)| serving.contains_key(key)).map(|&(_, bytes)| bytes).min();
         let Some(limit) = self.policy.liveness.max_memory else { return };
         let samples = self.policy.liveness.memory_samples.max(1);
         for (key, bytes) in readings {
-            let Some(slot) = self.slots.iter().position(|s| s.current.as_ref().is_some_and(|p| p.key == key)) else {
-                continue;
-            };
+            let Some(&slot) = serving.get(&key) else { continue };
             let Some(p) = self.slots[slot].current.as_mut() else { continue };
             p.over_memory = if bytes > limit { p.over_memory.saturating_add(1) } else { 0 };
             if p.over_memory >= samples {
@@ -102,8 +107,12 @@ impl Supervisor {
             if !valid {
                 continue;
             }
-            // A fresh worker is about the size of the smallest one running.
+            // A fresh worker is about the size of the smallest one serving; each surge started
+            // takes that much of the room until the next readings say how much is left.
             let in_place = matches!((self.headroom, self.smallest_worker), (Some(room), Some(w)) if room < w);
+            if !in_place && let (Some(room), Some(w)) = (self.headroom, self.smallest_worker) {
+                self.headroom = Some(room - w);
+            }
             let pid = self.slots[slot].current.as_ref().and_then(|p| p.pid).unwrap_or(0);
             self.slots[slot].recycling = Some(reason);
             out.push(Command::Report(Report::Recycling { slot, pid, reason, in_place }));

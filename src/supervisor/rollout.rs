@@ -79,6 +79,10 @@ impl Supervisor {
         if s.current.is_none() && !s.disabled && self.policy.respawn && self.phase == Phase::Running {
             s.next_spawn = Some((now + self.policy.respawn_delay, SpawnReason::Respawn));
         }
+        // A disabled slot whose revival failed waits for its next cool-off probe again.
+        if s.disabled && s.current.is_none() && s.probe_at.is_none() {
+            s.probe_at = self.policy.liveness.cooloff.and_then(|c| now.checked_add(c));
+        }
         self.finish_restart(RestartOutcome::Failed { worker_id: slot, reason, replaced: r.replaced }, r.tickets, out);
         self.start_queued(now, wall, out);
     }

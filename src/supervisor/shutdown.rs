@@ -66,7 +66,9 @@ impl Supervisor {
     }
 
     pub(super) fn check_done(&mut self, out: &mut Vec<Command>) {
-        let pending = self.slots.iter().any(|s| s.next_spawn.is_some());
+        // A disabled slot waiting for its cool-off's probe will run a worker again.
+        let pending = self.slots.iter().any(|s| s.next_spawn.is_some())
+            || (self.phase == Phase::Running && self.slots.iter().any(|s| s.probe_at.is_some()));
         if self.procs().next().is_some() || pending {
             return;
         }

@@ -240,6 +240,16 @@ pub enum Event {
         /// Requests in flight.
         in_flight: u64,
     },
+    /// A worker's request counts, without a heartbeat (it reached its request limit): they
+    /// may trigger a recycle but do not arm the worker timeout.
+    Served {
+        /// The worker.
+        key: WorkerKey,
+        /// Requests it served so far.
+        served: u64,
+        /// Requests in flight.
+        in_flight: u64,
+    },
     /// The memory readings asked for by [`Command::SampleMemory`].
     MemorySampled {
         /// Each running worker's memory, in bytes (workers the driver could not read are left

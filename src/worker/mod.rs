@@ -156,6 +156,20 @@ impl Inner {
         sent
     }
 
+    /// Sends the request counts without a heartbeat (the request limit was reached).
+    fn send_counts(&self) -> Result<(), Error> {
+        if self.channel_broken.load(Ordering::Relaxed) {
+            return Err(Error::MasterGone);
+        }
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let served = self.served.load(Ordering::Relaxed);
+        let sent = self.send(&ToMaster::Served { served, in_flight });
+        if sent.is_err() {
+            self.channel_broken.store(true, Ordering::Relaxed);
+        }
+        sent
+    }
+
     /// Sends a beat unless one was sent less than a quarter of the interval ago.
     fn beat_coalesced(&self) -> Result<(), Error> {
         if self.channel_broken.load(Ordering::Relaxed) {
@@ -204,7 +218,7 @@ impl Drop for RequestGuard {
         let served = self.inner.served.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
         // Exactly one guard sees the count reach the limit.
         if self.inner.env.request_limit == Some(served)
-            && let Err(e) = self.inner.beat()
+            && let Err(e) = self.inner.send_counts()
         {
             tracing::debug!("the beat at the request limit ({served}) was not sent: {e}");
         }
@@ -393,16 +407,24 @@ impl Worker {
     /// once without sending (an atomic load and a clock read).
     ///
     /// ```no_run
-    /// # fn f(worker: ecewo_cluster::Worker) -> Result<(), ecewo_cluster::Error> {
+    /// # fn f(worker: ecewo_cluster::Worker) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::io::ErrorKind::WouldBlock;
     /// let listener = worker.listener()?;
+    /// // Never blocked in accept for long: an idle server beats too.
+    /// listener.set_nonblocking(true)?;
     /// worker.ready()?;
-    /// for conn in listener.incoming() {
-    ///     let _request = worker.track_request(); // in flight until the end of the iteration
-    ///     // ... serve the connection ...
-    /// #   let _ = conn;
-    ///     worker.heartbeat()?;
+    /// loop {
+    ///     match listener.accept() {
+    ///         Ok((conn, _)) => {
+    ///             let _request = worker.track_request(); // in flight until the end of this arm
+    ///             // ... serve the connection ...
+    /// #           let _ = conn;
+    ///         }
+    ///         Err(e) if e.kind() == WouldBlock => std::thread::sleep(std::time::Duration::from_millis(10)),
+    ///         Err(e) => return Err(e.into()),
+    ///     }
+    ///     worker.heartbeat()?; // Err(MasterGone) once the master is gone: stop and exit
     /// }
-    /// # Ok(())
     /// # }
     /// ```
     ///
@@ -774,8 +796,8 @@ mod tests {
     }
 
     #[test]
-    fn reaching_the_request_limit_beats_at_once_and_only_once() {
-        // A day's interval: only the limit can make a beat within the window.
+    fn reaching_the_request_limit_reports_the_counts_at_once_and_only_once() {
+        // A day's interval: only the limit can make a message within the window.
         let (worker, master) = Worker::for_test(Some(Duration::from_secs(24 * 3600)), Some(3));
         worker.heartbeat().unwrap();
         assert_eq!(Worker::received(&master), vec![beat(0, 0)]);
@@ -786,17 +808,22 @@ mod tests {
         worker.heartbeat().unwrap();
         assert_eq!(Worker::received(&master), vec![], "below the limit, coalesced");
         drop(guards.next());
-        assert_eq!(Worker::received(&master), vec![beat(3, 1)], "the limit is reached: a beat now");
+        assert_eq!(
+            Worker::received(&master),
+            vec![ToMaster::Served { served: 3, in_flight: 1 }],
+            "the limit is reached: the counts now, as counts (not a heartbeat)"
+        );
         drop(guards.next());
         drop(worker.track_request());
         worker.heartbeat().unwrap();
         assert_eq!(Worker::received(&master), vec![], "past the limit: back to the interval");
         assert_eq!(worker.requests_served(), 5);
-        // The limit's beat restarts the window, like any beat.
+        // A server that never beats reports its limit all the same, without beating.
         let (worker, master) = Worker::for_test(Some(Duration::from_secs(24 * 3600)), Some(1));
         drop(worker.track_request());
+        assert_eq!(Worker::received(&master), vec![ToMaster::Served { served: 1, in_flight: 0 }]);
         worker.heartbeat().unwrap();
-        assert_eq!(Worker::received(&master), vec![beat(1, 0)]);
+        assert_eq!(Worker::received(&master), vec![beat(1, 0)], "its first heartbeat is its own");
     }
 
     #[test]

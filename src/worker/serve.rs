@@ -16,7 +16,7 @@
 //! still idle; finish in-flight requests; give up after [`ServeOptions::drain_timeout`] and
 //! return.
 //!
-//! Heartbeats: while it serves (from readiness to the start of the drain), [`serve`] sends the
+//! Heartbeats: from readiness until it returns (through the drain too), [`serve`] sends the
 //! master a beat every [`Worker::heartbeat_interval`] from a task on the serving runtime, with
 //! the requests served and in flight (every request is counted, from the call of the service
 //! until its response future completes or is dropped). The task runs on the runtime, not on a
@@ -429,7 +429,7 @@ where
         phase: phase_rx,
     };
     worker.ready()?;
-    let heartbeat = spawn_heartbeat(worker);
+    let _heartbeat = spawn_heartbeat(worker);
     // Accept from whichever listener has a connection, starting the scan one further each
     // time so that a busy listener cannot starve the others.
     let mut next = 0usize;
@@ -457,8 +457,9 @@ where
             }
         }
     };
-    // Serving stops: so do the beats (a draining worker is on its way out).
-    drop(heartbeat);
+    // The beats go on through the drain: a worker told to stop by someone else than the
+    // master (a `SIGTERM` from `signal_workers` or `kill`) is still counted on, and watched;
+    // they end when `serve` returns (the handle drops then).
     spawner.draining.store(true, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Draining);
     if why == Stop::Term {

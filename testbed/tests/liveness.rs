@@ -279,3 +279,26 @@ fn a_crash_loop_backs_off_exponentially() {
     assert!(d[5] >= 400.0, "{d:?}");
     tb.remember_workers();
 }
+
+#[test]
+fn a_disabled_cluster_with_a_cooloff_probes_instead_of_exiting() {
+    // Every worker crashes at start: without a cool-off the master would exit (WorkersFailed).
+    let (mut tb, _stdout) = Testbed::spawn(args(&[
+        "--workers",
+        "1",
+        "--respawn",
+        "--crash-on-start",
+        "--respawn-max-crashes",
+        "2",
+        "--respawn-delay-ms",
+        "10",
+        "--respawn-cooloff-ms",
+        "300",
+    ]));
+    let probes = |l: &str| l.matches("its cool-off is over: one probe spawn").count();
+    assert!(tb.wait_log(Duration::from_secs(15), |l| probes(l) >= 2), "{}", tb.stderr());
+    let log = tb.stderr();
+    assert!(log.contains("crashing too fast"), "{log}");
+    assert!(tb.wait_exit(Duration::from_millis(10)).is_none(), "the master waits for its probes:\n{log}");
+    tb.remember_workers();
+}
