@@ -137,7 +137,8 @@ impl Inner {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    /// Sends a beat now, whenever the last one was.
+    /// Sends a beat now, whenever the last one was (the `serve` helpers' beat task).
+    #[cfg(feature = "tokio")]
     fn beat(&self) -> Result<(), Error> {
         if self.channel_broken.load(Ordering::Relaxed) {
             return Err(Error::MasterGone);
