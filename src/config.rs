@@ -69,6 +69,9 @@ impl fmt::Debug for Cluster {
             .field("liveness", &self.s.liveness)
             .field("heartbeat", &self.s.heartbeat)
             .field("memory_measure", &self.s.memory_measure)
+            .field("shutdown_delay", &self.s.shutdown_delay)
+            .field("min_ready", &self.s.min_ready)
+            .field("admin", &self.s.admin)
             .field("name", &self.s.name)
             .field("control", &self.s.control)
             .finish_non_exhaustive()
@@ -99,6 +102,9 @@ impl Cluster {
                 liveness: Liveness { worker_timeout: Some(DEFAULT_WORKER_TIMEOUT), ..Liveness::default() },
                 heartbeat: None,
                 memory_measure: MemoryMeasure::default(),
+                shutdown_delay: Duration::ZERO,
+                min_ready: 1,
+                admin: None,
                 name: None,
                 control: ControlSetting::Default,
                 on_start: None,
@@ -205,6 +211,52 @@ impl Cluster {
     /// (a boot failure), so crash protection stops a slot that never gets ready.
     pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
         self.s.ready_timeout = timeout;
+        self
+    }
+
+    /// On `SIGTERM` (or any shutdown request), keep serving for `delay` before draining
+    /// (default 0: drain at once). Meanwhile the cluster reports not-ready at once (the admin
+    /// listener's `/readyz` answers 503, systemd hears `STOPPING=1` and a `STATUS=`), accepts
+    /// and serves as before, and refuses restarts and scaling; then it drains as without a
+    /// delay. A second request skips what is left of the delay.
+    ///
+    /// For Kubernetes, which removes a pod from its Service's endpoints at the same time as it
+    /// sends `SIGTERM` (so connections keep arriving for a few seconds): 5 s, with
+    /// `terminationGracePeriodSeconds` above `shutdown_delay + shutdown_timeout`; no `preStop`
+    /// hook is needed.
+    pub fn shutdown_delay(mut self, delay: Duration) -> Cluster {
+        self.s.shutdown_delay = delay;
+        self
+    }
+
+    /// How many workers must be ready for the readiness probe (`/readyz` on the
+    /// [`admin`](Cluster::admin) listener, `ecewo-cluster probe ready`) to pass (default 1).
+    pub fn min_ready(mut self, workers: usize) -> Cluster {
+        self.s.min_ready = workers;
+        self
+    }
+
+    /// An admin listener served by the master itself (default: none), TCP or a unix socket
+    /// file: `GET /livez` (200 while the cluster can run a worker, 503 once none can),
+    /// `/readyz` (200 while at least [`min_ready`](Cluster::min_ready) workers are ready and no
+    /// shutdown was asked for), `/startupz` (200 once the start-up completed) and `/metrics`
+    /// (the Prometheus text). For Kubernetes probes and scrapers; bind it to a port the
+    /// application does not serve.
+    ///
+    /// ```
+    /// use ecewo_cluster::{Cluster, ListenAddr};
+    /// let cluster = Cluster::new(8080).admin(ListenAddr::Tcp("0.0.0.0:9090".parse().unwrap()));
+    /// assert!(cluster.validate().is_ok());
+    /// ```
+    ///
+    /// # Caveats
+    ///
+    /// Answers come from the master's loop, bounded (256 connections, an 8 KiB request head, 5 s
+    /// per request): it never blocks supervision, and a flood of clients is turned away rather
+    /// than queued. A Linux abstract socket ([`ListenAddr::Abstract`]) is refused by
+    /// [`validate`](Cluster::validate).
+    pub fn admin(mut self, addr: ListenAddr) -> Cluster {
+        self.s.admin = Some(addr);
         self
     }
 
@@ -451,6 +503,12 @@ impl Cluster {
                 "needs an interval longer than zero and at least 1 reading (default 1 s, 3)".into(),
             );
         }
+        if self.s.min_ready == 0 {
+            return invalid("min_ready", "must be at least 1 (default 1)".into());
+        }
+        if let Some(ListenAddr::Abstract(name)) = &self.s.admin {
+            return invalid("admin", format!("@{name}: use a TCP address or a unix socket path"));
+        }
         if l.max_recycling == 0 {
             return invalid("max_recycling", "must be at least 1 (default 1)".into());
         }
@@ -522,6 +580,7 @@ impl Cluster {
             ("memory_check", self.s.liveness.memory_interval),
             ("respawn_backoff", self.s.liveness.backoff.map(|b| b.max.max(b.base)).unwrap_or_default()),
             ("respawn_cooloff", self.s.liveness.cooloff.unwrap_or_default()),
+            ("shutdown_delay", self.s.shutdown_delay),
         ] {
             if value > MAX_DURATION {
                 return invalid(option, format!("{value:?} is more than the one day supported; use a shorter time"));
@@ -660,6 +719,9 @@ mod tests {
             (Cluster::new(1).max_recycling(0), "max_recycling"),
             (Cluster::new(1).respawn_backoff(Duration::from_secs(2), Duration::from_secs(1)), "respawn_backoff"),
             (Cluster::new(1).respawn_cooloff(Duration::ZERO), "respawn_cooloff"),
+            (Cluster::new(1).min_ready(0), "min_ready"),
+            (Cluster::new(1).admin(ListenAddr::Abstract("x".into())), "admin"),
+            (Cluster::new(1).shutdown_delay(Duration::from_secs(200_000)), "shutdown_delay"),
             (Cluster::new(1).max_age(Duration::from_secs(200_000)), "max_age"),
             (Cluster::new(1).respawn_window(Duration::ZERO), "respawn_window"),
             (Cluster::new(1).cpus(MAX_WORKERS + 1), "cpus"),

@@ -202,6 +202,14 @@ pub struct ClusterStats {
     /// Worker processes that ended since the cluster started, by why they ended.
     #[serde(default)]
     pub exits: ExitCounts,
+    /// The memory limit of the master's cgroup (the tightest of it and its parents: a
+    /// container's `memory.max`), in bytes, if it has one.
+    #[serde(default)]
+    pub memory_limit_bytes: Option<u64>,
+    /// The memory the master's cgroup uses now (`memory.current`: the whole cluster, page cache
+    /// included), in bytes, if readable.
+    #[serde(default)]
+    pub memory_current_bytes: Option<u64>,
 }
 
 /// Why a worker process ended, as the master classifies it (the status alone does not say:

@@ -65,6 +65,12 @@ enum Cmd {
     Stop,
     /// Print the cluster's Prometheus metrics (for a textfile collector).
     Metrics,
+    /// Ask a health probe (live, ready, startup): exit 0 if it passes, 1 if not (also when no
+    /// cluster answers); for exec probes in images without curl.
+    Probe {
+        /// live, ready or startup.
+        probe: control::Probe,
+    },
     /// List this user's running clusters.
     List {
         /// Print JSON.
@@ -136,6 +142,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Signal { signal } => Request::Signal { signal: *signal },
         Cmd::Stop => Request::Stop,
         Cmd::Metrics => Request::Metrics,
+        Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::List { .. } => unreachable!("handled above"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true }) { Duration::from_secs(600) } else { timeout };
@@ -158,6 +165,10 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         (_, Response::Signalled { signal }) => say!(out, "sent {signal} to every active worker"),
         (_, Response::Stopping) => say!(out, "stopping"),
         (_, Response::Metrics { text }) => out.push_str(&text),
+        (Cmd::Probe { probe }, Response::Probe { pass, detail }) => {
+            say!(out, "{probe}: {} ({detail})", if pass { "pass" } else { "fail" });
+            return Ok(if pass { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+        }
         (_, other) => return Err(Failure(format!("the master answered something unexpected: {other:?}"))),
     }
     Ok(ExitCode::SUCCESS)
@@ -289,6 +300,9 @@ fn print_status(s: &Status, out: &mut String) {
             let queued = l.queued.map_or_else(|| "-".to_owned(), |q| q.to_string());
             say!(out, "{:<16} {:<9} {:<10} {:>7} {:>7}  {}", l.name, l.kind, l.balance, l.sockets, queued, l.address);
         }
+    }
+    if let Some(limit) = c.memory_limit_bytes {
+        say!(out, "cgroup memory {} of {} limit", bytes(c.memory_current_bytes), bytes(Some(limit)));
     }
     let exits: Vec<String> = c.exits.iter().filter(|(_, n)| *n > 0).map(|(r, n)| format!("{r} {n}")).collect();
     if !exits.is_empty() {

@@ -289,12 +289,10 @@ impl Driver {
                     events.push_back(Event::SignalWorkers { signal });
                     Ok(Response::Signalled { signal })
                 }
-                Ok(Request::Metrics) => {
-                    let (cluster, workers) = self.stats_now();
-                    // Labelled with the cluster's name: several clusters' files can share a collector.
-                    let name = format!("{}-{}", self.m.name, self.m.shared.addr.port());
-                    let text = crate::proto::metrics::render_labeled(&cluster, &workers, &[("cluster", &name)]);
-                    Ok(Response::Metrics { text })
+                Ok(Request::Metrics) => Ok(Response::Metrics { text: self.metrics_text() }),
+                Ok(Request::Probe { probe }) => {
+                    let (pass, detail) = self.probe(probe);
+                    Ok(Response::Probe { pass, detail })
                 }
                 Ok(Request::Stop) => {
                     events.push_back(Event::Shutdown);

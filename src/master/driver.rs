@@ -191,6 +191,41 @@ impl Driver {
         (cluster, workers)
     }
 
+    /// The cluster's Prometheus metrics, labelled with the cluster's name (several clusters'
+    /// files can share a collector).
+    pub(super) fn metrics_text(&self) -> String {
+        let (cluster, workers) = self.stats_now();
+        let name = format!("{}-{}", self.m.name, self.m.shared.addr.port());
+        crate::proto::metrics::render_labeled(&cluster, &workers, &[("cluster", &name)])
+    }
+
+    /// A probe's verdict, and what it is based on (for a person).
+    pub(super) fn probe(&self, probe: crate::proto::control::Probe) -> (bool, String) {
+        use crate::proto::control::Probe;
+        let p = self.sup.probes();
+        let c = self.sup.cluster_stats();
+        match probe {
+            Probe::Live if p.live => {
+                (true, format!("supervising: {} of {} workers active", c.active_workers, c.total_workers))
+            }
+            Probe::Live => (
+                false,
+                format!(
+                    "no worker can run: {} of {} slots disabled, {} crashed",
+                    c.disabled_workers, c.total_workers, c.crashed_workers
+                ),
+            ),
+            Probe::Ready => {
+                let needed = self.sup.policy().min_ready.max(1);
+                let base =
+                    format!("{} of {} workers ready (at least {needed} needed)", c.active_workers, c.total_workers);
+                if c.shutdown_requested { (false, format!("shutting down; {base}")) } else { (p.ready, base) }
+            }
+            Probe::Startup if p.started => (true, "the start-up completed".into()),
+            Probe::Startup => (false, format!("starting: {} of {} workers ready", c.active_workers, c.total_workers)),
+        }
+    }
+
     /// The listeners, with the accept-queue length of the TCP ones.
     pub(super) fn listener_stats(&self) -> Vec<crate::stats::ListenerStats> {
         super::listener_stats(&self.m.listeners)

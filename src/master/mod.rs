@@ -432,6 +432,8 @@ impl Master {
             ready_timeout: opts.ready_timeout,
             bound_signals: opts.on_signal.iter().map(|(s, _)| *s).collect(),
             liveness: crate::supervisor::Liveness { seed: random_seed(), ..opts.liveness.clone() },
+            shutdown_delay: opts.shutdown_delay,
+            min_ready: opts.min_ready,
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {

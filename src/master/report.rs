@@ -68,6 +68,10 @@ impl Driver {
                 tracing::info!("worker {slot} was disabled; its cool-off is over: one probe spawn")
             }
             Report::Reenabled { slot } => tracing::info!("worker {slot}'s probe is ready: respawn enabled again"),
+            Report::ShutdownDelayed { delay } => tracing::info!(
+                "shutdown asked for: no longer ready, serving for {} more before the drain (again to skip it)",
+                short_duration(delay)
+            ),
             Report::ShuttingDown { workers } => tracing::info!("shutting down: stopping {workers} workers"),
             Report::Signalled { signal, slots } => {
                 tracing::info!("sent {signal} to workers {slots:?}")
@@ -124,6 +128,10 @@ impl Driver {
             Notify::Reloading { workers } => notifier.reloading(&format!("rolling restart of {workers} workers")),
             Notify::Reloaded { outcome } => notifier.send(&format!("READY=1\nSTATUS=graceful restart {outcome}")),
             Notify::Stopping { workers } => notifier.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers")),
+            Notify::Leaving { delay } => notifier.send(&format!(
+                "STOPPING=1\nSTATUS=stopping: no longer ready, serving for {} more",
+                short_duration(delay)
+            )),
         }
     }
 }

@@ -282,6 +282,12 @@ pub(crate) struct Settings {
     pub(crate) heartbeat: Option<Duration>,
     /// What memory the `max_memory` limit is compared with.
     pub(crate) memory_measure: MemoryMeasure,
+    /// How long the cluster reports not-ready and keeps serving before a shutdown drains.
+    pub(crate) shutdown_delay: Duration,
+    /// Ready workers the readiness probe needs.
+    pub(crate) min_ready: usize,
+    /// The admin listener (probes and metrics served by the master), if any.
+    pub(crate) admin: Option<ListenAddr>,
     pub(crate) name: Option<String>,
     pub(crate) control: ControlSetting,
     pub(crate) on_start: Option<OnStart>,

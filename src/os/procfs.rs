@@ -33,6 +33,7 @@ pub(crate) fn thread_count() -> Option<usize> {
 
 /// Fills in the resource figures of running workers, and the cluster's totals.
 pub(crate) fn add_usage(cluster: &mut ClusterStats, workers: &mut [WorkerStats]) {
+    (cluster.memory_limit_bytes, cluster.memory_current_bytes) = cgroup_memory();
     cluster.total_rss_bytes = 0;
     cluster.total_cpu_time = Duration::ZERO;
     for w in workers {
@@ -120,6 +121,43 @@ const CGROUP1_NO_LIMIT: u64 = 1 << 60;
 pub(crate) fn cgroup_memory_headroom() -> Option<u64> {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     headroom_from(&cgroup, |path| std::fs::read_to_string(path).ok())
+}
+
+/// The memory limit that applies to this process's cgroup (the tightest of it and its parents)
+/// and that cgroup's usage, in bytes: `(limit, usage)`, each `None` when unknown (no limit, or
+/// no readable cgroup memory files). cgroup v2 first, then v1, as
+/// [`cgroup_memory_headroom`] reads them.
+pub(crate) fn cgroup_memory() -> (Option<u64>, Option<u64>) {
+    let Ok(cgroup) = std::fs::read_to_string("/proc/self/cgroup") else { return (None, None) };
+    memory_from(&cgroup, |path| std::fs::read_to_string(path).ok())
+}
+
+/// [`cgroup_memory`] with its file reads done by `read`.
+fn memory_from(cgroup: &str, read: impl Fn(&Path) -> Option<String>) -> (Option<u64>, Option<u64>) {
+    let levels =
+        |root: &str, path: Option<&str>, limit_file: &str, usage_file: &str, parse: fn(&str) -> Option<Limit>| {
+            let dirs = path.map(|p| cgroup_dirs(root, p)).unwrap_or_default();
+            let usage = dirs.first().and_then(|d| read(&d.join(usage_file))).and_then(|u| u.trim().parse::<u64>().ok());
+            let limit = dirs
+                .iter()
+                .filter_map(|d| match parse(&read(&d.join(limit_file))?)? {
+                    Limit::Bytes(n) => Some(n),
+                    Limit::None => None,
+                })
+                .min();
+            (limit, usage)
+        };
+    let v2 = levels(CGROUP2_ROOT, cgroup_v2_path(cgroup), "memory.max", "memory.current", parse_v2_limit);
+    if v2 != (None, None) {
+        return v2;
+    }
+    levels(
+        CGROUP1_MEMORY_ROOT,
+        cgroup_v1_memory_path(cgroup),
+        "memory.limit_in_bytes",
+        "memory.usage_in_bytes",
+        parse_v1_limit,
+    )
 }
 
 /// [`cgroup_memory_headroom`] with its file reads done by `read` (a fake file system in tests):
@@ -378,6 +416,21 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn the_cgroups_limit_is_the_tightest_of_its_parents_and_its_usage_its_own() {
+        let files = [
+            ("/sys/fs/cgroup/a/b/memory.max", "max\n"),
+            ("/sys/fs/cgroup/a/b/memory.current", "700\n"),
+            ("/sys/fs/cgroup/a/memory.max", "1000\n"),
+            ("/sys/fs/cgroup/a/memory.current", "900\n"),
+        ];
+        let read = |p: &Path| files.iter().find(|(f, _)| Path::new(f) == p).map(|(_, t)| t.to_string());
+        assert_eq!(memory_from("0::/a/b\n", read), (Some(1000), Some(700)));
+        assert_eq!(memory_from("0::/x\n", |_: &Path| None), (None, None));
+        let (_, usage) = cgroup_memory();
+        let _ = usage; // this machine may or may not have readable cgroup files; it must not panic
+    }
 
     #[test]
     fn reclaimable_cache_is_not_counted_as_used() {

@@ -13,6 +13,7 @@
 //! | `{"v":1,"cmd":"signal","signal":"USR1"}` (a name, with or without `SIG`, or a number) | `"signal": 10` |
 //! | `{"v":1,"cmd":"stop"}` | `"stopping": true` |
 //! | `{"v":1,"cmd":"metrics"}` | `"text"`: Prometheus text ([`crate::metrics`]) |
+//! | `{"v":1,"cmd":"probe","probe":"live"}` (`live`, `ready` or `startup`) | `"pass"`: true or false, `"detail"`: why |
 //!
 //! A failed request gets `{"v":1,"ok":false,"error":"what went wrong and what to do"}`. A line
 //! longer than [`MAX_REQUEST`] bytes is answered with an error and the connection is closed.
@@ -72,6 +73,46 @@ pub enum Request {
     Stop,
     /// The cluster's Prometheus metrics: [`Response::Metrics`].
     Metrics,
+    /// One of the probes the admin listener serves: [`Response::Probe`].
+    Probe {
+        /// Which.
+        probe: Probe,
+    },
+}
+
+/// A health probe, as Kubernetes names them: what `/livez`, `/readyz` and `/startupz` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Probe {
+    /// The cluster can still run a worker.
+    Live,
+    /// Enough workers are ready (`min_ready`) and no shutdown was asked for.
+    Ready,
+    /// The initial start-up completed.
+    Startup,
+}
+
+impl std::str::FromStr for Probe {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Probe, String> {
+        match s {
+            "live" | "liveness" | "livez" => Ok(Probe::Live),
+            "ready" | "readiness" | "readyz" => Ok(Probe::Ready),
+            "startup" | "startupz" => Ok(Probe::Startup),
+            other => Err(format!("unknown probe `{other}`: use live, ready or startup")),
+        }
+    }
+}
+
+impl std::fmt::Display for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Probe::Live => "live",
+            Probe::Ready => "ready",
+            Probe::Startup => "startup",
+        })
+    }
 }
 
 /// The master's answer to a [`Request`] that it carried out.
@@ -101,6 +142,13 @@ pub enum Response {
     Metrics {
         /// The text.
         text: String,
+    },
+    /// A probe's verdict (`"pass"`) and why (`"detail"`).
+    Probe {
+        /// The probe passes.
+        pass: bool,
+        /// What it is based on, for a person (`"2 of 2 workers ready (at least 1 needed)"`).
+        detail: String,
     },
 }
 
@@ -186,6 +234,11 @@ struct Text {
     text: String,
 }
 #[derive(Serialize, Deserialize)]
+struct Verdict {
+    pass: bool,
+    detail: String,
+}
+#[derive(Serialize, Deserialize)]
 struct Nothing {}
 
 fn line<T: Serialize>(ok: bool, error: Option<String>, body: T) -> Vec<u8> {
@@ -209,6 +262,7 @@ impl Response {
             Response::Signalled { signal } => line(true, None, Signalled { signal: *signal }),
             Response::Stopping => line(true, None, Stopping { stopping: true }),
             Response::Metrics { text } => line(true, None, Text { text: text.clone() }),
+            Response::Probe { pass, detail } => line(true, None, Verdict { pass: *pass, detail: detail.clone() }),
         }
     }
 
@@ -238,6 +292,10 @@ impl Response {
             Request::Signal { .. } => Response::Signalled { signal: parse::<Signalled>(reply, bad)?.signal },
             Request::Stop => Response::Stopping,
             Request::Metrics => Response::Metrics { text: parse::<Text>(reply, bad)?.text },
+            Request::Probe { .. } => {
+                let v = parse::<Verdict>(reply, bad)?;
+                Response::Probe { pass: v.pass, detail: v.detail }
+            }
         })
     }
 }
@@ -279,8 +337,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             version.v
         ));
     }
-    serde_json::from_slice(line)
-        .map_err(|e| format!("invalid request: {e}; commands are status, restart, scale, signal, stop and metrics"))
+    serde_json::from_slice(line).map_err(|e| {
+        format!("invalid request: {e}; commands are status, restart, scale, signal, stop, metrics and probe")
+    })
 }
 
 /// The directory control sockets live in by default: `$XDG_RUNTIME_DIR/ecewo-cluster`, else

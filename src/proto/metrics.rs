@@ -142,6 +142,19 @@ pub fn render_labeled(cluster: &ClusterStats, workers: &[WorkerStats], labels: &
         "Requests in flight in the slot's worker, as its last heartbeat said.",
         &per_worker(&|w| w.in_flight.map(|n| n as f64)),
     );
+    let opt = |v: Option<u64>| v.map(|n| vec![(String::new(), n as f64)]).unwrap_or_default();
+    metric(
+        "ecewo_cluster_cgroup_memory_limit_bytes",
+        "gauge",
+        "The memory limit of the cluster's cgroup (absent without one).",
+        &opt(cluster.memory_limit_bytes),
+    );
+    metric(
+        "ecewo_cluster_cgroup_memory_bytes",
+        "gauge",
+        "The memory the cluster's cgroup uses (page cache included).",
+        &opt(cluster.memory_current_bytes),
+    );
     let exits: Vec<(String, f64)> =
         cluster.exits.iter().map(|(reason, n)| (format!("reason=\"{reason}\""), n as f64)).collect();
     metric("ecewo_cluster_worker_exits_total", "counter", "Worker processes that ended, by reason.", &exits);
@@ -200,6 +213,8 @@ mod tests {
     fn renders_the_text_format() {
         let mut cluster = ClusterStats { total_workers: 2, active_workers: 1, total_restarts: 3, ..Default::default() };
         cluster.exits.add(crate::stats::ExitReason::Hung);
+        cluster.memory_limit_bytes = Some(1 << 30);
+        cluster.memory_current_bytes = Some(123);
         let w = |id, status, pid| WorkerStats {
             worker_id: id,
             pid,
@@ -236,6 +251,8 @@ mod tests {
             "ecewo_cluster_worker_requests_in_flight{worker=\"0\"} 3",
             "ecewo_cluster_worker_exits_total{reason=\"hung\"} 1",
             "ecewo_cluster_worker_exits_total{reason=\"recycled_memory\"} 0",
+            "ecewo_cluster_cgroup_memory_limit_bytes 1073741824",
+            "ecewo_cluster_cgroup_memory_bytes 123",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::tests::{Harness, MS, policy, reports, spawns};
 use super::*;
 use crate::signal::Signal;
+use crate::stats::RestartOutcome;
 use crate::stats::{ExitReason, ExitStatus, WorkerStatus};
 
 fn with(l: Liveness) -> Policy {
@@ -434,4 +435,72 @@ fn extreme_jitters_saturate_instead_of_panicking() {
     h.start_all();
     assert!(h.log.iter().any(|c| matches!(c, Command::Spawn { request_limit: Some(u64::MAX), .. })));
     assert!(h.sup.slots.iter().all(|s| s.current.as_ref().unwrap().recycle_at.is_none()), "beyond the clock: never");
+}
+
+#[test]
+fn a_shutdown_delay_keeps_serving_not_ready_then_drains_and_a_second_request_skips_it() {
+    let mut h = Harness::new(Policy { shutdown_delay: Duration::from_secs(5), ..policy(2) });
+    h.start_all();
+    assert_eq!(h.sup.probes(), Probes { live: true, ready: true, started: true });
+    h.at(1000);
+    let r = h.feed(Event::Shutdown);
+    assert!(reports(&r).contains(&&Report::ShutdownDelayed { delay: Duration::from_secs(5) }), "{r:?}");
+    assert!(r.contains(&Command::Notify(Notify::Leaving { delay: Duration::from_secs(5) })), "{r:?}");
+    assert!(!r.iter().any(|c| matches!(c, Command::Signal { .. } | Command::CloseListeners)), "still serving: {r:?}");
+    assert_eq!(h.sup.probes(), Probes { live: true, ready: false, started: true }, "not ready at once");
+    assert!(h.sup.cluster_stats().shutdown_requested);
+    assert_eq!(h.sup.cluster_stats().active_workers, 2);
+    // Meanwhile: a crash is still respawned; restarts and scaling are refused.
+    h.exit(1, ExitStatus::Code(1));
+    assert_eq!(spawns(&h.at(1100)), vec![1]);
+    h.ready(1);
+    let r = h.feed(Event::Restart { ticket: Some(7) });
+    assert!(
+        reports(&r)
+            .iter()
+            .any(|x| matches!(x, Report::RestartFinished { outcome: RestartOutcome::Cancelled { .. }, .. })),
+        "{r:?}"
+    );
+    assert!(h.feed(Event::Scale { workers: 5 }).is_empty());
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 6000 * MS), "the end of the delay");
+    // The delay is over: the drain, as without one.
+    let r = h.at(6000);
+    assert!(r.contains(&Command::CloseListeners), "{r:?}");
+    assert_eq!(r.iter().filter(|c| matches!(c, Command::Signal { signal: Signal::TERM, .. })).count(), 2);
+    // A second request during the delay drains at once.
+    let mut h = Harness::new(Policy { shutdown_delay: Duration::from_secs(5), ..policy(2) });
+    h.start_all();
+    h.feed(Event::Shutdown);
+    let r = h.feed(Event::Signal { signal: Signal::TERM });
+    assert!(r.contains(&Command::CloseListeners), "{r:?}");
+    // And a third kills.
+    let r = h.feed(Event::Shutdown);
+    assert!(r.iter().any(|c| matches!(c, Command::Signal { signal: Signal::KILL, .. })), "{r:?}");
+}
+
+#[test]
+fn probes_follow_the_start_up_min_ready_and_a_cluster_that_can_no_longer_run() {
+    let mut h = Harness::new(Policy { min_ready: 2, respawn: true, ..policy(3) });
+    h.at(0);
+    assert_eq!(h.sup.probes(), Probes { live: true, ready: false, started: false });
+    h.at(100);
+    h.at(200);
+    h.ready(0);
+    assert!(!h.sup.probes().ready, "1 of the 2 needed");
+    h.ready(1);
+    assert_eq!(h.sup.probes(), Probes { live: true, ready: true, started: false });
+    h.ready(2);
+    assert!(h.sup.probes().started);
+    // Every slot crash-loops until disabled: not live any more (the master then exits).
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    let mut t = 1000;
+    while h.status(0) != WorkerStatus::Disabled {
+        h.at(t);
+        if h.sup.slots[0].current.is_some() {
+            h.exit(0, ExitStatus::Code(1));
+        }
+        t += 100;
+    }
+    assert!(!h.sup.probes().live);
 }

@@ -246,6 +246,8 @@ pub struct Supervisor {
     smallest_worker: Option<u64>,
     /// The jitter's generator state (splitmix64).
     rng: u64,
+    /// A shutdown was asked for with a delay: the drain starts at this time.
+    leaving_at: Option<Instant>,
     /// When the last [`handle`](Supervisor::handle) asked to be woken at the latest, and when
     /// it ran.
     expected_wake: Option<Instant>,
@@ -313,6 +315,7 @@ impl Supervisor {
             rng: 0,
             expected_wake: None,
             last_handled: None,
+            leaving_at: None,
             policy,
         }
         .seeded(now)
@@ -380,6 +383,10 @@ impl Supervisor {
             return out;
         }
         self.forgive_stall(now);
+        // A shutdown delay that is over starts the drain before anything else happens at
+        // `now`: what the event leads to then happens in the shutdown (no spawn in the batch
+        // that begins it).
+        self.leave_due(now, &mut out);
         match event {
             Event::Tick => {}
             Event::Spawned { key, pid } => self.on_spawned(key, pid, now, &mut out),

@@ -112,14 +112,14 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
         (1usize..5, any::<bool>(), any::<bool>(), 1u32..5),
         (100u64..2000, 0u64..300, 0u64..500, 1u64..10, 300u64..3000),
         prop::sample::subsequence(vec![Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH], 0..3),
-        liveness(),
+        (liveness(), prop::sample::select(vec![0u64, 0, 300, 2000])),
     )
         .prop_map(
             |(
                 (workers, respawn, socket_per_slot, max_crashes),
                 (stop, startup, respawn_ms, window, ready),
                 bound,
-                liveness,
+                (liveness, delay),
             )| {
                 let ms = Duration::from_millis;
                 let policy = Policy {
@@ -135,6 +135,8 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
                     ready_timeout: ms(ready),
                     bound_signals: Vec::new(),
                     liveness,
+                    shutdown_delay: ms(delay),
+                    min_ready: 1,
                 };
                 (policy, bound)
             },
@@ -446,6 +448,11 @@ impl Fake {
     /// Shuts down and lets time pass until the machine exits.
     fn finish(&mut self) -> Result<(), TestCaseError> {
         self.step(&Op::Shutdown)?;
+        // With a shutdown delay, the drain starts once it is over.
+        let delay = self.sup.policy().shutdown_delay;
+        if !delay.is_zero() && !self.done {
+            self.step(&Op::Tick(delay.as_millis() as u64 + 1))?;
+        }
         let wait = self.sup.policy().shutdown_timeout + Duration::from_millis(1);
         for _ in 0..5 {
             if self.done {

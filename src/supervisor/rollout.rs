@@ -10,7 +10,7 @@ use crate::stats::{ExitReason, RestartOutcome};
 impl Supervisor {
     pub(super) fn on_restart(&mut self, ticket: Option<u64>, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let tickets: Vec<u64> = ticket.into_iter().collect();
-        if self.phase != Phase::Running {
+        if self.phase != Phase::Running || self.leaving_at.is_some() {
             let outcome = RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced: 0 };
             self.finish_restart(outcome, tickets, out);
             return;

@@ -9,7 +9,7 @@ use crate::stats::ExitReason;
 impl Supervisor {
     pub(super) fn on_scale(&mut self, workers: usize, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let from = self.slots.len();
-        if self.phase != Phase::Running || workers == 0 || workers == from {
+        if self.phase != Phase::Running || self.leaving_at.is_some() || workers == 0 || workers == from {
             return;
         }
         if workers > from {

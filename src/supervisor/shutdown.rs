@@ -8,9 +8,31 @@ use super::{Command, Notify, Outcome, Phase, ProcState, Report, SIGKILL, Supervi
 use crate::stats::{ExitReason, RestartOutcome};
 
 impl Supervisor {
+    /// A shutdown was asked for. With a shutdown delay, the first request only makes the
+    /// cluster not-ready (it keeps serving: a load balancer still sends it connections while it
+    /// learns); the drain starts when the delay is over, or at once on a second request.
     pub(super) fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
+        let delay = self.policy.shutdown_delay;
+        if self.phase == Phase::Running && self.leaving_at.is_none() && !delay.is_zero() {
+            self.leaving_at = Some(now.checked_add(delay).unwrap_or(now));
+            out.push(Command::Report(Report::ShutdownDelayed { delay }));
+            out.push(Command::Notify(Notify::Leaving { delay }));
+            return;
+        }
+        self.begin_shutdown(now, out);
+    }
+
+    /// The drain starts when the shutdown delay is over.
+    pub(super) fn leave_due(&mut self, now: Instant, out: &mut Vec<Command>) {
+        if self.phase == Phase::Running && self.leaving_at.is_some_and(|t| t <= now) {
+            self.begin_shutdown(now, out);
+        }
+    }
+
+    fn begin_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
         match self.phase {
             Phase::Running => {
+                self.leaving_at = None;
                 self.phase = Phase::ShuttingDown { killed: false };
                 out.push(Command::CloseListeners);
                 self.sockets.clear();

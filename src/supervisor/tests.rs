@@ -23,6 +23,8 @@ pub(super) fn policy(workers: usize) -> Policy {
         ready_timeout: 2000 * MS,
         bound_signals: Vec::new(),
         liveness: Liveness::default(),
+        shutdown_delay: Duration::ZERO,
+        min_ready: 1,
     }
 }
 

@@ -27,7 +27,8 @@ impl Supervisor {
             .filter(|_| running);
         let ages = (0..self.slots.len()).filter_map(|slot| self.age_due(slot)).min();
         let samples = self.next_sample.filter(|_| running);
-        [spawns, ready, stops, probes, hung, ages, samples].into_iter().flatten().min()
+        let leave = self.leaving_at.filter(|_| running);
+        [spawns, ready, stops, probes, hung, ages, samples, leave].into_iter().flatten().min()
     }
 
     /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns

@@ -43,6 +43,22 @@ pub struct Policy {
     pub bound_signals: Vec<Signal>,
     /// Heartbeats, recycling and crash backoff.
     pub liveness: Liveness,
+    /// On a shutdown request, how long the cluster reports not-ready while it keeps serving,
+    /// before it drains (zero: it drains at once).
+    pub shutdown_delay: Duration,
+    /// Ready workers the readiness probe needs (at least 1).
+    pub min_ready: usize,
+}
+
+/// What the probes say ([`Supervisor::probes`](super::Supervisor::probes)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probes {
+    /// The cluster can still run a worker (some slot serves, starts, or will respawn).
+    pub live: bool,
+    /// At least `min_ready` workers are ready, and no shutdown was asked for.
+    pub ready: bool,
+    /// The initial start-up completed (every slot became ready or was given up).
+    pub started: bool,
 }
 
 /// Liveness and recycling: what the supervisor does with heartbeats, memory readings and
@@ -377,6 +393,12 @@ pub enum Notify {
         /// Workers asked to stop.
         workers: usize,
     },
+    /// `STOPPING=1` too: a shutdown was asked for, and the cluster serves for `delay` more
+    /// before it drains (no longer ready meanwhile).
+    Leaving {
+        /// The shutdown delay.
+        delay: Duration,
+    },
 }
 
 /// What the systemd watchdog's keep-alive should say now ([`Supervisor::watchdog`](super::Supervisor::watchdog)).
@@ -517,6 +539,12 @@ pub enum Report {
         crashes: u32,
         /// Time from the first of them to the last.
         within: Duration,
+    },
+    /// A shutdown was asked for with a shutdown delay: the cluster is no longer ready, keeps
+    /// serving for `delay`, then drains.
+    ShutdownDelayed {
+        /// The delay.
+        delay: Duration,
     },
     /// A shutdown began.
     ShuttingDown {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Phase, ProcState, Slot, SpawnReason, Supervisor, Watchdog};
+use super::{Phase, Probes, ProcState, Slot, SpawnReason, Supervisor, Watchdog};
 use crate::stats::{ClusterStats, WorkerStats, WorkerStatus};
 
 impl Slot {
@@ -53,6 +53,30 @@ impl Supervisor {
         }
     }
 
+    /// What the probes say: live while the cluster can still run a worker (a slot serves,
+    /// starts, or will respawn; during a shutdown, until it is over), ready while at least
+    /// `min_ready` workers are ready and no shutdown was asked for (not during the shutdown
+    /// delay), started once the initial start-up completed.
+    pub fn probes(&self) -> Probes {
+        let can_run = self.slots.iter().any(|s| {
+            matches!(
+                s.status(),
+                WorkerStatus::Active | WorkerStatus::Starting | WorkerStatus::Respawning | WorkerStatus::Stopping
+            )
+        });
+        let asked_to_stop = self.phase != Phase::Running || self.leaving_at.is_some();
+        let active = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
+        Probes {
+            live: match self.phase {
+                Phase::Running => can_run,
+                Phase::ShuttingDown { .. } => true,
+                Phase::Done => false,
+            },
+            ready: !asked_to_stop && active >= self.policy.min_ready.max(1),
+            started: self.announced_ready,
+        }
+    }
+
     /// True once [`Command::Exit`] has been returned.
     #[cfg(test)]
     pub fn is_done(&self) -> bool {
@@ -67,7 +91,7 @@ impl Supervisor {
             active_workers: count(WorkerStatus::Active),
             crashed_workers: count(WorkerStatus::Crashed),
             disabled_workers: count(WorkerStatus::Disabled),
-            shutdown_requested: !matches!(self.phase, Phase::Running),
+            shutdown_requested: !matches!(self.phase, Phase::Running) || self.leaving_at.is_some(),
             restart_requested: self.rollout.is_some(),
             total_restarts: self.total_restarts,
             last_restart: self.last_restart.clone(),
@@ -76,6 +100,9 @@ impl Supervisor {
             // The driver's to fill: the supervisor knows no sockets.
             listeners: Vec::new(),
             exits: self.exits,
+            // The driver's to fill, like the listeners.
+            memory_limit_bytes: None,
+            memory_current_bytes: None,
         }
     }
 
