@@ -4,6 +4,9 @@
 //! cargo run --release --example hello                  # one worker per CPU, port 3000
 //! cargo run --release --example hello -- --port 8080 --workers 4
 //! curl http://127.0.0.1:3000/                          # Hello from worker N!
+//! # as in a container: probes on the admin port, a drain delay for the load balancer
+//! cargo run --release --example hello -- --admin 0.0.0.0:9090 --shutdown-delay-ms 5000
+//! curl http://127.0.0.1:9090/readyz                    # ready: 2 of 2 workers ready …
 //! ```
 
 use axum::{Router, routing::get};
@@ -16,9 +19,19 @@ struct Args {
     /// Port to listen on.
     #[arg(long, default_value_t = 3000)]
     port: u16,
-    /// Number of workers (default: one per CPU).
+    /// Number of workers (default, or 0: one per CPU, within the cgroup's CPU limit).
     #[arg(long, default_value_t = cluster::cpus())]
     workers: usize,
+    /// The master's admin listener for probes and metrics (`GET /livez`, `/readyz`,
+    /// `/startupz`, `/metrics`), e.g. `0.0.0.0:9090` or `unix:/run/hello-admin.sock`.
+    #[arg(long)]
+    admin: Option<cluster::ListenAddr>,
+    /// On SIGTERM, serve this long while reporting not-ready before draining (Kubernetes: 5000).
+    #[arg(long, default_value_t = 0)]
+    shutdown_delay_ms: u64,
+    /// How long a draining worker gets before it is killed.
+    #[arg(long, default_value_t = 15_000)]
+    shutdown_timeout_ms: u64,
 }
 
 async fn handle_index() -> String {
@@ -31,8 +44,15 @@ fn main() -> Result<(), cluster::Error> {
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(colour).init();
-    Cluster::new(args.port)
+    let ms = std::time::Duration::from_millis;
+    let cluster = Cluster::new(args.port)
         .cpus(args.workers)
         .respawn(true)
-        .serve(|_worker| Router::new().route("/", get(handle_index)))
+        .shutdown_delay(ms(args.shutdown_delay_ms))
+        .shutdown_timeout(ms(args.shutdown_timeout_ms));
+    let cluster = match args.admin {
+        Some(addr) => cluster.admin(addr),
+        None => cluster,
+    };
+    cluster.serve(|_worker| Router::new().route("/", get(handle_index)))
 }

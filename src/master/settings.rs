@@ -166,6 +166,34 @@ impl ListenAddr {
     }
 }
 
+/// Reads `127.0.0.1:9090`, `[::1]:9090` (TCP), `unix:/run/app.sock` (a unix socket file) or
+/// `@name` (a Linux abstract unix socket), as [`Display`](fmt::Display) writes them (a path
+/// needs the `unix:` prefix).
+///
+/// ```
+/// use ecewo_cluster::ListenAddr;
+/// assert_eq!("127.0.0.1:9090".parse::<ListenAddr>(), Ok(ListenAddr::Tcp("127.0.0.1:9090".parse().unwrap())));
+/// assert_eq!("unix:/run/a.sock".parse::<ListenAddr>(), Ok(ListenAddr::Unix("/run/a.sock".into())));
+/// assert!("localhost".parse::<ListenAddr>().is_err());
+/// ```
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ListenAddr, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, like unix:/run/app.sock".into());
+            }
+            return Ok(ListenAddr::Unix(path.into()));
+        }
+        if let Some(name) = s.strip_prefix('@') {
+            return Ok(ListenAddr::Abstract(name.to_owned()));
+        }
+        s.parse().map(ListenAddr::Tcp).map_err(|e| {
+            format!("{s:?} is not an address ({e}): use IP:PORT such as 127.0.0.1:9090 or [::1]:9090, or unix:PATH")
+        })
+    }
+}
+
 impl fmt::Display for ListenAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

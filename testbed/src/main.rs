@@ -175,6 +175,17 @@ struct Args {
     /// A slot disabled by crash protection gets a probe spawn after this long.
     #[arg(long)]
     respawn_cooloff_ms: Option<u64>,
+    /// On a shutdown request, serve this long while reporting not-ready before draining.
+    #[arg(long, default_value_t = 0)]
+    shutdown_delay_ms: u64,
+    /// The master's admin listener (`127.0.0.1:0`, `[::1]:0`, `unix:PATH`): `GET /livez`,
+    /// `/readyz`, `/startupz`, `/metrics`; the master prints `admin ADDR` (the bound address)
+    /// on stdout before its ready line.
+    #[arg(long)]
+    admin: Option<ecewo_cluster::ListenAddr>,
+    /// Ready workers the readiness probe needs.
+    #[arg(long, default_value_t = 1)]
+    min_ready: usize,
 }
 
 fn parse_backoff(s: &str) -> Result<(u64, u64), String> {
@@ -339,7 +350,13 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         .max_age_jitter(ms(args.max_age_jitter_ms))
         .memory_measure(args.memory_measure)
         .memory_check(ms(args.memory_check_ms), args.memory_samples)
-        .max_recycling(args.max_recycling);
+        .max_recycling(args.max_recycling)
+        .shutdown_delay(ms(args.shutdown_delay_ms))
+        .min_ready(args.min_ready);
+    let cluster = match &args.admin {
+        Some(addr) => cluster.admin(addr.clone()),
+        None => cluster,
+    };
     let cluster = match args.worker_timeout_ms {
         Some(t) => cluster.worker_timeout(ms(t)),
         None => cluster,
