@@ -414,8 +414,9 @@ pub fn server_socket_of(server_port: u16, client_port: u16) -> Option<String> {
         let f: Vec<&str> = line.split_whitespace().collect();
         let port =
             |addr: Option<&&str>| addr.and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+        // A connection in TIME_WAIT from an earlier client on the same port has no inode (0).
         (port(f.get(1)) == Some(server_port) && port(f.get(2)) == Some(client_port))
-            .then(|| f.get(9).map(|inode| format!("socket:[{inode}]")))
+            .then(|| f.get(9).filter(|inode| **inode != "0").map(|inode| format!("socket:[{inode}]")))
             .flatten()
     })
 }
