@@ -55,12 +55,14 @@ const MAX_PARSES: u8 = 4;
 /// Time from accept to a complete request head, and again from the answer to its last byte
 /// written. A connection still unfinished at its deadline is closed.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest answer body; a larger one is answered 500, never truncated.
-pub(crate) const MAX_ANSWER: usize = 4 * 1024 * 1024;
+/// The largest answer body; a larger one is answered 500, never truncated. The `/metrics` text
+/// of the largest cluster ([`MAX_WORKERS`](crate::supervisor::MAX_WORKERS) workers, every figure
+/// at its longest, a 64-byte cluster label) is about 5.3 MB; of 64 workers, about 80 KB.
+pub(crate) const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// Answer bytes not yet taken by their sockets, over all connections; an answer that would
 /// exceed it is replaced by a short 503 (`Retry-After: 1`). With [`REQUEST_TIMEOUT`], this is
 /// what clients that never read can cost the master: this much, for that long.
-pub(crate) const MAX_BUFFERED: usize = 32 * 1024 * 1024;
+pub(crate) const MAX_BUFFERED: usize = 64 * 1024 * 1024;
 /// Bytes of unread input drained before a connection is closed, so that the kernel ends it with
 /// a FIN rather than a reset that could destroy the answer on its way.
 const DRAIN_AT_CLOSE: usize = 64 * 1024;
@@ -1127,5 +1129,33 @@ mod tests {
         // A directory that does not exist.
         let e = AdminServer::bind(&AdminAddr::Unix(dir.path().join("no/such/dir.sock"))).unwrap_err().to_string();
         assert!(e.contains("is missing"), "{e}");
+    }
+
+    #[test]
+    fn the_largest_clusters_metrics_fit_the_answer_cap() {
+        use crate::stats::{ClusterStats, WorkerStats, WorkerStatus};
+        // Every figure as long as it can be, and a long cluster label: about 5.3 MB.
+        let w = |id| WorkerStats {
+            worker_id: id,
+            pid: Some(4_000_000 + id as u32),
+            port: 65535,
+            status: WorkerStatus::Active,
+            start_time: None,
+            uptime: Duration::from_secs_f64(12_345_678.123_457),
+            exit_status: None,
+            crash_count: u32::MAX,
+            respawn_disabled: false,
+            restarts: u64::MAX,
+            rss_bytes: Some(u64::MAX),
+            cpu_time: Some(Duration::from_secs_f64(98_765_432.123_457)),
+            heartbeat_age: Some(Duration::from_secs_f64(1.123_456_789)),
+            requests: Some(u64::MAX),
+            in_flight: Some(u64::MAX),
+            last_exit_reason: None,
+        };
+        let workers: Vec<WorkerStats> = (0..crate::supervisor::MAX_WORKERS).map(w).collect();
+        let name = "n".repeat(64);
+        let text = crate::proto::metrics::render_labeled(&ClusterStats::default(), &workers, &[("cluster", &name)]);
+        assert!(text.len() <= MAX_ANSWER, "{} bytes", text.len());
     }
 }
