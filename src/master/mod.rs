@@ -14,6 +14,7 @@
 //! | `notify.rs` | systemd's notification socket |
 //! | `channel.rs` | the master's end of a worker channel |
 
+mod admin;
 mod channel;
 mod control;
 mod driver;
