@@ -182,7 +182,12 @@ fn find(target: &Target, timeout: Duration) -> Result<PathBuf, Failure> {
     if let Some(name) = &target.name {
         return Ok(control::socket_path(name));
     }
-    let running = running_clusters(timeout);
+    let (running, silent) = clusters(timeout);
+    // The only master there, even if it did not answer `status` in time: the request itself
+    // then says what is wrong with it (its own timeout, its refusal).
+    if target.pid.is_none() && running.is_empty() && silent.len() == 1 {
+        return Ok(silent.into_iter().next().expect("one"));
+    }
     if let Some(pid) = target.pid {
         return running.into_iter().find(|c| c.status.master.pid == pid).map(|c| c.path).ok_or_else(|| {
             Failure(format!(
@@ -214,23 +219,32 @@ struct Running {
 /// The clusters in the socket directory that answer `status`. Sockets nobody listens on any
 /// more (left by a master that was killed) are removed on the way.
 fn running_clusters(timeout: Duration) -> Vec<Running> {
-    control::list_sockets()
-        .into_iter()
-        .filter_map(|(name, path)| {
-            let mut client = match Client::connect(&path, timeout) {
-                Ok(c) => c,
-                Err(ClientError::NotRunning(_)) => {
-                    let _ = std::fs::remove_file(&path);
-                    return None;
-                }
-                Err(_) => return None,
-            };
-            match client.request(&Request::Status).ok()? {
-                Response::Status(status) => Some(Running { name, path, status }),
-                _ => None,
+    clusters(timeout).0
+}
+
+/// The clusters in the socket directory: those that answer `status`, and the sockets where a
+/// master listens but did not answer (busy, or not answering in time). Sockets nobody listens
+/// on any more are removed on the way.
+fn clusters(timeout: Duration) -> (Vec<Running>, Vec<PathBuf>) {
+    let (mut running, mut silent) = (Vec::new(), Vec::new());
+    for (name, path) in control::list_sockets() {
+        let mut client = match Client::connect(&path, timeout) {
+            Ok(c) => c,
+            Err(ClientError::NotRunning(_)) => {
+                let _ = std::fs::remove_file(&path);
+                continue;
             }
-        })
-        .collect()
+            Err(_) => {
+                silent.push(path);
+                continue;
+            }
+        };
+        match client.request(&Request::Status) {
+            Ok(Response::Status(status)) => running.push(Running { name, path, status }),
+            _ => silent.push(path),
+        }
+    }
+    (running, silent)
 }
 
 fn list(json: bool, timeout: Duration, out: &mut String) -> Result<(), Failure> {

@@ -1,4 +1,3 @@
-#![allow(dead_code)] // wired into the driver by the lead (issue 12)
 //! The admin HTTP listener, served by the master itself: `GET /livez`, `/readyz`, `/startupz`
 //! and `/metrics` on a TCP or unix address, off by default.
 //!
@@ -422,6 +421,7 @@ impl AdminServer {
     }
 
     /// Connections open now (at most [`MAX_CONNECTIONS`]).
+    #[cfg(test)]
     pub(crate) fn connections(&self) -> usize {
         self.conns.len()
     }

@@ -54,6 +54,8 @@ enum Source {
     Channel(WorkerKey),
     ControlListener,
     Control(ConnId),
+    AdminListener,
+    Admin(super::admin::AdminConnId),
 }
 
 impl Driver {
@@ -245,6 +247,7 @@ impl Driver {
         let deadline = [
             self.sup.next_deadline(),
             self.m.control.as_ref().and_then(ControlServer::next_deadline),
+            self.m.admin.as_ref().and_then(|(a, _)| a.next_deadline()),
             self.m.notify.as_ref().and_then(Notifier::watchdog_due),
         ]
         .into_iter()
@@ -292,6 +295,19 @@ impl Driver {
                 }
             }
         }
+        let now = Instant::now();
+        if let Some((admin, _)) = &self.m.admin {
+            if admin.accepting(now) {
+                sources.push(Source::AdminListener);
+                fds.push(PollFd::from_borrowed_fd(admin.listener(), PollFlags::IN));
+            }
+            for (id, sock, read, write) in admin.sockets() {
+                let flags = if read { PollFlags::IN } else { PollFlags::empty() }
+                    | if write { PollFlags::OUT } else { PollFlags::empty() };
+                sources.push(Source::Admin(id));
+                fds.push(PollFd::from_borrowed_fd(sock, flags));
+            }
+        }
         match rustix::event::poll(&mut fds, timeout.as_ref()) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => return Ok(()),
@@ -318,16 +334,45 @@ impl Driver {
                     }
                 }
                 Source::Control(id) => self.on_control(id, events),
+                Source::AdminListener => {
+                    if let Some((admin, _)) = &mut self.m.admin {
+                        admin.accept(Instant::now());
+                    }
+                }
+                Source::Admin(id) => self.on_admin(id),
             }
         }
         if let Some(ctl) = &mut self.m.control {
             ctl.close_idle(Instant::now());
+        }
+        if let Some((admin, _)) = &mut self.m.admin {
+            admin.close_idle(Instant::now());
         }
         if let Some(n) = self.m.notify.as_mut() {
             let now = Instant::now();
             n.watchdog(now, self.sup.watchdog(now));
         }
         Ok(())
+    }
+
+    /// An admin connection is ready: the probes and metrics answered from the supervisor's
+    /// state now.
+    fn on_admin(&mut self, id: super::admin::AdminConnId) {
+        use super::admin::{Answer, Route};
+        use crate::proto::control::Probe;
+        let Some((mut admin, addr)) = self.m.admin.take() else { return };
+        admin.on_ready(id, Instant::now(), &mut |route| {
+            let probe = match route {
+                Route::Metrics => return Answer { status: 200, body: self.metrics_text() },
+                Route::Live => Probe::Live,
+                Route::Ready => Probe::Ready,
+                Route::Startup => Probe::Startup,
+            };
+            let (pass, detail) = self.probe(probe);
+            let verdict = if pass { "ok" } else { "fail" };
+            Answer { status: if pass { 200 } else { 503 }, body: format!("{probe}: {verdict}: {detail}\n") }
+        });
+        self.m.admin = Some((admin, addr));
     }
 
     fn on_wake(&mut self, events: &mut VecDeque<Event>) {

@@ -191,6 +191,8 @@ pub struct Master {
     notify: Option<Notifier>,
     name: String,
     control: Option<ControlServer>,
+    /// The admin listener (probes and metrics), with its bound address.
+    admin: Option<(admin::AdminServer, ListenAddr)>,
     started: SystemTime,
     on_start: Option<OnStart>,
     on_exit: Option<OnExit>,
@@ -478,6 +480,28 @@ impl Master {
         if let Some(c) = &control {
             tracing::info!("control socket: {}", c.path().display());
         }
+        let admin = match &opts.admin {
+            None => None,
+            Some(at) => {
+                let addr = match at {
+                    ListenAddr::Tcp(a) => admin::AdminAddr::Tcp(*a),
+                    ListenAddr::Unix(p) => admin::AdminAddr::Unix(p.clone()),
+                    ListenAddr::Abstract(n) => {
+                        return Err(Error::InvalidOption {
+                            option: "admin",
+                            reason: format!("@{n}: use a TCP address or a unix socket path"),
+                        });
+                    }
+                };
+                let server = admin::AdminServer::bind(&addr)?;
+                let bound = match &addr {
+                    admin::AdminAddr::Unix(p) => ListenAddr::Unix(p.clone()),
+                    admin::AdminAddr::Tcp(a) => server.local_addr().parse().unwrap_or(ListenAddr::Tcp(*a)),
+                };
+                tracing::info!("admin listener on {bound}: /livez /readyz /startupz /metrics");
+                Some((server, bound))
+            }
+        };
         // Last, so that an error above leaves the process's signals as they were.
         let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
         if rustix::process::getpid().as_raw_nonzero().get() == 1 {
@@ -492,6 +516,7 @@ impl Master {
             exe_path,
             name,
             control,
+            admin,
             started: SystemTime::now(),
             shared,
             policy,
@@ -527,6 +552,12 @@ impl Master {
     /// Every listener as bound (the real port for port 0), in the order workers receive them.
     pub fn listeners(&self) -> Vec<ListenerInfo> {
         self.listeners.iter().map(Bound::info).collect()
+    }
+
+    /// The admin listener's address as bound (the real port for port 0), if
+    /// [`Cluster::admin`](crate::Cluster::admin) set one.
+    pub fn admin_addr(&self) -> Option<ListenAddr> {
+        self.admin.as_ref().map(|(_, addr)| addr.clone())
     }
 
     /// The number of worker slots.

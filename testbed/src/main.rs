@@ -427,6 +427,11 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
     start_log_queue();
     match role {
         Role::Master(master) => {
+            if let Some(addr) = master.admin_addr() {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "admin {addr}");
+                let _ = out.flush();
+            }
             if !args.listen.is_empty() {
                 let mut out = std::io::stdout().lock();
                 for l in master.listeners() {

@@ -121,3 +121,141 @@ fn a_second_sigterm_skips_the_shutdown_delay() {
     let status = tb.wait_exit(Duration::from_secs(20)).expect("drained at once");
     assert!(status.success(), "{status:?}");
 }
+
+/// The admin listener's port, from the `admin ADDR` line.
+fn admin_port(tb: &Testbed) -> u16 {
+    let addr = tb.admin.as_deref().expect("an `admin ADDR` line before the ready line");
+    addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a TCP address")
+}
+
+#[test]
+fn the_admin_listener_answers_the_probes_and_metrics_and_follows_a_shutdown_delay() {
+    let mut tb = Testbed::start(&["--workers", "2", "--admin", "127.0.0.1:0", "--shutdown-delay-ms", "3000"]);
+    let port = admin_port(&tb);
+    assert_ne!(port, tb.port, "its own port");
+    for path in ["/livez", "/readyz", "/startupz"] {
+        let (status, body) = http_get(port, path).unwrap();
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, body) = http_get(port, "/readyz").unwrap();
+    assert!(body.starts_with("ready: ok: 2 of 2 workers ready"), "{status} {body}");
+    let (status, metrics) = http_get(port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(metrics.contains("ecewo_cluster_workers{cluster="), "{metrics}");
+    assert_eq!(http_get(port, "/nope").unwrap().0, 404);
+    // SIGTERM: not ready within a few milliseconds, still live, still serving.
+    let sent = Instant::now();
+    tb.signal(Signal::TERM);
+    assert!(
+        wait_until(Duration::from_secs(2), || http_get(port, "/readyz").is_ok_and(|(s, _)| s == 503)),
+        "/readyz turns 503"
+    );
+    let noticed = sent.elapsed();
+    assert!(noticed < Duration::from_secs(1), "not ready {noticed:?} after the signal");
+    assert_eq!(http_get(port, "/livez").unwrap().0, 200, "live through the delay");
+    assert_eq!(tb.get("/").unwrap().0, 200, "serving through the delay");
+    let status = tb.wait_exit(Duration::from_secs(20)).expect("exits after the delay and the drain");
+    assert!(status.success());
+    eprintln!("/readyz answered 503 {noticed:?} after SIGTERM");
+}
+
+#[test]
+fn the_admin_listener_follows_the_start_up_on_a_unix_socket_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("admin.sock");
+    let (mut tb, lines) = Testbed::spawn(args(&[
+        "--workers",
+        "2",
+        "--ready-delay-ms",
+        "1500",
+        "--startup-delay-ms",
+        "0",
+        "--admin",
+        &format!("unix:{}", sock.display()),
+    ]));
+    let first = lines.recv_timeout(Duration::from_secs(10)).expect("the admin line");
+    assert_eq!(first, format!("admin {}", sock.display()), "printed before the ready line");
+    let get = |path: &str| -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\n\r\n").unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        parse_response(&raw).unwrap()
+    };
+    assert_eq!(get("/livez").0, 200);
+    assert_eq!(get("/startupz").0, 503, "starting");
+    assert_eq!(get("/readyz").0, 503, "no worker ready yet");
+    let ready = lines.recv_timeout(Duration::from_secs(20)).expect("ready line");
+    tb.set_ready(ready);
+    assert_eq!(get("/startupz").0, 200);
+    assert_eq!(get("/readyz").0, 200);
+}
+
+#[test]
+fn floods_garbage_and_slow_clients_on_the_admin_listener_never_disturb_supervision() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    // Room for the clients below in this test process.
+    let (soft, hard) = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .zip(rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum)
+        .unwrap_or((1024, 1024));
+    if soft < 4096 {
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit { current: Some(hard.min(8192)), maximum: Some(hard) },
+        );
+    }
+    let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--respawn-delay-ms", "10", "--admin", "127.0.0.1:0"]);
+    let port = admin_port(&tb);
+    let load = Load::start(tb.port, 2, 1, false);
+    // 1,000 connections that send nothing.
+    let idle: Vec<TcpStream> = (0..1000).filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    assert!(idle.len() >= 900, "{} connections opened", idle.len());
+    // Slowloris: 20 clients sending a request one byte at a time.
+    let mut slow: Vec<TcpStream> = (0..20).filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    // Garbage.
+    for junk in [
+        &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage"[..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        &[0xffu8; 9000][..],
+    ] {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(junk);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let _ = s.read_to_end(&mut buf);
+            let text = String::from_utf8_lossy(&buf);
+            assert!(buf.is_empty() || text.starts_with("HTTP/1.1 4"), "garbage answered {text:?}");
+        }
+    }
+    // Supervision goes on meanwhile: a killed worker is replaced, and the cluster serves.
+    let victim = tb.workers()[0];
+    send_signal(victim, Signal::KILL);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            for s in &mut slow {
+                let _ = s.write_all(b"G");
+            }
+            let w = tb.workers();
+            w.len() == 2 && !w.contains(&victim) && tb.stats()["cluster"]["active_workers"] == 2
+        }),
+        "respawned during the flood\n{}",
+        tb.stderr()
+    );
+    let result = load.stop();
+    assert!(result.ok > 100);
+    let refused = result.errors.iter().filter(|e| e.contains("refused")).count();
+    assert_eq!(refused, 0, "{:?}", &result.errors[..result.errors.len().min(5)]);
+    // An honest client of the admin listener is answered once the flood is gone (or turned
+    // away while it lasts: never queued behind it for ever).
+    drop(idle);
+    drop(slow);
+    assert!(
+        wait_until(Duration::from_secs(10), || http_get(port, "/livez").is_ok_and(|(s, _)| s == 200)),
+        "the admin listener answers again"
+    );
+    tb.remember_workers();
+}

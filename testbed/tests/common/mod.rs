@@ -94,6 +94,8 @@ pub struct Testbed {
     pub ready_line: String,
     /// `listener NAME ADDR` lines printed before the ready line (with `--listen`).
     pub listeners: Vec<(String, String)>,
+    /// The `admin ADDR` line printed before the ready line (with `--admin`).
+    pub admin: Option<String>,
     pub stderr_path: PathBuf,
     _dir: tempfile::TempDir,
     known_workers: BTreeSet<u32>,
@@ -149,6 +151,10 @@ impl Testbed {
                         tb.listeners.push((name.to_owned(), addr.to_owned()));
                         continue;
                     }
+                    if let Some(addr) = line.strip_prefix("admin ") {
+                        tb.admin = Some(addr.to_owned());
+                        continue;
+                    }
                     tb.set_ready(line);
                     return tb;
                 }
@@ -194,6 +200,7 @@ impl Testbed {
             port: 0,
             ready_line: String::new(),
             listeners: Vec::new(),
+            admin: None,
             stderr_path,
             _dir: dir,
             known_workers: BTreeSet::new(),
