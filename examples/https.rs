@@ -10,6 +10,16 @@
 //!
 //! The master binds both ports; each worker takes its two listeners by name, terminates TLS with
 //! tokio-rustls, serves HTTP/1.1 and HTTP/2 (ALPN) with hyper, and drains both on SIGTERM.
+//!
+//! With `--systemd` the master binds nothing: both listeners are the sockets systemd passes
+//! under their names (`FileDescriptorName=https` and `FileDescriptorName=http`), as the units in
+//! `deploy/systemd/` pass them (systemd binds ports 443 and 80, so the service needs no
+//! privilege):
+//!
+//! ```sh
+//! systemd-socket-activate -l 8443 -l 8080 --fdname=https:http \
+//!     target/release/examples/https --systemd --cert cert.pem --key key.pem
+//! ```
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -47,6 +57,10 @@ struct Args {
     /// The HTTP port, which redirects to HTTPS.
     #[arg(long, default_value_t = 8080)]
     http_port: u16,
+    /// Serve the sockets systemd passes (socket activation) named `https` and `http` instead
+    /// of binding `--address`, `--https-port` and `--http-port`.
+    #[arg(long, conflicts_with_all = ["address", "https_port", "http_port"])]
+    systemd: bool,
     /// Number of workers (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     workers: usize,
@@ -176,10 +190,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let listen = |port| if args.systemd { Listen::systemd() } else { Listen::tcp(SocketAddr::new(args.address, port)) };
     let result = Cluster::new(0)
         .no_default_listener()
-        .listen("https", Listen::tcp(SocketAddr::new(args.address, args.https_port)))
-        .listen("http", Listen::tcp(SocketAddr::new(args.address, args.http_port)))
+        .listen("https", listen(args.https_port))
+        .listen("http", listen(args.http_port))
         .cpus(args.workers)
         .respawn(true)
         .init()
