@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::master::DEFAULT_WORKER_TIMEOUT;
-pub use crate::master::{Balance, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo};
-use crate::master::{ControlSetting, Settings};
+pub use crate::master::{
+    Balance, Compat, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo,
+};
+use crate::master::{ControlSetting, Settings, WorkerCommand};
 use crate::signal::Signal;
 pub use crate::supervisor::MAX_WORKERS;
 use crate::supervisor::{Backoff, Liveness};
@@ -72,6 +74,7 @@ impl fmt::Debug for Cluster {
             .field("shutdown_delay", &self.s.shutdown_delay)
             .field("min_ready", &self.s.min_ready)
             .field("admin", &self.s.admin)
+            .field("command", &self.s.command)
             .field("name", &self.s.name)
             .field("control", &self.s.control)
             .finish_non_exhaustive()
@@ -105,6 +108,7 @@ impl Cluster {
                 shutdown_delay: Duration::ZERO,
                 min_ready: 1,
                 admin: None,
+                command: None,
                 name: None,
                 control: ControlSetting::Default,
                 on_start: None,
@@ -258,6 +262,78 @@ impl Cluster {
     pub fn admin(mut self, addr: ListenAddr) -> Cluster {
         self.s.admin = Some(addr);
         self
+    }
+
+    /// Workers run `program` with `args` instead of this program: any server, in any language,
+    /// gets the cluster's supervision without linking this library (what `ecewo-cluster run --
+    /// CMD` does). A bare name is looked up in `PATH` at [`init`](Cluster::init).
+    ///
+    /// Each worker gets, by the systemd conventions: its listeners from fd 3 (`LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`, `LISTEN_PID` = its own pid), its slot (`ECEWO_CLUSTER_WORKER_ID`, and
+    /// `ECEWO_CLUSTER_WORKERS`, `ECEWO_CLUSTER_PORT`), and a private `NOTIFY_SOCKET` owned by the
+    /// master: `READY=1` marks it ready, `WATCHDOG=1` is its heartbeat (`WATCHDOG_USEC` is set
+    /// when a [`worker_timeout`](Cluster::worker_timeout) applies), `STATUS=` shows in the
+    /// statistics, `STOPPING=1` is noted. Programs that cannot notify use
+    /// [`ready_after`](Cluster::ready_after). A rolling restart runs the command anew, so
+    /// replacing its files deploys.
+    ///
+    /// ```no_run
+    /// use ecewo_cluster::{Cluster, Role};
+    /// let role = Cluster::new(8000).command("python3", ["server.py"]).init()?;
+    /// if let Role::Master(master) = role {
+    ///     master.wait()?;
+    /// }
+    /// # Ok::<(), ecewo_cluster::Error>(())
+    /// ```
+    ///
+    /// # Caveats
+    ///
+    /// - Notifications are taken from a worker's own process or its direct children (so that
+    ///   `systemd-notify --ready` works from a script); anything else sent to the socket is
+    ///   ignored. The socket file is in the user's private control directory.
+    /// - Request counts (`max_requests`, the `requests` statistics) need this library in the
+    ///   worker; a command's workers report none.
+    pub fn command<I, A>(mut self, program: impl Into<std::ffi::OsString>, args: I) -> Cluster
+    where
+        I: IntoIterator<Item = A>,
+        A: Into<std::ffi::OsString>,
+    {
+        let (ready_after, compat) = self.s.command.take().map(|c| (c.ready_after, c.compat)).unwrap_or_default();
+        self.s.command = Some(WorkerCommand {
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            ready_after,
+            compat,
+        });
+        self
+    }
+
+    /// With [`command`](Cluster::command): a worker is taken for ready `delay` after it starts,
+    /// for programs that cannot send `READY=1` (default: they must send it).
+    pub fn ready_after(mut self, delay: Duration) -> Cluster {
+        self.command_mut().ready_after = Some(delay);
+        self
+    }
+
+    /// With [`command`](Cluster::command): also give each worker another supervisor's variables
+    /// (repeatable).
+    pub fn compat(mut self, compat: Compat) -> Cluster {
+        let c = self.command_mut();
+        if !c.compat.contains(&compat) {
+            c.compat.push(compat);
+        }
+        self
+    }
+
+    /// The command settings, created empty if `command` was not called yet (validate then
+    /// refuses them).
+    fn command_mut(&mut self) -> &mut WorkerCommand {
+        self.s.command.get_or_insert_with(|| WorkerCommand {
+            program: std::ffi::OsString::new(),
+            args: Vec::new(),
+            ready_after: None,
+            compat: Vec::new(),
+        })
     }
 
     /// How long a ready worker may go without a heartbeat before it counts as hung (default
@@ -502,6 +578,14 @@ impl Cluster {
                 "memory_check",
                 "needs an interval longer than zero and at least 1 reading (default 1 s, 3)".into(),
             );
+        }
+        if let Some(c) = &self.s.command {
+            if c.program.is_empty() {
+                return invalid("command", "ready_after and compat need a command: call Cluster::command".into());
+            }
+            if c.ready_after.is_some_and(|d| d > MAX_DURATION) {
+                return invalid("ready_after", "is more than the one day supported".into());
+            }
         }
         if self.s.min_ready == 0 {
             return invalid("min_ready", "must be at least 1 (default 1)".into());

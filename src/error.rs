@@ -34,6 +34,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The command workers should run ([`Cluster::command`](crate::Cluster::command)) cannot be
+    /// run: not found, not a file, or not executable. Nothing was started.
+    #[error("cannot run {}: {reason}", command.display())]
+    BadCommand {
+        /// The command as given.
+        command: std::path::PathBuf,
+        /// Why, and what to do.
+        reason: String,
+    },
+
     /// The cluster has no listener: [`Cluster::no_default_listener`](crate::Cluster::no_default_listener)
     /// without any [`Cluster::listen`](crate::Cluster::listen).
     #[error("the cluster has no listener; add one with Cluster::listen, or keep the default one")]

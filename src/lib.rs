@@ -74,8 +74,8 @@ pub use worker::serve;
 pub struct ReadmeDoctests;
 
 pub use config::{
-    BINDABLE_SIGNALS, Balance, Cluster, Listen, ListenAddr, ListenerInfo, MAX_DURATION, MAX_WORKERS, MemoryMeasure,
-    ReadyInfo, WorkerExit, WorkerInfo,
+    BINDABLE_SIGNALS, Balance, Cluster, Compat, Listen, ListenAddr, ListenerInfo, MAX_DURATION, MAX_WORKERS,
+    MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo,
 };
 pub use error::Error;
 pub use master::{Master, MasterHandle};

@@ -408,6 +408,10 @@ pub struct WorkerStats {
     /// Why the slot's last process ended, if one has.
     #[serde(default)]
     pub last_exit_reason: Option<ExitReason>,
+    /// What the running worker last said in a `STATUS=` notification (workers of a
+    /// [`Cluster::command`](crate::Cluster::command) cluster).
+    #[serde(default)]
+    pub notify_status: Option<String>,
 }
 
 /// `Option<SystemTime>` as seconds since the Unix epoch (a float), or null.
@@ -524,6 +528,7 @@ mod tests {
             requests: Some(10),
             in_flight: Some(1),
             last_exit_reason: Some(ExitReason::Hung),
+            notify_status: Some("serving".into()),
         };
         let json = serde_json::to_string(&w).unwrap();
         assert!(json.contains("\"status\":\"active\""), "{json}");

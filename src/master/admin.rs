@@ -1152,6 +1152,7 @@ mod tests {
             requests: Some(u64::MAX),
             in_flight: Some(u64::MAX),
             last_exit_reason: None,
+            notify_status: None,
         };
         let workers: Vec<WorkerStats> = (0..crate::supervisor::MAX_WORKERS).map(w).collect();
         let name = "n".repeat(64);

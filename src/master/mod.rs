@@ -42,8 +42,10 @@ use control::ControlServer;
 use driver::Driver;
 use notify::Notifier;
 pub(crate) use settings::ListenKind;
-pub use settings::{Balance, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo};
-pub(crate) use settings::{ControlSetting, DEFAULT_WORKER_TIMEOUT, Settings};
+pub use settings::{
+    Balance, Compat, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo,
+};
+pub(crate) use settings::{ControlSetting, DEFAULT_WORKER_TIMEOUT, Settings, WorkerCommand};
 use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
 use steer::Group;

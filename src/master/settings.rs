@@ -316,6 +316,8 @@ pub(crate) struct Settings {
     pub(crate) min_ready: usize,
     /// The admin listener (probes and metrics served by the master), if any.
     pub(crate) admin: Option<ListenAddr>,
+    /// Workers run this command instead of this program (`Cluster::command`).
+    pub(crate) command: Option<WorkerCommand>,
     pub(crate) name: Option<String>,
     pub(crate) control: ControlSetting,
     pub(crate) on_start: Option<OnStart>,
@@ -346,6 +348,43 @@ impl Settings {
     /// The number of workers to start: `cpus`, or the detected CPU count when that is 0.
     pub(crate) fn worker_count(&self) -> usize {
         if self.cpus == 0 { crate::os::cpu::cpus() } else { self.cpus }
+    }
+}
+
+/// The command the workers of a [`Cluster::command`](crate::Cluster::command) cluster run, and
+/// how they say they are ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WorkerCommand {
+    /// The program, as given (a bare name is looked up in `PATH` at `init`).
+    pub(crate) program: std::ffi::OsString,
+    /// Its arguments.
+    pub(crate) args: Vec<std::ffi::OsString>,
+    /// Taken for ready this long after they start, instead of when they send `READY=1`.
+    pub(crate) ready_after: Option<Duration>,
+    /// Compatibility variables for programs written for other supervisors.
+    pub(crate) compat: Vec<Compat>,
+}
+
+/// Environment variables for programs written for other supervisors, besides systemd's
+/// (`LISTEN_FDS`…), which every worker gets ([`Cluster::compat`](crate::Cluster::compat)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Compat {
+    /// einhorn's: `EINHORN_FD_COUNT` and `EINHORN_FD_0`, `EINHORN_FD_1`… (the listeners' fds).
+    Einhorn,
+    /// Server::Starter's: `SERVER_STARTER_PORT` (`PORT=FD;…` for each TCP listener, `PATH=FD`
+    /// for unix ones).
+    ServerStarter,
+}
+
+impl std::str::FromStr for Compat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Compat, String> {
+        match s {
+            "einhorn" => Ok(Compat::Einhorn),
+            "server-starter" | "server_starter" => Ok(Compat::ServerStarter),
+            other => Err(format!("unknown compatibility `{other}`: use einhorn or server-starter")),
+        }
     }
 }
 

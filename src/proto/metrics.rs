@@ -232,6 +232,7 @@ mod tests {
             requests: pid.map(|_| 42),
             in_flight: pid.map(|_| 3),
             last_exit_reason: None,
+            notify_status: None,
         };
         let text = render(&cluster, &[w(0, WorkerStatus::Active, Some(10)), w(1, WorkerStatus::Respawning, None)]);
         for line in [

@@ -127,6 +127,7 @@ impl Supervisor {
                 requests: s.current.as_ref().filter(|p| p.last_beat.is_some()).map(|p| p.served),
                 in_flight: s.current.as_ref().filter(|p| p.last_beat.is_some()).map(|p| p.in_flight),
                 last_exit_reason: s.last_exit_reason,
+                notify_status: None,
             })
             .collect()
     }
