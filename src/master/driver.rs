@@ -87,7 +87,7 @@ impl Driver {
             self.process(&mut events);
             self.publish();
             match self.outcome.take() {
-                Some(Outcome::Stopped) => return Ok(()),
+                Some(Outcome::Stopped) | Some(Outcome::Upgraded) => return Ok(()),
                 Some(Outcome::AllFailed { workers, disabled, crashed }) => {
                     return Err(Error::WorkersFailed { workers, disabled, crashed });
                 }
@@ -177,6 +177,14 @@ impl Driver {
             Command::Notify(n) => self.notify(n),
             Command::Report(r) => self.report(r),
             Command::Exit(outcome) => self.outcome = Some(outcome),
+            Command::SpawnMaster => {
+                events.push_back(Event::MasterSpawnFailed { error: "upgrades are not wired yet".into() })
+            }
+            Command::KillMaster
+            | Command::HandOver { .. }
+            | Command::SayReady { .. }
+            | Command::TakeOver
+            | Command::ReleaseInherited => {}
         }
         // A socket joined or left the group: the steering program indexes the kernel's array
         // of the group, so it is attached again.

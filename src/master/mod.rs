@@ -442,6 +442,8 @@ impl Master {
             liveness: crate::supervisor::Liveness { seed: random_seed(), ..opts.liveness.clone() },
             shutdown_delay: opts.shutdown_delay,
             min_ready: opts.min_ready,
+            upgrade_timeout: opts.upgrade_timeout.unwrap_or_else(|| default_upgrade_timeout(&opts, workers)),
+            pid1: rustix::process::getpid().as_raw_nonzero().get() == 1,
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {
@@ -655,6 +657,13 @@ impl Master {
         // and the Master's Drop wakes whoever still waits for a restart.
         driver.run()
     }
+}
+
+/// The default upgrade timeout: the ready timeout, plus the pacing of `workers` initial spawns,
+/// plus 10 s for the new master's own start.
+fn default_upgrade_timeout(opts: &Settings, workers: usize) -> std::time::Duration {
+    let pacing = opts.worker_startup_delay.saturating_mul(u32::try_from(workers.saturating_sub(1)).unwrap_or(u32::MAX));
+    opts.ready_timeout.saturating_add(pacing).saturating_add(std::time::Duration::from_secs(10))
 }
 
 /// The listeners' statistics, with the accept-queue length of the TCP ones (one `TCP_INFO`

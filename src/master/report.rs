@@ -107,6 +107,27 @@ impl Driver {
                     }
                 }
             }
+            Report::UpgradeStarted { .. } => tracing::info!("upgrade: starting a new master"),
+            Report::MasterStarted { pid } => {
+                tracing::info!("upgrade: new master pid {pid} runs; it takes over once its workers are ready")
+            }
+            Report::HandingOver { pid, workers } => tracing::info!(
+                "upgrade: master pid {pid} is ready and takes over; draining this master's {workers} workers, then exiting"
+            ),
+            Report::UpgradeFinished { outcome, .. } => match &outcome {
+                crate::stats::UpgradeOutcome::Completed { .. } => tracing::info!("upgrade {outcome}"),
+                crate::stats::UpgradeOutcome::Refused { .. } => tracing::warn!("upgrade {outcome}"),
+                _ => tracing::error!("upgrade {outcome}; this master keeps serving"),
+            },
+            Report::TookOver { handed_over: true } => {
+                tracing::info!("took over from the old master: this master serves the cluster")
+            }
+            Report::TookOver { handed_over: false } => {
+                tracing::warn!("the old master is gone before it handed over: this master takes over at once")
+            }
+            Report::NotDuringUpgrade { what } => {
+                tracing::warn!("{what} refused: an upgrade of the master is running")
+            }
             Report::Scaled { from, to } => tracing::info!("scaled from {from} to {to} workers"),
             Report::ScaleRefused { workers } => tracing::warn!("cannot scale to {workers} workers"),
             Report::RouteTooLarge { slots } => tracing::info!(
@@ -128,6 +149,9 @@ impl Driver {
             Notify::Reloading { workers } => notifier.reloading(&format!("rolling restart of {workers} workers")),
             Notify::Reloaded { outcome } => notifier.send(&format!("READY=1\nSTATUS=graceful restart {outcome}")),
             Notify::Stopping { workers } => notifier.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers")),
+            Notify::MainPid { pid } => {
+                notifier.send(&format!("MAINPID={pid}\nSTATUS=upgraded: master pid {pid} takes over"))
+            }
             Notify::Leaving { delay } => notifier.send(&format!(
                 "STOPPING=1\nSTATUS=stopping: no longer ready, serving for {} more",
                 short_duration(delay)

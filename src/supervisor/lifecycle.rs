@@ -258,7 +258,15 @@ impl Supervisor {
         if !waiting && workers > 0 {
             self.announced_ready = true;
             out.push(Command::Report(Report::AllReady { workers }));
-            out.push(Command::Notify(Notify::Ready { workers }));
+            if self.takeover == super::Takeover::Pending {
+                // A new master of an upgrade: its predecessor hands over once it hears this;
+                // systemd hears READY=1 at the take-over.
+                if workers >= self.policy.min_ready.max(1) {
+                    out.push(Command::SayReady { workers });
+                }
+            } else {
+                out.push(Command::Notify(Notify::Ready { workers }));
+            }
         }
     }
 }

@@ -19,6 +19,7 @@
 //! | `rollout.rs` | rolling restarts: surge first, one slot at a time, coalescing |
 //! | `scaling.rs` | adding and removing slots |
 //! | `shutdown.rs` | stopping everything, the end of supervision |
+//! | `upgrade.rs` | upgrading the master in place: the new master's start, hand-over or rollback; a new master's take-over |
 //! | `signals.rs` | what the master's signals mean (defaults, bound actions); signalling workers |
 //! | `timers.rs` | deadlines: [`Supervisor::next_deadline`] and what is due at a time |
 //! | `sockets.rs` | routing new connections and closing sockets nobody serves (`ReusePort`) |
@@ -29,7 +30,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
-use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome};
+use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome};
 
 mod lifecycle;
 mod liveness;
@@ -41,6 +42,7 @@ mod signals;
 mod sockets;
 mod timers;
 mod types;
+mod upgrade;
 mod views;
 
 #[cfg(test)]
@@ -49,6 +51,8 @@ mod liveness_tests;
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upgrade_tests;
 
 pub use types::*;
 
@@ -203,6 +207,40 @@ struct Rollout {
     replaced: usize,
 }
 
+/// An upgrade of the master in place, as the old master runs it.
+#[derive(Debug, Clone)]
+struct Upgrade {
+    stage: UpgradeStage,
+    /// When the new master must have said it is ready (`None`: never, for timeouts beyond the
+    /// clock's range).
+    deadline: Option<Instant>,
+    /// Callers waiting for the outcome.
+    tickets: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpgradeStage {
+    /// [`Command::SpawnMaster`] was sent; the driver has not answered yet.
+    Spawning,
+    /// The new master runs and is starting its workers.
+    Starting { pid: u32 },
+    /// The upgrade failed and the new master was killed: waiting for its exit, so that no
+    /// second one starts beside it.
+    Killing,
+}
+
+/// Who owns the control socket, the admin listener and steering, in a master started by an
+/// upgrade (others always do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// A master the program started: it owns everything.
+    Own,
+    /// Started by an upgrade, its predecessor still serves: no route, no systemd readiness.
+    Pending,
+    /// Started by an upgrade, it took over.
+    Taken,
+}
+
 /// The supervisor state machine. See the [module documentation](self).
 #[derive(Debug, Clone)]
 pub struct Supervisor {
@@ -253,6 +291,20 @@ pub struct Supervisor {
     /// it ran.
     expected_wake: Option<Instant>,
     last_handled: Option<Instant>,
+    /// The upgrade this master runs (it is the old master), if any.
+    upgrade: Option<Upgrade>,
+    /// This master handed over to a new one: its shutdown is the drain that follows.
+    handed_over: bool,
+    last_upgrade: Option<UpgradeOutcome>,
+    /// The master's generation (0: the program's first master).
+    generation: u64,
+    /// Whether this master owns the cluster's outside (a master started by an upgrade, until
+    /// its predecessor hands over).
+    takeover: Takeover,
+    /// When the inherited sockets nobody uses are closed (its predecessor's workers are gone).
+    release_at: Option<Instant>,
+    /// The predecessor's shutdown timeout (a master started by an upgrade).
+    predecessor_timeout: std::time::Duration,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -317,6 +369,13 @@ impl Supervisor {
             expected_wake: None,
             last_handled: None,
             leaving_at: None,
+            upgrade: None,
+            handed_over: false,
+            last_upgrade: None,
+            generation: 0,
+            takeover: Takeover::Own,
+            release_at: None,
+            predecessor_timeout: std::time::Duration::ZERO,
             policy,
         }
         .seeded(now)
@@ -405,6 +464,13 @@ impl Supervisor {
             Event::Served { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), false, now),
             Event::Alive { key } => self.on_beat(key, None, true, now),
             Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
+            Event::Upgrade { ticket } => self.on_upgrade(ticket, now, &mut out),
+            Event::MasterSpawned { pid } => self.on_master_spawned(pid, &mut out),
+            Event::MasterSpawnFailed { error } => self.on_master_spawn_failed(error, &mut out),
+            Event::MasterReady => self.on_master_ready(now, &mut out),
+            Event::MasterExited { status, reason } => self.on_master_exited(status, reason, &mut out),
+            Event::HandedOver => self.on_handed_over(&mut out),
+            Event::PredecessorGone { clean } => self.on_predecessor_gone(clean, now, &mut out),
         }
         self.settle(now, wall, &mut out);
         self.expected_wake = self.next_deadline();

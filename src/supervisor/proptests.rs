@@ -64,6 +64,12 @@ enum Op {
     /// Memory readings of every live process: over the limit or not, with room for a surge
     /// worker or not.
     Memory(bool, bool),
+    /// An upgrade of the master, with a waiting caller or not.
+    Upgrade(bool),
+    /// The new master says it is ready.
+    MasterReady,
+    /// The new master exits on its own.
+    MasterExit,
 }
 
 fn status() -> impl Strategy<Value = ExitStatus> {
@@ -89,6 +95,7 @@ fn op() -> impl Strategy<Value = Op> {
         Signal::TTOU,
         Signal::WINCH,
         Signal::CHLD,
+        Signal::USR1,
     ];
     prop_oneof![
         6 => (0u64..2500).prop_map(Op::Tick),
@@ -103,6 +110,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop::sample::select(vec![Signal::USR1, Signal::KILL]).prop_map(Op::SignalWorkers),
         4 => (any::<usize>(), 0u64..40).prop_map(|(i, n)| Op::Beat(i, n)),
         2 => (any::<bool>(), any::<bool>()).prop_map(|(over, room)| Op::Memory(over, room)),
+        1 => any::<bool>().prop_map(Op::Upgrade),
+        1 => Just(Op::MasterReady),
+        1 => Just(Op::MasterExit),
     ]
 }
 
@@ -137,6 +147,8 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
                     liveness,
                     shutdown_delay: ms(delay),
                     min_ready: 1,
+                    upgrade_timeout: ms(ready * 2),
+                    pid1: false,
                 };
                 (policy, bound)
             },
@@ -204,6 +216,12 @@ struct Fake {
     /// The slots whose socket is open (`ReusePort`): slot 0's, as the master opens it, then
     /// every slot spawned into.
     sockets: BTreeSet<usize>,
+    /// The new master of an upgrade, while it runs (and it was sent SIGKILL).
+    new_master: Option<(u32, bool)>,
+    /// The supervisor handed over to the new master.
+    handed_over: bool,
+    upgrade_tickets: BTreeSet<u64>,
+    upgrades_answered: Vec<u64>,
 }
 
 impl Fake {
@@ -228,6 +246,10 @@ impl Fake {
             next_ticket: 1,
             tickets: BTreeSet::new(),
             answered: Vec::new(),
+            new_master: None,
+            handed_over: false,
+            upgrade_tickets: BTreeSet::new(),
+            upgrades_answered: Vec::new(),
         }
     }
 
@@ -235,6 +257,9 @@ impl Fake {
     fn feed(&mut self, event: Event) -> Result<(), TestCaseError> {
         let mut queue = VecDeque::from([event]);
         while let Some(ev) = queue.pop_front() {
+            if let Event::MasterExited { .. } = ev {
+                self.new_master = None;
+            }
             if let Event::Exited { key, .. } | Event::Lost { key } = ev {
                 self.live.remove(&key);
                 self.dying.remove(&key);
@@ -293,9 +318,33 @@ impl Fake {
                 );
             }
             Command::Report(Report::RestartFinished { tickets, .. }) => self.answered.extend(tickets),
-            Command::Exit(_) => {
+            Command::Report(Report::UpgradeFinished { tickets, .. }) => self.upgrades_answered.extend(tickets),
+            Command::SpawnMaster => {
+                prop_assert!(self.new_master.is_none() && !self.handed_over, "a second new master: never interleaved");
+                prop_assert!(self.sup.phase == Phase::Running, "a new master during a shutdown");
+                self.next_pid += 1;
+                self.new_master = Some((self.next_pid, false));
+                queue.push_back(Event::MasterSpawned { pid: self.next_pid });
+            }
+            Command::KillMaster => {
+                prop_assert!(self.new_master.is_some() && !self.handed_over, "killed a new master that does not run");
+                if let Some(m) = self.new_master.as_mut() {
+                    m.1 = true;
+                }
+            }
+            Command::HandOver { pid } => {
+                prop_assert_eq!(self.new_master.map(|m| m.0), Some(*pid), "handed over to another process");
+                prop_assert!(!self.handed_over, "handed over twice");
+                self.handed_over = true;
+            }
+            Command::Exit(outcome) => {
                 prop_assert!(last, "Exit is not the last command");
                 prop_assert!(self.live.is_empty(), "Exit with live processes: {:?}", self.live);
+                prop_assert!(
+                    self.handed_over || self.new_master.is_none(),
+                    "Exit while the new master of a failed upgrade runs"
+                );
+                prop_assert_eq!(*outcome == Outcome::Upgraded, self.handed_over, "{:?}", outcome);
                 self.done = true;
             }
             _ => {}
@@ -351,6 +400,9 @@ impl Fake {
         for key in std::mem::take(&mut self.dying) {
             self.feed(Event::Exited { key, status: ExitStatus::Signal(Signal::KILL) })?;
         }
+        if self.new_master.is_some_and(|(_, killed)| killed) {
+            self.feed(Event::MasterExited { status: ExitStatus::Signal(Signal::KILL), reason: None })?;
+        }
         let event = match *op {
             Op::Tick(ms) => {
                 self.now += Duration::from_millis(ms);
@@ -388,6 +440,19 @@ impl Fake {
                 readings: self.live.keys().map(|&k| (k, if over { 1000 } else { 10 })).collect(),
                 headroom: Some(if room { 1 << 20 } else { 0 }),
             }),
+            Op::Upgrade(wait) => {
+                let ticket = (wait && !self.done).then(|| {
+                    self.next_ticket += 1;
+                    self.upgrade_tickets.insert(self.next_ticket);
+                    self.next_ticket
+                });
+                Some(Event::Upgrade { ticket })
+            }
+            Op::MasterReady => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| Event::MasterReady),
+            Op::MasterExit => self
+                .new_master
+                .filter(|m| !m.1 && !self.handed_over)
+                .map(|_| Event::MasterExited { status: ExitStatus::Code(1), reason: Some("it failed".into()) }),
         };
         if let Some(event) = event {
             self.feed(event)?;
@@ -467,6 +532,10 @@ impl Fake {
         answered.sort();
         let tickets: Vec<u64> = self.tickets.iter().copied().collect();
         prop_assert_eq!(answered, tickets, "every waiting caller answered once");
+        let mut answered = self.upgrades_answered.clone();
+        answered.sort();
+        let tickets: Vec<u64> = self.upgrade_tickets.iter().copied().collect();
+        prop_assert_eq!(answered, tickets, "every caller waiting for an upgrade answered once");
         Ok(())
     }
 }

@@ -41,7 +41,12 @@ impl Supervisor {
     /// on the socket of a slot that will only be spawned later (or respawned after a delay).
     /// With none of those either, the route is empty: the driver then leaves the whole group.
     pub(super) fn update_route(&mut self, out: &mut Vec<Command>) {
-        if !self.policy.socket_per_slot || self.phase != Phase::Running || self.steering == Steering::Off {
+        if !self.policy.socket_per_slot
+            || self.phase != Phase::Running
+            || self.steering == Steering::Off
+            || self.takeover == super::Takeover::Pending
+        {
+            // (A new master of an upgrade steers once it took over: until then the old one does.)
             return;
         }
         let with = |ok: fn(ProcState) -> bool| -> Vec<usize> {

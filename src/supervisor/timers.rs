@@ -28,7 +28,9 @@ impl Supervisor {
         let ages = (0..self.slots.len()).filter_map(|slot| self.age_due(slot)).min();
         let samples = self.next_sample.filter(|_| running);
         let leave = self.leaving_at.filter(|_| running);
-        [spawns, ready, stops, probes, hung, ages, samples, leave].into_iter().flatten().min()
+        let upgrade = self.upgrade_deadline();
+        let release = self.release_deadline();
+        [spawns, ready, stops, probes, hung, ages, samples, leave, upgrade, release].into_iter().flatten().min()
     }
 
     /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns
@@ -36,6 +38,8 @@ impl Supervisor {
     /// its ready deadline respawns a slot left empty, after a respawn delay that may be zero).
     pub(super) fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         self.expire_unready(now, wall, out);
+        self.upgrade_due(now, out);
+        self.release_due(now, out);
         self.expire_silent(now, out);
         self.recycle_old(now);
         self.sample_due(now, out);

@@ -35,7 +35,8 @@ impl Supervisor {
     /// timeout); nothing once the start-up overran it, or while no worker serves, so that
     /// systemd restarts the service; nothing either, and nothing wrong, once a shutdown began.
     pub fn watchdog(&self, now: Instant) -> Watchdog {
-        if self.phase != Phase::Running {
+        if self.phase != Phase::Running || !self.owns_outside() {
+            // (A new master of an upgrade: its predecessor feeds the watchdog until it hands over.)
             return Watchdog::Quiet;
         }
         if !self.announced_ready {
@@ -103,6 +104,9 @@ impl Supervisor {
             // The driver's to fill, like the listeners.
             memory_limit_bytes: None,
             memory_current_bytes: None,
+            generation: self.generation,
+            upgrade_requested: self.upgrade.as_ref().is_some_and(|u| u.stage != super::UpgradeStage::Killing),
+            last_upgrade: self.last_upgrade.clone(),
         }
     }
 
