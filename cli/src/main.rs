@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ecewo_cluster::control::{self, Client, ClientError, Request, Response, Status};
-use ecewo_cluster::{RestartOutcome, Signal};
+use ecewo_cluster::{RestartOutcome, Signal, UpgradeOutcome};
 
 #[derive(Parser)]
 #[command(name = "ecewo-cluster", version, about = "See and steer running ecewo-cluster clusters")]
@@ -48,6 +48,15 @@ enum Cmd {
     /// Replace every worker, one at a time, without dropping a request (deploys new code).
     Restart {
         /// Wait until the rollout ends; exit non-zero, with the reason, if it did not complete.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Upgrade the master itself without dropping a connection: the program at its path
+    /// starts as a new master with every listening socket, its workers start, and once they
+    /// are ready it takes over and the old master drains and exits (also `kill -USR1`).
+    Upgrade {
+        /// Wait until the new master took over; exit 1, with the reason, if it did not (the old
+        /// master then serves on).
         #[arg(long)]
         wait: bool,
     },
@@ -138,6 +147,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
     let request = match &cli.command {
         Cmd::Status { .. } => Request::Status,
         Cmd::Restart { wait } => Request::Restart { wait: *wait },
+        Cmd::Upgrade { wait } => Request::Upgrade { wait: *wait },
         Cmd::Scale { workers } => Request::Scale { workers: *workers },
         Cmd::Signal { signal } => Request::Signal { signal: *signal },
         Cmd::Stop => Request::Stop,
@@ -145,7 +155,11 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::List { .. } => unreachable!("handled above"),
     };
-    let wait = if matches!(cli.command, Cmd::Restart { wait: true }) { Duration::from_secs(600) } else { timeout };
+    let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true }) {
+        Duration::from_secs(600)
+    } else {
+        timeout
+    };
     let response = Client::connect(&path, wait)?.request(&request)?;
     match (&cli.command, response) {
         (Cmd::Status { json: true }, response) => {
@@ -161,6 +175,13 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
             say!(out, "restart {}", describe_outcome(&outcome));
         }
         (_, Response::RestartStarted) => say!(out, "restart started (`status` shows its progress)"),
+        (_, Response::UpgradeStarted) => say!(out, "upgrade started (`status` shows its progress)"),
+        (_, Response::UpgradeFinished(outcome)) => {
+            if !outcome.is_completed() {
+                return Err(Failure(format!("upgrade {}", describe_upgrade(&outcome))));
+            }
+            say!(out, "upgrade {}", describe_upgrade(&outcome));
+        }
         (_, Response::Scaling { workers }) => say!(out, "scaling to {workers} workers"),
         (_, Response::Signalled { signal }) => say!(out, "sent {signal} to every active worker"),
         (_, Response::Stopping) => say!(out, "stopping"),
@@ -297,6 +318,15 @@ fn print_status(s: &Status, out: &mut String) {
     if let Some(last) = &c.last_restart {
         flags.push(format!("last restart {}", describe_outcome(last)));
     }
+    if c.upgrade_requested {
+        flags.push("upgrade in progress".to_owned());
+    }
+    if let Some(last) = &c.last_upgrade {
+        flags.push(format!("last upgrade {last}"));
+    }
+    if c.generation > 0 {
+        flags.push(format!("generation {}", c.generation));
+    }
     say!(
         out,
         "workers {} active of {}  crashed {}  disabled {}  restarts {}{}",
@@ -393,6 +423,13 @@ fn cpu(t: Option<Duration>) -> String {
 fn describe_outcome(o: &RestartOutcome) -> String {
     match o {
         RestartOutcome::Failed { .. } => format!("{o}; the others keep serving"),
+        other => other.to_string(),
+    }
+}
+
+fn describe_upgrade(o: &UpgradeOutcome) -> String {
+    match o {
+        UpgradeOutcome::Failed { .. } => format!("{o}; the old master keeps serving"),
         other => other.to_string(),
     }
 }

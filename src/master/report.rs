@@ -107,18 +107,45 @@ impl Driver {
                     }
                 }
             }
-            Report::UpgradeStarted { .. } => tracing::info!("upgrade: starting a new master"),
+            Report::UpgradeStarted { tickets } => {
+                tracing::info!("upgrade: starting a new master from {}", m.exe_path.display());
+                // Control requests that do not wait are answered now.
+                for t in &tickets {
+                    if let Some((id, false)) = self.upgrade_waiters.get(t).copied() {
+                        self.upgrade_waiters.remove(t);
+                        if let Some(ctl) = m.control.as_mut() {
+                            ctl.owe(id, -1);
+                            ctl.reply(id, &Response::UpgradeStarted.encode());
+                        }
+                    }
+                }
+            }
             Report::MasterStarted { pid } => {
                 tracing::info!("upgrade: new master pid {pid} runs; it takes over once its workers are ready")
             }
             Report::HandingOver { pid, workers } => tracing::info!(
                 "upgrade: master pid {pid} is ready and takes over; draining this master's {workers} workers, then exiting"
             ),
-            Report::UpgradeFinished { outcome, .. } => match &outcome {
-                crate::stats::UpgradeOutcome::Completed { .. } => tracing::info!("upgrade {outcome}"),
-                crate::stats::UpgradeOutcome::Refused { .. } => tracing::warn!("upgrade {outcome}"),
-                _ => tracing::error!("upgrade {outcome}; this master keeps serving"),
-            },
+            Report::UpgradeFinished { outcome, tickets } => {
+                match &outcome {
+                    crate::stats::UpgradeOutcome::Completed { .. } => tracing::info!("upgrade {outcome}"),
+                    crate::stats::UpgradeOutcome::Refused { .. } => tracing::warn!("upgrade {outcome}"),
+                    _ => tracing::error!("upgrade {outcome}; this master keeps serving"),
+                }
+                let mut waiters = m.shared.upgrade_waiters.lock().unwrap_or_else(|e| e.into_inner());
+                for t in &tickets {
+                    if let Some(tx) = waiters.remove(t) {
+                        let _ = tx.send(outcome.clone());
+                    }
+                }
+                drop(waiters);
+                for t in &tickets {
+                    if let (Some((id, _)), Some(ctl)) = (self.upgrade_waiters.remove(t), m.control.as_mut()) {
+                        ctl.owe(id, -1);
+                        ctl.reply(id, &Response::UpgradeFinished(outcome.clone()).encode());
+                    }
+                }
+            }
             Report::TookOver { handed_over: true } => {
                 tracing::info!("took over from the old master: this master serves the cluster")
             }
@@ -144,7 +171,14 @@ impl Driver {
         let Some(notifier) = &mut self.m.notify else { return };
         match n {
             Notify::Ready { workers } => {
-                notifier.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", self.m.shared.addr))
+                // A master started by an upgrade is the main process from now on (its
+                // predecessor said MAINPID= already; this holds if it died first).
+                let main = match self.sup.cluster_stats().generation {
+                    0 => String::new(),
+                    _ => format!("MAINPID={}\n", self.master_pid.as_raw_nonzero()),
+                };
+                notifier
+                    .send(&format!("READY=1\n{main}STATUS=serving on {} with {workers} workers", self.m.shared.addr))
             }
             Notify::Reloading { workers } => notifier.reloading(&format!("rolling restart of {workers} workers")),
             Notify::Reloaded { outcome } => notifier.send(&format!("READY=1\nSTATUS=graceful restart {outcome}")),

@@ -59,7 +59,6 @@ pub struct Policy {
 /// What a master started by an upgrade inherits from its predecessor
 /// ([`Supervisor::inherit`](super::Supervisor::inherit)).
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(dead_code, reason = "the driver builds it once upgrades are wired (next commit)")]
 pub struct Inheritance {
     /// The predecessor's generation (this master's is one more).
     pub generation: u64,
@@ -204,7 +203,6 @@ pub struct WorkerKey(pub u64);
 
 /// Something that happened, fed to [`Supervisor::handle`](super::Supervisor::handle).
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[allow(dead_code, reason = "the driver feeds the upgrade events once upgrades are wired (next commit)")]
 pub enum Event {
     /// Time passed (also used to start the machine).
     Tick,

@@ -23,7 +23,6 @@ impl Supervisor {
     /// owns nothing outside (no route, no systemd readiness, no control socket) until the
     /// predecessor hands over ([`Event::HandedOver`](super::Event::HandedOver)) or is gone.
     #[must_use]
-    #[allow(dead_code, reason = "the driver calls it once upgrades are wired (next commit)")]
     pub fn inherit(mut self, from: Inheritance) -> Supervisor {
         self.generation = from.generation.saturating_add(1);
         self.total_restarts = from.total_restarts;
