@@ -108,6 +108,7 @@ impl Cluster {
                 shutdown_delay: Duration::ZERO,
                 min_ready: 1,
                 upgrade_timeout: None,
+                upgrade_slot_by_slot: false,
                 admin: None,
                 command: None,
                 name: None,
@@ -225,6 +226,19 @@ impl Cluster {
     /// own start). Past it, it is killed and the old master keeps serving.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Cluster {
         self.s.upgrade_timeout = Some(timeout);
+        self
+    }
+
+    /// Upgrades of the master in place go slot by slot by default (`SIGUSR1`,
+    /// [`MasterHandle::upgrade`](crate::MasterHandle::upgrade); the CLI's `upgrade --surge` or
+    /// `--slot-by-slot` choose for one upgrade): the new master starts one worker at a time,
+    /// and the old master stops its worker of a slot once the new worker of that slot is ready,
+    /// so that at most one worker more than the slots runs at any time, instead of twice as
+    /// many. Slower (each slot waits for the old worker's drain), for hosts or containers whose
+    /// memory does not fit two full sets of workers. Default `false`: the new master starts all
+    /// its workers next to the old ones.
+    pub fn upgrade_slot_by_slot(mut self, slot_by_slot: bool) -> Cluster {
+        self.s.upgrade_slot_by_slot = slot_by_slot;
         self
     }
 

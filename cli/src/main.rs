@@ -59,6 +59,15 @@ enum Cmd {
         /// master then serves on).
         #[arg(long)]
         wait: bool,
+        /// One slot at a time: the new master starts a worker each time the old master stopped
+        /// one (at most one worker more than the slots; for hosts where twice the workers do
+        /// not fit in memory).
+        #[arg(long, conflicts_with = "surge")]
+        slot_by_slot: bool,
+        /// All the new master's workers start next to the old ones (the default, unless the
+        /// cluster is configured with `upgrade_slot_by_slot`).
+        #[arg(long)]
+        surge: bool,
     },
     /// Change the number of workers.
     Scale {
@@ -147,7 +156,14 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
     let request = match &cli.command {
         Cmd::Status { .. } => Request::Status,
         Cmd::Restart { wait } => Request::Restart { wait: *wait },
-        Cmd::Upgrade { wait } => Request::Upgrade { wait: *wait },
+        Cmd::Upgrade { wait, slot_by_slot, surge } => Request::Upgrade {
+            wait: *wait,
+            slot_by_slot: match (slot_by_slot, surge) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+        },
         Cmd::Scale { workers } => Request::Scale { workers: *workers },
         Cmd::Signal { signal } => Request::Signal { signal: *signal },
         Cmd::Stop => Request::Stop,
@@ -155,7 +171,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::List { .. } => unreachable!("handled above"),
     };
-    let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true }) {
+    let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
         Duration::from_secs(600)
     } else {
         timeout

@@ -318,14 +318,14 @@ impl Driver {
                     events.push_back(Event::Restart { ticket: Some(ticket) });
                     continue;
                 }
-                Ok(Request::Upgrade { wait }) => {
+                Ok(Request::Upgrade { wait, slot_by_slot }) => {
                     // Answered when it starts (or is refused), or with `wait` when it ends.
                     let ticket = self.m.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
                     self.upgrade_waiters.insert(ticket, (id, wait));
                     if let Some(ctl) = self.m.control.as_mut() {
                         ctl.owe(id, 1);
                     }
-                    events.push_back(Event::Upgrade { ticket: Some(ticket) });
+                    events.push_back(Event::Upgrade { ticket: Some(ticket), slot_by_slot });
                     continue;
                 }
                 Ok(Request::Scale { workers }) => match check_scale(workers) {

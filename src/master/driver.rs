@@ -196,13 +196,15 @@ impl Driver {
             Command::Notify(n) => self.notify(n),
             Command::Report(r) => self.report(r),
             Command::Exit(outcome) => self.outcome = Some(outcome),
-            Command::SpawnMaster => match self.spawn_master() {
+            Command::SpawnMaster { slot_by_slot } => match self.spawn_master(slot_by_slot) {
                 Ok(pid) => events.push_back(Event::MasterSpawned { pid }),
                 Err(e) => events.push_back(Event::MasterSpawnFailed { error: e.to_string() }),
             },
             Command::KillMaster => self.kill_master(),
             Command::HandOver { pid } => self.hand_over(pid),
             Command::SayReady { workers } => self.say_ready(workers),
+            Command::FreeSlot { slot } => self.free_slot(slot),
+            Command::SaySlotReady { slot } => self.say_slot_ready(slot),
             Command::TakeOver => self.owns_outside = true,
             Command::ReleaseInherited => self.release_inherited(),
         }
@@ -490,7 +492,7 @@ impl Driver {
                 Request::SignalWorkers(signal) => events.push_back(Event::SignalWorkers { signal }),
                 Request::Restart(ticket) => events.push_back(Event::Restart { ticket }),
                 Request::Scale(workers) => events.push_back(Event::Scale { workers }),
-                Request::Upgrade(ticket) => events.push_back(Event::Upgrade { ticket }),
+                Request::Upgrade(ticket) => events.push_back(Event::Upgrade { ticket, slot_by_slot: None }),
             }
         }
     }

@@ -528,6 +528,7 @@ impl Master {
             min_ready: opts.min_ready,
             upgrade_timeout: opts.upgrade_timeout.unwrap_or_else(|| default_upgrade_timeout(&opts, workers)),
             pid1: rustix::process::getpid().as_raw_nonzero().get() == 1,
+            upgrade_slot_by_slot: opts.upgrade_slot_by_slot,
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {
@@ -658,6 +659,7 @@ impl Master {
                     total_restarts: i.state.total_restarts,
                     exits: i.state.exits,
                     shutdown_timeout: std::time::Duration::from_millis(i.state.shutdown_timeout_ms),
+                    slot_by_slot: i.state.slot_by_slot,
                 };
                 tracing::info!(
                     "upgrade: master generation {} takes over from pid {} once its workers are ready",

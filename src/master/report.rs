@@ -120,8 +120,14 @@ impl Driver {
                     }
                 }
             }
-            Report::MasterStarted { pid } => {
+            Report::MasterStarted { pid, slot_by_slot: false } => {
                 tracing::info!("upgrade: new master pid {pid} runs; it takes over once its workers are ready")
+            }
+            Report::MasterStarted { pid, slot_by_slot: true } => tracing::info!(
+                "upgrade: new master pid {pid} runs; slot by slot, this master stops a worker each time one of the new master's is ready"
+            ),
+            Report::SlotHandedOver { slot } => {
+                tracing::info!("upgrade: the new master's worker {slot} is ready; this master's worker {slot} drains")
             }
             Report::HandingOver { pid, workers } => tracing::info!(
                 "upgrade: master pid {pid} is ready and takes over; draining this master's {workers} workers, then exiting"

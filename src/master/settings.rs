@@ -317,6 +317,8 @@ pub(crate) struct Settings {
     /// How long a new master started by an upgrade has to get ready (`None`: the ready timeout
     /// plus the start-up's pacing plus 10 s for its own start).
     pub(crate) upgrade_timeout: Option<Duration>,
+    /// Upgrades go slot by slot by default.
+    pub(crate) upgrade_slot_by_slot: bool,
     /// The admin listener (probes and metrics served by the master), if any.
     pub(crate) admin: Option<ListenAddr>,
     /// Workers run this command instead of this program (`Cluster::command`).

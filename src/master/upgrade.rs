@@ -165,7 +165,7 @@ impl Driver {
     /// the sockets come by the hand-off), its upgrade channel at fd 3 and every socket it
     /// inherits after it, stdout and stderr shared, in this master's process group (a
     /// terminal's Ctrl-C reaches both), and no parent-death signal: it outlives this master.
-    pub(super) fn spawn_master(&mut self) -> io::Result<u32> {
+    pub(super) fn spawn_master(&mut self, slot_by_slot: bool) -> io::Result<u32> {
         let (ours, theirs) = UnixStream::pair()?;
         let mut mappings = vec![FdMapping { parent_fd: theirs.into(), child_fd: FIRST_LISTEN_FD }];
         let mut next = FIRST_LISTEN_FD + 1;
@@ -220,6 +220,7 @@ impl Driver {
             listeners,
             control,
             admin,
+            slot_by_slot: slot_by_slot.then_some(stats.total_workers),
         };
         let state = serde_json::to_string(&state).map_err(io::Error::other)?;
         let mut cmd = Process::new(&self.m.exe_path);
@@ -296,6 +297,21 @@ impl Driver {
         }
     }
 
+    /// (A slot-by-slot upgrade.) Tells the new master that this master's worker of `slot` is
+    /// gone.
+    pub(super) fn free_slot(&mut self, slot: usize) {
+        if let Some(s) = self.successor.as_mut() {
+            send(&mut s.chan, &UpgradeMessage::Free { slot });
+        }
+    }
+
+    /// (A new master, slot by slot.) Tells the old master that the worker of `slot` is ready.
+    pub(super) fn say_slot_ready(&mut self, slot: usize) {
+        if let Some(p) = self.predecessor.as_mut() {
+            send(&mut p.chan, &UpgradeMessage::SlotReady { slot });
+        }
+    }
+
     /// (A new master.) Tells the old master that the workers are ready.
     pub(super) fn say_ready(&mut self, workers: usize) {
         if let Some(p) = self.predecessor.as_mut() {
@@ -315,6 +331,7 @@ impl Driver {
                     events.push_back(Event::MasterReady);
                 }
                 Ok(UpgradeMessage::Failed { reason }) => s.reason = Some(reason),
+                Ok(UpgradeMessage::SlotReady { slot }) => events.push_back(Event::MasterSlotReady { slot }),
                 Ok(other) => tracing::debug!("upgrade: unexpected message from the new master: {other:?}"),
                 Err(e) => tracing::debug!("upgrade: unreadable message from the new master: {e}"),
             }
@@ -358,6 +375,7 @@ impl Driver {
             match serde_json::from_slice::<UpgradeMessage>(&line) {
                 Ok(UpgradeMessage::Yours) => events.push_back(Event::HandedOver),
                 Ok(UpgradeMessage::Bye) => p.bye = true,
+                Ok(UpgradeMessage::Free { slot }) => events.push_back(Event::SlotFreed { slot }),
                 Ok(other) => tracing::debug!("upgrade: unexpected message from the old master: {other:?}"),
                 Err(e) => tracing::debug!("upgrade: unreadable message from the old master: {e}"),
             }

@@ -67,6 +67,10 @@ pub enum Request {
         /// Reply only once the upgrade has ended.
         #[serde(default)]
         wait: bool,
+        /// Slot by slot (`true`) or all new workers next to the old ones (`false`); absent: as
+        /// the cluster is configured (`Cluster::upgrade_slot_by_slot`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot_by_slot: Option<bool>,
     },
     /// Change the number of workers: [`Response::Scaling`].
     Scale {
@@ -323,8 +327,8 @@ impl Response {
             Request::Status => Response::Status(Box::new(parse(reply, bad)?)),
             Request::Restart { wait: false } => Response::RestartStarted,
             Request::Restart { wait: true } => Response::RestartFinished(parse::<Outcome>(reply, bad)?.outcome),
-            Request::Upgrade { wait: false } => Response::UpgradeStarted,
-            Request::Upgrade { wait: true } => {
+            Request::Upgrade { wait: false, .. } => Response::UpgradeStarted,
+            Request::Upgrade { wait: true, .. } => {
                 Response::UpgradeFinished(parse::<UpgradeOutcomeField>(reply, bad)?.outcome)
             }
             Request::Scale { .. } => Response::Scaling { workers: parse::<Workers>(reply, bad)?.workers },
@@ -555,7 +559,7 @@ mod tests {
             Request::Status,
             Request::Restart { wait: true },
             Request::Scale { workers: 3 },
-            Request::Upgrade { wait: true },
+            Request::Upgrade { wait: true, slot_by_slot: Some(true) },
             Request::Signal { signal: Signal::HUP },
             Request::Stop,
             Request::Metrics,
@@ -568,10 +572,13 @@ mod tests {
             (Request::Scale { workers: 3 }, Response::Scaling { workers: 3 }),
             (Request::Signal { signal: Signal::USR1 }, Response::Signalled { signal: Signal::USR1 }),
             (Request::Stop, Response::Stopping),
-            (Request::Upgrade { wait: false }, Response::UpgradeStarted),
-            (Request::Upgrade { wait: true }, Response::UpgradeFinished(UpgradeOutcome::Completed { new_pid: 7 })),
+            (Request::Upgrade { wait: false, slot_by_slot: None }, Response::UpgradeStarted),
             (
-                Request::Upgrade { wait: false },
+                Request::Upgrade { wait: true, slot_by_slot: None },
+                Response::UpgradeFinished(UpgradeOutcome::Completed { new_pid: 7 }),
+            ),
+            (
+                Request::Upgrade { wait: false, slot_by_slot: Some(false) },
                 Response::UpgradeFinished(UpgradeOutcome::Refused { reason: "PID 1".into() }),
             ),
             (Request::Metrics, Response::Metrics { text: "a 1\n".into() }),

@@ -251,6 +251,9 @@ pub(crate) struct UpgradeState {
     pub control: Option<InheritedControl>,
     #[serde(default)]
     pub admin: Option<InheritedAdmin>,
+    /// A slot-by-slot upgrade, from an old master with this many slots.
+    #[serde(default)]
+    pub slot_by_slot: Option<usize>,
 }
 
 impl UpgradeState {
@@ -332,6 +335,10 @@ pub(crate) enum UpgradeMessage {
     Ready { workers: usize },
     /// New → old: it cannot start (its `init` failed): why.
     Failed { reason: String },
+    /// New → old (slot by slot): its worker of `slot` is ready.
+    SlotReady { slot: usize },
+    /// Old → new (slot by slot): its worker of `slot` is gone (or it had none).
+    Free { slot: usize },
     /// Old → new: everything is handed over: take over.
     Yours,
     /// Old → new: its drain is over and it exits: none of its workers is left.
@@ -381,6 +388,7 @@ mod tests {
             ],
             control: Some(InheritedControl { path: "/run/x.sock".into(), fd: 7, file: (3, 4) }),
             admin: Some(InheritedAdmin { addr: InheritedAddr::Abstract("adm".into()), fd: 8, file: None }),
+            slot_by_slot: Some(2),
         }
     }
 
@@ -399,6 +407,8 @@ mod tests {
         for m in [
             UpgradeMessage::Ready { workers: 3 },
             UpgradeMessage::Failed { reason: "x".into() },
+            UpgradeMessage::SlotReady { slot: 1 },
+            UpgradeMessage::Free { slot: 0 },
             UpgradeMessage::Yours,
             UpgradeMessage::Bye,
         ] {

@@ -151,6 +151,12 @@ struct Slot {
     probing: bool,
     /// A failed recycle is not tried again before this time.
     recycle_retry: Option<Instant>,
+    /// (The old master of a slot-by-slot upgrade.) The new master's worker serves the slot:
+    /// this master's drains (or is gone), nothing respawns, the slot stays in the route.
+    handed: bool,
+    /// (A master started by a slot-by-slot upgrade.) Its first spawn waits for the previous
+    /// slot's turn to end.
+    gated: bool,
 }
 
 impl Slot {
@@ -173,6 +179,8 @@ impl Slot {
             probe_at: None,
             probing: false,
             recycle_retry: None,
+            handed: false,
+            gated: false,
         }
     }
 }
@@ -216,6 +224,8 @@ struct Upgrade {
     deadline: Option<Instant>,
     /// Callers waiting for the outcome.
     tickets: Vec<u64>,
+    /// Slot by slot: the new master starts a worker each time this one frees a slot.
+    slot_by_slot: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,6 +315,8 @@ pub struct Supervisor {
     release_at: Option<Instant>,
     /// The predecessor's shutdown timeout (a master started by an upgrade).
     predecessor_timeout: std::time::Duration,
+    /// (A master started by a slot-by-slot upgrade.) The predecessor's number of slots.
+    predecessor_slots: Option<usize>,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -376,6 +388,7 @@ impl Supervisor {
             takeover: Takeover::Own,
             release_at: None,
             predecessor_timeout: std::time::Duration::ZERO,
+            predecessor_slots: None,
             policy,
         }
         .seeded(now)
@@ -464,12 +477,14 @@ impl Supervisor {
             Event::Served { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), false, now),
             Event::Alive { key } => self.on_beat(key, None, true, now),
             Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
-            Event::Upgrade { ticket } => self.on_upgrade(ticket, now, &mut out),
+            Event::Upgrade { ticket, slot_by_slot } => self.on_upgrade(ticket, slot_by_slot, now, &mut out),
+            Event::MasterSlotReady { slot } => self.on_master_slot_ready(slot, now, &mut out),
+            Event::SlotFreed { slot } => self.on_slot_freed(slot, now, &mut out),
             Event::MasterSpawned { pid } => self.on_master_spawned(pid, &mut out),
             Event::MasterSpawnFailed { error } => self.on_master_spawn_failed(error, &mut out),
             Event::MasterReady => self.on_master_ready(now, &mut out),
-            Event::MasterExited { status, reason } => self.on_master_exited(status, reason, &mut out),
-            Event::HandedOver => self.on_handed_over(&mut out),
+            Event::MasterExited { status, reason } => self.on_master_exited(status, reason, now, &mut out),
+            Event::HandedOver => self.on_handed_over(now, &mut out),
             Event::PredecessorGone { clean } => self.on_predecessor_gone(clean, now, &mut out),
         }
         self.settle(now, wall, &mut out);

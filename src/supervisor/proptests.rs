@@ -64,8 +64,10 @@ enum Op {
     /// Memory readings of every live process: over the limit or not, with room for a surge
     /// worker or not.
     Memory(bool, bool),
-    /// An upgrade of the master, with a waiting caller or not.
-    Upgrade(bool),
+    /// An upgrade of the master, with a waiting caller or not, slot by slot or not.
+    Upgrade(bool, bool),
+    /// (Slot by slot.) The new master's worker of the n-th slot (modulo) is ready.
+    MasterSlotReady(usize),
     /// The new master says it is ready.
     MasterReady,
     /// The new master exits on its own.
@@ -110,7 +112,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop::sample::select(vec![Signal::USR1, Signal::KILL]).prop_map(Op::SignalWorkers),
         4 => (any::<usize>(), 0u64..40).prop_map(|(i, n)| Op::Beat(i, n)),
         2 => (any::<bool>(), any::<bool>()).prop_map(|(over, room)| Op::Memory(over, room)),
-        1 => any::<bool>().prop_map(Op::Upgrade),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(wait, slots)| Op::Upgrade(wait, slots)),
+        1 => any::<usize>().prop_map(Op::MasterSlotReady),
         1 => Just(Op::MasterReady),
         1 => Just(Op::MasterExit),
     ]
@@ -149,6 +152,7 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
                     min_ready: 1,
                     upgrade_timeout: ms(ready * 2),
                     pid1: false,
+                    upgrade_slot_by_slot: false,
                 };
                 (policy, bound)
             },
@@ -319,7 +323,7 @@ impl Fake {
             }
             Command::Report(Report::RestartFinished { tickets, .. }) => self.answered.extend(tickets),
             Command::Report(Report::UpgradeFinished { tickets, .. }) => self.upgrades_answered.extend(tickets),
-            Command::SpawnMaster => {
+            Command::SpawnMaster { .. } => {
                 prop_assert!(self.new_master.is_none() && !self.handed_over, "a second new master: never interleaved");
                 prop_assert!(self.sup.phase == Phase::Running, "a new master during a shutdown");
                 self.next_pid += 1;
@@ -363,6 +367,10 @@ impl Fake {
             .any(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active));
         for &s in slots {
             prop_assert!(self.sockets.contains(&s), "routed to slot {}, whose socket is not open", s);
+            // A slot handed to the new master of a slot-by-slot upgrade: its worker serves it.
+            if self.sup.slots.get(s).is_some_and(|s| s.handed) {
+                continue;
+            }
             if any_active {
                 prop_assert_eq!(state(s), Some(ProcState::Active), "routed to slot {}", s);
             } else {
@@ -440,14 +448,18 @@ impl Fake {
                 readings: self.live.keys().map(|&k| (k, if over { 1000 } else { 10 })).collect(),
                 headroom: Some(if room { 1 << 20 } else { 0 }),
             }),
-            Op::Upgrade(wait) => {
+            Op::Upgrade(wait, slots) => {
                 let ticket = (wait && !self.done).then(|| {
                     self.next_ticket += 1;
                     self.upgrade_tickets.insert(self.next_ticket);
                     self.next_ticket
                 });
-                Some(Event::Upgrade { ticket })
+                Some(Event::Upgrade { ticket, slot_by_slot: Some(slots) })
             }
+            Op::MasterSlotReady(n) => self
+                .new_master
+                .filter(|m| !m.1 && !self.handed_over)
+                .map(|_| Event::MasterSlotReady { slot: n % (self.sup.slots.len() + 1) }),
             Op::MasterReady => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| Event::MasterReady),
             Op::MasterExit => self
                 .new_master
@@ -476,7 +488,9 @@ impl Fake {
                     self.sup.slots.get(slot).and_then(|s| s.current.as_ref()).is_some_and(|p| {
                         p.hung || p.why_stopped.is_some_and(|w| w != crate::stats::ExitReason::Shutdown)
                     });
-                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len() || given_up;
+                // A slot handed to the new master of a slot-by-slot upgrade is its to serve.
+                let handed = self.sup.slots.get(slot).is_some_and(|s| s.handed);
+                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len() || given_up || handed;
                 if excused {
                     lost += 1;
                 } else {

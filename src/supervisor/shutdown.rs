@@ -65,6 +65,7 @@ impl Supervisor {
         let mut slots = std::mem::take(&mut self.slots);
         for s in &mut slots {
             s.next_spawn = None;
+            s.gated = false;
             for p in s.current.iter_mut().chain(s.next.iter_mut()) {
                 workers += 1;
                 self.stop(p, ExitReason::Shutdown, now, out);
@@ -100,7 +101,7 @@ impl Supervisor {
 
     pub(super) fn check_done(&mut self, out: &mut Vec<Command>) {
         // A disabled slot waiting for its cool-off's probe will run a worker again.
-        let pending = self.slots.iter().any(|s| s.next_spawn.is_some())
+        let pending = self.slots.iter().any(|s| s.next_spawn.is_some() || s.gated)
             || (self.phase == Phase::Running && self.slots.iter().any(|s| s.probe_at.is_some()));
         if self.procs().next().is_some() || pending || self.upgrade_pending() {
             return;

@@ -22,7 +22,7 @@ impl Supervisor {
             // instead of the kernel's default of dying without stopping the workers.
             Signal::HUP | Signal::QUIT => self.on_shutdown(now, out),
             Signal::USR2 => self.on_restart(None, now, wall, out),
-            Signal::USR1 => self.on_upgrade(None, now, out),
+            Signal::USR1 => self.on_upgrade(None, None, now, out),
             Signal::TTIN => self.on_scale_by(1, now, wall, out),
             Signal::TTOU => self.on_scale_by(-1, now, wall, out),
             _ => {}

@@ -27,6 +27,7 @@ pub(super) fn policy(workers: usize) -> Policy {
         min_ready: 1,
         upgrade_timeout: 5000 * MS,
         pid1: false,
+        upgrade_slot_by_slot: false,
     }
 }
 

@@ -54,6 +54,10 @@ pub struct Policy {
     /// The master is PID 1 (a container's init): an upgrade would end the container when the
     /// old master exits, so it is refused.
     pub pid1: bool,
+    /// Upgrades go slot by slot unless asked otherwise: the new master starts one worker at a
+    /// time, and this master stops its worker of a slot once the new one of that slot is ready
+    /// (at most one worker more than the slots at any time, instead of twice as many).
+    pub upgrade_slot_by_slot: bool,
 }
 
 /// What a master started by an upgrade inherits from its predecessor
@@ -69,6 +73,9 @@ pub struct Inheritance {
     /// The predecessor's shutdown timeout: how long its workers may still drain after it is
     /// gone (its sockets stay in the group that long).
     pub shutdown_timeout: Duration,
+    /// A slot-by-slot upgrade, from a predecessor with this many slots: slot `i + 1` starts
+    /// once the predecessor freed slot `i` (its worker there exited) or had none.
+    pub slot_by_slot: Option<usize>,
 }
 
 /// What the probes say ([`Supervisor::probes`](super::Supervisor::probes)).
@@ -298,6 +305,8 @@ pub enum Event {
     Upgrade {
         /// The waiting caller, if any.
         ticket: Option<u64>,
+        /// Slot by slot (`None`: as [`Policy::upgrade_slot_by_slot`] says).
+        slot_by_slot: Option<bool>,
     },
     /// The new master asked for by [`Command::SpawnMaster`] runs.
     MasterSpawned {
@@ -311,6 +320,17 @@ pub enum Event {
     },
     /// The new master says its workers are ready (over the upgrade channel).
     MasterReady,
+    /// (A slot-by-slot upgrade.) The new master's worker of `slot` is ready.
+    MasterSlotReady {
+        /// The slot.
+        slot: usize,
+    },
+    /// (In a master started by a slot-by-slot upgrade.) The predecessor's worker of `slot`
+    /// is gone (or it had none): the next slot may start.
+    SlotFreed {
+        /// The slot.
+        slot: usize,
+    },
     /// The new master exited (and was reaped).
     MasterExited {
         /// How it ended.
@@ -425,7 +445,10 @@ pub enum Command {
     /// Start the new master of an upgrade: the program at the original path, with every
     /// listening socket, the control socket and the state it inherits. The driver answers with
     /// [`Event::MasterSpawned`] or [`Event::MasterSpawnFailed`].
-    SpawnMaster,
+    SpawnMaster {
+        /// The new master starts its workers one at a time, as this master frees its slots.
+        slot_by_slot: bool,
+    },
     /// Kill the new master (`SIGKILL`): the upgrade failed. Its exit comes as
     /// [`Event::MasterExited`].
     KillMaster,
@@ -435,6 +458,18 @@ pub enum Command {
     HandOver {
         /// The new master's pid.
         pid: u32,
+    },
+    /// (A slot-by-slot upgrade.) Tell the new master that this master's worker of `slot` is
+    /// gone (or that it had none).
+    FreeSlot {
+        /// The slot.
+        slot: usize,
+    },
+    /// (In a master started by a slot-by-slot upgrade.) Tell the old master that the worker of
+    /// `slot` is ready.
+    SaySlotReady {
+        /// The slot.
+        slot: usize,
     },
     /// (In a master started by an upgrade.) Tell the old master that the workers are ready.
     SayReady {
@@ -688,6 +723,14 @@ pub enum Report {
     MasterStarted {
         /// Its pid.
         pid: u32,
+        /// It starts its workers slot by slot.
+        slot_by_slot: bool,
+    },
+    /// (A slot-by-slot upgrade.) The new master's worker of `slot` is ready: this master's
+    /// drains.
+    SlotHandedOver {
+        /// The slot.
+        slot: usize,
     },
     /// The new master is ready and takes over; this one drains its workers and exits.
     HandingOver {

@@ -8,7 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Command, Inheritance, Notify, Outcome, Phase, Report, Supervisor, Takeover, Upgrade, UpgradeStage};
+use super::{
+    Command, Inheritance, Notify, Outcome, Phase, ProcState, Report, SpawnReason, Supervisor, Takeover, Upgrade,
+    UpgradeStage,
+};
 use crate::stats::{ExitStatus, UpgradeOutcome};
 
 /// Why a PID 1 master refuses to upgrade, and what to do instead.
@@ -29,10 +32,25 @@ impl Supervisor {
         self.exits = from.exits;
         self.predecessor_timeout = from.shutdown_timeout;
         self.takeover = Takeover::Pending;
+        if let Some(old) = from.slot_by_slot {
+            // Slot by slot: slot 0 starts now (the one worker more), each next one once the
+            // predecessor freed the slot before it.
+            self.predecessor_slots = Some(old);
+            for s in self.slots.iter_mut().skip(1) {
+                s.next_spawn = None;
+                s.gated = true;
+            }
+        }
         self
     }
 
-    pub(super) fn on_upgrade(&mut self, ticket: Option<u64>, now: Instant, out: &mut Vec<Command>) {
+    pub(super) fn on_upgrade(
+        &mut self,
+        ticket: Option<u64>,
+        slot_by_slot: Option<bool>,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
         let tickets: Vec<u64> = ticket.into_iter().collect();
         let refused = if self.policy.pid1 {
             Some(PID1_REFUSAL.to_owned())
@@ -59,19 +77,111 @@ impl Supervisor {
             self.finish_upgrade(UpgradeOutcome::Refused { reason }, tickets, out);
             return;
         }
+        let slot_by_slot = slot_by_slot.unwrap_or(self.policy.upgrade_slot_by_slot);
         self.upgrade = Some(Upgrade {
             stage: UpgradeStage::Spawning,
             deadline: now.checked_add(self.policy.upgrade_timeout),
             tickets: tickets.clone(),
+            slot_by_slot,
         });
         out.push(Command::Report(Report::UpgradeStarted { tickets }));
-        out.push(Command::SpawnMaster);
+        out.push(Command::SpawnMaster { slot_by_slot });
     }
 
     pub(super) fn on_master_spawned(&mut self, pid: u32, out: &mut Vec<Command>) {
         if let Some(u) = self.upgrade.as_mut().filter(|u| u.stage == UpgradeStage::Spawning) {
             u.stage = UpgradeStage::Starting { pid };
-            out.push(Command::Report(Report::MasterStarted { pid }));
+            out.push(Command::Report(Report::MasterStarted { pid, slot_by_slot: u.slot_by_slot }));
+        }
+    }
+
+    /// (A slot-by-slot upgrade.) The new master's worker of `slot` is ready: this master's
+    /// worker there drains (the slot stays in the route: the new worker takes its connections
+    /// from the same socket), and the new master hears when it is gone. Each step gives the new
+    /// master the upgrade timeout again.
+    pub(super) fn on_master_slot_ready(&mut self, slot: usize, now: Instant, out: &mut Vec<Command>) {
+        let Some(u) = self.upgrade.as_mut() else { return };
+        if !u.slot_by_slot || !matches!(u.stage, UpgradeStage::Starting { .. }) || self.phase != Phase::Running {
+            return;
+        }
+        u.deadline = now.checked_add(self.policy.upgrade_timeout);
+        let Some(s) = self.slots.get_mut(slot) else {
+            // A slot this master does not have: nothing to free.
+            out.push(Command::FreeSlot { slot });
+            return;
+        };
+        if s.handed {
+            return;
+        }
+        s.handed = true;
+        s.next_spawn = None;
+        s.probe_at = None;
+        let current = s.current.take();
+        let next = s.next.take();
+        s.recycling = None;
+        for mut p in current.into_iter().chain(next) {
+            self.stop(&mut p, crate::stats::ExitReason::Restart, now, out);
+            self.retiring.push((slot, p));
+        }
+        self.recycle_queue.retain(|(s, _, _)| *s != slot);
+        out.push(Command::Report(Report::SlotHandedOver { slot }));
+        if !self.retiring.iter().any(|(s, _)| *s == slot) {
+            out.push(Command::FreeSlot { slot });
+        }
+    }
+
+    /// A retiring worker exited: if its slot was handed to the new master and none of this
+    /// master's workers of the slot is left, the new master may start its next one.
+    pub(super) fn free_if_handed(&mut self, slot: usize, out: &mut Vec<Command>) {
+        let slot_by_slot = self.upgrade.as_ref().is_some_and(|u| u.slot_by_slot);
+        if slot_by_slot
+            && self.slots.get(slot).is_some_and(|s| s.handed)
+            && !self.retiring.iter().any(|(s, _)| *s == slot)
+        {
+            out.push(Command::FreeSlot { slot });
+        }
+    }
+
+    /// (The old master.) A slot-by-slot upgrade failed: the slots it handed over get workers of
+    /// this master again, at once.
+    fn take_slots_back(&mut self, now: Instant) {
+        let running = self.phase == Phase::Running;
+        for s in &mut self.slots {
+            if std::mem::take(&mut s.handed) && running && s.current.is_none() && s.next_spawn.is_none() {
+                s.next_spawn = Some((now, SpawnReason::Respawn));
+            }
+        }
+    }
+
+    /// (A master started by a slot-by-slot upgrade.) The predecessor freed `slot`: the next
+    /// one starts.
+    pub(super) fn on_slot_freed(&mut self, slot: usize, now: Instant, _out: &mut Vec<Command>) {
+        self.ungate(slot + 1, now);
+    }
+
+    fn ungate(&mut self, slot: usize, now: Instant) {
+        if self.phase != Phase::Running {
+            return;
+        }
+        if let Some(s) = self.slots.get_mut(slot).filter(|s| s.gated) {
+            s.gated = false;
+            s.next_spawn = Some((now, SpawnReason::Initial));
+        }
+    }
+
+    /// (A master started by a slot-by-slot upgrade.) Its worker of `slot` is ready: the
+    /// predecessor hears it (and drains its own worker there); a slot the predecessor never
+    /// had lets the next one start at once.
+    pub(super) fn slot_ready_for_predecessor(&mut self, slot: usize, now: Instant, out: &mut Vec<Command>) {
+        let Some(old) = self.predecessor_slots else { return };
+        if self.takeover != Takeover::Pending {
+            return;
+        }
+        if self.slots.get(slot).and_then(|s| s.current.as_ref()).is_some_and(|p| p.state == ProcState::Active) {
+            out.push(Command::SaySlotReady { slot });
+            if slot >= old {
+                self.ungate(slot + 1, now);
+            }
         }
     }
 
@@ -102,13 +212,20 @@ impl Supervisor {
         out.push(Command::Report(Report::HandingOver { pid, workers }));
     }
 
-    pub(super) fn on_master_exited(&mut self, status: ExitStatus, reason: Option<String>, out: &mut Vec<Command>) {
+    pub(super) fn on_master_exited(
+        &mut self,
+        status: ExitStatus,
+        reason: Option<String>,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) {
         match self.upgrade.take() {
             Some(u) if u.stage == UpgradeStage::Killing => {}
             Some(u) => {
                 let said = reason.map(|r| format!(": {r}")).unwrap_or_default();
                 let reason = format!("the new master exited before it was ready ({status}){said}");
                 self.finish_upgrade(UpgradeOutcome::Failed { reason }, u.tickets, out);
+                self.take_slots_back(now);
             }
             // It exited after it took over: not this master's concern any more.
             None => {}
@@ -124,6 +241,7 @@ impl Supervisor {
         let tickets = std::mem::take(&mut u.tickets);
         let reason = format!("the new master was not ready within {:?}", self.policy.upgrade_timeout);
         self.kill_new_master(UpgradeOutcome::Failed { reason }, tickets, out);
+        self.take_slots_back(now);
     }
 
     /// A shutdown began: an upgrade still starting is cancelled.
@@ -132,6 +250,9 @@ impl Supervisor {
         let tickets = std::mem::take(&mut u.tickets);
         let reason = "the cluster is shutting down".to_owned();
         self.kill_new_master(UpgradeOutcome::Cancelled { reason }, tickets, out);
+        for s in &mut self.slots {
+            s.handed = false;
+        }
     }
 
     fn kill_new_master(&mut self, outcome: UpgradeOutcome, tickets: Vec<u64>, out: &mut Vec<Command>) {
@@ -164,9 +285,9 @@ impl Supervisor {
     }
 
     /// (A new master.) The predecessor handed over.
-    pub(super) fn on_handed_over(&mut self, out: &mut Vec<Command>) {
+    pub(super) fn on_handed_over(&mut self, now: Instant, out: &mut Vec<Command>) {
         if self.takeover == Takeover::Pending {
-            self.take_over(true, out);
+            self.take_over(true, now, out);
         }
     }
 
@@ -176,14 +297,18 @@ impl Supervisor {
             return;
         }
         if self.takeover == Takeover::Pending {
-            self.take_over(false, out);
+            self.take_over(false, now, out);
         }
         let wait = if clean { Duration::ZERO } else { self.predecessor_timeout.saturating_add(RELEASE_MARGIN) };
         self.release_at = Some(now.checked_add(wait).unwrap_or(now));
     }
 
-    fn take_over(&mut self, handed_over: bool, out: &mut Vec<Command>) {
+    fn take_over(&mut self, handed_over: bool, now: Instant, out: &mut Vec<Command>) {
         self.takeover = Takeover::Taken;
+        // Slot by slot: whatever still waits for its turn starts now.
+        for slot in 0..self.slots.len() {
+            self.ungate(slot, now);
+        }
         out.push(Command::TakeOver);
         out.push(Command::Report(Report::TookOver { handed_over }));
         if self.phase == Phase::Running && self.announced_ready {

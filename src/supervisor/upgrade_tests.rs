@@ -22,8 +22,8 @@ fn signals(cmds: &[Command]) -> usize {
 }
 
 fn refused(h: &mut Harness, ticket: u64) -> String {
-    let out = h.feed(Event::Upgrade { ticket: Some(ticket) });
-    assert!(!out.contains(&Command::SpawnMaster), "{out:?}");
+    let out = h.feed(Event::Upgrade { ticket: Some(ticket), slot_by_slot: None });
+    assert!(!out.contains(&Command::SpawnMaster { slot_by_slot: false }), "{out:?}");
     match &finished(&out)[..] {
         [(UpgradeOutcome::Refused { reason }, tickets)] if tickets == &[ticket] => reason.clone(),
         other => panic!("expected a refusal: {other:?}"),
@@ -34,12 +34,12 @@ fn refused(h: &mut Harness, ticket: u64) -> String {
 fn a_ready_new_master_takes_over_and_the_old_one_drains_and_exits() {
     let mut h = Harness::new(policy(2));
     h.start_all();
-    let out = h.feed(Event::Upgrade { ticket: Some(7) });
-    assert!(out.contains(&Command::SpawnMaster));
+    let out = h.feed(Event::Upgrade { ticket: Some(7), slot_by_slot: None });
+    assert!(out.contains(&Command::SpawnMaster { slot_by_slot: false }));
     assert!(reports(&out).contains(&&Report::UpgradeStarted { tickets: vec![7] }));
     assert!(h.sup.cluster_stats().upgrade_requested);
     let out = h.feed(Event::MasterSpawned { pid: 5000 });
-    assert!(reports(&out).contains(&&Report::MasterStarted { pid: 5000 }));
+    assert!(reports(&out).contains(&&Report::MasterStarted { pid: 5000, slot_by_slot: false }));
     // Nothing changes for the old workers while the new master starts.
     h.now += 1000 * MS;
     let out = h.feed(Event::MasterReady);
@@ -63,7 +63,7 @@ fn a_ready_new_master_takes_over_and_the_old_one_drains_and_exits() {
 fn a_new_master_that_exits_is_a_failed_upgrade_and_nothing_changes() {
     let mut h = Harness::new(policy(2));
     h.start_all();
-    h.feed(Event::Upgrade { ticket: Some(1) });
+    h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: None });
     h.feed(Event::MasterSpawned { pid: 5000 });
     let out = h.feed(Event::MasterExited {
         status: ExitStatus::Code(1),
@@ -79,17 +79,23 @@ fn a_new_master_that_exits_is_a_failed_upgrade_and_nothing_changes() {
     assert_eq!(signals(&out), 0);
     assert_eq!(h.sup.cluster_stats().active_workers, 2);
     // A new upgrade can run.
-    assert!(h.feed(Event::Upgrade { ticket: None }).contains(&Command::SpawnMaster));
+    assert!(
+        h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
+            .contains(&Command::SpawnMaster { slot_by_slot: false })
+    );
 }
 
 #[test]
 fn a_new_master_that_cannot_be_started_fails_the_upgrade() {
     let mut h = Harness::new(policy(1));
     h.start_all();
-    h.feed(Event::Upgrade { ticket: Some(3) });
+    h.feed(Event::Upgrade { ticket: Some(3), slot_by_slot: None });
     let out = h.feed(Event::MasterSpawnFailed { error: "ENOENT".into() });
     assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Failed { reason }, _)] if reason.contains("ENOENT")));
-    assert!(h.feed(Event::Upgrade { ticket: None }).contains(&Command::SpawnMaster));
+    assert!(
+        h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
+            .contains(&Command::SpawnMaster { slot_by_slot: false })
+    );
 }
 
 #[test]
@@ -97,7 +103,7 @@ fn a_new_master_not_ready_in_time_is_killed_and_no_second_one_starts_before_it_e
     let mut h = Harness::new(policy(1));
     h.start_all();
     let start = h.now;
-    h.feed(Event::Upgrade { ticket: Some(1) });
+    h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: None });
     h.feed(Event::MasterSpawned { pid: 5000 });
     assert_eq!(h.sup.next_deadline(), Some(start + 5000 * MS), "the upgrade's deadline");
     h.now = start + 4999 * MS;
@@ -112,14 +118,17 @@ fn a_new_master_not_ready_in_time_is_killed_and_no_second_one_starts_before_it_e
     assert!(refused(&mut h, 2).contains("still being stopped"));
     let out = h.feed(Event::MasterExited { status: ExitStatus::Signal(crate::signal::Signal::KILL), reason: None });
     assert!(finished(&out).is_empty(), "answered once: {out:?}");
-    assert!(h.feed(Event::Upgrade { ticket: None }).contains(&Command::SpawnMaster));
+    assert!(
+        h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
+            .contains(&Command::SpawnMaster { slot_by_slot: false })
+    );
 }
 
 #[test]
 fn upgrades_are_refused_while_something_else_runs() {
     let mut h = Harness::new(policy(2));
     h.start_all();
-    h.feed(Event::Upgrade { ticket: Some(1) });
+    h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: None });
     h.feed(Event::MasterSpawned { pid: 5000 });
     assert!(refused(&mut h, 2).contains("already running (new master pid 5000)"));
     // Restarts and scaling wait for the upgrade too.
@@ -153,7 +162,7 @@ fn upgrades_are_refused_while_something_else_runs() {
 fn a_shutdown_during_an_upgrade_kills_the_new_master_and_waits_for_its_exit() {
     let mut h = Harness::new(policy(1));
     h.start_all();
-    h.feed(Event::Upgrade { ticket: Some(4) });
+    h.feed(Event::Upgrade { ticket: Some(4), slot_by_slot: None });
     h.feed(Event::MasterSpawned { pid: 5000 });
     let out = h.feed(Event::Shutdown);
     assert!(out.contains(&Command::KillMaster));
@@ -168,8 +177,13 @@ fn a_shutdown_during_an_upgrade_kills_the_new_master_and_waits_for_its_exit() {
 fn inherited(workers: usize) -> Harness {
     let mut h = Harness::new(policy(workers));
     let exits = crate::stats::ExitCounts { crash: 2, ..Default::default() };
-    h.sup =
-        h.sup.clone().inherit(Inheritance { generation: 3, total_restarts: 11, exits, shutdown_timeout: 1000 * MS });
+    h.sup = h.sup.clone().inherit(Inheritance {
+        generation: 3,
+        total_restarts: 11,
+        exits,
+        shutdown_timeout: 1000 * MS,
+        slot_by_slot: None,
+    });
     h
 }
 
@@ -221,4 +235,90 @@ fn a_new_master_whose_predecessor_dies_takes_over_at_once() {
     // A later hand-over message changes nothing.
     assert!(!h.feed(Event::HandedOver).contains(&Command::TakeOver));
     let _ = Duration::ZERO;
+}
+
+#[test]
+fn slot_by_slot_the_old_master_frees_a_slot_each_time_a_new_worker_is_ready() {
+    let mut h = Harness::new(policy(3));
+    h.start_all();
+    let out = h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: Some(true) });
+    assert!(out.contains(&Command::SpawnMaster { slot_by_slot: true }));
+    h.feed(Event::MasterSpawned { pid: 5000 });
+    let old0 = h.key_of(0);
+    let out = h.feed(Event::MasterSlotReady { slot: 0 });
+    assert!(out.contains(&Command::Signal { key: old0, signal: crate::signal::Signal::TERM }), "{out:?}");
+    assert!(reports(&out).contains(&&Report::SlotHandedOver { slot: 0 }));
+    assert!(!out.iter().any(|c| matches!(c, Command::Route { .. })), "slot 0 stays in the route: {out:?}");
+    assert!(!out.contains(&Command::FreeSlot { slot: 0 }), "not before its worker is gone");
+    let out = h.feed(Event::Exited { key: old0, status: ExitStatus::Code(0) });
+    assert!(out.contains(&Command::FreeSlot { slot: 0 }), "{out:?}");
+    assert!(spawns(&out).is_empty() && !out.iter().any(|c| matches!(c, Command::CloseSocket { .. })), "{out:?}");
+    assert!(h.sup.next_deadline().is_some(), "the upgrade's deadline");
+    // Each step gives the new master the timeout again.
+    h.now += 4000 * MS;
+    let old1 = h.key_of(1);
+    h.feed(Event::MasterSlotReady { slot: 1 });
+    h.now += 4000 * MS;
+    assert!(!h.feed(Event::Tick).contains(&Command::KillMaster), "re-armed at the step");
+    h.feed(Event::Exited { key: old1, status: ExitStatus::Code(0) });
+    let out = h.feed(Event::MasterReady);
+    assert_eq!(finished(&out), vec![(UpgradeOutcome::Completed { new_pid: 5000 }, vec![1])]);
+    assert_eq!(signals(&out), 1, "the last old worker drains: {out:?}");
+}
+
+#[test]
+fn a_failed_slot_by_slot_upgrade_gives_the_handed_slots_workers_again() {
+    let mut h = Harness::new(Policy { respawn: false, ..policy(2) });
+    h.start_all();
+    h.feed(Event::Upgrade { ticket: None, slot_by_slot: Some(true) });
+    h.feed(Event::MasterSpawned { pid: 5000 });
+    let old0 = h.key_of(0);
+    h.feed(Event::MasterSlotReady { slot: 0 });
+    h.feed(Event::Exited { key: old0, status: ExitStatus::Code(0) });
+    let out = h.feed(Event::MasterExited { status: ExitStatus::Signal(crate::signal::Signal::KILL), reason: None });
+    assert_eq!(spawns(&out), vec![0], "slot 0 gets a worker of this master at once, respawn or not: {out:?}");
+    h.ready(0);
+    assert_eq!(h.sup.cluster_stats().active_workers, 2);
+}
+
+#[test]
+fn slot_by_slot_a_new_master_starts_each_slot_once_the_previous_one_is_freed() {
+    let mut h = Harness::new(policy(3));
+    h.sup = h.sup.clone().inherit(Inheritance {
+        generation: 0,
+        total_restarts: 0,
+        exits: Default::default(),
+        shutdown_timeout: 1000 * MS,
+        slot_by_slot: Some(2),
+    });
+    assert_eq!(spawns(&h.at(0)), vec![0]);
+    assert!(spawns(&h.at(500)).is_empty(), "slot 1 waits for its turn, whatever the start-up delay");
+    let out = h.ready(0);
+    assert!(out.contains(&Command::SaySlotReady { slot: 0 }), "{out:?}");
+    assert!(!reports(&out).iter().any(|r| matches!(r, Report::AllReady { .. })), "slots 1 and 2 are still to start");
+    assert_eq!(spawns(&h.feed(Event::SlotFreed { slot: 0 })), vec![1]);
+    let out = h.ready(1);
+    assert!(out.contains(&Command::SaySlotReady { slot: 1 }));
+    assert!(spawns(&out).is_empty());
+    assert_eq!(spawns(&h.feed(Event::SlotFreed { slot: 1 })), vec![2]);
+    // Slot 2 is one the predecessor never had: ready, the start-up is over.
+    let out = h.ready(2);
+    assert!(out.contains(&Command::SaySlotReady { slot: 2 }));
+    assert!(out.contains(&Command::SayReady { workers: 3 }), "{out:?}");
+}
+
+#[test]
+fn slot_by_slot_a_new_master_whose_predecessor_dies_starts_every_slot_at_once() {
+    let mut h = Harness::new(policy(3));
+    h.sup = h.sup.clone().inherit(Inheritance {
+        generation: 0,
+        total_restarts: 0,
+        exits: Default::default(),
+        shutdown_timeout: 1000 * MS,
+        slot_by_slot: Some(3),
+    });
+    h.at(0);
+    let mut out = h.feed(Event::PredecessorGone { clean: false });
+    out.sort_by_key(|c| format!("{c:?}"));
+    assert_eq!(spawns(&out), vec![1, 2], "{out:?}");
 }

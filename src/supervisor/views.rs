@@ -12,6 +12,9 @@ impl Slot {
         if self.disabled {
             return WorkerStatus::Disabled;
         }
+        if self.gated && self.current.is_none() {
+            return WorkerStatus::Starting;
+        }
         match (&self.current, self.next_spawn) {
             (Some(p), _) => match p.state {
                 ProcState::Spawning | ProcState::Starting => WorkerStatus::Starting,
@@ -47,7 +50,8 @@ impl Supervisor {
                 _ => Watchdog::Feed,
             };
         }
-        if self.slots.iter().any(|s| s.status() == WorkerStatus::Active) {
+        // (A slot handed to the new master of a slot-by-slot upgrade is served by it.)
+        if self.slots.iter().any(|s| s.status() == WorkerStatus::Active || s.handed) {
             Watchdog::Feed
         } else {
             Watchdog::Withhold { reason: "no worker is serving" }
@@ -66,7 +70,7 @@ impl Supervisor {
             )
         });
         let asked_to_stop = self.phase != Phase::Running || self.leaving_at.is_some();
-        let active = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
+        let active = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active || s.handed).count();
         Probes {
             live: match self.phase {
                 Phase::Running => can_run,

@@ -196,6 +196,9 @@ struct Args {
     /// ready (default: the library's).
     #[arg(long)]
     upgrade_timeout_ms: Option<u64>,
+    /// Upgrades of the master go slot by slot by default.
+    #[arg(long)]
+    upgrade_slot_by_slot: bool,
 }
 
 fn parse_backoff(s: &str) -> Result<(u64, u64), String> {
@@ -367,6 +370,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         Some(addr) => cluster.admin(addr.clone()),
         None => cluster,
     };
+    let cluster = cluster.upgrade_slot_by_slot(args.upgrade_slot_by_slot);
     let cluster = match args.upgrade_timeout_ms {
         Some(t) => cluster.upgrade_timeout(ms(t)),
         None => cluster,

@@ -377,3 +377,57 @@ fn systemd_hears_the_new_main_pid_and_the_new_master_s_readiness() {
     }
     cleanup.watch(new_master);
 }
+
+#[test]
+fn slot_by_slot_at_most_one_worker_more_than_the_slots_runs_and_nothing_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (mut tb, rx) = start(&exe, &["--workers", "3", "--ready-delay-ms", "150", "--startup-delay-ms", "10"]);
+    let old_master = tb.pid();
+    let old_workers: BTreeSet<u32> = tb.workers().into_iter().collect();
+    let load = Load::start(tb.port, 1, 2, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 200));
+    deploy(&exe, &testbed_with(""));
+    let upgrade = {
+        let (bin, dir) = (cli_binary(), tb.dir.clone());
+        std::thread::spawn(move || {
+            Command::new(bin)
+                .args(["upgrade", "--wait", "--slot-by-slot"])
+                .env("XDG_RUNTIME_DIR", dir)
+                .output()
+                .unwrap()
+        })
+    };
+    let new_master = new_master_pid(&tb);
+    let mut cleanup = Cleanup::default();
+    cleanup.watch(new_master);
+    let mut most = 0;
+    let mut seen = BTreeSet::new();
+    assert!(wait_until(Duration::from_secs(30), || {
+        let old: Vec<u32> = children_of(old_master).into_iter().filter(|&p| p != new_master).collect();
+        let new = children_of(new_master);
+        seen.extend(&new);
+        most = most.max(old.len() + new.len());
+        upgrade.is_finished()
+    }));
+    let out = upgrade.join().unwrap();
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    cleanup.0.extend(&seen);
+    assert!(most <= 4, "at most 3 + 1 workers at any time, saw {most}");
+    assert_eq!(next_ready(&rx, &tb), format!("ready: 3 workers on port {}", tb.port));
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    let log = tb.stderr();
+    for slot in 0..3 {
+        assert!(
+            log.contains(&format!("the new master's worker {slot} is ready; this master's worker {slot} drains")),
+            "{log}"
+        );
+    }
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 300));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    let new_workers: BTreeSet<u32> = children_of(new_master).into_iter().collect();
+    assert_eq!(new_workers.len(), 3);
+    assert!(new_workers.is_disjoint(&old_workers));
+}
