@@ -105,8 +105,10 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
         Ok(owned)
     };
     let channel = UnixStream::from(take(env.channel_fd)?);
+    let line = read_state_line(&channel).map_err(|e| bad(format!("cannot read the state from the old master: {e}")))?;
+    let state = env.read_state(&line)?;
     let mut fds = HashMap::new();
-    for fd in env.state.fds() {
+    for fd in state.fds() {
         fds.insert(fd, take(fd)?);
     }
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.from_pid) {
@@ -115,7 +117,35 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
             env.from_pid
         );
     }
-    Ok(Some(Inherited { channel, from_pid: env.from_pid, state: env.state, fds }))
+    Ok(Some(Inherited { channel, from_pid: env.from_pid, state, fds }))
+}
+
+/// How long a new master waits for its state at `init` (the old master sends it right after
+/// the spawn, from its loop).
+const STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The first line on the upgrade channel, read byte by byte so that nothing after it is taken
+/// from the socket (the channel's later messages are the loop's).
+fn read_state_line(channel: &UnixStream) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    channel.set_read_timeout(Some(STATE_TIMEOUT))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut r: &UnixStream = channel;
+    loop {
+        match r.read(&mut byte) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the old master closed the channel")),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if line.len() > crate::proto::handoff::MAX_STATE_LINE {
+            return Err(io::Error::other("the state is too long"));
+        }
+    }
+    channel.set_read_timeout(None)?;
+    Ok(line)
 }
 
 /// The new master of an upgrade, as the old master tracks it.
@@ -222,7 +252,6 @@ impl Driver {
             admin,
             slot_by_slot: slot_by_slot.then_some(stats.total_workers),
         };
-        let state = serde_json::to_string(&state).map_err(io::Error::other)?;
         let mut cmd = Process::new(&self.m.exe_path);
         cmd.arg0(&self.m.argv0).args(&self.m.args);
         // The sockets systemd passed come by the hand-off; WATCHDOG_PID named this master.
@@ -234,7 +263,6 @@ impl Driver {
         }
         cmd.env(upgrade_env::CHANNEL_FD, FIRST_LISTEN_FD.to_string())
             .env(upgrade_env::FROM_PID, self.master_pid.as_raw_nonzero().to_string())
-            .env(upgrade_env::STATE, state)
             .stdin(Stdio::null());
         cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
         crate::os::sys::set_master_child_setup(&mut cmd, next as u32);
@@ -246,7 +274,9 @@ impl Driver {
             .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
             .and_then(|pidfd| Ok(Successor { pid, pidfd, chan: LineIo::new(ours)?, closed: false, reason: None }));
         match tracked {
-            Ok(s) => {
+            Ok(mut s) => {
+                // Its first line: what it inherits (written as the socket takes it).
+                send(&mut s.chan, &UpgradeMessage::State { state });
                 self.successor = Some(s);
                 Ok(pid)
             }

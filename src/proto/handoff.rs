@@ -165,18 +165,21 @@ pub(crate) const PRIVATE_ENV: [&str; 8] = [
 /// The old-to-new-master hand-off of an upgrade in place: the new master is the program at the
 /// original path, started by the old master with these variables, its upgrade channel (a unix
 /// stream socket pair, like a worker's) and every inherited socket at the descriptors the state
-/// names. All are removed from the environment as soon as they are read, and the descriptors
-/// made close-on-exec once taken.
+/// names. The state itself ([`UpgradeState`]) is the first line on the channel
+/// ([`UpgradeMessage::State`]): a cluster of thousands of slots would pass the kernel's limit of
+/// one environment string (128 KiB). The variables are removed from the environment as soon as
+/// they are read, and the descriptors made close-on-exec once taken.
 pub(crate) mod upgrade_env {
     /// The new master's end of the upgrade channel.
     pub const CHANNEL_FD: &str = "ECEWO_CLUSTER_UPGRADE_FD";
     /// The old master's pid: the channel's peer (`SO_PEERCRED`), and the new master's parent.
     pub const FROM_PID: &str = "ECEWO_CLUSTER_UPGRADE_FROM";
-    /// What the new master inherits, as JSON ([`super::UpgradeState`]).
-    pub const STATE: &str = "ECEWO_CLUSTER_UPGRADE_STATE";
     /// All of them.
-    pub const ALL: [&str; 3] = [CHANNEL_FD, FROM_PID, STATE];
+    pub const ALL: [&str; 2] = [CHANNEL_FD, FROM_PID];
 }
+
+/// The longest state line a new master reads (a state of the largest cluster is about 1 MiB).
+pub(crate) const MAX_STATE_LINE: usize = 16 << 20;
 
 /// The most descriptors an upgrade hands over (a socket per slot of each listener, the control
 /// socket and the admin listener): far more than any real cluster, few enough to check.
@@ -236,7 +239,7 @@ pub(crate) struct InheritedAdmin {
     pub file: Option<(u64, u64)>,
 }
 
-/// What a new master inherits ([`upgrade_env::STATE`]).
+/// What a new master inherits (the first line on the upgrade channel).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct UpgradeState {
     /// The old master's generation.
@@ -269,12 +272,11 @@ impl UpgradeState {
     }
 }
 
-/// The hand-off of an upgrade, as a new master reads it.
+/// The hand-off of an upgrade, as a new master reads it from its environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct UpgradeEnv {
     pub channel_fd: i32,
     pub from_pid: u32,
-    pub state: UpgradeState,
 }
 
 impl UpgradeEnv {
@@ -297,10 +299,19 @@ impl UpgradeEnv {
             .ok()
             .filter(|&p| p > 0)
             .ok_or_else(|| bad(format!("{} is not a pid", upgrade_env::FROM_PID)))?;
-        let text = get(upgrade_env::STATE).ok_or_else(|| bad(format!("{} is not set", upgrade_env::STATE)))?;
-        let text = text.to_str().ok_or_else(|| bad(format!("{} is not UTF-8", upgrade_env::STATE)))?;
-        let state: UpgradeState =
-            serde_json::from_str(text).map_err(|e| bad(format!("{} is not valid: {e}", upgrade_env::STATE)))?;
+        Ok(Some(UpgradeEnv { channel_fd, from_pid }))
+    }
+
+    /// Reads the state from the first line the old master sent (without its newline) and checks
+    /// the descriptors it names: each once, none of stdio or the channel's, within bounds.
+    pub(crate) fn read_state(&self, line: &[u8]) -> Result<UpgradeState, Error> {
+        let bad = |what: String| Error::BadInheritance { what: format!("upgrade hand-off: {what}") };
+        let state = match serde_json::from_slice::<UpgradeMessage>(line) {
+            Ok(UpgradeMessage::State { state }) => state,
+            Ok(other) => return Err(bad(format!("the old master sent {other:?} instead of the state"))),
+            Err(e) => return Err(bad(format!("the state is not valid: {e}"))),
+        };
+        let channel_fd = self.channel_fd;
         let mut fds = state.fds();
         if fds.len() > MAX_INHERITED_FDS {
             return Err(bad(format!("{} descriptors, more than {MAX_INHERITED_FDS}", fds.len())));
@@ -323,14 +334,17 @@ impl UpgradeEnv {
                 return Err(bad(format!("listener {}: a shared socket is at slot 0", l.name)));
             }
         }
-        Ok(Some(UpgradeEnv { channel_fd, from_pid, state }))
+        Ok(state)
     }
 }
 
 /// A message on the upgrade channel, one JSON line each.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant, reason = "one state per upgrade")]
 pub(crate) enum UpgradeMessage {
+    /// Old → new, first: what it inherits.
+    State { state: UpgradeState },
     /// New → old: its workers are ready.
     Ready { workers: usize },
     /// New → old: it cannot start (its `init` failed): why.
@@ -392,17 +406,22 @@ mod tests {
         }
     }
 
-    fn upgrade_env(state: &str) -> impl Fn(&str) -> Option<OsString> + use<> {
-        env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "77"), (upgrade_env::STATE, state)])
+    fn line(state: &UpgradeState) -> Vec<u8> {
+        serde_json::to_vec(&UpgradeMessage::State { state: state.clone() }).unwrap()
+    }
+
+    fn parse_state(state: &UpgradeState) -> Result<UpgradeState, Error> {
+        UpgradeEnv { channel_fd: 3, from_pid: 77 }.read_state(&line(state))
     }
 
     #[test]
     fn the_upgrade_hand_off_round_trips() {
-        let json = serde_json::to_string(&state()).unwrap();
-        let e = UpgradeEnv::parse(upgrade_env(&json)).unwrap().unwrap();
+        let get = env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "77")]);
+        let e = UpgradeEnv::parse(get).unwrap().unwrap();
         assert_eq!((e.channel_fd, e.from_pid), (3, 77));
-        assert_eq!(e.state, state());
-        assert_eq!(e.state.fds(), vec![4, 5, 6, 7, 8]);
+        let s = e.read_state(&line(&state())).unwrap();
+        assert_eq!(s, state());
+        assert_eq!(s.fds(), vec![4, 5, 6, 7, 8]);
         assert_eq!(UpgradeEnv::parse(env_of(&[])).unwrap(), None, "no channel: not a new master");
         for m in [
             UpgradeMessage::Ready { workers: 3 },
@@ -421,28 +440,29 @@ mod tests {
     #[test]
     fn a_garbled_upgrade_hand_off_is_a_clear_error() {
         let err = |get: &dyn Fn(&str) -> Option<OsString>| UpgradeEnv::parse(get).unwrap_err().to_string();
-        let json = serde_json::to_string(&state()).unwrap();
         let only_fd = env_of(&[(upgrade_env::CHANNEL_FD, "3")]);
         assert!(err(&only_fd).contains("ECEWO_CLUSTER_UPGRADE_FROM is not set"));
-        let bad_pid =
-            env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "0"), (upgrade_env::STATE, &json)]);
+        let bad_pid = env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "0")]);
         assert!(err(&bad_pid).contains("is not a pid"));
-        assert!(err(&upgrade_env("{")).contains("ECEWO_CLUSTER_UPGRADE_STATE is not valid"));
+        let e = UpgradeEnv { channel_fd: 3, from_pid: 77 };
+        assert!(e.read_state(b"{").unwrap_err().to_string().contains("the state is not valid"));
+        assert!(e.read_state(br#"{"t":"yours"}"#).unwrap_err().to_string().contains("instead of the state"));
+        let state_err = |s: &UpgradeState| parse_state(s).unwrap_err().to_string();
         let mut twice = state();
         twice.listeners[1].fds = vec![(0, 5)];
-        assert!(err(&upgrade_env(&serde_json::to_string(&twice).unwrap())).contains("fd 5 is named twice"));
+        assert!(state_err(&twice).contains("fd 5 is named twice"));
         let mut channel = state();
         channel.listeners[1].fds = vec![(0, 3)];
-        assert!(err(&upgrade_env(&serde_json::to_string(&channel).unwrap())).contains("fd 3 is named twice"));
+        assert!(state_err(&channel).contains("fd 3 is named twice"));
         let mut stdio = state();
         stdio.listeners[1].fds = vec![(0, 2)];
-        assert!(err(&upgrade_env(&serde_json::to_string(&stdio).unwrap())).contains("fd 2 is not an inherited"));
+        assert!(state_err(&stdio).contains("fd 2 is not an inherited"));
         let mut shared = state();
         shared.listeners[1].fds = vec![(1, 6)];
-        assert!(err(&upgrade_env(&serde_json::to_string(&shared).unwrap())).contains("a shared socket is at slot 0"));
+        assert!(state_err(&shared).contains("a shared socket is at slot 0"));
         let mut empty = state();
         empty.listeners[0].fds.clear();
-        assert!(err(&upgrade_env(&serde_json::to_string(&empty).unwrap())).contains("listener default has no socket"));
+        assert!(state_err(&empty).contains("listener default has no socket"));
     }
 
     #[test]
