@@ -378,6 +378,10 @@ fn print_status(s: &Status, out: &mut String) {
             ],
         );
     }
+    // What command workers said (`STATUS=`), one line each.
+    for w in s.workers.iter().filter(|w| w.notify_status.is_some()) {
+        say!(out, "{:>4} {:>8} {}", w.worker_id, "status", w.notify_status.as_deref().unwrap_or_default());
+    }
     let total_requests: Option<u64> = s.workers.iter().filter_map(|w| w.requests).reduce(|a, b| a + b);
     let blank = String::new;
     row(

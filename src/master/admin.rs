@@ -934,6 +934,8 @@ mod tests {
         for _ in 0..3 {
             while wave_rx.try_recv().is_err() {
                 turn(&mut s, t0, Duration::from_millis(5), &mut answers);
+                most = most.max(s.connections());
+                assert!(s.connections() <= MAX_CONNECTIONS, "{} connections", s.connections());
             }
             while turn(&mut s, t0, Duration::from_millis(50), &mut answers) {
                 most = most.max(s.connections());

@@ -25,7 +25,12 @@ pub(super) struct Proc {
     pub(super) slot: usize,
     pub(super) pid: u32,
     pub(super) pidfd: OwnedFd,
-    pub(super) chan: MasterEnd,
+    /// Its channel (none for the workers of a command cluster, which speak `sd_notify`).
+    pub(super) chan: Option<MasterEnd>,
+    /// Taken for ready at this time (a command cluster's `ready_after`).
+    pub(super) ready_at: Option<Instant>,
+    /// What it last said in a `STATUS=` notification.
+    pub(super) status_text: Option<String>,
 }
 
 /// The driver's state: the master's resources, the supervisor, and the processes it started.
@@ -56,6 +61,7 @@ enum Source {
     Control(ConnId),
     AdminListener,
     Admin(super::admin::AdminConnId),
+    WorkerNotify,
 }
 
 impl Driver {
@@ -189,6 +195,9 @@ impl Driver {
     pub(super) fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
         let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
         cluster.listeners = self.listener_stats();
+        for w in &mut workers {
+            w.notify_status = w.pid.and_then(|pid| self.procs.values().find(|p| p.pid == pid)?.status_text.clone());
+        }
         crate::os::procfs::add_usage(&mut cluster, &mut workers);
         (cluster, workers)
     }
@@ -248,6 +257,7 @@ impl Driver {
             self.sup.next_deadline(),
             self.m.control.as_ref().and_then(ControlServer::next_deadline),
             self.m.admin.as_ref().and_then(|(a, _)| a.next_deadline()),
+            self.procs.values().filter_map(|p| p.ready_at).min(),
             self.m.notify.as_ref().and_then(Notifier::watchdog_due),
         ]
         .into_iter()
@@ -265,17 +275,17 @@ impl Driver {
         for (key, p) in &self.procs {
             sources.push(Source::Exit(*key));
             fds.push(PollFd::new(&p.pidfd, PollFlags::IN));
-            if !p.chan.closed {
+            if let Some(chan) = p.chan.as_ref().filter(|c| !c.closed) {
                 // Backpressure: no input while the worker's answers pile up unread.
                 let mut flags = PollFlags::empty();
-                if p.chan.wants_read() {
+                if chan.wants_read() {
                     flags |= PollFlags::IN;
                 }
-                if p.chan.wants_write() {
+                if chan.wants_write() {
                     flags |= PollFlags::OUT;
                 }
                 sources.push(Source::Channel(*key));
-                fds.push(PollFd::new(&p.chan.io.sock, flags));
+                fds.push(PollFd::new(&chan.io.sock, flags));
             }
         }
         if let Some(ctl) = &self.m.control {
@@ -296,6 +306,10 @@ impl Driver {
             }
         }
         let now = Instant::now();
+        if let Some((_, notify)) = &self.m.command {
+            sources.push(Source::WorkerNotify);
+            fds.push(PollFd::from_borrowed_fd(notify.socket(), PollFlags::IN));
+        }
         if let Some((admin, _)) = &self.m.admin {
             if admin.accepting(now) {
                 sources.push(Source::AdminListener);
@@ -340,6 +354,15 @@ impl Driver {
                     }
                 }
                 Source::Admin(id) => self.on_admin(id),
+                Source::WorkerNotify => self.on_worker_notify(events),
+            }
+        }
+        // A command cluster's workers taken for ready after a delay.
+        let now = Instant::now();
+        for (key, p) in &mut self.procs {
+            if p.ready_at.is_some_and(|t| t <= now) {
+                p.ready_at = None;
+                events.push_back(Event::Ready { key: *key });
             }
         }
         if let Some(ctl) = &mut self.m.control {
@@ -373,6 +396,40 @@ impl Driver {
             Answer { status: if pass { 200 } else { 503 }, body: format!("{probe}: {verdict}: {detail}\n") }
         });
         self.m.admin = Some((admin, addr));
+    }
+
+    /// Notifications on a command cluster's socket, from a worker or one of its direct
+    /// children (`systemd-notify` run by a script); anything else is ignored.
+    fn on_worker_notify(&mut self, events: &mut VecDeque<Event>) {
+        use super::worker_notify::{Notification, parent_of};
+        let Some((_, notify)) = self.m.command.as_mut() else { return };
+        for (pid, notes) in notify.receive() {
+            let find = |pid: u32| self.procs.iter().find(|(_, p)| p.pid == pid).map(|(k, _)| *k);
+            let Some(key) = find(pid).or_else(|| parent_of(pid).and_then(find)) else {
+                tracing::debug!("ignored a notification from pid {pid}, which is not a worker");
+                continue;
+            };
+            for note in notes {
+                match note {
+                    // A worker taken for ready after a delay is not made ready by its word.
+                    Notification::Ready if self.procs.get(&key).is_some_and(|p| p.ready_at.is_none()) => {
+                        events.push_back(Event::Ready { key })
+                    }
+                    Notification::Ready => {}
+                    Notification::Watchdog => events.push_back(Event::Alive { key }),
+                    Notification::Status(text) => {
+                        if let Some(p) = self.procs.get_mut(&key) {
+                            p.status_text = Some(text);
+                        }
+                    }
+                    Notification::Stopping => {
+                        if let Some(p) = self.procs.get(&key) {
+                            tracing::debug!("worker {} (pid {}) says it is stopping", p.slot, p.pid);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn on_wake(&mut self, events: &mut VecDeque<Event>) {
@@ -420,10 +477,11 @@ impl Driver {
 
     fn on_channel(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
         let Some(p) = self.procs.get_mut(&key) else { return };
-        p.chan.flush();
+        let Some(chan) = p.chan.as_mut() else { return };
+        chan.flush();
         for _ in 0..super::channel::MAX_BATCHES {
             self.take_messages(key, events);
-            if !self.procs.get(&key).is_some_and(|p| p.chan.can_answer_more()) {
+            if !self.procs.get(&key).and_then(|p| p.chan.as_ref()).is_some_and(|c| c.can_answer_more()) {
                 break;
             }
         }
@@ -432,7 +490,8 @@ impl Driver {
     /// One batch of messages from a worker's channel, handled.
     fn take_messages(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
         let Some(p) = self.procs.get_mut(&key) else { return };
-        let msgs = p.chan.read_messages();
+        let Some(chan) = p.chan.as_mut() else { return };
+        let msgs = chan.read_messages();
         for msg in msgs {
             match msg {
                 ToMaster::Ready => events.push_back(Event::Ready { key }),
@@ -441,8 +500,8 @@ impl Driver {
                 ToMaster::Stats { id } => {
                     let (cluster, workers) = self.stats_now();
                     let reply = ToWorker::Stats { id, cluster, workers };
-                    if let Some(p) = self.procs.get_mut(&key) {
-                        p.chan.send(&reply);
+                    if let Some(chan) = self.procs.get_mut(&key).and_then(|p| p.chan.as_mut()) {
+                        chan.send(&reply);
                     }
                 }
             }

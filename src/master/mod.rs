@@ -24,6 +24,7 @@ mod settings;
 mod signals;
 mod spawn;
 mod steer;
+mod worker_notify;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -195,6 +196,8 @@ pub struct Master {
     control: Option<ControlServer>,
     /// The admin listener (probes and metrics), with its bound address.
     admin: Option<(admin::AdminServer, ListenAddr)>,
+    /// A command cluster's command (`Cluster::command`), resolved, and its notification socket.
+    command: Option<(spawn::CommandWorkers, worker_notify::WorkerNotify)>,
     started: SystemTime,
     on_start: Option<OnStart>,
     on_exit: Option<OnExit>,
@@ -458,8 +461,11 @@ impl Master {
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| OsString::from("ecewo-cluster"));
         let exe_path = spawn::program_path(&argv0);
+        // A command cluster is known by its command's name.
+        let command = opts.command.as_ref().map(spawn::CommandWorkers::resolve).transpose()?;
         let name = opts.name.clone().unwrap_or_else(|| {
-            exe_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cluster".into())
+            let named = command.as_ref().map_or(exe_path.as_path(), |c| c.path.as_path());
+            named.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cluster".into())
         });
         let control = match &opts.control {
             ControlSetting::Off => None,
@@ -482,6 +488,16 @@ impl Master {
         if let Some(c) = &control {
             tracing::info!("control socket: {}", c.path().display());
         }
+        let command = match command {
+            None => None,
+            Some(c) => {
+                let pid = rustix::process::getpid().as_raw_nonzero();
+                let path = crate::proto::control::socket_dir().join(format!("{name}-{}-{pid}.notify", addr.port()));
+                let notify = worker_notify::WorkerNotify::bind(&path)?;
+                tracing::info!("workers run {} (notifications at {})", c.describe(), notify.path().display());
+                Some((c, notify))
+            }
+        };
         let admin = match &opts.admin {
             None => None,
             Some(at) => {
@@ -519,6 +535,7 @@ impl Master {
             name,
             control,
             admin,
+            command,
             started: SystemTime::now(),
             shared,
             policy,

@@ -19,6 +19,49 @@ use super::driver::{Driver, Proc};
 use crate::proto::handoff::{FIRST_LISTEN_FD, PRIVATE_ENV, env};
 use crate::supervisor::Program;
 
+/// What a command cluster's workers run, resolved at `init`.
+#[derive(Debug)]
+pub(super) struct CommandWorkers {
+    /// The program file found (`PATH` searched for a bare name).
+    pub(super) path: PathBuf,
+    /// `argv[0]` as given, then the arguments.
+    pub(super) argv: Vec<OsString>,
+    pub(super) ready_after: Option<std::time::Duration>,
+    pub(super) compat: Vec<super::Compat>,
+}
+
+impl CommandWorkers {
+    /// Finds the program of `command` and checks that it can be run (a file, executable by this
+    /// user): a command that cannot run fails `init`, before anything is started.
+    pub(super) fn resolve(command: &super::WorkerCommand) -> Result<CommandWorkers, crate::error::Error> {
+        let given = std::path::Path::new(&command.program);
+        let bad = |reason: String| crate::error::Error::BadCommand { command: given.to_owned(), reason };
+        let path = if command.program.as_encoded_bytes().contains(&b'/') {
+            std::path::absolute(given).map_err(|e| bad(e.to_string()))?
+        } else {
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join(given))
+                .find(|p| p.is_file() && rustix::fs::access(p, rustix::fs::Access::EXEC_OK).is_ok())
+                .ok_or_else(|| bad("not found in PATH; give its path, or install it".into()))?
+        };
+        let meta = std::fs::metadata(&path).map_err(|e| bad(format!("{e}; check the path")))?;
+        if !meta.is_file() {
+            return Err(bad("not a file; give the program to run".into()));
+        }
+        rustix::fs::access(&path, rustix::fs::Access::EXEC_OK)
+            .map_err(|_| bad("not executable by this user; chmod +x it, or run it through its interpreter".into()))?;
+        let argv = std::iter::once(command.program.clone()).chain(command.args.iter().cloned()).collect();
+        Ok(CommandWorkers { path, argv, ready_after: command.ready_after, compat: command.compat.clone() })
+    }
+
+    /// The command line, for the log.
+    pub(super) fn describe(&self) -> String {
+        self.argv.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+    }
+}
+
 impl Driver {
     /// Starts the worker process of `slot`: `/proc/self/exe` (the binary this master runs, even
     /// if the file was replaced since), with the master's arguments and environment plus the
@@ -26,6 +69,9 @@ impl Driver {
     /// `LISTEN_PID` its own pid) and its channel right after them. The master's own systemd
     /// variables are removed first.
     pub(super) fn spawn(&mut self, slot: usize, program: Program, request_limit: Option<u64>) -> io::Result<Proc> {
+        if self.m.command.is_some() {
+            return self.spawn_command(slot);
+        }
         let listeners = self.listeners_for(slot)?;
         let exe = match program {
             Program::Running => PathBuf::from("/proc/self/exe"),
@@ -85,13 +131,98 @@ impl Driver {
         let tracked = Pid::from_raw(pid as i32)
             .ok_or_else(|| io::Error::other("spawn returned pid 0"))
             .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
-            .and_then(|pidfd| Ok(Proc { slot, pid, pidfd, chan: MasterEnd::new(master_end)? }));
+            .and_then(|pidfd| {
+                Ok(Proc {
+                    slot,
+                    pid,
+                    pidfd,
+                    chan: Some(MasterEnd::new(master_end)?),
+                    ready_at: None,
+                    status_text: None,
+                })
+            });
         if tracked.is_err() {
             // A worker we cannot supervise must not run: kill and reap it now.
             let _ = child.kill();
             let _ = child.wait();
         }
         tracked // Dropping a std Child neither waits nor kills.
+    }
+
+    /// Starts the worker process of `slot` of a command cluster: the command (found again at
+    /// its path, so that a rolling restart runs the file now there), with the master's
+    /// environment and, by the systemd conventions, its listeners from fd 3 (`LISTEN_FDS`,
+    /// `LISTEN_FDNAMES`, `LISTEN_PID`), its slot (`ECEWO_CLUSTER_WORKER_ID`…), the master's
+    /// private `NOTIFY_SOCKET` (and `WATCHDOG_USEC` with a worker timeout), and the
+    /// compatibility variables asked for. No channel: the program speaks `sd_notify`.
+    fn spawn_command(&mut self, slot: usize) -> io::Result<Proc> {
+        let listeners = self.listeners_for(slot)?;
+        let Some((c, notify)) = &self.m.command else { return Err(io::Error::other("not a command cluster")) };
+        let count = listeners.len() as i32;
+        let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
+        let mut cmd = Process::new(&c.path);
+        cmd.arg0(&c.argv[0]).args(&c.argv[1..]);
+        for key in PRIVATE_ENV.iter().chain(env::ALL.iter()) {
+            cmd.env_remove(key);
+        }
+        cmd.env(env::WORKER_ID, slot.to_string())
+            .env(env::WORKERS, self.sup.policy().workers.to_string())
+            .env(env::PORT, self.m.shared.addr.port().to_string())
+            .env(env::LISTEN_FDS, count.to_string())
+            .env(env::LISTEN_FDNAMES, names.join(":"))
+            .env("NOTIFY_SOCKET", notify.path())
+            .stdin(Stdio::null())
+            .process_group(0);
+        if let Some(timeout) = self.sup.policy().liveness.worker_timeout {
+            cmd.env("WATCHDOG_USEC", timeout.as_micros().to_string());
+        }
+        for compat in &c.compat {
+            match compat {
+                super::Compat::Einhorn => {
+                    cmd.env("EINHORN_FD_COUNT", count.to_string());
+                    for i in 0..count {
+                        cmd.env(format!("EINHORN_FD_{i}"), (FIRST_LISTEN_FD + i).to_string());
+                    }
+                }
+                super::Compat::ServerStarter => {
+                    let ports: Vec<String> = self
+                        .m
+                        .listeners
+                        .iter()
+                        .enumerate()
+                        .map(|(i, b)| {
+                            let at = match &b.addr {
+                                super::ListenAddr::Tcp(a) => a.port().to_string(),
+                                other => other.to_string(),
+                            };
+                            format!("{at}={}", FIRST_LISTEN_FD + i as i32)
+                        })
+                        .collect();
+                    cmd.env("SERVER_STARTER_PORT", ports.join(";"));
+                }
+            }
+        }
+        let mappings: Vec<FdMapping> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, fd)| FdMapping { parent_fd: fd, child_fd: FIRST_LISTEN_FD + i as i32 })
+            .collect();
+        cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
+        crate::os::sys::set_child_setup(&mut cmd, self.master_pid, (FIRST_LISTEN_FD + count) as u32);
+        let envp = child_env(&cmd);
+        crate::os::sys::set_exec_with_own_pid(&mut cmd, c.path.as_os_str(), &c.argv, envp)?;
+        let ready_at = c.ready_after.map(|d| std::time::Instant::now() + d);
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        let tracked = Pid::from_raw(pid as i32)
+            .ok_or_else(|| io::Error::other("spawn returned pid 0"))
+            .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
+            .map(|pidfd| Proc { slot, pid, pidfd, chan: None, ready_at, status_text: None });
+        if tracked.is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        tracked
     }
 
     /// The listening sockets a worker of `slot` inherits (copies), one per listener in order.

@@ -11,12 +11,14 @@ use super::{Command, Loc, Proc, ProcState, RecycleReason, Report, SIGKILL, Super
 impl Supervisor {
     /// A worker's heartbeat (`alive`: it is one, not only counts): it is alive, and says how
     /// many requests it served. Counts never go back (a beat overtaken by a later one).
-    pub(super) fn on_beat(&mut self, key: WorkerKey, served: u64, in_flight: u64, alive: bool, now: Instant) {
+    pub(super) fn on_beat(&mut self, key: WorkerKey, counts: Option<(u64, u64)>, alive: bool, now: Instant) {
         let Some(loc) = self.locate(key) else { return };
         let Some(p) = self.proc_at(loc) else { return };
         if alive {
             p.last_beat = Some(now);
         }
+        let Some((served, in_flight)) = counts else { return };
+        p.counted = true;
         p.served = p.served.max(served);
         p.in_flight = in_flight;
         let served = p.served;

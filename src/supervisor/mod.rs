@@ -86,7 +86,8 @@ struct Proc {
     not_ready: bool,
     /// Its last heartbeat, once it beat (from then on the worker timeout applies).
     last_beat: Option<Instant>,
-    /// Requests served and in flight, as its last heartbeat said.
+    /// Requests served and in flight, as its last heartbeat said (once it said any: `counted`).
+    counted: bool,
     served: u64,
     in_flight: u64,
     /// It stopped beating for longer than the worker timeout and is being killed.
@@ -400,8 +401,9 @@ impl Supervisor {
             Event::Signal { signal } => self.on_signal(signal, now, wall, &mut out),
             Event::Lost { key } => self.on_lost(key, now, wall, &mut out),
             Event::SteerFailed { failure } => self.on_steer_failed(failure, &mut out),
-            Event::Beat { key, served, in_flight } => self.on_beat(key, served, in_flight, true, now),
-            Event::Served { key, served, in_flight } => self.on_beat(key, served, in_flight, false, now),
+            Event::Beat { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), true, now),
+            Event::Served { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), false, now),
+            Event::Alive { key } => self.on_beat(key, None, true, now),
             Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
         }
         self.settle(now, wall, &mut out);
@@ -553,6 +555,7 @@ impl Supervisor {
             ready_deadline: now.checked_add(self.policy.ready_timeout),
             not_ready: false,
             last_beat: None,
+            counted: false,
             served: 0,
             in_flight: 0,
             hung: false,

@@ -256,6 +256,12 @@ pub enum Event {
         /// Requests in flight.
         in_flight: u64,
     },
+    /// A worker's heartbeat without request counts (`WATCHDOG=1` from a program that is not
+    /// built with this library).
+    Alive {
+        /// The worker.
+        key: WorkerKey,
+    },
     /// A worker's request counts, without a heartbeat (it reached its request limit): they
     /// may trigger a recycle but do not arm the worker timeout.
     Served {

@@ -124,8 +124,8 @@ impl Supervisor {
                 rss_bytes: None,
                 cpu_time: None,
                 heartbeat_age: s.current.as_ref().and_then(|p| p.last_beat).map(|t| now.saturating_duration_since(t)),
-                requests: s.current.as_ref().filter(|p| p.last_beat.is_some()).map(|p| p.served),
-                in_flight: s.current.as_ref().filter(|p| p.last_beat.is_some()).map(|p| p.in_flight),
+                requests: s.current.as_ref().filter(|p| p.counted).map(|p| p.served),
+                in_flight: s.current.as_ref().filter(|p| p.counted).map(|p| p.in_flight),
                 last_exit_reason: s.last_exit_reason,
                 notify_status: None,
             })
