@@ -400,16 +400,6 @@ fn print_status(s: &Status, out: &mut String) {
             blank(),
         ],
     );
-    // What the workers of a command cluster said in `STATUS=` (ecewo-cluster run).
-    let said: Vec<_> = s.workers.iter().filter_map(|w| Some((w.worker_id, w.notify_status.as_deref()?))).collect();
-    if !said.is_empty() {
-        say!(out);
-        say!(out, "{:>4} STATUS=", "ID");
-        for (id, text) in said {
-            // One line each, whatever the worker sent.
-            say!(out, "{id:>4} {}", text.escape_debug());
-        }
-    }
 }
 
 fn cpu(t: Option<Duration>) -> String {
