@@ -274,7 +274,10 @@ fn the_python_example_serves_from_every_worker_with_its_own_listeners_and_status
     let (metrics, _) = text(&out);
     assert!(out.status.success());
     for id in ["0", "1"] {
-        assert!(metrics.contains(&format!("ecewo_cluster_worker_up{{worker=\"{id}\"}} 1")), "{metrics}");
+        let up = metrics
+            .lines()
+            .find(|l| l.starts_with("ecewo_cluster_worker_up{") && l.contains(&format!("worker=\"{id}\"")));
+        assert!(up.is_some_and(|l| l.ends_with("} 1")), "worker {id} up: {metrics}");
     }
 
     // SIGTERM: the workers drain and exit, the master exits 0, nothing is left.
@@ -399,7 +402,7 @@ fn a_worker_that_never_sends_ready_is_a_boot_failure_and_crash_protection_stops_
     let st = run.tb.wait_exit(Duration::from_secs(30)).unwrap_or_else(|| panic!("still running\n{}", run.tb.stderr()));
     let log = run.tb.stderr();
     assert_eq!(st.code(), Some(1), "{log}");
-    assert_eq!(log.matches("not ready within 500ms").count(), 2, "{log}");
+    assert_eq!(log.matches("not ready within 500ms: killing it").count(), 2, "{log}");
     assert!(log.contains("Worker 0 crashing too fast (2 times in"), "{log}");
     assert!(log.contains("disabling respawn"), "{log}");
     assert!(log.lines().any(|l| l.starts_with("ecewo-cluster: ")), "one sentence for the failure: {log}");
@@ -520,7 +523,7 @@ fn forged_and_oversized_notifications_change_nothing() {
 }
 
 #[test]
-fn compatibility_variables_and_several_listeners() {
+fn compatibility_variables_several_listeners_admin_and_name() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("web.sock");
     let mut run = Run::start(
@@ -537,10 +540,20 @@ fn compatibility_variables_and_several_listeners() {
             "server-starter",
             "--worker-timeout-ms",
             "0",
+            "--admin",
+            "127.0.0.1:0",
+            "--name",
+            "web",
         ],
         &["python3", &python_example()],
     );
     let port = run.tb.port;
+    // The admin listener is the master's, the name the control socket's.
+    let admin: std::net::SocketAddr = run.tb.admin.as_deref().expect("an admin line").parse().unwrap();
+    assert_eq!(http_get(admin.port(), "/readyz").unwrap().0, 200);
+    assert!(run.tb.dir.join(format!("ecewo-cluster/web-{port}.sock")).exists());
+    let out = run.cli(&["--name", &format!("web-{port}"), "probe", "ready"]);
+    assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(
         run.tb.listeners,
         vec![("default".to_owned(), format!("127.0.0.1:{port}")), ("web".to_owned(), sock.display().to_string())]
