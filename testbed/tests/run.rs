@@ -307,7 +307,7 @@ fn a_killed_worker_is_respawned_and_counted_as_a_crash() {
 }
 
 #[test]
-fn restart_runs_the_command_anew_and_scale_adds_workers() {
+fn restart_and_sigusr2_run_the_command_anew_and_scale_adds_workers() {
     let dir = tempfile::tempdir().unwrap();
     let tag = dir.path().join("tag");
     write_file(&tag, "v1\n");
@@ -346,6 +346,15 @@ fn restart_runs_the_command_anew_and_scale_adds_workers() {
     assert_eq!(ids, BTreeSet::from(["0", "1", "2"]));
     assert!(envs.iter().all(|(pid, e)| e["LISTEN_PID"] == pid.to_string()));
     assert_eq!(run.workers().len(), 3);
+
+    // SIGUSR2 to the master is the same rolling restart.
+    let before: BTreeSet<u32> = envs.keys().copied().collect();
+    write_file(&tag, "v3\n");
+    run.tb.signal(Signal::USR2);
+    let status = wait_status(&run, "three new active workers after SIGUSR2", |s| {
+        all_active(s, 3) && workers_of(s).values().all(|w| !before.contains(&(w["pid"].as_u64().unwrap_or(0) as u32)))
+    });
+    assert!(workers_of(&status).values().all(|w| w["notify_status"].as_str().is_some_and(|s| s.ends_with("tag v3"))));
 }
 
 #[test]
