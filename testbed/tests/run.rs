@@ -303,7 +303,8 @@ fn a_killed_worker_is_respawned_and_counted_as_a_crash() {
     let respawned = w["pid"].as_u64().unwrap() as u32;
     assert!(run.workers().contains(&respawned));
     assert!(run.hellos(2).contains_key(&respawned), "the respawned worker serves");
-    assert!(run.tb.stderr().contains(&format!("worker {slot} (pid {victim}) crashed")), "{}", run.tb.stderr());
+    let logged = format!("worker {slot} (pid {victim}) crashed");
+    assert!(run.tb.wait_log(Duration::from_secs(5), |l| l.contains(&logged)), "{}", run.tb.stderr());
 }
 
 #[test]
@@ -594,7 +595,8 @@ fn a_worker_that_stops_beating_is_hung_and_replaced() {
     let status = wait_status(&run, "a replacement of the hung worker", |s| {
         all_active(s, 1) && workers_of(s)[&0]["pid"].as_u64() != Some(worker as u64)
     });
-    assert!(run.tb.stderr().contains(&format!("worker 0 (pid {worker}) is hung")), "{}", run.tb.stderr());
+    let logged = format!("worker 0 (pid {worker}) is hung");
+    assert!(run.tb.wait_log(Duration::from_secs(5), |l| l.contains(&logged)), "{}", run.tb.stderr());
     assert!(wait_until(Duration::from_secs(10), || !alive(worker)), "the hung worker was killed");
     let new = workers_of(&status)[&0]["pid"].as_u64().unwrap() as u32;
     assert!(run.hellos(1).contains_key(&new));
