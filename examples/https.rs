@@ -118,6 +118,9 @@ fn tcp_listener(worker: &Worker, name: &str) -> Result<tokio::net::TcpListener, 
 /// How long a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long connections accepted just before a stop get to send their first request.
+const IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// The accepted connection, or, when accepting failed (EMFILE and friends under load), nothing
 /// after a short pause: the loop goes on accepting instead of spinning or giving up.
 async fn accepted_or_back_off(
@@ -172,6 +175,10 @@ async fn worker_main(w: &Worker, acceptor: tokio_rustls::TlsAcceptor) -> Result<
         }
     }
     drop((https, http));
+    // A connection accepted just before the stop may not have sent its first request yet:
+    // closing it now (hyper closes idle connections at once) would reset a request on its way.
+    // Give such connections a moment, as `serve`'s idle grace does.
+    tokio::time::sleep(IDLE_GRACE.min(w.shutdown_timeout() / 2)).await;
     // hyper's graceful shutdown waits for ever: bound it, the master's SIGKILL is the last word.
     let _ = tokio::time::timeout(w.shutdown_timeout(), graceful.shutdown()).await;
     Ok(())

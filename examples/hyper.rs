@@ -32,6 +32,9 @@ async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byt
     Ok(Response::new(Full::new(Bytes::from(format!("Hello from worker {}!", cluster::worker_id())))))
 }
 
+/// How long connections accepted just before a stop get to send their first request.
+const IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 fn main() -> Result<(), cluster::Error> {
     let args = Args::parse();
     // Colour only for a person at a terminal, and never with NO_COLOR set.
@@ -63,6 +66,10 @@ fn main() -> Result<(), cluster::Error> {
                 }
             }
             drop(listener);
+            // A connection accepted just before the stop may not have sent its first request yet:
+            // closing it now (hyper closes idle connections at once) would reset a request on its way.
+            // Give such connections a moment, as `serve`'s idle grace does.
+            tokio::time::sleep(IDLE_GRACE.min(w.shutdown_timeout() / 2)).await;
             // hyper's graceful shutdown waits for ever: bound it, the master's SIGKILL is the last word.
             let _ = tokio::time::timeout(w.shutdown_timeout(), graceful.shutdown()).await;
             Ok(())

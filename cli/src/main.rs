@@ -1,4 +1,7 @@
-//! `ecewo-cluster`: see and steer running clusters through their control sockets.
+//! `ecewo-cluster`: see and steer running clusters through their control sockets, and `run` any
+//! program as a cluster (`run.rs`).
+
+mod run;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -11,7 +14,11 @@ use ecewo_cluster::control::{self, Client, ClientError, Request, Response, Statu
 use ecewo_cluster::{RestartOutcome, Signal, UpgradeOutcome};
 
 #[derive(Parser)]
-#[command(name = "ecewo-cluster", version, about = "See and steer running ecewo-cluster clusters")]
+#[command(
+    name = "ecewo-cluster",
+    version,
+    about = "Run any program as a supervised cluster; see and steer running ecewo-cluster clusters"
+)]
 struct Cli {
     #[command(flatten)]
     target: Target,
@@ -38,6 +45,9 @@ struct Target {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run CMD as a cluster: this process is the master, every worker runs CMD with the
+    /// listeners from fd 3 (LISTEN_FDS) and tells it is ready with READY=1 on NOTIFY_SOCKET.
+    Run(Box<run::RunArgs>),
     /// Show the master and every worker: pid, status, uptime, restarts, crashes, memory, CPU,
     /// requests served and in flight, heartbeat age; and the exits by reason.
     Status {
@@ -126,6 +136,11 @@ macro_rules! say {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Run(args) = cli.command {
+        // The master's own loop, with output as it goes (not collected like the others').
+        let Target { name, socket, pid } = cli.target;
+        return run::main(*args, run::Global { name, socket, pid });
+    }
     let mut out = String::new();
     let code = match run(cli, &mut out) {
         Ok(code) => code,
@@ -170,6 +185,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Metrics => Request::Metrics,
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::List { .. } => unreachable!("handled above"),
+        Cmd::Run(_) => unreachable!("handled in main"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
         Duration::from_secs(600)

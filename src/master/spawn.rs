@@ -52,6 +52,17 @@ impl CommandWorkers {
         }
         rustix::fs::access(&path, rustix::fs::Access::EXEC_OK)
             .map_err(|_| bad("not executable by this user; chmod +x it, or run it through its interpreter".into()))?;
+        // What the kernel can execute: an ELF binary or a `#!` script (anything else fails every
+        // spawn with ENOEXEC).
+        let mut head = [0u8; 4];
+        let n = std::io::Read::read(&mut std::fs::File::open(&path).map_err(|e| bad(e.to_string()))?, &mut head)
+            .map_err(|e| bad(e.to_string()))?;
+        if !(head[..n].starts_with(b"\x7fELF") || head[..n].starts_with(b"#!")) {
+            return Err(bad(
+                "not a program (neither a binary nor a #! script); run it through its interpreter, e.g. `python3 FILE`"
+                    .into(),
+            ));
+        }
         let argv = std::iter::once(command.program.clone()).chain(command.args.iter().cloned()).collect();
         Ok(CommandWorkers { path, argv, ready_after: command.ready_after, compat: command.compat.clone() })
     }
