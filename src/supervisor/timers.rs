@@ -17,7 +17,8 @@ impl Supervisor {
         let ready = self.procs().filter_map(|(_, p)| p.ready_due()).min();
         let stops = self.procs().filter_map(|(_, p)| p.stop_deadline.or(p.stop_at)).min();
         let running = self.phase == Phase::Running;
-        let probes = self.slots.iter().filter_map(|s| s.probe_at).min().filter(|_| running);
+        // (Parked during an upgrade: see `probe_due`.)
+        let probes = self.slots.iter().filter_map(|s| s.probe_at).min().filter(|_| running && self.upgrade.is_none());
         let hung = self
             .slots
             .iter()
@@ -99,7 +100,10 @@ impl Supervisor {
 
     /// Gives the disabled slots whose cool-off is over one probe spawn.
     fn probe_due(&mut self, now: Instant, out: &mut Vec<Command>) {
-        if self.phase != Phase::Running {
+        // Parked during an upgrade: a probe would open the slot's socket again, one the new
+        // master did not inherit and so is not in its picture of the group. It runs once the
+        // upgrade is over (if this master still serves).
+        if self.phase != Phase::Running || self.upgrade.is_some() {
             return;
         }
         for s in &mut self.slots {

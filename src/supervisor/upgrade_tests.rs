@@ -125,6 +125,26 @@ fn a_new_master_not_ready_in_time_is_killed_and_no_second_one_starts_before_it_e
 }
 
 #[test]
+fn a_cool_off_probe_waits_for_the_end_of_an_upgrade() {
+    let mut h = Harness::new(Policy {
+        max_crashes: 1,
+        liveness: Liveness { cooloff: Some(1000 * MS), ..Liveness::default() },
+        ..policy(2)
+    });
+    h.start_all();
+    h.exit(1, ExitStatus::Code(1));
+    assert_eq!(h.status(1), crate::stats::WorkerStatus::Disabled);
+    let t = h.now;
+    h.feed(Event::Upgrade { ticket: None, slot_by_slot: None });
+    h.feed(Event::MasterSpawned { pid: 5000 });
+    h.now = t + 1500 * MS;
+    assert!(spawns(&h.feed(Event::Tick)).is_empty(), "no probe during the upgrade");
+    assert!(h.sup.next_deadline().is_none_or(|d| d > h.now));
+    let out = h.feed(Event::MasterExited { status: ExitStatus::Code(1), reason: None });
+    assert_eq!(spawns(&out), vec![1], "the probe once the upgrade failed: {out:?}");
+}
+
+#[test]
 fn upgrades_are_refused_while_something_else_runs() {
     let mut h = Harness::new(policy(2));
     h.start_all();
