@@ -431,3 +431,104 @@ fn slot_by_slot_at_most_one_worker_more_than_the_slots_runs_and_nothing_fails() 
     assert_eq!(new_workers.len(), 3);
     assert!(new_workers.is_disjoint(&old_workers));
 }
+
+/// The stdout lines up to and including the next ready line: the `listener NAME ADDR` ones, as
+/// (name, address), and the ready line.
+fn listeners_until_ready(rx: &Receiver<String>, tb: &Testbed) -> (Vec<(String, String)>, String) {
+    let mut listeners = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.starts_with("ready:") => return (listeners, line),
+            Ok(line) => {
+                if let Some((name, addr)) = line.strip_prefix("listener ").and_then(|r| r.split_once(' ')) {
+                    listeners.push((name.to_owned(), addr.to_owned()));
+                } else if let Some(addr) = line.strip_prefix("admin ") {
+                    listeners.push(("(admin)".to_owned(), addr.to_owned()));
+                }
+            }
+            Err(_) => panic!("no ready line within 30 s; stderr:\n{}", tb.stderr()),
+        }
+    }
+}
+
+fn get_unix(path: &Path, what: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(path)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {what} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| std::io::Error::other("bad response"))
+}
+
+fn get_at(addr: &str, what: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {what} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw).ok_or_else(|| std::io::Error::other("bad response"))
+}
+
+#[test]
+fn the_new_master_keeps_listeners_that_stay_binds_new_ones_and_closes_removed_ones() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let sock = dir.path().join("u.sock");
+    let unix = format!("u=unix:{}", sock.display());
+    let mut opts = args(&[
+        "--workers",
+        "2",
+        "--admin",
+        "127.0.0.1:0",
+        "--listen",
+        "a=127.0.0.1:0",
+        "--listen",
+        &unix,
+        "--listen",
+        "gone=127.0.0.1:0",
+    ]);
+    opts.program = Some(exe.clone());
+    let (mut tb, rx) = Testbed::spawn(opts);
+    let (before, ready) = listeners_until_ready(&rx, &tb);
+    tb.set_ready(ready);
+    let addr = |list: &[(String, String)], name: &str| list.iter().find(|(n, _)| n == name).map(|(_, a)| a.clone());
+    let a = addr(&before, "a").expect("listener a");
+    let gone = addr(&before, "gone").expect("listener gone");
+    let admin = addr(&before, "(admin)").expect("the admin listener");
+    let inode = std::fs::metadata(&sock).unwrap().ino();
+    // The new build serves `a` and `u` still, `new` instead of `gone`.
+    deploy(
+        &exe,
+        &format!(
+            "exec {TESTBED} --workers 2 --admin 127.0.0.1:0 --listen a=127.0.0.1:0 --listen {unix} --listen new=127.0.0.1:0"
+        ),
+    );
+    let mut cleanup = Cleanup::default();
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    cleanup.watch(new_master_pid(&tb));
+    let (after, _) = listeners_until_ready(&rx, &tb);
+    assert_eq!(addr(&after, "a"), Some(a.clone()), "port 0 takes the inherited port: {after:?}");
+    assert_eq!(addr(&after, "u"), Some(sock.display().to_string()));
+    let new = addr(&after, "new").expect("the new listener is bound");
+    assert!(addr(&after, "gone").is_none());
+    assert_eq!(addr(&after, "(admin)"), Some(admin.clone()), "the admin listener is handed over");
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    cleanup.watch(new_master_pid(&tb));
+    // The same unix socket file, still there after the old master's exit, served by the new one.
+    assert_eq!(std::fs::metadata(&sock).unwrap().ino(), inode, "never bound again");
+    assert_eq!(get_unix(&sock, "/").unwrap().0, 200);
+    assert_eq!(get_at(&a, "/").unwrap().0, 200);
+    assert_eq!(get_at(&new, "/").unwrap().0, 200);
+    let (status, body) = get_at(&admin, "/readyz").unwrap();
+    assert_eq!(status, 200, "the new master answers the probes: {body}");
+    // The removed listener is closed once the old workers are gone.
+    assert!(
+        wait_until(Duration::from_secs(5), || get_at(&gone, "/")
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)),
+        "{gone} still accepts"
+    );
+}
