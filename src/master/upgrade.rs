@@ -266,8 +266,21 @@ impl Driver {
             .stdin(Stdio::null());
         cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
         crate::os::sys::set_master_child_setup(&mut cmd, next as u32);
-        let mut child =
-            cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.exe_path.display())))?;
+        // A file just put at the path may be busy for a moment (a process forked while it was
+        // open for writing holds that descriptor until its own exec): a few short retries.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => {
+                    break other
+                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.exe_path.display())))?;
+                }
+            }
+        };
         let pid = child.id();
         let tracked = Pid::from_raw(pid as i32)
             .ok_or_else(|| io::Error::other("spawn returned pid 0"))
