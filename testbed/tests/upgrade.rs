@@ -532,3 +532,54 @@ fn the_new_master_keeps_listeners_that_stay_binds_new_ones_and_closes_removed_on
         "{gone} still accepts"
     );
 }
+
+/// An upgrade whose old master still drains a slow request after the hand-over: the test's
+/// cluster, the slow request's reader, the new master.
+fn handed_over_while_draining(dir: &Path) -> (Testbed, std::thread::JoinHandle<std::io::Result<(u16, String)>>, u32) {
+    let exe = install(dir);
+    let (mut tb, _rx) = start(&exe, &["--workers", "2"]);
+    let (_, slow) = tb.get_in_flight("/slow?ms=3000");
+    deploy(&exe, &testbed_with(""));
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    let new_master = new_master_pid(&tb);
+    assert!(tb.child.try_wait().unwrap().is_none(), "the old master still drains the slow request");
+    (tb, slow, new_master)
+}
+
+#[test]
+fn sigkill_of_the_old_master_while_it_drains_after_the_hand_over_changes_nothing_for_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut tb, slow, new_master) = handed_over_while_draining(dir.path());
+    let mut cleanup = Cleanup::default();
+    cleanup.watch(new_master);
+    // (The new master is a child of the old one too.)
+    let old_workers: Vec<u32> = tb.workers().into_iter().filter(|&p| p != new_master).collect();
+    let load = Load::start(tb.port, 1, 2, false);
+    tb.signal(Signal::KILL);
+    assert!(tb.wait_exit(Duration::from_secs(5)).is_some());
+    // Its workers finish what they hold (the slow request) and exit: no orphan.
+    assert_eq!(slow.join().unwrap().unwrap().0, 200, "the request in flight is answered");
+    assert!(wait_until(Duration::from_secs(10), || old_workers.iter().all(|&w| !alive(w))), "{old_workers:?}");
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 300));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    assert!(alive(new_master));
+}
+
+#[test]
+fn sigkill_of_the_new_master_after_the_hand_over_ends_the_cluster_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut tb, slow, new_master) = handed_over_while_draining(dir.path());
+    let mut cleanup = Cleanup::default();
+    cleanup.watch(new_master);
+    let new_workers = children_of(new_master);
+    assert_eq!(new_workers.len(), 2);
+    send_signal(new_master, Signal::KILL);
+    // Nobody can serve any more: the old master finishes its drain and exits 0, the new
+    // master's workers drain and exit, the request in flight is answered.
+    assert_eq!(slow.join().unwrap().unwrap().0, 200);
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", tb.stderr());
+    assert!(wait_until(Duration::from_secs(10), || new_workers.iter().all(|&w| !alive(w))), "no orphan");
+}
