@@ -583,3 +583,19 @@ fn sigkill_of_the_new_master_after_the_hand_over_ends_the_cluster_cleanly() {
     assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", tb.stderr());
     assert!(wait_until(Duration::from_secs(10), || new_workers.iter().all(|&w| !alive(w))), "no orphan");
 }
+
+#[test]
+fn a_new_master_whose_init_fails_says_why_and_the_old_one_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (mut tb, _rx) = start(&exe, &["--workers", "2"]);
+    let old_workers: BTreeSet<u32> = tb.workers().into_iter().collect();
+    // A SO_REUSEPORT group cannot become one shared socket: the new master's init refuses.
+    deploy(&exe, &testbed_with("--balance shared"));
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("its balance changed from reuseport to shared"), "the new master's own words: {err}");
+    assert_eq!(tb.workers().into_iter().collect::<BTreeSet<u32>>(), old_workers);
+    assert_eq!(tb.get("/").unwrap().0, 200);
+}
