@@ -107,6 +107,8 @@ impl Cluster {
                 memory_measure: MemoryMeasure::default(),
                 shutdown_delay: Duration::ZERO,
                 min_ready: 1,
+                upgrade_timeout: None,
+                upgrade_slot_by_slot: false,
                 admin: None,
                 command: None,
                 name: None,
@@ -215,6 +217,28 @@ impl Cluster {
     /// (a boot failure), so crash protection stops a slot that never gets ready.
     pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
         self.s.ready_timeout = timeout;
+        self
+    }
+
+    /// How long the new master of an upgrade in place (`SIGUSR1`, [`MasterHandle::upgrade`](crate::MasterHandle::upgrade),
+    /// `ecewo-cluster upgrade`) has to get its workers ready, from its start (default: the
+    /// ready timeout, plus the start-up's pacing of the workers, plus 10 s for the new master's
+    /// own start). Past it, it is killed and the old master keeps serving.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Cluster {
+        self.s.upgrade_timeout = Some(timeout);
+        self
+    }
+
+    /// Upgrades of the master in place go slot by slot by default (`SIGUSR1`,
+    /// [`MasterHandle::upgrade`](crate::MasterHandle::upgrade); the CLI's `upgrade --surge` or
+    /// `--slot-by-slot` choose for one upgrade): the new master starts one worker at a time,
+    /// and the old master stops its worker of a slot once the new worker of that slot is ready,
+    /// so that at most one worker more than the slots runs at any time, instead of twice as
+    /// many. Slower (each slot waits for the old worker's drain), for hosts or containers whose
+    /// memory does not fit two full sets of workers. Default `false`: the new master starts all
+    /// its workers next to the old ones.
+    pub fn upgrade_slot_by_slot(mut self, slot_by_slot: bool) -> Cluster {
+        self.s.upgrade_slot_by_slot = slot_by_slot;
         self
     }
 
@@ -665,6 +689,7 @@ impl Cluster {
             ("respawn_backoff", self.s.liveness.backoff.map(|b| b.max.max(b.base)).unwrap_or_default()),
             ("respawn_cooloff", self.s.liveness.cooloff.unwrap_or_default()),
             ("shutdown_delay", self.s.shutdown_delay),
+            ("upgrade_timeout", self.s.upgrade_timeout.unwrap_or_default()),
         ] {
             if value > MAX_DURATION {
                 return invalid(option, format!("{value:?} is more than the one day supported; use a shorter time"));
@@ -672,6 +697,12 @@ impl Cluster {
         }
         if self.s.ready_timeout.is_zero() {
             return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
+        }
+        if self.s.upgrade_timeout.is_some_and(|t| t.is_zero()) {
+            return invalid(
+                "upgrade_timeout",
+                "must be longer than zero: the new master needs time to start its workers".into(),
+            );
         }
         self.validate_liveness()?;
         if self.s.backlog == 0 || self.s.backlog > i32::MAX as u32 {

@@ -86,7 +86,8 @@ pub use role::{
 };
 pub use signal::{Signal, UnknownSignal};
 pub use stats::{
-    ClusterStats, ExitCounts, ExitReason, ExitStatus, ListenerStats, RestartOutcome, WorkerStats, WorkerStatus,
+    ClusterStats, ExitCounts, ExitReason, ExitStatus, ListenerStats, RestartOutcome, UpgradeOutcome, WorkerStats,
+    WorkerStatus,
 };
 pub use worker::{Listener, RequestGuard, Worker};
 

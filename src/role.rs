@@ -142,8 +142,16 @@ impl Cluster {
             ROLE.set(Global::Worker(worker.clone())).map_err(|_| Error::AlreadyInitialized)?;
             return Ok(Role::Worker(worker));
         }
-        self.validate()?;
-        let master = Master::new(self.into_settings())?;
+        // The new master of an upgrade in place finds what it inherits (before anything else
+        // could take the descriptors).
+        let inherited = crate::master::inherited_upgrade()?;
+        if let Err(e) = self.validate() {
+            if let Some(i) = &inherited {
+                i.say_failed(&e);
+            }
+            return Err(e);
+        }
+        let master = Master::new(self.into_settings(), inherited)?;
         ROLE.set(Global::Master(master.shared())).map_err(|_| Error::AlreadyInitialized)?;
         Ok(Role::Master(master))
     }

@@ -150,6 +150,55 @@ impl fmt::Display for RestartOutcome {
     }
 }
 
+/// How an upgrade of the master in place ended (`ecewo-cluster upgrade`,
+/// [`MasterHandle::upgrade_and_wait`](crate::MasterHandle::upgrade_and_wait)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UpgradeOutcome {
+    /// The new master's workers are ready and it took over (listeners, steering, the control
+    /// socket, systemd's main pid); the old master drains its workers and exits.
+    Completed {
+        /// The new master's pid.
+        new_pid: u32,
+    },
+    /// The new master could not be started, exited, or was not ready in time: it was killed,
+    /// and the old master keeps serving as before.
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// The upgrade was not started: another one, a rolling restart or a shutdown runs, or the
+    /// master is PID 1 of a container.
+    Refused {
+        /// Why, and what to do instead.
+        reason: String,
+    },
+    /// A shutdown began while the new master was starting: it was killed.
+    Cancelled {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl UpgradeOutcome {
+    /// True for [`UpgradeOutcome::Completed`].
+    pub fn is_completed(&self) -> bool {
+        matches!(self, UpgradeOutcome::Completed { .. })
+    }
+}
+
+impl fmt::Display for UpgradeOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpgradeOutcome::Completed { new_pid } => write!(f, "completed: master pid {new_pid} took over"),
+            UpgradeOutcome::Failed { reason } => write!(f, "failed: {reason}"),
+            UpgradeOutcome::Refused { reason } => write!(f, "refused: {reason}"),
+            UpgradeOutcome::Cancelled { reason } => write!(f, "cancelled: {reason}"),
+        }
+    }
+}
+
 /// A listener of the cluster, as the master holds it (in [`ClusterStats::listeners`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -210,6 +259,16 @@ pub struct ClusterStats {
     /// included), in bytes, if readable.
     #[serde(default)]
     pub memory_current_bytes: Option<u64>,
+    /// The master's generation: 0 for the master the program started as, one more with each
+    /// upgrade of the master in place (`ecewo-cluster upgrade`).
+    #[serde(default)]
+    pub generation: u64,
+    /// An upgrade of the master in place is running (its new master is starting).
+    #[serde(default)]
+    pub upgrade_requested: bool,
+    /// How the last upgrade of this master ended, if one was asked of it.
+    #[serde(default)]
+    pub last_upgrade: Option<UpgradeOutcome>,
 }
 
 /// Why a worker process ended, as the master classifies it (the status alone does not say:

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ecewo_cluster::control::{self, Client, ClientError, Request, Response, Status};
-use ecewo_cluster::{RestartOutcome, Signal};
+use ecewo_cluster::{RestartOutcome, Signal, UpgradeOutcome};
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +60,24 @@ enum Cmd {
         /// Wait until the rollout ends; exit non-zero, with the reason, if it did not complete.
         #[arg(long)]
         wait: bool,
+    },
+    /// Upgrade the master itself without dropping a connection: the program at its path
+    /// starts as a new master with every listening socket, its workers start, and once they
+    /// are ready it takes over and the old master drains and exits (also `kill -USR1`).
+    Upgrade {
+        /// Wait until the new master took over; exit 1, with the reason, if it did not (the old
+        /// master then serves on).
+        #[arg(long)]
+        wait: bool,
+        /// One slot at a time: the new master starts a worker each time the old master stopped
+        /// one (at most one worker more than the slots; for hosts where twice the workers do
+        /// not fit in memory).
+        #[arg(long, conflicts_with = "surge")]
+        slot_by_slot: bool,
+        /// All the new master's workers start next to the old ones (the default, unless the
+        /// cluster is configured with `upgrade_slot_by_slot`).
+        #[arg(long)]
+        surge: bool,
     },
     /// Change the number of workers.
     Scale {
@@ -153,6 +171,14 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
     let request = match &cli.command {
         Cmd::Status { .. } => Request::Status,
         Cmd::Restart { wait } => Request::Restart { wait: *wait },
+        Cmd::Upgrade { wait, slot_by_slot, surge } => Request::Upgrade {
+            wait: *wait,
+            slot_by_slot: match (slot_by_slot, surge) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+        },
         Cmd::Scale { workers } => Request::Scale { workers: *workers },
         Cmd::Signal { signal } => Request::Signal { signal: *signal },
         Cmd::Stop => Request::Stop,
@@ -161,7 +187,11 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::List { .. } => unreachable!("handled above"),
         Cmd::Run(_) => unreachable!("handled in main"),
     };
-    let wait = if matches!(cli.command, Cmd::Restart { wait: true }) { Duration::from_secs(600) } else { timeout };
+    let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
+        Duration::from_secs(600)
+    } else {
+        timeout
+    };
     let response = Client::connect(&path, wait)?.request(&request)?;
     match (&cli.command, response) {
         (Cmd::Status { json: true }, response) => {
@@ -177,6 +207,13 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
             say!(out, "restart {}", describe_outcome(&outcome));
         }
         (_, Response::RestartStarted) => say!(out, "restart started (`status` shows its progress)"),
+        (_, Response::UpgradeStarted) => say!(out, "upgrade started (`status` shows its progress)"),
+        (_, Response::UpgradeFinished(outcome)) => {
+            if !outcome.is_completed() {
+                return Err(Failure(format!("upgrade {}", describe_upgrade(&outcome))));
+            }
+            say!(out, "upgrade {}", describe_upgrade(&outcome));
+        }
         (_, Response::Scaling { workers }) => say!(out, "scaling to {workers} workers"),
         (_, Response::Signalled { signal }) => say!(out, "sent {signal} to every active worker"),
         (_, Response::Stopping) => say!(out, "stopping"),
@@ -313,6 +350,15 @@ fn print_status(s: &Status, out: &mut String) {
     if let Some(last) = &c.last_restart {
         flags.push(format!("last restart {}", describe_outcome(last)));
     }
+    if c.upgrade_requested {
+        flags.push("upgrade in progress".to_owned());
+    }
+    if let Some(last) = &c.last_upgrade {
+        flags.push(format!("last upgrade {last}"));
+    }
+    if c.generation > 0 {
+        flags.push(format!("generation {}", c.generation));
+    }
     say!(
         out,
         "workers {} active of {}  crashed {}  disabled {}  restarts {}{}",
@@ -409,6 +455,13 @@ fn cpu(t: Option<Duration>) -> String {
 fn describe_outcome(o: &RestartOutcome) -> String {
     match o {
         RestartOutcome::Failed { .. } => format!("{o}; the others keep serving"),
+        other => other.to_string(),
+    }
+}
+
+fn describe_upgrade(o: &UpgradeOutcome) -> String {
+    match o {
+        UpgradeOutcome::Failed { .. } => format!("{o}; the old master keeps serving"),
         other => other.to_string(),
     }
 }

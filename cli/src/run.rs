@@ -30,7 +30,9 @@ LISTEN_FDNAMES, LISTEN_PID = its own pid), its slot in ECEWO_CLUSTER_WORKER_ID, 
 NOTIFY_SOCKET owned by this master: READY=1 marks it ready, WATCHDOG=1 is its heartbeat \
 (WATCHDOG_USEC is set while a worker timeout applies), STATUS= shows in `ecewo-cluster status`. \
 A program that cannot notify uses --ready delay=MS. SIGUSR2 or `ecewo-cluster restart` run CMD \
-anew, one worker at a time: replacing its files deploys.
+anew, one worker at a time: replacing its files deploys. SIGUSR1 or `ecewo-cluster upgrade` \
+replace this master itself with the ecewo-cluster binary now at its path, these options and \
+the same sockets.
 
 The global --name names the cluster (its control socket is NAME-PORT.sock; `list` shows \
 NAME-PORT) and the global --socket is another spelling of --control-socket.
@@ -137,6 +139,14 @@ pub struct RunArgs {
     /// Ready workers the readiness probe needs [default: 1].
     #[arg(long, value_name = "N")]
     min_ready: Option<usize>,
+    /// How long the new master of an upgrade (SIGUSR1, `ecewo-cluster upgrade`) has to get its
+    /// workers ready [default: the ready timeout + the start-up's pacing + 10000].
+    #[arg(long, value_name = "MS")]
+    upgrade_timeout_ms: Option<u64>,
+    /// Upgrades of the master go slot by slot unless `upgrade --surge` says otherwise: at most
+    /// one worker more than the slots during an upgrade.
+    #[arg(long)]
+    upgrade_slot_by_slot: bool,
     /// Put the control socket here [default: $XDG_RUNTIME_DIR/ecewo-cluster/NAME-PORT.sock].
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -403,6 +413,10 @@ fn build(args: RunArgs, global: Global, lines: mpsc::Sender<Line>) -> Result<Clu
     if let Some(n) = args.min_ready {
         cluster = cluster.min_ready(n);
     }
+    if let Some(t) = args.upgrade_timeout_ms {
+        cluster = cluster.upgrade_timeout(ms(t));
+    }
+    cluster = cluster.upgrade_slot_by_slot(args.upgrade_slot_by_slot);
     if let Some(path) = control_socket {
         cluster = cluster.control_socket(path);
     }

@@ -70,6 +70,10 @@ def log(message):
 class Server(ThreadingHTTPServer):
     """A thread per request, on a socket it is given, beating from its serving loop."""
 
+    # ThreadingHTTPServer's threads are daemons, which server_close() does not wait for: the
+    # process would exit in the middle of the requests under way at SIGTERM. Joined instead.
+    daemon_threads = False
+
     def __init__(self, sock, handler, notify, beat_every):
         super().__init__(("", 0), handler, bind_and_activate=False)
         self.socket.close()  # the unbound one TCPServer made: serve the given one instead

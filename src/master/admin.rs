@@ -369,6 +369,8 @@ pub(crate) struct AdminServer {
     next_id: AdminConnId,
     /// Accepting pauses until then (out of descriptors or memory).
     paused_until: Option<Instant>,
+    /// An upgrade's new master accepts instead.
+    handed_over: bool,
 }
 
 impl fmt::Debug for AdminServer {
@@ -399,7 +401,51 @@ impl AdminServer {
         };
         let listener = Socket::from(fd);
         listener.set_nonblocking(true).map_err(|e| fail(format!("cannot make the socket non-blocking: {e}")))?;
-        Ok(AdminServer { listener, local, _file: file, conns: HashMap::new(), next_id: 0, paused_until: None })
+        Ok(AdminServer {
+            listener,
+            local,
+            _file: file,
+            conns: HashMap::new(),
+            next_id: 0,
+            paused_until: None,
+            handed_over: false,
+        })
+    }
+
+    /// The admin listener an upgrade's old master handed over (never bound again).
+    pub(crate) fn adopt(
+        fd: std::os::fd::OwnedFd,
+        local: String,
+        file: Option<SocketFile>,
+    ) -> Result<AdminServer, Error> {
+        let listener = Socket::from(fd);
+        listener.set_nonblocking(true).map_err(|e| Error::BadListener {
+            name: "admin".to_owned(),
+            reason: format!("cannot make the inherited socket non-blocking: {e}"),
+        })?;
+        Ok(AdminServer {
+            listener,
+            local,
+            _file: file,
+            conns: HashMap::new(),
+            next_id: 0,
+            paused_until: None,
+            handed_over: false,
+        })
+    }
+
+    /// The socket file's device and inode (a unix admin listener).
+    pub(crate) fn file_id(&self) -> Option<(u64, u64)> {
+        self._file.as_ref().map(SocketFile::id)
+    }
+
+    /// The new master of an upgrade accepts from now on (connections open here are still
+    /// answered), and removes the file when it is done.
+    pub(crate) fn hand_over(&mut self) {
+        self.handed_over = true;
+        if let Some(f) = self._file.as_mut() {
+            f.disown();
+        }
     }
 
     /// The address listened on: `127.0.0.1:43123` (the real port when bound to port 0) or the
@@ -417,7 +463,7 @@ impl AdminServer {
     /// out of descriptors or memory (the listener would stay readable and spin the loop; the
     /// pause ends at [`next_deadline`](Self::next_deadline)).
     pub(crate) fn accepting(&self, now: Instant) -> bool {
-        self.paused_until.is_none_or(|until| now >= until)
+        !self.handed_over && self.paused_until.is_none_or(|until| now >= until)
     }
 
     /// Connections open now (at most [`MAX_CONNECTIONS`]).

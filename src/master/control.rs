@@ -44,6 +44,9 @@ pub(crate) struct ControlServer {
     path: PathBuf,
     /// Device and inode of the socket file we created (so we only ever unlink our own).
     id: (u64, u64),
+    /// The new master of an upgrade took the socket over: no more accepting here, and the
+    /// file is its to remove.
+    handed_over: bool,
     conns: HashMap<ConnId, Conn>,
     next_id: ConnId,
     uid: u32,
@@ -103,10 +106,45 @@ impl ControlServer {
             listener,
             path: path.to_owned(),
             id: (meta.dev(), meta.ino()),
+            handed_over: false,
             conns: HashMap::new(),
             next_id: 0,
             uid: rustix::process::geteuid().as_raw(),
         })
+    }
+
+    /// The control socket an upgrade's old master handed over (the same socket, never bound
+    /// again: clients never find the path without a listener).
+    pub(crate) fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf, id: (u64, u64)) -> Result<ControlServer, Error> {
+        let listener = UnixListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::ControlSocket { path: path.clone(), reason: e.to_string() })?;
+        Ok(ControlServer {
+            listener,
+            path,
+            id,
+            handed_over: false,
+            conns: HashMap::new(),
+            next_id: 0,
+            uid: rustix::process::geteuid().as_raw(),
+        })
+    }
+
+    /// The socket file's device and inode.
+    pub(crate) fn file_id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// The new master of an upgrade accepts from now on (connections open here are still
+    /// answered), and removes the file when it is done.
+    pub(crate) fn hand_over(&mut self) {
+        self.handed_over = true;
+    }
+
+    /// Whether to poll the listener (not once handed over).
+    pub(crate) fn accepting(&self) -> bool {
+        !self.handed_over
     }
 
     pub(crate) fn path(&self) -> &Path {
@@ -236,8 +274,10 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        // Unlink the socket only if it is still ours (nobody replaced it meanwhile).
-        if let Ok(meta) = std::fs::symlink_metadata(&self.path)
+        // Unlink the socket only if it is still ours (nobody replaced it meanwhile, and no new
+        // master took it over).
+        if !self.handed_over
+            && let Ok(meta) = std::fs::symlink_metadata(&self.path)
             && (meta.dev(), meta.ino()) == self.id
         {
             let _ = std::fs::remove_file(&self.path);
@@ -276,6 +316,16 @@ impl Driver {
                         ctl.owe(id, 1);
                     }
                     events.push_back(Event::Restart { ticket: Some(ticket) });
+                    continue;
+                }
+                Ok(Request::Upgrade { wait, slot_by_slot }) => {
+                    // Answered when it starts (or is refused), or with `wait` when it ends.
+                    let ticket = self.m.shared.next_ticket.fetch_add(1, Ordering::Relaxed);
+                    self.upgrade_waiters.insert(ticket, (id, wait));
+                    if let Some(ctl) = self.m.control.as_mut() {
+                        ctl.owe(id, 1);
+                    }
+                    events.push_back(Event::Upgrade { ticket: Some(ticket), slot_by_slot });
                     continue;
                 }
                 Ok(Request::Scale { workers }) => match check_scale(workers) {

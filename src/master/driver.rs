@@ -44,10 +44,21 @@ pub(super) struct Driver {
     pub(super) outcome: Option<Outcome>,
     /// Control connections waiting for a restart's outcome, by ticket.
     pub(super) control_waiters: HashMap<u64, ConnId>,
+    /// Control connections waiting for an upgrade to start (`false`) or end (`true`), by ticket.
+    pub(super) upgrade_waiters: HashMap<u64, (ConnId, bool)>,
     /// The slots new connections go to (`ReusePort` listeners).
     pub(super) route: Vec<usize>,
     /// The supervisor ended steering for good ([`Command::Unsteer`] `for_good`).
     pub(super) steering_failed: bool,
+    /// The new master of an upgrade this master started (until it exits).
+    pub(super) successor: Option<super::upgrade::Successor>,
+    /// (A master started by an upgrade.) The old master, until its channel ends.
+    pub(super) predecessor: Option<super::upgrade::Predecessor>,
+    /// This master handed over: steering is the new master's.
+    pub(super) steering_handed_over: bool,
+    /// It polls the control socket and the admin listener (a master started by an upgrade
+    /// only once it took over).
+    pub(super) owns_outside: bool,
 }
 
 /// What a polled descriptor belongs to.
@@ -62,6 +73,9 @@ enum Source {
     AdminListener,
     Admin(super::admin::AdminConnId),
     WorkerNotify,
+    Successor,
+    SuccessorExit,
+    Predecessor,
 }
 
 impl Driver {
@@ -88,6 +102,11 @@ impl Driver {
             self.publish();
             match self.outcome.take() {
                 Some(Outcome::Stopped) => return Ok(()),
+                Some(Outcome::Upgraded) => {
+                    tracing::info!("upgrade: this master's workers have drained; it exits");
+                    self.say_bye();
+                    return Ok(());
+                }
                 Some(Outcome::AllFailed { workers, disabled, crashed }) => {
                     return Err(Error::WorkersFailed { workers, disabled, crashed });
                 }
@@ -177,6 +196,17 @@ impl Driver {
             Command::Notify(n) => self.notify(n),
             Command::Report(r) => self.report(r),
             Command::Exit(outcome) => self.outcome = Some(outcome),
+            Command::SpawnMaster { slot_by_slot } => match self.spawn_master(slot_by_slot) {
+                Ok(pid) => events.push_back(Event::MasterSpawned { pid }),
+                Err(e) => events.push_back(Event::MasterSpawnFailed { error: e.to_string() }),
+            },
+            Command::KillMaster => self.kill_master(),
+            Command::HandOver { pid } => self.hand_over(pid),
+            Command::SayReady { workers } => self.say_ready(workers),
+            Command::FreeSlot { slot } => self.free_slot(slot),
+            Command::SaySlotReady { slot } => self.say_slot_ready(slot),
+            Command::TakeOver => self.owns_outside = true,
+            Command::ReleaseInherited => self.release_inherited(),
         }
         // A socket joined or left the group: the steering program indexes the kernel's array
         // of the group, so it is attached again.
@@ -288,9 +318,26 @@ impl Driver {
                 fds.push(PollFd::new(&chan.io.sock, flags));
             }
         }
-        if let Some(ctl) = &self.m.control {
-            sources.push(Source::ControlListener);
-            fds.push(PollFd::new(ctl.listener(), PollFlags::IN));
+        if let Some(s) = &self.successor {
+            sources.push(Source::SuccessorExit);
+            fds.push(PollFd::new(&s.pidfd, PollFlags::IN));
+            let flags = if s.closed { PollFlags::empty() } else { PollFlags::IN }
+                | if s.chan.wants_write() { PollFlags::OUT } else { PollFlags::empty() };
+            if !flags.is_empty() {
+                sources.push(Source::Successor);
+                fds.push(PollFd::new(&s.chan.sock, flags));
+            }
+        }
+        if let Some(p) = &self.predecessor {
+            let flags = PollFlags::IN | if p.chan.wants_write() { PollFlags::OUT } else { PollFlags::empty() };
+            sources.push(Source::Predecessor);
+            fds.push(PollFd::new(&p.chan.sock, flags));
+        }
+        if let Some(ctl) = self.m.control.as_ref().filter(|_| self.owns_outside) {
+            if ctl.accepting() {
+                sources.push(Source::ControlListener);
+                fds.push(PollFd::new(ctl.listener(), PollFlags::IN));
+            }
             for (id, sock, read, write) in ctl.sockets() {
                 let mut flags = PollFlags::empty();
                 if read {
@@ -310,7 +357,7 @@ impl Driver {
             sources.push(Source::WorkerNotify);
             fds.push(PollFd::from_borrowed_fd(notify.socket(), PollFlags::IN));
         }
-        if let Some((admin, _)) = &self.m.admin {
+        if let Some((admin, _)) = self.m.admin.as_ref().filter(|_| self.owns_outside) {
             if admin.accepting(now) {
                 sources.push(Source::AdminListener);
                 fds.push(PollFd::from_borrowed_fd(admin.listener(), PollFlags::IN));
@@ -355,6 +402,9 @@ impl Driver {
                 }
                 Source::Admin(id) => self.on_admin(id),
                 Source::WorkerNotify => self.on_worker_notify(events),
+                Source::Successor => self.on_successor_channel(events),
+                Source::SuccessorExit => self.on_successor_exit(events),
+                Source::Predecessor => self.on_predecessor_channel(events),
             }
         }
         // A command cluster's workers taken for ready after a delay.
@@ -442,6 +492,7 @@ impl Driver {
                 Request::SignalWorkers(signal) => events.push_back(Event::SignalWorkers { signal }),
                 Request::Restart(ticket) => events.push_back(Event::Restart { ticket }),
                 Request::Scale(workers) => events.push_back(Event::Scale { workers }),
+                Request::Upgrade(ticket) => events.push_back(Event::Upgrade { ticket, slot_by_slot: None }),
             }
         }
     }
@@ -513,6 +564,11 @@ impl Drop for Driver {
     /// Last resort when the loop failed or unwound: kill every worker still running and reap it,
     /// so that none outlives the master. After a normal end there is none left.
     fn drop(&mut self) {
+        // A new master that did not take over yet goes with this one.
+        if let Some(s) = self.successor.take().filter(|_| !self.steering_handed_over) {
+            let _ = crate::os::sys::pidfd_send_signal(s.pidfd.as_fd(), crate::signal::Signal::KILL);
+            let _ = rustix::process::waitid(WaitId::PidFd(s.pidfd.as_fd()), WaitIdOptions::EXITED);
+        }
         for (_, p) in self.procs.drain() {
             let _ = crate::os::sys::pidfd_send_signal(p.pidfd.as_fd(), crate::signal::Signal::KILL);
             let _ = rustix::process::waitid(WaitId::PidFd(p.pidfd.as_fd()), WaitIdOptions::EXITED);

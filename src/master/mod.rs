@@ -24,7 +24,10 @@ mod settings;
 mod signals;
 mod spawn;
 mod steer;
+mod upgrade;
 mod worker_notify;
+
+pub(crate) use upgrade::{Inherited, inherited as inherited_upgrade};
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -37,7 +40,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::error::Error;
 use crate::signal::Signal;
-use crate::stats::{ClusterStats, RestartOutcome, WorkerStats};
+use crate::stats::{ClusterStats, RestartOutcome, UpgradeOutcome, WorkerStats};
 use crate::supervisor::{Policy, Supervisor};
 use control::ControlServer;
 use driver::Driver;
@@ -60,6 +63,8 @@ pub(crate) struct Shared {
     snapshot: Mutex<Snapshot>,
     /// Callers blocked in `restart_and_wait`, by ticket.
     waiters: Mutex<HashMap<u64, mpsc::Sender<RestartOutcome>>>,
+    /// Callers blocked in `upgrade_and_wait`, by ticket.
+    upgrade_waiters: Mutex<HashMap<u64, mpsc::Sender<UpgradeOutcome>>>,
     next_ticket: AtomicU64,
     /// The thread running `wait()`: it must never block on itself.
     loop_thread: OnceLock<std::thread::ThreadId>,
@@ -74,6 +79,7 @@ enum Request {
     SignalWorkers(Signal),
     Restart(Option<u64>),
     Scale(usize),
+    Upgrade(Option<u64>),
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +118,23 @@ impl Shared {
         rx.recv().map_err(|_| Error::NotSupervising)
     }
 
+    fn upgrade_and_wait(&self) -> Result<UpgradeOutcome, Error> {
+        if self.loop_thread.get() == Some(&std::thread::current().id()) {
+            return Err(Error::OnMasterThread { operation: "upgrade_and_wait" });
+        }
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut waiters = self.upgrade_waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::NotSupervising);
+            }
+            waiters.insert(ticket, tx);
+        }
+        self.request(Request::Upgrade(Some(ticket)))?;
+        rx.recv().map_err(|_| Error::NotSupervising)
+    }
+
     fn scale(&self, workers: usize) -> Result<(), Error> {
         check_scale(workers)?;
         self.request(Request::Scale(workers))
@@ -142,6 +165,7 @@ impl Shared {
         let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
         self.stopped.store(true, Ordering::SeqCst);
         waiters.clear();
+        self.upgrade_waiters.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
     pub(crate) fn snapshot(&self) -> (ClusterStats, Vec<WorkerStats>) {
@@ -170,7 +194,9 @@ pub(crate) struct Bound {
     /// The kernel's array of the `ReusePort` group.
     pub(crate) group: Group,
     /// A unix socket file the master created: removed when the master is done (if still ours).
-    _file: Option<crate::os::socket::SocketFile>,
+    pub(crate) file: Option<crate::os::socket::SocketFile>,
+    /// systemd passed it (socket activation): it cannot be bound again.
+    pub(crate) activated: bool,
 }
 
 impl Bound {
@@ -208,6 +234,11 @@ pub struct Master {
     heartbeat: std::time::Duration,
     /// What memory `max_memory` is compared with.
     memory_measure: MemoryMeasure,
+    /// (A master started by an upgrade.) Its predecessor, its channel, and what it inherited.
+    predecessor: Option<(upgrade::Predecessor, crate::supervisor::Inheritance)>,
+    /// (A master started by an upgrade.) Inherited sockets no listener of this master uses:
+    /// closed once the predecessor's workers are gone (`Command::ReleaseInherited`).
+    leftovers: Vec<(OwnedFd, Option<crate::os::socket::SocketFile>)>,
 }
 
 impl std::fmt::Debug for Master {
@@ -273,6 +304,32 @@ impl MasterHandle {
         self.shared.restart_and_wait()
     }
 
+    /// Upgrades the master in place (like `SIGUSR1` and `ecewo-cluster upgrade`) and returns at
+    /// once: the program found at the original path starts as a new master, inherits every
+    /// listening socket (never bound again) and the counters, starts its workers with its own
+    /// options, and takes over once they are ready; this master then drains its workers and
+    /// [`Master::wait`] returns `Ok(())`. A new master that exits or is not ready within the
+    /// upgrade timeout ([`Cluster::upgrade_timeout`](crate::Cluster::upgrade_timeout)) is
+    /// killed, and this one serves on. Refused while another upgrade, a rolling restart or a
+    /// shutdown runs, and when the master is PID 1 (a container would end with it). See the
+    /// README's "Upgrading the master in place".
+    pub fn upgrade(&self) {
+        // Once the master stopped supervising there is nothing to upgrade.
+        let _ = self.shared.request(Request::Upgrade(None));
+    }
+
+    /// Like [`upgrade`](MasterHandle::upgrade), and blocks until the upgrade ended (the new
+    /// master took over, or it failed and this master serves on), returning how. A failed or
+    /// refused upgrade is an `Ok` outcome.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::OnMasterThread`] on the master's own thread (from a callback), where it would
+    /// wait for itself; [`Error::NotSupervising`] when the master is not supervising (any more).
+    pub fn upgrade_and_wait(&self) -> Result<UpgradeOutcome, Error> {
+        self.shared.upgrade_and_wait()
+    }
+
     /// Changes the number of workers: new slots start like initial ones, removed slots (the
     /// highest ids) drain and stop. `SIGTTIN`/`SIGTTOU` add or remove one.
     ///
@@ -307,7 +364,18 @@ impl MasterHandle {
 }
 
 impl Master {
-    pub(crate) fn new(mut opts: Settings) -> Result<Master, Error> {
+    /// The master of `opts`; with `inherited`, the new master of an upgrade, which takes over
+    /// its predecessor's sockets (a failure is told to the predecessor, which reports it).
+    pub(crate) fn new(opts: Settings, inherited: Option<Inherited>) -> Result<Master, Error> {
+        let channel = inherited.as_ref().and_then(|i| i.channel.try_clone().ok());
+        Master::build(opts, inherited).inspect_err(|e| {
+            if let Some(c) = &channel {
+                upgrade::say_failed(c, e);
+            }
+        })
+    }
+
+    fn build(mut opts: Settings, mut inherited: Option<Inherited>) -> Result<Master, Error> {
         let workers = opts.worker_count();
         if opts.cpus == 0 {
             let detected = crate::os::cpu::cpus_detailed();
@@ -344,9 +412,17 @@ impl Master {
         let mut listeners = Vec::new();
         for (i, (name, listen)) in all.into_iter().enumerate() {
             let backlog = listen.backlog.min(i32::MAX as u32) as i32;
+            // The new master of an upgrade: the same socket, never bound again (that would join
+            // or split a SO_REUSEPORT group, or fail on an address in use).
+            if let Some(inh) = inherited.as_mut()
+                && let Some(b) = upgrade::reuse_listener(inh, &name, &listen)?
+            {
+                listeners.push(b);
+                continue;
+            }
             let refused =
                 |e: crate::os::socket::UnixBindError| Error::BadListener { name: name.clone(), reason: e.to_string() };
-            let (balance, fds, addr, v6only, file) = match listen.kind {
+            let (balance, fds, addr, v6only, file, from_systemd) = match listen.kind {
                 // systemd socket activation: the default listener is a socket systemd passed,
                 // shared by every worker.
                 ListenKind::Tcp { .. } if i == 0 && opts.default_listener && activated.is_some() => {
@@ -354,7 +430,7 @@ impl Master {
                     if listen.balance != Balance::Shared {
                         tracing::info!("socket activation: the workers share the socket systemd passed");
                     }
-                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None)
+                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None, true)
                 }
                 ListenKind::Systemd => {
                     let Some(at) = passed.iter().position(|p| p.name == name) else {
@@ -370,7 +446,7 @@ impl Master {
                         return Err(Error::BadListener { name, reason });
                     };
                     let p = passed.remove(at);
-                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None)
+                    (Balance::Shared, vec![p.fd], passed_addr(p.addr), false, None, true)
                 }
                 // With `ReusePort`, slot 0's socket only: slot i's is bound when its worker is
                 // first spawned, so that no connection ever waits on the socket of a worker
@@ -386,19 +462,26 @@ impl Master {
                             }
                             e => e,
                         })?;
-                    (listen.balance, fds, ListenAddr::Tcp(real), v6only, None)
+                    (listen.balance, fds, ListenAddr::Tcp(real), v6only, None, false)
                 }
                 ListenKind::Unix { path } => {
                     let (fd, file) =
                         crate::os::socket::bind_unix_path(&path, listen.backlog, listen.mode, listen.owner)
                             .map_err(refused)?;
-                    (Balance::Shared, vec![fd], ListenAddr::Unix(path), false, Some(file))
+                    (Balance::Shared, vec![fd], ListenAddr::Unix(path), false, Some(file), false)
                 }
                 ListenKind::Abstract { name: abstract_name } => {
                     let fd = crate::os::socket::bind_unix_abstract(&abstract_name, listen.backlog).map_err(refused)?;
-                    (Balance::Shared, vec![fd], ListenAddr::Abstract(abstract_name), false, None)
+                    (Balance::Shared, vec![fd], ListenAddr::Abstract(abstract_name), false, None, false)
                 }
             };
+            let mut group = Group::default();
+            if balance == Balance::ReusePort {
+                // The sockets join their group in slot order, as they are bound.
+                for slot in 0..fds.len() {
+                    group.join(slot);
+                }
+            }
             listeners.push(Bound {
                 name,
                 addr,
@@ -406,8 +489,9 @@ impl Master {
                 backlog,
                 v6only,
                 fds: fds.into_iter().map(Some).collect(),
-                group: Group::default(),
-                _file: file,
+                group,
+                file,
+                activated: from_systemd,
             });
         }
         if listeners.is_empty() {
@@ -442,12 +526,16 @@ impl Master {
             liveness: crate::supervisor::Liveness { seed: random_seed(), ..opts.liveness.clone() },
             shutdown_delay: opts.shutdown_delay,
             min_ready: opts.min_ready,
+            upgrade_timeout: opts.upgrade_timeout.unwrap_or_else(|| default_upgrade_timeout(&opts, workers)),
+            pid1: rustix::process::getpid().as_raw_nonzero().get() == 1,
+            upgrade_slot_by_slot: opts.upgrade_slot_by_slot,
         };
         let sup = Supervisor::new(policy.clone(), Instant::now());
         let shared = Arc::new(Shared {
             addr,
             wake,
             waiters: Mutex::new(HashMap::new()),
+            upgrade_waiters: Mutex::new(HashMap::new()),
             next_ticket: AtomicU64::new(1),
             loop_thread: OnceLock::new(),
             stopped: AtomicBool::new(false),
@@ -467,7 +555,27 @@ impl Master {
             let named = command.as_ref().map_or(exe_path.as_path(), |c| c.path.as_path());
             named.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cluster".into())
         });
+        let mut leftovers = Vec::new();
+        let inherited_control = inherited.as_mut().and_then(|i| {
+            let c = i.state.control.take()?;
+            Some((i.take(c.fd)?, c))
+        });
+        let control_path = match &opts.control {
+            ControlSetting::Off => None,
+            ControlSetting::Path(p) => Some(p.clone()),
+            ControlSetting::Default => Some(crate::proto::control::socket_path(&format!("{name}-{}", addr.port()))),
+        };
+        let adopted = match inherited_control {
+            // The same control socket: `ecewo-cluster` finds this master by the same name.
+            Some((fd, c)) if control_path.as_ref() == Some(&c.path) => Some(ControlServer::adopt(fd, c.path, c.file)?),
+            Some((fd, c)) => {
+                leftovers.push((fd, Some(crate::os::socket::SocketFile::adopt(c.path, c.file))));
+                None
+            }
+            None => None,
+        };
         let control = match &opts.control {
+            _ if adopted.is_some() => adopted,
             ControlSetting::Off => None,
             ControlSetting::Path(p) => Some(ControlServer::bind(p, false)?),
             ControlSetting::Default => {
@@ -498,7 +606,19 @@ impl Master {
                 Some((c, notify))
             }
         };
+        let inherited_admin = inherited.as_mut().and_then(|i| {
+            let a = i.state.admin.take()?;
+            Some((i.take(a.fd)?, a))
+        });
+        let mut adopted_admin = None;
+        if let Some((fd, a)) = inherited_admin {
+            match upgrade::reuse_admin(fd, a, opts.admin.as_ref())? {
+                Ok(server) => adopted_admin = Some(server),
+                Err(leftover) => leftovers.push(leftover),
+            }
+        }
         let admin = match &opts.admin {
+            _ if adopted_admin.is_some() => adopted_admin,
             None => None,
             Some(at) => {
                 let addr = match at {
@@ -529,7 +649,31 @@ impl Master {
             extra.push(Signal::CHLD);
         }
         let signals = Signals::register(&extra).map_err(Error::io("cannot install the master's signal handlers"))?;
+        let predecessor = match inherited {
+            None => None,
+            Some(mut i) => {
+                // Inherited sockets no listener took: closed once the old workers are gone.
+                leftovers.extend(upgrade::unclaimed(&mut i));
+                let inheritance = crate::supervisor::Inheritance {
+                    generation: i.state.generation,
+                    total_restarts: i.state.total_restarts,
+                    exits: i.state.exits,
+                    shutdown_timeout: std::time::Duration::from_millis(i.state.shutdown_timeout_ms),
+                    slot_by_slot: i.state.slot_by_slot,
+                };
+                tracing::info!(
+                    "upgrade: master generation {} takes over from pid {} once its workers are ready",
+                    inheritance.generation + 1,
+                    i.from_pid
+                );
+                let p = upgrade::Predecessor::new(i.channel, i.from_pid)
+                    .map_err(Error::io("cannot use the upgrade channel"))?;
+                Some((p, inheritance))
+            }
+        };
         Ok(Master {
+            predecessor,
+            leftovers,
             notify: Notifier::from_env(),
             exe_path,
             name,
@@ -634,27 +778,42 @@ impl Master {
     ///   callers blocked in [`MasterHandle::restart_and_wait`] get [`Error::NotSupervising`].
     pub fn wait(self) -> Result<(), Error> {
         let _ = self.shared.loop_thread.set(std::thread::current().id());
+        // (`self` becomes the driver's below.)
+        let mut sup =
+            Supervisor::new(self.policy.clone(), Instant::now()).with_open_sockets(open_slots(&self.listeners));
+        let mut master = self;
+        let predecessor = master.predecessor.take().map(|(p, inheritance)| {
+            sup = sup.clone().inherit(inheritance);
+            p
+        });
+        let owns_outside = predecessor.is_none();
         let mut driver = Driver {
-            sup: Supervisor::new(self.policy.clone(), Instant::now()).with_open_sockets(open_slots(&self.listeners)),
+            sup,
+            successor: None,
+            predecessor,
+            steering_handed_over: false,
+            owns_outside,
             procs: HashMap::new(),
             programs: HashMap::new(),
             control_waiters: HashMap::new(),
+            upgrade_waiters: HashMap::new(),
             route: Vec::new(),
             steering_failed: false,
             master_pid: rustix::process::getpid(),
             outcome: None,
-            m: self,
+            m: master,
         };
-        for b in driver.m.listeners.iter_mut().filter(|b| b.balance == Balance::ReusePort) {
-            // The sockets joined their group in slot order, as they were bound.
-            for slot in (0..b.fds.len()).filter(|&i| b.fds[i].is_some()) {
-                b.group.join(slot);
-            }
-        }
         // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,
         // and the Master's Drop wakes whoever still waits for a restart.
         driver.run()
     }
+}
+
+/// The default upgrade timeout: the ready timeout, plus the pacing of `workers` initial spawns,
+/// plus 10 s for the new master's own start.
+fn default_upgrade_timeout(opts: &Settings, workers: usize) -> std::time::Duration {
+    let pacing = opts.worker_startup_delay.saturating_mul(u32::try_from(workers.saturating_sub(1)).unwrap_or(u32::MAX));
+    opts.ready_timeout.saturating_add(pacing).saturating_add(std::time::Duration::from_secs(10))
 }
 
 /// The listeners' statistics, with the accept-queue length of the TCP ones (one `TCP_INFO`
@@ -723,7 +882,7 @@ mod tests {
 
     fn master() -> Master {
         let opts = crate::Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
-        Master::new(opts.into_settings()).expect("a master on a free loopback port")
+        Master::new(opts.into_settings(), None).expect("a master on a free loopback port")
     }
 
     /// Every TCP listener has its own balance; unix sockets are shared; the supervisor's open
@@ -739,7 +898,7 @@ mod tests {
             .no_control_socket()
             .listen("shared", crate::Listen::tcp(loopback(0)).balance(Balance::Shared).backlog(7))
             .listen("sock", crate::Listen::unix(dir.join("s.sock")));
-        let master = Master::new(opts.into_settings()).expect("a master on loopback");
+        let master = Master::new(opts.into_settings(), None).expect("a master on loopback");
         let balances: Vec<(String, Balance)> = master.listeners().into_iter().map(|l| (l.name, l.balance)).collect();
         assert_eq!(
             balances,
@@ -815,7 +974,7 @@ mod signal_tests {
             return;
         }
         let opts = crate::Cluster::new(0).address(IpAddr::V4(Ipv4Addr::LOCALHOST)).cpus(1).no_control_socket();
-        drop(Master::new(opts.into_settings()).unwrap());
+        drop(Master::new(opts.into_settings(), None).unwrap());
         println!("dropped");
         std::thread::sleep(Duration::from_secs(10));
     }

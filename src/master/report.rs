@@ -107,6 +107,60 @@ impl Driver {
                     }
                 }
             }
+            Report::UpgradeStarted { tickets } => {
+                tracing::info!("upgrade: starting a new master from {}", m.exe_path.display());
+                // Control requests that do not wait are answered now.
+                for t in &tickets {
+                    if let Some((id, false)) = self.upgrade_waiters.get(t).copied() {
+                        self.upgrade_waiters.remove(t);
+                        if let Some(ctl) = m.control.as_mut() {
+                            ctl.owe(id, -1);
+                            ctl.reply(id, &Response::UpgradeStarted.encode());
+                        }
+                    }
+                }
+            }
+            Report::MasterStarted { pid, slot_by_slot: false } => {
+                tracing::info!("upgrade: new master pid {pid} runs; it takes over once its workers are ready")
+            }
+            Report::MasterStarted { pid, slot_by_slot: true } => tracing::info!(
+                "upgrade: new master pid {pid} runs; slot by slot, this master stops a worker each time one of the new master's is ready"
+            ),
+            Report::SlotHandedOver { slot } => {
+                tracing::info!("upgrade: the new master's worker {slot} is ready; this master's worker {slot} drains")
+            }
+            Report::HandingOver { pid, workers } => tracing::info!(
+                "upgrade: master pid {pid} is ready and takes over; draining this master's {workers} workers, then exiting"
+            ),
+            Report::UpgradeFinished { outcome, tickets } => {
+                match &outcome {
+                    crate::stats::UpgradeOutcome::Completed { .. } => tracing::info!("upgrade {outcome}"),
+                    crate::stats::UpgradeOutcome::Refused { .. } => tracing::warn!("upgrade {outcome}"),
+                    _ => tracing::error!("upgrade {outcome}; this master keeps serving"),
+                }
+                let mut waiters = m.shared.upgrade_waiters.lock().unwrap_or_else(|e| e.into_inner());
+                for t in &tickets {
+                    if let Some(tx) = waiters.remove(t) {
+                        let _ = tx.send(outcome.clone());
+                    }
+                }
+                drop(waiters);
+                for t in &tickets {
+                    if let (Some((id, _)), Some(ctl)) = (self.upgrade_waiters.remove(t), m.control.as_mut()) {
+                        ctl.owe(id, -1);
+                        ctl.reply(id, &Response::UpgradeFinished(outcome.clone()).encode());
+                    }
+                }
+            }
+            Report::TookOver { handed_over: true } => {
+                tracing::info!("took over from the old master: this master serves the cluster")
+            }
+            Report::TookOver { handed_over: false } => {
+                tracing::warn!("the old master is gone before it handed over: this master takes over at once")
+            }
+            Report::NotDuringUpgrade { what } => {
+                tracing::warn!("{what} refused: an upgrade of the master is running")
+            }
             Report::Scaled { from, to } => tracing::info!("scaled from {from} to {to} workers"),
             Report::ScaleRefused { workers } => tracing::warn!("cannot scale to {workers} workers"),
             Report::RouteTooLarge { slots } => tracing::info!(
@@ -123,11 +177,21 @@ impl Driver {
         let Some(notifier) = &mut self.m.notify else { return };
         match n {
             Notify::Ready { workers } => {
-                notifier.send(&format!("READY=1\nSTATUS=serving on {} with {workers} workers", self.m.shared.addr))
+                // A master started by an upgrade is the main process from now on (its
+                // predecessor said MAINPID= already; this holds if it died first).
+                let main = match self.sup.cluster_stats().generation {
+                    0 => String::new(),
+                    _ => format!("MAINPID={}\n", self.master_pid.as_raw_nonzero()),
+                };
+                notifier
+                    .send(&format!("READY=1\n{main}STATUS=serving on {} with {workers} workers", self.m.shared.addr))
             }
             Notify::Reloading { workers } => notifier.reloading(&format!("rolling restart of {workers} workers")),
             Notify::Reloaded { outcome } => notifier.send(&format!("READY=1\nSTATUS=graceful restart {outcome}")),
             Notify::Stopping { workers } => notifier.send(&format!("STOPPING=1\nSTATUS=stopping {workers} workers")),
+            Notify::MainPid { pid } => {
+                notifier.send(&format!("MAINPID={pid}\nSTATUS=upgraded: master pid {pid} takes over"))
+            }
             Notify::Leaving { delay } => notifier.send(&format!(
                 "STOPPING=1\nSTATUS=stopping: no longer ready, serving for {} more",
                 short_duration(delay)

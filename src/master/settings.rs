@@ -314,6 +314,11 @@ pub(crate) struct Settings {
     pub(crate) shutdown_delay: Duration,
     /// Ready workers the readiness probe needs.
     pub(crate) min_ready: usize,
+    /// How long a new master started by an upgrade has to get ready (`None`: the ready timeout
+    /// plus the start-up's pacing plus 10 s for its own start).
+    pub(crate) upgrade_timeout: Option<Duration>,
+    /// Upgrades go slot by slot by default.
+    pub(crate) upgrade_slot_by_slot: bool,
     /// The admin listener (probes and metrics served by the master), if any.
     pub(crate) admin: Option<ListenAddr>,
     /// Workers run this command instead of this program (`Cluster::command`).

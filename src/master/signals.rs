@@ -56,8 +56,8 @@ impl Driver {
 }
 
 /// The signals the master handles whether or not they are bound.
-const DEFAULT_HANDLED: [Signal; 7] =
-    [Signal::TERM, Signal::INT, Signal::HUP, Signal::QUIT, Signal::USR2, Signal::TTIN, Signal::TTOU];
+const DEFAULT_HANDLED: [Signal; 8] =
+    [Signal::TERM, Signal::INT, Signal::HUP, Signal::QUIT, Signal::USR1, Signal::USR2, Signal::TTIN, Signal::TTOU];
 
 /// Signals whose new default (a graceful shutdown) must not override an inherited `SIG_IGN`:
 /// `nohup` ignores `SIGHUP`, and a shell starts background jobs with `SIGQUIT` ignored. Unless

@@ -104,7 +104,7 @@ impl Driver {
         let mut cmd = Process::new(&exe);
         cmd.arg0(&self.m.argv0).args(&self.m.args);
         // The master's own relation with systemd first, then the workers' listeners.
-        for key in PRIVATE_ENV {
+        for key in PRIVATE_ENV.iter().chain(crate::proto::handoff::upgrade_env::ALL.iter()) {
             cmd.env_remove(key);
         }
         cmd.env(env::WORKER_ID, slot.to_string())
@@ -173,7 +173,7 @@ impl Driver {
         let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
         let mut cmd = Process::new(&c.path);
         cmd.arg0(&c.argv[0]).args(&c.argv[1..]);
-        for key in PRIVATE_ENV.iter().chain(env::ALL.iter()) {
+        for key in PRIVATE_ENV.iter().chain(env::ALL.iter()).chain(crate::proto::handoff::upgrade_env::ALL.iter()) {
             cmd.env_remove(key);
         }
         cmd.env(env::WORKER_ID, slot.to_string())

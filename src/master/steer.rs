@@ -29,6 +29,16 @@ pub(crate) struct Group {
 }
 
 impl Group {
+    /// A group as another master left it (an upgrade): its array, as slots.
+    pub(crate) fn with_members(members: Vec<usize>) -> Group {
+        Group { members, changed: true }
+    }
+
+    /// The array, as slots.
+    pub(crate) fn members(&self) -> &[usize] {
+        &self.members
+    }
+
     /// A socket of `slot` started listening: it joins at the end.
     pub(crate) fn join(&mut self, slot: usize) {
         self.members.push(slot);
@@ -106,7 +116,8 @@ impl Driver {
     /// listener. What it cannot do is reported to the supervisor ([`Event::SteerFailed`]: the
     /// first failure), which decides what follows.
     pub(super) fn apply_route(&mut self, events: &mut VecDeque<Event>) {
-        if self.steering_failed {
+        // Once handed over, the new master of an upgrade steers the groups.
+        if self.steering_failed || self.steering_handed_over {
             return;
         }
         let mut failure = None;
@@ -130,6 +141,9 @@ impl Driver {
     /// never attach one again.
     pub(super) fn unsteer(&mut self, for_good: bool) {
         self.steering_failed |= for_good;
+        if self.steering_handed_over {
+            return;
+        }
         for b in self.m.listeners.iter().filter(|b| b.balance == Balance::ReusePort) {
             if let Some(any) = b.fds.iter().flatten().next() {
                 // Nothing attached (ENOENT) is as good.

@@ -92,11 +92,33 @@ impl std::fmt::Display for UnixBindError {
 pub(crate) struct SocketFile {
     path: std::path::PathBuf,
     id: (u64, u64),
+    /// Another process took it over (an upgrade's new master): never removed by this one.
+    disowned: bool,
+}
+
+impl SocketFile {
+    /// The file a predecessor created (an upgrade): this process removes it from now on.
+    pub(crate) fn adopt(path: std::path::PathBuf, id: (u64, u64)) -> SocketFile {
+        SocketFile { path, id, disowned: false }
+    }
+
+    /// Its device and inode.
+    pub(crate) fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    /// Another process removes it from now on (the new master of an upgrade).
+    pub(crate) fn disown(&mut self) {
+        self.disowned = true;
+    }
 }
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
+        if self.disowned {
+            return;
+        }
         if let Ok(meta) = std::fs::symlink_metadata(&self.path)
             && (meta.dev(), meta.ino()) == self.id
         {
@@ -164,7 +186,7 @@ pub(crate) fn bind_unix_path(
         .map_err(|e| Io("cannot set the backlog", e))?;
     let created = std::fs::symlink_metadata(path).map_err(|e| Io("cannot read the new socket", e))?;
     // From here on the file is ours: dropped on any error below, it is removed.
-    let file = SocketFile { path: path.to_owned(), id: (created.dev(), created.ino()) };
+    let file = SocketFile { path: path.to_owned(), id: (created.dev(), created.ino()), disowned: false };
     if let Some(mode) = mode {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| Io("cannot set its mode", e))?;

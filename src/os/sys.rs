@@ -47,6 +47,34 @@ pub(crate) fn set_child_setup(cmd: &mut Command, master_pid: Pid, first_free: u3
     }
 }
 
+/// Arranges for the child of `cmd` (the new master of an upgrade), between fork and exec, to
+/// mark every descriptor from `first_free` up close-on-exec, so that only stdio and the
+/// descriptors placed below `first_free` (its upgrade channel and the sockets it inherits)
+/// reach it. No parent-death signal: it must outlive the old master.
+///
+/// Call after any other `pre_exec` hook that places descriptors (they run in order).
+pub(crate) fn set_master_child_setup(cmd: &mut Command, first_free: u32) {
+    let hook = move || -> io::Result<()> {
+        // SAFETY: close_range(2) only changes descriptor flags of this (child) process; the range
+        // starts above the descriptors the child must keep. Async-signal-safe; no allocation.
+        let r = unsafe { libc::syscall(libc::SYS_close_range, first_free, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
+        if r != 0 {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
+            // As for workers: old kernels lack it, and the master's own descriptors are all
+            // close-on-exec anyway.
+            if errno != libc::ENOSYS && errno != libc::EINVAL {
+                return Err(io::Error::from_raw_os_error(errno));
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before exec and makes one async-signal-safe
+    // system call (close_range); it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
 /// The placeholder of `LISTEN_PID` in a worker's environment before fork: room for any pid
 /// (at most 10 digits: Linux pids are below 2^22).
 const LISTEN_PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";

@@ -9,6 +9,8 @@
 //! | `{"v":1,"cmd":"status"}` | `"master"`, `"cluster"` ([`ClusterStats`](crate::ClusterStats)), `"workers"` ([`WorkerStats`](crate::WorkerStats) list) |
 //! | `{"v":1,"cmd":"restart"}` | `"started": true` (or queued behind a running restart) |
 //! | `{"v":1,"cmd":"restart","wait":true}` | sent when the rollout ends: `"outcome"` ([`RestartOutcome`](crate::RestartOutcome)); `"ok"` is false if it did not complete |
+//! | `{"v":1,"cmd":"upgrade"}` | `"upgrading": true` once the new master is being started (`"ok"` is false, with `"outcome"`, if the upgrade was refused) |
+//! | `{"v":1,"cmd":"upgrade","wait":true}` | sent when the upgrade ends: `"outcome"` ([`UpgradeOutcome`](crate::UpgradeOutcome)); `"ok"` is false if it did not complete |
 //! | `{"v":1,"cmd":"scale","workers":N}` | `"workers": N` |
 //! | `{"v":1,"cmd":"signal","signal":"USR1"}` (a name, with or without `SIG`, or a number) | `"signal": 10` |
 //! | `{"v":1,"cmd":"stop"}` | `"stopping": true` |
@@ -32,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::signal::Signal;
-use crate::stats::{ClusterStats, RestartOutcome, WorkerStats};
+use crate::stats::{ClusterStats, RestartOutcome, UpgradeOutcome, WorkerStats};
 
 /// The protocol version this library speaks.
 pub const PROTOCOL_VERSION: u64 = 1;
@@ -57,6 +59,18 @@ pub enum Request {
         /// Reply only once the rollout has ended.
         #[serde(default)]
         wait: bool,
+    },
+    /// Upgrade the master in place: [`Response::UpgradeStarted`] once the new master is being
+    /// started; with `wait`, the reply comes when the upgrade has ended:
+    /// [`Response::UpgradeFinished`]. A refused upgrade is answered with its outcome either way.
+    Upgrade {
+        /// Reply only once the upgrade has ended.
+        #[serde(default)]
+        wait: bool,
+        /// Slot by slot (`true`) or all new workers next to the old ones (`false`); absent: as
+        /// the cluster is configured (`Cluster::upgrade_slot_by_slot`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot_by_slot: Option<bool>,
     },
     /// Change the number of workers: [`Response::Scaling`].
     Scale {
@@ -126,6 +140,11 @@ pub enum Response {
     /// The rollout that served a waiting restart ended (`"outcome"`); on the wire `"ok"` is false
     /// when it did not complete.
     RestartFinished(RestartOutcome),
+    /// The new master of an upgrade is being started (`"upgrading": true`).
+    UpgradeStarted,
+    /// An upgrade ended, or was refused (`"outcome"`); on the wire `"ok"` is false when it did
+    /// not complete.
+    UpgradeFinished(UpgradeOutcome),
     /// The cluster is scaling to this many workers (`"workers"`).
     Scaling {
         /// The new number of workers.
@@ -218,6 +237,14 @@ struct Outcome {
     outcome: RestartOutcome,
 }
 #[derive(Serialize, Deserialize)]
+struct Upgrading {
+    upgrading: bool,
+}
+#[derive(Serialize, Deserialize)]
+struct UpgradeOutcomeField {
+    outcome: UpgradeOutcome,
+}
+#[derive(Serialize, Deserialize)]
 struct Workers {
     workers: usize,
 }
@@ -258,6 +285,12 @@ impl Response {
                 let error = (!ok).then(|| format!("graceful restart {outcome}"));
                 line(ok, error, Outcome { outcome: outcome.clone() })
             }
+            Response::UpgradeStarted => line(true, None, Upgrading { upgrading: true }),
+            Response::UpgradeFinished(outcome) => {
+                let ok = outcome.is_completed();
+                let error = (!ok).then(|| format!("upgrade {outcome}"));
+                line(ok, error, UpgradeOutcomeField { outcome: outcome.clone() })
+            }
             Response::Scaling { workers } => line(true, None, Workers { workers: *workers }),
             Response::Signalled { signal } => line(true, None, Signalled { signal: *signal }),
             Response::Stopping => line(true, None, Stopping { stopping: true }),
@@ -281,6 +314,12 @@ impl Response {
             {
                 return Ok(Response::RestartFinished(outcome));
             }
+            // An upgrade that was refused or failed, waited for or not, says how.
+            if let Request::Upgrade { .. } = request
+                && let Ok(UpgradeOutcomeField { outcome }) = parse(reply, bad)
+            {
+                return Ok(Response::UpgradeFinished(outcome));
+            }
             let message = head.error.unwrap_or_else(|| "the master refused the request".into());
             return Err(ClientError::Refused(message));
         }
@@ -288,6 +327,10 @@ impl Response {
             Request::Status => Response::Status(Box::new(parse(reply, bad)?)),
             Request::Restart { wait: false } => Response::RestartStarted,
             Request::Restart { wait: true } => Response::RestartFinished(parse::<Outcome>(reply, bad)?.outcome),
+            Request::Upgrade { wait: false, .. } => Response::UpgradeStarted,
+            Request::Upgrade { wait: true, .. } => {
+                Response::UpgradeFinished(parse::<UpgradeOutcomeField>(reply, bad)?.outcome)
+            }
             Request::Scale { .. } => Response::Scaling { workers: parse::<Workers>(reply, bad)?.workers },
             Request::Signal { .. } => Response::Signalled { signal: parse::<Signalled>(reply, bad)?.signal },
             Request::Stop => Response::Stopping,
@@ -338,7 +381,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         ));
     }
     serde_json::from_slice(line).map_err(|e| {
-        format!("invalid request: {e}; commands are status, restart, scale, signal, stop, metrics and probe")
+        format!("invalid request: {e}; commands are status, restart, upgrade, scale, signal, stop, metrics and probe")
     })
 }
 
@@ -516,6 +559,7 @@ mod tests {
             Request::Status,
             Request::Restart { wait: true },
             Request::Scale { workers: 3 },
+            Request::Upgrade { wait: true, slot_by_slot: Some(true) },
             Request::Signal { signal: Signal::HUP },
             Request::Stop,
             Request::Metrics,
@@ -528,6 +572,15 @@ mod tests {
             (Request::Scale { workers: 3 }, Response::Scaling { workers: 3 }),
             (Request::Signal { signal: Signal::USR1 }, Response::Signalled { signal: Signal::USR1 }),
             (Request::Stop, Response::Stopping),
+            (Request::Upgrade { wait: false, slot_by_slot: None }, Response::UpgradeStarted),
+            (
+                Request::Upgrade { wait: true, slot_by_slot: None },
+                Response::UpgradeFinished(UpgradeOutcome::Completed { new_pid: 7 }),
+            ),
+            (
+                Request::Upgrade { wait: false, slot_by_slot: Some(false) },
+                Response::UpgradeFinished(UpgradeOutcome::Refused { reason: "PID 1".into() }),
+            ),
             (Request::Metrics, Response::Metrics { text: "a 1\n".into() }),
             (Request::Restart { wait: true }, Response::RestartFinished(RestartOutcome::Completed { replaced: 2 })),
             (

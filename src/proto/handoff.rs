@@ -162,15 +162,307 @@ pub(crate) const PRIVATE_ENV: [&str; 8] = [
     env::OPTIONAL[1],
 ];
 
+/// The old-to-new-master hand-off of an upgrade in place: the new master is the program at the
+/// original path, started by the old master with these variables, its upgrade channel (a unix
+/// stream socket pair, like a worker's) and every inherited socket at the descriptors the state
+/// names. The state itself ([`UpgradeState`]) is the first line on the channel
+/// ([`UpgradeMessage::State`]): a cluster of thousands of slots would pass the kernel's limit of
+/// one environment string (128 KiB). The variables are removed from the environment as soon as
+/// they are read, and the descriptors made close-on-exec once taken.
+pub(crate) mod upgrade_env {
+    /// The new master's end of the upgrade channel.
+    pub const CHANNEL_FD: &str = "ECEWO_CLUSTER_UPGRADE_FD";
+    /// The old master's pid: the channel's peer (`SO_PEERCRED`), and the new master's parent.
+    pub const FROM_PID: &str = "ECEWO_CLUSTER_UPGRADE_FROM";
+    /// All of them.
+    pub const ALL: [&str; 2] = [CHANNEL_FD, FROM_PID];
+}
+
+/// The longest state line a new master reads (a state of the largest cluster is about 1 MiB).
+pub(crate) const MAX_STATE_LINE: usize = 16 << 20;
+
+/// The most descriptors an upgrade hands over (a socket per slot of each listener, the control
+/// socket and the admin listener): far more than any real cluster, few enough to check.
+pub(crate) const MAX_INHERITED_FDS: usize = 65_536;
+
+/// Where an inherited listener listens.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum InheritedAddr {
+    /// TCP, with the real port.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket file.
+    Unix(std::path::PathBuf),
+    /// An abstract unix socket.
+    Abstract(String),
+}
+
+/// A listener the old master hands over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct InheritedListener {
+    pub name: String,
+    pub addr: InheritedAddr,
+    /// `SO_REUSEPORT`, one socket per slot (else one socket shared by every worker, at slot 0).
+    pub reuse_port: bool,
+    /// systemd passed it (socket activation): the new master cannot bind it again.
+    #[serde(default)]
+    pub activated: bool,
+    pub backlog: i32,
+    #[serde(default)]
+    pub v6only: bool,
+    /// Its sockets: (slot, descriptor number in the new master).
+    pub fds: Vec<(usize, i32)>,
+    /// `ReusePort`: the kernel's array of the group, as slots (steering indexes it).
+    #[serde(default)]
+    pub group: Vec<usize>,
+    /// A unix socket file the old master created: its device and inode (whoever holds it last
+    /// removes it, if it is still that file).
+    #[serde(default)]
+    pub file: Option<(u64, u64)>,
+}
+
+/// A unix socket file's listener the old master hands over (the control socket).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct InheritedControl {
+    pub path: std::path::PathBuf,
+    pub fd: i32,
+    /// Its device and inode.
+    pub file: (u64, u64),
+}
+
+/// The admin listener the old master hands over.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct InheritedAdmin {
+    pub addr: InheritedAddr,
+    pub fd: i32,
+    #[serde(default)]
+    pub file: Option<(u64, u64)>,
+}
+
+/// What a new master inherits (the first line on the upgrade channel).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct UpgradeState {
+    /// The old master's generation.
+    pub generation: u64,
+    pub total_restarts: u64,
+    #[serde(default)]
+    pub exits: crate::stats::ExitCounts,
+    /// The old master's shutdown timeout, in ms (how long its workers may drain).
+    pub shutdown_timeout_ms: u64,
+    pub listeners: Vec<InheritedListener>,
+    #[serde(default)]
+    pub control: Option<InheritedControl>,
+    #[serde(default)]
+    pub admin: Option<InheritedAdmin>,
+    /// A slot-by-slot upgrade, from an old master with this many slots.
+    #[serde(default)]
+    pub slot_by_slot: Option<usize>,
+}
+
+impl UpgradeState {
+    /// Every descriptor it names, in order: the listeners' sockets, the control socket, the
+    /// admin listener.
+    pub(crate) fn fds(&self) -> Vec<i32> {
+        self.listeners
+            .iter()
+            .flat_map(|l| l.fds.iter().map(|(_, fd)| *fd))
+            .chain(self.control.iter().map(|c| c.fd))
+            .chain(self.admin.iter().map(|a| a.fd))
+            .collect()
+    }
+}
+
+/// The hand-off of an upgrade, as a new master reads it from its environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpgradeEnv {
+    pub channel_fd: i32,
+    pub from_pid: u32,
+}
+
+impl UpgradeEnv {
+    /// Parses the hand-off from the variables `get` returns: `Ok(None)` without
+    /// `ECEWO_CLUSTER_UPGRADE_FD`, an error naming what is wrong when the rest is missing or
+    /// garbled. (Whether the channel really leads to the old master is the master side's
+    /// check.)
+    pub(crate) fn parse(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Option<UpgradeEnv>, Error> {
+        let Some(fd) = get(upgrade_env::CHANNEL_FD) else { return Ok(None) };
+        let bad = |what: String| Error::BadInheritance { what: format!("upgrade hand-off: {what}") };
+        let num = |key: &str, v: Option<std::ffi::OsString>| -> Result<u64, Error> {
+            let v = v.ok_or_else(|| bad(format!("{key} is not set")))?;
+            v.to_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| bad(format!("{key}={} is not a number", v.to_string_lossy())))
+        };
+        let channel_fd = i32::try_from(num(upgrade_env::CHANNEL_FD, Some(fd))?)
+            .map_err(|_| bad(format!("{} is out of range", upgrade_env::CHANNEL_FD)))?;
+        let from_pid = u32::try_from(num(upgrade_env::FROM_PID, get(upgrade_env::FROM_PID))?)
+            .ok()
+            .filter(|&p| p > 0)
+            .ok_or_else(|| bad(format!("{} is not a pid", upgrade_env::FROM_PID)))?;
+        Ok(Some(UpgradeEnv { channel_fd, from_pid }))
+    }
+
+    /// Reads the state from the first line the old master sent (without its newline) and checks
+    /// the descriptors it names: each once, none of stdio or the channel's, within bounds.
+    pub(crate) fn read_state(&self, line: &[u8]) -> Result<UpgradeState, Error> {
+        let bad = |what: String| Error::BadInheritance { what: format!("upgrade hand-off: {what}") };
+        let state = match serde_json::from_slice::<UpgradeMessage>(line) {
+            Ok(UpgradeMessage::State { state }) => state,
+            Ok(other) => return Err(bad(format!("the old master sent {other:?} instead of the state"))),
+            Err(e) => return Err(bad(format!("the state is not valid: {e}"))),
+        };
+        let channel_fd = self.channel_fd;
+        let mut fds = state.fds();
+        if fds.len() > MAX_INHERITED_FDS {
+            return Err(bad(format!("{} descriptors, more than {MAX_INHERITED_FDS}", fds.len())));
+        }
+        fds.push(channel_fd);
+        // Each descriptor is taken over once: a number twice would give it two owners.
+        let mut sorted = fds.clone();
+        sorted.sort_unstable();
+        if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+            return Err(bad(format!("fd {} is named twice", w[0])));
+        }
+        if let Some(fd) = fds.iter().find(|&&fd| fd < FIRST_LISTEN_FD) {
+            return Err(bad(format!("fd {fd} is not an inherited descriptor (stdio)")));
+        }
+        for l in &state.listeners {
+            if l.fds.is_empty() {
+                return Err(bad(format!("listener {} has no socket", l.name)));
+            }
+            if !l.reuse_port && l.fds.iter().any(|(slot, _)| *slot != 0) {
+                return Err(bad(format!("listener {}: a shared socket is at slot 0", l.name)));
+            }
+        }
+        Ok(state)
+    }
+}
+
+/// A message on the upgrade channel, one JSON line each.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+#[allow(clippy::large_enum_variant, reason = "one state per upgrade")]
+pub(crate) enum UpgradeMessage {
+    /// Old → new, first: what it inherits.
+    State { state: UpgradeState },
+    /// New → old: its workers are ready.
+    Ready { workers: usize },
+    /// New → old: it cannot start (its `init` failed): why.
+    Failed { reason: String },
+    /// New → old (slot by slot): its worker of `slot` is ready.
+    SlotReady { slot: usize },
+    /// Old → new (slot by slot): its worker of `slot` is gone (or it had none).
+    Free { slot: usize },
+    /// Old → new: everything is handed over: take over.
+    Yours,
+    /// Old → new: its drain is over and it exits: none of its workers is left.
+    Bye,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashMap;
     use std::ffi::OsString;
 
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> + use<> {
         let map: HashMap<String, OsString> = pairs.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
         move |k| map.get(k).cloned()
+    }
+
+    fn state() -> UpgradeState {
+        UpgradeState {
+            generation: 2,
+            total_restarts: 9,
+            exits: crate::stats::ExitCounts::default(),
+            shutdown_timeout_ms: 1500,
+            listeners: vec![
+                InheritedListener {
+                    name: "default".into(),
+                    addr: InheritedAddr::Tcp("127.0.0.1:3000".parse().unwrap()),
+                    reuse_port: true,
+                    activated: false,
+                    backlog: 1024,
+                    v6only: false,
+                    fds: vec![(0, 4), (1, 5)],
+                    group: vec![1, 0],
+                    file: None,
+                },
+                InheritedListener {
+                    name: "sock".into(),
+                    addr: InheritedAddr::Unix("/run/app.sock".into()),
+                    reuse_port: false,
+                    activated: false,
+                    backlog: 16,
+                    v6only: false,
+                    fds: vec![(0, 6)],
+                    group: vec![],
+                    file: Some((1, 2)),
+                },
+            ],
+            control: Some(InheritedControl { path: "/run/x.sock".into(), fd: 7, file: (3, 4) }),
+            admin: Some(InheritedAdmin { addr: InheritedAddr::Abstract("adm".into()), fd: 8, file: None }),
+            slot_by_slot: Some(2),
+        }
+    }
+
+    fn line(state: &UpgradeState) -> Vec<u8> {
+        serde_json::to_vec(&UpgradeMessage::State { state: state.clone() }).unwrap()
+    }
+
+    fn parse_state(state: &UpgradeState) -> Result<UpgradeState, Error> {
+        UpgradeEnv { channel_fd: 3, from_pid: 77 }.read_state(&line(state))
+    }
+
+    #[test]
+    fn the_upgrade_hand_off_round_trips() {
+        let get = env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "77")]);
+        let e = UpgradeEnv::parse(get).unwrap().unwrap();
+        assert_eq!((e.channel_fd, e.from_pid), (3, 77));
+        let s = e.read_state(&line(&state())).unwrap();
+        assert_eq!(s, state());
+        assert_eq!(s.fds(), vec![4, 5, 6, 7, 8]);
+        assert_eq!(UpgradeEnv::parse(env_of(&[])).unwrap(), None, "no channel: not a new master");
+        for m in [
+            UpgradeMessage::Ready { workers: 3 },
+            UpgradeMessage::Failed { reason: "x".into() },
+            UpgradeMessage::SlotReady { slot: 1 },
+            UpgradeMessage::Free { slot: 0 },
+            UpgradeMessage::Yours,
+            UpgradeMessage::Bye,
+        ] {
+            let line = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<UpgradeMessage>(&line).unwrap(), m);
+        }
+        assert_eq!(serde_json::to_string(&UpgradeMessage::Yours).unwrap(), r#"{"t":"yours"}"#);
+    }
+
+    #[test]
+    fn a_garbled_upgrade_hand_off_is_a_clear_error() {
+        let err = |get: &dyn Fn(&str) -> Option<OsString>| UpgradeEnv::parse(get).unwrap_err().to_string();
+        let only_fd = env_of(&[(upgrade_env::CHANNEL_FD, "3")]);
+        assert!(err(&only_fd).contains("ECEWO_CLUSTER_UPGRADE_FROM is not set"));
+        let bad_pid = env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "0")]);
+        assert!(err(&bad_pid).contains("is not a pid"));
+        let e = UpgradeEnv { channel_fd: 3, from_pid: 77 };
+        assert!(e.read_state(b"{").unwrap_err().to_string().contains("the state is not valid"));
+        assert!(e.read_state(br#"{"t":"yours"}"#).unwrap_err().to_string().contains("instead of the state"));
+        let state_err = |s: &UpgradeState| parse_state(s).unwrap_err().to_string();
+        let mut twice = state();
+        twice.listeners[1].fds = vec![(0, 5)];
+        assert!(state_err(&twice).contains("fd 5 is named twice"));
+        let mut channel = state();
+        channel.listeners[1].fds = vec![(0, 3)];
+        assert!(state_err(&channel).contains("fd 3 is named twice"));
+        let mut stdio = state();
+        stdio.listeners[1].fds = vec![(0, 2)];
+        assert!(state_err(&stdio).contains("fd 2 is not an inherited"));
+        let mut shared = state();
+        shared.listeners[1].fds = vec![(1, 6)];
+        assert!(state_err(&shared).contains("a shared socket is at slot 0"));
+        let mut empty = state();
+        empty.listeners[0].fds.clear();
+        assert!(state_err(&empty).contains("listener default has no socket"));
     }
 
     #[test]

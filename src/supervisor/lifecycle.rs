@@ -86,6 +86,7 @@ impl Supervisor {
         match loc {
             Loc::Current(slot) => {
                 out.push(Command::Report(Report::Ready { slot, pid }));
+                self.slot_ready_for_predecessor(slot, now, out);
                 let s = &mut self.slots[slot];
                 // A worker recycled in place has its replacement now.
                 s.recycling = None;
@@ -158,7 +159,10 @@ impl Supervisor {
                     self.fail_replacement(slot, reason, now, wall, out);
                 }
             }
-            Loc::Retiring(_) => out.push(Command::Report(exited(false, None))),
+            Loc::Retiring(_) => {
+                out.push(Command::Report(exited(false, None)));
+                self.free_if_handed(slot, out);
+            }
         }
     }
 
@@ -258,7 +262,15 @@ impl Supervisor {
         if !waiting && workers > 0 {
             self.announced_ready = true;
             out.push(Command::Report(Report::AllReady { workers }));
-            out.push(Command::Notify(Notify::Ready { workers }));
+            if self.takeover == super::Takeover::Pending {
+                // A new master of an upgrade: its predecessor hands over once it hears this;
+                // systemd hears READY=1 at the take-over.
+                if workers >= self.policy.min_ready.max(1) {
+                    out.push(Command::SayReady { workers });
+                }
+            } else {
+                out.push(Command::Notify(Notify::Ready { workers }));
+            }
         }
     }
 }

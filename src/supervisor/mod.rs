@@ -19,6 +19,7 @@
 //! | `rollout.rs` | rolling restarts: surge first, one slot at a time, coalescing |
 //! | `scaling.rs` | adding and removing slots |
 //! | `shutdown.rs` | stopping everything, the end of supervision |
+//! | `upgrade.rs` | upgrading the master in place: the new master's start, hand-over or rollback; a new master's take-over |
 //! | `signals.rs` | what the master's signals mean (defaults, bound actions); signalling workers |
 //! | `timers.rs` | deadlines: [`Supervisor::next_deadline`] and what is due at a time |
 //! | `sockets.rs` | routing new connections and closing sockets nobody serves (`ReusePort`) |
@@ -29,7 +30,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
-use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome};
+use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome};
 
 mod lifecycle;
 mod liveness;
@@ -41,6 +42,7 @@ mod signals;
 mod sockets;
 mod timers;
 mod types;
+mod upgrade;
 mod views;
 
 #[cfg(test)]
@@ -49,6 +51,8 @@ mod liveness_tests;
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod upgrade_tests;
 
 pub use types::*;
 
@@ -147,6 +151,12 @@ struct Slot {
     probing: bool,
     /// A failed recycle is not tried again before this time.
     recycle_retry: Option<Instant>,
+    /// (The old master of a slot-by-slot upgrade.) The new master's worker serves the slot:
+    /// this master's drains (or is gone), nothing respawns, the slot stays in the route.
+    handed: bool,
+    /// (A master started by a slot-by-slot upgrade.) Its first spawn waits for the previous
+    /// slot's turn to end.
+    gated: bool,
 }
 
 impl Slot {
@@ -169,6 +179,8 @@ impl Slot {
             probe_at: None,
             probing: false,
             recycle_retry: None,
+            handed: false,
+            gated: false,
         }
     }
 }
@@ -201,6 +213,42 @@ struct Rollout {
     program: Program,
     tickets: Vec<u64>,
     replaced: usize,
+}
+
+/// An upgrade of the master in place, as the old master runs it.
+#[derive(Debug, Clone)]
+struct Upgrade {
+    stage: UpgradeStage,
+    /// When the new master must have said it is ready (`None`: never, for timeouts beyond the
+    /// clock's range).
+    deadline: Option<Instant>,
+    /// Callers waiting for the outcome.
+    tickets: Vec<u64>,
+    /// Slot by slot: the new master starts a worker each time this one frees a slot.
+    slot_by_slot: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpgradeStage {
+    /// [`Command::SpawnMaster`] was sent; the driver has not answered yet.
+    Spawning,
+    /// The new master runs and is starting its workers.
+    Starting { pid: u32 },
+    /// The upgrade failed and the new master was killed: waiting for its exit, so that no
+    /// second one starts beside it.
+    Killing,
+}
+
+/// Who owns the control socket, the admin listener and steering, in a master started by an
+/// upgrade (others always do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Takeover {
+    /// A master the program started: it owns everything.
+    Own,
+    /// Started by an upgrade, its predecessor still serves: no route, no systemd readiness.
+    Pending,
+    /// Started by an upgrade, it took over.
+    Taken,
 }
 
 /// The supervisor state machine. See the [module documentation](self).
@@ -253,6 +301,22 @@ pub struct Supervisor {
     /// it ran.
     expected_wake: Option<Instant>,
     last_handled: Option<Instant>,
+    /// The upgrade this master runs (it is the old master), if any.
+    upgrade: Option<Upgrade>,
+    /// This master handed over to a new one: its shutdown is the drain that follows.
+    handed_over: bool,
+    last_upgrade: Option<UpgradeOutcome>,
+    /// The master's generation (0: the program's first master).
+    generation: u64,
+    /// Whether this master owns the cluster's outside (a master started by an upgrade, until
+    /// its predecessor hands over).
+    takeover: Takeover,
+    /// When the inherited sockets nobody uses are closed (its predecessor's workers are gone).
+    release_at: Option<Instant>,
+    /// The predecessor's shutdown timeout (a master started by an upgrade).
+    predecessor_timeout: std::time::Duration,
+    /// (A master started by a slot-by-slot upgrade.) The predecessor's number of slots.
+    predecessor_slots: Option<usize>,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -317,6 +381,14 @@ impl Supervisor {
             expected_wake: None,
             last_handled: None,
             leaving_at: None,
+            upgrade: None,
+            handed_over: false,
+            last_upgrade: None,
+            generation: 0,
+            takeover: Takeover::Own,
+            release_at: None,
+            predecessor_timeout: std::time::Duration::ZERO,
+            predecessor_slots: None,
             policy,
         }
         .seeded(now)
@@ -405,6 +477,15 @@ impl Supervisor {
             Event::Served { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), false, now),
             Event::Alive { key } => self.on_beat(key, None, true, now),
             Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
+            Event::Upgrade { ticket, slot_by_slot } => self.on_upgrade(ticket, slot_by_slot, now, &mut out),
+            Event::MasterSlotReady { slot } => self.on_master_slot_ready(slot, now, &mut out),
+            Event::SlotFreed { slot } => self.on_slot_freed(slot, now, &mut out),
+            Event::MasterSpawned { pid } => self.on_master_spawned(pid, &mut out),
+            Event::MasterSpawnFailed { error } => self.on_master_spawn_failed(error, &mut out),
+            Event::MasterReady => self.on_master_ready(now, &mut out),
+            Event::MasterExited { status, reason } => self.on_master_exited(status, reason, now, &mut out),
+            Event::HandedOver => self.on_handed_over(now, &mut out),
+            Event::PredecessorGone { clean } => self.on_predecessor_gone(clean, now, &mut out),
         }
         self.settle(now, wall, &mut out);
         self.expected_wake = self.next_deadline();

@@ -64,6 +64,14 @@ enum Op {
     /// Memory readings of every live process: over the limit or not, with room for a surge
     /// worker or not.
     Memory(bool, bool),
+    /// An upgrade of the master, with a waiting caller or not, slot by slot or not.
+    Upgrade(bool, bool),
+    /// (Slot by slot.) The new master's worker of the n-th slot (modulo) is ready.
+    MasterSlotReady(usize),
+    /// The new master says it is ready.
+    MasterReady,
+    /// The new master exits on its own.
+    MasterExit,
 }
 
 fn status() -> impl Strategy<Value = ExitStatus> {
@@ -89,6 +97,7 @@ fn op() -> impl Strategy<Value = Op> {
         Signal::TTOU,
         Signal::WINCH,
         Signal::CHLD,
+        Signal::USR1,
     ];
     prop_oneof![
         6 => (0u64..2500).prop_map(Op::Tick),
@@ -103,6 +112,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => prop::sample::select(vec![Signal::USR1, Signal::KILL]).prop_map(Op::SignalWorkers),
         4 => (any::<usize>(), 0u64..40).prop_map(|(i, n)| Op::Beat(i, n)),
         2 => (any::<bool>(), any::<bool>()).prop_map(|(over, room)| Op::Memory(over, room)),
+        1 => (any::<bool>(), any::<bool>()).prop_map(|(wait, slots)| Op::Upgrade(wait, slots)),
+        1 => any::<usize>().prop_map(Op::MasterSlotReady),
+        1 => Just(Op::MasterReady),
+        1 => Just(Op::MasterExit),
     ]
 }
 
@@ -137,6 +150,9 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
                     liveness,
                     shutdown_delay: ms(delay),
                     min_ready: 1,
+                    upgrade_timeout: ms(ready * 2),
+                    pid1: false,
+                    upgrade_slot_by_slot: false,
                 };
                 (policy, bound)
             },
@@ -204,6 +220,12 @@ struct Fake {
     /// The slots whose socket is open (`ReusePort`): slot 0's, as the master opens it, then
     /// every slot spawned into.
     sockets: BTreeSet<usize>,
+    /// The new master of an upgrade, while it runs (and it was sent SIGKILL).
+    new_master: Option<(u32, bool)>,
+    /// The supervisor handed over to the new master.
+    handed_over: bool,
+    upgrade_tickets: BTreeSet<u64>,
+    upgrades_answered: Vec<u64>,
 }
 
 impl Fake {
@@ -228,6 +250,10 @@ impl Fake {
             next_ticket: 1,
             tickets: BTreeSet::new(),
             answered: Vec::new(),
+            new_master: None,
+            handed_over: false,
+            upgrade_tickets: BTreeSet::new(),
+            upgrades_answered: Vec::new(),
         }
     }
 
@@ -235,6 +261,9 @@ impl Fake {
     fn feed(&mut self, event: Event) -> Result<(), TestCaseError> {
         let mut queue = VecDeque::from([event]);
         while let Some(ev) = queue.pop_front() {
+            if let Event::MasterExited { .. } = ev {
+                self.new_master = None;
+            }
             if let Event::Exited { key, .. } | Event::Lost { key } = ev {
                 self.live.remove(&key);
                 self.dying.remove(&key);
@@ -293,9 +322,33 @@ impl Fake {
                 );
             }
             Command::Report(Report::RestartFinished { tickets, .. }) => self.answered.extend(tickets),
-            Command::Exit(_) => {
+            Command::Report(Report::UpgradeFinished { tickets, .. }) => self.upgrades_answered.extend(tickets),
+            Command::SpawnMaster { .. } => {
+                prop_assert!(self.new_master.is_none() && !self.handed_over, "a second new master: never interleaved");
+                prop_assert!(self.sup.phase == Phase::Running, "a new master during a shutdown");
+                self.next_pid += 1;
+                self.new_master = Some((self.next_pid, false));
+                queue.push_back(Event::MasterSpawned { pid: self.next_pid });
+            }
+            Command::KillMaster => {
+                prop_assert!(self.new_master.is_some() && !self.handed_over, "killed a new master that does not run");
+                if let Some(m) = self.new_master.as_mut() {
+                    m.1 = true;
+                }
+            }
+            Command::HandOver { pid } => {
+                prop_assert_eq!(self.new_master.map(|m| m.0), Some(*pid), "handed over to another process");
+                prop_assert!(!self.handed_over, "handed over twice");
+                self.handed_over = true;
+            }
+            Command::Exit(outcome) => {
                 prop_assert!(last, "Exit is not the last command");
                 prop_assert!(self.live.is_empty(), "Exit with live processes: {:?}", self.live);
+                prop_assert!(
+                    self.handed_over || self.new_master.is_none(),
+                    "Exit while the new master of a failed upgrade runs"
+                );
+                prop_assert_eq!(*outcome == Outcome::Upgraded, self.handed_over, "{:?}", outcome);
                 self.done = true;
             }
             _ => {}
@@ -314,6 +367,10 @@ impl Fake {
             .any(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active));
         for &s in slots {
             prop_assert!(self.sockets.contains(&s), "routed to slot {}, whose socket is not open", s);
+            // A slot handed to the new master of a slot-by-slot upgrade: its worker serves it.
+            if self.sup.slots.get(s).is_some_and(|s| s.handed) {
+                continue;
+            }
             if any_active {
                 prop_assert_eq!(state(s), Some(ProcState::Active), "routed to slot {}", s);
             } else {
@@ -350,6 +407,9 @@ impl Fake {
         self.exited_now.clear();
         for key in std::mem::take(&mut self.dying) {
             self.feed(Event::Exited { key, status: ExitStatus::Signal(Signal::KILL) })?;
+        }
+        if self.new_master.is_some_and(|(_, killed)| killed) {
+            self.feed(Event::MasterExited { status: ExitStatus::Signal(Signal::KILL), reason: None })?;
         }
         let event = match *op {
             Op::Tick(ms) => {
@@ -388,6 +448,23 @@ impl Fake {
                 readings: self.live.keys().map(|&k| (k, if over { 1000 } else { 10 })).collect(),
                 headroom: Some(if room { 1 << 20 } else { 0 }),
             }),
+            Op::Upgrade(wait, slots) => {
+                let ticket = (wait && !self.done).then(|| {
+                    self.next_ticket += 1;
+                    self.upgrade_tickets.insert(self.next_ticket);
+                    self.next_ticket
+                });
+                Some(Event::Upgrade { ticket, slot_by_slot: Some(slots) })
+            }
+            Op::MasterSlotReady(n) => self
+                .new_master
+                .filter(|m| !m.1 && !self.handed_over)
+                .map(|_| Event::MasterSlotReady { slot: n % (self.sup.slots.len() + 1) }),
+            Op::MasterReady => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| Event::MasterReady),
+            Op::MasterExit => self
+                .new_master
+                .filter(|m| !m.1 && !self.handed_over)
+                .map(|_| Event::MasterExited { status: ExitStatus::Code(1), reason: Some("it failed".into()) }),
         };
         if let Some(event) = event {
             self.feed(event)?;
@@ -411,7 +488,9 @@ impl Fake {
                     self.sup.slots.get(slot).and_then(|s| s.current.as_ref()).is_some_and(|p| {
                         p.hung || p.why_stopped.is_some_and(|w| w != crate::stats::ExitReason::Shutdown)
                     });
-                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len() || given_up;
+                // A slot handed to the new master of a slot-by-slot upgrade is its to serve.
+                let handed = self.sup.slots.get(slot).is_some_and(|s| s.handed);
+                let excused = self.exited_now.contains(&key) || slot >= self.sup.slots.len() || given_up || handed;
                 if excused {
                     lost += 1;
                 } else {
@@ -467,6 +546,10 @@ impl Fake {
         answered.sort();
         let tickets: Vec<u64> = self.tickets.iter().copied().collect();
         prop_assert_eq!(answered, tickets, "every waiting caller answered once");
+        let mut answered = self.upgrades_answered.clone();
+        answered.sort();
+        let tickets: Vec<u64> = self.upgrade_tickets.iter().copied().collect();
+        prop_assert_eq!(answered, tickets, "every caller waiting for an upgrade answered once");
         Ok(())
     }
 }

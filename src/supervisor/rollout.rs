@@ -15,6 +15,12 @@ impl Supervisor {
             self.finish_restart(outcome, tickets, out);
             return;
         }
+        if self.upgrade.is_some() {
+            // The new master starts its own workers from the new program anyway.
+            let reason = "an upgrade of the master is running; its new master starts new workers".into();
+            self.finish_restart(RestartOutcome::Cancelled { reason, replaced: 0 }, tickets, out);
+            return;
+        }
         if self.rollout.is_some() {
             // Coalesced: one more rollout after this one, whoever asks and how often.
             self.queued_restart.get_or_insert_with(Vec::new).extend(tickets);

@@ -9,6 +9,12 @@ use crate::stats::ExitReason;
 impl Supervisor {
     pub(super) fn on_scale(&mut self, workers: usize, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         let from = self.slots.len();
+        if self.upgrade.is_some() && workers != from {
+            // The new master inherits this master's sockets as they were when it started: a
+            // slot's new socket would be unknown to it. It starts its own number of workers.
+            out.push(Command::Report(Report::NotDuringUpgrade { what: "scaling" }));
+            return;
+        }
         if self.phase != Phase::Running || self.leaving_at.is_some() || workers == 0 || workers == from {
             return;
         }

@@ -12,6 +12,8 @@ impl Supervisor {
     /// cluster not-ready (it keeps serving: a load balancer still sends it connections while it
     /// learns); the drain starts when the delay is over, or at once on a second request.
     pub(super) fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
+        // A new master still starting would only be stopped again: it is killed at once.
+        self.cancel_upgrade(out);
         let delay = self.policy.shutdown_delay;
         if self.phase == Phase::Running && self.leaving_at.is_none() && !delay.is_zero() {
             self.leaving_at = Some(now.checked_add(delay).unwrap_or(now));
@@ -32,34 +34,7 @@ impl Supervisor {
     fn begin_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
         match self.phase {
             Phase::Running => {
-                self.leaving_at = None;
-                self.phase = Phase::ShuttingDown { killed: false };
-                out.push(Command::CloseListeners);
-                self.sockets.clear();
-                let cancelled =
-                    |replaced| RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced };
-                if let Some(r) = self.rollout.take() {
-                    self.finish_restart(cancelled(r.replaced), r.tickets, out);
-                }
-                if let Some(tickets) = self.queued_restart.take() {
-                    self.finish_restart(cancelled(0), tickets, out);
-                }
-                let mut workers = 0;
-                let mut slots = std::mem::take(&mut self.slots);
-                for s in &mut slots {
-                    s.next_spawn = None;
-                    for p in s.current.iter_mut().chain(s.next.iter_mut()) {
-                        workers += 1;
-                        self.stop(p, ExitReason::Shutdown, now, out);
-                    }
-                }
-                self.slots = slots;
-                // Workers of removed slots still waiting for their stop: now.
-                let mut retiring = std::mem::take(&mut self.retiring);
-                for (_, p) in &mut retiring {
-                    self.stop(p, ExitReason::Shutdown, now, out);
-                }
-                self.retiring = retiring;
+                let workers = self.stop_everything(now, out);
                 out.push(Command::Report(Report::ShuttingDown { workers }));
                 out.push(Command::Notify(Notify::Stopping { workers }));
             }
@@ -67,6 +42,43 @@ impl Supervisor {
             Phase::ShuttingDown { killed: false } => self.kill_all(out),
             Phase::ShuttingDown { killed: true } | Phase::Done => {}
         }
+    }
+
+    /// Enters the shutdown phase: the master's listeners are closed, restarts are cancelled,
+    /// pending spawns dropped, and every process is asked to stop. Returns how many slots'
+    /// workers were. (A shutdown, or the drain after an upgrade's hand-over, whose listeners
+    /// the new master keeps: closing this master's copies leaves the sockets open there.)
+    pub(super) fn stop_everything(&mut self, now: Instant, out: &mut Vec<Command>) -> usize {
+        self.leaving_at = None;
+        self.phase = Phase::ShuttingDown { killed: false };
+        out.push(Command::CloseListeners);
+        self.sockets.clear();
+        let cancelled =
+            |replaced| RestartOutcome::Cancelled { reason: "the cluster is shutting down".into(), replaced };
+        if let Some(r) = self.rollout.take() {
+            self.finish_restart(cancelled(r.replaced), r.tickets, out);
+        }
+        if let Some(tickets) = self.queued_restart.take() {
+            self.finish_restart(cancelled(0), tickets, out);
+        }
+        let mut workers = 0;
+        let mut slots = std::mem::take(&mut self.slots);
+        for s in &mut slots {
+            s.next_spawn = None;
+            s.gated = false;
+            for p in s.current.iter_mut().chain(s.next.iter_mut()) {
+                workers += 1;
+                self.stop(p, ExitReason::Shutdown, now, out);
+            }
+        }
+        self.slots = slots;
+        // Workers of removed slots still waiting for their stop: now.
+        let mut retiring = std::mem::take(&mut self.retiring);
+        for (_, p) in &mut retiring {
+            self.stop(p, ExitReason::Shutdown, now, out);
+        }
+        self.retiring = retiring;
+        workers
     }
 
     pub(super) fn kill_all(&mut self, out: &mut Vec<Command>) {
@@ -89,12 +101,13 @@ impl Supervisor {
 
     pub(super) fn check_done(&mut self, out: &mut Vec<Command>) {
         // A disabled slot waiting for its cool-off's probe will run a worker again.
-        let pending = self.slots.iter().any(|s| s.next_spawn.is_some())
+        let pending = self.slots.iter().any(|s| s.next_spawn.is_some() || s.gated)
             || (self.phase == Phase::Running && self.slots.iter().any(|s| s.probe_at.is_some()));
-        if self.procs().next().is_some() || pending {
+        if self.procs().next().is_some() || pending || self.upgrade_pending() {
             return;
         }
         let outcome = match self.phase {
+            _ if self.upgraded_outcome().is_some() => Outcome::Upgraded,
             Phase::ShuttingDown { .. } => Outcome::Stopped,
             Phase::Running => {
                 let disabled = self.slots.iter().filter(|s| s.disabled).count();

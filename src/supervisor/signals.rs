@@ -1,6 +1,7 @@
 //! The master's signals and what each means: `SIGTERM`/`SIGINT` always shut down; a signal the
 //! user bound (`Cluster::on_signal`) runs its action instead of its default; by default
 //! `SIGHUP`/`SIGQUIT` shut down gracefully like `SIGTERM`, `SIGUSR2` starts a rolling restart,
+//! `SIGUSR1` upgrades the master in place,
 //! `SIGTTIN`/`SIGTTOU` add or remove a worker, `SIGCHLD` (PID 1 only) reaps orphans. Also
 //! signalling the workers on the user's behalf.
 
@@ -21,6 +22,7 @@ impl Supervisor {
             // instead of the kernel's default of dying without stopping the workers.
             Signal::HUP | Signal::QUIT => self.on_shutdown(now, out),
             Signal::USR2 => self.on_restart(None, now, wall, out),
+            Signal::USR1 => self.on_upgrade(None, None, now, out),
             Signal::TTIN => self.on_scale_by(1, now, wall, out),
             Signal::TTOU => self.on_scale_by(-1, now, wall, out),
             _ => {}

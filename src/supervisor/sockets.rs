@@ -28,6 +28,8 @@ impl Supervisor {
         let retiring = || self.retiring.iter().any(|(s, _)| *s == slot);
         let Some(s) = self.slots.get(slot) else { return retiring() };
         s.current.is_some()
+            || s.handed
+            || s.gated
             || s.next.is_some()
             || s.next_spawn.is_some()
             || retiring()
@@ -41,7 +43,12 @@ impl Supervisor {
     /// on the socket of a slot that will only be spawned later (or respawned after a delay).
     /// With none of those either, the route is empty: the driver then leaves the whole group.
     pub(super) fn update_route(&mut self, out: &mut Vec<Command>) {
-        if !self.policy.socket_per_slot || self.phase != Phase::Running || self.steering == Steering::Off {
+        if !self.policy.socket_per_slot
+            || self.phase != Phase::Running
+            || self.steering == Steering::Off
+            || self.takeover == super::Takeover::Pending
+        {
+            // (A new master of an upgrade steers once it took over: until then the old one does.)
             return;
         }
         let with = |ok: fn(ProcState) -> bool| -> Vec<usize> {
@@ -52,6 +59,12 @@ impl Supervisor {
                 .collect()
         };
         let mut route = with(|st| st == ProcState::Active);
+        // Slots handed to the new master of a slot-by-slot upgrade: its worker serves them.
+        // (Those whose socket this master holds: one the new master bound is not in its picture
+        // of the group.)
+        route.extend(self.slots.iter().filter(|s| s.handed && self.sockets.contains(&s.id)).map(|s| s.id));
+        route.sort_unstable();
+        route.dedup();
         if route.is_empty() {
             route = with(|st| st != ProcState::Stopping);
         }

@@ -25,6 +25,9 @@ pub(super) fn policy(workers: usize) -> Policy {
         liveness: Liveness::default(),
         shutdown_delay: Duration::ZERO,
         min_ready: 1,
+        upgrade_timeout: 5000 * MS,
+        pid1: false,
+        upgrade_slot_by_slot: false,
     }
 }
 

@@ -17,7 +17,8 @@ impl Supervisor {
         let ready = self.procs().filter_map(|(_, p)| p.ready_due()).min();
         let stops = self.procs().filter_map(|(_, p)| p.stop_deadline.or(p.stop_at)).min();
         let running = self.phase == Phase::Running;
-        let probes = self.slots.iter().filter_map(|s| s.probe_at).min().filter(|_| running);
+        // (Parked during an upgrade: see `probe_due`.)
+        let probes = self.slots.iter().filter_map(|s| s.probe_at).min().filter(|_| running && self.upgrade.is_none());
         let hung = self
             .slots
             .iter()
@@ -28,7 +29,9 @@ impl Supervisor {
         let ages = (0..self.slots.len()).filter_map(|slot| self.age_due(slot)).min();
         let samples = self.next_sample.filter(|_| running);
         let leave = self.leaving_at.filter(|_| running);
-        [spawns, ready, stops, probes, hung, ages, samples, leave].into_iter().flatten().min()
+        let upgrade = self.upgrade_deadline();
+        let release = self.release_deadline();
+        [spawns, ready, stops, probes, hung, ages, samples, leave, upgrade, release].into_iter().flatten().min()
     }
 
     /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns
@@ -36,6 +39,8 @@ impl Supervisor {
     /// its ready deadline respawns a slot left empty, after a respawn delay that may be zero).
     pub(super) fn on_time(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
         self.expire_unready(now, wall, out);
+        self.upgrade_due(now, out);
+        self.release_due(now, out);
         self.expire_silent(now, out);
         self.recycle_old(now);
         self.sample_due(now, out);
@@ -95,7 +100,10 @@ impl Supervisor {
 
     /// Gives the disabled slots whose cool-off is over one probe spawn.
     fn probe_due(&mut self, now: Instant, out: &mut Vec<Command>) {
-        if self.phase != Phase::Running {
+        // Parked during an upgrade: a probe would open the slot's socket again, one the new
+        // master did not inherit and so is not in its picture of the group. It runs once the
+        // upgrade is over (if this master still serves).
+        if self.phase != Phase::Running || self.upgrade.is_some() {
             return;
         }
         for s in &mut self.slots {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::signal::Signal;
-use crate::stats::{ExitReason, ExitStatus, RestartOutcome};
+use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome};
 
 /// The most worker slots a cluster accepts. Each slot costs the master a few file descriptors
 /// (a pidfd, a channel and, with `Balance::ReusePort`, a socket); beyond this a count is almost
@@ -48,6 +48,34 @@ pub struct Policy {
     pub shutdown_delay: Duration,
     /// Ready workers the readiness probe needs (at least 1).
     pub min_ready: usize,
+    /// How long a new master started by an upgrade has to say it is ready (its workers are),
+    /// from its spawn; past it, it is killed and the old master keeps serving.
+    pub upgrade_timeout: Duration,
+    /// The master is PID 1 (a container's init): an upgrade would end the container when the
+    /// old master exits, so it is refused.
+    pub pid1: bool,
+    /// Upgrades go slot by slot unless asked otherwise: the new master starts one worker at a
+    /// time, and this master stops its worker of a slot once the new one of that slot is ready
+    /// (at most one worker more than the slots at any time, instead of twice as many).
+    pub upgrade_slot_by_slot: bool,
+}
+
+/// What a master started by an upgrade inherits from its predecessor
+/// ([`Supervisor::inherit`](super::Supervisor::inherit)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inheritance {
+    /// The predecessor's generation (this master's is one more).
+    pub generation: u64,
+    /// Workers started again so far (respawns and replacements).
+    pub total_restarts: u64,
+    /// Worker exits so far, by reason.
+    pub exits: ExitCounts,
+    /// The predecessor's shutdown timeout: how long its workers may still drain after it is
+    /// gone (its sockets stay in the group that long).
+    pub shutdown_timeout: Duration,
+    /// A slot-by-slot upgrade, from a predecessor with this many slots: slot `i + 1` starts
+    /// once the predecessor freed slot `i` (its worker there exited) or had none.
+    pub slot_by_slot: Option<usize>,
 }
 
 /// What the probes say ([`Supervisor::probes`](super::Supervisor::probes)).
@@ -272,6 +300,53 @@ pub enum Event {
         /// Requests in flight.
         in_flight: u64,
     },
+    /// An upgrade of the master in place was asked for (`SIGUSR1`, a handle, the control
+    /// socket); `ticket` identifies a caller waiting for its outcome.
+    Upgrade {
+        /// The waiting caller, if any.
+        ticket: Option<u64>,
+        /// Slot by slot (`None`: as [`Policy::upgrade_slot_by_slot`] says).
+        slot_by_slot: Option<bool>,
+    },
+    /// The new master asked for by [`Command::SpawnMaster`] runs.
+    MasterSpawned {
+        /// Its pid.
+        pid: u32,
+    },
+    /// The new master could not be started.
+    MasterSpawnFailed {
+        /// Why.
+        error: String,
+    },
+    /// The new master says its workers are ready (over the upgrade channel).
+    MasterReady,
+    /// (A slot-by-slot upgrade.) The new master's worker of `slot` is ready.
+    MasterSlotReady {
+        /// The slot.
+        slot: usize,
+    },
+    /// (In a master started by a slot-by-slot upgrade.) The predecessor's worker of `slot`
+    /// is gone (or it had none): the next slot may start.
+    SlotFreed {
+        /// The slot.
+        slot: usize,
+    },
+    /// The new master exited (and was reaped).
+    MasterExited {
+        /// How it ended.
+        status: ExitStatus,
+        /// What it said before, if anything (why its `init` failed).
+        reason: Option<String>,
+    },
+    /// (In a master started by an upgrade.) The predecessor handed everything over: take over.
+    HandedOver,
+    /// (In a master started by an upgrade.) The predecessor is gone: the upgrade channel
+    /// reached its end. `clean`: it said goodbye first (it exited after its drain, so none of
+    /// its workers holds a socket any more).
+    PredecessorGone {
+        /// It said goodbye.
+        clean: bool,
+    },
     /// The memory readings asked for by [`Command::SampleMemory`].
     MemorySampled {
         /// Each running worker's memory, in bytes (workers the driver could not read are left
@@ -367,6 +442,46 @@ pub enum Command {
     },
     /// Reap the children that are not workers (the master is PID 1 and got `SIGCHLD`).
     ReapOrphans,
+    /// Start the new master of an upgrade: the program at the original path, with every
+    /// listening socket, the control socket and the state it inherits. The driver answers with
+    /// [`Event::MasterSpawned`] or [`Event::MasterSpawnFailed`].
+    SpawnMaster {
+        /// The new master starts its workers one at a time, as this master frees its slots.
+        slot_by_slot: bool,
+    },
+    /// Kill the new master (`SIGKILL`): the upgrade failed. Its exit comes as
+    /// [`Event::MasterExited`].
+    KillMaster,
+    /// The new master takes over: stop accepting on the control socket and the admin listener
+    /// (connections open stay, to be answered), stop steering, leave the socket files to the
+    /// new master, and tell it so over the upgrade channel.
+    HandOver {
+        /// The new master's pid.
+        pid: u32,
+    },
+    /// (A slot-by-slot upgrade.) Tell the new master that this master's worker of `slot` is
+    /// gone (or that it had none).
+    FreeSlot {
+        /// The slot.
+        slot: usize,
+    },
+    /// (In a master started by a slot-by-slot upgrade.) Tell the old master that the worker of
+    /// `slot` is ready.
+    SaySlotReady {
+        /// The slot.
+        slot: usize,
+    },
+    /// (In a master started by an upgrade.) Tell the old master that the workers are ready.
+    SayReady {
+        /// Workers ready.
+        workers: usize,
+    },
+    /// (In a master started by an upgrade.) Take over: poll the control socket and the admin
+    /// listener from now on (routes apply from now on too).
+    TakeOver,
+    /// (In a master started by an upgrade.) Close the inherited sockets that no listener or
+    /// slot of this master uses: no worker of the predecessor holds them any more.
+    ReleaseInherited,
     /// Tell systemd (`sd_notify`), when it listens.
     Notify(Notify),
     /// Tell the user (log line, callback).
@@ -398,6 +513,11 @@ pub enum Notify {
     Stopping {
         /// Workers asked to stop.
         workers: usize,
+    },
+    /// `MAINPID=`: the new master of an upgrade is the service's main process from now on.
+    MainPid {
+        /// Its pid.
+        pid: u32,
     },
     /// `STOPPING=1` too: a shutdown was asked for, and the cluster serves for `delay` more
     /// before it drains (no longer ready meanwhile).
@@ -435,6 +555,8 @@ pub enum Outcome {
         /// Slots whose worker crashed with respawn off.
         crashed: usize,
     },
+    /// A new master took over (an upgrade in place) and this one's workers have drained.
+    Upgraded,
 }
 
 /// A fact worth telling the user: the driver logs it and runs the matching callback.
@@ -591,6 +713,49 @@ pub enum Report {
         outcome: RestartOutcome,
         /// The waiting callers it answers.
         tickets: Vec<u64>,
+    },
+    /// An upgrade of the master began: the new master is being started.
+    UpgradeStarted {
+        /// The waiting callers (answered now if they did not ask to wait for the end).
+        tickets: Vec<u64>,
+    },
+    /// The new master runs.
+    MasterStarted {
+        /// Its pid.
+        pid: u32,
+        /// It starts its workers slot by slot.
+        slot_by_slot: bool,
+    },
+    /// (A slot-by-slot upgrade.) The new master's worker of `slot` is ready: this master's
+    /// drains.
+    SlotHandedOver {
+        /// The slot.
+        slot: usize,
+    },
+    /// The new master is ready and takes over; this one drains its workers and exits.
+    HandingOver {
+        /// The new master's pid.
+        pid: u32,
+        /// Workers of this master that drain.
+        workers: usize,
+    },
+    /// An upgrade ended (or was refused).
+    UpgradeFinished {
+        /// How.
+        outcome: UpgradeOutcome,
+        /// The waiting callers it answers.
+        tickets: Vec<u64>,
+    },
+    /// (In a master started by an upgrade.) It took over from its predecessor.
+    TookOver {
+        /// The predecessor handed over (`false`: it died before, so this master took over at
+        /// once).
+        handed_over: bool,
+    },
+    /// A request that would change the slots was refused while an upgrade runs.
+    NotDuringUpgrade {
+        /// What was refused.
+        what: &'static str,
     },
     /// A relative scale (`SIGTTIN`, `SIGTTOU`) would leave fewer than 1 or more than
     /// [`crate::MAX_WORKERS`] slots.

@@ -12,6 +12,9 @@ impl Slot {
         if self.disabled {
             return WorkerStatus::Disabled;
         }
+        if self.gated && self.current.is_none() {
+            return WorkerStatus::Starting;
+        }
         match (&self.current, self.next_spawn) {
             (Some(p), _) => match p.state {
                 ProcState::Spawning | ProcState::Starting => WorkerStatus::Starting,
@@ -35,7 +38,8 @@ impl Supervisor {
     /// timeout); nothing once the start-up overran it, or while no worker serves, so that
     /// systemd restarts the service; nothing either, and nothing wrong, once a shutdown began.
     pub fn watchdog(&self, now: Instant) -> Watchdog {
-        if self.phase != Phase::Running {
+        if self.phase != Phase::Running || !self.owns_outside() {
+            // (A new master of an upgrade: its predecessor feeds the watchdog until it hands over.)
             return Watchdog::Quiet;
         }
         if !self.announced_ready {
@@ -46,7 +50,8 @@ impl Supervisor {
                 _ => Watchdog::Feed,
             };
         }
-        if self.slots.iter().any(|s| s.status() == WorkerStatus::Active) {
+        // (A slot handed to the new master of a slot-by-slot upgrade is served by it.)
+        if self.slots.iter().any(|s| s.status() == WorkerStatus::Active || s.handed) {
             Watchdog::Feed
         } else {
             Watchdog::Withhold { reason: "no worker is serving" }
@@ -65,7 +70,7 @@ impl Supervisor {
             )
         });
         let asked_to_stop = self.phase != Phase::Running || self.leaving_at.is_some();
-        let active = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
+        let active = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active || s.handed).count();
         Probes {
             live: match self.phase {
                 Phase::Running => can_run,
@@ -103,6 +108,9 @@ impl Supervisor {
             // The driver's to fill, like the listeners.
             memory_limit_bytes: None,
             memory_current_bytes: None,
+            generation: self.generation,
+            upgrade_requested: self.upgrade.as_ref().is_some_and(|u| u.stage != super::UpgradeStage::Killing),
+            last_upgrade: self.last_upgrade.clone(),
         }
     }
 

@@ -33,7 +33,13 @@ use hyper::{Request, Response, StatusCode};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Test server for ecewo-cluster's integration tests and benchmarks")]
+// A later option overrides an earlier one: an upgrade's new build can be a script that runs
+// the testbed with the old arguments plus its own (`exec testbed "$@" --workers 3`).
+#[command(
+    version,
+    about = "Test server for ecewo-cluster's integration tests and benchmarks",
+    args_override_self = true
+)]
 struct Args {
     /// Port to listen on (0: any free port; the ready line tells which).
     #[arg(long, default_value_t = 0)]
@@ -186,6 +192,13 @@ struct Args {
     /// Ready workers the readiness probe needs.
     #[arg(long, default_value_t = 1)]
     min_ready: usize,
+    /// How long the new master of an upgrade (SIGUSR1, `ecewo-cluster upgrade`) has to get
+    /// ready (default: the library's).
+    #[arg(long)]
+    upgrade_timeout_ms: Option<u64>,
+    /// Upgrades of the master go slot by slot by default.
+    #[arg(long)]
+    upgrade_slot_by_slot: bool,
 }
 
 fn parse_backoff(s: &str) -> Result<(u64, u64), String> {
@@ -355,6 +368,11 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         .min_ready(args.min_ready);
     let cluster = match &args.admin {
         Some(addr) => cluster.admin(addr.clone()),
+        None => cluster,
+    };
+    let cluster = cluster.upgrade_slot_by_slot(args.upgrade_slot_by_slot);
+    let cluster = match args.upgrade_timeout_ms {
+        Some(t) => cluster.upgrade_timeout(ms(t)),
         None => cluster,
     };
     let cluster = match args.worker_timeout_ms {

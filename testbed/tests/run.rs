@@ -641,3 +641,45 @@ fn the_node_example_serves_and_notifies_through_systemd_notify() {
     assert_eq!(st.code(), Some(0), "{}", run.tb.stderr());
     assert!(wait_until(Duration::from_secs(5), || marked(&run.marker).is_empty()), "left: {:?}", marked(&run.marker));
 }
+
+#[test]
+fn upgrade_replaces_the_run_master_in_place_under_load() {
+    // The master runs from a copy of the CLI, so that a new file can be put at its path.
+    let dir = tempfile::tempdir().unwrap();
+    let cli = dir.path().join("ecewo-cluster");
+    std::fs::copy(cli_binary(), &cli).unwrap();
+    let marker = new_marker();
+    let mut opts =
+        Run::options(&["--listen", "127.0.0.1:0", "--workers", "2"], &["python3", &python_example()], &marker);
+    opts.program = Some(cli.clone());
+    let tb = Testbed::start_with(opts);
+    let mut run = Run { tb, marker };
+    let old_master = run.tb.pid();
+    let old_workers: BTreeSet<u32> = run.workers().into_iter().collect();
+    // Fresh connections only: the example answers HTTP/1.0, one request per connection.
+    let load = Load::start(run.tb.port, 2, 0, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 100));
+    // A new build at the path: a new file (a new inode).
+    let staged = dir.path().join("staged");
+    std::fs::copy(cli_binary(), &staged).unwrap();
+    std::fs::rename(&staged, &cli).unwrap();
+    let out = run.cli(&["upgrade", "--wait"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}\n{}", run.tb.stderr());
+    assert!(stdout.contains("took over"), "{stdout}");
+    assert!(run.tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()), "the old master exits 0");
+    let status = wait_status(&run, "the new master serves", |s| s["master"]["pid"] != old_master && all_active(s, 2));
+    assert_eq!(status["cluster"]["generation"], 1);
+    let new_master = status["master"]["pid"].as_u64().unwrap() as u32;
+    assert_eq!(std::fs::read_link(format!("/proc/{new_master}/exe")).unwrap(), cli);
+    let new_workers: BTreeSet<u32> =
+        workers_of(&status).values().filter_map(|w| w["pid"].as_u64()).map(|p| p as u32).collect();
+    assert!(new_workers.is_disjoint(&old_workers), "{new_workers:?} {old_workers:?}");
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 200));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    let out = run.cli(&["stop"]);
+    assert!(out.status.success());
+    assert!(wait_until(Duration::from_secs(20), || marked(&run.marker).is_empty()), "nothing is left");
+}

@@ -183,7 +183,18 @@ impl Testbed {
         if let Some(f) = configure {
             f(&mut cmd);
         }
-        let mut child = cmd.spawn().expect("start testbed");
+        // A program file a test just wrote may be busy for a moment: another test's child, forked
+        // while the file was open for writing, holds that descriptor until its own exec.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => break other.expect("start testbed"),
+            }
+        };
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
