@@ -599,3 +599,38 @@ fn a_new_master_whose_init_fails_says_why_and_the_old_one_serves_on() {
     assert_eq!(tb.workers().into_iter().collect::<BTreeSet<u32>>(), old_workers);
     assert_eq!(tb.get("/").unwrap().0, 200);
 }
+
+#[test]
+fn sigkill_of_the_new_master_mid_slot_by_slot_gives_the_old_one_its_slots_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (tb, _rx) = start(&exe, &["--workers", "3", "--respawn"]);
+    let load = Load::start(tb.port, 1, 2, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 200));
+    // Each new worker takes 1.5 s to get ready: the upgrade is caught with slot 0 handed over
+    // and slot 1 starting.
+    deploy(&exe, &testbed_with("--ready-delay-ms 1500"));
+    let out = cli(&tb, &["upgrade", "--slot-by-slot"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let new_master = new_master_pid(&tb);
+    let mut cleanup = Cleanup::default();
+    cleanup.watch(new_master);
+    assert!(
+        tb.wait_log(Duration::from_secs(10), |l| l.contains("this master's worker 0 drains")),
+        "slot 0 handed over:\n{}",
+        tb.stderr()
+    );
+    cleanup.watch(new_master);
+    std::thread::sleep(Duration::from_millis(300));
+    cleanup.watch(new_master);
+    send_signal(new_master, Signal::KILL);
+    assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains("upgrade failed")), "{}", tb.stderr());
+    // The old master serves its 3 slots again.
+    assert!(wait_until(Duration::from_secs(10), || tb.stats()["cluster"]["active_workers"] == 3), "{}", tb.stderr());
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 300));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    let seen = cleanup.0.clone();
+    assert!(wait_until(Duration::from_secs(10), || seen.iter().all(|&p| !alive(p))), "no orphan: {seen:?}");
+}
