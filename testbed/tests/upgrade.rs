@@ -169,10 +169,31 @@ fn an_upgrade_under_load_hands_over_to_the_new_build_without_a_failed_request() 
     assert_eq!(status["cluster"]["total_workers"], 3);
     assert_eq!(status["cluster"]["active_workers"], 3);
     assert_eq!(status["cluster"]["generation"], 1);
+    // It can be upgraded in turn (back to 2 workers), once its predecessor is gone.
+    deploy(&exe, &testbed_with("--workers 2"));
+    let out = cli(&tb, &["upgrade", "--wait", "--pid", &new_master.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        text(&out.stderr),
+        tb.stderr()
+    );
+    assert_eq!(next_ready(&rx, &tb), format!("ready: 2 workers on port {}", tb.port));
+    assert!(wait_until(Duration::from_secs(20), || !alive(new_master)), "the second master exits after its drain");
+    let out = cli(&tb, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["cluster"]["generation"], 2, "{status}");
+    assert_eq!(status["cluster"]["active_workers"], 2);
+    let third = status["master"]["pid"].as_u64().unwrap() as u32;
+    cleanup.watch(third);
+    let third_workers = children_of(third);
+    assert_eq!(tb.get("/").unwrap().0, 200);
     // It stops as any master does.
-    let out = cli(&tb, &["stop", "--pid", &new_master.to_string()]);
+    let out = cli(&tb, &["stop", "--pid", &third.to_string()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(wait_until(Duration::from_secs(20), || !alive(new_master) && new_workers.iter().all(|&w| !alive(w))));
+    assert!(wait_until(Duration::from_secs(20), || !alive(third) && third_workers.iter().all(|&w| !alive(w))));
+    assert!(new_workers.iter().all(|&w| !alive(w)));
     eprintln!("{} requests, 0 failed", result.ok);
 }
 
