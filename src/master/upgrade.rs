@@ -381,7 +381,9 @@ impl Driver {
     /// What the new master said.
     pub(super) fn on_successor_channel(&mut self, events: &mut VecDeque<Event>) {
         let Some(s) = self.successor.as_mut() else { return };
-        let _ = s.chan.flush();
+        if s.chan.flush().is_err() {
+            s.closed = true;
+        }
         let input = s.chan.read_lines(MAX_LINE);
         for line in input.lines {
             match serde_json::from_slice::<UpgradeMessage>(&line) {
