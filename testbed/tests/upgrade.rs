@@ -655,3 +655,18 @@ fn sigkill_of_the_new_master_mid_slot_by_slot_gives_the_old_one_its_slots_back()
     let seen = cleanup.0.clone();
     assert!(wait_until(Duration::from_secs(10), || seen.iter().all(|&p| !alive(p))), "no orphan: {seen:?}");
 }
+
+#[test]
+fn a_program_that_never_answers_is_killed_at_the_upgrade_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (tb, _rx) = start(&exe, &["--workers", "1", "--upgrade-timeout-ms", "1500"]);
+    // Not a cluster at all: it never reads its state nor says a word, and closes nothing.
+    deploy(&exe, "exec sleep 600");
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not ready within 1.5s"), "{}", text(&out.stderr));
+    let sleeper = new_master_pid(&tb);
+    assert!(wait_until(Duration::from_secs(5), || !alive(sleeper)), "killed");
+    assert_eq!(tb.get("/").unwrap().0, 200);
+}
