@@ -321,8 +321,13 @@ impl Driver {
         if let Some(s) = &self.successor {
             sources.push(Source::SuccessorExit);
             fds.push(PollFd::new(&s.pidfd, PollFlags::IN));
-            let flags = if s.closed { PollFlags::empty() } else { PollFlags::IN }
-                | if s.chan.wants_write() { PollFlags::OUT } else { PollFlags::empty() };
+            // Once its end is closed nothing is polled (a program that closed the channel but
+            // runs on would keep a socket in error readable for ever): its pidfd tells the rest.
+            let flags = if s.closed {
+                PollFlags::empty()
+            } else {
+                PollFlags::IN | if s.chan.wants_write() { PollFlags::OUT } else { PollFlags::empty() }
+            };
             if !flags.is_empty() {
                 sources.push(Source::Successor);
                 fds.push(PollFd::new(&s.chan.sock, flags));

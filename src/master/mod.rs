@@ -216,6 +216,9 @@ pub struct Master {
     args: Vec<OsString>,
     /// The program file at its original path, executed again by a graceful restart (a deploy).
     exe_path: PathBuf,
+    /// What an upgrade of the master executes: the path the first master was started from and
+    /// its argv (`argv[0]` first), passed on from master to master.
+    origin: (PathBuf, Vec<OsString>),
     /// systemd's notification socket, when run as a `Type=notify` service.
     notify: Option<Notifier>,
     name: String,
@@ -548,11 +551,17 @@ impl Master {
         });
         let mut args = std::env::args_os();
         let argv0 = args.next().unwrap_or_else(|| OsString::from("ecewo-cluster"));
+        let args: Vec<OsString> = args.collect();
         let exe_path = spawn::program_path(&argv0);
-        // A command cluster is known by its command's name.
+        let origin =
+            inherited.as_mut().and_then(|i| i.state.origin.take()).map(upgrade::decode_origin).unwrap_or_else(|| {
+                (exe_path.clone(), std::iter::once(argv0.clone()).chain(args.iter().cloned()).collect())
+            });
+        // A command cluster is known by its command's name; a program by the file at its
+        // original path (a new master of an upgrade keeps its predecessor's name).
         let command = opts.command.as_ref().map(spawn::CommandWorkers::resolve).transpose()?;
         let name = opts.name.clone().unwrap_or_else(|| {
-            let named = command.as_ref().map_or(exe_path.as_path(), |c| c.path.as_path());
+            let named = command.as_ref().map_or(origin.0.as_path(), |c| c.path.as_path());
             named.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "cluster".into())
         });
         let mut leftovers = Vec::new();
@@ -676,6 +685,7 @@ impl Master {
             leftovers,
             notify: Notifier::from_env(),
             exe_path,
+            origin,
             name,
             control,
             admin,
@@ -686,7 +696,7 @@ impl Master {
             listeners,
             signals,
             argv0,
-            args: args.collect(),
+            args,
             on_start: opts.on_start.take(),
             on_exit: opts.on_exit.take(),
             on_worker_ready: opts.on_worker_ready.take(),

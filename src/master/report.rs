@@ -108,7 +108,7 @@ impl Driver {
                 }
             }
             Report::UpgradeStarted { tickets } => {
-                tracing::info!("upgrade: starting a new master from {}", m.exe_path.display());
+                tracing::info!("upgrade: starting a new master from {}", m.origin.0.display());
                 // Control requests that do not wait are answered now.
                 for t in &tickets {
                     if let Some((id, false)) = self.upgrade_waiters.get(t).copied() {

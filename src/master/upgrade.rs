@@ -181,6 +181,18 @@ fn send(chan: &mut LineIo, message: &UpgradeMessage) {
     }
 }
 
+/// The original path and argv as bytes (the state's `origin`).
+fn encode_origin((path, argv): &(std::path::PathBuf, Vec<std::ffi::OsString>)) -> (Vec<u8>, Vec<Vec<u8>>) {
+    use std::os::unix::ffi::OsStrExt;
+    (path.as_os_str().as_bytes().to_vec(), argv.iter().map(|a| a.as_bytes().to_vec()).collect())
+}
+
+/// The state's `origin` back as a path and an argv.
+pub(super) fn decode_origin((path, argv): (Vec<u8>, Vec<Vec<u8>>)) -> (std::path::PathBuf, Vec<std::ffi::OsString>) {
+    use std::os::unix::ffi::OsStringExt;
+    (std::ffi::OsString::from_vec(path).into(), argv.into_iter().map(std::ffi::OsString::from_vec).collect())
+}
+
 fn inherited_addr(addr: &super::ListenAddr) -> InheritedAddr {
     match addr {
         super::ListenAddr::Tcp(a) => InheritedAddr::Tcp(*a),
@@ -251,9 +263,13 @@ impl Driver {
             control,
             admin,
             slot_by_slot: slot_by_slot.then_some(stats.total_workers),
+            origin: Some(encode_origin(&self.m.origin)),
         };
-        let mut cmd = Process::new(&self.m.exe_path);
-        cmd.arg0(&self.m.argv0).args(&self.m.args);
+        let (path, argv) = &self.m.origin;
+        let mut cmd = Process::new(path);
+        if let Some((argv0, args)) = argv.split_first() {
+            cmd.arg0(argv0).args(args);
+        }
         // The sockets systemd passed come by the hand-off; WATCHDOG_PID named this master.
         for key in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID"]
             .into_iter()
@@ -277,7 +293,7 @@ impl Driver {
                 }
                 other => {
                     break other
-                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.exe_path.display())))?;
+                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.origin.0.display())))?;
                 }
             }
         };
@@ -365,7 +381,9 @@ impl Driver {
     /// What the new master said.
     pub(super) fn on_successor_channel(&mut self, events: &mut VecDeque<Event>) {
         let Some(s) = self.successor.as_mut() else { return };
-        let _ = s.chan.flush();
+        if s.chan.flush().is_err() {
+            s.closed = true;
+        }
         let input = s.chan.read_lines(MAX_LINE);
         for line in input.lines {
             match serde_json::from_slice::<UpgradeMessage>(&line) {

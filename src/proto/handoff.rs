@@ -257,6 +257,11 @@ pub(crate) struct UpgradeState {
     /// A slot-by-slot upgrade, from an old master with this many slots.
     #[serde(default)]
     pub slot_by_slot: Option<usize>,
+    /// The path the first master was started from and its argv (`argv[0]` first), as bytes:
+    /// what every later upgrade executes again, whatever the new program's own argv says (a
+    /// wrapper script at the path execs the real binary, with arguments of its own).
+    #[serde(default)]
+    pub origin: Option<(Vec<u8>, Vec<Vec<u8>>)>,
 }
 
 impl UpgradeState {
@@ -403,6 +408,7 @@ mod tests {
             control: Some(InheritedControl { path: "/run/x.sock".into(), fd: 7, file: (3, 4) }),
             admin: Some(InheritedAdmin { addr: InheritedAddr::Abstract("adm".into()), fd: 8, file: None }),
             slot_by_slot: Some(2),
+            origin: Some((b"/srv/app".to_vec(), vec![b"app".to_vec(), vec![0xff, b'x']])),
         }
     }
 

@@ -80,6 +80,22 @@ pub fn render_labeled(cluster: &ClusterStats, workers: &[WorkerStats], labels: &
         metric("ecewo_cluster_last_restart_success", "gauge", "1 if the last graceful restart completed.", &g(ok));
     }
     metric(
+        "ecewo_cluster_master_generation",
+        "gauge",
+        "The master's generation: 0 for the first, one more with each upgrade in place.",
+        &[(String::new(), cluster.generation as f64)],
+    );
+    metric(
+        "ecewo_cluster_upgrade_in_progress",
+        "gauge",
+        "1 while an upgrade of the master in place runs.",
+        &g(usize::from(cluster.upgrade_requested)),
+    );
+    if let Some(last) = &cluster.last_upgrade {
+        let ok = usize::from(last.is_completed());
+        metric("ecewo_cluster_last_upgrade_success", "gauge", "1 if the last upgrade of the master completed.", &g(ok));
+    }
+    metric(
         "ecewo_cluster_shutdown_requested",
         "gauge",
         "1 once a shutdown was asked for.",
@@ -215,6 +231,8 @@ mod tests {
         cluster.exits.add(crate::stats::ExitReason::Hung);
         cluster.memory_limit_bytes = Some(1 << 30);
         cluster.memory_current_bytes = Some(123);
+        cluster.generation = 2;
+        cluster.last_upgrade = Some(crate::stats::UpgradeOutcome::Failed { reason: "x".into() });
         let w = |id, status, pid| WorkerStats {
             worker_id: id,
             pid,
@@ -254,6 +272,9 @@ mod tests {
             "ecewo_cluster_worker_exits_total{reason=\"recycled_memory\"} 0",
             "ecewo_cluster_cgroup_memory_limit_bytes 1073741824",
             "ecewo_cluster_cgroup_memory_bytes 123",
+            "ecewo_cluster_master_generation 2",
+            "ecewo_cluster_upgrade_in_progress 0",
+            "ecewo_cluster_last_upgrade_success 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }

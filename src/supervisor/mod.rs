@@ -317,6 +317,8 @@ pub struct Supervisor {
     predecessor_timeout: std::time::Duration,
     /// (A master started by a slot-by-slot upgrade.) The predecessor's number of slots.
     predecessor_slots: Option<usize>,
+    /// (A master started by an upgrade.) The predecessor's channel ended.
+    predecessor_gone: bool,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -389,6 +391,7 @@ impl Supervisor {
             release_at: None,
             predecessor_timeout: std::time::Duration::ZERO,
             predecessor_slots: None,
+            predecessor_gone: false,
             policy,
         }
         .seeded(now)

@@ -56,6 +56,10 @@ impl Supervisor {
             Some(PID1_REFUSAL.to_owned())
         } else if self.takeover == Takeover::Pending {
             Some("this master is itself taking over from its predecessor; upgrade it once it has".to_owned())
+        } else if self.takeover == Takeover::Taken && (!self.predecessor_gone || self.release_at.is_some()) {
+            // Its predecessor's workers may still hold sockets of the groups: a third master
+            // would not know them.
+            Some("the previous master is still draining its workers; upgrade once it has exited".to_owned())
         } else if self.phase != Phase::Running || self.leaving_at.is_some() {
             Some("the cluster is shutting down".to_owned())
         } else if let Some(u) = &self.upgrade {
@@ -296,6 +300,7 @@ impl Supervisor {
         if self.takeover == Takeover::Own {
             return;
         }
+        self.predecessor_gone = true;
         if self.takeover == Takeover::Pending {
             self.take_over(false, now, out);
         }

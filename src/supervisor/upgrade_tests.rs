@@ -226,9 +226,15 @@ fn a_new_master_steers_and_notifies_nothing_until_its_predecessor_hands_over() {
     assert!(out.contains(&Command::Route { slots: vec![0, 1] }), "{out:?}");
     assert!(out.contains(&Command::Notify(Notify::Ready { workers: 2 })), "{out:?}");
     assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed);
+    // No upgrade of this one while the old master drains.
+    assert!(refused(&mut h, 2).contains("still draining"));
     // The old master's goodbye: the sockets nobody uses are closed at once.
     let out = h.feed(Event::PredecessorGone { clean: true });
     assert!(out.contains(&Command::ReleaseInherited), "{out:?}");
+    assert!(
+        h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
+            .contains(&Command::SpawnMaster { slot_by_slot: false })
+    );
 }
 
 #[test]

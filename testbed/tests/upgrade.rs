@@ -169,10 +169,31 @@ fn an_upgrade_under_load_hands_over_to_the_new_build_without_a_failed_request() 
     assert_eq!(status["cluster"]["total_workers"], 3);
     assert_eq!(status["cluster"]["active_workers"], 3);
     assert_eq!(status["cluster"]["generation"], 1);
+    // It can be upgraded in turn (back to 2 workers), once its predecessor is gone.
+    deploy(&exe, &testbed_with("--workers 2"));
+    let out = cli(&tb, &["upgrade", "--wait", "--pid", &new_master.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        text(&out.stderr),
+        tb.stderr()
+    );
+    assert_eq!(next_ready(&rx, &tb), format!("ready: 2 workers on port {}", tb.port));
+    assert!(wait_until(Duration::from_secs(20), || !alive(new_master)), "the second master exits after its drain");
+    let out = cli(&tb, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["cluster"]["generation"], 2, "{status}");
+    assert_eq!(status["cluster"]["active_workers"], 2);
+    let third = status["master"]["pid"].as_u64().unwrap() as u32;
+    cleanup.watch(third);
+    let third_workers = children_of(third);
+    assert_eq!(tb.get("/").unwrap().0, 200);
     // It stops as any master does.
-    let out = cli(&tb, &["stop", "--pid", &new_master.to_string()]);
+    let out = cli(&tb, &["stop", "--pid", &third.to_string()]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(wait_until(Duration::from_secs(20), || !alive(new_master) && new_workers.iter().all(|&w| !alive(w))));
+    assert!(wait_until(Duration::from_secs(20), || !alive(third) && third_workers.iter().all(|&w| !alive(w))));
+    assert!(new_workers.iter().all(|&w| !alive(w)));
     eprintln!("{} requests, 0 failed", result.ok);
 }
 
@@ -597,5 +618,55 @@ fn a_new_master_whose_init_fails_says_why_and_the_old_one_serves_on() {
     let err = text(&out.stderr);
     assert!(err.contains("its balance changed from reuseport to shared"), "the new master's own words: {err}");
     assert_eq!(tb.workers().into_iter().collect::<BTreeSet<u32>>(), old_workers);
+    assert_eq!(tb.get("/").unwrap().0, 200);
+}
+
+#[test]
+fn sigkill_of_the_new_master_mid_slot_by_slot_gives_the_old_one_its_slots_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (tb, _rx) = start(&exe, &["--workers", "3", "--respawn"]);
+    let load = Load::start(tb.port, 1, 2, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 200));
+    // Each new worker takes 1.5 s to get ready: the upgrade is caught with slot 0 handed over
+    // and slot 1 starting.
+    deploy(&exe, &testbed_with("--ready-delay-ms 1500"));
+    let out = cli(&tb, &["upgrade", "--slot-by-slot"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let new_master = new_master_pid(&tb);
+    let mut cleanup = Cleanup::default();
+    cleanup.watch(new_master);
+    assert!(
+        tb.wait_log(Duration::from_secs(10), |l| l.contains("this master's worker 0 drains")),
+        "slot 0 handed over:\n{}",
+        tb.stderr()
+    );
+    cleanup.watch(new_master);
+    std::thread::sleep(Duration::from_millis(300));
+    cleanup.watch(new_master);
+    send_signal(new_master, Signal::KILL);
+    assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains("upgrade failed")), "{}", tb.stderr());
+    // The old master serves its 3 slots again.
+    assert!(wait_until(Duration::from_secs(10), || tb.stats()["cluster"]["active_workers"] == 3), "{}", tb.stderr());
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 300));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    let seen = cleanup.0.clone();
+    assert!(wait_until(Duration::from_secs(10), || seen.iter().all(|&p| !alive(p))), "no orphan: {seen:?}");
+}
+
+#[test]
+fn a_program_that_never_answers_is_killed_at_the_upgrade_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (tb, _rx) = start(&exe, &["--workers", "1", "--upgrade-timeout-ms", "1500"]);
+    // Not a cluster at all: it never reads its state nor says a word, and closes nothing.
+    deploy(&exe, "exec sleep 600");
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not ready within 1.5s"), "{}", text(&out.stderr));
+    let sleeper = new_master_pid(&tb);
+    assert!(wait_until(Duration::from_secs(5), || !alive(sleeper)), "killed");
     assert_eq!(tb.get("/").unwrap().0, 200);
 }
