@@ -388,8 +388,21 @@ impl Driver {
         for line in input.lines {
             match serde_json::from_slice::<UpgradeMessage>(&line) {
                 Ok(UpgradeMessage::Ready { workers }) => {
-                    tracing::debug!("upgrade: the new master (pid {}) has {workers} workers ready", s.pid);
-                    events.push_back(Event::MasterReady);
+                    // Said just before it died? Then its exit, read next, decides: never hand
+                    // over to a master that is gone.
+                    let gone = matches!(
+                        rustix::process::waitid(
+                            WaitId::PidFd(s.pidfd.as_fd()),
+                            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+                        ),
+                        Ok(Some(_))
+                    );
+                    if gone {
+                        tracing::debug!("upgrade: the new master (pid {}) said ready, but it has exited", s.pid);
+                    } else {
+                        tracing::debug!("upgrade: the new master (pid {}) has {workers} workers ready", s.pid);
+                        events.push_back(Event::MasterReady);
+                    }
                 }
                 Ok(UpgradeMessage::Failed { reason }) => s.reason = Some(reason),
                 Ok(UpgradeMessage::SlotReady { slot }) => events.push_back(Event::MasterSlotReady { slot }),
@@ -420,8 +433,11 @@ impl Driver {
             Ok(None) => return,
             Err(_) => ExitStatus::Code(255),
         };
-        // Its last words first.
-        self.on_successor_channel(events);
+        // Its last words first, but a master that is gone is ready for nothing: handing over
+        // to it would leave no master (only why it failed still counts).
+        let mut last = VecDeque::new();
+        self.on_successor_channel(&mut last);
+        events.extend(last.into_iter().filter(|e| !matches!(e, Event::MasterReady | Event::MasterSlotReady { .. })));
         let Some(s) = self.successor.take() else { return };
         tracing::debug!("upgrade: the new master (pid {}) exited: {status}", s.pid);
         events.push_back(Event::MasterExited { status, reason: s.reason });
