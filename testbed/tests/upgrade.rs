@@ -92,7 +92,7 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// The pid of the new master, from the old master's log.
+/// The pid of the latest new master the old one started (from its log).
 fn new_master_pid(tb: &Testbed) -> u32 {
     let mut pid = None;
     assert!(
@@ -100,7 +100,9 @@ fn new_master_pid(tb: &Testbed) -> u32 {
             pid = tb
                 .stderr()
                 .split("upgrade: new master pid ")
-                .nth(1)
+                // The latest: a test may have started more than one.
+                .skip(1)
+                .last()
                 .and_then(|rest| rest.split_whitespace().next())
                 .and_then(|p| p.parse().ok());
             pid.is_some()
