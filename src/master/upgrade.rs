@@ -83,7 +83,11 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
     let parsed = real.clone().map(|()| UpgradeEnv::parse(get));
     match crate::os::sys::remove_env_if_single_threaded(&upgrade_env::ALL) {
         Ok(()) => tracing::debug!("removed the upgrade hand-off variables from the environment"),
-        Err(why) => tracing::debug!("left the upgrade hand-off variables in the environment ({why})"),
+        // Workers never get them (their environment is scrubbed), but programs this process
+        // runs itself would: say so where people look.
+        Err(why) => tracing::warn!(
+            "the upgrade hand-off variables stay in this master's environment ({why}): programs it runs itself inherit them; call Cluster::init before starting threads"
+        ),
     }
     let env = match parsed {
         Err(why) => {
