@@ -9,7 +9,6 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -108,30 +107,6 @@ fn certificate(dir: &Path) -> Vec<u8> {
     std::fs::write(dir.join("cert.pem"), ck.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
     ck.cert.der().to_vec()
-}
-
-/// One HTTPS request to 127.0.0.1:`port` with a client that trusts only `ca_der`.
-fn https_get(port: u16, ca_der: &[u8], path: &str) -> std::io::Result<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(ca_der.to_vec())).map_err(std::io::Error::other)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
-    let sock = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    match tls.read_to_string(&mut response) {
-        Ok(_) => Ok(response),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => Ok(response),
-        Err(e) => Err(e),
-    }
 }
 
 /// The next datagram the master sent to the stand-in for systemd's notification socket.

@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -18,31 +17,6 @@ fn certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     (cert, key, ck.cert.der().to_vec())
-}
-
-/// One HTTPS request with a client that trusts only `ca_der`; the response as text.
-fn https_get(port: u16, ca_der: &[u8], path: &str) -> std::io::Result<String> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(rustls::pki_types::CertificateDer::from(ca_der.to_vec())).map_err(std::io::Error::other)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(std::io::Error::other)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
-    let sock = TcpStream::connect(("127.0.0.1", port))?;
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut tls = rustls::StreamOwned::new(conn, sock);
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")?;
-    let mut response = String::new();
-    match tls.read_to_string(&mut response) {
-        Ok(_) => Ok(response),
-        // A peer that closes without close_notify after a complete response.
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => Ok(response),
-        Err(e) => Err(e),
-    }
 }
 
 /// One plain HTTP request; the response as text.
