@@ -1,0 +1,267 @@
+"""Process, /proc and control-socket helpers shared by the benchmarks written after bench/run.
+
+Python 3.11, standard library only. Imported by bench scripts with `sys.path.insert(0, bench/lib)`.
+The older scripts (bench/run, bench/startup, bench/respawns, …) still carry their own copies of
+some of these; new scripts use this module.
+"""
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class BenchError(Exception):
+    """A benchmark cannot go on: the message says why."""
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def proc_stat(pid):
+    """Fields of /proc/PID/stat as a list indexed like proc(5) (1-based: [1] = pid), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: split around the last ')'.
+    lpar, rpar = raw.index("("), raw.rindex(")")
+    rest = raw[rpar + 2 :].split()
+    return [None, raw[:lpar].strip(), raw[lpar + 1 : rpar]] + rest
+
+
+def children(pid):
+    """{pid: start time} of the live (non-zombie) children of `pid`."""
+    out = {}
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            kids += Path(f"/proc/{pid}/task/{tid}/children").read_text().split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        kids = [e for e in os.listdir("/proc") if e.isdigit()]  # no CONFIG_PROC_CHILDREN
+    for entry in kids:
+        st = proc_stat(int(entry))
+        if st and int(st[4]) == pid and st[3] != "Z":
+            out[int(entry)] = int(st[22])
+    return out
+
+
+def alive(pid, start):
+    st = proc_stat(pid)
+    return bool(st) and int(st[22]) == start and st[3] != "Z"
+
+
+def kill_pid(pid, start, sig):
+    """Signal `pid` only if it is still the process that started at `start` (PID reuse)."""
+    if alive(pid, start):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def status_fields(pid):
+    fields = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            k, _, v = line.partition(":")
+            fields[k] = v.strip()
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return fields
+
+
+def rss_kib(pid):
+    v = status_fields(pid).get("VmRSS")
+    return int(v.split()[0]) if v else None
+
+
+def fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, PermissionError):
+        return None
+
+
+def thread_ids(pid):
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise BenchError(f"process {pid} is gone")
+
+
+def cpu_ns(pid):
+    """CPU time in ns summed over all threads of `pid` (first field of each schedstat)."""
+    total = 0
+    for tid in thread_ids(pid):
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (FileNotFoundError, ValueError, IndexError):
+            pass  # a thread that ended between the listing and the read
+    return total
+
+
+class Control:
+    """A connection to a master's control socket: one JSON request, one JSON answer."""
+
+    def __init__(self, path, timeout=10.0):
+        self.path = str(path)
+        self.timeout = timeout
+        self.sock = None
+        self.buf = b""
+
+    def _connect(self):
+        self.close()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+        self.buf = b""
+
+    def request(self, body, timeout=None):
+        """Send `body` (a dict; `v` is added) and return (answer dict, answer size in bytes)."""
+        if self.sock is None:
+            self._connect()
+        self.sock.settimeout(timeout or self.timeout)
+        self.sock.sendall(json.dumps({"v": 1, **body}).encode() + b"\n")
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                self.close()
+                raise BenchError("the control socket closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        reply = json.loads(line)
+        if not reply.get("ok", True) or reply.get("error"):
+            raise BenchError(f"control socket: {reply}")
+        return reply, len(line) + 1
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+class Master:
+    """One testbed master and every worker it ever had; `stop()` is safe to call any number of times.
+
+    Started with stdout piped (for its `ready:` line), stderr to `log`. Appended to `live` at
+    once so that the caller's `finally` stops it.
+    """
+
+    def __init__(self, argv, log, live, ready_timeout):
+        self.argv = argv
+        self.ready_timeout = ready_timeout
+        self.workers = {}  # pid -> start time, every worker seen (guards against PID reuse)
+        self.t0 = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, bufsize=0)
+        self.start = None
+        live.append(self)
+        st = proc_stat(self.proc.pid)
+        self.start = int(st[22]) if st else None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def wait_line(self, prefix):
+        """Return the first stdout line starting with `prefix` and the seconds since spawn."""
+        fd = self.proc.stdout.fileno()
+        deadline = self.t0 + self.ready_timeout
+        buf = b""
+        while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                text = line.decode(errors="replace")
+                if text.startswith(prefix):
+                    return text, time.perf_counter() - self.t0
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise BenchError(f"no `{prefix}` line within {self.ready_timeout:.0f} s: {' '.join(self.argv)}")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise BenchError(f"the master exited (status {self.proc.wait()}) before its `{prefix}` line")
+                buf += chunk
+
+    def note_workers(self):
+        kids = children(self.pid)
+        for pid, st in kids.items():
+            self.workers.setdefault(pid, st)
+        return kids
+
+    def stop(self, timeout=30.0):
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.note_workers()
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log(f"warning: master {self.pid} ignored SIGTERM for {timeout:.0f} s; SIGKILL")
+                    self.note_workers()
+                    self.proc.kill()
+                    self.proc.wait()
+            deadline = time.monotonic() + 5.0
+            while any(alive(p, s) for p, s in self.workers.items()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            for pid, st in self.workers.items():
+                if alive(pid, st):
+                    log(f"warning: worker {pid} outlived its master; SIGKILL")
+                    kill_pid(pid, st, signal.SIGKILL)
+        finally:
+            if self.proc.stdout:
+                self.proc.stdout.close()
+            self.proc = None
+
+
+def sh(cwd, *cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def environment(root, command):
+    """Markdown bullet lines describing the machine, the toolchain and the tree."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    rev = sh(root, "git", "rev-parse", "--short", "HEAD")
+    dirty = " + uncommitted changes" if sh(root, "git", "status", "--porcelain", "--untracked-files=no") else ""
+    return "\n".join(
+        [
+            f"- Date: {sh(root, 'date', '-u')}",
+            f"- nproc: {sh(root, 'nproc')}; CPU: {cpu}; RAM: {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') >> 30} GiB",
+            f"- Kernel: {sh(root, 'uname', '-r')}; {sh(root, 'rustc', '--version')}",
+            f"- Tree: {rev}{dirty}",
+            f"- Command: `{command}`",
+        ]
+    )
+
+
+def replace_section(path, begin, end, heading, section):
+    """Replace the text between the `begin` and `end` markers of `path` (added under `heading`
+    at the end when missing)."""
+    text = Path(path).read_text()
+    b, e = text.find(begin), text.find(end)
+    if b < 0 or e < b:
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n{begin}\n{end}\n"
+        b, e = text.find(begin), text.find(end)
+    text = text[: b + len(begin)] + "\n" + section + "\n" + text[e:]
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
