@@ -21,6 +21,23 @@ struct Args {
     /// Number of workers (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// No cluster: the same app on `HttpServer` alone in this one process, with one actix
+    /// worker as a cluster worker has (what bench/frameworks compares a 1-worker cluster with).
+    #[arg(long)]
+    standalone: bool,
+}
+
+/// `--standalone`: the app without the cluster, as a cluster worker runs it.
+fn standalone(port: u16) -> Result<(), cluster::Error> {
+    let io = |context| move |source| cluster::Error::Io { context, source };
+    actix_web::rt::System::new().block_on(async move {
+        let server = HttpServer::new(|| App::new().route("/", web::get().to(index)))
+            .workers(1)
+            .bind(("0.0.0.0", port))
+            .map_err(io("cannot listen"))?;
+        eprintln!("standalone on port {}", server.addrs().first().map_or(port, |a| a.port()));
+        server.run().await.map_err(io("actix-web server failed"))
+    })
 }
 
 async fn index() -> String {
@@ -29,6 +46,9 @@ async fn index() -> String {
 
 fn main() -> Result<(), cluster::Error> {
     let args = Args::parse();
+    if args.standalone {
+        return standalone(args.port);
+    }
     // Colour only for a person at a terminal, and never with NO_COLOR set.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

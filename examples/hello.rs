@@ -32,6 +32,27 @@ struct Args {
     /// How long a draining worker gets before it is killed.
     #[arg(long, default_value_t = 15_000)]
     shutdown_timeout_ms: u64,
+    /// No cluster: the same router served by `axum::serve` in this one process, on a
+    /// current-thread runtime as a worker's (what bench/frameworks compares a 1-worker cluster
+    /// with).
+    #[arg(long)]
+    standalone: bool,
+}
+
+fn router() -> Router {
+    Router::new().route("/", get(handle_index))
+}
+
+/// `--standalone`: the router without the cluster, on the runtime a worker would have.
+fn standalone(port: u16) -> Result<(), cluster::Error> {
+    let io = |context| move |source| cluster::Error::Io { context, source };
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("cannot build a runtime"))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(io("cannot listen"))?;
+        eprintln!("standalone on port {}", listener.local_addr().map_err(io("no local address"))?.port());
+        axum::serve(listener, router()).await.map_err(io("axum::serve failed"))
+    })
 }
 
 async fn handle_index() -> String {
@@ -40,6 +61,9 @@ async fn handle_index() -> String {
 
 fn main() -> Result<(), cluster::Error> {
     let args = Args::parse();
+    if args.standalone {
+        return standalone(args.port);
+    }
     // Colour only for a person at a terminal, and never with NO_COLOR set.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
@@ -54,5 +78,5 @@ fn main() -> Result<(), cluster::Error> {
         Some(addr) => cluster.admin(addr),
         None => cluster,
     };
-    cluster.serve(|_worker| Router::new().route("/", get(handle_index)))
+    cluster.serve(|_worker| router())
 }

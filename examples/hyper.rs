@@ -26,6 +26,30 @@ struct Args {
     /// Number of workers (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// No cluster: the same service in a plain hyper accept loop in this one process, on a
+    /// current-thread runtime as a worker's (what bench/frameworks compares a 1-worker cluster
+    /// with).
+    #[arg(long)]
+    standalone: bool,
+}
+
+/// `--standalone`: the service without the cluster, on the runtime a worker would have.
+fn standalone(port: u16) -> Result<(), cluster::Error> {
+    let io = |context| move |source| cluster::Error::Io { context, source };
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io("cannot build a runtime"))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.map_err(io("cannot listen"))?;
+        eprintln!("standalone on port {}", listener.local_addr().map_err(io("no local address"))?.port());
+        let builder = auto::Builder::new(TokioExecutor::new());
+        loop {
+            let (stream, _) = listener.accept().await.map_err(io("accept failed"))?;
+            let conn = builder.serve_connection(TokioIo::new(stream), service_fn(hello)).into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    })
 }
 
 async fn hello(_req: Request<hyper::body::Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -37,6 +61,9 @@ const IDLE_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn main() -> Result<(), cluster::Error> {
     let args = Args::parse();
+    if args.standalone {
+        return standalone(args.port);
+    }
     // Colour only for a person at a terminal, and never with NO_COLOR set.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

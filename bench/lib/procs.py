@@ -265,3 +265,103 @@ def replace_section(path, begin, end, heading, section):
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Load (wrk) and tools
+
+WRK_LUA = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"status":%d,' ..
+    '"timeout":%d,"p50_us":%d,"p90_us":%d,"p99_us":%d,"max_us":%d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+APT_ENV = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+_apt_updated = False
+
+
+def apt_install(*packages):
+    """`apt-get install -y PACKAGES` (after one `apt-get update`); False when it fails."""
+    global _apt_updated
+    cmds = ([] if _apt_updated else [["apt-get", "update"]]) + [["apt-get", "install", "-y", *packages]]
+    for cmd in cmds:
+        if subprocess.run(cmd, env=APT_ENV, stdin=subprocess.DEVNULL).returncode != 0:
+            return False
+        if cmd[1] == "update":
+            _apt_updated = True
+    return True
+
+
+def find_nginx():
+    import shutil
+
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+
+
+def ensure_tools(nginx=False):
+    """wrk (and nginx) from Debian's packages when missing; a BenchError if impossible."""
+    import shutil
+
+    missing = [p for p, ok in (("wrk", shutil.which("wrk")), ("nginx", not nginx or find_nginx())) if not ok]
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)}: apt-get update; apt-get install -y {' '.join(missing)}")
+    if not apt_install(*missing) or not shutil.which("wrk") or (nginx and not find_nginx()):
+        raise BenchError(f"`apt-get install -y {' '.join(missing)}` failed (needs root and Debian's archive)")
+
+
+def run_wrk(port, seconds, lua, threads=1, connections=64, path="/", timeout="2s"):
+    """One wrk run against 127.0.0.1:port; its summary as a dict (rps, errors, p50_us, p99_us…)."""
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", timeout,
+           "-s", str(lua), f"http://127.0.0.1:{port}{path}"]
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 20)
+    except subprocess.TimeoutExpired:
+        raise BenchError("wrk did not finish in time")
+    if p.returncode != 0:
+        raise BenchError(f"wrk failed (status {p.returncode}): {p.stderr.strip() or p.stdout.strip()}")
+    for line in p.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            r = json.loads(line[len("WRKJSON ") :])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6) if r["duration_us"] else 0.0
+            r["errors"] = r["connect"] + r["read"] + r["write"] + r["timeout"] + r["status"]
+            return r
+    raise BenchError(f"no result line in wrk's output:\n{p.stdout}")
+
+
+def wait_port(port, timeout, proc=None):
+    """Wait until 127.0.0.1:port accepts a connection (and `proc`, if given, is still running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise BenchError(f"the server exited (status {proc.returncode}) before it accepted connections")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"nothing accepts on port {port} after {timeout:.0f} s")
+            time.sleep(0.01)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_cpu_ns(pids):
+    """CPU time in ns (utime + stime of /proc/PID/stat: the whole thread group, ended threads
+    included; 1/CLK_TCK resolution) of the live processes of `pids` ({pid: start time})."""
+    tick = 1e9 / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid, st in pids.items():
+        s = proc_stat(pid)
+        if s and int(s[22]) == st and s[3] != "Z":
+            total += (int(s[14]) + int(s[15])) * tick
+    return total
