@@ -365,3 +365,85 @@ def group_cpu_ns(pids):
         if s and int(s[22]) == st and s[3] != "Z":
             total += (int(s[14]) + int(s[15])) * tick
     return total
+
+
+NGINX_CONF = """\
+worker_processes {workers};
+daemon off;
+master_process on;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000000;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{ return 200 "Hello"; }}
+    }}
+}}
+"""
+
+
+class Tree:
+    """A server process and every child it ever had (noted from /proc); `stop()` is idempotent.
+
+    `argv` is started with stdout and stderr to `logf`; `port` is where it serves, waited for
+    (and, with `children`, until it has that many live children)."""
+
+    def __init__(self, argv, port, logf, live, children_expected=None, timeout=60):
+        self.port = port
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        live.append(self)
+        st = proc_stat(self.proc.pid)
+        self.pids = {self.proc.pid: int(st[22])} if st else {}
+        deadline = time.monotonic() + timeout
+        while children_expected is not None and len(self.note()) < children_expected:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{argv[0]}: {len(self.note())} of {children_expected} children after start")
+            time.sleep(0.01)
+        wait_port(port, max(1, deadline - time.monotonic()), self.proc)
+        self.note()
+
+    def note(self):
+        kids = children(self.proc.pid)
+        for pid, st in kids.items():
+            self.pids.setdefault(pid, st)
+        return kids
+
+    def cpu_ns(self):
+        return group_cpu_ns(self.pids)
+
+    def stop(self, timeout=20):
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.note()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        deadline = time.monotonic() + 5
+        while any(alive(p, s) for p, s in self.pids.items()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for p, s in self.pids.items():
+            kill_pid(p, s, signal.SIGKILL)
+        self.proc = None
+
+
+def nginx_tree(nginx, tmp, workers, logf, live):
+    """nginx with `workers` worker processes answering `return 200 "Hello"` on a free port."""
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port))
+    return Tree([nginx, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")], port, logf, live,
+                children_expected=workers)
