@@ -1,9 +1,9 @@
 //! Integration tests of `ecewo-cluster top` (issue 15) over real processes, in a real terminal
 //! that a private tmux server gives it: the rows show the cluster's real pids; keys restart,
 //! scale and the view shows it; a worker killed with SIGKILL is shown respawned; the view
-//! re-lays itself out when the terminal shrinks; quitting restores the terminal; and the view
-//! follows the cluster through an upgrade of the master and a stop and start under the same
-//! name.
+//! re-lays itself out when the terminal shrinks; quitting (and SIGTERM) restores the terminal;
+//! and the view follows the cluster through an upgrade of the master and a stop and start under
+//! the same name.
 
 mod common;
 
@@ -317,9 +317,13 @@ fn top_follows_the_cluster_through_an_upgrade_and_a_restart_under_the_same_name(
     });
     assert!(screen.contains(&format!("a new master, pid {third}")), "{screen}");
 
-    tmux.keys(&["q"]);
-    tmux.wait_screen("the shell after quitting", |s| s.contains("top exited 0"));
-    assert_eq!(tmux.display("#{alternate_on}"), "0");
+    // SIGTERM: the view restores the terminal too, and ends with 128 + 15.
+    let views = tmux.views();
+    assert_eq!(views.len(), 1, "{views:?}");
+    send_signal(views[0], Signal::TERM);
+    tmux.wait_screen("the shell after SIGTERM", |s| s.contains("top exited 143"));
+    assert_eq!(tmux.display("#{alternate_on}"), "0", "the alternate screen was left");
+    assert_eq!(tmux.display("#{cursor_flag}"), "1", "the cursor is shown");
 }
 
 #[test]
