@@ -2,6 +2,7 @@
 //! program as a cluster (`run.rs`).
 
 mod run;
+mod top;
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -99,6 +100,11 @@ enum Cmd {
         /// live, ready or startup.
         probe: control::Probe,
     },
+    /// A live view in the terminal: every worker (CPU %, memory, requests/s, heartbeat), the
+    /// listeners' queues, the rollout or upgrade under way, the last events; keys restart, scale
+    /// and signal a worker (`?` lists them). It follows the cluster through master restarts and
+    /// upgrades.
+    Top(top::TopArgs),
     /// List this user's running clusters.
     List {
         /// Print JSON.
@@ -140,6 +146,9 @@ fn main() -> ExitCode {
         // The master's own loop, with output as it goes (not collected like the others').
         let Target { name, socket, pid } = cli.target;
         return run::main(*args, run::Global { name, socket, pid });
+    }
+    if let Cmd::Top(args) = cli.command {
+        return top::main(args, &cli.target, Duration::from_secs_f64(cli.timeout));
     }
     let mut out = String::new();
     let code = match run(cli, &mut out) {
@@ -185,7 +194,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Metrics => Request::Metrics,
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::List { .. } => unreachable!("handled above"),
-        Cmd::Run(_) => unreachable!("handled in main"),
+        Cmd::Run(_) | Cmd::Top(_) => unreachable!("handled in main"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
         Duration::from_secs(600)
