@@ -430,3 +430,83 @@ fn log_format_json_gives_json_lines() {
     assert!(lines.iter().all(|v| v["pid"] == pid && v["worker"] == 0), "{captured}");
     assert!(lines.iter().any(|v| v["stream"] == "stderr"), "{captured}");
 }
+
+/// A `logs --follow` client that never reads: the master neither blocks nor grows (its memory
+/// stays within the bounds while the workers write far more than that), answers other requests
+/// at once, and the client is told how many lines it missed once it reads again.
+#[test]
+fn a_follower_that_does_not_read_is_left_behind() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("w.log");
+    let tb = Testbed::start(&["--workers", "1", "--log-file", log.to_str().unwrap()]);
+    let sock = std::fs::read_dir(tb.dir.join("ecewo-cluster"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the control socket");
+    let rss = || {
+        let out = cli(&tb, &["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["master"]["rss_bytes"].as_u64().expect("the master's memory")
+    };
+    let before = rss();
+    let mut follower = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    follower.write_all(b"{\"v\":1,\"cmd\":\"logs\",\"lines\":0,\"follow\":true}\n").unwrap();
+    // 48 MiB of output while the follower reads nothing.
+    for _ in 0..6 {
+        assert_eq!(tb.get("/burst?mb=8").unwrap(), (200, "burst 8".to_owned()));
+    }
+    let started = Instant::now();
+    let after = rss();
+    assert!(started.elapsed() < Duration::from_secs(5), "status took {:?}", started.elapsed());
+    assert!(after < before + (24 << 20), "the master grew from {before} to {after} bytes");
+    // Read what waits, then one more line: the notice of what was left out comes first.
+    follower.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(follower.try_clone().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ok\":true") && first.contains("\"lines\":[]"), "{first}");
+    // Drain what is buffered (the master holds at most 1 MiB for it, the socket some more).
+    follower.set_nonblocking(true).unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let mut drained = 0usize;
+    let draining = Instant::now();
+    loop {
+        match reader.get_mut().read(&mut sink) {
+            Ok(0) => panic!("the master closed the follower"),
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if draining.elapsed() > Duration::from_millis(500) && drained > 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(draining.elapsed() < Duration::from_secs(20), "the follower's backlog never ended");
+    }
+    assert!(drained < 8 << 20, "{drained} bytes were kept for a client that did not read");
+    follower.set_nonblocking(false).unwrap();
+    let mut reader = BufReader::new(follower);
+    assert_eq!(tb.get("/print?lines=1&bytes=64").unwrap().0, 200);
+    let mut saw_notice = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(n) = v["dropped"].as_u64() {
+            assert!(n > 0);
+            saw_notice = true;
+        }
+        if v["line"]["line"].as_str().is_some_and(|t| t.starts_with("print ") && t.contains(" 64 ")) {
+            break;
+        }
+    }
+    assert!(saw_notice, "the follower was told how many lines it missed");
+}
