@@ -9,6 +9,7 @@ use crate::master::DEFAULT_WORKER_TIMEOUT;
 pub use crate::master::{
     Balance, Compat, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo,
 };
+pub use crate::master::{CaptureFormat, CaptureOutput, DEFAULT_MAX_LINE, DEFAULT_REOPEN_SIGNAL};
 use crate::master::{ControlSetting, Settings, WorkerCommand};
 use crate::signal::Signal;
 pub use crate::supervisor::MAX_WORKERS;
@@ -77,6 +78,7 @@ impl fmt::Debug for Cluster {
             .field("command", &self.s.command)
             .field("name", &self.s.name)
             .field("control", &self.s.control)
+            .field("capture", &self.s.capture)
             .finish_non_exhaustive()
     }
 }
@@ -118,6 +120,7 @@ impl Cluster {
                 on_worker_ready: None,
                 on_ready: None,
                 on_signal: Vec::new(),
+                capture: None,
             },
         }
     }
@@ -500,6 +503,17 @@ impl Cluster {
         self
     }
 
+    /// Captures the workers' output instead of letting them inherit the master's stdout and
+    /// stderr (the default): the master reads each worker's stdout and stderr through pipes,
+    /// writes every line prefixed with the worker (`[worker 3 pid 1234] text`) or as JSON to
+    /// its own stdout or to a log file, and keeps the recent lines for `ecewo-cluster logs`. A
+    /// worker is never blocked by a slow reader of that output: lines are dropped and counted
+    /// instead. See [`CaptureOutput`] for the options and the caveats.
+    pub fn capture_output(mut self, capture: CaptureOutput) -> Cluster {
+        self.s.capture = Some(capture);
+        self
+    }
+
     /// Called on the master thread when a worker process was started (the spec's
     /// `on_worker_start(worker_id, pid)`).
     pub fn on_start(mut self, f: impl FnMut(&WorkerInfo) + 'static) -> Cluster {
@@ -719,6 +733,18 @@ impl Cluster {
             && (name.is_empty() || name.contains('/') || name.len() > 64)
         {
             return invalid("name", format!("{name:?}: use 1 to 64 characters without '/'"));
+        }
+        if let Some(capture) = &self.s.capture {
+            capture.validate()?;
+            if let Some(sig) = capture.file_reopen_signal().filter(|sig| self.s.on_signal.iter().any(|(s, _)| s == sig))
+            {
+                return invalid(
+                    "capture_output",
+                    format!(
+                        "the log file's reopen signal {sig} is also bound with on_signal; choose another reopen_signal"
+                    ),
+                );
+            }
         }
         if let Some((sig, _)) = self.s.on_signal.iter().find(|(s, _)| !BINDABLE_SIGNALS.contains(s)) {
             return invalid(

@@ -171,6 +171,15 @@ pub enum Error {
         path: std::path::PathBuf,
     },
 
+    /// The log file of the captured output (`CaptureOutput::to_file`) cannot be used.
+    #[error("log file {}: {reason}", path.display())]
+    LogFile {
+        /// Its path.
+        path: std::path::PathBuf,
+        /// What went wrong and what to do.
+        reason: String,
+    },
+
     /// A system call failed in a way the cluster cannot recover from.
     #[error("{context}: {source}")]
     Io {

@@ -54,6 +54,9 @@ compile_error!("ecewo-cluster supports Linux only: it relies on pidfds, SO_REUSE
 // - the front: `config` (the builder) and `role` (init and the spec's module functions).
 mod config;
 mod error;
+#[cfg(feature = "logging")]
+#[cfg_attr(docsrs, doc(cfg(feature = "logging")))]
+pub mod logging;
 mod master;
 mod os;
 mod proto;
@@ -77,6 +80,7 @@ pub use config::{
     BINDABLE_SIGNALS, Balance, Cluster, Compat, Listen, ListenAddr, ListenerInfo, MAX_DURATION, MAX_WORKERS,
     MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo,
 };
+pub use config::{CaptureFormat, CaptureOutput, DEFAULT_MAX_LINE, DEFAULT_REOPEN_SIGNAL};
 pub use error::Error;
 pub use master::{Master, MasterHandle};
 pub use os::cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};

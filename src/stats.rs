@@ -269,6 +269,10 @@ pub struct ClusterStats {
     /// How the last upgrade of this master ended, if one was asked of it.
     #[serde(default)]
     pub last_upgrade: Option<UpgradeOutcome>,
+    /// Lines of the workers' captured output dropped because the output was not read or
+    /// written fast enough (`Cluster::capture_output`; 0 without capture).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 /// Why a worker process ended, as the master classifies it (the status alone does not say:

@@ -16,11 +16,14 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{OnceLock, mpsc};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use clap::Args;
-use ecewo_cluster::{Balance, Cluster, Compat, Listen, ListenAddr, MemoryMeasure, Role, Signal};
+use ecewo_cluster::logging::{self, LogFormat};
+use ecewo_cluster::{
+    Balance, CaptureFormat, CaptureOutput, Cluster, Compat, Listen, ListenAddr, MemoryMeasure, Role, Signal,
+};
 
 /// Options of `ecewo-cluster run`. Defaults are the library's unless said otherwise.
 #[derive(Args, Debug)]
@@ -157,6 +160,32 @@ pub struct RunArgs {
     /// EINHORN_FD_0…) or `server-starter` (SERVER_STARTER_PORT). Repeatable.
     #[arg(long, value_name = "einhorn|server-starter")]
     compat: Vec<Compat>,
+    /// Capture the workers' stdout and stderr instead of letting them inherit this process's:
+    /// every line is written to this process's stdout (or --log-file) as `[worker 3 pid 1234]
+    /// text` (`prefix`; stderr lines `[worker 3 pid 1234 stderr] text`) or as a JSON object
+    /// (`json`), and `ecewo-cluster logs` shows the recent ones. A worker never waits for a slow
+    /// reader: lines are dropped and counted instead.
+    #[arg(long, value_name = "prefix|json")]
+    capture_output: Option<CaptureFormat>,
+    /// Write the captured output to this file instead of stdout (implies --capture-output,
+    /// `prefix` unless said): appended to, reopened on --log-reopen-signal or `ecewo-cluster
+    /// reopen-logs`.
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file once it would grow past this many bytes (PATH.1, PATH.2, …)
+    /// [default: never].
+    #[arg(long, value_name = "BYTES", requires = "log_file")]
+    log_max_bytes: Option<u64>,
+    /// Rotated log files kept (PATH.1 … PATH.K) [default: 5].
+    #[arg(long, value_name = "K", requires = "log_max_bytes")]
+    log_keep: Option<usize>,
+    /// The signal that reopens the log file [default: SIGALRM: every usual one already means
+    /// something to the master].
+    #[arg(long, value_name = "SIG", requires = "log_file")]
+    log_reopen_signal: Option<Signal>,
+    /// Captured lines longer than this are cut into pieces marked ` [continued]` [default: 16384].
+    #[arg(long, value_name = "BYTES")]
+    log_max_line: Option<usize>,
     /// The program every worker runs, and its arguments (after `--`). A bare name is looked up
     /// in PATH.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -171,6 +200,8 @@ pub struct Global {
     pub socket: Option<PathBuf>,
     /// `--pid`: meaningless for `run`.
     pub pid: Option<u32>,
+    /// `--log-format`: how this master's own logs are written.
+    pub log_format: LogFormat,
 }
 
 /// A `--listen` value: its name if one was given, and where.
@@ -230,16 +261,12 @@ fn parse_backoff(s: &str) -> Result<(u64, u64), String> {
 
 /// Runs the cluster to its end; the process's exit code.
 pub fn main(args: RunArgs, global: Global) -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(LogWriter)
-        .with_ansi(colour_on_stderr())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    logging::init(global.log_format);
     let (lines, queued) = mpsc::channel();
     let code = match run(args, global, lines.clone(), queued) {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            log_line(format_args!("ecewo-cluster: {msg}"));
+            logging::line(format_args!("ecewo-cluster: {msg}"));
             ExitCode::FAILURE
         }
     };
@@ -248,18 +275,15 @@ pub fn main(args: RunArgs, global: Global) -> ExitCode {
     if lines.send(Line::End(done)).is_ok() {
         let _ = written.recv_timeout(Duration::from_secs(1));
     }
-    if let Some(dropped) = LOG.get().map(|l| l.error_counter().dropped_lines()).filter(|&n| n > 0) {
-        log_line(format_args!("ecewo-cluster: {dropped} log lines were dropped: stderr was not read fast enough"));
-    }
     // Written out before exit (the writer gives up after a second on a stderr nobody reads).
-    drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
+    logging::finish("ecewo-cluster");
     code
 }
 
 fn run(args: RunArgs, global: Global, lines: mpsc::Sender<Line>, queued: mpsc::Receiver<Line>) -> Result<(), String> {
     let cluster = build(args, global, lines.clone())?;
     let role = cluster.init().map_err(|e| e.to_string())?;
-    start_log_queue();
+    logging::start("ecewo-cluster-log");
     start_stdout(queued);
     let master = match role {
         Role::Master(master) => master,
@@ -426,6 +450,24 @@ fn build(args: RunArgs, global: Global, lines: mpsc::Sender<Line>) -> Result<Clu
     if let Some(name) = global.name {
         cluster = cluster.name(name);
     }
+    if args.capture_output.is_some() || args.log_file.is_some() {
+        let mut capture = CaptureOutput::new().format(args.capture_output.unwrap_or_default());
+        if let Some(path) = args.log_file {
+            capture = capture.to_file(path);
+        }
+        if let Some(max) = args.log_max_bytes {
+            capture = capture.rotate(max, args.log_keep.unwrap_or(5));
+        }
+        if let Some(signal) = args.log_reopen_signal {
+            capture = capture.reopen_signal(signal);
+        }
+        if let Some(bytes) = args.log_max_line {
+            capture = capture.max_line(bytes);
+        }
+        cluster = cluster.capture_output(capture);
+    } else if args.log_max_line.is_some() {
+        return Err("--log-max-line applies to captured output; add --capture-output or --log-file".into());
+    }
     Ok(cluster)
 }
 
@@ -457,84 +499,10 @@ fn start_stdout(queued: mpsc::Receiver<Line>) {
         }
     });
     if let Err(e) = spawned {
-        log_line(format_args!("ecewo-cluster: cannot start the stdout writer ({e}); no ready line will be printed"));
+        logging::line(format_args!(
+            "ecewo-cluster: cannot start the stdout writer ({e}); no ready line will be printed"
+        ));
     }
-}
-
-/// stderr, through a bounded queue that a thread of its own writes out: the master never
-/// blocks on a stderr nobody reads (a stuck log collector); lines that do not fit are dropped
-/// and counted instead. Started right after `Cluster::init` (which must run while the process
-/// has one thread); until then lines go to stderr directly. (The testbed's pattern.)
-static LOG: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
-/// Flushes the queue when dropped (at the end of `main`).
-static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
-
-/// Log lines queued for stderr at most; past it they are dropped (and counted).
-const LOG_LINES: usize = 16_384;
-
-/// Starts the log queue and its writer thread.
-fn start_log_queue() {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_LINES)
-        .thread_name("ecewo-cluster-log")
-        .finish(std::io::stderr());
-    if LOG.set(writer).is_ok() {
-        *LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
-    }
-}
-
-/// Where the subscriber writes: the queue once it runs, stderr before.
-#[derive(Clone, Copy)]
-struct LogWriter;
-
-/// One log write: queued, or direct.
-enum LogOut {
-    Queued(tracing_appender::non_blocking::NonBlocking),
-    Direct(std::io::Stderr),
-}
-
-impl Write for LogOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            LogOut::Queued(q) => q.write(buf),
-            LogOut::Direct(e) => e.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            LogOut::Queued(q) => q.flush(),
-            LogOut::Direct(e) => e.flush(),
-        }
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
-    type Writer = LogOut;
-
-    fn make_writer(&'a self) -> LogOut {
-        match LOG.get() {
-            Some(q) => LogOut::Queued(q.clone()),
-            None => LogOut::Direct(std::io::stderr()),
-        }
-    }
-}
-
-/// Writes one line to the log, never blocking once the queue runs.
-fn log_line(args: std::fmt::Arguments<'_>) {
-    match LOG.get() {
-        Some(log) => {
-            let _ = writeln!(log.clone(), "{args}");
-        }
-        None => eprintln!("{args}"),
-    }
-}
-
-/// Colour codes only for a person at a terminal, and never with `NO_COLOR` set (no-color.org).
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[cfg(test)]

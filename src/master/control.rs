@@ -26,6 +26,10 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_PIPELINED: usize = 32;
 /// A connection with nothing to do for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Output a following `logs` client may leave unread; past it, new lines are left out for it
+/// (counted, and a `dropped` notice sent once it reads again): a client that does not read
+/// never holds the master or grows it.
+const FOLLOW_PENDING: usize = 1 << 20;
 
 /// Identifies a control connection.
 pub(crate) type ConnId = u64;
@@ -244,6 +248,16 @@ impl ControlServer {
         self.flush(id);
     }
 
+    /// Output connection `id` has not taken yet; `None` once it is closed.
+    pub(crate) fn pending_output(&self, id: ConnId) -> Option<usize> {
+        self.conns.get(&id).map(|c| c.io.pending_output())
+    }
+
+    /// The client of connection `id` closed its end (or it is gone).
+    pub(crate) fn is_closing(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_none_or(|c| c.closing)
+    }
+
     /// Notes that connection `id` is owed a reply later (or no longer, with `delta` -1).
     pub(crate) fn owe(&mut self, id: ConnId, delta: isize) {
         if let Some(c) = self.conns.get_mut(&id) {
@@ -348,6 +362,24 @@ impl Driver {
                     events.push_back(Event::Shutdown);
                     Ok(Response::Stopping)
                 }
+                Ok(Request::Logs { worker, lines, follow }) => match self.m.capture.as_mut() {
+                    None => Err(NOT_CAPTURED.to_owned()),
+                    Some(capture) => {
+                        let recent = capture.recent(worker, lines);
+                        if follow && !capture.followers.contains_key(&id) {
+                            capture.followers.insert(id, super::capture::Follower { worker, dropped: 0 });
+                            // Never idle: it waits for lines.
+                            if let Some(ctl) = self.m.control.as_mut() {
+                                ctl.owe(id, 1);
+                            }
+                        }
+                        Ok(Response::Logs { lines: recent })
+                    }
+                },
+                Ok(Request::ReopenLogs) => match self.m.capture.as_mut() {
+                    None => Err(NOT_CAPTURED.to_owned()),
+                    Some(capture) => capture.reopen().map(|path| Response::LogsReopened { path }),
+                },
             };
             if let Some(ctl) = self.m.control.as_mut() {
                 let line = match &reply {
@@ -357,8 +389,60 @@ impl Driver {
                 ctl.reply(id, &line);
             }
         }
+        // A follower that closed its end is done.
+        if let (Some(ctl), Some(capture)) = (self.m.control.as_mut(), self.m.capture.as_mut())
+            && ctl.is_closing(id)
+            && capture.followers.remove(&id).is_some()
+        {
+            ctl.owe(id, -1);
+        }
         if let Some(ctl) = self.m.control.as_mut() {
             ctl.flush(id);
         }
     }
+
+    /// Sends newly captured lines to the connections following them (`logs --follow`), each
+    /// within its bound of unread output: what does not fit is left out and counted, and a
+    /// `dropped` notice goes before the next lines that fit.
+    pub(super) fn forward_logs(&mut self, lines: &[crate::proto::control::LogLine]) {
+        use crate::proto::control::LogEvent;
+        let (Some(ctl), Some(capture)) = (self.m.control.as_mut(), self.m.capture.as_mut()) else { return };
+        if lines.is_empty() || capture.followers.is_empty() {
+            return;
+        }
+        capture.followers.retain(|id, f| {
+            let Some(pending) = ctl.pending_output(*id) else { return false };
+            let mine: Vec<&crate::proto::control::LogLine> =
+                lines.iter().filter(|l| f.worker.is_none_or(|w| l.worker == w)).collect();
+            if mine.is_empty() {
+                return true;
+            }
+            if pending >= FOLLOW_PENDING {
+                f.dropped += mine.len() as u64;
+                return true;
+            }
+            let mut out = Vec::new();
+            if f.dropped > 0 {
+                out.extend(LogEvent::Dropped(f.dropped).encode());
+                f.dropped = 0;
+            }
+            for l in mine {
+                out.extend(LogEvent::Line(l.clone()).encode());
+            }
+            ctl.reply(*id, &out);
+            true
+        });
+    }
+
+    /// Reopens the captured output's log file (its reopen signal arrived).
+    pub(super) fn reopen_logs(&mut self) {
+        if let Some(capture) = self.m.capture.as_mut()
+            && let Err(e) = capture.reopen()
+        {
+            tracing::warn!("{e}");
+        }
+    }
 }
+
+/// The answer to `logs` and `reopen_logs` when the output is not captured.
+const NOT_CAPTURED: &str = "this cluster does not capture its workers' output: they write to the master's own stdout and stderr (start it with --capture-output, or Cluster::capture_output, to read their logs here)";

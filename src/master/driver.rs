@@ -31,6 +31,9 @@ pub(super) struct Proc {
     pub(super) ready_at: Option<Instant>,
     /// What it last said in a `STATUS=` notification.
     pub(super) status_text: Option<String>,
+    /// The master's ends of its stdout and stderr pipes (captured output), until the capture
+    /// takes them.
+    pub(super) output: Option<(OwnedFd, OwnedFd)>,
 }
 
 /// The driver's state: the master's resources, the supervisor, and the processes it started.
@@ -76,6 +79,8 @@ enum Source {
     Successor,
     SuccessorExit,
     Predecessor,
+    /// A worker's stdout or stderr pipe (captured output).
+    Output(WorkerKey, crate::proto::control::LogStream),
 }
 
 impl Driver {
@@ -91,6 +96,9 @@ impl Driver {
         }
         for b in &self.m.listeners {
             tracing::info!("listener {} on {} ({} balance)", b.name, b.addr, b.balance);
+        }
+        if let Some(c) = &mut self.m.capture {
+            c.start();
         }
         if self.m.signals.reaps_orphans {
             // Zombies that arrived before our SIGCHLD handler existed.
@@ -130,7 +138,10 @@ impl Driver {
     fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
         match cmd {
             Command::Spawn { slot, key, program, request_limit } => match self.spawn(slot, program, request_limit) {
-                Ok(p) => {
+                Ok(mut p) => {
+                    if let (Some(c), Some(output)) = (self.m.capture.as_mut(), p.output.take()) {
+                        c.add(key, p.slot, p.pid, output);
+                    }
                     events.push_back(Event::Spawned { key, pid: p.pid });
                     self.procs.insert(key, p);
                 }
@@ -225,6 +236,7 @@ impl Driver {
     pub(super) fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
         let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
         cluster.listeners = self.listener_stats();
+        cluster.log_lines_dropped = self.m.capture.as_ref().map_or(0, super::capture::Capture::dropped);
         for w in &mut workers {
             w.notify_status = w.pid.and_then(|pid| self.procs.values().find(|p| p.pid == pid)?.status_text.clone());
         }
@@ -277,6 +289,7 @@ impl Driver {
         let now = Instant::now();
         let mut cluster = self.sup.cluster_stats();
         cluster.listeners = self.listener_stats();
+        cluster.log_lines_dropped = self.m.capture.as_ref().map_or(0, super::capture::Capture::dropped);
         let snap = Snapshot { cluster, workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
     }
@@ -289,6 +302,7 @@ impl Driver {
             self.m.admin.as_ref().and_then(|(a, _)| a.next_deadline()),
             self.procs.values().filter_map(|p| p.ready_at).min(),
             self.m.notify.as_ref().and_then(Notifier::watchdog_due),
+            self.m.capture.as_ref().and_then(super::capture::Capture::next_deadline),
         ]
         .into_iter()
         .flatten()
@@ -317,6 +331,10 @@ impl Driver {
                 sources.push(Source::Channel(*key));
                 fds.push(PollFd::new(&chan.io.sock, flags));
             }
+        }
+        for (key, fd) in self.m.capture.iter().flat_map(super::capture::Capture::fds) {
+            sources.push(Source::Output(key.0, key.1));
+            fds.push(PollFd::new(fd, PollFlags::IN));
         }
         if let Some(s) = &self.successor {
             sources.push(Source::SuccessorExit);
@@ -382,10 +400,15 @@ impl Driver {
         let ready: Vec<Source> =
             fds.iter().zip(&sources).filter(|(fd, _)| !fd.revents().is_empty()).map(|(_, s)| *s).collect();
         drop(fds);
-        // Channels first: a worker's last messages come before its exit.
-        for s in ready.iter().filter(|s| matches!(s, Source::Channel(_))) {
-            if let Source::Channel(key) = *s {
-                self.on_channel(key, events);
+        // Channels first: a worker's last messages come before its exit; its output too.
+        for s in ready.iter().filter(|s| matches!(s, Source::Channel(_) | Source::Output(..))) {
+            match *s {
+                Source::Channel(key) => self.on_channel(key, events),
+                Source::Output(key, stream) => {
+                    let lines = self.m.capture.as_mut().map(|c| c.read((key, stream))).unwrap_or_default();
+                    self.forward_logs(&lines);
+                }
+                _ => {}
             }
         }
         for s in ready {
@@ -393,7 +416,7 @@ impl Driver {
                 Source::Signals => self.on_signals(events),
                 Source::Wake => self.on_wake(events),
                 Source::Exit(key) => self.on_exit(key, events),
-                Source::Channel(_) => {}
+                Source::Channel(_) | Source::Output(..) => {}
                 Source::ControlListener => {
                     if let Some(ctl) = &mut self.m.control {
                         ctl.accept(Instant::now());
@@ -420,6 +443,9 @@ impl Driver {
                 events.push_back(Event::Ready { key: *key });
             }
         }
+        // The pipes of exited workers whose time is up.
+        let lines = self.m.capture.as_mut().map(|c| c.expire(Instant::now())).unwrap_or_default();
+        self.forward_logs(&lines);
         if let Some(ctl) = &mut self.m.control {
             ctl.close_idle(Instant::now());
         }
@@ -523,11 +549,17 @@ impl Driver {
                 // that means.
                 tracing::error!("cannot reap worker {} (pid {}): {e}; was it reaped elsewhere?", p.slot, p.pid);
                 self.procs.remove(&key);
+                if let Some(c) = &mut self.m.capture {
+                    c.exited(key, Instant::now());
+                }
                 events.push_back(Event::Lost { key });
                 return;
             }
         };
         self.procs.remove(&key);
+        if let Some(c) = &mut self.m.capture {
+            c.exited(key, Instant::now());
+        }
         events.push_back(Event::Exited { key, status });
     }
 

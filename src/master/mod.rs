@@ -15,6 +15,7 @@
 //! | `channel.rs` | the master's end of a worker channel |
 
 mod admin;
+pub(crate) mod capture;
 mod channel;
 mod control;
 mod driver;
@@ -27,6 +28,7 @@ mod steer;
 mod upgrade;
 mod worker_notify;
 
+pub use capture::{CaptureFormat, CaptureOutput, DEFAULT_MAX_LINE, DEFAULT_REOPEN_SIGNAL};
 pub(crate) use upgrade::{Inherited, inherited as inherited_upgrade};
 
 use std::collections::HashMap;
@@ -242,6 +244,8 @@ pub struct Master {
     /// (A master started by an upgrade.) Inherited sockets no listener of this master uses:
     /// closed once the predecessor's workers are gone (`Command::ReleaseInherited`).
     leftovers: Vec<(OwnedFd, Option<crate::os::socket::SocketFile>)>,
+    /// The workers' output, when captured (`Cluster::capture_output`).
+    capture: Option<capture::Capture>,
 }
 
 impl std::fmt::Debug for Master {
@@ -649,8 +653,10 @@ impl Master {
                 Some((server, bound))
             }
         };
+        let capture = opts.capture.take().map(capture::Capture::open).transpose()?;
         // Last, so that an error above leaves the process's signals as they were.
         let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        extra.extend(capture.as_ref().and_then(capture::Capture::reopen_signal));
         if rustix::process::getpid().as_raw_nonzero().get() == 1 {
             // PID 1 of a container: orphans of the whole container are re-parented to us and
             // must be reaped, or they stay zombies. A handler (never SIG_IGN, which would reap
@@ -683,6 +689,7 @@ impl Master {
         Ok(Master {
             predecessor,
             leftovers,
+            capture,
             notify: Notifier::from_env(),
             exe_path,
             origin,

@@ -330,6 +330,8 @@ pub(crate) struct Settings {
     pub(crate) on_worker_ready: Option<OnStart>,
     pub(crate) on_ready: Option<OnReady>,
     pub(crate) on_signal: Vec<(Signal, OnSignal)>,
+    /// The workers' output, captured (`Cluster::capture_output`); `None`: inherited.
+    pub(crate) capture: Option<super::CaptureOutput>,
 }
 
 impl Settings {

@@ -21,6 +21,11 @@ impl Driver {
             if signal != Signal::CHLD {
                 tracing::info!("received {signal}");
             }
+            // The captured output's log file: reopened here (the supervisor has no say in it).
+            if self.m.capture.as_ref().and_then(super::capture::Capture::reopen_signal) == Some(signal) {
+                self.reopen_logs();
+                continue;
+            }
             events.push_back(Event::Signal { signal });
         }
     }

@@ -123,6 +123,7 @@ impl Driver {
         if let Some(limit) = request_limit {
             cmd.env(env::MAX_REQUESTS, limit.max(1).to_string());
         }
+        let output = self.capture_pipes(&mut cmd)?;
         let mut mappings: Vec<FdMapping> = listeners
             .into_iter()
             .enumerate()
@@ -150,6 +151,7 @@ impl Driver {
                     chan: Some(MasterEnd::new(master_end)?),
                     ready_at: None,
                     status_text: None,
+                    output,
                 })
             });
         if tracked.is_err() {
@@ -187,6 +189,7 @@ impl Driver {
         if let Some(timeout) = self.sup.policy().liveness.worker_timeout {
             cmd.env("WATCHDOG_USEC", timeout.as_micros().to_string());
         }
+        let output = self.capture_pipes(&mut cmd)?;
         for compat in &c.compat {
             match compat {
                 super::Compat::Einhorn => {
@@ -228,12 +231,22 @@ impl Driver {
         let tracked = Pid::from_raw(pid as i32)
             .ok_or_else(|| io::Error::other("spawn returned pid 0"))
             .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
-            .map(|pidfd| Proc { slot, pid, pidfd, chan: None, ready_at, status_text: None });
+            .map(|pidfd| Proc { slot, pid, pidfd, chan: None, ready_at, status_text: None, output });
         if tracked.is_err() {
             let _ = child.kill();
             let _ = child.wait();
         }
         tracked
+    }
+
+    /// With the output captured: new pipes for the worker's stdout and stderr, its ends given to
+    /// `cmd` (the standard library `dup2`s them onto 1 and 2 between fork and exec; the
+    /// parent's copies close when `cmd` is dropped), the master's ends returned.
+    fn capture_pipes(&self, cmd: &mut Process) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
+        let Some(capture) = &self.m.capture else { return Ok(None) };
+        let mut pipes = capture.worker_pipes()?;
+        pipes.attach(cmd);
+        Ok(Some(pipes.master))
     }
 
     /// The listening sockets a worker of `slot` inherits (copies), one per listener in order.

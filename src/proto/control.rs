@@ -16,6 +16,8 @@
 //! | `{"v":1,"cmd":"stop"}` | `"stopping": true` |
 //! | `{"v":1,"cmd":"metrics"}` | `"text"`: Prometheus text ([`crate::metrics`]) |
 //! | `{"v":1,"cmd":"probe","probe":"live"}` (`live`, `ready` or `startup`) | `"pass"`: true or false, `"detail"`: why |
+//! | `{"v":1,"cmd":"logs","worker":1,"lines":100,"follow":true}` (all optional) | `"lines"`: the recent captured lines ([`LogLine`]), oldest first; with `follow`, then one line per new captured line, `{"v":1,"ok":true,"line":{…}}`, and `{"v":1,"ok":true,"dropped":N}` where N lines were left out for a client that did not read fast enough |
+//! | `{"v":1,"cmd":"reopen_logs"}` | `"reopened"`: the log file's path |
 //!
 //! A failed request gets `{"v":1,"ok":false,"error":"what went wrong and what to do"}`. A line
 //! longer than [`MAX_REQUEST`] bytes is answered with an error and the connection is closed.
@@ -92,6 +94,190 @@ pub enum Request {
         /// Which.
         probe: Probe,
     },
+    /// The workers' recent output, when the cluster captures it
+    /// ([`Cluster::capture_output`](crate::Cluster::capture_output)): [`Response::Logs`]; with
+    /// `follow`, new lines are sent as they come ([`Client::next_log`]). Refused (with a
+    /// sentence saying so) when the cluster does not capture.
+    Logs {
+        /// Only this worker slot's lines (all workers' when absent).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        worker: Option<usize>,
+        /// At most this many recent lines (the newest ones).
+        #[serde(default = "default_log_lines")]
+        lines: usize,
+        /// Keep the connection and send new lines as they are captured.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Reopen the captured output's log file (after it was moved away, as logrotate does):
+    /// [`Response::LogsReopened`]. Refused when the cluster does not capture to a file.
+    ReopenLogs,
+}
+
+/// The lines a [`Request::Logs`] asks for when it does not say.
+pub const DEFAULT_LOG_LINES: usize = 100;
+
+fn default_log_lines() -> usize {
+    DEFAULT_LOG_LINES
+}
+
+/// Which output of a worker a captured line comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LogStream {
+    /// Its standard output.
+    Stdout,
+    /// Its standard error.
+    Stderr,
+}
+
+impl std::fmt::Display for LogStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        })
+    }
+}
+
+/// One line of a worker's output as the master captured it
+/// ([`Cluster::capture_output`](crate::Cluster::capture_output)). On the wire and in JSON log
+/// files: `{"time":"2025-01-02T03:04:05.678Z","worker":3,"pid":1234,"stream":"stdout","line":"…"}`.
+///
+/// Its [`Display`](std::fmt::Display) is the prefixed text form: `[worker 3 pid 1234] text`
+/// for standard output, `[worker 3 pid 1234 stderr] text` for standard error, and a piece of a
+/// line longer than the maximum line length ends with ` [continued]` (the rest follows as the
+/// next line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LogLine {
+    /// When the master read it (on the wire: RFC 3339, UTC, milliseconds).
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// The worker's slot.
+    pub worker: usize,
+    /// The worker process's pid.
+    pub pid: u32,
+    /// Standard output or standard error.
+    pub stream: LogStream,
+    /// The text, without its newline (invalid UTF-8 replaced by U+FFFD).
+    pub line: String,
+    /// The line was longer than the maximum line length: this is a piece of it, and the rest
+    /// follows (absent on the wire when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continued: bool,
+}
+
+impl LogLine {
+    /// A captured line (for the master).
+    pub(crate) fn new(
+        time: SystemTime,
+        worker: usize,
+        pid: u32,
+        stream: LogStream,
+        line: String,
+        continued: bool,
+    ) -> LogLine {
+        LogLine { time, worker, pid, stream, line, continued }
+    }
+}
+
+impl std::fmt::Display for LogLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.stream {
+            LogStream::Stdout => write!(f, "[worker {} pid {}] {}", self.worker, self.pid, self.line)?,
+            LogStream::Stderr => write!(f, "[worker {} pid {} stderr] {}", self.worker, self.pid, self.line)?,
+        }
+        if self.continued {
+            f.write_str(" [continued]")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a following [`Request::Logs`] receives after its first answer ([`Client::next_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LogEvent {
+    /// A newly captured line.
+    Line(LogLine),
+    /// This many lines were left out: this client did not read fast enough (the master never
+    /// waits for a client).
+    Dropped(u64),
+}
+
+/// Times as RFC 3339 text in UTC with milliseconds (`2025-01-02T03:04:05.678Z`), without a
+/// date library.
+pub(crate) mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    /// `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (times before 1970 as the epoch).
+    pub(crate) fn format(t: SystemTime) -> String {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = d.as_secs();
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        // Howard Hinnant's civil_from_days.
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60,
+            d.subsec_millis()
+        )
+    }
+
+    /// Reads what [`format`] writes (any number of fraction digits, or none).
+    pub(crate) fn parse(s: &str) -> Option<SystemTime> {
+        let b = s.as_bytes();
+        let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
+        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+            return None;
+        }
+        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (h, m, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let rest = s.get(19..)?.strip_suffix('Z')?;
+        let nanos = match rest.strip_prefix('.') {
+            None if rest.is_empty() => 0,
+            None => return None,
+            Some(frac) if !frac.is_empty() && frac.len() <= 9 && frac.bytes().all(|c| c.is_ascii_digit()) => {
+                frac.parse::<u32>().ok()? * 10u32.pow(9 - frac.len() as u32)
+            }
+            Some(_) => return None,
+        };
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+            return None;
+        }
+        // Howard Hinnant's days_from_civil.
+        let y = if month <= 2 { year - 1 } else { year };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (month + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + day - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        let secs = u64::try_from(days * 86_400 + h * 3600 + m * 60 + sec).ok()?;
+        Some(UNIX_EPOCH + Duration::new(secs, nanos))
+    }
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 UTC time")))
+    }
 }
 
 /// A health probe, as Kubernetes names them: what `/livez`, `/readyz` and `/startupz` answer.
@@ -168,6 +354,17 @@ pub enum Response {
         pass: bool,
         /// What it is based on, for a person (`"2 of 2 workers ready (at least 1 needed)"`).
         detail: String,
+    },
+    /// The recent captured lines (`"lines"`), oldest first; with `follow`, [`LogEvent`]s follow
+    /// ([`Client::next_log`]).
+    Logs {
+        /// The lines.
+        lines: Vec<LogLine>,
+    },
+    /// The log file was reopened (`"reopened"`: its path).
+    LogsReopened {
+        /// The log file.
+        path: PathBuf,
     },
 }
 
@@ -266,7 +463,32 @@ struct Verdict {
     detail: String,
 }
 #[derive(Serialize, Deserialize)]
+struct Lines {
+    lines: Vec<LogLine>,
+}
+#[derive(Serialize, Deserialize)]
+struct Reopened {
+    reopened: PathBuf,
+}
+#[derive(Serialize, Deserialize)]
 struct Nothing {}
+#[derive(Serialize, Deserialize)]
+struct Followed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    line: Option<LogLine>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dropped: Option<u64>,
+}
+
+impl LogEvent {
+    /// The line a following client receives for this event, newline included.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            LogEvent::Line(l) => line(true, None, Followed { line: Some(l.clone()), dropped: None }),
+            LogEvent::Dropped(n) => line(true, None, Followed { line: None, dropped: Some(*n) }),
+        }
+    }
+}
 
 fn line<T: Serialize>(ok: bool, error: Option<String>, body: T) -> Vec<u8> {
     let mut out = serde_json::to_vec(&Wire { v: PROTOCOL_VERSION, ok, error, body }).unwrap_or_default();
@@ -296,6 +518,8 @@ impl Response {
             Response::Stopping => line(true, None, Stopping { stopping: true }),
             Response::Metrics { text } => line(true, None, Text { text: text.clone() }),
             Response::Probe { pass, detail } => line(true, None, Verdict { pass: *pass, detail: detail.clone() }),
+            Response::Logs { lines } => line(true, None, Lines { lines: lines.clone() }),
+            Response::LogsReopened { path } => line(true, None, Reopened { reopened: path.clone() }),
         }
     }
 
@@ -339,6 +563,8 @@ impl Response {
                 let v = parse::<Verdict>(reply, bad)?;
                 Response::Probe { pass: v.pass, detail: v.detail }
             }
+            Request::Logs { .. } => Response::Logs { lines: parse::<Lines>(reply, bad)?.lines },
+            Request::ReopenLogs => Response::LogsReopened { path: parse::<Reopened>(reply, bad)?.reopened },
         })
     }
 }
@@ -381,7 +607,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         ));
     }
     serde_json::from_slice(line).map_err(|e| {
-        format!("invalid request: {e}; commands are status, restart, upgrade, scale, signal, stop, metrics and probe")
+        format!("invalid request: {e}; commands are status, restart, upgrade, scale, signal, stop, metrics, probe, logs and reopen_logs")
     })
 }
 
@@ -495,20 +721,55 @@ impl Client {
         stream.set_read_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
         stream.set_write_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
         stream.write_all(&line).map_err(|e| io_err(e, &self.path, self.timeout))?;
+        let answer = self.read_answer().map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => ClientError::BadAnswer(self.path.clone()),
+            _ => io_err(e, &self.path, self.timeout),
+        })?;
+        match answer {
+            Some(answer) => Response::decode(request, answer.as_bytes(), &self.path),
+            None => Err(ClientError::NoAnswer(self.path.clone())),
+        }
+    }
+
+    /// One answer line; `None` at EOF. A status answer for the largest cluster is about 1 MiB:
+    /// anything far longer is not an answer of ours, and must not fill this process's memory
+    /// (`InvalidData`).
+    fn read_answer(&mut self) -> io::Result<Option<String>> {
         let mut answer = String::new();
-        // A status answer for the largest cluster is about 1 MiB: anything far longer is not an
-        // answer of ours, and must not fill this process's memory.
-        let n = (&mut self.reader)
-            .take(MAX_ANSWER as u64)
-            .read_line(&mut answer)
-            .map_err(|e| io_err(e, &self.path, self.timeout))?;
+        let n = (&mut self.reader).take(MAX_ANSWER as u64).read_line(&mut answer)?;
         if !answer.ends_with('\n') && n as u64 >= MAX_ANSWER as u64 {
-            return Err(ClientError::BadAnswer(self.path.clone()));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "answer too long"));
         }
-        if n == 0 {
-            return Err(ClientError::NoAnswer(self.path.clone()));
+        Ok((n > 0).then_some(answer))
+    }
+
+    /// After a following [`Request::Logs`] was answered: waits (without a time limit) for the
+    /// next captured line or drop notice. `Ok(None)` when the master closed the connection (it
+    /// stopped, or an upgrade's old master exited).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::BadAnswer`] for a line that is not a log event, [`ClientError::Io`] when
+    /// the connection broke.
+    pub fn next_log(&mut self) -> Result<Option<LogEvent>, ClientError> {
+        let path = self.path.clone();
+        self.reader.get_mut().set_read_timeout(None).map_err(|e| ClientError::Io { path: path.clone(), source: e })?;
+        let answer = match self.read_answer() {
+            Ok(Some(a)) => a,
+            Ok(None) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(ClientError::BadAnswer(path)),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
+            Err(e) => return Err(ClientError::Io { path, source: e }),
+        };
+        let wire: Wire<Followed> = serde_json::from_str(&answer).map_err(|_| ClientError::BadAnswer(path.clone()))?;
+        if !wire.ok {
+            return Err(ClientError::Refused(wire.error.unwrap_or_else(|| "the master ended the log stream".into())));
         }
-        Response::decode(request, answer.as_bytes(), &self.path)
+        match (wire.body.line, wire.body.dropped) {
+            (Some(line), _) => Ok(Some(LogEvent::Line(line))),
+            (None, Some(n)) => Ok(Some(LogEvent::Dropped(n))),
+            (None, None) => Err(ClientError::BadAnswer(path)),
+        }
     }
 }
 
@@ -605,6 +866,85 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(Response::decode(&Request::Status, b"{}", path), Err(ClientError::BadAnswer(_))));
+    }
+
+    #[test]
+    fn rfc3339_times_round_trip() {
+        use std::time::UNIX_EPOCH;
+        assert_eq!(rfc3339::format(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_735_787_045_678);
+        assert_eq!(rfc3339::format(t), "2025-01-02T03:04:05.678Z");
+        assert_eq!(rfc3339::parse("2025-01-02T03:04:05.678Z"), Some(t));
+        assert_eq!(rfc3339::parse("2025-01-02T03:04:05Z"), Some(t - Duration::from_millis(678)));
+        // A leap day, the end of a century, and every day of 2024 round trip.
+        for text in ["2024-02-29T23:59:59.999Z", "2000-03-01T00:00:00.000Z", "2100-12-31T12:00:00.001Z"] {
+            assert_eq!(rfc3339::format(rfc3339::parse(text).unwrap()), text);
+        }
+        for day in 0..366 {
+            let t = UNIX_EPOCH + Duration::from_secs(1_704_067_200 + day * 86_400 + 3_723);
+            assert_eq!(rfc3339::parse(&rfc3339::format(t)), Some(t));
+        }
+        for bad in
+            ["", "2025-01-02 03:04:05Z", "2025-13-02T03:04:05Z", "2025-01-02T03:04:05.Z", "2025-01-02T03:04:05+01:00"]
+        {
+            assert_eq!(rfc3339::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn logs_requests_and_answers_round_trip() {
+        let path = Path::new("/x.sock");
+        assert_eq!(
+            parse_request(br#"{"v":1,"cmd":"logs"}"#),
+            Ok(Request::Logs { worker: None, lines: DEFAULT_LOG_LINES, follow: false })
+        );
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"reopen_logs"}"#), Ok(Request::ReopenLogs));
+        let request = Request::Logs { worker: Some(2), lines: 7, follow: true };
+        let line = encode_request(&request);
+        assert_eq!(parse_request(&line[..line.len() - 1]), Ok(request.clone()));
+        let t = std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let captured = LogLine::new(t, 2, 77, LogStream::Stderr, "hé \"quoted\"".into(), true);
+        let answer = Response::Logs { lines: vec![captured.clone()] };
+        assert_eq!(Response::decode(&request, &answer.encode(), path).unwrap(), answer);
+        let wire: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&captured).unwrap()).unwrap();
+        assert_eq!(wire["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(wire["stream"], "stderr");
+        assert_eq!(wire["continued"], true);
+        assert_eq!(captured.to_string(), "[worker 2 pid 77 stderr] hé \"quoted\" [continued]");
+        let plain = LogLine::new(t, 0, 5, LogStream::Stdout, "x".into(), false);
+        assert_eq!(plain.to_string(), "[worker 0 pid 5] x");
+        let reopened = Response::LogsReopened { path: "/var/log/a.log".into() };
+        assert_eq!(Response::decode(&Request::ReopenLogs, &reopened.encode(), path).unwrap(), reopened);
+    }
+
+    /// A following client reads the lines and drop notices the master sends after its answer.
+    #[test]
+    fn a_follower_reads_log_events() {
+        let dir = std::env::temp_dir().join(format!("ecewo-cluster-follow-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("c.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let t = std::time::UNIX_EPOCH + Duration::from_secs(1);
+        let sent = LogLine::new(t, 1, 9, LogStream::Stdout, "hello".into(), false);
+        let to_send = sent.clone();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut req = String::new();
+            r.read_line(&mut req).unwrap();
+            s.write_all(&Response::Logs { lines: Vec::new() }.encode()).unwrap();
+            s.write_all(&LogEvent::Line(to_send).encode()).unwrap();
+            s.write_all(&LogEvent::Dropped(4).encode()).unwrap();
+        });
+        let mut c = Client::connect(&sock, Duration::from_secs(5)).unwrap();
+        let first = c.request(&Request::Logs { worker: None, lines: 10, follow: true }).unwrap();
+        assert_eq!(first, Response::Logs { lines: Vec::new() });
+        assert_eq!(c.next_log().unwrap(), Some(LogEvent::Line(sent)));
+        assert_eq!(c.next_log().unwrap(), Some(LogEvent::Dropped(4)));
+        server.join().unwrap();
+        assert_eq!(c.next_log().unwrap(), None, "the master closed the connection");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A generated-input property test: at least 10 000 inputs (random bytes, and valid requests

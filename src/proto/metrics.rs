@@ -96,6 +96,12 @@ pub fn render_labeled(cluster: &ClusterStats, workers: &[WorkerStats], labels: &
         metric("ecewo_cluster_last_upgrade_success", "gauge", "1 if the last upgrade of the master completed.", &g(ok));
     }
     metric(
+        "ecewo_cluster_log_lines_dropped_total",
+        "counter",
+        "Lines of the workers' captured output dropped because the output did not keep up.",
+        &[(String::new(), cluster.log_lines_dropped as f64)],
+    );
+    metric(
         "ecewo_cluster_shutdown_requested",
         "gauge",
         "1 once a shutdown was asked for.",

@@ -111,6 +111,8 @@ impl Supervisor {
             generation: self.generation,
             upgrade_requested: self.upgrade.as_ref().is_some_and(|u| u.stage != super::UpgradeStage::Killing),
             last_upgrade: self.last_upgrade.clone(),
+            // The driver's to fill (the captured output is not the supervisor's).
+            log_lines_dropped: 0,
         }
     }
 

@@ -7,7 +7,12 @@
 //! LISTEN_FDNAMES=… names=…`: the systemd convention as the worker received it), `GET
 //! /hang?ms=N` (blocks the worker's runtime thread N ms, default 1000, then `hung N`: no
 //! heartbeat meanwhile), `GET /leak?mb=N` (allocates N MiB, default 1, touches every page and
-//! keeps it for the worker's life: `leaked N total T`, T the MiB leaked so far). Once every worker is ready the master prints exactly
+//! keeps it for the worker's life: `leaked N total T`, T the MiB leaked so far), `GET
+//! /print?lines=N&bytes=M&stream=stdout|stderr` (writes N lines, default 1, of M bytes, default
+//! 100, each `print P I M <filler>` with P the pid, I the line's number and the filler one
+//! letter repeated so the line is M bytes, one write each, then answers `printed N`), `GET
+//! /burst?mb=N` (writes N MiB of such lines, default 8, in one write: `burst N`). Each worker
+//! logs `testbed worker ID pid PID starting` at start. Once every worker is ready the master prints exactly
 //! one line on stdout: `ready: N workers on port P`. SIGHUP prints `stats: <JSON>` and sends
 //! SIGUSR1 to the workers, unless `--default-sighup` leaves it to the library (a graceful
 //! shutdown).
@@ -19,14 +24,15 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use clap::Parser;
+use ecewo_cluster::logging::{self, LogFormat};
 use ecewo_cluster::serve::{ServeOptions, cluster_stats, run_worker, serve};
-use ecewo_cluster::{Balance, Cluster, Role, Signal, Worker};
+use ecewo_cluster::{Balance, CaptureFormat, CaptureOutput, Cluster, Role, Signal, Worker};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -199,6 +205,36 @@ struct Args {
     /// Upgrades of the master go slot by slot by default.
     #[arg(long)]
     upgrade_slot_by_slot: bool,
+    /// Capture the workers' output (`prefix` or `json`) to the master's stdout (or --log-file).
+    #[arg(long)]
+    capture_output: Option<CaptureFormat>,
+    /// Write the captured output to this file (implies --capture-output prefix).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file past this many bytes.
+    #[arg(long)]
+    log_max_bytes: Option<u64>,
+    /// Rotated log files kept.
+    #[arg(long, default_value_t = 5)]
+    log_keep: usize,
+    /// The signal that reopens the log file (default: the library's, SIGALRM).
+    #[arg(long)]
+    log_reopen_signal: Option<Signal>,
+    /// Captured lines longer than this are cut.
+    #[arg(long)]
+    log_max_line: Option<usize>,
+    /// The capture's queue, `LINES:BYTES` (default: the library's).
+    #[arg(long, value_name = "LINES:BYTES", value_parser = parse_pair)]
+    log_queue: Option<(u64, u64)>,
+    /// How the testbed's own logs are written to stderr: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn parse_pair(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once(':').ok_or_else(|| format!("{s:?}: use A:B"))?;
+    let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{v:?} is not a number ({e})"));
+    Ok((num(a)?, num(b)?))
 }
 
 fn parse_backoff(s: &str) -> Result<(u64, u64), String> {
@@ -228,80 +264,14 @@ fn parse_listen(s: &str) -> Result<(String, ListenAt), String> {
     Ok((name.to_owned(), ListenAt::Tcp(addr)))
 }
 
-/// stderr, through a bounded queue that a thread of its own writes out: the master never
-/// blocks on a stderr nobody reads (a stuck log collector); lines that do not fit are dropped
-/// and counted instead. Started right after `Cluster::init` (which must run while the process
-/// has one thread); until then lines go to stderr directly.
-static LOG: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock::new();
-/// Flushes the queue when dropped (at the end of `main`).
-static LOG_GUARD: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> = std::sync::Mutex::new(None);
-
-/// Starts the log queue and its writer thread.
-fn start_log_queue() {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_LINES)
-        .thread_name("testbed-log")
-        .finish(std::io::stderr());
-    if LOG.set(writer).is_ok() {
-        *LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
-    }
-}
-
-/// Where the subscriber writes: the queue once it runs, stderr before.
-#[derive(Clone, Copy)]
-struct LogWriter;
-
-/// One log write: queued, or direct.
-enum LogOut {
-    Queued(tracing_appender::non_blocking::NonBlocking),
-    Direct(std::io::Stderr),
-}
-
-impl Write for LogOut {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            LogOut::Queued(q) => q.write(buf),
-            LogOut::Direct(e) => e.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            LogOut::Queued(q) => q.flush(),
-            LogOut::Direct(e) => e.flush(),
-        }
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
-    type Writer = LogOut;
-
-    fn make_writer(&'a self) -> LogOut {
-        match LOG.get() {
-            Some(q) => LogOut::Queued(q.clone()),
-            None => LogOut::Direct(std::io::stderr()),
-        }
-    }
-}
-
 /// Writes one line to the log (what callbacks print too), never blocking.
 fn log_line(args: std::fmt::Arguments<'_>) {
-    match LOG.get() {
-        Some(log) => {
-            let _ = writeln!(log.clone(), "{args}");
-        }
-        None => eprintln!("{args}"),
-    }
+    logging::line(args);
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(LogWriter)
-        .with_ansi(colour_on_stderr())
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    logging::init(args.log_format);
     let code = match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -309,21 +279,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    if let Some(dropped) = LOG.get().map(|l| l.error_counter().dropped_lines()).filter(|&n| n > 0) {
-        log_line(format_args!("testbed: {dropped} log lines were dropped: stderr was not read fast enough"));
-    }
     // Written out before exit (the writer gives up after a second on a stderr nobody reads).
-    drop(LOG_GUARD.lock().unwrap_or_else(|e| e.into_inner()).take());
+    logging::finish("testbed");
     code
-}
-
-/// Log lines queued for stderr at most; past it they are dropped (and counted).
-const LOG_LINES: usize = 16_384;
-
-/// Colour codes only for a person at a terminal, and never with `NO_COLOR` set (no-color.org).
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
@@ -435,6 +393,10 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         Some(name) => cluster.name(name),
         None => cluster,
     };
+    let cluster = match capture_options(&args) {
+        Some(capture) => cluster.capture_output(capture),
+        None => cluster,
+    };
     let panic_in_callbacks = args.panic_in_callbacks;
     let cluster = cluster.on_worker_ready(move |w| {
         if panic_in_callbacks {
@@ -442,7 +404,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         }
     });
     let role = cluster.init()?;
-    start_log_queue();
+    logging::start("testbed-log");
     match role {
         Role::Master(master) => {
             if let Some(addr) = master.admin_addr() {
@@ -500,6 +462,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
                 .and_then(|p| std::fs::read_to_string(p).ok())
                 .and_then(|s| s.lines().next().map(str::to_owned))
                 .unwrap_or_else(|| "none".to_owned());
+            log_line(format_args!("testbed worker {} pid {} starting", worker.id(), std::process::id()));
             std::thread::sleep(Duration::from_millis(args.ready_delay_ms));
             let state = Arc::new(State {
                 id: worker.id(),
@@ -532,6 +495,43 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             result
         }
     }
+}
+
+/// The capture the options ask for, if any.
+fn capture_options(args: &Args) -> Option<CaptureOutput> {
+    if args.capture_output.is_none() && args.log_file.is_none() {
+        return None;
+    }
+    let mut c = CaptureOutput::new().format(args.capture_output.unwrap_or_default());
+    if let Some(path) = &args.log_file {
+        c = c.to_file(path);
+    }
+    if let Some(max) = args.log_max_bytes {
+        c = c.rotate(max, args.log_keep);
+    }
+    if let Some(signal) = args.log_reopen_signal {
+        c = c.reopen_signal(signal);
+    }
+    if let Some(bytes) = args.log_max_line {
+        c = c.max_line(bytes);
+    }
+    if let Some((lines, bytes)) = args.log_queue {
+        c = c.queue(lines as usize, bytes as usize);
+    }
+    Some(c)
+}
+
+/// `print PID I LEN <filler>`: exactly `len` bytes (at least the head), the filler one letter
+/// chosen by `i`, so that a reader can check that the line is whole and whose it is.
+fn print_line(pid: u32, i: u64, len: usize) -> Vec<u8> {
+    let head = format!("print {pid} {i} {len} ");
+    let fill = b'a' + (i % 26) as u8;
+    let mut line = head.into_bytes();
+    while line.len() < len {
+        line.push(fill);
+    }
+    line.push(b'\n');
+    line
 }
 
 /// The same handler in one process, with the plain accept loop a user would write.
@@ -720,6 +720,40 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     leaked.push(block);
                     let total: usize = leaked.iter().map(|b| b.len() >> 20).sum();
                     text(StatusCode::OK, format!("leaked {mb} total {total}"))
+                }
+                "/print" => {
+                    // Blocking writes, as any program's: with captured output the master reads
+                    // them at once, whoever reads the master's output.
+                    let lines = query_param(&req, "lines").unwrap_or(1).max(0) as u64;
+                    let bytes = query_param(&req, "bytes").unwrap_or(100).clamp(1, 16 << 20) as usize;
+                    let to_stderr = req.uri().query().is_some_and(|q| q.contains("stream=stderr"));
+                    let result = (0..lines).try_for_each(|i| {
+                        let line = print_line(st.pid, i, bytes);
+                        if to_stderr {
+                            std::io::stderr().lock().write_all(&line)
+                        } else {
+                            let mut out = std::io::stdout().lock();
+                            out.write_all(&line).and_then(|()| out.flush())
+                        }
+                    });
+                    match result {
+                        Ok(()) => text(StatusCode::OK, format!("printed {lines}")),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot print: {e}")),
+                    }
+                }
+                "/burst" => {
+                    let mb = query_param(&req, "mb").unwrap_or(8).clamp(0, 1024) as usize;
+                    let mut burst = Vec::with_capacity(mb << 20);
+                    let mut i = 0;
+                    while burst.len() < mb << 20 {
+                        burst.extend(print_line(st.pid, i, 1000));
+                        i += 1;
+                    }
+                    let mut out = std::io::stdout().lock();
+                    match out.write_all(&burst).and_then(|()| out.flush()) {
+                        Ok(()) => text(StatusCode::OK, format!("burst {mb}")),
+                        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot write: {e}")),
+                    }
                 }
                 "/crash" => std::process::abort(),
                 "/exit" => std::process::exit(query_param(&req, "code").unwrap_or(0) as i32),

@@ -195,16 +195,18 @@ impl Testbed {
                 other => break other.expect("start testbed"),
             }
         };
-        let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
+        // (Unless `configure` gave stdout elsewhere: the test reads it itself.)
+        if let Some(stdout) = child.stdout.take() {
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        }
         let tb = Testbed {
             dir: dir.path().to_owned(),
             child,

@@ -1,0 +1,517 @@
+//! Captured worker output over real processes: whole lines that name their worker, a slow
+//! reader of the master's stdout that never slows a worker (lines dropped and counted),
+//! `ecewo-cluster logs` (recent lines, one worker, `--follow` across a `kill -9` and the
+//! respawn), rotation and reopening of the log file (signal and CLI), and `--log-format json`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rustix::process::Signal;
+
+fn cli(tb: &Testbed, args: &[&str]) -> Output {
+    let mut cmd = Command::new(cli_binary());
+    cmd.args(args).env("XDG_RUNTIME_DIR", &tb.dir);
+    run_bounded(cmd, Duration::from_secs(20)).expect("the CLI answers")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Checks a line the testbed's `/print` wrote (`print PID I LEN <filler>`): whole (LEN bytes,
+/// one letter of filler chosen by I) and written by `pid`. The line's number.
+fn check_print(line: &str, pid: u32) -> u64 {
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(fields.len(), 5, "a print line has 5 fields: {line:.200}");
+    assert_eq!(fields[0], "print", "{line:.200}");
+    assert_eq!(fields[1].parse::<u32>().unwrap(), pid, "written by the worker it names: {line:.200}");
+    let i: u64 = fields[2].parse().unwrap();
+    let len: usize = fields[3].parse().unwrap();
+    assert_eq!(line.len(), len, "the line is whole: {line:.200}");
+    let fill = (b'a' + (i % 26) as u8) as char;
+    assert!(fields[4].chars().all(|c| c == fill), "nothing of another line in it: {line:.200}");
+    i
+}
+
+/// `[worker W pid P] text` or `[worker W pid P stderr] text`: (W, P, stderr, text).
+fn parse_prefixed(line: &str) -> Option<(usize, u32, bool, &str)> {
+    let rest = line.strip_prefix("[worker ")?;
+    let (head, text) = rest.split_once("] ")?;
+    let mut parts = head.split(' ');
+    let worker = parts.next()?.parse().ok()?;
+    (parts.next()? == "pid").then_some(())?;
+    let pid = parts.next()?.parse().ok()?;
+    let stderr = match parts.next() {
+        None => false,
+        Some("stderr") => true,
+        Some(_) => return None,
+    };
+    Some((worker, pid, stderr, text))
+}
+
+fn dropped(tb: &Testbed) -> u64 {
+    tb.stats()["cluster"]["log_lines_dropped"].as_u64().expect("the statistics count dropped lines")
+}
+
+/// A child process killed (by pid) when the test ends, also when it fails.
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The lines a child writes on stdout, as they come.
+fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a line that `find` accepts, up to `timeout`; what it returned.
+fn wait_line<T>(rx: &mpsc::Receiver<String>, timeout: Duration, mut find: impl FnMut(&str) -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok()?;
+        if let Some(found) = find(&line) {
+            return Some(found);
+        }
+    }
+}
+
+/// The print lines in a JSON log file, checked, by pid: each pid's worker and line numbers.
+fn json_prints(path: &Path) -> BTreeMap<u32, (usize, Vec<u64>)> {
+    let mut by_pid: BTreeMap<u32, (usize, Vec<u64>)> = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("a line that is not JSON ({e}): {line:.300}"));
+        let Some(text) = v["line"].as_str().filter(|t| t.starts_with("print ")) else { continue };
+        let pid = v["pid"].as_u64().unwrap() as u32;
+        let worker = v["worker"].as_u64().unwrap() as usize;
+        assert_eq!(v["stream"], "stdout");
+        assert!(v["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{line:.200}");
+        let i = check_print(text, pid);
+        let entry = by_pid.entry(pid).or_insert((worker, Vec::new()));
+        assert_eq!(entry.0, worker, "pid {pid} is one worker's");
+        entry.1.push(i);
+    }
+    by_pid
+}
+
+/// Several workers write many long lines at the same time (each longer than what a pipe writes
+/// at once): every captured line parses, is whole, and names the worker and pid that wrote it;
+/// a line longer than the maximum comes in marked pieces.
+#[test]
+fn captured_lines_are_whole_and_name_their_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("workers.log");
+    // A queue that holds everything: no line may be missing here (drops have their own test).
+    let mut tb = Testbed::start(&[
+        "--workers",
+        "3",
+        "--capture-output",
+        "json",
+        "--log-file",
+        log.to_str().unwrap(),
+        "--log-queue",
+        "100000:67108864",
+    ]);
+    let (requests, per, bytes) = (9usize, 100usize, 6000usize);
+    let port = tb.port;
+    let calls: Vec<_> = (0..requests)
+        .map(|_| std::thread::spawn(move || http_get(port, &format!("/print?lines={per}&bytes={bytes}"))))
+        .collect();
+    for c in calls {
+        let (status, body) = c.join().unwrap().expect("a /print answer");
+        assert_eq!((status, body.as_str()), (200, format!("printed {per}").as_str()));
+    }
+    let expected = (requests * per) as u64;
+    let counted = || json_prints(&log).values().map(|(_, l)| l.len() as u64).sum::<u64>();
+    assert!(wait_until(Duration::from_secs(20), || counted() >= expected), "{} lines of {expected}", counted());
+    let prints = json_prints(&log);
+    assert_eq!(counted(), expected, "every line once");
+    assert_eq!(dropped(&tb), 0);
+    let workers: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert!(prints.keys().all(|pid| workers.contains(pid)), "{:?} vs {workers:?}", prints.keys());
+    assert!(prints.len() >= 2, "several workers wrote at once: {:?}", prints.keys());
+    // Each worker's lines come in the order it wrote them: request after request, 0 to per-1.
+    for (pid, (_, numbers)) in &prints {
+        for (n, i) in numbers.iter().enumerate() {
+            assert_eq!(*i, (n % per) as u64, "pid {pid}: line {n} out of order");
+        }
+    }
+    // A line of 40000 bytes with lines of at most 16384: three pieces, all but the last marked.
+    let (status, _) = tb.get("/print?lines=1&bytes=40000").unwrap();
+    assert_eq!(status, 200);
+    let pieces = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .skip_while(|v| !v["line"].as_str().is_some_and(|t| t.starts_with("print ") && t.contains(" 40000 ")))
+            .take(3)
+            .collect::<Vec<_>>()
+    };
+    assert!(wait_until(Duration::from_secs(10), || pieces().len() == 3), "the long line's pieces");
+    let p = pieces();
+    let sizes: Vec<usize> = p.iter().map(|v| v["line"].as_str().unwrap().len()).collect();
+    assert_eq!(sizes, [16384, 16384, 40000 - 2 * 16384]);
+    assert_eq!(p.iter().map(|v| v["continued"] == true).collect::<Vec<_>>(), [true, true, false]);
+    let whole: String = p.iter().map(|v| v["line"].as_str().unwrap()).collect();
+    check_print(&whole, p[0]["pid"].as_u64().unwrap() as u32);
+}
+
+/// The master's stdout is a pipe the test stops reading: a worker that writes 10 MB still
+/// answers at once (the master reads on and drops), the drops are counted in the statistics
+/// and the metrics, and once stdout is read again a line says how many were dropped; every line
+/// that got through is whole.
+#[test]
+fn a_stdout_nobody_reads_never_slows_a_worker() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let opts = Options {
+        args: ["--workers", "1", "--capture-output", "prefix"].map(String::from).to_vec(),
+        configure: Some(Box::new(move |c: &mut Command| {
+            c.stdout(writer);
+        })),
+        ..Options::default()
+    };
+    let (mut tb, _) = Testbed::spawn(opts);
+    // A reader the test holds back: it takes one line at a time, when the test asks.
+    let (tx, lines) = mpsc::sync_channel::<String>(0);
+    std::thread::spawn(move || {
+        for line in BufReader::new(reader).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = wait_line(&lines, Duration::from_secs(20), |l| l.starts_with("ready: ").then(|| l.to_owned()));
+    tb.set_ready(ready.unwrap_or_else(|| panic!("no ready line; stderr:\n{}", tb.stderr())));
+    // From here on nobody reads the master's stdout.
+    let started = Instant::now();
+    let (status, body) = tb.get("/print?lines=20000&bytes=500").expect("the worker answers");
+    let took = started.elapsed();
+    assert_eq!((status, body.as_str()), (200, "printed 20000"));
+    assert!(took < Duration::from_secs(10), "writing 10 MB took {took:?} with stdout blocked");
+    assert!(wait_until(Duration::from_secs(10), || dropped(&tb) > 0), "drops are counted");
+    // Still answering, still dropping: a second burst is as quick.
+    let started = Instant::now();
+    assert_eq!(tb.get("/burst?mb=4").unwrap(), (200, "burst 4".to_owned()));
+    assert!(started.elapsed() < Duration::from_secs(10), "a 4 MiB burst took {:?}", started.elapsed());
+    let metrics = cli(&tb, &["metrics"]);
+    let value = text(&metrics.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("ecewo_cluster_log_lines_dropped_total{")?.split_once("} ")?.1.parse::<f64>().ok())
+        .expect("the drop counter is a metric");
+    assert!(value > 0.0, "{}", text(&metrics.stdout));
+    // Read again: the lines that were queued come out whole, and the drops are said.
+    let worker = tb.workers()[0];
+    let mut notice = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while notice.is_none() && Instant::now() < deadline {
+        let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) else { break };
+        if let Some(rest) = line.strip_prefix("[ecewo-cluster] dropped ") {
+            notice = rest.split(' ').next().and_then(|n| n.parse::<u64>().ok());
+            continue;
+        }
+        let (w, pid, stderr, text) =
+            parse_prefixed(&line).unwrap_or_else(|| panic!("not a captured line: {line:.200}"));
+        assert_eq!((w, pid), (0, worker));
+        if !stderr && text.starts_with("print ") {
+            check_print(text, pid);
+        }
+    }
+    let said = notice.expect("a line says how many lines were dropped");
+    assert!(said > 0 && said <= dropped(&tb), "said {said}, counted {}", dropped(&tb));
+}
+
+/// `logs --follow` shows the recent lines, then sees a worker killed with SIGKILL and the
+/// start-up line of its replacement, with the new pid.
+#[test]
+fn logs_follow_sees_a_kill_and_the_respawned_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("w.log");
+    let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--log-file", log.to_str().unwrap()]);
+    let mut follow = Kid(Command::new(cli_binary())
+        .args(["logs", "-f"])
+        .env("XDG_RUNTIME_DIR", &tb.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap());
+    let rx = lines_of(&mut follow.0);
+    let starting = |slot: usize| {
+        move |line: &str| {
+            let (w, pid, stderr, text) = parse_prefixed(line)?;
+            (w == slot && stderr && text == format!("testbed worker {slot} pid {pid} starting")).then_some(pid)
+        }
+    };
+    let old =
+        wait_line(&rx, Duration::from_secs(10), starting(1)).expect("worker 1's start-up line, from the recent lines");
+    assert!(tb.workers().contains(&old));
+    send_signal(old, Signal::KILL);
+    let new = wait_line(&rx, Duration::from_secs(20), starting(1)).expect("the replacement's start-up line, followed");
+    assert_ne!(new, old, "the new worker's pid");
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().contains(&new)));
+    // And its output as it comes.
+    assert_eq!(http_get(tb.port, "/print?lines=3&bytes=50").unwrap().0, 200);
+    let printed = wait_line(&rx, Duration::from_secs(10), |l| {
+        let (_, pid, _, text) = parse_prefixed(l)?;
+        text.starts_with("print ").then(|| check_print(text, pid))
+    });
+    assert!(printed.is_some(), "followed lines of /print");
+}
+
+/// `logs --worker N` shows that worker's lines only (text and JSON); a cluster that does not
+/// capture says so in one sentence and `logs` exits 1, as `reopen-logs` does.
+#[test]
+fn logs_of_one_worker_and_of_a_cluster_without_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("w.log");
+    let tb = Testbed::start(&["--workers", "2", "--capture-output", "json", "--log-file", file.to_str().unwrap()]);
+    // The start-up lines of both workers are kept; make both write more.
+    for _ in 0..6 {
+        assert_eq!(tb.get("/print?lines=2&bytes=60").unwrap().0, 200);
+    }
+    let out = cli(&tb, &["logs", "--worker", "1", "-n", "50"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.lines().count() >= 1, "{shown}");
+    assert!(shown.lines().all(|l| l.starts_with("[worker 1 pid ")), "{shown}");
+    assert!(shown.contains("testbed worker 1 pid "), "{shown}");
+    let out = cli(&tb, &["logs", "--json", "-n", "3"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<serde_json::Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "-n 3");
+    assert!(lines.iter().all(|v| v["pid"].is_u64() && v["worker"].is_u64() && v["line"].is_string()));
+    drop(tb);
+    let plain = Testbed::start(&["--workers", "1"]);
+    for args in [&["logs"][..], &["logs", "-f"], &["reopen-logs"]] {
+        let out = cli(&plain, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert_eq!(err.trim_end().lines().count(), 1, "one sentence: {err}");
+        assert!(err.contains("does not capture its workers' output"), "{err}");
+    }
+}
+
+/// Size-based rotation keeps `path.1` … `path.K` and no more; after the file was moved away,
+/// the reopen signal (SIGALRM by default) and `ecewo-cluster reopen-logs` each make the master
+/// write to a new file at the path.
+#[test]
+fn the_log_file_rotates_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("r.log");
+    let numbered = |n: usize| dir.path().join(format!("r.log.{n}"));
+    let tb = Testbed::start(&[
+        "--workers",
+        "1",
+        "--log-file",
+        log.to_str().unwrap(),
+        "--log-max-bytes",
+        "100000",
+        "--log-keep",
+        "2",
+    ]);
+    assert_eq!(tb.get("/print?lines=600&bytes=1000").unwrap(), (200, "printed 600".to_owned()));
+    let written =
+        |p: &Path, i: u64, len: usize| std::fs::read_to_string(p).unwrap_or_default().contains(&format!(" {i} {len} "));
+    assert!(wait_until(Duration::from_secs(10), || written(&log, 599, 1000)), "the last line reached the file");
+    assert!(numbered(1).exists() && numbered(2).exists(), "rotated files");
+    assert!(!numbered(3).exists(), "--log-keep 2 keeps two");
+    for p in [log.clone(), numbered(1), numbered(2)] {
+        let size = std::fs::metadata(&p).unwrap().len();
+        assert!(size <= 100_000, "{} has {size} bytes", p.display());
+        let text = std::fs::read_to_string(&p).unwrap();
+        for line in text.lines() {
+            let (_, pid, _, t) = parse_prefixed(line).unwrap_or_else(|| panic!("{line:.200}"));
+            if t.starts_with("print ") {
+                check_print(t, pid);
+            }
+        }
+    }
+    // logrotate's way: move the file, then say so.
+    let moved = dir.path().join("r.moved");
+    std::fs::rename(&log, &moved).unwrap();
+    tb.signal(Signal::ALARM);
+    assert!(wait_until(Duration::from_secs(10), || log.exists()), "the signal reopened the file at its path");
+    assert_eq!(tb.get("/print?lines=5&bytes=70").unwrap().0, 200);
+    assert!(wait_until(Duration::from_secs(10), || written(&log, 4, 70)), "new lines go to the new file");
+    let before = std::fs::read_to_string(&moved).unwrap();
+    assert!(!before.contains(" 4 70 "), "not to the moved one");
+    // And through the control socket.
+    let moved2 = dir.path().join("r.moved2");
+    std::fs::rename(&log, &moved2).unwrap();
+    let out = cli(&tb, &["reopen-logs"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("reopened the log file {}", log.display()));
+    assert!(log.exists());
+    assert_eq!(tb.get("/print?lines=3&bytes=80").unwrap().0, 200);
+    assert!(wait_until(Duration::from_secs(10), || written(&log, 2, 80)));
+    assert!(!std::fs::read_to_string(&moved2).unwrap().contains(" 2 80 "));
+    assert!(tb.stderr().contains(&format!("reopened the log file {}", log.display())), "{}", tb.stderr());
+}
+
+/// `--log-format json`: every line the testbed (master and workers) and `ecewo-cluster run`
+/// log is a JSON object with the time, level, target and message; `run --capture-output json`
+/// captures a command's output as JSON lines.
+#[test]
+fn log_format_json_gives_json_lines() {
+    let check = |log: &str| {
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(lines.len() >= 3, "{log}");
+        for line in lines {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{log}"));
+            assert!(v["timestamp"].is_string() && v["level"].is_string() && v["target"].is_string(), "{line}");
+            assert!(v["fields"]["message"].is_string(), "{line}");
+            assert!(!line.contains('\u{1b}'), "no colour codes: {line}");
+        }
+    };
+    let mut tb = Testbed::start(&["--workers", "2", "--log-format", "json"]);
+    assert_eq!(tb.get("/").unwrap().0, 200);
+    tb.signal(Signal::TERM);
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()));
+    let log = tb.stderr();
+    check(&log);
+    assert!(log.contains("on_exit id=1"), "the testbed's own lines too: {log}");
+    drop(tb);
+    // The CLI's `run`, over a command cluster whose output is captured to a JSON file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("py.log");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned();
+    let args = [
+        "--log-format",
+        "json",
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--capture-output",
+        "json",
+        "--log-file",
+        file.to_str().unwrap(),
+        "--",
+        "python3",
+        "examples/python/server.py",
+    ];
+    let mut run = Testbed::start_with(Options {
+        program: Some(cli_binary()),
+        exact_args: true,
+        args: args.map(String::from).to_vec(),
+        configure: Some(Box::new(move |c: &mut Command| {
+            c.current_dir(root);
+        })),
+        ready_timeout: Duration::from_secs(30),
+    });
+    let pid = run.workers()[0];
+    assert_eq!(run.get("/").unwrap().0, 200);
+    run.signal(Signal::TERM);
+    assert!(run.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", run.stderr());
+    check(&run.stderr());
+    let captured = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<serde_json::Value> = captured.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!lines.is_empty(), "the command's own output was captured");
+    assert!(lines.iter().all(|v| v["pid"] == pid && v["worker"] == 0), "{captured}");
+    assert!(lines.iter().any(|v| v["stream"] == "stderr"), "{captured}");
+}
+
+/// A `logs --follow` client that never reads: the master neither blocks nor grows (its memory
+/// stays within the bounds while the workers write far more than that), answers other requests
+/// at once, and the client is told how many lines it missed once it reads again.
+#[test]
+fn a_follower_that_does_not_read_is_left_behind() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("w.log");
+    let tb = Testbed::start(&["--workers", "1", "--log-file", log.to_str().unwrap()]);
+    let sock = std::fs::read_dir(tb.dir.join("ecewo-cluster"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the control socket");
+    let rss = || {
+        let out = cli(&tb, &["status", "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["master"]["rss_bytes"].as_u64().expect("the master's memory")
+    };
+    let before = rss();
+    let mut follower = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    follower.write_all(b"{\"v\":1,\"cmd\":\"logs\",\"lines\":0,\"follow\":true}\n").unwrap();
+    // 48 MiB of output while the follower reads nothing.
+    for _ in 0..6 {
+        assert_eq!(tb.get("/burst?mb=8").unwrap(), (200, "burst 8".to_owned()));
+    }
+    let started = Instant::now();
+    let after = rss();
+    assert!(started.elapsed() < Duration::from_secs(5), "status took {:?}", started.elapsed());
+    assert!(after < before + (24 << 20), "the master grew from {before} to {after} bytes");
+    // Read what waits, then one more line: the notice of what was left out comes first.
+    follower.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = BufReader::new(follower.try_clone().unwrap());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.contains("\"ok\":true") && first.contains("\"lines\":[]"), "{first}");
+    // Drain what is buffered (the master holds at most 1 MiB for it, the socket some more).
+    follower.set_nonblocking(true).unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    let mut drained = 0usize;
+    let draining = Instant::now();
+    loop {
+        match reader.get_mut().read(&mut sink) {
+            Ok(0) => panic!("the master closed the follower"),
+            Ok(n) => drained += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if draining.elapsed() > Duration::from_millis(500) && drained > 0 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(draining.elapsed() < Duration::from_secs(20), "the follower's backlog never ended");
+    }
+    assert!(drained < 8 << 20, "{drained} bytes were kept for a client that did not read");
+    follower.set_nonblocking(false).unwrap();
+    let mut reader = BufReader::new(follower);
+    assert_eq!(tb.get("/print?lines=1&bytes=64").unwrap().0, 200);
+    let mut saw_notice = false;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(n) = v["dropped"].as_u64() {
+            assert!(n > 0);
+            saw_notice = true;
+        }
+        if v["line"]["line"].as_str().is_some_and(|t| t.starts_with("print ") && t.contains(" 64 ")) {
+            break;
+        }
+    }
+    assert!(saw_notice, "the follower was told how many lines it missed");
+}
