@@ -1,6 +1,7 @@
 //! `ecewo-cluster`: see and steer running clusters through their control sockets, and `run` any
 //! program as a cluster (`run.rs`).
 
+mod events;
 mod run;
 
 use std::fmt::Write as _;
@@ -99,6 +100,10 @@ enum Cmd {
         /// live, ready or startup.
         probe: control::Probe,
     },
+    /// Show the master's event history (spawns, ready, exits with their reason, signals,
+    /// recycles, restarts, scaling, upgrades, shutdown), one line per event; with --follow, every
+    /// new one as it happens.
+    Events(events::EventsArgs),
     /// List this user's running clusters.
     List {
         /// Print JSON.
@@ -140,6 +145,17 @@ fn main() -> ExitCode {
         // The master's own loop, with output as it goes (not collected like the others').
         let Target { name, socket, pid } = cli.target;
         return run::main(*args, run::Global { name, socket, pid });
+    }
+    if let Cmd::Events(args) = cli.command {
+        // Printed as it comes (a follower for as long as it runs).
+        let timeout = Duration::from_secs_f64(cli.timeout);
+        return match find(&cli.target, timeout) {
+            Ok(path) => events::main(args, path, timeout),
+            Err(Failure(msg)) => {
+                eprintln!("ecewo-cluster: {msg}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let mut out = String::new();
     let code = match run(cli, &mut out) {
@@ -185,7 +201,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Metrics => Request::Metrics,
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::List { .. } => unreachable!("handled above"),
-        Cmd::Run(_) => unreachable!("handled in main"),
+        Cmd::Run(_) | Cmd::Events(_) => unreachable!("handled in main"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
         Duration::from_secs(600)
