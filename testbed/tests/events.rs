@@ -68,16 +68,7 @@ impl Follower {
             .stderr(stderr_file)
             .spawn()
             .expect("start the CLI");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(child.stdout.take().unwrap());
         Follower { child, rx, lines: Vec::new(), stderr }
     }
 

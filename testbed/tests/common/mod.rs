@@ -195,16 +195,7 @@ impl Testbed {
                 other => break other.expect("start testbed"),
             }
         };
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(child.stdout.take().unwrap());
         let tb = Testbed {
             dir: dir.path().to_owned(),
             child,
@@ -685,4 +676,19 @@ pub fn https_get(port: u16, ca_der: &[u8], path: &str) -> std::io::Result<String
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => Ok(response),
         Err(e) => Err(e),
     }
+}
+
+/// The lines of a child's output as they come, read by a thread of their own (which stops, and
+/// closes the pipe, at the first line after the receiver was dropped).
+pub fn lines_of(output: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
