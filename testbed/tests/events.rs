@@ -367,3 +367,66 @@ impl Drop for Reap {
         }
     }
 }
+
+/// `ecewo-cluster run`'s `--event-log` and `--event-history`: the master keeps the last N
+/// events, the file gets every one, to the end.
+#[test]
+fn run_mode_keeps_n_events_and_logs_every_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    let args: Vec<String> = [
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--ready",
+        "delay=100",
+        "--event-history",
+        "3",
+        "--event-log",
+        log.to_str().unwrap(),
+        "--",
+        "sleep",
+        "300",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut tb =
+        Testbed::start_with(Options { program: Some(cli_binary()), exact_args: true, args, ..Options::default() });
+    let mut sleepers = Sleepers(tb.workers());
+    let out = cli(&tb, &["scale", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let kept = wait_history(&tb, "the ready of worker 1", |v| is(v, "ready") && v["worker_id"] == 1);
+    sleepers.0.extend(tb.workers());
+    let seqs: Vec<u64> = kept.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![4, 5, 6], "the last 3 of spawned, ready, all_ready, scaled, spawned, ready: {kept:#?}");
+    let out = cli(&tb, &["stop"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", tb.stderr());
+    let file: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let seqs: Vec<u64> = file.iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=file.len() as u64).collect::<Vec<_>>(), "every event, in order");
+    assert_eq!(
+        file[..6].iter().map(|v| v["kind"].as_str().unwrap()).collect::<Vec<_>>(),
+        ["spawned", "ready", "all_ready", "scaled", "spawned", "ready"]
+    );
+    assert!(file.iter().any(|v| is(v, "shutdown_started")));
+    assert_eq!(file.last().unwrap()["outcome"]["result"], "stopped", "{file:#?}");
+}
+
+/// Kills, at the end of a test, the `sleep` workers of a `run` cluster it saw (by pid).
+struct Sleepers(Vec<u32>);
+
+impl Drop for Sleepers {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "sleep" && alive(pid) {
+                send_signal(pid, Signal::KILL);
+            }
+        }
+    }
+}
