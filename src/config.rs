@@ -559,7 +559,7 @@ impl Cluster {
     /// `ecewo-cluster events`, [`MasterHandle::events`](crate::MasterHandle::events) and the
     /// control protocol read it. 0 turns the history off: nothing is kept and nothing can be
     /// followed (an [`event_log`](Cluster::event_log) and [`on_event`](Cluster::on_event) still
-    /// get every entry). An entry takes about 200 bytes.
+    /// get every entry). An entry kept costs about 250 bytes (the ring and the copy handles read).
     pub fn event_history(mut self, entries: usize) -> Cluster {
         self.s.event_history = entries;
         self

@@ -31,7 +31,7 @@ use crate::stats::{ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome};
 pub const DEFAULT_EVENT_HISTORY: usize = 1000;
 
 /// The most entries a master keeps ([`Cluster::event_history`](crate::Cluster::event_history)
-/// refuses more): about 20 MB of memory.
+/// refuses more): about 25 MB of memory.
 pub const MAX_EVENT_HISTORY: usize = 100_000;
 
 /// One entry of the event history.
