@@ -409,15 +409,18 @@ impl Driver {
     /// Answers what a control connection sent.
     pub(super) fn on_control(&mut self, id: ConnId, events: &mut VecDeque<Event>) {
         let Some(ctl) = self.m.control.as_mut() else { return };
-        let mut requests = ctl.read(id, Instant::now());
-        if ctl.streaming(id) && !requests.is_empty() {
-            // Its answers would be mixed into the stream.
-            requests = vec![Err(
-                "this connection streams events: send other requests on a connection of their own; closing it".into(),
-            )];
-            ctl.end_stream(id);
-        }
+        let requests = ctl.read(id, Instant::now());
         for request in requests {
+            if self.m.control.as_ref().is_some_and(|c| c.streaming(id)) {
+                // A request during an event stream (also one sent right behind `events`): its
+                // answer would be mixed into the stream.
+                if let Some(ctl) = self.m.control.as_mut() {
+                    ctl.end_stream(id);
+                    let message = "this connection streams events: send other requests after its end, or on a connection of their own; closing it";
+                    ctl.reply(id, &control::encode_error(message));
+                }
+                break;
+            }
             let reply = match request {
                 Err(message) => Err(message),
                 Ok(Request::Status) => {

@@ -29,7 +29,9 @@
 //! unwritten lines per connection and never blocks on a client. Sequence numbers start at 1
 //! in every master process: a client that reconnects after an upgrade of the master (the
 //! header's `master_pid` changed) starts again from the new master's beginning. A connection
-//! that follows takes no other request.
+//! takes no other request while it streams (one sent meanwhile, or right behind `events`, is
+//! answered with an error and the connection closed); after the end line it takes requests
+//! again.
 //!
 //! A failed request gets `{"v":1,"ok":false,"error":"what went wrong and what to do"}`. A line
 //! longer than [`MAX_REQUEST`] bytes is answered with an error and the connection is closed.

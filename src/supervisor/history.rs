@@ -89,6 +89,10 @@ impl History {
 
     fn begin(&mut self) {
         self.fresh.clear();
+        // One huge batch (the shutdown of thousands of workers) does not keep its room.
+        if self.fresh.capacity() > 1024 {
+            self.fresh = Vec::new();
+        }
     }
 
     fn record(&mut self, time: SystemTime, worker: Worker, kind: EventKind) {

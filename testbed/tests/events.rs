@@ -298,6 +298,56 @@ fn a_follower_that_never_reads_does_not_stall_the_master() {
     assert!(after_missed.windows(2).all(|w| w[1] == w[0] + 1));
 }
 
+/// The protocol on one connection: the history, then `end`, and the connection takes
+/// requests again; a request sent behind `events` before its end is refused, closing it.
+#[test]
+fn a_connection_takes_requests_after_the_end_of_its_stream_only() {
+    let tb = Testbed::start(&["--workers", "1"]);
+    wait_history(&tb, "all_ready", |v| is(v, "all_ready"));
+    let read_all = |s: &mut BufReader<UnixStream>| {
+        let mut lines = Vec::new();
+        loop {
+            let mut line = String::new();
+            if s.read_line(&mut line).expect("read") == 0 {
+                return (lines, true);
+            }
+            let v: Value = serde_json::from_str(&line).unwrap();
+            let last = v.get("end").is_some();
+            lines.push(v);
+            if last {
+                return (lines, false);
+            }
+        }
+    };
+    let connect = || {
+        let s = UnixStream::connect(socket_of(&tb)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        BufReader::new(s)
+    };
+    let mut s = connect();
+    s.get_mut().write_all(b"{\"v\":1,\"cmd\":\"events\",\"since\":1}\n").unwrap();
+    let (lines, closed) = read_all(&mut s);
+    assert!(!closed);
+    assert_eq!(lines[0]["history"]["master_pid"], tb.pid(), "{lines:?}");
+    let last = lines[0]["history"]["last_seq"].as_u64().unwrap();
+    let seqs: Vec<u64> = lines[1..lines.len() - 1].iter().map(|l| l["event"]["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (2..=last).collect::<Vec<_>>());
+    assert_eq!(lines.last().unwrap()["end"]["last_seq"], last);
+    s.get_mut().write_all(b"{\"v\":1,\"cmd\":\"probe\",\"probe\":\"live\"}\n").unwrap();
+    let mut answer = String::new();
+    s.read_line(&mut answer).unwrap();
+    assert!(answer.contains("\"pass\":true"), "after the end, requests again: {answer}");
+
+    let mut s = connect();
+    s.get_mut().write_all(b"{\"v\":1,\"cmd\":\"events\"}\n{\"v\":1,\"cmd\":\"status\"}\n").unwrap();
+    let (lines, closed) = read_all(&mut s);
+    assert!(closed, "closed after the refusal: {lines:?}");
+    let refusal = lines.last().unwrap();
+    assert_eq!(refusal["ok"], false);
+    assert!(refusal["error"].as_str().unwrap().contains("streams events"), "{refusal}");
+    assert!(lines.iter().all(|l| l.get("cluster").is_none()), "no status answer inside the stream");
+}
+
 /// `events --follow` across an upgrade of the master: it sees the old master's hand-over and
 /// end, says on stderr that it follows the new master, and prints the new master's history.
 #[test]
