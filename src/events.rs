@@ -370,7 +370,7 @@ impl fmt::Display for EventKind {
                 }
                 Ok(())
             }
-            EventKind::Signalled { signal, reason } => write!(f, "sent {signal} ({reason})"),
+            EventKind::Signalled { signal, reason } => write!(f, "signalled: {signal} ({reason})"),
             EventKind::Hung { silent, grace } => {
                 write!(f, "hung: no heartbeat for {}; SIGKILL in {}", seconds(*silent), seconds(*grace))
             }
@@ -620,6 +620,8 @@ mod tests {
             e.to_string(),
             "2026-12-02T00:12:03.123Z  #42  worker 3 pid 1234  exited: crash (killed by SIGKILL); respawn in 0.1s"
         );
+        let kill = EventKind::Signalled { signal: Signal::KILL, reason: SignalReason::StopTimeout };
+        assert_eq!(kill.to_string(), "signalled: SIGKILL (did not stop within the shutdown timeout)");
         let master = ClusterEvent::new(7, at(0), 1200, None, None, EventKind::Scaled { from: 2, to: 3 });
         assert_eq!(master.to_string(), "1970-01-01T00:00:00.000Z  #7  master 1200  scaled from 2 to 3 workers");
         let json = String::from_utf8(master.to_json_line()).unwrap();
