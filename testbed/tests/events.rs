@@ -247,9 +247,13 @@ fn a_follower_that_never_reads_does_not_stall_the_master() {
     let path = socket_of(&tb);
     let mut stuck = UnixStream::connect(&path).unwrap();
     stuck.write_all(b"{\"v\":1,\"cmd\":\"events\",\"follow\":true}\n").unwrap();
-    // Entries, two per request (a signal to each of the two workers), far more than the
-    // buffers between the master and the follower hold.
-    let requests = 2500;
+    // Entries, two per request (a signal to each of the two workers, about 170 bytes each),
+    // several times what the master's buffer and the kernel's socket buffer hold.
+    let socket_buffer: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_default")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(212_992);
+    let requests = ((socket_buffer + 64 * 1024) * 4 / 340).clamp(2500, 50_000);
     let mut producer = BufReader::new(UnixStream::connect(&path).unwrap());
     producer.get_ref().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     for i in 0..requests {
