@@ -79,6 +79,8 @@ impl fmt::Debug for Cluster {
             .field("name", &self.s.name)
             .field("control", &self.s.control)
             .field("capture", &self.s.capture)
+            .field("event_history", &self.s.event_history)
+            .field("event_log", &self.s.event_log)
             .finish_non_exhaustive()
     }
 }
@@ -121,6 +123,9 @@ impl Cluster {
                 on_ready: None,
                 on_signal: Vec::new(),
                 capture: None,
+                event_history: crate::events::DEFAULT_EVENT_HISTORY,
+                event_log: None,
+                on_event: None,
             },
         }
     }
@@ -561,6 +566,43 @@ impl Cluster {
         self
     }
 
+    /// Keeps the last `entries` of the event history (default
+    /// [`DEFAULT_EVENT_HISTORY`](crate::DEFAULT_EVENT_HISTORY), 1000; at most
+    /// [`MAX_EVENT_HISTORY`](crate::MAX_EVENT_HISTORY)): every spawn, ready, exit, signal,
+    /// recycle, restart, scale and upgrade, with its time ([`ClusterEvent`](crate::ClusterEvent)).
+    /// `ecewo-cluster events`, [`MasterHandle::events`](crate::MasterHandle::events) and the
+    /// control protocol read it. 0 turns the history off: nothing is kept and nothing can be
+    /// followed (an [`event_log`](Cluster::event_log) and [`on_event`](Cluster::on_event) still
+    /// get every entry). An entry kept costs about 250 bytes (the ring and the copy handles read).
+    pub fn event_history(mut self, entries: usize) -> Cluster {
+        self.s.event_history = entries;
+        self
+    }
+
+    /// Appends every entry of the event history to the file at `path`, one JSON line each (the
+    /// shape of [`ClusterEvent`](crate::ClusterEvent)'s serialization, as `ecewo-cluster events
+    /// --json` prints it). The file is created if missing (mode 0640), opened again when
+    /// log rotation moved it away (checked before each write), and written by the master's
+    /// loop with one append per batch of entries. A failing write is logged once and the loop
+    /// goes on. Put it on a local disk: a regular file's write cannot be non-blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`init`](Cluster::init) fails with [`Error::InvalidOption`] (`event_log`) if the file
+    /// cannot be opened for appending.
+    pub fn event_log(mut self, path: impl Into<std::path::PathBuf>) -> Cluster {
+        self.s.event_log = Some(path.into());
+        self
+    }
+
+    /// Called on the master thread with every entry of the event history as it is recorded
+    /// (after the supervisor's decision, once its commands were carried out). Keep it short:
+    /// the master's loop waits for it.
+    pub fn on_event(mut self, f: impl FnMut(&crate::ClusterEvent) + 'static) -> Cluster {
+        self.s.on_event = Some(Box::new(f));
+        self
+    }
+
     /// The number of workers `init` would start: [`cpus`](Cluster::cpus), or the detected CPU
     /// count when that is 0.
     pub fn worker_count(&self) -> usize {
@@ -746,6 +788,20 @@ impl Cluster {
                 );
             }
         }
+        if self.s.event_history > crate::events::MAX_EVENT_HISTORY {
+            return invalid(
+                "event_history",
+                format!(
+                    "{} entries is more than the {} supported (default {}; 0 turns the history off)",
+                    self.s.event_history,
+                    crate::events::MAX_EVENT_HISTORY,
+                    crate::events::DEFAULT_EVENT_HISTORY
+                ),
+            );
+        }
+        if self.s.event_log.as_ref().is_some_and(|p| p.as_os_str().is_empty() || p.is_dir()) {
+            return invalid("event_log", "needs the path of a file (it is created if missing)".into());
+        }
         if let Some((sig, _)) = self.s.on_signal.iter().find(|(s, _)| !BINDABLE_SIGNALS.contains(s)) {
             return invalid(
                 "on_signal",
@@ -839,7 +895,10 @@ mod tests {
         assert_eq!(c.s.respawn_max_crashes, 3);
         assert_eq!(c.s.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert!(c.worker_count() >= 1);
+        assert_eq!((c.s.event_history, c.s.event_log.is_none()), (1000, true));
         c.validate().unwrap();
+        Cluster::new(1).event_history(0).validate().unwrap();
+        Cluster::new(1).event_history(crate::MAX_EVENT_HISTORY).validate().unwrap();
     }
 
     #[test]
@@ -873,6 +932,9 @@ mod tests {
             (Cluster::new(1).on_signal(Signal::TERM, |_| {}), "on_signal"),
             (Cluster::new(1).on_signal(Signal::CHLD, |_| {}), "on_signal"),
             (Cluster::new(1).on_signal(Signal::from_raw(40).unwrap(), |_| {}), "on_signal"),
+            (Cluster::new(1).event_history(crate::MAX_EVENT_HISTORY + 1), "event_history"),
+            (Cluster::new(1).event_log(""), "event_log"),
+            (Cluster::new(1).event_log(std::env::temp_dir()), "event_log"),
         ];
         for (c, name) in cases {
             match c.validate() {

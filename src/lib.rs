@@ -45,7 +45,7 @@ compile_error!("ecewo-cluster supports Linux only: it relies on pidfds, SO_REUSE
 // The rooms of the architecture (see ARCHITECTURE.md): what each may import is written at the
 // top of its module.
 //
-// - vocabulary, imported by all: `error`, `signal`, `stats`;
+// - vocabulary, imported by all: `error`, `signal`, `stats`, `events`;
 // - decide: `supervisor`, the pure state machine (vocabulary only);
 // - protocols: `proto`, what passes between processes (vocabulary only);
 // - the OS layer: `os`, system calls, sockets, CPUs, /proc (vocabulary only);
@@ -54,6 +54,7 @@ compile_error!("ecewo-cluster supports Linux only: it relies on pidfds, SO_REUSE
 // - the front: `config` (the builder) and `role` (init and the spec's module functions).
 mod config;
 mod error;
+mod events;
 #[cfg(feature = "logging")]
 #[cfg_attr(docsrs, doc(cfg(feature = "logging")))]
 pub mod logging;
@@ -82,6 +83,9 @@ pub use config::{
 };
 pub use config::{CaptureFormat, CaptureOutput, DEFAULT_MAX_LINE, DEFAULT_REOPEN_SIGNAL};
 pub use error::Error;
+pub use events::{
+    ClusterEvent, DEFAULT_EVENT_HISTORY, EndOutcome, EventKind, MAX_EVENT_HISTORY, RecycleCause, SignalReason,
+};
 pub use master::{Master, MasterHandle};
 pub use os::cpu::{CpuCount, CpuSource, cpus, cpus_detailed, cpus_physical};
 pub use role::{
@@ -109,6 +113,7 @@ mod layering {
         ("src/master", &["worker", "config", "role", "serve", "Cluster"]),
         ("src/worker", &["master", "supervisor", "config", "role", "Cluster", "MasterHandle", "Master"]),
         ("src/stats.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
+        ("src/events.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
         ("src/signal.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
         ("src/error.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
     ];

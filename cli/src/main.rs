@@ -1,6 +1,7 @@
 //! `ecewo-cluster`: see and steer running clusters through their control sockets, and `run` any
 //! program as a cluster (`run.rs`).
 
+mod events;
 mod run;
 mod top;
 
@@ -128,6 +129,10 @@ enum Cmd {
     /// Reopen the log file of the workers' captured output (after logrotate moved it away),
     /// as the master's reopen signal (SIGALRM by default) does.
     ReopenLogs,
+    /// Show the master's event history (spawns, ready, exits with their reason, signals,
+    /// recycles, restarts, scaling, upgrades, shutdown), one line per event; with --follow, every
+    /// new one as it happens.
+    Events(events::EventsArgs),
     /// List this user's running clusters.
     List {
         /// Print JSON.
@@ -183,6 +188,17 @@ fn main() -> ExitCode {
     if let Cmd::Top(args) = cli.command {
         return top::main(args, &cli.target, Duration::from_secs_f64(cli.timeout));
     }
+    if let Cmd::Events(args) = cli.command {
+        // Printed as it comes (a follower for as long as it runs).
+        let timeout = Duration::from_secs_f64(cli.timeout);
+        return match find(&cli.target, timeout) {
+            Ok(path) => events::main(args, path, timeout),
+            Err(Failure(msg)) => {
+                eprintln!("ecewo-cluster: {msg}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut out = String::new();
     let code = match run(cli, &mut out) {
         Ok(code) => code,
@@ -228,7 +244,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::ReopenLogs => Request::ReopenLogs,
         Cmd::List { .. } => unreachable!("handled above"),
-        Cmd::Run(_) | Cmd::Top(_) | Cmd::Logs { .. } => unreachable!("handled in main"),
+        Cmd::Run(_) | Cmd::Top(_) | Cmd::Logs { .. } | Cmd::Events(_) => unreachable!("handled in main"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
         Duration::from_secs(600)

@@ -150,6 +150,13 @@ pub struct RunArgs {
     /// one worker more than the slots during an upgrade.
     #[arg(long)]
     upgrade_slot_by_slot: bool,
+    /// Append every event of the master's history (spawns, exits, restarts, ...) to this file,
+    /// one JSON line each; opened again when log rotation moved it away.
+    #[arg(long, value_name = "PATH")]
+    event_log: Option<PathBuf>,
+    /// Events the master keeps for `ecewo-cluster events` (0: none) [default: 1000].
+    #[arg(long, value_name = "N")]
+    event_history: Option<usize>,
     /// Put the control socket here [default: $XDG_RUNTIME_DIR/ecewo-cluster/NAME-PORT.sock].
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -441,6 +448,12 @@ fn build(args: RunArgs, global: Global, lines: mpsc::Sender<Line>) -> Result<Clu
         cluster = cluster.upgrade_timeout(ms(t));
     }
     cluster = cluster.upgrade_slot_by_slot(args.upgrade_slot_by_slot);
+    if let Some(path) = args.event_log {
+        cluster = cluster.event_log(path);
+    }
+    if let Some(n) = args.event_history {
+        cluster = cluster.event_history(n);
+    }
     if let Some(path) = control_socket {
         cluster = cluster.control_socket(path);
     }

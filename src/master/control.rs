@@ -15,9 +15,9 @@ use std::sync::atomic::Ordering;
 use super::driver::Driver;
 use super::settings::check_scale;
 use crate::error::Error;
-use crate::proto::control::{self, MAX_REQUEST, MasterInfo, Request, Response, Status};
+use crate::proto::control::{self, EventsInfo, MAX_REQUEST, MasterInfo, Request, Response, Status};
 use crate::proto::line::LineIo;
-use crate::supervisor::Event;
+use crate::supervisor::{Event, History};
 
 /// Connections kept at once; past this the oldest idle one is closed to make room.
 const MAX_CONNECTIONS: usize = 64;
@@ -30,6 +30,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// (counted, and a `dropped` notice sent once it reads again): a client that does not read
 /// never holds the master or grows it.
 const FOLLOW_PENDING: usize = 1 << 20;
+/// Unwritten output past which an event stream waits for its client to read: lines are added
+/// as it does, and entries that leave the ring meanwhile become one "missed" line. A client that
+/// never reads costs this (and the kernel's socket buffer), never more.
+const STREAM_BUFFER: usize = 64 * 1024;
+/// Connections that follow the events at once (the others keep room for requests).
+const MAX_FOLLOWERS: usize = 16;
 
 /// Identifies a control connection.
 pub(crate) type ConnId = u64;
@@ -41,6 +47,17 @@ struct Conn {
     owed: usize,
     /// Close once the output is written.
     closing: bool,
+    /// It streams the event history (`events`).
+    stream: Option<Stream>,
+}
+
+/// An event stream's position.
+#[derive(Debug, Clone, Copy)]
+struct Stream {
+    /// The sequence number of the next entry to send.
+    next: u64,
+    /// Without `follow`: the last entry to send, then the end line.
+    until: Option<u64>,
 }
 
 pub(crate) struct ControlServer {
@@ -200,7 +217,7 @@ impl ControlServer {
                 continue;
             }
             self.next_id += 1;
-            self.conns.insert(self.next_id, Conn { io, last_active: now, owed: 0, closing: false });
+            self.conns.insert(self.next_id, Conn { io, last_active: now, owed: 0, closing: false, stream: None });
         }
     }
 
@@ -266,12 +283,74 @@ impl ControlServer {
     }
 
     /// Writes pending output of connection `id`; closes it when it is done or broken.
+    /// (An event stream gets more lines as its output drains: [`ControlServer::feed_streams`].)
     pub(crate) fn flush(&mut self, id: ConnId) {
         let Some(c) = self.conns.get_mut(&id) else { return };
         // An error: the client went away before its reply; drop the connection quietly.
         let broken = c.io.flush().is_err();
         if broken || (!c.io.wants_write() && c.closing && c.owed == 0) {
             self.conns.remove(&id);
+        }
+    }
+
+    /// Starts streaming the history `h` on connection `id` (after its header, already sent):
+    /// the entries after `since` (all kept ones without it), then with `follow` every new one.
+    /// `Err` is the message to answer instead.
+    pub(crate) fn start_stream(
+        &mut self,
+        id: ConnId,
+        since: Option<u64>,
+        follow: bool,
+        h: &History,
+    ) -> Result<(), String> {
+        if follow && h.capacity() == 0 {
+            return Err("the event history is off (event_history(0)): there is nothing to follow".into());
+        }
+        let following = self.conns.values().filter(|c| c.stream.is_some_and(|s| s.until.is_none())).count();
+        if follow && following >= MAX_FOLLOWERS {
+            return Err(format!(
+                "{MAX_FOLLOWERS} connections follow the events already; stop one (or read the history without --follow)"
+            ));
+        }
+        let Some(c) = self.conns.get_mut(&id) else { return Ok(()) };
+        if c.stream.is_some() {
+            return Err("this connection streams events already".into());
+        }
+        let last = h.last_seq();
+        // A `since` past the last entry (another master's) means from the next one.
+        let next = match since {
+            Some(seq) => seq.min(last).saturating_add(1),
+            None => h.first_seq().unwrap_or(last + 1),
+        };
+        c.stream = Some(Stream { next, until: (!follow).then_some(last) });
+        c.owed += 1;
+        Ok(())
+    }
+
+    /// Ends the event stream of connection `id`, and closes it once its output is written.
+    pub(crate) fn end_stream(&mut self, id: ConnId) {
+        if let Some(c) = self.conns.get_mut(&id)
+            && c.stream.take().is_some()
+        {
+            c.owed = c.owed.saturating_sub(1);
+            c.closing = true;
+        }
+    }
+
+    /// Whether connection `id` streams events.
+    pub(crate) fn streaming(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_some_and(|c| c.stream.is_some())
+    }
+
+    /// Adds to every event stream what `h` has for it, up to [`STREAM_BUFFER`] of unwritten
+    /// output per connection, and writes what the sockets take.
+    pub(crate) fn feed_streams(&mut self, h: &History) {
+        let ids: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.stream.is_some()).map(|(id, _)| *id).collect();
+        for id in ids {
+            if let Some(c) = self.conns.get_mut(&id) {
+                feed(c, h);
+            }
+            self.flush(id);
         }
     }
 
@@ -284,6 +363,48 @@ impl ControlServer {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.conns.values().filter(|c| c.owed == 0).map(|c| c.last_active + IDLE_TIMEOUT).min()
     }
+}
+
+/// One event stream's share of the history (see [`ControlServer::feed_streams`]).
+fn feed(c: &mut Conn, h: &History) {
+    let Some(mut s) = c.stream else { return };
+    let last = h.last_seq();
+    while c.io.pending_output() < STREAM_BUFFER {
+        let end = s.until.unwrap_or(last);
+        if s.next > end {
+            if let Some(until) = s.until {
+                // The whole history asked for was sent: the connection takes requests again.
+                c.io.send(&control::EventsLine::End { last_seq: until }.encode()).ok();
+                c.stream = None;
+                c.owed = c.owed.saturating_sub(1);
+                return;
+            }
+            break;
+        }
+        // Entries that left the ring before they could be sent (the history holds at most its
+        // capacity): one line says how many.
+        let first = h.first_seq().unwrap_or(last + 1);
+        if s.next < first {
+            let resume = first.min(end + 1);
+            let count = resume - s.next;
+            c.io.send(&control::EventsLine::Missed { count, next_seq: resume }.encode()).ok();
+            s.next = resume;
+            continue;
+        }
+        let before = s.next;
+        for e in h.since(s.next - 1) {
+            if e.seq > end || c.io.pending_output() >= STREAM_BUFFER {
+                break;
+            }
+            c.io.send(&control::encode_event(e)).ok();
+            s.next = e.seq + 1;
+        }
+        if s.next == before {
+            // Nothing to add (cannot happen with a ring of consecutive entries): never spin.
+            break;
+        }
+    }
+    c.stream = Some(s);
 }
 
 impl Drop for ControlServer {
@@ -304,6 +425,16 @@ impl Driver {
         let Some(ctl) = self.m.control.as_mut() else { return };
         let requests = ctl.read(id, Instant::now());
         for request in requests {
+            if self.m.control.as_ref().is_some_and(|c| c.streaming(id)) {
+                // A request during an event stream (also one sent right behind `events`): its
+                // answer would be mixed into the stream.
+                if let Some(ctl) = self.m.control.as_mut() {
+                    ctl.end_stream(id);
+                    let message = "this connection streams events: send other requests after its end, or on a connection of their own; closing it";
+                    ctl.reply(id, &control::encode_error(message));
+                }
+                break;
+            }
             let reply = match request {
                 Err(message) => Err(message),
                 Ok(Request::Status) => {
@@ -380,6 +511,24 @@ impl Driver {
                     None => Err(NOT_CAPTURED.to_owned()),
                     Some(capture) => capture.reopen().map(|path| Response::LogsReopened { path }),
                 },
+                Ok(Request::Events { since, follow }) => {
+                    let h = self.sup.history();
+                    let info = EventsInfo {
+                        master_pid: self.master_pid.as_raw_nonzero().get() as u32,
+                        capacity: h.capacity(),
+                        first_seq: h.first_seq(),
+                        last_seq: h.last_seq(),
+                    };
+                    let Some(ctl) = self.m.control.as_mut() else { return };
+                    // The header first, then the entries (`feed_streams`, below).
+                    match ctl.start_stream(id, since, follow, h) {
+                        Ok(()) => {
+                            ctl.reply(id, &Response::Events(info).encode());
+                            continue;
+                        }
+                        Err(message) => Err(message),
+                    }
+                }
             };
             if let Some(ctl) = self.m.control.as_mut() {
                 let line = match &reply {
@@ -398,6 +547,8 @@ impl Driver {
         }
         if let Some(ctl) = self.m.control.as_mut() {
             ctl.flush(id);
+            // Its output drained (or it just asked for events): more lines.
+            ctl.feed_streams(self.sup.history());
         }
     }
 

@@ -107,6 +107,10 @@ impl Driver {
         let mut events = VecDeque::from([Event::Tick]);
         loop {
             self.process(&mut events);
+            // New entries for the event streams (also the last ones, before the loop ends).
+            if let Some(ctl) = self.m.control.as_mut() {
+                ctl.feed_streams(self.sup.history());
+            }
             self.publish();
             match self.outcome.take() {
                 Some(Outcome::Stopped) => return Ok(()),
@@ -131,6 +135,24 @@ impl Driver {
             for cmd in self.sup.handle(ev, Instant::now(), SystemTime::now()) {
                 self.execute(cmd, events);
             }
+            self.take_events();
+        }
+    }
+
+    /// The event history's entries of the last decision, once carried out: to the event log,
+    /// the handles' copy and the `on_event` callback (the control socket's streams read the
+    /// supervisor's ring).
+    fn take_events(&mut self) {
+        let fresh = self.sup.fresh_events();
+        if fresh.is_empty() {
+            return;
+        }
+        if let Some(log) = self.m.event_log.as_mut() {
+            log.append(fresh);
+        }
+        self.m.shared.events.lock().unwrap_or_else(|e| e.into_inner()).extend(fresh);
+        for e in fresh {
+            guard("on_event", self.m.on_event.as_mut(), |f| f(e));
         }
     }
 

@@ -13,12 +13,14 @@
 //! | `steer.rs` | connection steering of the `SO_REUSEPORT` group (classic BPF) |
 //! | `notify.rs` | systemd's notification socket |
 //! | `channel.rs` | the master's end of a worker channel |
+//! | `events.rs` | where the event history's entries go: the handles' copy, the event log file |
 
 mod admin;
 pub(crate) mod capture;
 mod channel;
 mod control;
 mod driver;
+mod events;
 mod notify;
 mod report;
 mod settings;
@@ -41,6 +43,7 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Instant, SystemTime};
 
 use crate::error::Error;
+use crate::events::ClusterEvent;
 use crate::signal::Signal;
 use crate::stats::{ClusterStats, RestartOutcome, UpgradeOutcome, WorkerStats};
 use crate::supervisor::{Policy, Supervisor};
@@ -52,7 +55,7 @@ pub use settings::{
     Balance, Compat, Listen, ListenAddr, ListenerInfo, MemoryMeasure, ReadyInfo, WorkerExit, WorkerInfo,
 };
 pub(crate) use settings::{ControlSetting, DEFAULT_WORKER_TIMEOUT, Settings, WorkerCommand};
-use settings::{OnExit, OnReady, OnSignal, OnStart, check_scale};
+use settings::{OnEvent, OnExit, OnReady, OnSignal, OnStart, check_scale};
 use signals::Signals;
 use steer::Group;
 
@@ -73,6 +76,8 @@ pub(crate) struct Shared {
     /// The master stopped supervising (`wait()` returned or unwound, or the `Master` was dropped
     /// without it): nobody will answer a restart any more.
     stopped: AtomicBool,
+    /// The event history, as the loop last copied it.
+    events: Mutex<events::EventMirror>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +251,10 @@ pub struct Master {
     leftovers: Vec<(OwnedFd, Option<crate::os::socket::SocketFile>)>,
     /// The workers' output, when captured (`Cluster::capture_output`).
     capture: Option<capture::Capture>,
+    /// Entries the event history keeps; its log file and callback.
+    event_history: usize,
+    event_log: Option<events::EventLog>,
+    on_event: Option<OnEvent>,
 }
 
 impl std::fmt::Debug for Master {
@@ -367,6 +376,22 @@ impl MasterHandle {
     /// none); [`Master::listeners`] lists them all.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    /// The event history the master keeps ([`Cluster::event_history`](crate::Cluster::event_history)),
+    /// oldest first: the entries after sequence number `since`, or all with `None`. To see each
+    /// entry as it happens use [`Cluster::on_event`](crate::Cluster::on_event) (on the master
+    /// thread) or the control socket's `events` with `follow` (`ecewo-cluster events -f`).
+    ///
+    /// ```no_run
+    /// # fn f(handle: ecewo_cluster::MasterHandle) {
+    /// for e in handle.events(None) {
+    ///     println!("{e}"); // 2026-12-02T00:12:03.123Z  #42  worker 3 pid 1234  exited: crash (killed by SIGKILL)
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self, since: Option<u64>) -> Vec<ClusterEvent> {
+        self.shared.events.lock().unwrap_or_else(|e| e.into_inner()).since(since)
     }
 }
 
@@ -546,6 +571,7 @@ impl Master {
             next_ticket: AtomicU64::new(1),
             loop_thread: OnceLock::new(),
             stopped: AtomicBool::new(false),
+            events: Mutex::new(events::EventMirror::new(opts.event_history)),
             requests: Mutex::new(Vec::new()),
             snapshot: Mutex::new(Snapshot {
                 cluster: ClusterStats { listeners: listener_stats(&listeners), ..sup.cluster_stats() },
@@ -654,6 +680,16 @@ impl Master {
             }
         };
         let capture = opts.capture.take().map(capture::Capture::open).transpose()?;
+        let event_log = match &opts.event_log {
+            None => None,
+            Some(path) => Some(events::EventLog::open(path).map_err(|e| Error::InvalidOption {
+                option: "event_log",
+                reason: format!("cannot open {} for appending: {e}; choose a writable file", path.display()),
+            })?),
+        };
+        if let Some(log) = &event_log {
+            tracing::info!("event log: {}", log.path().display());
+        }
         // Last, so that an error above leaves the process's signals as they were.
         let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
         extra.extend(capture.as_ref().and_then(capture::Capture::reopen_signal));
@@ -711,6 +747,9 @@ impl Master {
             on_signal: std::mem::take(&mut opts.on_signal),
             heartbeat: opts.heartbeat_interval(),
             memory_measure: opts.memory_measure,
+            event_history: opts.event_history,
+            event_log,
+            on_event: opts.on_event.take(),
         })
     }
 
@@ -796,8 +835,10 @@ impl Master {
     pub fn wait(self) -> Result<(), Error> {
         let _ = self.shared.loop_thread.set(std::thread::current().id());
         // (`self` becomes the driver's below.)
-        let mut sup =
-            Supervisor::new(self.policy.clone(), Instant::now()).with_open_sockets(open_slots(&self.listeners));
+        let pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+        let mut sup = Supervisor::new(self.policy.clone(), Instant::now())
+            .with_open_sockets(open_slots(&self.listeners))
+            .with_event_history(self.event_history, pid);
         let mut master = self;
         let predecessor = master.predecessor.take().map(|(p, inheritance)| {
             sup = sup.clone().inherit(inheritance);

@@ -60,6 +60,7 @@ pub(crate) type OnStart = Box<dyn FnMut(&WorkerInfo)>;
 pub(crate) type OnExit = Box<dyn FnMut(&WorkerExit)>;
 pub(crate) type OnReady = Box<dyn FnMut(&ReadyInfo)>;
 pub(crate) type OnSignal = Box<dyn FnMut(&MasterHandle)>;
+pub(crate) type OnEvent = Box<dyn FnMut(&crate::events::ClusterEvent)>;
 
 /// A worker process, as [`Cluster::on_start`](crate::Cluster::on_start) and [`Cluster::on_worker_ready`](crate::Cluster::on_worker_ready) see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +333,11 @@ pub(crate) struct Settings {
     pub(crate) on_signal: Vec<(Signal, OnSignal)>,
     /// The workers' output, captured (`Cluster::capture_output`); `None`: inherited.
     pub(crate) capture: Option<super::CaptureOutput>,
+    /// Entries the event history keeps (0: none).
+    pub(crate) event_history: usize,
+    /// The event log file (JSON lines), if any.
+    pub(crate) event_log: Option<std::path::PathBuf>,
+    pub(crate) on_event: Option<OnEvent>,
 }
 
 impl Settings {

@@ -18,6 +18,22 @@
 //! | `{"v":1,"cmd":"probe","probe":"live"}` (`live`, `ready` or `startup`) | `"pass"`: true or false, `"detail"`: why |
 //! | `{"v":1,"cmd":"logs","worker":1,"lines":100,"follow":true}` (all optional) | `"lines"`: the recent captured lines ([`LogLine`]), oldest first; with `follow`, then one line per new captured line, `{"v":1,"ok":true,"line":{…}}`, and `{"v":1,"ok":true,"dropped":N}` where N lines were left out for a client that did not read fast enough |
 //! | `{"v":1,"cmd":"reopen_logs"}` | `"reopened"`: the log file's path |
+//! | `{"v":1,"cmd":"events","since":41,"follow":true}` (both optional) | `"history"` ([`EventsInfo`]), then one line per entry (see below) |
+//!
+//! `events` streams the master's event history ([`ClusterEvent`]): after its header line come
+//! the entries kept whose sequence number is after `since` (all kept ones without it), one line
+//! each, `{"v":1,"ok":true,"event":{…}}`; without `follow` a last line
+//! `{"v":1,"ok":true,"end":{"last_seq":N}}` ends them (the connection then takes requests
+//! again); with `follow` each new entry follows as it happens, until the client disconnects.
+//! Entries that left the master's ring before they could be sent (a `since` older than the
+//! oldest entry kept, or a client reading slower than events happen) are replaced by one line
+//! `{"v":1,"ok":true,"missed":{"count":N,"next_seq":S}}`: the master keeps at most 64 KiB of
+//! unwritten lines per connection and never blocks on a client. Sequence numbers start at 1
+//! in every master process: a client that reconnects after an upgrade of the master (the
+//! header's `master_pid` changed) starts again from the new master's beginning. A connection
+//! takes no other request while it streams (one sent meanwhile, or right behind `events`, is
+//! answered with an error and the connection closed); after the end line it takes requests
+//! again.
 //!
 //! A failed request gets `{"v":1,"ok":false,"error":"what went wrong and what to do"}`. A line
 //! longer than [`MAX_REQUEST`] bytes is answered with an error and the connection is closed.
@@ -35,6 +51,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::events::ClusterEvent;
 use crate::signal::Signal;
 use crate::stats::{ClusterStats, RestartOutcome, UpgradeOutcome, WorkerStats};
 
@@ -112,6 +129,16 @@ pub enum Request {
     /// Reopen the captured output's log file (after it was moved away, as logrotate does):
     /// [`Response::LogsReopened`]. Refused when the cluster does not capture to a file.
     ReopenLogs,
+    /// The event history: [`Response::Events`] (its header), then [`EventsLine`]s, read with
+    /// [`Client::events`] (see the [module documentation](self)).
+    Events {
+        /// Only the entries after this sequence number (absent: all kept ones).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<u64>,
+        /// Go on with each new entry as it happens, until the client disconnects.
+        #[serde(default)]
+        follow: bool,
+    },
 }
 
 /// The lines a [`Request::Logs`] asks for when it does not say.
@@ -366,6 +393,117 @@ pub enum Response {
         /// The log file.
         path: PathBuf,
     },
+    /// The header of an event stream (`"history"`); its lines follow ([`EventsLine`]).
+    Events(EventsInfo),
+}
+
+/// The header of an event stream ([`Request::Events`]): the history as the master keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EventsInfo {
+    /// The master's pid: sequence numbers are this master's (a new master starts from 1).
+    pub master_pid: u32,
+    /// The most entries it keeps (0: the history is off).
+    pub capacity: usize,
+    /// The oldest entry kept, if any.
+    pub first_seq: Option<u64>,
+    /// The last entry recorded so far (0 before the first).
+    pub last_seq: u64,
+}
+
+/// A line of an event stream after its header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EventsLine {
+    /// An entry (`"event"`).
+    Event(ClusterEvent),
+    /// Entries that left the master's ring before they could be sent (`"missed"`).
+    Missed {
+        /// How many.
+        count: u64,
+        /// The sequence number of the next entry sent.
+        next_seq: u64,
+    },
+    /// The end of a stream that does not follow (`"end"`).
+    End {
+        /// The last entry of the stream (0: none).
+        last_seq: u64,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Missed {
+    count: u64,
+    next_seq: u64,
+}
+#[derive(Serialize, Deserialize)]
+struct End {
+    last_seq: u64,
+}
+#[derive(Serialize)]
+struct EventRef<'a> {
+    event: &'a ClusterEvent,
+}
+#[derive(Serialize)]
+struct MissedField {
+    missed: Missed,
+}
+#[derive(Serialize)]
+struct EndField {
+    end: End,
+}
+#[derive(Deserialize)]
+struct StreamLine {
+    #[serde(default)]
+    event: Option<ClusterEvent>,
+    #[serde(default)]
+    missed: Option<Missed>,
+    #[serde(default)]
+    end: Option<End>,
+}
+#[derive(Serialize, Deserialize)]
+struct History {
+    history: EventsInfo,
+}
+
+impl EventsLine {
+    /// The line, newline included.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            EventsLine::Event(e) => encode_event(e),
+            EventsLine::Missed { count, next_seq } => {
+                line(true, None, MissedField { missed: Missed { count: *count, next_seq: *next_seq } })
+            }
+            EventsLine::End { last_seq } => line(true, None, EndField { end: End { last_seq: *last_seq } }),
+        }
+    }
+
+    /// Reads a line of an event stream: `Ok(None)` for a line this version does not know (a
+    /// newer master's), to be skipped.
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Refused`] for an `"ok": false` line, [`ClientError::BadAnswer`] for a
+    /// line that is not the protocol's.
+    pub fn decode(reply: &[u8], path: &Path) -> Result<Option<EventsLine>, ClientError> {
+        let bad = || ClientError::BadAnswer(path.to_owned());
+        let head: Wire<Nothing> = serde_json::from_slice(reply).map_err(|_| bad())?;
+        if !head.ok {
+            return Err(ClientError::Refused(head.error.unwrap_or_else(|| "the master ended the stream".into())));
+        }
+        let body = serde_json::from_slice::<Wire<StreamLine>>(reply).map_err(|_| bad())?.body;
+        Ok(match body {
+            StreamLine { event: Some(e), .. } => Some(EventsLine::Event(e)),
+            StreamLine { missed: Some(m), .. } => Some(EventsLine::Missed { count: m.count, next_seq: m.next_seq }),
+            StreamLine { end: Some(e), .. } => Some(EventsLine::End { last_seq: e.last_seq }),
+            _ => None,
+        })
+    }
+}
+
+/// The stream line of an entry, newline included (without copying it).
+pub(crate) fn encode_event(event: &ClusterEvent) -> Vec<u8> {
+    line(true, None, EventRef { event })
 }
 
 /// The answer to [`Request::Status`].
@@ -520,6 +658,7 @@ impl Response {
             Response::Probe { pass, detail } => line(true, None, Verdict { pass: *pass, detail: detail.clone() }),
             Response::Logs { lines } => line(true, None, Lines { lines: lines.clone() }),
             Response::LogsReopened { path } => line(true, None, Reopened { reopened: path.clone() }),
+            Response::Events(info) => line(true, None, History { history: info.clone() }),
         }
     }
 
@@ -565,6 +704,7 @@ impl Response {
             }
             Request::Logs { .. } => Response::Logs { lines: parse::<Lines>(reply, bad)?.lines },
             Request::ReopenLogs => Response::LogsReopened { path: parse::<Reopened>(reply, bad)?.reopened },
+            Request::Events { .. } => Response::Events(parse::<History>(reply, bad)?.history),
         })
     }
 }
@@ -607,7 +747,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         ));
     }
     serde_json::from_slice(line).map_err(|e| {
-        format!("invalid request: {e}; commands are status, restart, upgrade, scale, signal, stop, metrics, probe, logs and reopen_logs")
+        format!("invalid request: {e}; commands are status, restart, upgrade, scale, signal, stop, metrics, probe, logs, reopen_logs and events")
     })
 }
 
@@ -685,6 +825,16 @@ pub struct Client {
     path: PathBuf,
     reader: BufReader<UnixStream>,
     timeout: Duration,
+    /// The start of a line whose end has not come yet (a read that timed out keeps it).
+    partial: Vec<u8>,
+}
+
+fn io_error(e: io::Error, path: &Path, timeout: Duration) -> ClientError {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout { path: path.into(), timeout },
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => ClientError::NoAnswer(path.into()),
+        _ => ClientError::Io { path: path.into(), source: e },
+    }
 }
 
 impl Client {
@@ -700,7 +850,7 @@ impl Client {
             io::ErrorKind::PermissionDenied => ClientError::PermissionDenied(path.into()),
             _ => ClientError::Io { path: path.into(), source: e },
         })?;
-        Ok(Client { path: path.into(), reader: BufReader::new(stream), timeout })
+        Ok(Client { path: path.into(), reader: BufReader::new(stream), timeout, partial: Vec::new() })
     }
 
     /// Sends one request and returns the master's answer.
@@ -710,37 +860,70 @@ impl Client {
     /// [`ClientError::Timeout`] when no answer comes within the timeout given to
     /// [`connect`](Client::connect), [`ClientError::Refused`] when the master refused the request
     /// (its message says why), and the other variants when the connection or the answer broke.
+    ///
+    /// # Caveats
+    ///
+    /// [`Request::Events`] returns only the stream's header ([`Response::Events`]); read the
+    /// lines that follow with [`Client::events`] instead.
     pub fn request(&mut self, request: &Request) -> Result<Response, ClientError> {
-        let io_err = |e: io::Error, path: &Path, timeout| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::Timeout { path: path.into(), timeout },
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => ClientError::NoAnswer(path.into()),
-            _ => ClientError::Io { path: path.into(), source: e },
-        };
-        let line = encode_request(request);
-        let stream = self.reader.get_mut();
-        stream.set_read_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
-        stream.set_write_timeout(Some(self.timeout)).map_err(|e| io_err(e, &self.path, self.timeout))?;
-        stream.write_all(&line).map_err(|e| io_err(e, &self.path, self.timeout))?;
-        let answer = self.read_answer().map_err(|e| match e.kind() {
-            io::ErrorKind::InvalidData => ClientError::BadAnswer(self.path.clone()),
-            _ => io_err(e, &self.path, self.timeout),
-        })?;
-        match answer {
-            Some(answer) => Response::decode(request, answer.as_bytes(), &self.path),
-            None => Err(ClientError::NoAnswer(self.path.clone())),
+        self.send(request)?;
+        let answer = self.read_line(Some(self.timeout))?.ok_or_else(|| ClientError::NoAnswer(self.path.clone()))?;
+        Response::decode(request, &answer, &self.path)
+    }
+
+    /// Asks for the event history ([`Request::Events`]) and returns its stream: the header is
+    /// read, the lines are read with [`EventStream::next_line`].
+    ///
+    /// # Errors
+    ///
+    /// As [`request`](Client::request); [`ClientError::Refused`] when the master refuses (a
+    /// master without this command answers so too: "invalid request").
+    pub fn events(&mut self, since: Option<u64>, follow: bool) -> Result<EventStream<'_>, ClientError> {
+        match self.request(&Request::Events { since, follow })? {
+            Response::Events(info) => {
+                // Following, the next line comes when something happens.
+                let timeout = if follow { None } else { Some(self.timeout) };
+                Ok(EventStream { client: self, info, timeout, ended: false })
+            }
+            _ => Err(ClientError::BadAnswer(self.path.clone())),
         }
     }
 
-    /// One answer line; `None` at EOF. A status answer for the largest cluster is about 1 MiB:
-    /// anything far longer is not an answer of ours, and must not fill this process's memory
-    /// (`InvalidData`).
-    fn read_answer(&mut self) -> io::Result<Option<String>> {
-        let mut answer = String::new();
-        let n = (&mut self.reader).take(MAX_ANSWER as u64).read_line(&mut answer)?;
-        if !answer.ends_with('\n') && n as u64 >= MAX_ANSWER as u64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "answer too long"));
+    fn send(&mut self, request: &Request) -> Result<(), ClientError> {
+        let line = encode_request(request);
+        let (path, timeout) = (self.path.clone(), self.timeout);
+        let stream = self.reader.get_mut();
+        stream.set_write_timeout(Some(timeout)).map_err(|e| io_error(e, &path, timeout))?;
+        stream.write_all(&line).map_err(|e| io_error(e, &path, timeout))
+    }
+
+    /// The next line (without its newline), waiting at most `timeout` (`None`: for ever);
+    /// `Ok(None)` when the master closed the connection. A line longer than [`MAX_ANSWER`] is
+    /// not an answer of ours and must not fill this process's memory.
+    fn read_line(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, ClientError> {
+        let waited = timeout.unwrap_or(Duration::MAX);
+        self.reader.get_mut().set_read_timeout(timeout).map_err(|e| io_error(e, &self.path, waited))?;
+        let limit = (MAX_ANSWER + 1).saturating_sub(self.partial.len()) as u64;
+        let n = (&mut self.reader)
+            .take(limit)
+            .read_until(b'\n', &mut self.partial)
+            .map_err(|e| io_error(e, &self.path, waited))?;
+        if self.partial.last() == Some(&b'\n') {
+            let mut line = std::mem::take(&mut self.partial);
+            line.pop();
+            return Ok(Some(line));
         }
-        Ok((n > 0).then_some(answer))
+        if self.partial.len() > MAX_ANSWER {
+            self.partial.clear();
+            return Err(ClientError::BadAnswer(self.path.clone()));
+        }
+        if n == 0 {
+            self.partial.clear();
+            return Ok(None);
+        }
+        // Part of a line, then the end of the connection.
+        self.partial.clear();
+        Err(ClientError::NoAnswer(self.path.clone()))
     }
 
     /// After a following [`Request::Logs`] was answered: waits (without a time limit) for the
@@ -752,16 +935,13 @@ impl Client {
     /// [`ClientError::BadAnswer`] for a line that is not a log event, [`ClientError::Io`] when
     /// the connection broke.
     pub fn next_log(&mut self) -> Result<Option<LogEvent>, ClientError> {
-        let path = self.path.clone();
-        self.reader.get_mut().set_read_timeout(None).map_err(|e| ClientError::Io { path: path.clone(), source: e })?;
-        let answer = match self.read_answer() {
+        let answer = match self.read_line(None) {
             Ok(Some(a)) => a,
-            Ok(None) => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(ClientError::BadAnswer(path)),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(None),
-            Err(e) => return Err(ClientError::Io { path, source: e }),
+            Ok(None) | Err(ClientError::NoAnswer(_)) => return Ok(None),
+            Err(e) => return Err(e),
         };
-        let wire: Wire<Followed> = serde_json::from_str(&answer).map_err(|_| ClientError::BadAnswer(path.clone()))?;
+        let path = self.path.clone();
+        let wire: Wire<Followed> = serde_json::from_slice(&answer).map_err(|_| ClientError::BadAnswer(path.clone()))?;
         if !wire.ok {
             return Err(ClientError::Refused(wire.error.unwrap_or_else(|| "the master ended the log stream".into())));
         }
@@ -770,6 +950,58 @@ impl Client {
             (None, Some(n)) => Ok(Some(LogEvent::Dropped(n))),
             (None, None) => Err(ClientError::BadAnswer(path)),
         }
+    }
+}
+
+/// The lines of an event stream ([`Client::events`]).
+#[derive(Debug)]
+pub struct EventStream<'a> {
+    client: &'a mut Client,
+    info: EventsInfo,
+    timeout: Option<Duration>,
+    ended: bool,
+}
+
+impl EventStream<'_> {
+    /// The stream's header: the master's pid and its history's bounds.
+    pub fn info(&self) -> &EventsInfo {
+        &self.info
+    }
+
+    /// How long [`next_line`](EventStream::next_line) waits (`None`: until a line comes; the
+    /// default when following, the client's timeout otherwise). A wait that ends without a
+    /// line is [`ClientError::Timeout`], and the stream goes on: a part of a line read
+    /// meanwhile is kept.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// The next line: an entry, a gap, or the end (of a stream that does not follow); `Ok(None)`
+    /// once the stream ended or the master closed the connection (it exited: when following,
+    /// connect again; a new master starts its sequence again).
+    ///
+    /// # Errors
+    ///
+    /// [`ClientError::Timeout`] (see [`set_timeout`](EventStream::set_timeout)),
+    /// [`ClientError::Refused`] when the master ended the stream with an error, and the other
+    /// variants when the connection or the line broke.
+    pub fn next_line(&mut self) -> Result<Option<EventsLine>, ClientError> {
+        while !self.ended {
+            let Some(line) = self.client.read_line(self.timeout)? else {
+                self.ended = true;
+                return Ok(None);
+            };
+            match EventsLine::decode(&line, &self.client.path)? {
+                Some(end @ EventsLine::End { .. }) => {
+                    self.ended = true;
+                    return Ok(Some(end));
+                }
+                Some(other) => return Ok(Some(other)),
+                // A newer master's line: skipped.
+                None => {}
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -944,6 +1176,84 @@ mod tests {
         assert_eq!(c.next_log().unwrap(), Some(LogEvent::Dropped(4)));
         server.join().unwrap();
         assert_eq!(c.next_log().unwrap(), None, "the master closed the connection");
+    }
+
+    #[test]
+    fn event_streams_round_trip() {
+        let path = Path::new("/x.sock");
+        assert_eq!(parse_request(br#"{"v":1,"cmd":"events"}"#), Ok(Request::Events { since: None, follow: false }));
+        let request = Request::Events { since: Some(41), follow: true };
+        let line = encode_request(&request);
+        assert_eq!(std::str::from_utf8(&line).unwrap(), "{\"v\":1,\"cmd\":\"events\",\"since\":41,\"follow\":true}\n");
+        assert_eq!(parse_request(&line[..line.len() - 1]), Ok(request.clone()));
+        let info = EventsInfo { master_pid: 12, capacity: 1000, first_seq: Some(3), last_seq: 41 };
+        let header = Response::Events(info.clone()).encode();
+        let wire: serde_json::Value = serde_json::from_slice(&header).unwrap();
+        assert_eq!(wire["history"]["master_pid"], 12);
+        assert_eq!(Response::decode(&request, &header, path).unwrap(), Response::Events(info));
+        let event =
+            ClusterEvent::new(42, SystemTime::UNIX_EPOCH, 12, Some(1), Some(99), crate::events::EventKind::Ready);
+        for l in
+            [EventsLine::Event(event), EventsLine::Missed { count: 5, next_seq: 47 }, EventsLine::End { last_seq: 47 }]
+        {
+            let bytes = l.encode();
+            assert_eq!(bytes.iter().filter(|&&b| b == b'\n').count(), 1, "one line");
+            assert_eq!(EventsLine::decode(&bytes[..bytes.len() - 1], path).unwrap(), Some(l));
+        }
+        let wire: serde_json::Value =
+            serde_json::from_slice(&EventsLine::Missed { count: 5, next_seq: 47 }.encode()).unwrap();
+        assert_eq!(wire, serde_json::json!({"v":1,"ok":true,"missed":{"count":5,"next_seq":47}}));
+        // A newer master's line is skipped; an error line ends the stream with its message.
+        assert_eq!(EventsLine::decode(br#"{"v":1,"ok":true,"heartbeat":{}}"#, path).unwrap(), None);
+        match EventsLine::decode(&encode_error("too many followers"), path) {
+            Err(ClientError::Refused(m)) => assert_eq!(m, "too many followers"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A stream read through a real socket: a line split across reads, with a read that times
+    /// out in the middle of it, loses nothing (the server sends the rest only once the client
+    /// saw the timeout).
+    #[test]
+    fn a_stream_survives_timeouts_mid_line() {
+        let dir = std::env::temp_dir().join(format!("ecewo-cluster-stream-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (timed_out, wait_timeout) = std::sync::mpsc::channel::<()>();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut request = String::new();
+            BufReader::new(s.try_clone().unwrap()).read_line(&mut request).unwrap();
+            assert!(request.contains("\"events\""), "{request}");
+            let info = EventsInfo { master_pid: 1, capacity: 10, first_seq: None, last_seq: 0 };
+            s.write_all(&Response::Events(info).encode()).unwrap();
+            let e = ClusterEvent::new(1, SystemTime::UNIX_EPOCH, 1, None, None, crate::events::EventKind::Probing);
+            let line = encode_event(&e);
+            let (a, b) = line.split_at(10);
+            s.write_all(a).unwrap();
+            wait_timeout.recv_timeout(Duration::from_secs(10)).expect("the client timed out mid-line");
+            s.write_all(b).unwrap();
+            s.write_all(&EventsLine::End { last_seq: 1 }.encode()).unwrap();
+        });
+        let mut client = Client::connect(&path, Duration::from_secs(5)).unwrap();
+        let mut stream = client.events(None, true).unwrap();
+        assert_eq!(stream.info().master_pid, 1);
+        stream.set_timeout(Some(Duration::from_millis(50)));
+        let first = loop {
+            match stream.next_line() {
+                Err(ClientError::Timeout { .. }) => {
+                    let _ = timed_out.send(());
+                }
+                other => break other.unwrap(),
+            }
+        };
+        assert!(matches!(first, Some(EventsLine::Event(e)) if e.seq == 1));
+        stream.set_timeout(Some(Duration::from_secs(5)));
+        assert_eq!(stream.next_line().unwrap(), Some(EventsLine::End { last_seq: 1 }));
+        assert_eq!(stream.next_line().unwrap(), None, "ended");
+        server.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -24,6 +24,7 @@
 //! | `timers.rs` | deadlines: [`Supervisor::next_deadline`] and what is due at a time |
 //! | `sockets.rs` | routing new connections and closing sockets nobody serves (`ReusePort`) |
 //! | `views.rs` | statistics, statuses, the systemd watchdog's verdict |
+//! | `history.rs` | the event history: entries derived from each batch, in a bounded ring |
 //! | `tests.rs`, `proptests.rs` | unit tests with a fake clock; the property test |
 
 use std::collections::{BTreeSet, VecDeque};
@@ -32,6 +33,7 @@ use std::time::{Instant, SystemTime};
 use crate::signal::Signal;
 use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome};
 
+mod history;
 mod lifecycle;
 mod liveness;
 mod recycle;
@@ -54,6 +56,7 @@ mod tests;
 #[cfg(test)]
 mod upgrade_tests;
 
+pub use history::History;
 pub use types::*;
 
 /// Where a worker process is in its life.
@@ -319,6 +322,8 @@ pub struct Supervisor {
     predecessor_slots: Option<usize>,
     /// (A master started by an upgrade.) The predecessor's channel ended.
     predecessor_gone: bool,
+    /// The event history (entries derived from each batch: `history.rs`).
+    history: History,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -392,6 +397,7 @@ impl Supervisor {
             predecessor_timeout: std::time::Duration::ZERO,
             predecessor_slots: None,
             predecessor_gone: false,
+            history: History::new(crate::events::DEFAULT_EVENT_HISTORY, 0),
             policy,
         }
         .seeded(now)
@@ -452,12 +458,15 @@ impl Supervisor {
             .chain(self.retiring.iter_mut().map(|(slot, p)| (*slot, p)))
     }
 
-    /// Handles one event at time `now` (monotonic) and `wall` (for start times in statistics).
+    /// Handles one event at time `now` (monotonic) and `wall` (for start times in statistics
+    /// and the event history's entries, [`fresh_events`](Supervisor::fresh_events)).
     pub fn handle(&mut self, event: Event, now: Instant, wall: SystemTime) -> Vec<Command> {
         let mut out = Vec::new();
+        self.begin_history();
         if self.phase == Phase::Done {
             return out;
         }
+        let before = self.phase;
         self.forgive_stall(now);
         // A shutdown delay that is over starts the drain before anything else happens at
         // `now`: what the event leads to then happens in the shutdown (no spawn in the batch
@@ -491,6 +500,7 @@ impl Supervisor {
             Event::PredecessorGone { clean } => self.on_predecessor_gone(clean, now, &mut out),
         }
         self.settle(now, wall, &mut out);
+        self.record_history(before, &out, wall);
         self.expected_wake = self.next_deadline();
         self.last_handled = Some(now);
         out

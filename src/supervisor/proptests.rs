@@ -22,6 +22,10 @@
 //!   none is, slots with a started worker that is not stopping); no spawn
 //!   after a shutdown began; `Exit` is the last command of its batch, and comes only when no
 //!   process is left;
+//! - **history**: every batch's entries continue the sequence by one each; there is one
+//!   `signalled` entry per signal sent, one `spawned` per process started, one `exited` per
+//!   exit reported, one `ended` per `Exit` (the batch's last entry), and the ring holds at most
+//!   its capacity, in sequence order, ending with the last entry recorded;
 //! - **termination**: after a final `Shutdown`, letting time pass a bounded number of times
 //!   (with SIGKILL honoured), the machine returns `Exit`, every process the fake driver saw
 //!   spawned has exited, and every caller waiting for a restart was answered exactly once.
@@ -226,6 +230,8 @@ struct Fake {
     handed_over: bool,
     upgrade_tickets: BTreeSet<u64>,
     upgrades_answered: Vec<u64>,
+    /// The last history entry's sequence number.
+    last_seq: u64,
 }
 
 impl Fake {
@@ -233,8 +239,11 @@ impl Fake {
         let now = Instant::now();
         let per_slot = policy.socket_per_slot;
         let policy = Policy { bound_signals: bound, ..policy };
-        let sup = Supervisor::new(policy, now).with_open_sockets([0]);
+        // A small ring (or none), so that its bound is reached.
+        let capacity = spawn_plan.len() * 2 - 2;
+        let sup = Supervisor::new(policy, now).with_open_sockets([0]).with_event_history(capacity, 1);
         Fake {
+            last_seq: 0,
             sockets: if per_slot { BTreeSet::from([0]) } else { BTreeSet::new() },
             sup,
             now,
@@ -274,6 +283,7 @@ impl Fake {
             if self.done {
                 prop_assert!(cmds.is_empty(), "commands after Exit: {:?}", cmds);
             }
+            self.check_history(&cmds)?;
             for (i, cmd) in cmds.iter().enumerate() {
                 self.execute(cmd, i + 1 == cmds.len(), &mut queue)?;
             }
@@ -470,6 +480,42 @@ impl Fake {
             self.feed(event)?;
         }
         self.check(&before, was_running)
+    }
+
+    /// The history's invariants after one batch (see the module documentation).
+    fn check_history(&mut self, cmds: &[Command]) -> Result<(), TestCaseError> {
+        use crate::events::{EventKind, SignalReason};
+        let fresh = self.sup.fresh_events();
+        for e in fresh {
+            self.last_seq += 1;
+            prop_assert_eq!(e.seq, self.last_seq, "sequence numbers continue by one");
+        }
+        let count = |f: fn(&EventKind) -> bool| fresh.iter().filter(|e| f(&e.kind)).count();
+        let signals = cmds.iter().filter(|c| matches!(c, Command::Signal { .. })).count();
+        prop_assert_eq!(count(|k| matches!(k, EventKind::Signalled { .. })), signals, "one entry per signal");
+        let unknown = |k: &EventKind| matches!(k, EventKind::Signalled { reason: SignalReason::Other, .. });
+        prop_assert_eq!(count(unknown), 0, "every signal's reason is known: {:?}", fresh);
+        let started = cmds.iter().filter(|c| matches!(c, Command::Report(Report::Started { .. }))).count();
+        prop_assert_eq!(count(|k| matches!(k, EventKind::Spawned)), started, "one entry per start");
+        let exited = cmds.iter().filter(|c| matches!(c, Command::Report(Report::Exited { .. }))).count();
+        prop_assert_eq!(count(|k| matches!(k, EventKind::Exited { .. })), exited, "one entry per exit");
+        let exit = cmds.iter().any(|c| matches!(c, Command::Exit(_)));
+        prop_assert_eq!(count(|k| matches!(k, EventKind::Ended { .. })), usize::from(exit));
+        if exit {
+            prop_assert!(matches!(fresh.last().map(|e| &e.kind), Some(EventKind::Ended { .. })), "ended comes last");
+        }
+        let h = self.sup.history();
+        prop_assert!(h.entries().len() <= h.capacity(), "{} entries, capacity {}", h.entries().len(), h.capacity());
+        prop_assert!(h.entries().zip(h.entries().skip(1)).all(|(a, b)| b.seq == a.seq + 1));
+        prop_assert_eq!(h.last_seq(), self.last_seq);
+        if h.capacity() > 0 && self.last_seq > 0 {
+            prop_assert_eq!(
+                h.entries().last().map(|e| e.seq),
+                Some(self.last_seq),
+                "the ring ends with the last entry"
+            );
+        }
+        Ok(())
     }
 
     /// The invariants after a step (see the module documentation).

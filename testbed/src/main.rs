@@ -229,6 +229,12 @@ struct Args {
     /// How the testbed's own logs are written to stderr: text or json.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
+    /// Append every event of the history to this file, one JSON line each.
+    #[arg(long)]
+    event_log: Option<PathBuf>,
+    /// Events the master keeps (0: none; default: the library's, 1000).
+    #[arg(long)]
+    event_history: Option<usize>,
 }
 
 fn parse_pair(s: &str) -> Result<(u64, u64), String> {
@@ -329,6 +335,14 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         None => cluster,
     };
     let cluster = cluster.upgrade_slot_by_slot(args.upgrade_slot_by_slot);
+    let cluster = match &args.event_log {
+        Some(path) => cluster.event_log(path),
+        None => cluster,
+    };
+    let cluster = match args.event_history {
+        Some(n) => cluster.event_history(n),
+        None => cluster,
+    };
     let cluster = match args.upgrade_timeout_ms {
         Some(t) => cluster.upgrade_timeout(ms(t)),
         None => cluster,

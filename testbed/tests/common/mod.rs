@@ -195,18 +195,11 @@ impl Testbed {
                 other => break other.expect("start testbed"),
             }
         };
-        let (tx, rx) = mpsc::channel();
         // (Unless `configure` gave stdout elsewhere: the test reads it itself.)
-        if let Some(stdout) = child.stdout.take() {
-            std::thread::spawn(move || {
-                for line in BufReader::new(stdout).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
+        let rx = match child.stdout.take() {
+            Some(stdout) => lines_of(stdout),
+            None => mpsc::channel().1,
+        };
         let tb = Testbed {
             dir: dir.path().to_owned(),
             child,
@@ -687,4 +680,19 @@ pub fn https_get(port: u16, ca_der: &[u8], path: &str) -> std::io::Result<String
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => Ok(response),
         Err(e) => Err(e),
     }
+}
+
+/// The lines of a child's output as they come, read by a thread of their own (which stops, and
+/// closes the pipe, at the first line after the receiver was dropped).
+pub fn lines_of(output: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
