@@ -42,7 +42,7 @@ pub struct ClusterEvent {
     pub seq: u64,
     /// When it happened (on the wire: RFC 3339 in UTC with milliseconds,
     /// `2026-12-02T00:12:03.123Z`).
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub time: SystemTime,
     /// The master that recorded it.
     pub master_pid: u32,
@@ -422,7 +422,7 @@ impl fmt::Display for EventKind {
 impl fmt::Display for ClusterEvent {
     /// One line: `2026-12-02T00:12:03.123Z  #42  worker 3 pid 1234  exited: crash (killed by SIGKILL)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}  #{}  ", rfc3339::format(self.time), self.seq)?;
+        write!(f, "{}  #{}  ", crate::rfc3339::format(self.time), self.seq)?;
         match (self.worker_id, self.pid) {
             (Some(w), Some(p)) => write!(f, "worker {w} pid {p}")?,
             (Some(w), None) => write!(f, "worker {w}")?,
@@ -460,101 +460,6 @@ fn seconds(d: Duration) -> String {
     if ms.is_multiple_of(1000) { format!("{}s", ms / 1000) } else { format!("{}s", d.as_secs_f64()) }
 }
 
-/// Times as RFC 3339 in UTC with milliseconds (`2026-12-02T00:12:03.123Z`), without a
-/// dependency: the proleptic Gregorian calendar from days since the epoch.
-pub(crate) mod rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-    /// `time` in UTC with milliseconds (times before 1970 read as the epoch).
-    pub fn format(time: SystemTime) -> String {
-        let d = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = d.as_secs();
-        let (days, rem) = (secs / 86_400, secs % 86_400);
-        let (y, m, day) = civil_from_days(days as i64);
-        format!(
-            "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-            rem / 3600,
-            rem / 60 % 60,
-            rem % 60,
-            d.subsec_millis()
-        )
-    }
-
-    /// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z` (UTC only, up to nanoseconds).
-    pub fn parse(text: &str) -> Option<SystemTime> {
-        let b = text.as_bytes();
-        let num = |r: std::ops::Range<usize>| -> Option<u64> {
-            let s = text.get(r)?;
-            s.bytes().all(|c| c.is_ascii_digit()).then(|| s.parse().ok())?
-        };
-        if b.len() < 20
-            || b[4] != b'-'
-            || b[7] != b'-'
-            || !matches!(b[10], b'T' | b't')
-            || b[13] != b':'
-            || b[16] != b':'
-        {
-            return None;
-        }
-        let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
-        if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
-            return None;
-        }
-        let mut nanos = 0u32;
-        let mut rest = &text[19..];
-        if let Some(frac) = rest.strip_prefix('.') {
-            let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-            if digits == 0 || digits > 9 {
-                return None;
-            }
-            nanos = frac[..digits].parse::<u32>().ok()? * 10u32.pow(9 - digits as u32);
-            rest = &frac[digits..];
-        }
-        if !matches!(rest, "Z" | "z") {
-            return None;
-        }
-        let days = days_from_civil(y as i64, mo as u32, d as u32);
-        let secs = u64::try_from(days).ok()?.checked_mul(86_400)?.checked_add(h * 3600 + mi * 60 + s)?;
-        UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
-    }
-
-    /// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-    fn civil_from_days(z: i64) -> (i64, u32, u32) {
-        let z = z + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        (yoe + era * 400 + i64::from(m <= 2), m, d)
-    }
-
-    /// Days since 1970-01-01 of a date (the inverse of `civil_from_days`).
-    fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y.rem_euclid(400);
-        let mp = i64::from((m + 9) % 12);
-        let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    /// Serde: a `SystemTime` as RFC 3339 text.
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*t))
-    }
-
-    /// Serde: RFC 3339 text (UTC) as a `SystemTime`.
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 time in UTC")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,16 +471,16 @@ mod tests {
 
     #[test]
     fn times_are_rfc3339_in_utc() {
-        assert_eq!(rfc3339::format(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(crate::rfc3339::format(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         // 2026-12-02T00:12:03.123Z (checked with `date -u -d @1796170323`).
-        assert_eq!(rfc3339::format(at(1_796_170_323_123)), "2026-12-02T00:12:03.123Z");
-        assert_eq!(rfc3339::format(at(951_782_400_000)), "2000-02-29T00:00:00.000Z", "a leap day");
+        assert_eq!(crate::rfc3339::format(at(1_796_170_323_123)), "2026-12-02T00:12:03.123Z");
+        assert_eq!(crate::rfc3339::format(at(951_782_400_000)), "2000-02-29T00:00:00.000Z", "a leap day");
         for ms in [0, 1, 999, 86_399_999, 951_782_400_000, 1_796_170_323_123, 4_102_444_800_000, 253_402_300_799_999] {
-            assert_eq!(rfc3339::parse(&rfc3339::format(at(ms))), Some(at(ms)), "{ms}");
+            assert_eq!(crate::rfc3339::parse(&crate::rfc3339::format(at(ms))), Some(at(ms)), "{ms}");
         }
-        assert_eq!(rfc3339::parse("2026-12-02T00:12:03Z"), Some(at(1_796_170_323_000)));
+        assert_eq!(crate::rfc3339::parse("2026-12-02T00:12:03Z"), Some(at(1_796_170_323_000)));
         assert_eq!(
-            rfc3339::parse("2026-12-02T00:12:03.123456789Z"),
+            crate::rfc3339::parse("2026-12-02T00:12:03.123456789Z"),
             Some(UNIX_EPOCH + Duration::new(1_796_170_323, 123_456_789))
         );
         for bad in [
@@ -589,7 +494,7 @@ mod tests {
             "2026-12-02T00:12:03.1234567890Z",
             "+026-12-02T00:12:03Z",
         ] {
-            assert_eq!(rfc3339::parse(bad), None, "{bad}");
+            assert_eq!(crate::rfc3339::parse(bad), None, "{bad}");
         }
     }
 

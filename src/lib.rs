@@ -61,6 +61,7 @@ pub mod logging;
 mod master;
 mod os;
 mod proto;
+mod rfc3339;
 mod role;
 mod signal;
 mod stats;
@@ -114,6 +115,7 @@ mod layering {
         ("src/worker", &["master", "supervisor", "config", "role", "Cluster", "MasterHandle", "Master"]),
         ("src/stats.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
         ("src/events.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
+        ("src/rfc3339.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role", "stats", "events"]),
         ("src/signal.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
         ("src/error.rs", &["master", "worker", "os", "proto", "supervisor", "config", "role"]),
     ];

@@ -92,7 +92,7 @@ pub fn start(thread_name: &str) {
         let mut line = match format {
             LogFormat::Text => format!("WARN {text}").into_bytes(),
             LogFormat::Json => serde_json::to_vec(&serde_json::json!({
-                "timestamp": crate::proto::control::rfc3339::format(std::time::SystemTime::now()),
+                "timestamp": crate::rfc3339::format(std::time::SystemTime::now()),
                 "level": "WARN",
                 "fields": { "message": text },
                 "target": "ecewo_cluster::logging",

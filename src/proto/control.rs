@@ -180,7 +180,7 @@ impl std::fmt::Display for LogStream {
 #[non_exhaustive]
 pub struct LogLine {
     /// When the master read it (on the wire: RFC 3339, UTC, milliseconds).
-    #[serde(with = "rfc3339")]
+    #[serde(with = "crate::rfc3339")]
     pub time: SystemTime,
     /// The worker's slot.
     pub worker: usize,
@@ -232,79 +232,6 @@ pub enum LogEvent {
     /// This many lines were left out: this client did not read fast enough (the master never
     /// waits for a client).
     Dropped(u64),
-}
-
-/// Times as RFC 3339 text in UTC with milliseconds (`2025-01-02T03:04:05.678Z`), without a
-/// date library.
-pub(crate) mod rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-    /// `t` as `YYYY-MM-DDTHH:MM:SS.mmmZ` (times before 1970 as the epoch).
-    pub(crate) fn format(t: SystemTime) -> String {
-        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let secs = d.as_secs();
-        let (days, rem) = (secs / 86_400, secs % 86_400);
-        // Howard Hinnant's civil_from_days.
-        let z = days as i64 + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        format!(
-            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-            rem / 3600,
-            rem % 3600 / 60,
-            rem % 60,
-            d.subsec_millis()
-        )
-    }
-
-    /// Reads what [`format`] writes (any number of fraction digits, or none).
-    pub(crate) fn parse(s: &str) -> Option<SystemTime> {
-        let b = s.as_bytes();
-        let num = |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse().ok() };
-        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
-            return None;
-        }
-        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-        let (h, m, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-        let rest = s.get(19..)?.strip_suffix('Z')?;
-        let nanos = match rest.strip_prefix('.') {
-            None if rest.is_empty() => 0,
-            None => return None,
-            Some(frac) if !frac.is_empty() && frac.len() <= 9 && frac.bytes().all(|c| c.is_ascii_digit()) => {
-                frac.parse::<u32>().ok()? * 10u32.pow(9 - frac.len() as u32)
-            }
-            Some(_) => return None,
-        };
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
-            return None;
-        }
-        // Howard Hinnant's days_from_civil.
-        let y = if month <= 2 { year - 1 } else { year };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (month + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + day - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        let secs = u64::try_from(days * 86_400 + h * 3600 + m * 60 + sec).ok()?;
-        Some(UNIX_EPOCH + Duration::new(secs, nanos))
-    }
-
-    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format(*t))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = String::deserialize(d)?;
-        parse(&text).ok_or_else(|| serde::de::Error::custom(format!("{text:?} is not an RFC 3339 UTC time")))
-    }
 }
 
 /// A health probe, as Kubernetes names them: what `/livez`, `/readyz` and `/startupz` answer.
@@ -1103,23 +1030,23 @@ mod tests {
     #[test]
     fn rfc3339_times_round_trip() {
         use std::time::UNIX_EPOCH;
-        assert_eq!(rfc3339::format(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(crate::rfc3339::format(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_735_787_045_678);
-        assert_eq!(rfc3339::format(t), "2025-01-02T03:04:05.678Z");
-        assert_eq!(rfc3339::parse("2025-01-02T03:04:05.678Z"), Some(t));
-        assert_eq!(rfc3339::parse("2025-01-02T03:04:05Z"), Some(t - Duration::from_millis(678)));
+        assert_eq!(crate::rfc3339::format(t), "2025-01-02T03:04:05.678Z");
+        assert_eq!(crate::rfc3339::parse("2025-01-02T03:04:05.678Z"), Some(t));
+        assert_eq!(crate::rfc3339::parse("2025-01-02T03:04:05Z"), Some(t - Duration::from_millis(678)));
         // A leap day, the end of a century, and every day of 2024 round trip.
         for text in ["2024-02-29T23:59:59.999Z", "2000-03-01T00:00:00.000Z", "2100-12-31T12:00:00.001Z"] {
-            assert_eq!(rfc3339::format(rfc3339::parse(text).unwrap()), text);
+            assert_eq!(crate::rfc3339::format(crate::rfc3339::parse(text).unwrap()), text);
         }
         for day in 0..366 {
             let t = UNIX_EPOCH + Duration::from_secs(1_704_067_200 + day * 86_400 + 3_723);
-            assert_eq!(rfc3339::parse(&rfc3339::format(t)), Some(t));
+            assert_eq!(crate::rfc3339::parse(&crate::rfc3339::format(t)), Some(t));
         }
         for bad in
             ["", "2025-01-02 03:04:05Z", "2025-13-02T03:04:05Z", "2025-01-02T03:04:05.Z", "2025-01-02T03:04:05+01:00"]
         {
-            assert_eq!(rfc3339::parse(bad), None, "{bad}");
+            assert_eq!(crate::rfc3339::parse(bad), None, "{bad}");
         }
     }
 

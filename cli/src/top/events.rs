@@ -1,19 +1,24 @@
 //! The "last events" panel's source: the one adapter between the control protocol and the
 //! panel.
 //!
-//! Today the master keeps no history that the control protocol gives, so [`EventFeed`] derives
-//! what changed between two `status` answers ([`derive`]: a new master pid, a worker replaced,
-//! crashed, added or removed, a rollout or an upgrade started or ended) and the panel says so in
-//! its title ([`EventFeed::title`]). When the master gains an event history, only
-//! [`EventFeed::next`] changes: it asks the master for the events after the last one it saw
-//! and maps each to an [`EventLine`], falling back to [`derive`] against a master that does not
-//! know the request. Nothing else in `top` knows where the lines come from.
+//! [`EventFeed::next`] asks the master for the entries of its event history after the last one
+//! it saw (`events {since}`, without following: one short connection per poll, so a master
+//! replaced by an upgrade is simply asked next time) and maps each to an [`EventLine`]. A new
+//! master pid starts again from that master's beginning (sequence numbers are per master). A
+//! master that does not know the request (an older version), or keeps no history
+//! (`event_history(0)`), gets the fallback: what changed between two `status` answers
+//! ([`derive`]: a new master pid, a worker replaced, crashed, added or removed, a rollout or an
+//! upgrade started or ended), and the panel says so in its title ([`EventFeed::title`]).
+//! Nothing else in `top` knows where the lines come from.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use ecewo_cluster::WorkerStats;
-use ecewo_cluster::control::Status;
+use ecewo_cluster::control::{Client, ClientError, EventsLine, Status};
+use ecewo_cluster::{ClusterEvent, EventKind, WorkerStats};
+
+/// The newest entries asked for when a master is first seen (the panel shows fewer).
+const FIRST_ENTRIES: u64 = 64;
 
 /// How much a line matters: warnings (crashes, failures) are drawn in colour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,32 +49,115 @@ impl EventLine {
 /// Where the panel's lines come from (see the module's documentation).
 #[derive(Debug, Default)]
 pub(crate) struct EventFeed {
-    /// The previous poll's answer, to compare with.
+    /// The previous poll's answer, to compare with (the fallback).
     prev: Option<Box<Status>>,
+    /// The master whose history is read, and the last sequence number seen of it.
+    history: Option<(u32, u64)>,
+    /// The last master asked had no history to give: the panel shows derived changes.
+    derived: bool,
 }
 
 impl EventFeed {
     /// The panel's title: what its lines are.
     pub(crate) fn title(&self) -> &'static str {
-        "changes seen between polls"
+        if self.derived { "changes seen between polls" } else { "events" }
     }
 
-    /// The new lines after the master at `_socket` answered `status` with `status` at `wall`.
-    /// (`_socket` and `_timeout` are for the master's own history, once the protocol has it.)
+    /// The new lines after the master at `socket` answered `status` with `status` at `wall`.
     pub(crate) fn next(
         &mut self,
-        _socket: &Path,
-        _timeout: Duration,
+        socket: &Path,
+        timeout: Duration,
         status: &Status,
         wall: SystemTime,
     ) -> Vec<EventLine> {
-        let lines = match &self.prev {
-            Some(prev) => derive(prev, status, wall),
-            None => Vec::new(),
+        let lines = match self.read_history(socket, timeout, status) {
+            Ok(lines) => {
+                self.derived = false;
+                lines
+            }
+            // Asked again next time, from where it was.
+            Err(History::Unavailable) if self.history.is_some() => Vec::new(),
+            Err(_) => {
+                self.derived = true;
+                self.history = None;
+                match &self.prev {
+                    Some(prev) => derive(prev, status, wall),
+                    None => Vec::new(),
+                }
+            }
         };
         self.prev = Some(Box::new(status.clone()));
         lines
     }
+
+    /// The entries the master recorded since the last poll, oldest first, or why there are none.
+    fn read_history(&mut self, socket: &Path, timeout: Duration, status: &Status) -> Result<Vec<EventLine>, History> {
+        let since = match self.history {
+            Some((pid, seq)) if pid == status.master.pid => Some(seq),
+            // A master not seen before: only its newest entries.
+            _ => None,
+        };
+        let mut client = Client::connect(socket, timeout).map_err(|_| History::Unavailable)?;
+        let mut stream = client.events(since, false).map_err(|e| match e {
+            // An older master: "invalid request".
+            ClientError::Refused(_) => History::Unsupported,
+            _ => History::Unavailable,
+        })?;
+        let info = stream.info().clone();
+        if info.capacity == 0 {
+            return Err(History::Unsupported);
+        }
+        let first_wanted = since.unwrap_or_else(|| info.last_seq.saturating_sub(FIRST_ENTRIES));
+        let mut lines = Vec::new();
+        let mut last = since.unwrap_or(first_wanted);
+        while let Ok(Some(line)) = stream.next_line() {
+            match line {
+                EventsLine::Event(e) => {
+                    last = last.max(e.seq);
+                    if e.seq > first_wanted {
+                        lines.push(line_of(&e));
+                    }
+                }
+                EventsLine::End { .. } => break,
+                _ => {}
+            }
+        }
+        self.history = Some((info.master_pid, last));
+        Ok(lines)
+    }
+}
+
+/// Why a poll read no history.
+#[derive(Debug)]
+enum History {
+    /// The master keeps none, or does not know the request (an older version).
+    Unsupported,
+    /// No answer this time (the master is being replaced, or is busy).
+    Unavailable,
+}
+
+/// An entry as a panel line: who it concerns, then what happened (its time is the line's).
+fn line_of(e: &ClusterEvent) -> EventLine {
+    let who = match (e.worker_id, e.pid) {
+        (Some(w), Some(p)) => format!("worker {w} pid {p}: "),
+        (Some(w), None) => format!("worker {w}: "),
+        (None, Some(p)) => format!("pid {p}: "),
+        (None, None) => String::new(),
+    };
+    let text = format!("{who}{}", e.kind);
+    let warn = match &e.kind {
+        EventKind::Exited { crash, .. } => *crash,
+        EventKind::Hung { .. }
+        | EventKind::SpawnFailed { .. }
+        | EventKind::Disabled { .. }
+        | EventKind::RecycleFailed { .. }
+        | EventKind::SteeringFailed { .. } => true,
+        EventKind::RestartFinished { outcome } => !outcome.is_completed(),
+        EventKind::UpgradeFinished { outcome } => !outcome.is_completed(),
+        _ => false,
+    };
+    if warn { EventLine::warn(e.time, text) } else { EventLine::info(e.time, text) }
 }
 
 /// What changed from `prev` to `next` (two `status` answers), as lines stamped `wall`.

@@ -62,9 +62,9 @@ fn run(args: TopArgs, target: &Target, timeout: Duration) -> Result<ExitCode, Fa
     let first = io::status(&socket, timeout).map_err(Failure)?;
     let mut feed = EventFeed::default();
     let name = socket.file_name().map(|n| n.to_string_lossy().trim_end_matches(".sock").to_owned());
-    let mut model = Model::new(name.unwrap_or_else(|| socket.display().to_string()), feed.title());
     let wall = SystemTime::now();
     let events = feed.next(&socket, timeout, &first, wall);
+    let mut model = Model::new(name.unwrap_or_else(|| socket.display().to_string()), feed.title());
     model.apply(Update::Status { status: first, at: Instant::now(), wall, events });
 
     let (tx, rx) = mpsc::channel();

@@ -555,7 +555,7 @@ fn drop_notice(format: CaptureFormat, n: u64) -> Vec<u8> {
     let mut line = match format {
         CaptureFormat::Prefix => format!("[ecewo-cluster] {text}").into_bytes(),
         CaptureFormat::Json => serde_json::to_vec(&serde_json::json!({
-            "time": crate::proto::control::rfc3339::format(SystemTime::now()),
+            "time": crate::rfc3339::format(SystemTime::now()),
             "dropped": n,
             "line": text,
         }))
