@@ -24,6 +24,13 @@ pub(crate) fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
     Some((resident * page, Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
 }
 
+/// When process `pid` started (field 22 of `/proc/PID/stat`: clock ticks since boot), if it
+/// exists: with the pid, it names one process, never one that got the pid again later.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields_after_comm(&stat)?.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// How many threads this process has (the `Threads:` line of `/proc/self/status`), if `/proc`
 /// says.
 pub(crate) fn thread_count() -> Option<usize> {
@@ -452,6 +459,18 @@ mod tests {
         assert!(rss > 100_000, "{rss}");
         assert!(cpu < Duration::from_secs(3600));
         assert!(proc_usage(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn start_time_names_one_process() {
+        let me = start_time(std::process::id()).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let theirs = start_time(child.id()).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(theirs >= me, "a child starts after its parent: {theirs} < {me}");
+        assert_eq!(start_time(std::process::id()), Some(me), "stable");
+        assert!(start_time(u32::MAX).is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ impl Supervisor {
     /// learns); the drain starts when the delay is over, or at once on a second request.
     pub(super) fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
         // A new master still starting would only be stopped again: it is killed at once.
-        self.cancel_upgrade(out);
+        self.cancel_upgrade(now, out);
         let delay = self.policy.shutdown_delay;
         if self.phase == Phase::Running && self.leaving_at.is_none() && !delay.is_zero() {
             self.leaving_at = Some(now.checked_add(delay).unwrap_or(now));
