@@ -129,7 +129,7 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
     let line = read_state_line(&channel).map_err(|e| bad(format!("cannot read the state from the old master: {e}")))?;
     let state = env.read_state(&line)?;
     if orphaned {
-        if !at_end(&channel) {
+        if !at_end(&channel, ORPHAN_WAIT) {
             return Err(bad(format!(
                 "this process's parent is {}, not the old master (pid {}), and the channel is still open at the other end: it was not started by that master",
                 parent.map_or_else(|| "unknown".to_owned(), |p| format!("pid {p}")),
@@ -160,33 +160,52 @@ fn same_user(fd: i32) -> Result<(), String> {
 }
 
 /// Whether the hand-off's old master is this process's parent (`Ok(false)`), or was and is
-/// gone (`Ok(true)`: the channel must then be at its end); `Err` says why the variables are
-/// not this process's. `parent` is `getppid()`, `start` the start time of the process that has
-/// the old master's pid now, if any.
+/// gone (`Ok(true)`: the channel must then be at its end once the state is read, which it is
+/// as soon as the old master's descriptors are closed, before its children are reparented);
+/// `Err` says why the variables are not this process's. `parent` is `getppid()`, `start` the
+/// start time of the process that has the old master's pid now, if it runs (a zombie does not).
 fn parent_check(env: &UpgradeEnv, parent: Option<u32>, start: Option<u64>) -> Result<bool, String> {
     let from = env.from_pid;
-    match (parent == Some(from), env.from_start) {
-        (true, Some(want)) if start != Some(want) => Err(format!(
-            "this process's parent, pid {from}, started at tick {}, not at tick {want} as the old master did: another process has its pid",
-            start.map_or_else(|| "?".to_owned(), |s| s.to_string())
+    if parent != Some(from) {
+        return Ok(true);
+    }
+    match (start, env.from_start) {
+        // It died between the two reads.
+        (None, _) => Ok(true),
+        (Some(now), Some(want)) if now != want => Err(format!(
+            "this process's parent, pid {from}, started at tick {now}, not at tick {want} as the old master did: another process has its pid"
         )),
-        (true, _) => Ok(false),
-        (false, Some(want)) if start == Some(want) => {
-            Err(format!("the old master (pid {from}) runs, but is not this process's parent"))
-        }
-        (false, _) => Ok(true),
+        (Some(_), _) => Ok(false),
     }
 }
 
-/// Whether the channel reached its end (the other end is closed), read without taking
-/// anything.
-fn at_end(channel: &UnixStream) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(
-        rustix::net::recv(channel, &mut byte[..], rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT),
-        Ok((0, _))
-    )
+/// Whether the channel reaches its end (the other end is closed) within `wait`, read without
+/// taking anything. (An old master that is exiting closes its descriptors within moments.)
+fn at_end(channel: &UnixStream, wait: std::time::Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    use rustix::net::{RecvFlags, recv};
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let mut byte = [0u8; 1];
+        match recv(channel, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return true,
+            // More than the state: the old master speaks, it is there.
+            Ok(_) => return false,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
+        let mut fds = [PollFd::new(channel, PollFlags::IN | PollFlags::RDHUP)];
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
+    }
 }
+
+/// How long a new master whose old master is gone (or going) waits for the channel's end.
+const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a new master waits for its state at `init` (the old master sends it right after
 /// the spawn, from its loop).
@@ -488,7 +507,8 @@ impl Driver {
             );
             std::thread::sleep(hold);
         }
-        send(&mut p.chan, &UpgradeMessage::TookOver);
+        let slots = Some(self.sup.cluster_stats().total_workers);
+        send(&mut p.chan, &UpgradeMessage::TookOver { slots });
     }
 
     /// (A new master.) Tells the old master why this master cannot serve.
@@ -557,16 +577,16 @@ impl Driver {
             match serde_json::from_slice::<UpgradeMessage>(&line) {
                 // Said just before it died? Then its exit, read next, decides: never hand over
                 // to a master that is gone.
-                Ok(UpgradeMessage::Ready { .. } | UpgradeMessage::TookOver) if exited(&s.pidfd) => {
+                Ok(UpgradeMessage::Ready { .. } | UpgradeMessage::TookOver { .. }) if exited(&s.pidfd) => {
                     tracing::debug!("upgrade: the new master (pid {}) spoke, but it has exited", s.pid);
                 }
                 Ok(UpgradeMessage::Ready { workers }) => {
                     tracing::debug!("upgrade: the new master (pid {}) has {workers} workers ready", s.pid);
                     events.push_back(Event::MasterReady);
                 }
-                Ok(UpgradeMessage::TookOver) => {
+                Ok(UpgradeMessage::TookOver { slots }) => {
                     tracing::debug!("upgrade: the new master (pid {}) took over", s.pid);
-                    events.push_back(Event::MasterTookOver);
+                    events.push_back(Event::MasterTookOver { slots });
                 }
                 Ok(UpgradeMessage::CannotServe { reason }) => events.push_back(Event::MasterCannotServe { reason }),
                 Ok(UpgradeMessage::Failed { reason }) => s.reason = Some(reason),
@@ -602,10 +622,9 @@ impl Driver {
         // to it would leave no master (only why it failed still counts).
         let mut last = VecDeque::new();
         self.on_successor_channel(&mut last);
-        events.extend(
-            last.into_iter()
-                .filter(|e| !matches!(e, Event::MasterReady | Event::MasterTookOver | Event::MasterSlotReady { .. })),
-        );
+        events.extend(last.into_iter().filter(|e| {
+            !matches!(e, Event::MasterReady | Event::MasterTookOver { .. } | Event::MasterSlotReady { .. })
+        }));
         let Some(s) = self.successor.take() else { return };
         tracing::debug!("upgrade: the new master (pid {}) exited: {status}", s.pid);
         events.push_back(Event::MasterExited { status, reason: s.reason });
@@ -831,28 +850,36 @@ mod tests {
         // The parent has the pid but started at another time: another process got the pid.
         let e = parent_check(&env(Some(55)), Some(700), Some(99)).unwrap_err();
         assert!(e.contains("another process has its pid"), "{e}");
-        // The old master runs, and is not the parent: not started by it.
-        let e = parent_check(&env(Some(55)), Some(1), Some(55)).unwrap_err();
-        assert!(e.contains("is not this process's parent"), "{e}");
-        // The old master is gone (or its pid belongs to another process now): only a channel at
-        // its end will do.
+        // The parent died between the two reads (a zombie has no start time): gone.
+        assert_eq!(parent_check(&env(Some(55)), Some(700), None), Ok(true));
+        // Not the parent (any more): only a channel at its end will do, whatever runs at the pid
+        // (an old master still exiting shows its start time while its children are reparented).
         assert_eq!(parent_check(&env(Some(55)), Some(1), None), Ok(true));
-        assert_eq!(parent_check(&env(Some(55)), Some(1), Some(99)), Ok(true));
+        assert_eq!(parent_check(&env(Some(55)), Some(1), Some(55)), Ok(true));
         assert_eq!(parent_check(&env(None), Some(1), Some(55)), Ok(true));
     }
 
     #[test]
     fn a_channel_is_at_its_end_only_once_the_other_end_is_closed_and_read() {
+        let short = std::time::Duration::from_millis(50);
         let (a, b) = UnixStream::pair().unwrap();
-        assert!(!at_end(&a), "open, nothing to read");
+        assert!(!at_end(&a, short), "open, nothing to read");
         use std::io::Write;
         (&b).write_all(b"x").unwrap();
         drop(b);
-        assert!(!at_end(&a), "a byte is still to be read");
+        assert!(!at_end(&a, short), "a byte is still to be read");
         let mut byte = [0u8; 1];
         use std::io::Read;
         (&a).read_exact(&mut byte).unwrap();
-        assert!(at_end(&a));
+        assert!(at_end(&a, short));
+        // The other end closed a moment later: waited for.
+        let (a, b) = UnixStream::pair().unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(b);
+        });
+        assert!(at_end(&a, std::time::Duration::from_secs(10)));
+        closer.join().unwrap();
     }
 
     #[test]

@@ -380,8 +380,12 @@ pub(crate) enum UpgradeMessage {
     /// Old → new: everything is handed over: take over (and say `took_over`).
     Yours,
     /// New → old: it took over (its route is attached, its control socket accepts): the old
-    /// master may drain.
-    TookOver,
+    /// master may drain. `slots`: how many it has (the old master's workers of the slots beyond
+    /// drain once their sockets had time to receive the handshakes under way).
+    TookOver {
+        #[serde(default)]
+        slots: Option<usize>,
+    },
     /// Old → new: it told systemd the new main pid, and drains.
     Draining,
     /// New → old: its start-up is over but it cannot serve (fewer than `min_ready` workers
@@ -469,7 +473,7 @@ mod tests {
             UpgradeMessage::SlotReady { slot: 1 },
             UpgradeMessage::Free { slot: 0 },
             UpgradeMessage::Yours,
-            UpgradeMessage::TookOver,
+            UpgradeMessage::TookOver { slots: Some(2) },
             UpgradeMessage::Draining,
             UpgradeMessage::CannotServe { reason: "y".into() },
             UpgradeMessage::Bye,
@@ -478,7 +482,14 @@ mod tests {
             assert_eq!(serde_json::from_str::<UpgradeMessage>(&line).unwrap(), m);
         }
         assert_eq!(serde_json::to_string(&UpgradeMessage::Yours).unwrap(), r#"{"t":"yours"}"#);
-        assert_eq!(serde_json::to_string(&UpgradeMessage::TookOver).unwrap(), r#"{"t":"took_over"}"#);
+        assert_eq!(
+            serde_json::to_string(&UpgradeMessage::TookOver { slots: Some(2) }).unwrap(),
+            r#"{"t":"took_over","slots":2}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<UpgradeMessage>(r#"{"t":"took_over"}"#).unwrap(),
+            UpgradeMessage::TookOver { slots: None }
+        );
         assert_eq!(serde_json::to_string(&UpgradeMessage::Draining).unwrap(), r#"{"t":"draining"}"#);
         // A state from an old master of an earlier version: one-phase.
         let mut old = serde_json::to_value(UpgradeMessage::State { state: state() }).unwrap();

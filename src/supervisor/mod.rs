@@ -498,7 +498,7 @@ impl Supervisor {
             Event::MasterSpawned { pid } => self.on_master_spawned(pid, &mut out),
             Event::MasterSpawnFailed { error, busy } => self.on_master_spawn_failed(error, busy, now, &mut out),
             Event::MasterReady => self.on_master_ready(now, &mut out),
-            Event::MasterTookOver => self.on_master_took_over(now, &mut out),
+            Event::MasterTookOver { slots } => self.on_master_took_over(slots, now, &mut out),
             Event::MasterCannotServe { reason } => self.on_master_cannot_serve(reason, now, &mut out),
             Event::PredecessorDraining => self.on_predecessor_draining(&mut out),
             Event::MasterExited { status, reason } => self.on_master_exited(status, reason, now, &mut out),

@@ -72,8 +72,9 @@ enum Op {
     MasterReady,
     /// The new master exits on its own.
     MasterExit,
-    /// The new master, offered the cluster, says it took over.
-    MasterTookOver,
+    /// The new master, offered the cluster, says it took over, with this many slots (modulo; 0:
+    /// it does not say).
+    MasterTookOver(usize),
     /// The new master says it cannot serve.
     MasterCannotServe,
 }
@@ -120,7 +121,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::MasterSlotReady),
         1 => Just(Op::MasterReady),
         1 => Just(Op::MasterExit),
-        1 => Just(Op::MasterTookOver),
+        1 => any::<usize>().prop_map(Op::MasterTookOver),
         1 => Just(Op::MasterCannotServe),
     ]
 }
@@ -485,7 +486,10 @@ impl Fake {
                 .filter(|m| !m.1 && !self.handed_over)
                 .map(|_| Event::MasterSlotReady { slot: n % (self.sup.slots.len() + 1) }),
             Op::MasterReady => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| Event::MasterReady),
-            Op::MasterTookOver => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| Event::MasterTookOver),
+            Op::MasterTookOver(n) => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| {
+                let slots = n % (self.sup.slots.len() + 2);
+                Event::MasterTookOver { slots: (slots > 0).then(|| slots - 1) }
+            }),
             Op::MasterCannotServe => self
                 .new_master
                 .filter(|m| !m.1 && !self.handed_over)

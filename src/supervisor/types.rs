@@ -325,7 +325,10 @@ pub enum Event {
     MasterReady,
     /// The new master, handed over to, says it took over: its route is attached and its
     /// control socket accepts. The old master drains from now on.
-    MasterTookOver,
+    MasterTookOver {
+        /// Its slots, if it said (an earlier version does not).
+        slots: Option<usize>,
+    },
     /// The new master says it cannot serve (its start-up ended with fewer than `min_ready`
     /// workers ready, and none can still come): why.
     MasterCannotServe {

@@ -244,7 +244,7 @@ impl Supervisor {
     /// systemd hears the new main pid from this master, still the main process (so
     /// `NotifyAccess=main` suffices), before the new master hears it may notify; then this
     /// master drains.
-    pub(super) fn on_master_took_over(&mut self, now: Instant, out: &mut Vec<Command>) {
+    pub(super) fn on_master_took_over(&mut self, slots: Option<usize>, now: Instant, out: &mut Vec<Command>) {
         let Some(UpgradeStage::HandingOver { pid }) = self.upgrade.as_ref().map(|u| u.stage) else { return };
         if self.phase != Phase::Running {
             return;
@@ -254,7 +254,9 @@ impl Supervisor {
         out.push(Command::Notify(Notify::MainPid { pid }));
         out.push(Command::ConfirmHandOver);
         self.finish_upgrade(UpgradeOutcome::Completed { new_pid: pid }, tickets, out);
-        let workers = self.stop_everything(now, out);
+        // The new master's route left out the slots it does not have: their workers here drain
+        // once the handshakes towards their sockets are over.
+        let workers = self.stop_everything(slots, now, out);
         out.push(Command::Report(Report::HandingOver { pid, workers }));
     }
 

@@ -51,7 +51,7 @@ fn a_ready_new_master_takes_over_and_the_old_one_drains_and_exits() {
     assert!(finished(&out).is_empty(), "not over before it took over");
     assert!(refused(&mut h, 8).contains("handing over to the new master pid 5000"));
     // Phase two: it took over.
-    let out = h.feed(Event::MasterTookOver);
+    let out = h.feed(Event::MasterTookOver { slots: None });
     let main = out.iter().position(|c| *c == Command::Notify(Notify::MainPid { pid: 5000 })).expect("MAINPID=");
     let confirm = out.iter().position(|c| *c == Command::ConfirmHandOver).expect("confirmed");
     assert!(main < confirm, "systemd hears the new main pid before the new master hears it may notify: {out:?}");
@@ -315,7 +315,7 @@ fn slot_by_slot_the_old_master_frees_a_slot_each_time_a_new_worker_is_ready() {
     assert!(!h.feed(Event::Tick).contains(&Command::KillMaster), "re-armed at the step");
     h.feed(Event::Exited { key: old1, status: ExitStatus::Code(0) });
     h.feed(Event::MasterReady);
-    let out = h.feed(Event::MasterTookOver);
+    let out = h.feed(Event::MasterTookOver { slots: None });
     assert_eq!(finished(&out), vec![(UpgradeOutcome::Completed { new_pid: 5000 }, vec![1])]);
     assert_eq!(signals(&out), 1, "the last old worker drains: {out:?}");
 }
@@ -404,7 +404,7 @@ fn a_new_master_that_dies_after_the_offer_gives_everything_back_and_nothing_was_
     assert_eq!(h.sup.cluster_stats().active_workers, 2);
     assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed);
     // A late word from it changes nothing; a new upgrade can run.
-    assert!(!h.feed(Event::MasterTookOver).iter().any(|c| matches!(c, Command::Notify(_))));
+    assert!(!h.feed(Event::MasterTookOver { slots: None }).iter().any(|c| matches!(c, Command::Notify(_))));
     assert!(
         h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
             .contains(&Command::SpawnMaster { slot_by_slot: false })
@@ -427,7 +427,7 @@ fn a_new_master_that_does_not_take_over_in_time_is_stopped_and_everything_given_
     );
     assert_eq!(signals(&out), 0);
     // Its word after the deadline hands over nothing.
-    let out = h.feed(Event::MasterTookOver);
+    let out = h.feed(Event::MasterTookOver { slots: None });
     assert!(!out.iter().any(|c| matches!(c, Command::Notify(_) | Command::ConfirmHandOver)), "{out:?}");
 }
 
@@ -539,4 +539,24 @@ fn a_new_master_below_min_ready_says_ready_once_a_probe_brings_the_missing_worke
     let out = h.ready(2);
     assert!(out.contains(&Command::SayReady { workers: 3 }), "{out:?}");
     assert!(!h.at(3000).iter().any(|c| matches!(c, Command::SayReady { .. })), "once");
+}
+
+#[test]
+fn the_workers_of_slots_the_new_master_does_not_have_drain_once_the_route_settled() {
+    let mut h = offered();
+    let took = h.now;
+    let (old0, old1) = (h.key_of(0), h.key_of(1));
+    // The new master has 1 slot: its route left slot 1's socket out at the take-over.
+    let out = h.feed(Event::MasterTookOver { slots: Some(1) });
+    assert!(out.contains(&Command::Signal { key: old0, signal: crate::signal::Signal::TERM }), "{out:?}");
+    assert!(!out.contains(&Command::Signal { key: old1, signal: crate::signal::Signal::TERM }), "{out:?}");
+    assert!(reports(&out).contains(&&Report::HandingOver { pid: 5000, workers: 2 }));
+    assert_eq!(h.sup.next_deadline(), Some(took + ROUTE_SETTLE), "{:?}", h.sup.next_deadline());
+    h.now = took + ROUTE_SETTLE;
+    let out = h.feed(Event::Tick);
+    assert!(out.contains(&Command::Signal { key: old1, signal: crate::signal::Signal::TERM }), "{out:?}");
+    h.feed(Event::Exited { key: old0, status: ExitStatus::Code(0) });
+    let out = h.feed(Event::Exited { key: old1, status: ExitStatus::Code(0) });
+    assert_eq!(out.last(), Some(&Command::Exit(Outcome::Upgraded)), "{out:?}");
+    assert_eq!(h.sup.cluster_stats().exits.shutdown, 2, "counted as drained at a shutdown");
 }

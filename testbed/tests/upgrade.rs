@@ -794,7 +794,12 @@ fn a_rollback_stops_the_new_master_which_stops_its_workers_and_nothing_of_its_ge
     let seen = started_workers(new_master, 2, Duration::from_secs(10));
     cleanup.watch(new_master);
     cleanup.0.extend(&seen);
-    assert!(generation_of(new_master).len() >= 3, "the scan sees the new generation: {:?}", generation_of(new_master));
+    // (A worker between its fork and its exec has its master's environment still.)
+    assert!(
+        wait_until(Duration::from_secs(10), || generation_of(new_master).len() >= 3),
+        "the scan sees the new generation: {:?}",
+        generation_of(new_master)
+    );
     let out = upgrade.join().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("not ready within 2s"), "{}", text(&out.stderr));
