@@ -699,7 +699,8 @@ fn sigkill_of_the_new_master_after_the_offer_leaves_the_old_one_serving_with_eve
         "{}",
         tb.stderr()
     );
-    assert!(tb.stderr().contains(&format!("upgrade: master pid {new_master} is ready: handing over")));
+    let offered = format!("upgrade: master pid {new_master} is ready: handing over");
+    assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains(&offered)), "{}", tb.stderr());
     cleanup.watch(new_master);
     let new_workers = children_of(new_master);
     assert_eq!(new_workers.len(), 2, "{new_workers:?}");
