@@ -176,7 +176,13 @@ pub enum EventKind {
     /// (A slot-by-slot upgrade.) The new master's worker of this slot (`worker_id`) is ready:
     /// this master's worker there drains.
     SlotHandedOver,
-    /// The new master is ready and takes over; this master drains its workers and exits.
+    /// The new master is ready: it is offered the cluster; this master serves on until it says
+    /// it took over.
+    OfferingHandOver {
+        /// The new master's pid.
+        new_pid: u32,
+    },
+    /// The new master took over; this master drains its workers and exits.
     HandingOver {
         /// The new master's pid.
         new_pid: u32,
@@ -400,8 +406,11 @@ impl fmt::Display for EventKind {
                 write!(f, "upgrade: new master pid {new_pid} runs{how}")
             }
             EventKind::SlotHandedOver => f.write_str("upgrade: the new master's worker is ready; this one drains"),
+            EventKind::OfferingHandOver { new_pid } => {
+                write!(f, "upgrade: master pid {new_pid} is ready; offering it the cluster")
+            }
             EventKind::HandingOver { new_pid, workers } => {
-                write!(f, "upgrade: master pid {new_pid} takes over; draining {workers} workers")
+                write!(f, "upgrade: master pid {new_pid} took over; draining {workers} workers")
             }
             EventKind::UpgradeFinished { outcome } => write!(f, "upgrade {outcome}"),
             EventKind::TookOver { handed_over: true } => f.write_str("took over from the old master"),
@@ -557,6 +566,7 @@ mod tests {
             EventKind::UpgradeStarted,
             EventKind::MasterStarted { new_pid: 5, slot_by_slot: true },
             EventKind::SlotHandedOver,
+            EventKind::OfferingHandOver { new_pid: 5 },
             EventKind::HandingOver { new_pid: 5, workers: 2 },
             EventKind::UpgradeFinished { outcome: UpgradeOutcome::Failed { reason: "z".into() } },
             EventKind::TookOver { handed_over: false },

@@ -448,6 +448,15 @@ impl AdminServer {
         }
     }
 
+    /// The new master of an upgrade failed before it took over: this master accepts again,
+    /// and removes the file when it is done.
+    pub(crate) fn take_back(&mut self) {
+        self.handed_over = false;
+        if let Some(f) = self._file.as_mut() {
+            f.reclaim();
+        }
+    }
+
     /// The address listened on: `127.0.0.1:43123` (the real port when bound to port 0) or the
     /// unix socket's path.
     pub(crate) fn local_addr(&self) -> String {

@@ -163,6 +163,12 @@ impl ControlServer {
         self.handed_over = true;
     }
 
+    /// The new master of an upgrade failed before it took over: this master accepts again,
+    /// and removes the file when it is done.
+    pub(crate) fn take_back(&mut self) {
+        self.handed_over = false;
+    }
+
     /// Whether to poll the listener (not once handed over).
     pub(crate) fn accepting(&self) -> bool {
         !self.handed_over

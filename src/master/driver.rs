@@ -231,14 +231,22 @@ impl Driver {
             Command::Exit(outcome) => self.outcome = Some(outcome),
             Command::SpawnMaster { slot_by_slot } => match self.spawn_master(slot_by_slot) {
                 Ok(pid) => events.push_back(Event::MasterSpawned { pid }),
-                Err(e) => events.push_back(Event::MasterSpawnFailed { error: e.to_string() }),
+                Err(e) => events.push_back(Event::MasterSpawnFailed {
+                    busy: e.kind() == std::io::ErrorKind::ExecutableFileBusy,
+                    error: e.to_string(),
+                }),
             },
+            Command::StopMaster => self.stop_master(),
             Command::KillMaster => self.kill_master(),
             Command::HandOver { pid } => self.hand_over(pid),
+            Command::TakeBack => self.take_back(),
+            Command::ConfirmHandOver => self.confirm_hand_over(),
             Command::SayReady { workers } => self.say_ready(workers),
+            Command::SayTookOver => self.say_took_over(),
+            Command::SayCannotServe { reason } => self.say_cannot_serve(reason),
             Command::FreeSlot { slot } => self.free_slot(slot),
             Command::SaySlotReady { slot } => self.say_slot_ready(slot),
-            Command::TakeOver => self.owns_outside = true,
+            Command::TakeOver => self.take_over_outside(),
             Command::ReleaseInherited => self.release_inherited(),
         }
         // A socket joined or left the group: the steering program indexes the kernel's array

@@ -606,9 +606,16 @@ impl Master {
         };
         let adopted = match inherited_control {
             // The same control socket: `ecewo-cluster` finds this master by the same name.
-            Some((fd, c)) if control_path.as_ref() == Some(&c.path) => Some(ControlServer::adopt(fd, c.path, c.file)?),
+            Some((fd, c)) if control_path.as_ref() == Some(&c.path) => {
+                let mut server = ControlServer::adopt(fd, c.path, c.file)?;
+                // The predecessor's until the take-over: a new master stopped before (a
+                // rollback) must not remove the file its predecessor still serves on.
+                server.hand_over();
+                Some(server)
+            }
             Some((fd, c)) => {
-                leftovers.push((fd, Some(crate::os::socket::SocketFile::adopt(c.path, c.file))));
+                let file = crate::os::socket::SocketFile::adopt(c.path, c.file);
+                leftovers.push((fd, Some(upgrade::not_yet_ours(file))));
                 None
             }
             None => None,
@@ -717,8 +724,7 @@ impl Master {
                     inheritance.generation + 1,
                     i.from_pid
                 );
-                let p = upgrade::Predecessor::new(i.channel, i.from_pid)
-                    .map_err(Error::io("cannot use the upgrade channel"))?;
+                let p = upgrade::Predecessor::new(i).map_err(Error::io("cannot use the upgrade channel"))?;
                 Some((p, inheritance))
             }
         };

@@ -129,8 +129,11 @@ impl Driver {
             Report::SlotHandedOver { slot } => {
                 tracing::info!("upgrade: the new master's worker {slot} is ready; this master's worker {slot} drains")
             }
+            Report::OfferingHandOver { pid } => tracing::info!(
+                "upgrade: master pid {pid} is ready: handing over; this master serves on until it has taken over"
+            ),
             Report::HandingOver { pid, workers } => tracing::info!(
-                "upgrade: master pid {pid} is ready and takes over; draining this master's {workers} workers, then exiting"
+                "upgrade: master pid {pid} took over; draining this master's {workers} workers, then exiting"
             ),
             Report::UpgradeFinished { outcome, tickets } => {
                 match &outcome {
@@ -174,6 +177,10 @@ impl Driver {
 
     /// Tells systemd, when it listens.
     pub(super) fn notify(&mut self, n: Notify) {
+        if !self.sup.speaks_for_the_service() {
+            tracing::debug!("not telling systemd {n:?}: the old master is still the service's main process");
+            return;
+        }
         let Some(notifier) = &mut self.m.notify else { return };
         match n {
             Notify::Ready { workers } => {

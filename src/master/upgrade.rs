@@ -34,6 +34,8 @@ pub(crate) struct Inherited {
     pub(crate) channel: UnixStream,
     pub(crate) from_pid: u32,
     pub(crate) state: UpgradeState,
+    /// The test hook [`upgrade_env::TEST_HOLD_TAKEOVER_MS`], when set.
+    pub(crate) hold: Option<std::time::Duration>,
     /// The inherited descriptors, by their number here (taken: owned, close-on-exec).
     pub(crate) fds: HashMap<i32, OwnedFd>,
 }
@@ -67,9 +69,13 @@ pub(crate) fn say_failed(channel: &UnixStream, error: &Error) {
 
 /// At `init`: the hand-off of an upgrade, if this process is the new master of one. The
 /// variables count only when the channel they name really leads to the old master they name
-/// (`SO_PEERCRED`), as for workers; otherwise they are stale (a program the master runs
-/// inherited them) and ignored. They are removed from the environment either way, and every
-/// descriptor taken is made close-on-exec.
+/// (`SO_PEERCRED`: that pid, this user), as for workers, and that master is this process's
+/// parent, the very process that started (its start time, when it said it: a pid used again
+/// by another process does not pass); otherwise they are stale (a program the master runs
+/// inherited them) and ignored. A new master whose parent is not the old master any more (it
+/// died right after the start) takes over only if the channel reached its end once the state
+/// is read: nobody holds the old master's end any more. The variables are removed from the
+/// environment either way, and every descriptor taken is made close-on-exec.
 pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
     if std::env::var_os(upgrade_env::CHANNEL_FD).is_none() {
         return Ok(None);
@@ -77,9 +83,12 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
     let get = |k: &str| std::env::var_os(k);
     let num = |k: &str| get(k).and_then(|v| v.to_str().and_then(|s| s.parse::<u32>().ok()));
     let real = match (num(upgrade_env::CHANNEL_FD).and_then(|fd| i32::try_from(fd).ok()), num(upgrade_env::FROM_PID)) {
-        (Some(fd), Some(pid)) => crate::os::socket::check_channel_peer(fd, pid),
+        (Some(fd), Some(pid)) => crate::os::socket::check_channel_peer(fd, pid).and_then(|()| same_user(fd)),
         _ => Err("the upgrade variables are garbled".to_owned()),
     };
+    let hold = get(upgrade_env::TEST_HOLD_TAKEOVER_MS)
+        .and_then(|v| v.to_str().and_then(|s| s.parse::<u64>().ok()))
+        .map(std::time::Duration::from_millis);
     let parsed = real.clone().map(|()| UpgradeEnv::parse(get));
     match crate::os::sys::remove_env_if_single_threaded(&upgrade_env::ALL) {
         Ok(()) => tracing::debug!("removed the upgrade hand-off variables from the environment"),
@@ -99,6 +108,14 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
             None => return Ok(None),
         },
     };
+    let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32);
+    let orphaned = match parent_check(&env, parent, crate::os::procfs::start_time(env.from_pid)) {
+        Ok(orphaned) => orphaned,
+        Err(why) => {
+            tracing::debug!("ignoring the ECEWO_CLUSTER_UPGRADE_* variables: {why}; starting as a master of its own");
+            return Ok(None);
+        }
+    };
     if !crate::os::fds::claim_inherited_fds() {
         return Err(Error::AlreadyInitialized);
     }
@@ -111,18 +128,84 @@ pub(crate) fn inherited() -> Result<Option<Inherited>, Error> {
     let channel = UnixStream::from(take(env.channel_fd)?);
     let line = read_state_line(&channel).map_err(|e| bad(format!("cannot read the state from the old master: {e}")))?;
     let state = env.read_state(&line)?;
-    let mut fds = HashMap::new();
-    for fd in state.fds() {
-        fds.insert(fd, take(fd)?);
-    }
-    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.from_pid) {
+    if orphaned {
+        if !at_end(&channel, ORPHAN_WAIT) {
+            return Err(bad(format!(
+                "this process's parent is {}, not the old master (pid {}), and the channel is still open at the other end: it was not started by that master",
+                parent.map_or_else(|| "unknown".to_owned(), |p| format!("pid {p}")),
+                env.from_pid
+            )));
+        }
         tracing::warn!(
             "upgrade: the old master (pid {}) is gone already; this master takes over once it starts",
             env.from_pid
         );
     }
-    Ok(Some(Inherited { channel, from_pid: env.from_pid, state, fds }))
+    let mut fds = HashMap::new();
+    for fd in state.fds() {
+        fds.insert(fd, take(fd)?);
+    }
+    Ok(Some(Inherited { channel, from_pid: env.from_pid, state, fds, hold }))
 }
+
+/// Whether the peer of descriptor `fd` (a unix socket) runs as this process's user.
+fn same_user(fd: i32) -> Result<(), String> {
+    let euid = rustix::process::geteuid().as_raw();
+    match crate::os::sys::inspect_fd(fd, crate::os::sys::unix_peer_cred) {
+        Ok(Ok(c)) if c.uid == euid => Ok(()),
+        Ok(Ok(c)) => Err(format!("the peer of fd {fd} runs as uid {}, not as this process's uid {euid}", c.uid)),
+        Ok(Err(e)) => Err(format!("fd {fd}: cannot read its peer's credentials: {e}")),
+        Err(e) => Err(format!("fd {fd} is not open ({e})")),
+    }
+}
+
+/// Whether the hand-off's old master is this process's parent (`Ok(false)`), or was and is
+/// gone (`Ok(true)`: the channel must then be at its end once the state is read, which it is
+/// as soon as the old master's descriptors are closed, before its children are reparented);
+/// `Err` says why the variables are not this process's. `parent` is `getppid()`, `start` the
+/// start time of the process that has the old master's pid now, if it runs (a zombie does not).
+fn parent_check(env: &UpgradeEnv, parent: Option<u32>, start: Option<u64>) -> Result<bool, String> {
+    let from = env.from_pid;
+    if parent != Some(from) {
+        return Ok(true);
+    }
+    match (start, env.from_start) {
+        // It died between the two reads.
+        (None, _) => Ok(true),
+        (Some(now), Some(want)) if now != want => Err(format!(
+            "this process's parent, pid {from}, started at tick {now}, not at tick {want} as the old master did: another process has its pid"
+        )),
+        (Some(_), _) => Ok(false),
+    }
+}
+
+/// Whether the channel reaches its end (the other end is closed) within `wait`, read without
+/// taking anything. (An old master that is exiting closes its descriptors within moments.)
+fn at_end(channel: &UnixStream, wait: std::time::Duration) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    use rustix::net::{RecvFlags, recv};
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let mut byte = [0u8; 1];
+        match recv(channel, &mut byte[..], RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return true,
+            // More than the state: the old master speaks, it is there.
+            Ok(_) => return false,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => {}
+            Err(_) => return false,
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
+        let mut fds = [PollFd::new(channel, PollFlags::IN | PollFlags::RDHUP)];
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
+    }
+}
+
+/// How long a new master whose old master is gone (or going) waits for the channel's end.
+const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long a new master waits for its state at `init` (the old master sends it right after
 /// the spawn, from its loop).
@@ -169,11 +252,22 @@ pub(super) struct Predecessor {
     pub(super) chan: LineIo,
     /// It said goodbye: its drain is over.
     pub(super) bye: bool,
+    /// It hands over in two phases (an old master of an earlier version drains at `yours`).
+    two_phase: bool,
+    /// The test hook [`upgrade_env::TEST_HOLD_TAKEOVER_MS`].
+    hold: Option<std::time::Duration>,
 }
 
 impl Predecessor {
-    pub(super) fn new(channel: UnixStream, pid: u32) -> io::Result<Predecessor> {
-        Ok(Predecessor { pid, chan: LineIo::new(channel)?, bye: false })
+    /// The old master of `inherited` (its channel, its pid, how it hands over).
+    pub(super) fn new(inherited: Inherited) -> io::Result<Predecessor> {
+        Ok(Predecessor {
+            pid: inherited.from_pid,
+            chan: LineIo::new(inherited.channel)?,
+            bye: false,
+            two_phase: inherited.state.two_phase,
+            hold: inherited.hold,
+        })
     }
 }
 
@@ -183,6 +277,17 @@ fn send(chan: &mut LineIo, message: &UpgradeMessage) {
         let _ = chan.send(&line);
         let _ = chan.flush();
     }
+}
+
+/// Whether the process of `pidfd` has exited (its status is left to be reaped).
+fn exited(pidfd: &OwnedFd) -> bool {
+    matches!(
+        rustix::process::waitid(
+            WaitId::PidFd(pidfd.as_fd()),
+            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
+        ),
+        Ok(Some(_))
+    )
 }
 
 /// The original path and argv as bytes (the state's `origin`).
@@ -268,6 +373,7 @@ impl Driver {
             admin,
             slot_by_slot: slot_by_slot.then_some(stats.total_workers),
             origin: Some(encode_origin(&self.m.origin)),
+            two_phase: true,
         };
         let (path, argv) = &self.m.origin;
         let mut cmd = Process::new(path);
@@ -284,23 +390,16 @@ impl Driver {
         cmd.env(upgrade_env::CHANNEL_FD, FIRST_LISTEN_FD.to_string())
             .env(upgrade_env::FROM_PID, self.master_pid.as_raw_nonzero().to_string())
             .stdin(Stdio::null());
+        if let Some(start) = crate::os::procfs::start_time(self.master_pid.as_raw_nonzero().get() as u32) {
+            cmd.env(upgrade_env::FROM_START, start.to_string());
+        }
         cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
         crate::os::sys::set_master_child_setup(&mut cmd, next as u32);
-        // A file just put at the path may be busy for a moment (a process forked while it was
-        // open for writing holds that descriptor until its own exec): a few short retries.
-        let mut tries = 0;
-        let mut child = loop {
-            match cmd.spawn() {
-                Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && tries < 10 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-                other => {
-                    break other
-                        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.origin.0.display())))?;
-                }
-            }
-        };
+        // A busy file (ETXTBSY: just put at the path, it may be open for writing for a moment
+        // in a process forked meanwhile) keeps its kind: the supervisor tries again from its
+        // timer.
+        let mut child =
+            cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.origin.0.display())))?;
         let pid = child.id();
         let tracked = Pid::from_raw(pid as i32)
             .ok_or_else(|| io::Error::other("spawn returned pid 0"))
@@ -321,13 +420,29 @@ impl Driver {
         }
     }
 
-    /// Kills the new master of a failed upgrade (its exit comes through its pidfd).
+    /// Asks the new master of a failed upgrade to stop (`SIGTERM`: it stops its workers); its
+    /// exit comes through its pidfd.
+    pub(super) fn stop_master(&mut self) {
+        if let Some(s) = &self.successor {
+            tracing::info!("upgrade: stopping the new master (pid {}) and its workers", s.pid);
+        }
+        self.signal_master(crate::signal::Signal::TERM);
+    }
+
+    /// Kills the new master of a failed upgrade, which did not stop in time.
     pub(super) fn kill_master(&mut self) {
+        if let Some(s) = &self.successor {
+            tracing::warn!("upgrade: the new master (pid {}) did not stop in time: killing it", s.pid);
+        }
+        self.signal_master(crate::signal::Signal::KILL);
+    }
+
+    fn signal_master(&mut self, signal: crate::signal::Signal) {
         if let Some(s) = &self.successor
-            && let Err(e) = crate::os::sys::pidfd_send_signal(s.pidfd.as_fd(), crate::signal::Signal::KILL)
+            && let Err(e) = crate::os::sys::pidfd_send_signal(s.pidfd.as_fd(), signal)
             && e != rustix::io::Errno::SRCH
         {
-            tracing::warn!("cannot kill the new master (pid {}): {e}", s.pid);
+            tracing::warn!("cannot signal the new master (pid {}) with {signal}: {e}", s.pid);
         }
     }
 
@@ -353,6 +468,57 @@ impl Driver {
         }
     }
 
+    /// The new master failed before it took over: what the hand-over gave it is this
+    /// master's again (the control socket and the admin listener accept here, steering and the
+    /// socket files are this master's).
+    pub(super) fn take_back(&mut self) {
+        if let Some(c) = self.m.control.as_mut() {
+            c.take_back();
+        }
+        if let Some((a, _)) = self.m.admin.as_mut() {
+            a.take_back();
+        }
+        self.steering_handed_over = false;
+        for b in &mut self.m.listeners {
+            if let Some(f) = b.file.as_mut() {
+                f.reclaim();
+            }
+        }
+        tracing::info!("upgrade: took the control socket and steering back; this master serves on");
+    }
+
+    /// Tells the new master that this master drains now (systemd heard the new main pid).
+    pub(super) fn confirm_hand_over(&mut self) {
+        if let Some(s) = self.successor.as_mut() {
+            send(&mut s.chan, &UpgradeMessage::Draining);
+        }
+    }
+
+    /// (A new master.) Tells the old master that this master took over.
+    pub(super) fn say_took_over(&mut self) {
+        let Some(p) = self.predecessor.as_mut() else { return };
+        if let Some(hold) = p.hold {
+            // The test hook: the old master waits, this master has taken over; a test kills it
+            // now (see `upgrade_env::TEST_HOLD_TAKEOVER_MS`).
+            tracing::warn!(
+                "upgrade: test hook {}: holding the word that this master took over for {} ms",
+                upgrade_env::TEST_HOLD_TAKEOVER_MS,
+                hold.as_millis()
+            );
+            std::thread::sleep(hold);
+        }
+        let slots = Some(self.sup.cluster_stats().total_workers);
+        send(&mut p.chan, &UpgradeMessage::TookOver { slots });
+    }
+
+    /// (A new master.) Tells the old master why this master cannot serve.
+    pub(super) fn say_cannot_serve(&mut self, reason: String) {
+        tracing::error!("upgrade: this master cannot serve: {reason}");
+        if let Some(p) = self.predecessor.as_mut() {
+            send(&mut p.chan, &UpgradeMessage::CannotServe { reason });
+        }
+    }
+
     /// The old master's last word before it exits after a hand-over.
     pub(super) fn say_bye(&mut self) {
         if let Some(s) = self.successor.as_mut() {
@@ -375,6 +541,24 @@ impl Driver {
         }
     }
 
+    /// (A new master.) Takes over the outside: polls the control socket and the admin listener,
+    /// and the socket files it inherited are its to remove from now on.
+    pub(super) fn take_over_outside(&mut self) {
+        self.owns_outside = true;
+        if let Some(c) = self.m.control.as_mut() {
+            c.take_back();
+        }
+        if let Some((a, _)) = self.m.admin.as_mut() {
+            a.take_back();
+        }
+        for f in self.m.listeners.iter_mut().filter_map(|b| b.file.as_mut()) {
+            f.reclaim();
+        }
+        for f in self.m.leftovers.iter_mut().filter_map(|(_, f)| f.as_mut()) {
+            f.reclaim();
+        }
+    }
+
     /// (A new master.) Tells the old master that the workers are ready.
     pub(super) fn say_ready(&mut self, workers: usize) {
         if let Some(p) = self.predecessor.as_mut() {
@@ -391,23 +575,20 @@ impl Driver {
         let input = s.chan.read_lines(MAX_LINE);
         for line in input.lines {
             match serde_json::from_slice::<UpgradeMessage>(&line) {
-                Ok(UpgradeMessage::Ready { workers }) => {
-                    // Said just before it died? Then its exit, read next, decides: never hand
-                    // over to a master that is gone.
-                    let gone = matches!(
-                        rustix::process::waitid(
-                            WaitId::PidFd(s.pidfd.as_fd()),
-                            WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT,
-                        ),
-                        Ok(Some(_))
-                    );
-                    if gone {
-                        tracing::debug!("upgrade: the new master (pid {}) said ready, but it has exited", s.pid);
-                    } else {
-                        tracing::debug!("upgrade: the new master (pid {}) has {workers} workers ready", s.pid);
-                        events.push_back(Event::MasterReady);
-                    }
+                // Said just before it died? Then its exit, read next, decides: never hand over
+                // to a master that is gone.
+                Ok(UpgradeMessage::Ready { .. } | UpgradeMessage::TookOver { .. }) if exited(&s.pidfd) => {
+                    tracing::debug!("upgrade: the new master (pid {}) spoke, but it has exited", s.pid);
                 }
+                Ok(UpgradeMessage::Ready { workers }) => {
+                    tracing::debug!("upgrade: the new master (pid {}) has {workers} workers ready", s.pid);
+                    events.push_back(Event::MasterReady);
+                }
+                Ok(UpgradeMessage::TookOver { slots }) => {
+                    tracing::debug!("upgrade: the new master (pid {}) took over", s.pid);
+                    events.push_back(Event::MasterTookOver { slots });
+                }
+                Ok(UpgradeMessage::CannotServe { reason }) => events.push_back(Event::MasterCannotServe { reason }),
                 Ok(UpgradeMessage::Failed { reason }) => s.reason = Some(reason),
                 Ok(UpgradeMessage::SlotReady { slot }) => events.push_back(Event::MasterSlotReady { slot }),
                 Ok(other) => tracing::debug!("upgrade: unexpected message from the new master: {other:?}"),
@@ -441,7 +622,9 @@ impl Driver {
         // to it would leave no master (only why it failed still counts).
         let mut last = VecDeque::new();
         self.on_successor_channel(&mut last);
-        events.extend(last.into_iter().filter(|e| !matches!(e, Event::MasterReady | Event::MasterSlotReady { .. })));
+        events.extend(last.into_iter().filter(|e| {
+            !matches!(e, Event::MasterReady | Event::MasterTookOver { .. } | Event::MasterSlotReady { .. })
+        }));
         let Some(s) = self.successor.take() else { return };
         tracing::debug!("upgrade: the new master (pid {}) exited: {status}", s.pid);
         events.push_back(Event::MasterExited { status, reason: s.reason });
@@ -454,7 +637,15 @@ impl Driver {
         let input = p.chan.read_lines(MAX_LINE);
         for line in input.lines {
             match serde_json::from_slice::<UpgradeMessage>(&line) {
-                Ok(UpgradeMessage::Yours) => events.push_back(Event::HandedOver),
+                Ok(UpgradeMessage::Yours) => {
+                    events.push_back(Event::HandedOver);
+                    if !p.two_phase {
+                        // An old master of an earlier version: it drains from now on, and told
+                        // systemd the new main pid before.
+                        events.push_back(Event::PredecessorDraining);
+                    }
+                }
+                Ok(UpgradeMessage::Draining) => events.push_back(Event::PredecessorDraining),
                 Ok(UpgradeMessage::Bye) => p.bye = true,
                 Ok(UpgradeMessage::Free { slot }) => events.push_back(Event::SlotFreed { slot }),
                 Ok(other) => tracing::debug!("upgrade: unexpected message from the old master: {other:?}"),
@@ -547,7 +738,9 @@ pub(super) fn reuse_listener(
         InheritedAddr::Abstract(n) => super::ListenAddr::Abstract(n),
     };
     let file = match (&addr, l.file) {
-        (super::ListenAddr::Unix(p), Some(id)) => Some(crate::os::socket::SocketFile::adopt(p.clone(), id)),
+        (super::ListenAddr::Unix(p), Some(id)) => {
+            Some(not_yet_ours(crate::os::socket::SocketFile::adopt(p.clone(), id)))
+        }
         _ => None,
     };
     let group = if l.reuse_port { super::Group::with_members(l.group) } else { super::Group::default() };
@@ -565,6 +758,14 @@ pub(super) fn reuse_listener(
     }))
 }
 
+/// (A new master.) An inherited socket file stays the predecessor's until the take-over
+/// ([`Driver::take_over_outside`]): a new master that is stopped before (a rollback) must
+/// not remove the files its predecessor serves on.
+pub(super) fn not_yet_ours(mut file: crate::os::socket::SocketFile) -> crate::os::socket::SocketFile {
+    file.disown();
+    file
+}
+
 /// (A new master.) The inherited admin listener, if it listens where `configured` says
 /// (port 0 takes the port it has); otherwise it is left over (closed once the old workers
 /// are gone).
@@ -579,7 +780,7 @@ pub(super) fn reuse_admin(
 > {
     use super::ListenAddr;
     let file = match (&a.addr, a.file) {
-        (InheritedAddr::Unix(p), Some(id)) => Some(crate::os::socket::SocketFile::adopt(p.clone(), id)),
+        (InheritedAddr::Unix(p), Some(id)) => Some(not_yet_ours(crate::os::socket::SocketFile::adopt(p.clone(), id))),
         _ => None,
     };
     let bound = match (configured, &a.addr) {
@@ -598,7 +799,10 @@ pub(super) fn reuse_admin(
                 other => other.to_string(),
             };
             tracing::info!("upgrade: admin listener on {addr} inherited");
-            Ok(Ok((super::admin::AdminServer::adopt(fd, local, file)?, addr)))
+            let mut server = super::admin::AdminServer::adopt(fd, local, file)?;
+            // The predecessor's until the take-over (see `not_yet_ours`).
+            server.hand_over();
+            Ok(Ok((server, addr)))
         }
         None => Ok(Err((fd, file))),
     }
@@ -614,7 +818,9 @@ pub(super) fn unclaimed(inh: &mut Inherited) -> Vec<(OwnedFd, Option<crate::os::
             l.name
         );
         let mut file = match (&l.addr, l.file) {
-            (InheritedAddr::Unix(p), Some(id)) => Some(crate::os::socket::SocketFile::adopt(p.clone(), id)),
+            (InheritedAddr::Unix(p), Some(id)) => {
+                Some(not_yet_ours(crate::os::socket::SocketFile::adopt(p.clone(), id)))
+            }
             _ => None,
         };
         for (_, fd) in l.fds {
@@ -625,4 +831,62 @@ pub(super) fn unclaimed(inh: &mut Inherited) -> Vec<(OwnedFd, Option<crate::os::
     }
     out.extend(inh.fds.drain().map(|(_, fd)| (fd, None)));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(from_start: Option<u64>) -> UpgradeEnv {
+        UpgradeEnv { channel_fd: 3, from_pid: 700, from_start }
+    }
+
+    #[test]
+    fn the_old_master_must_be_the_parent_that_started_unless_it_is_gone() {
+        // Its child, the very process: a new master.
+        assert_eq!(parent_check(&env(Some(55)), Some(700), Some(55)), Ok(false));
+        // An old master of an earlier version says no start time: the parent's pid decides.
+        assert_eq!(parent_check(&env(None), Some(700), Some(55)), Ok(false));
+        // The parent has the pid but started at another time: another process got the pid.
+        let e = parent_check(&env(Some(55)), Some(700), Some(99)).unwrap_err();
+        assert!(e.contains("another process has its pid"), "{e}");
+        // The parent died between the two reads (a zombie has no start time): gone.
+        assert_eq!(parent_check(&env(Some(55)), Some(700), None), Ok(true));
+        // Not the parent (any more): only a channel at its end will do, whatever runs at the pid
+        // (an old master still exiting shows its start time while its children are reparented).
+        assert_eq!(parent_check(&env(Some(55)), Some(1), None), Ok(true));
+        assert_eq!(parent_check(&env(Some(55)), Some(1), Some(55)), Ok(true));
+        assert_eq!(parent_check(&env(None), Some(1), Some(55)), Ok(true));
+    }
+
+    #[test]
+    fn a_channel_is_at_its_end_only_once_the_other_end_is_closed_and_read() {
+        let short = std::time::Duration::from_millis(50);
+        let (a, b) = UnixStream::pair().unwrap();
+        assert!(!at_end(&a, short), "open, nothing to read");
+        use std::io::Write;
+        (&b).write_all(b"x").unwrap();
+        drop(b);
+        assert!(!at_end(&a, short), "a byte is still to be read");
+        let mut byte = [0u8; 1];
+        use std::io::Read;
+        (&a).read_exact(&mut byte).unwrap();
+        assert!(at_end(&a, short));
+        // The other end closed a moment later: waited for.
+        let (a, b) = UnixStream::pair().unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(b);
+        });
+        assert!(at_end(&a, std::time::Duration::from_secs(10)));
+        closer.join().unwrap();
+    }
+
+    #[test]
+    fn the_channel_peer_must_be_this_user() {
+        use std::os::fd::AsRawFd;
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(same_user(a.as_raw_fd()), Ok(()));
+        assert!(same_user(9999).unwrap_err().contains("not open"));
+    }
 }

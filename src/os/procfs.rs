@@ -24,6 +24,18 @@ pub(crate) fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
     Some((resident * page, Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
 }
 
+/// When process `pid` started (field 22 of `/proc/PID/stat`: clock ticks since boot), if it
+/// runs: with the pid, it names one process, never one that got the pid again later. A process
+/// that has exited and is not reaped yet (a zombie) has none: it is gone.
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields = stat_fields_after_comm(&stat)?;
+    if matches!(stat_state(&stat), Some('Z' | 'X' | 'x')) {
+        return None;
+    }
+    fields.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// How many threads this process has (the `Threads:` line of `/proc/self/status`), if `/proc`
 /// says.
 pub(crate) fn thread_count() -> Option<usize> {
@@ -452,6 +464,30 @@ mod tests {
         assert!(rss > 100_000, "{rss}");
         assert!(cpu < Duration::from_secs(3600));
         assert!(proc_usage(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn start_time_names_one_process() {
+        let me = start_time(std::process::id()).unwrap();
+        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let theirs = start_time(child.id()).unwrap();
+        assert!(theirs >= me, "a child starts after its parent: {theirs} < {me}");
+        let _ = child.kill();
+        // Killed, not reaped yet: a zombie, gone.
+        let pid = child.id();
+        let gone = (0..500).any(|_| {
+            let zombie =
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| stat_state(&s) == Some('Z'));
+            if !zombie {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            zombie
+        });
+        assert!(gone, "the killed child became a zombie");
+        assert_eq!(start_time(pid), None, "a zombie has no start time");
+        let _ = child.wait();
+        assert_eq!(start_time(std::process::id()), Some(me), "stable");
+        assert!(start_time(u32::MAX).is_none());
     }
 
     #[test]

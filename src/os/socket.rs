@@ -111,6 +111,11 @@ impl SocketFile {
     pub(crate) fn disown(&mut self) {
         self.disowned = true;
     }
+
+    /// This process removes it again (the new master of an upgrade failed before it took over).
+    pub(crate) fn reclaim(&mut self) {
+        self.disowned = false;
+    }
 }
 
 impl Drop for SocketFile {

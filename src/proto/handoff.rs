@@ -174,8 +174,16 @@ pub(crate) mod upgrade_env {
     pub const CHANNEL_FD: &str = "ECEWO_CLUSTER_UPGRADE_FD";
     /// The old master's pid: the channel's peer (`SO_PEERCRED`), and the new master's parent.
     pub const FROM_PID: &str = "ECEWO_CLUSTER_UPGRADE_FROM";
+    /// The old master's start time (field 22 of `/proc/PID/stat`, in clock ticks since boot):
+    /// with the pid, it names one process, never one that got the pid again later. Optional
+    /// (an old master of an earlier version does not set it).
+    pub const FROM_START: &str = "ECEWO_CLUSTER_UPGRADE_FROM_START";
+    /// A test hook, never set by the cluster: a new master started with it holds its word that
+    /// it took over for this many ms, its loop blocked, after it did take over (so that a test
+    /// can kill it in the window of the hand-over).
+    pub const TEST_HOLD_TAKEOVER_MS: &str = "ECEWO_CLUSTER_TEST_HOLD_TAKEOVER_MS";
     /// All of them.
-    pub const ALL: [&str; 2] = [CHANNEL_FD, FROM_PID];
+    pub const ALL: [&str; 4] = [CHANNEL_FD, FROM_PID, FROM_START, TEST_HOLD_TAKEOVER_MS];
 }
 
 /// The longest state line a new master reads (a state of the largest cluster is about 1 MiB).
@@ -262,6 +270,11 @@ pub(crate) struct UpgradeState {
     /// wrapper script at the path execs the real binary, with arguments of its own).
     #[serde(default)]
     pub origin: Option<(Vec<u8>, Vec<Vec<u8>>)>,
+    /// The old master hands over in two phases: after `yours` it serves on until the new
+    /// master says `took_over`, and answers `draining`. (An old master of an earlier version
+    /// drains at `yours`, and never answers.)
+    #[serde(default)]
+    pub two_phase: bool,
 }
 
 impl UpgradeState {
@@ -282,6 +295,8 @@ impl UpgradeState {
 pub(crate) struct UpgradeEnv {
     pub channel_fd: i32,
     pub from_pid: u32,
+    /// The old master's start time, when it said.
+    pub from_start: Option<u64>,
 }
 
 impl UpgradeEnv {
@@ -304,7 +319,11 @@ impl UpgradeEnv {
             .ok()
             .filter(|&p| p > 0)
             .ok_or_else(|| bad(format!("{} is not a pid", upgrade_env::FROM_PID)))?;
-        Ok(Some(UpgradeEnv { channel_fd, from_pid }))
+        let from_start = match get(upgrade_env::FROM_START) {
+            None => None,
+            v => Some(num(upgrade_env::FROM_START, v)?),
+        };
+        Ok(Some(UpgradeEnv { channel_fd, from_pid, from_start }))
     }
 
     /// Reads the state from the first line the old master sent (without its newline) and checks
@@ -358,8 +377,20 @@ pub(crate) enum UpgradeMessage {
     SlotReady { slot: usize },
     /// Old → new (slot by slot): its worker of `slot` is gone (or it had none).
     Free { slot: usize },
-    /// Old → new: everything is handed over: take over.
+    /// Old → new: everything is handed over: take over (and say `took_over`).
     Yours,
+    /// New → old: it took over (its route is attached, its control socket accepts): the old
+    /// master may drain. `slots`: how many it has (the old master's workers of the slots beyond
+    /// drain once their sockets had time to receive the handshakes under way).
+    TookOver {
+        #[serde(default)]
+        slots: Option<usize>,
+    },
+    /// Old → new: it told systemd the new main pid, and drains.
+    Draining,
+    /// New → old: its start-up is over but it cannot serve (fewer than `min_ready` workers
+    /// ready, none can still come): why.
+    CannotServe { reason: String },
     /// Old → new: its drain is over and it exits: none of its workers is left.
     Bye,
 }
@@ -409,6 +440,7 @@ mod tests {
             admin: Some(InheritedAdmin { addr: InheritedAddr::Abstract("adm".into()), fd: 8, file: None }),
             slot_by_slot: Some(2),
             origin: Some((b"/srv/app".to_vec(), vec![b"app".to_vec(), vec![0xff, b'x']])),
+            two_phase: true,
         }
     }
 
@@ -417,14 +449,20 @@ mod tests {
     }
 
     fn parse_state(state: &UpgradeState) -> Result<UpgradeState, Error> {
-        UpgradeEnv { channel_fd: 3, from_pid: 77 }.read_state(&line(state))
+        UpgradeEnv { channel_fd: 3, from_pid: 77, from_start: None }.read_state(&line(state))
     }
 
     #[test]
     fn the_upgrade_hand_off_round_trips() {
         let get = env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "77")]);
         let e = UpgradeEnv::parse(get).unwrap().unwrap();
-        assert_eq!((e.channel_fd, e.from_pid), (3, 77));
+        assert_eq!((e.channel_fd, e.from_pid, e.from_start), (3, 77, None), "an earlier version's old master");
+        let get = env_of(&[
+            (upgrade_env::CHANNEL_FD, "3"),
+            (upgrade_env::FROM_PID, "77"),
+            (upgrade_env::FROM_START, "123456"),
+        ]);
+        assert_eq!(UpgradeEnv::parse(get).unwrap().unwrap().from_start, Some(123_456));
         let s = e.read_state(&line(&state())).unwrap();
         assert_eq!(s, state());
         assert_eq!(s.fds(), vec![4, 5, 6, 7, 8]);
@@ -435,12 +473,29 @@ mod tests {
             UpgradeMessage::SlotReady { slot: 1 },
             UpgradeMessage::Free { slot: 0 },
             UpgradeMessage::Yours,
+            UpgradeMessage::TookOver { slots: Some(2) },
+            UpgradeMessage::Draining,
+            UpgradeMessage::CannotServe { reason: "y".into() },
             UpgradeMessage::Bye,
         ] {
             let line = serde_json::to_string(&m).unwrap();
             assert_eq!(serde_json::from_str::<UpgradeMessage>(&line).unwrap(), m);
         }
         assert_eq!(serde_json::to_string(&UpgradeMessage::Yours).unwrap(), r#"{"t":"yours"}"#);
+        assert_eq!(
+            serde_json::to_string(&UpgradeMessage::TookOver { slots: Some(2) }).unwrap(),
+            r#"{"t":"took_over","slots":2}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<UpgradeMessage>(r#"{"t":"took_over"}"#).unwrap(),
+            UpgradeMessage::TookOver { slots: None }
+        );
+        assert_eq!(serde_json::to_string(&UpgradeMessage::Draining).unwrap(), r#"{"t":"draining"}"#);
+        // A state from an old master of an earlier version: one-phase.
+        let mut old = serde_json::to_value(UpgradeMessage::State { state: state() }).unwrap();
+        old["state"].as_object_mut().unwrap().remove("two_phase");
+        let e = UpgradeEnv { channel_fd: 3, from_pid: 77, from_start: None };
+        assert!(!e.read_state(old.to_string().as_bytes()).unwrap().two_phase);
     }
 
     #[test]
@@ -450,7 +505,10 @@ mod tests {
         assert!(err(&only_fd).contains("ECEWO_CLUSTER_UPGRADE_FROM is not set"));
         let bad_pid = env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "0")]);
         assert!(err(&bad_pid).contains("is not a pid"));
-        let e = UpgradeEnv { channel_fd: 3, from_pid: 77 };
+        let bad_start =
+            env_of(&[(upgrade_env::CHANNEL_FD, "3"), (upgrade_env::FROM_PID, "7"), (upgrade_env::FROM_START, "x")]);
+        assert!(err(&bad_start).contains("ECEWO_CLUSTER_UPGRADE_FROM_START=x is not a number"));
+        let e = UpgradeEnv { channel_fd: 3, from_pid: 77, from_start: None };
         assert!(e.read_state(b"{").unwrap_err().to_string().contains("the state is not valid"));
         assert!(e.read_state(br#"{"t":"yours"}"#).unwrap_err().to_string().contains("instead of the state"));
         let state_err = |s: &UpgradeState| parse_state(s).unwrap_err().to_string();

@@ -291,6 +291,7 @@ fn entry_of(r: &Report) -> Option<(Worker, EventKind)> {
             (None, EventKind::MasterStarted { new_pid: *pid, slot_by_slot: *slot_by_slot })
         }
         Report::SlotHandedOver { slot } => (slot_only(*slot), EventKind::SlotHandedOver),
+        Report::OfferingHandOver { pid } => (None, EventKind::OfferingHandOver { new_pid: *pid }),
         Report::HandingOver { pid, workers } => (None, EventKind::HandingOver { new_pid: *pid, workers: *workers }),
         Report::UpgradeFinished { outcome, .. } => (None, EventKind::UpgradeFinished { outcome: outcome.clone() }),
         Report::TookOver { handed_over } => (None, EventKind::TookOver { handed_over: *handed_over }),

@@ -252,6 +252,9 @@ impl Supervisor {
     /// active (a slot disabled during start-up does not hold the others back).
     pub(super) fn check_all_ready(&mut self, out: &mut Vec<Command>) {
         if self.announced_ready || self.phase != Phase::Running {
+            // (A new master of an upgrade with fewer than `min_ready` ready at its announcement
+            // tells its predecessor once it has them.)
+            self.tell_predecessor_ready(out);
             return;
         }
         // Only slots that will still become active hold the announcement back: a slot disabled,
@@ -265,9 +268,7 @@ impl Supervisor {
             if self.takeover == super::Takeover::Pending {
                 // A new master of an upgrade: its predecessor hands over once it hears this;
                 // systemd hears READY=1 at the take-over.
-                if workers >= self.policy.min_ready.max(1) {
-                    out.push(Command::SayReady { workers });
-                }
+                self.tell_predecessor_ready(out);
             } else {
                 out.push(Command::Notify(Notify::Ready { workers }));
             }

@@ -229,6 +229,9 @@ struct Upgrade {
     tickets: Vec<u64>,
     /// Slot by slot: the new master starts a worker each time this one frees a slot.
     slot_by_slot: bool,
+    /// Starts tried so far (a busy program file is tried again), and when the next is due.
+    spawn_tries: u32,
+    retry_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,8 +240,11 @@ enum UpgradeStage {
     Spawning,
     /// The new master runs and is starting its workers.
     Starting { pid: u32 },
-    /// The upgrade failed and the new master was killed: waiting for its exit, so that no
-    /// second one starts beside it.
+    /// The new master is ready and was offered the cluster ([`Command::HandOver`]); this
+    /// master serves on until it says it took over.
+    HandingOver { pid: u32 },
+    /// The upgrade failed and the new master was asked to stop (`SIGTERM`, `SIGKILL` at the
+    /// deadline): waiting for its exit, so that no second one starts beside it.
     Killing,
 }
 
@@ -250,6 +256,9 @@ enum Takeover {
     Own,
     /// Started by an upgrade, its predecessor still serves: no route, no systemd readiness.
     Pending,
+    /// Started by an upgrade, it took over (route, control socket) and said so; systemd hears
+    /// from it once the predecessor confirmed (it told systemd the new main pid first).
+    Acked,
     /// Started by an upgrade, it took over.
     Taken,
 }
@@ -324,6 +333,8 @@ pub struct Supervisor {
     predecessor_gone: bool,
     /// The event history (entries derived from each batch: `history.rs`).
     history: History,
+    /// (A master started by an upgrade.) It told its predecessor that it is ready.
+    said_ready: bool,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -398,6 +409,7 @@ impl Supervisor {
             predecessor_slots: None,
             predecessor_gone: false,
             history: History::new(crate::events::DEFAULT_EVENT_HISTORY, 0),
+            said_ready: false,
             policy,
         }
         .seeded(now)
@@ -493,8 +505,11 @@ impl Supervisor {
             Event::MasterSlotReady { slot } => self.on_master_slot_ready(slot, now, &mut out),
             Event::SlotFreed { slot } => self.on_slot_freed(slot, now, &mut out),
             Event::MasterSpawned { pid } => self.on_master_spawned(pid, &mut out),
-            Event::MasterSpawnFailed { error } => self.on_master_spawn_failed(error, &mut out),
+            Event::MasterSpawnFailed { error, busy } => self.on_master_spawn_failed(error, busy, now, &mut out),
             Event::MasterReady => self.on_master_ready(now, &mut out),
+            Event::MasterTookOver { slots } => self.on_master_took_over(slots, now, &mut out),
+            Event::MasterCannotServe { reason } => self.on_master_cannot_serve(reason, now, &mut out),
+            Event::PredecessorDraining => self.on_predecessor_draining(&mut out),
             Event::MasterExited { status, reason } => self.on_master_exited(status, reason, now, &mut out),
             Event::HandedOver => self.on_handed_over(now, &mut out),
             Event::PredecessorGone { clean } => self.on_predecessor_gone(clean, now, &mut out),

@@ -76,6 +76,11 @@ enum Op {
     MasterReady,
     /// The new master exits on its own.
     MasterExit,
+    /// The new master, offered the cluster, says it took over, with this many slots (modulo; 0:
+    /// it does not say).
+    MasterTookOver(usize),
+    /// The new master says it cannot serve.
+    MasterCannotServe,
 }
 
 fn status() -> impl Strategy<Value = ExitStatus> {
@@ -120,6 +125,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::MasterSlotReady),
         1 => Just(Op::MasterReady),
         1 => Just(Op::MasterExit),
+        1 => any::<usize>().prop_map(Op::MasterTookOver),
+        1 => Just(Op::MasterCannotServe),
     ]
 }
 
@@ -228,6 +235,8 @@ struct Fake {
     new_master: Option<(u32, bool)>,
     /// The supervisor handed over to the new master.
     handed_over: bool,
+    /// The supervisor offered the cluster to the new master (phase one of the hand-over).
+    offered: bool,
     upgrade_tickets: BTreeSet<u64>,
     upgrades_answered: Vec<u64>,
     /// The last history entry's sequence number.
@@ -261,6 +270,7 @@ impl Fake {
             answered: Vec::new(),
             new_master: None,
             handed_over: false,
+            offered: false,
             upgrade_tickets: BTreeSet::new(),
             upgrades_answered: Vec::new(),
         }
@@ -270,7 +280,8 @@ impl Fake {
     fn feed(&mut self, event: Event) -> Result<(), TestCaseError> {
         let mut queue = VecDeque::from([event]);
         while let Some(ev) = queue.pop_front() {
-            if let Event::MasterExited { .. } = ev {
+            let master_exited = matches!(ev, Event::MasterExited { .. });
+            if master_exited {
                 self.new_master = None;
             }
             if let Event::Exited { key, .. } | Event::Lost { key } = ev {
@@ -287,6 +298,10 @@ impl Fake {
             for (i, cmd) in cmds.iter().enumerate() {
                 self.execute(cmd, i + 1 == cmds.len(), &mut queue)?;
             }
+            prop_assert!(
+                !master_exited || !self.offered || self.handed_over,
+                "a new master offered the cluster exited and nothing was taken back"
+            );
             // The last route of a batch is the one in force once it is carried out: it must
             // fit the state the batch left (an earlier one may route away from slots first).
             if let Some(Command::Route { slots }) = cmds.iter().rev().find(|c| matches!(c, Command::Route { .. })) {
@@ -340,15 +355,25 @@ impl Fake {
                 self.new_master = Some((self.next_pid, false));
                 queue.push_back(Event::MasterSpawned { pid: self.next_pid });
             }
-            Command::KillMaster => {
-                prop_assert!(self.new_master.is_some() && !self.handed_over, "killed a new master that does not run");
+            Command::StopMaster | Command::KillMaster => {
+                prop_assert!(self.new_master.is_some() && !self.handed_over, "stopped a new master that does not run");
+                prop_assert!(!self.offered, "stopped a new master that was offered the cluster without taking it back");
                 if let Some(m) = self.new_master.as_mut() {
                     m.1 = true;
                 }
             }
             Command::HandOver { pid } => {
                 prop_assert_eq!(self.new_master.map(|m| m.0), Some(*pid), "handed over to another process");
-                prop_assert!(!self.handed_over, "handed over twice");
+                prop_assert!(!self.handed_over && !self.offered, "handed over twice");
+                self.offered = true;
+            }
+            Command::TakeBack => {
+                prop_assert!(self.offered && !self.handed_over, "took back what was not offered");
+                self.offered = false;
+            }
+            Command::ConfirmHandOver => {
+                prop_assert!(self.offered && self.new_master.is_some_and(|m| !m.1), "confirmed without an offer");
+                prop_assert!(!self.handed_over, "confirmed twice");
                 self.handed_over = true;
             }
             Command::Exit(outcome) => {
@@ -471,6 +496,14 @@ impl Fake {
                 .filter(|m| !m.1 && !self.handed_over)
                 .map(|_| Event::MasterSlotReady { slot: n % (self.sup.slots.len() + 1) }),
             Op::MasterReady => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| Event::MasterReady),
+            Op::MasterTookOver(n) => self.new_master.filter(|m| !m.1 && !self.handed_over).map(|_| {
+                let slots = n % (self.sup.slots.len() + 2);
+                Event::MasterTookOver { slots: (slots > 0).then(|| slots - 1) }
+            }),
+            Op::MasterCannotServe => self
+                .new_master
+                .filter(|m| !m.1 && !self.handed_over)
+                .map(|_| Event::MasterCannotServe { reason: "too few".into() }),
             Op::MasterExit => self
                 .new_master
                 .filter(|m| !m.1 && !self.handed_over)

@@ -13,7 +13,7 @@ impl Supervisor {
     /// learns); the drain starts when the delay is over, or at once on a second request.
     pub(super) fn on_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
         // A new master still starting would only be stopped again: it is killed at once.
-        self.cancel_upgrade(out);
+        self.cancel_upgrade(now, out);
         let delay = self.policy.shutdown_delay;
         if self.phase == Phase::Running && self.leaving_at.is_none() && !delay.is_zero() {
             self.leaving_at = Some(now.checked_add(delay).unwrap_or(now));
@@ -34,7 +34,7 @@ impl Supervisor {
     fn begin_shutdown(&mut self, now: Instant, out: &mut Vec<Command>) {
         match self.phase {
             Phase::Running => {
-                let workers = self.stop_everything(now, out);
+                let workers = self.stop_everything(None, now, out);
                 out.push(Command::Report(Report::ShuttingDown { workers }));
                 out.push(Command::Notify(Notify::Stopping { workers }));
             }
@@ -47,8 +47,17 @@ impl Supervisor {
     /// Enters the shutdown phase: the master's listeners are closed, restarts are cancelled,
     /// pending spawns dropped, and every process is asked to stop. Returns how many slots'
     /// workers were. (A shutdown, or the drain after an upgrade's hand-over, whose listeners
-    /// the new master keeps: closing this master's copies leaves the sockets open there.)
-    pub(super) fn stop_everything(&mut self, now: Instant, out: &mut Vec<Command>) -> usize {
+    /// the new master keeps: closing this master's copies leaves the sockets open there.) With
+    /// `settle_from`, the workers of the slots from there on (those the new master of an
+    /// upgrade does not serve: nothing is routed to their sockets any more) are asked to stop
+    /// only after [`ROUTE_SETTLE`](super::ROUTE_SETTLE), so that the handshakes under way
+    /// towards their sockets are queued before they take their last connections.
+    pub(super) fn stop_everything(
+        &mut self,
+        settle_from: Option<usize>,
+        now: Instant,
+        out: &mut Vec<Command>,
+    ) -> usize {
         self.leaving_at = None;
         self.phase = Phase::ShuttingDown { killed: false };
         out.push(Command::CloseListeners);
@@ -68,7 +77,13 @@ impl Supervisor {
             s.gated = false;
             for p in s.current.iter_mut().chain(s.next.iter_mut()) {
                 workers += 1;
-                self.stop(p, ExitReason::Shutdown, now, out);
+                match settle_from {
+                    Some(first) if s.id >= first && p.state != ProcState::Stopping => {
+                        p.why_stopped.get_or_insert(ExitReason::Shutdown);
+                        p.stop_at = now.checked_add(super::ROUTE_SETTLE).or(Some(now));
+                    }
+                    _ => self.stop(p, ExitReason::Shutdown, now, out),
+                }
             }
         }
         self.slots = slots;

@@ -317,9 +317,24 @@ pub enum Event {
     MasterSpawnFailed {
         /// Why.
         error: String,
+        /// The program file was busy (`ETXTBSY`: a file just put at the path may still be
+        /// open for writing in a process forked meanwhile): worth a retry in a moment.
+        busy: bool,
     },
     /// The new master says its workers are ready (over the upgrade channel).
     MasterReady,
+    /// The new master, handed over to, says it took over: its route is attached and its
+    /// control socket accepts. The old master drains from now on.
+    MasterTookOver {
+        /// Its slots, if it said (an earlier version does not).
+        slots: Option<usize>,
+    },
+    /// The new master says it cannot serve (its start-up ended with fewer than `min_ready`
+    /// workers ready, and none can still come): why.
+    MasterCannotServe {
+        /// Why.
+        reason: String,
+    },
     /// (A slot-by-slot upgrade.) The new master's worker of `slot` is ready.
     MasterSlotReady {
         /// The slot.
@@ -338,8 +353,12 @@ pub enum Event {
         /// What it said before, if anything (why its `init` failed).
         reason: Option<String>,
     },
-    /// (In a master started by an upgrade.) The predecessor handed everything over: take over.
+    /// (In a master started by an upgrade.) The predecessor handed everything over: take over,
+    /// and say so ([`Command::SayTookOver`]).
     HandedOver,
+    /// (In a master started by an upgrade.) The predecessor heard that this master took over:
+    /// it told systemd the new main pid and drains.
+    PredecessorDraining,
     /// (In a master started by an upgrade.) The predecessor is gone: the upgrade channel
     /// reached its end. `clean`: it said goodbye first (it exited after its drain, so none of
     /// its workers holds a socket any more).
@@ -449,16 +468,25 @@ pub enum Command {
         /// The new master starts its workers one at a time, as this master frees its slots.
         slot_by_slot: bool,
     },
-    /// Kill the new master (`SIGKILL`): the upgrade failed. Its exit comes as
+    /// Ask the new master to stop (`SIGTERM`): the upgrade failed. It drains and stops its own
+    /// workers; [`Command::KillMaster`] follows if it has not exited in time. Its exit comes as
     /// [`Event::MasterExited`].
+    StopMaster,
+    /// Kill the new master (`SIGKILL`): it did not stop in time.
     KillMaster,
-    /// The new master takes over: stop accepting on the control socket and the admin listener
-    /// (connections open stay, to be answered), stop steering, leave the socket files to the
-    /// new master, and tell it so over the upgrade channel.
+    /// Offer the new master the cluster: stop accepting on the control socket and the admin
+    /// listener (connections open stay, to be answered), stop steering, leave the socket files
+    /// to the new master, and tell it so over the upgrade channel. This master's listeners and
+    /// workers serve on until it says it took over ([`Event::MasterTookOver`]).
     HandOver {
         /// The new master's pid.
         pid: u32,
     },
+    /// The new master failed before it said it took over: the control socket and the admin
+    /// listener accept here again, steering and the socket files are this master's again.
+    TakeBack,
+    /// Tell the new master that this master drains now (systemd heard the new main pid).
+    ConfirmHandOver,
     /// (A slot-by-slot upgrade.) Tell the new master that this master's worker of `slot` is
     /// gone (or that it had none).
     FreeSlot {
@@ -475,6 +503,14 @@ pub enum Command {
     SayReady {
         /// Workers ready.
         workers: usize,
+    },
+    /// (In a master started by an upgrade.) Tell the old master that this master took over
+    /// (its route is attached, its control socket accepts): it may drain.
+    SayTookOver,
+    /// (In a master started by an upgrade.) Tell the old master why this master cannot serve.
+    SayCannotServe {
+        /// Why.
+        reason: String,
     },
     /// (In a master started by an upgrade.) Take over: poll the control socket and the admin
     /// listener from now on (routes apply from now on too).
@@ -732,7 +768,13 @@ pub enum Report {
         /// The slot.
         slot: usize,
     },
-    /// The new master is ready and takes over; this one drains its workers and exits.
+    /// The new master is ready: it is offered the cluster, and this master serves on until it
+    /// says it took over.
+    OfferingHandOver {
+        /// The new master's pid.
+        pid: u32,
+    },
+    /// The new master took over; this one drains its workers and exits.
     HandingOver {
         /// The new master's pid.
         pid: u32,

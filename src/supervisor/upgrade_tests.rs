@@ -42,10 +42,19 @@ fn a_ready_new_master_takes_over_and_the_old_one_drains_and_exits() {
     assert!(reports(&out).contains(&&Report::MasterStarted { pid: 5000, slot_by_slot: false }));
     // Nothing changes for the old workers while the new master starts.
     h.now += 1000 * MS;
+    // Phase one: it is offered the cluster; this master stops nothing and tells systemd nothing.
     let out = h.feed(Event::MasterReady);
+    assert!(out.contains(&Command::HandOver { pid: 5000 }), "{out:?}");
+    assert!(reports(&out).contains(&&Report::OfferingHandOver { pid: 5000 }));
+    assert_eq!(signals(&out), 0, "the old workers serve on: {out:?}");
+    assert!(!out.iter().any(|c| matches!(c, Command::CloseListeners | Command::Notify(_))), "{out:?}");
+    assert!(finished(&out).is_empty(), "not over before it took over");
+    assert!(refused(&mut h, 8).contains("handing over to the new master pid 5000"));
+    // Phase two: it took over.
+    let out = h.feed(Event::MasterTookOver { slots: None });
     let main = out.iter().position(|c| *c == Command::Notify(Notify::MainPid { pid: 5000 })).expect("MAINPID=");
-    let hand = out.iter().position(|c| *c == Command::HandOver { pid: 5000 }).expect("hand-over");
-    assert!(main < hand, "systemd hears the new main pid before the new master hears it may notify: {out:?}");
+    let confirm = out.iter().position(|c| *c == Command::ConfirmHandOver).expect("confirmed");
+    assert!(main < confirm, "systemd hears the new main pid before the new master hears it may notify: {out:?}");
     assert_eq!(finished(&out), vec![(UpgradeOutcome::Completed { new_pid: 5000 }, vec![7])]);
     assert_eq!(signals(&out), 2, "both old workers drain: {out:?}");
     assert!(out.contains(&Command::CloseListeners), "this master's copies only: the new one keeps the sockets");
@@ -90,7 +99,7 @@ fn a_new_master_that_cannot_be_started_fails_the_upgrade() {
     let mut h = Harness::new(policy(1));
     h.start_all();
     h.feed(Event::Upgrade { ticket: Some(3), slot_by_slot: None });
-    let out = h.feed(Event::MasterSpawnFailed { error: "ENOENT".into() });
+    let out = h.feed(Event::MasterSpawnFailed { error: "ENOENT".into(), busy: false });
     assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Failed { reason }, _)] if reason.contains("ENOENT")));
     assert!(
         h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
@@ -110,12 +119,20 @@ fn a_new_master_not_ready_in_time_is_killed_and_no_second_one_starts_before_it_e
     assert!(!h.feed(Event::Tick).contains(&Command::KillMaster));
     h.now = start + 5000 * MS;
     let out = h.feed(Event::Tick);
-    assert!(out.contains(&Command::KillMaster));
+    assert!(out.contains(&Command::StopMaster), "asked to stop first (it stops its workers): {out:?}");
+    assert!(!out.contains(&Command::KillMaster));
     assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Failed { reason }, t)]
         if reason.contains("not ready within") && t == &[1]));
     // Its late readiness changes nothing; a second upgrade waits for its exit.
     assert!(!h.feed(Event::MasterReady).iter().any(|c| matches!(c, Command::HandOver { .. })));
     assert!(refused(&mut h, 2).contains("still being stopped"));
+    // Killed once it had this master's shutdown timeout and a margin to stop.
+    assert_eq!(h.sup.next_deadline(), Some(start + 7000 * MS));
+    h.now = start + 6999 * MS;
+    assert!(!h.feed(Event::Tick).contains(&Command::KillMaster));
+    h.now = start + 7000 * MS;
+    assert!(h.feed(Event::Tick).contains(&Command::KillMaster));
+    assert!(!h.at(20_000).contains(&Command::KillMaster), "once");
     let out = h.feed(Event::MasterExited { status: ExitStatus::Signal(crate::signal::Signal::KILL), reason: None });
     assert!(finished(&out).is_empty(), "answered once: {out:?}");
     assert!(
@@ -185,7 +202,7 @@ fn a_shutdown_during_an_upgrade_kills_the_new_master_and_waits_for_its_exit() {
     h.feed(Event::Upgrade { ticket: Some(4), slot_by_slot: None });
     h.feed(Event::MasterSpawned { pid: 5000 });
     let out = h.feed(Event::Shutdown);
-    assert!(out.contains(&Command::KillMaster));
+    assert!(out.contains(&Command::StopMaster));
     assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Cancelled { .. }, t)] if t == &[4]));
     assert!(out.iter().any(|c| matches!(c, Command::Notify(Notify::Stopping { .. }))));
     let out = h.exit(0, ExitStatus::Code(0));
@@ -222,8 +239,18 @@ fn a_new_master_steers_and_notifies_nothing_until_its_predecessor_hands_over() {
     assert_eq!((stats.generation, stats.total_restarts, stats.exits.crash), (4, 11, 2), "the counters survive");
     assert!(refused(&mut h, 1).contains("taking over"));
     let out = h.feed(Event::HandedOver);
-    assert!(out.contains(&Command::TakeOver));
-    assert!(out.contains(&Command::Route { slots: vec![0, 1] }), "{out:?}");
+    let take = out.iter().position(|c| *c == Command::TakeOver).expect("takes over");
+    let route = out.iter().position(|c| *c == Command::Route { slots: vec![0, 1] }).expect("routes");
+    let said = out.iter().position(|c| *c == Command::SayTookOver).expect("says so");
+    assert!(take < said && route < said, "it says it took over once its route and control socket are: {out:?}");
+    assert!(
+        !out.iter().any(|c| matches!(c, Command::Notify(_))),
+        "systemd's main pid is still the old master: {out:?}"
+    );
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Quiet);
+    assert!(refused(&mut h, 3).contains("taking over"));
+    // The predecessor told systemd the new main pid: now this master talks to systemd.
+    let out = h.feed(Event::PredecessorDraining);
     assert!(out.contains(&Command::Notify(Notify::Ready { workers: 2 })), "{out:?}");
     assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed);
     // No upgrade of this one while the old master drains.
@@ -287,7 +314,8 @@ fn slot_by_slot_the_old_master_frees_a_slot_each_time_a_new_worker_is_ready() {
     h.now += 4000 * MS;
     assert!(!h.feed(Event::Tick).contains(&Command::KillMaster), "re-armed at the step");
     h.feed(Event::Exited { key: old1, status: ExitStatus::Code(0) });
-    let out = h.feed(Event::MasterReady);
+    h.feed(Event::MasterReady);
+    let out = h.feed(Event::MasterTookOver { slots: None });
     assert_eq!(finished(&out), vec![(UpgradeOutcome::Completed { new_pid: 5000 }, vec![1])]);
     assert_eq!(signals(&out), 1, "the last old worker drains: {out:?}");
 }
@@ -347,4 +375,188 @@ fn slot_by_slot_a_new_master_whose_predecessor_dies_starts_every_slot_at_once() 
     let mut out = h.feed(Event::PredecessorGone { clean: false });
     out.sort_by_key(|c| format!("{c:?}"));
     assert_eq!(spawns(&out), vec![1, 2], "{out:?}");
+}
+
+/// The old master at the offer: an upgrade of two workers, the new master (pid 5000) said ready.
+fn offered() -> Harness {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: None });
+    h.feed(Event::MasterSpawned { pid: 5000 });
+    assert!(h.feed(Event::MasterReady).contains(&Command::HandOver { pid: 5000 }));
+    h
+}
+
+#[test]
+fn a_new_master_that_dies_after_the_offer_gives_everything_back_and_nothing_was_stopped() {
+    let mut h = offered();
+    let out = h.feed(Event::MasterExited { status: ExitStatus::Signal(crate::signal::Signal::KILL), reason: None });
+    assert!(out.contains(&Command::TakeBack), "{out:?}");
+    assert!(out.contains(&Command::Route { slots: vec![0, 1] }), "its own route again: {out:?}");
+    assert_eq!(signals(&out), 0);
+    assert!(!out.iter().any(|c| matches!(c, Command::CloseListeners | Command::Notify(_))), "{out:?}");
+    match &finished(&out)[..] {
+        [(UpgradeOutcome::Failed { reason }, t)] if t == &[1] => {
+            assert!(reason.contains("exited before it took over") && reason.contains("SIGKILL"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.sup.cluster_stats().active_workers, 2);
+    assert_eq!(h.sup.watchdog(h.now), Watchdog::Feed);
+    // A late word from it changes nothing; a new upgrade can run.
+    assert!(!h.feed(Event::MasterTookOver { slots: None }).iter().any(|c| matches!(c, Command::Notify(_))));
+    assert!(
+        h.feed(Event::Upgrade { ticket: None, slot_by_slot: None })
+            .contains(&Command::SpawnMaster { slot_by_slot: false })
+    );
+}
+
+#[test]
+fn a_new_master_that_does_not_take_over_in_time_is_stopped_and_everything_given_back() {
+    let mut h = offered();
+    let offer = h.now;
+    h.now = offer + 4999 * MS;
+    assert!(!h.feed(Event::Tick).contains(&Command::TakeBack));
+    h.now = offer + 5000 * MS;
+    let out = h.feed(Event::Tick);
+    let back = out.iter().position(|c| *c == Command::TakeBack).expect("taken back");
+    let stop = out.iter().position(|c| *c == Command::StopMaster).expect("stopped");
+    assert!(back < stop, "{out:?}");
+    assert!(
+        matches!(&finished(&out)[..], [(UpgradeOutcome::Failed { reason }, _)] if reason.contains("did not say it took over"))
+    );
+    assert_eq!(signals(&out), 0);
+    // Its word after the deadline hands over nothing.
+    let out = h.feed(Event::MasterTookOver { slots: None });
+    assert!(!out.iter().any(|c| matches!(c, Command::Notify(_) | Command::ConfirmHandOver)), "{out:?}");
+}
+
+#[test]
+fn a_shutdown_during_the_offer_takes_everything_back_and_stops_the_new_master() {
+    let mut h = offered();
+    let out = h.feed(Event::Shutdown);
+    assert!(out.contains(&Command::TakeBack) && out.contains(&Command::StopMaster), "{out:?}");
+    assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Cancelled { .. }, _)]));
+    assert_eq!(signals(&out), 2, "its own workers drain: {out:?}");
+}
+
+#[test]
+fn a_new_master_that_cannot_serve_fails_the_upgrade_at_once_with_its_reason() {
+    let mut h = Harness::new(policy(2));
+    h.start_all();
+    h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: None });
+    h.feed(Event::MasterSpawned { pid: 5000 });
+    let out = h.feed(Event::MasterCannotServe { reason: "only 1 of its 3 workers got ready".into() });
+    assert!(out.contains(&Command::StopMaster), "{out:?}");
+    assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Failed { reason }, t)]
+        if reason.contains("cannot serve: only 1 of its 3") && t == &[1]));
+    assert_eq!(signals(&out), 0);
+}
+
+#[test]
+fn a_busy_program_file_is_tried_again_from_the_timer() {
+    let mut h = Harness::new(policy(1));
+    h.start_all();
+    h.feed(Event::Upgrade { ticket: Some(1), slot_by_slot: None });
+    for _ in 1..10 {
+        let out = h.feed(Event::MasterSpawnFailed { error: "Text file busy".into(), busy: true });
+        assert!(finished(&out).is_empty() && !out.contains(&Command::SpawnMaster { slot_by_slot: false }));
+        assert_eq!(h.sup.next_deadline(), Some(h.now + 10 * MS), "tried again in 10 ms, never at once");
+        h.now += 9 * MS;
+        assert!(!h.feed(Event::Tick).contains(&Command::SpawnMaster { slot_by_slot: false }));
+        h.now += MS;
+        assert!(h.feed(Event::Tick).contains(&Command::SpawnMaster { slot_by_slot: false }));
+    }
+    let out = h.feed(Event::MasterSpawnFailed { error: "Text file busy".into(), busy: true });
+    assert!(
+        matches!(&finished(&out)[..], [(UpgradeOutcome::Failed { reason }, _)]
+        if reason.contains("Text file busy") && reason.contains("tried 10 times")),
+        "{out:?}"
+    );
+    // Another failure is not tried again.
+    h.feed(Event::Upgrade { ticket: None, slot_by_slot: None });
+    assert!(matches!(
+        &finished(&h.feed(Event::MasterSpawnFailed { error: "ENOENT".into(), busy: false }))[..],
+        [(UpgradeOutcome::Failed { .. }, _)]
+    ));
+    // A shutdown while a retry waits ends the upgrade at once: nothing runs.
+    h.feed(Event::Upgrade { ticket: None, slot_by_slot: None });
+    h.feed(Event::MasterSpawnFailed { error: "Text file busy".into(), busy: true });
+    let out = h.feed(Event::Shutdown);
+    assert!(!out.contains(&Command::StopMaster), "{out:?}");
+    assert!(matches!(&finished(&out)[..], [(UpgradeOutcome::Cancelled { .. }, _)]));
+    h.exit(0, ExitStatus::Code(0));
+    assert_eq!(h.log.last(), Some(&Command::Exit(Outcome::Stopped)));
+}
+
+/// A new master of three workers whose slot 2 is disabled at its first crash.
+fn inherited_with_min_ready(min_ready: usize, cooloff: Option<Duration>) -> Harness {
+    let mut h = Harness::new(Policy {
+        min_ready,
+        max_crashes: 1,
+        liveness: Liveness { cooloff, ..Liveness::default() },
+        ..policy(3)
+    });
+    h.sup = h.sup.clone().inherit(Inheritance {
+        generation: 0,
+        total_restarts: 0,
+        exits: Default::default(),
+        shutdown_timeout: 1000 * MS,
+        slot_by_slot: None,
+    });
+    for ms in [0, 100, 200] {
+        h.at(ms);
+    }
+    h.exit(2, ExitStatus::Code(1));
+    assert_eq!(h.status(2), crate::stats::WorkerStatus::Disabled);
+    h
+}
+
+#[test]
+fn a_new_master_with_fewer_than_min_ready_ready_says_it_cannot_serve_at_once() {
+    let mut h = inherited_with_min_ready(3, None);
+    h.ready(0);
+    let out = h.ready(1);
+    assert!(reports(&out).contains(&&Report::AllReady { workers: 2 }), "{out:?}");
+    assert!(!out.iter().any(|c| matches!(c, Command::SayReady { .. })), "{out:?}");
+    let reason = out
+        .iter()
+        .find_map(|c| if let Command::SayCannotServe { reason } = c { Some(reason.clone()) } else { None })
+        .unwrap_or_else(|| panic!("{out:?}"));
+    assert!(reason.contains("only 2 of its 3 workers") && reason.contains("min_ready (3)"), "{reason}");
+    assert!(!h.at(5000).iter().any(|c| matches!(c, Command::SayCannotServe { .. } | Command::SayReady { .. })), "once");
+}
+
+#[test]
+fn a_new_master_below_min_ready_says_ready_once_a_probe_brings_the_missing_worker() {
+    let mut h = inherited_with_min_ready(3, Some(1000 * MS));
+    h.ready(0);
+    let out = h.ready(1);
+    assert!(!out.iter().any(|c| matches!(c, Command::SayReady { .. } | Command::SayCannotServe { .. })), "{out:?}");
+    // The cool-off's probe starts slot 2 again; ready, the new master has min_ready workers.
+    let out = h.at(2000);
+    assert_eq!(spawns(&out), vec![2], "{out:?}");
+    let out = h.ready(2);
+    assert!(out.contains(&Command::SayReady { workers: 3 }), "{out:?}");
+    assert!(!h.at(3000).iter().any(|c| matches!(c, Command::SayReady { .. })), "once");
+}
+
+#[test]
+fn the_workers_of_slots_the_new_master_does_not_have_drain_once_the_route_settled() {
+    let mut h = offered();
+    let took = h.now;
+    let (old0, old1) = (h.key_of(0), h.key_of(1));
+    // The new master has 1 slot: its route left slot 1's socket out at the take-over.
+    let out = h.feed(Event::MasterTookOver { slots: Some(1) });
+    assert!(out.contains(&Command::Signal { key: old0, signal: crate::signal::Signal::TERM }), "{out:?}");
+    assert!(!out.contains(&Command::Signal { key: old1, signal: crate::signal::Signal::TERM }), "{out:?}");
+    assert!(reports(&out).contains(&&Report::HandingOver { pid: 5000, workers: 2 }));
+    assert_eq!(h.sup.next_deadline(), Some(took + ROUTE_SETTLE), "{:?}", h.sup.next_deadline());
+    h.now = took + ROUTE_SETTLE;
+    let out = h.feed(Event::Tick);
+    assert!(out.contains(&Command::Signal { key: old1, signal: crate::signal::Signal::TERM }), "{out:?}");
+    h.feed(Event::Exited { key: old0, status: ExitStatus::Code(0) });
+    let out = h.feed(Event::Exited { key: old1, status: ExitStatus::Code(0) });
+    assert_eq!(out.last(), Some(&Command::Exit(Outcome::Upgraded)), "{out:?}");
+    assert_eq!(h.sup.cluster_stats().exits.shutdown, 2, "counted as drained at a shutdown");
 }

@@ -121,6 +121,26 @@ fn wait_collecting(master: u32, seen: &mut BTreeSet<u32>, timeout: Duration, mut
     })
 }
 
+/// `ecewo-cluster upgrade --wait` and `extra`, in a thread (its output once it returns).
+fn upgrade_in_background(tb: &Testbed, extra: &[&str]) -> std::thread::JoinHandle<Output> {
+    let (bin, dir) = (cli_binary(), tb.dir.clone());
+    let args: Vec<String> = ["upgrade", "--wait"].iter().chain(extra).map(|a| a.to_string()).collect();
+    std::thread::spawn(move || Command::new(bin).args(args).env("XDG_RUNTIME_DIR", dir).output().unwrap())
+}
+
+/// Waits until `master` has started `n` workers; every worker seen.
+fn started_workers(master: u32, n: usize, timeout: Duration) -> BTreeSet<u32> {
+    let mut seen = BTreeSet::new();
+    assert!(
+        wait_until(timeout, || {
+            seen.extend(children_of(master));
+            seen.len() >= n
+        }),
+        "master {master} did not start {n} workers: {seen:?}"
+    );
+    seen
+}
+
 #[test]
 fn an_upgrade_under_load_hands_over_to_the_new_build_without_a_failed_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -237,12 +257,7 @@ fn a_build_that_never_gets_ready_is_killed_with_its_workers() {
     let load = Load::start(tb.port, 1, 2, false);
     assert!(wait_until(Duration::from_secs(10), || load.count() >= 200));
     deploy(&exe, &testbed_with("--ready-delay-ms 600000"));
-    let upgrade = {
-        let (bin, dir) = (cli_binary(), tb.dir.clone());
-        std::thread::spawn(move || {
-            Command::new(bin).args(["upgrade", "--wait"]).env("XDG_RUNTIME_DIR", dir).output().unwrap()
-        })
-    };
+    let upgrade = upgrade_in_background(&tb, &[]);
     let new_master = new_master_pid(&tb);
     let mut cleanup = Cleanup::default();
     cleanup.watch(new_master);
@@ -283,14 +298,7 @@ fn sigkill_of_the_new_master_mid_upgrade_leaves_the_old_one_serving_and_no_orpha
     tb.signal(Signal::USR1);
     let new_master = new_master_pid(&tb);
     let mut cleanup = Cleanup::default();
-    let mut seen = BTreeSet::new();
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            seen.extend(children_of(new_master));
-            seen.len() >= 2
-        }),
-        "its workers start"
-    );
+    let seen = started_workers(new_master, 2, Duration::from_secs(5));
     cleanup.watch(new_master);
     cleanup.0.extend(&seen);
     send_signal(new_master, Signal::KILL);
@@ -411,16 +419,7 @@ fn slot_by_slot_at_most_one_worker_more_than_the_slots_runs_and_nothing_fails() 
     let load = Load::start(tb.port, 1, 2, false);
     assert!(wait_until(Duration::from_secs(10), || load.count() >= 200));
     deploy(&exe, &testbed_with(""));
-    let upgrade = {
-        let (bin, dir) = (cli_binary(), tb.dir.clone());
-        std::thread::spawn(move || {
-            Command::new(bin)
-                .args(["upgrade", "--wait", "--slot-by-slot"])
-                .env("XDG_RUNTIME_DIR", dir)
-                .output()
-                .unwrap()
-        })
-    };
+    let upgrade = upgrade_in_background(&tb, &["--slot-by-slot"]);
     let new_master = new_master_pid(&tb);
     let mut cleanup = Cleanup::default();
     cleanup.watch(new_master);
@@ -671,4 +670,223 @@ fn a_program_that_never_answers_is_killed_at_the_upgrade_timeout() {
     let sleeper = new_master_pid(&tb);
     assert!(wait_until(Duration::from_secs(5), || !alive(sleeper)), "killed");
     assert_eq!(tb.get("/").unwrap().0, 200);
+}
+
+/// A new build that holds its word that it took over (the test hook), its loop blocked, so
+/// that a test can kill it in the window of the hand-over.
+fn held_build() -> String {
+    format!("ECEWO_CLUSTER_TEST_HOLD_TAKEOVER_MS=60000 exec {TESTBED} \"$@\"")
+}
+
+#[test]
+fn sigkill_of_the_new_master_after_the_offer_leaves_the_old_one_serving_with_everything_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (mut tb, _rx) = start(&exe, &["--workers", "2"]);
+    let old_master = tb.pid();
+    let old_workers: BTreeSet<u32> = tb.workers().into_iter().collect();
+    let load = Load::start(tb.port, 1, 2, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 200));
+    deploy(&exe, &held_build());
+    let upgrade = upgrade_in_background(&tb, &[]);
+    let new_master = new_master_pid(&tb);
+    let mut cleanup = Cleanup::default();
+    cleanup.watch(new_master);
+    // The new master took over (its route, its control socket) and holds its word: the old
+    // master still has its listeners and its workers, and waits.
+    assert!(
+        tb.wait_log(Duration::from_secs(30), |l| l.contains("test hook ECEWO_CLUSTER_TEST_HOLD_TAKEOVER_MS")),
+        "{}",
+        tb.stderr()
+    );
+    let offered = format!("upgrade: master pid {new_master} is ready: handing over");
+    assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains(&offered)), "{}", tb.stderr());
+    cleanup.watch(new_master);
+    let new_workers = children_of(new_master);
+    assert_eq!(new_workers.len(), 2, "{new_workers:?}");
+    assert_eq!(
+        tb.workers().into_iter().filter(|&p| p != new_master).collect::<BTreeSet<u32>>(),
+        old_workers,
+        "nothing of the old master was stopped"
+    );
+    send_signal(new_master, Signal::KILL);
+    let out = upgrade.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("exited before it took over") && err.contains("SIGKILL"), "{err}");
+    assert!(
+        tb.wait_log(Duration::from_secs(10), |l| l.contains("took the control socket and steering back")),
+        "{}",
+        tb.stderr()
+    );
+    // `status` answers from the old master, which serves on with its own workers.
+    let out = cli(&tb, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["master"]["pid"], old_master, "{status}");
+    assert_eq!(status["cluster"]["active_workers"], 2);
+    assert_eq!(status["cluster"]["generation"], 0);
+    assert_eq!(status["cluster"]["last_upgrade"]["result"], "failed", "{status}");
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 500));
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "{:?}", &result.errors[..result.errors.len().min(10)]);
+    assert!(tb.child.try_wait().unwrap().is_none(), "the old master runs");
+    assert_eq!(tb.workers().into_iter().filter(|&p| p != new_master).collect::<BTreeSet<u32>>(), old_workers);
+    let served = tb.serving_pids(20);
+    assert!(served.is_subset(&old_workers), "answers from {served:?}, not the old workers {old_workers:?}");
+    // No orphan: the killed master's workers drain and exit.
+    assert!(
+        wait_until(Duration::from_secs(20), || new_workers.iter().all(|&w| !alive(w))),
+        "the killed master's workers are gone: {new_workers:?}"
+    );
+    // The upgrade is over: a good build upgrades now.
+    deploy(&exe, &testbed_with(""));
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    cleanup.watch(new_master_pid(&tb));
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()));
+}
+
+/// The processes on this machine that belong to the generation of `master`: itself, and every
+/// process whose environment names it as its master (its workers).
+fn generation_of(master: u32) -> Vec<u32> {
+    let marker = format!("ECEWO_CLUSTER_MASTER_PID={master}\0");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+            .unwrap_or(true);
+        if zombie {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if pid == master || env.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_rollback_stops_the_new_master_which_stops_its_workers_and_nothing_of_its_generation_remains() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    // Under a NOTIFY_SOCKET double, with a unix socket listener: the stopped new master must
+    // neither speak for the service nor remove the files the old master serves on.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let sock = dir.path().join("u.sock");
+    let unix = format!("u=unix:{}", sock.display());
+    let mut opts = args(&["--workers", "2", "--upgrade-timeout-ms", "2000", "--listen", &unix]);
+    opts.program = Some(exe.clone());
+    opts.configure = Some(Box::new(move |cmd| {
+        cmd.env("NOTIFY_SOCKET", &notify_path);
+    }));
+    let (mut tb, rx) = Testbed::spawn(opts);
+    let (_, ready) = listeners_until_ready(&rx, &tb);
+    tb.set_ready(ready);
+    deploy(&exe, &testbed_with("--ready-delay-ms 600000"));
+    let upgrade = upgrade_in_background(&tb, &[]);
+    let new_master = new_master_pid(&tb);
+    let mut cleanup = Cleanup::default();
+    let seen = started_workers(new_master, 2, Duration::from_secs(10));
+    cleanup.watch(new_master);
+    cleanup.0.extend(&seen);
+    // (A worker between its fork and its exec has its master's environment still.)
+    assert!(
+        wait_until(Duration::from_secs(10), || generation_of(new_master).len() >= 3),
+        "the scan sees the new generation: {:?}",
+        generation_of(new_master)
+    );
+    let out = upgrade.join().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("not ready within 2s"), "{}", text(&out.stderr));
+    // Asked to stop, it stopped its own workers (a master killed at once would say nothing).
+    assert!(
+        tb.wait_log(Duration::from_secs(20), |l| l.contains("shutting down: stopping 2 workers")),
+        "the new master shut down gracefully:\n{}",
+        tb.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(20), || !alive(new_master)), "the new master exited");
+    assert!(
+        wait_until(Duration::from_secs(5), || generation_of(new_master).is_empty()),
+        "processes of the new generation remain: {:?}",
+        generation_of(new_master)
+    );
+    assert!(!tb.stderr().contains("did not stop in time"), "{}", tb.stderr());
+    // The old master's files are still there, served, and `status` finds it.
+    assert_eq!(get_unix(&sock, "/").unwrap().0, 200, "the unix socket file is the old master's still");
+    let out = cli(&tb, &["status", "--json"]);
+    assert!(out.status.success(), "the control socket is still there: {}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["master"]["pid"], tb.pid(), "{status}");
+    // systemd heard nothing from the new master, and nobody said STOPPING=1.
+    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = notify.recv(&mut buf) {
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(heard.iter().all(|m| !m.contains("STOPPING=1") && !m.contains("MAINPID=")), "{heard:?}");
+    assert!(heard.first().is_some_and(|m| m.starts_with("READY=1")), "the old master's own: {heard:?}");
+}
+
+#[test]
+fn an_upgrade_from_4_to_2_workers_under_keep_alive_load_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = install(dir.path());
+    let (mut tb, rx) = start(&exe, &["--workers", "4", "--startup-delay-ms", "10"]);
+    let old_workers: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert_eq!(listeners_held(tb.pid(), tb.port), 4, "a socket per slot");
+    // Keep-alive clients only, and many of them: connections sit on all four slots' sockets.
+    let load = Load::start(tb.port, 2, 6, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 500));
+    deploy(&exe, &testbed_with("--workers 2"));
+    let mut cleanup = Cleanup::default();
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    let new_master = new_master_pid(&tb);
+    cleanup.watch(new_master);
+    assert_eq!(next_ready(&rx, &tb), format!("ready: 2 workers on port {}", tb.port));
+    assert!(tb.wait_exit(Duration::from_secs(20)).is_some_and(|s| s.success()), "{}", tb.stderr());
+    assert!(wait_until(Duration::from_secs(10), || old_workers.iter().all(|&w| !alive(w))));
+    // The two released slots' sockets are closed once the old workers are gone.
+    assert!(
+        wait_until(Duration::from_secs(10), || listeners_held(new_master, tb.port) == 2),
+        "the new master holds {} sockets",
+        listeners_held(new_master, tb.port)
+    );
+    let start = load.count();
+    assert!(wait_until(Duration::from_secs(20), || load.count() >= start + 1000), "the load goes on");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "failed requests: {:?}", &result.errors[..result.errors.len().min(10)]);
+    cleanup.watch(new_master);
+    assert_eq!(children_of(new_master).len(), 2);
+    eprintln!("{} requests, 0 failed", result.ok);
+}
+
+/// Stale upgrade variables whose old master's start time is not its parent's (a pid used again
+/// by another process) are ignored: the program starts as a master of its own. (It would wait
+/// for a state on the channel otherwise.)
+#[test]
+fn stale_upgrade_variables_naming_another_start_time_are_ignored() {
+    use command_fds::{CommandFdExt, FdMapping};
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut opts = args(&["--workers", "1"]);
+    opts.ready_timeout = Duration::from_secs(15);
+    opts.configure = Some(Box::new(move |cmd| {
+        cmd.env("ECEWO_CLUSTER_UPGRADE_FD", "3")
+            .env("ECEWO_CLUSTER_UPGRADE_FROM", std::process::id().to_string())
+            .env("ECEWO_CLUSTER_UPGRADE_FROM_START", "1");
+        cmd.fd_mappings(vec![FdMapping { parent_fd: theirs.into(), child_fd: 3 }]).unwrap();
+    }));
+    let tb = Testbed::start_with(opts);
+    assert_eq!(tb.get("/").unwrap().0, 200);
+    let out = cli(&tb, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["cluster"]["generation"], 0, "a master of its own: {status}");
+    drop(ours);
 }
