@@ -68,6 +68,81 @@ fn rolling_restart_under_load_loses_nothing() {
     }
 }
 
+/// `--max-surge 4`: twelve workers, each 200 ms from its start to ready, are replaced up to four
+/// at a time under keep-alive load. Nothing fails; at no sample do more than 12 + 4 workers run
+/// that were not asked to drain (an old worker asked to drain is on its way out: the next
+/// replacement starts as soon as it was asked, whatever its drain takes); every pid is replaced;
+/// and the rollout takes well under the 12 × 200 ms of one slot at a time, and at least the three
+/// waves of 200 ms that four at a time need (a check that the replacements overlap, within
+/// their bound: timing goals are the benchmark's, bench/rollout).
+#[test]
+fn a_surge_of_four_replaces_twelve_workers_four_at_a_time_under_load() {
+    const WORKERS: usize = 12;
+    const SURGE: usize = 4;
+    const READY: Duration = Duration::from_millis(200);
+    let mut tb =
+        Testbed::start(&["--workers", "12", "--max-surge", "4", "--ready-delay-ms", "200", "--startup-delay-ms", "0"]);
+    let old: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert_eq!(old.len(), WORKERS);
+    // Four keep-alive clients (each reconnects only when its worker says `Connection: close`,
+    // as a draining one does) and one on fresh connections.
+    let load = Load::start(tb.port, 1, 4, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 200), "the load runs before the restart");
+    let before = load.count();
+    let t0 = Instant::now();
+    tb.signal(Signal::USR2);
+    let (mut most, mut samples) = (0, 0);
+    let deadline = t0 + Duration::from_secs(30);
+    let took = loop {
+        // The children first, then the log: the replacement that starts once an old worker
+        // was asked to drain is spawned after the master logged the drain (it carries out its
+        // commands in order), so no sample counts both it and that old worker as not draining.
+        let kids = tb.workers();
+        let log = tb.stderr();
+        let drained: BTreeSet<u32> =
+            old.iter().copied().filter(|p| log.contains(&format!("replaced: pid {p} drains"))).collect();
+        let undrained = kids.iter().filter(|p| !drained.contains(p)).count();
+        assert!(
+            undrained <= WORKERS + SURGE,
+            "sample {samples}: {undrained} workers not asked to drain ({} children, {} old ones drain)\n{log}",
+            kids.len(),
+            drained.len()
+        );
+        most = most.max(undrained);
+        samples += 1;
+        if log.contains("graceful restart completed: 12 workers replaced") {
+            break t0.elapsed();
+        }
+        assert!(Instant::now() < deadline, "the rollout did not complete within 30 s\n{log}");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let log = tb.stderr();
+    assert!(log.contains("graceful restart: replacing 12 workers, up to 4 at a time"), "{log}");
+    assert!(most > WORKERS, "replacements ran next to the old workers: at most {most} seen in {samples} samples");
+    let one_at_a_time = READY * WORKERS as u32;
+    assert!(took < one_at_a_time * 3 / 4, "{took:?}: no faster than one slot at a time ({one_at_a_time:?})");
+    assert!(took >= READY * (WORKERS / SURGE) as u32, "{took:?}: faster than three waves of 200 ms");
+    let during = load.count() - before;
+    // And on after the rollout, through the new workers.
+    let after = load.count();
+    assert!(wait_until(Duration::from_secs(30), || load.count() >= after + 500), "load too slow");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "failed requests: {:?}", &result.errors[..result.errors.len().min(10)]);
+    assert!(during >= 50, "only {during} requests during the rollout");
+    let s = tb.stats();
+    assert_eq!(s["cluster"]["last_restart"]["result"], "completed", "{s}");
+    assert_eq!(s["cluster"]["last_restart"]["replaced"], 12);
+    assert_eq!(s["cluster"]["active_workers"], 12);
+    // Every worker pid was replaced (the last old workers may still be finishing their drain).
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == WORKERS), "{:?}", tb.workers());
+    let new: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert!(old.is_disjoint(&new), "old {old:?} new {new:?}");
+    eprintln!(
+        "rollout {took:?}, at most {most} workers not draining ({samples} samples), {} requests ({during} during it)",
+        result.ok
+    );
+}
+
 #[test]
 fn each_old_worker_stays_until_its_replacement_is_ready() {
     let mut tb = Testbed::start(&["--workers", "4", "--ready-delay-ms", "300", "--startup-delay-ms", "10"]);
