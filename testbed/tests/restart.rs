@@ -214,6 +214,49 @@ fn a_broken_deploy_stops_at_the_first_slot_and_the_old_workers_keep_serving() {
 }
 
 #[test]
+fn a_broken_deploy_with_a_surge_stops_at_the_first_failure_and_the_old_workers_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("broken");
+    let mut tb = Testbed::start(&[
+        "--workers",
+        "8",
+        "--max-surge",
+        "4",
+        "--respawn",
+        "--startup-delay-ms",
+        "0",
+        "--fail-if-file",
+        flag.to_str().unwrap(),
+    ]);
+    let old: BTreeSet<u32> = tb.workers().into_iter().collect();
+    write_file(&flag, "");
+    let (outcome, min_active) = restart_and_watch(&tb, 8);
+    assert_eq!(outcome["result"], "failed", "{outcome}");
+    assert!(outcome["worker_id"].as_u64().unwrap() < 4, "one of the first four: {outcome}");
+    assert_eq!(outcome["replaced"], 0);
+    assert_eq!(min_active, 8);
+    // The four replacements are gone (failed, or stopped with the rollout), no fifth one started,
+    // and the eight old workers still serve.
+    assert!(wait_until(Duration::from_secs(10), || tb.workers().len() == 8), "{:?}", tb.workers());
+    assert_eq!(tb.workers().into_iter().collect::<BTreeSet<u32>>(), old);
+    // (The log is written in order by another thread: once the outcome is there, every start
+    // before it is.)
+    assert!(tb.wait_log(Duration::from_secs(5), |l| l.contains("graceful restart failed at worker")));
+    assert_eq!(tb.stderr().matches("on_start id=").count(), 8 + 4, "{}", tb.stderr());
+    assert_eq!(tb.serving_pids(200), old);
+    let s = tb.stats();
+    assert!(s["workers"].as_array().unwrap().iter().all(|w| w["crash_count"] == 0), "{s}");
+    // Fixed: the next restart replaces every worker, four at a time.
+    std::fs::remove_file(&flag).unwrap();
+    let (outcome, _) = restart_and_watch(&tb, 8);
+    assert_eq!(outcome["result"], "completed", "{outcome}");
+    assert_eq!(outcome["replaced"], 8);
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == 8));
+    let new: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert!(old.is_disjoint(&new));
+}
+
+#[test]
 fn a_slow_request_in_flight_completes_across_a_restart() {
     let mut tb = Testbed::start(&["--workers", "2"]);
     let (worker, slow) = tb.get_in_flight("/slow?ms=2000");
