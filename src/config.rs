@@ -69,6 +69,7 @@ impl fmt::Debug for Cluster {
             .field("balance", &self.s.balance)
             .field("backlog", &self.s.backlog)
             .field("ready_timeout", &self.s.ready_timeout)
+            .field("max_surge", &self.s.max_surge)
             .field("liveness", &self.s.liveness)
             .field("heartbeat", &self.s.heartbeat)
             .field("memory_measure", &self.s.memory_measure)
@@ -106,6 +107,7 @@ impl Cluster {
                 balance: Balance::default(),
                 backlog: 1024,
                 ready_timeout: Duration::from_secs(60),
+                max_surge: 1,
                 liveness: Liveness { worker_timeout: Some(DEFAULT_WORKER_TIMEOUT), ..Liveness::default() },
                 heartbeat: None,
                 memory_measure: MemoryMeasure::default(),
@@ -225,6 +227,32 @@ impl Cluster {
     /// (a boot failure), so crash protection stops a slot that never gets ready.
     pub fn ready_timeout(mut self, timeout: Duration) -> Cluster {
         self.s.ready_timeout = timeout;
+        self
+    }
+
+    /// How many slots a rolling restart replaces at once (default 1), as Kubernetes' `maxSurge`
+    /// for a Deployment: up to `n` replacements start next to the old workers at a time, each
+    /// old worker is asked to stop once its own replacement is ready, and the next slot's
+    /// replacement starts as soon as one is. Capacity (ready workers) never drops below the
+    /// configured count, and a rollout of `N` workers takes about `N / n` start-ups instead of
+    /// `N`. Replacements start in slot order; a restart asked for meanwhile still coalesces
+    /// into one more rollout.
+    ///
+    /// The first replacement that fails (it exits, cannot be started, or is not ready within
+    /// the [`ready_timeout`](Cluster::ready_timeout)) stops the rollout at once: the other
+    /// replacements still starting are stopped too and their slots keep their old workers, like
+    /// the slots not reached yet; the slots already replaced keep their new ones.
+    ///
+    /// # Caveats
+    ///
+    /// Memory and CPU: during a rollout up to `n` workers run beyond the configured count (they
+    /// all start at the same time), next to the old workers still draining (each for at most
+    /// the [`shutdown_timeout`](Cluster::shutdown_timeout)). The rollout does not look at the
+    /// cgroup's memory headroom (recycling does): choose `n` so that `n` more workers fit. A
+    /// value above the worker count replaces every slot at once (twice the workers for a
+    /// moment). [`init`](Cluster::init) refuses 0 ([`Error::InvalidOption`], `max_surge`).
+    pub fn max_surge(mut self, n: usize) -> Cluster {
+        self.s.max_surge = n;
         self
     }
 
@@ -702,11 +730,11 @@ impl Cluster {
     ///
     /// [`Error::InvalidOption`], naming the option (as its setter is named) and what to change:
     /// a worker count over [`MAX_WORKERS`], zero crashes or a zero crash window, a zero shutdown
-    /// or ready timeout, a duration over [`MAX_DURATION`], a backlog of 0, a bad name, a signal
-    /// outside [`BINDABLE_SIGNALS`], a worker timeout under 100 ms, a heartbeat longer than half
-    /// the worker timeout or of zero, a request or memory limit of 0, a `max_age` under 1 s, a
-    /// `memory_check` of zero, `max_recycling` of 0, a backoff whose base is zero or whose `max`
-    /// is below its base, a zero cool-off.
+    /// or ready timeout, a `max_surge` of 0, a duration over [`MAX_DURATION`], a backlog of 0,
+    /// a bad name, a signal outside [`BINDABLE_SIGNALS`], a worker timeout under 100 ms, a
+    /// heartbeat longer than half the worker timeout or of zero, a request or memory limit of 0,
+    /// a `max_age` under 1 s, a `memory_check` of zero, `max_recycling` of 0, a backoff whose
+    /// base is zero or whose `max` is below its base, a zero cool-off.
     pub fn validate(&self) -> Result<(), Error> {
         let invalid = |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
         let workers = self.worker_count();
@@ -753,6 +781,12 @@ impl Cluster {
         }
         if self.s.ready_timeout.is_zero() {
             return invalid("ready_timeout", "must be longer than zero (default 60 s)".into());
+        }
+        if self.s.max_surge == 0 {
+            return invalid(
+                "max_surge",
+                "must be at least 1: the replacements a rolling restart starts at once (default 1)".into(),
+            );
         }
         if self.s.upgrade_timeout.is_some_and(|t| t.is_zero()) {
             return invalid(
@@ -896,7 +930,9 @@ mod tests {
         assert_eq!(c.s.address, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert!(c.worker_count() >= 1);
         assert_eq!((c.s.event_history, c.s.event_log.is_none()), (1000, true));
+        assert_eq!(c.s.max_surge, 1, "one slot at a time unless asked");
         c.validate().unwrap();
+        Cluster::new(1).max_surge(MAX_WORKERS * 2).validate().unwrap();
         Cluster::new(1).event_history(0).validate().unwrap();
         Cluster::new(1).event_history(crate::MAX_EVENT_HISTORY).validate().unwrap();
     }
@@ -917,6 +953,7 @@ mod tests {
             (Cluster::new(1).max_memory(0), "max_memory"),
             (Cluster::new(1).memory_check(Duration::from_secs(1), 0), "memory_check"),
             (Cluster::new(1).max_recycling(0), "max_recycling"),
+            (Cluster::new(1).max_surge(0), "max_surge"),
             (Cluster::new(1).respawn_backoff(Duration::from_secs(2), Duration::from_secs(1)), "respawn_backoff"),
             (Cluster::new(1).respawn_cooloff(Duration::ZERO), "respawn_cooloff"),
             (Cluster::new(1).min_ready(0), "min_ready"),

@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// failure; a rolling restart's replacement fails the rollout instead) [default: 60000].
     #[arg(long, value_name = "MS")]
     ready_timeout_ms: Option<u64>,
+    /// Slots a rolling restart replaces at once, each new worker next to the old one until it is
+    /// ready: up to N workers more than --workers during a rollout [default: 1].
+    #[arg(long, value_name = "N")]
+    max_surge: Option<usize>,
     /// A ready worker that sent WATCHDOG=1 once and then stays silent this long is hung: routed
     /// away, signalled, killed; 0 turns the check off. Workers see it as WATCHDOG_USEC and should
     /// send WATCHDOG=1 every half of it (systemd's rule) [default: 30000].
@@ -410,6 +414,9 @@ fn build(args: RunArgs, global: Global, lines: mpsc::Sender<Line>) -> Result<Clu
     }
     if let Some(t) = args.ready_timeout_ms {
         cluster = cluster.ready_timeout(ms(t));
+    }
+    if let Some(n) = args.max_surge {
+        cluster = cluster.max_surge(n);
     }
     if let Some(t) = args.worker_timeout_ms {
         cluster = cluster.worker_timeout(ms(t));

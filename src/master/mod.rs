@@ -554,6 +554,7 @@ impl Master {
             max_crashes: opts.respawn_max_crashes,
             socket_per_slot: listeners.iter().any(|b| b.balance == Balance::ReusePort),
             ready_timeout: opts.ready_timeout,
+            max_surge: opts.max_surge,
             bound_signals: opts.on_signal.iter().map(|(s, _)| *s).collect(),
             liveness: crate::supervisor::Liveness { seed: random_seed(), ..opts.liveness.clone() },
             shutdown_delay: opts.shutdown_delay,

@@ -77,8 +77,11 @@ impl Driver {
                 tracing::info!("sent {signal} to workers {slots:?}")
             }
             Report::StopTimeout { slots } => tracing::warn!("shutdown timeout: killing workers {slots:?}"),
-            Report::RestartStarted { workers } => {
+            Report::RestartStarted { workers, at_once: 1 } => {
                 tracing::info!("graceful restart: replacing {workers} workers one at a time")
+            }
+            Report::RestartStarted { workers, at_once } => {
+                tracing::info!("graceful restart: replacing {workers} workers, up to {at_once} at a time")
             }
             Report::RestartQueued => tracing::info!("a graceful restart is running; one more will follow it"),
             Report::Replaced { slot, old_pid, new_pid } => match old_pid {

@@ -305,6 +305,8 @@ pub(crate) struct Settings {
     pub(crate) balance: Balance,
     pub(crate) backlog: u32,
     pub(crate) ready_timeout: Duration,
+    /// Slots a rolling restart replaces at once (`Cluster::max_surge`).
+    pub(crate) max_surge: usize,
     /// Heartbeats, recycling and backoff, as the supervisor applies them.
     pub(crate) liveness: crate::supervisor::Liveness,
     /// The interval workers beat at (`None`: derived from the worker timeout).

@@ -282,7 +282,7 @@ fn entry_of(r: &Report) -> Option<(Worker, EventKind)> {
         Report::Reenabled { slot } => (slot_only(*slot), EventKind::Reenabled),
         Report::ShutdownDelayed { delay } => (None, EventKind::ShutdownDelayed { delay: *delay }),
         Report::ShuttingDown { workers } => (None, EventKind::ShutdownStarted { workers: *workers }),
-        Report::RestartStarted { workers } => (None, EventKind::RestartStarted { workers: *workers }),
+        Report::RestartStarted { workers, .. } => (None, EventKind::RestartStarted { workers: *workers }),
         Report::RestartQueued => (None, EventKind::RestartQueued),
         Report::Replaced { slot, old_pid, new_pid } => (w(*slot, *new_pid), EventKind::Replaced { old_pid: *old_pid }),
         Report::RestartFinished { outcome, .. } => (None, EventKind::RestartFinished { outcome: outcome.clone() }),

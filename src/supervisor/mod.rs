@@ -16,7 +16,7 @@
 //! | `lifecycle.rs` | spawn, ready, exit; crash classification, respawn (with backoff), crash protection (with cool-off) |
 //! | `liveness.rs` | heartbeats, hung workers |
 //! | `recycle.rs` | recycling by requests, age and memory: surge first, or in place |
-//! | `rollout.rs` | rolling restarts: surge first, one slot at a time, coalescing |
+//! | `rollout.rs` | rolling restarts: surge first, up to `max_surge` slots at a time, coalescing |
 //! | `scaling.rs` | adding and removing slots |
 //! | `shutdown.rs` | stopping everything, the end of supervision |
 //! | `upgrade.rs` | upgrading the master in place: the new master's start, hand-over or rollback; a new master's take-over |
@@ -51,6 +51,8 @@ mod views;
 mod liveness_tests;
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod rollout_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -211,11 +213,24 @@ enum Phase {
 struct Rollout {
     /// Slots still to replace, in order.
     queue: VecDeque<usize>,
-    /// The slot whose replacement is starting (its ready deadline is the replacement's).
-    current: Option<usize>,
+    /// The slots whose replacement is starting, in the order they started: at most
+    /// [`Policy::max_surge`] (each one's ready deadline is its replacement's).
+    in_flight: Vec<usize>,
     program: Program,
     tickets: Vec<u64>,
     replaced: usize,
+}
+
+impl Rollout {
+    /// The replacement of `slot` is starting.
+    fn replacing(&self, slot: usize) -> bool {
+        self.in_flight.contains(&slot)
+    }
+
+    /// The rollout is replacing `slot`, or will.
+    fn reaches(&self, slot: usize) -> bool {
+        self.replacing(slot) || self.queue.contains(&slot)
+    }
 }
 
 /// An upgrade of the master in place, as the old master runs it.

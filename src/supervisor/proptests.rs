@@ -12,10 +12,12 @@
 //! - **capacity**: a slot whose worker served (`Active`) before a step still has an active
 //!   worker after it, unless that very worker exited (or was lost) during the step, the slot
 //!   was removed by scaling, it hung, it is drained for a recycle in place, or a shutdown began. So a rolling restart never takes capacity
-//!   away: at every step of a rollout, the active workers are at least those active before it
-//!   minus the ones that exited or were removed meanwhile;
-//! - **surge**: at most one replacement process exists at a time during a rollout, only in the
-//!   slot it is replacing; otherwise at most `max_recycling`, in slots being recycled;
+//!   away, whatever its `max_surge`: at every step of a rollout, the active workers are at least
+//!   those active before it minus the ones that exited or were removed meanwhile (a slot being
+//!   replaced is served by its old worker until the new one is ready);
+//! - **surge**: during a rollout, the replacements that exist are exactly those of the slots
+//!   it is replacing, at most `max_surge` (drawn at random), and no recycle runs beside them;
+//!   otherwise at most `max_recycling`, in slots being recycled;
 //! - **bookkeeping**: the processes the supervisor tracks are exactly the fake driver's live
 //!   ones; signals only go to processes that were started; a socket is closed only when no live
 //!   process of its slot holds it; routes name only slots with an active worker (or, while
@@ -133,14 +135,14 @@ fn op() -> impl Strategy<Value = Op> {
 /// A policy with small numbers, so that every timer matters within a sequence.
 fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
     (
-        (1usize..5, any::<bool>(), any::<bool>(), 1u32..5),
+        (1usize..5, any::<bool>(), any::<bool>(), 1u32..5, 1usize..6),
         (100u64..2000, 0u64..300, 0u64..500, 1u64..10, 300u64..3000),
         prop::sample::subsequence(vec![Signal::HUP, Signal::USR2, Signal::TTIN, Signal::WINCH], 0..3),
         (liveness(), prop::sample::select(vec![0u64, 0, 300, 2000])),
     )
         .prop_map(
             |(
-                (workers, respawn, socket_per_slot, max_crashes),
+                (workers, respawn, socket_per_slot, max_crashes, max_surge),
                 (stop, startup, respawn_ms, window, ready),
                 bound,
                 (liveness, delay),
@@ -157,6 +159,7 @@ fn policy() -> impl Strategy<Value = (Policy, Vec<Signal>)> {
                     max_crashes,
                     socket_per_slot,
                     ready_timeout: ms(ready),
+                    max_surge,
                     bound_signals: Vec::new(),
                     liveness,
                     shutdown_delay: ms(delay),
@@ -580,20 +583,26 @@ impl Fake {
         }
         // Surge.
         let surging: Vec<usize> = self.sup.slots.iter().filter(|s| s.next.is_some()).map(|s| s.id).collect();
-        let most = self.sup.policy.liveness.max_recycling.max(1);
-        prop_assert!(surging.len() <= most, "replacements in slots {:?}", surging);
+        let (surge, recycling) = (self.sup.policy.max_surge.max(1), self.sup.policy.liveness.max_recycling.max(1));
+        prop_assert!(surging.len() <= surge.max(recycling), "replacements in slots {:?}", surging);
         if self.sup.phase == Phase::Running {
-            let rolling = self.sup.rollout.as_ref().and_then(|r| r.current);
-            for &slot in &surging {
-                let recycling = self.sup.slots[slot].recycling.is_some();
-                prop_assert!(
-                    rolling == Some(slot) || (recycling && rolling.is_none()),
-                    "a replacement in slot {}",
-                    slot
-                );
-            }
-            if rolling.is_some() {
-                prop_assert!(surging.len() <= 1, "recycles during a rollout: {:?}", surging);
+            if let Some(r) = &self.sup.rollout {
+                let mut in_flight = r.in_flight.clone();
+                in_flight.sort_unstable();
+                prop_assert_eq!(&surging, &in_flight, "the replacements are the rollout's");
+                prop_assert!(in_flight.len() <= surge, "{} replacements at once, max_surge {}", in_flight.len(), surge);
+                for &slot in &surging {
+                    prop_assert!(
+                        self.sup.slots[slot].recycling.is_none(),
+                        "a recycle in slot {} during a rollout",
+                        slot
+                    );
+                }
+            } else {
+                prop_assert!(surging.len() <= recycling, "recycles in slots {:?}", surging);
+                for &slot in &surging {
+                    prop_assert!(self.sup.slots[slot].recycling.is_some(), "a replacement in slot {}", slot);
+                }
             }
         }
         // Bookkeeping: the supervisor's processes are the live ones.

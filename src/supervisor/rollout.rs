@@ -1,6 +1,11 @@
 //! Rolling restarts: surge first (a slot's replacement starts next to the old worker, which is
-//! asked to stop only once the new one is ready), one slot at a time, from the program file
-//! found at the original path (a deploy); restarts asked for during one coalesce into one more.
+//! asked to stop only once the new one is ready), up to [`Policy::max_surge`](super::Policy::max_surge)
+//! slots at a time, in slot order, from the program file found at the original path (a
+//! deploy); restarts asked for during one coalesce into one more.
+//!
+//! The first replacement that fails ends the rollout at once: the other replacements still
+//! starting are stopped (their slots keep their old workers, as the slots not reached yet do),
+//! the slots already replaced keep their new workers, and the outcome is reported then.
 
 use std::time::{Instant, SystemTime};
 
@@ -36,41 +41,49 @@ impl Supervisor {
         self.deploys += 1;
         self.rollout = Some(Rollout {
             queue: (0..self.slots.len()).collect(),
-            current: None,
+            in_flight: Vec::new(),
             program: Program::Deployed(self.deploys),
             tickets,
             replaced: 0,
         });
-        out.push(Command::Report(Report::RestartStarted { workers: self.slots.len() }));
+        let at_once = self.policy.max_surge.clamp(1, self.slots.len().max(1));
+        out.push(Command::Report(Report::RestartStarted { workers: self.slots.len(), at_once }));
         out.push(Command::Notify(Notify::Reloading { workers: self.slots.len() }));
         self.advance_rollout(now, wall, out);
     }
 
-    /// Starts the replacement of the next slot, or ends the rollout when none is left.
+    /// Starts the replacements of the next slots, in order, until `max_surge` are starting or
+    /// none is left to start; ends the rollout once none is left and none is starting.
     pub(super) fn advance_rollout(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
-        let Some(r) = &mut self.rollout else { return };
-        if r.current.is_some() {
-            return;
+        let most = self.policy.max_surge.max(1);
+        loop {
+            let Some(r) = &mut self.rollout else { return };
+            if r.in_flight.len() >= most {
+                return;
+            }
+            let Some(slot) = r.queue.pop_front() else {
+                if r.in_flight.is_empty() {
+                    let r = self.rollout.take().expect("checked");
+                    self.program = r.program;
+                    self.finish_restart(RestartOutcome::Completed { replaced: r.replaced }, r.tickets, out);
+                    self.start_queued(now, wall, out);
+                }
+                return;
+            };
+            let program = r.program;
+            r.in_flight.push(slot);
+            let p = self.new_proc(program, now, wall);
+            self.push_spawn(slot, &p, out);
+            let s = &mut self.slots[slot];
+            // The replacement takes the slot over: no respawn, first start or probe on top of it.
+            s.next_spawn = None;
+            s.probe_at = None;
+            s.next = Some(p);
         }
-        let Some(slot) = r.queue.pop_front() else {
-            let r = self.rollout.take().expect("checked");
-            self.program = r.program;
-            self.finish_restart(RestartOutcome::Completed { replaced: r.replaced }, r.tickets, out);
-            self.start_queued(now, wall, out);
-            return;
-        };
-        let program = r.program;
-        r.current = Some(slot);
-        let p = self.new_proc(program, now, wall);
-        self.push_spawn(slot, &p, out);
-        let s = &mut self.slots[slot];
-        // The replacement takes the slot over: no respawn, first start or probe on top of it.
-        s.next_spawn = None;
-        s.probe_at = None;
-        s.next = Some(p);
     }
 
     /// The replacement of `slot` failed: stop the rollout there (a queued restart then starts).
+    /// The other replacements still starting are stopped: their slots keep their old workers.
     pub(super) fn fail_rollout(
         &mut self,
         slot: usize,
@@ -79,7 +92,31 @@ impl Supervisor {
         wall: SystemTime,
         out: &mut Vec<Command>,
     ) {
-        let Some(r) = self.rollout.take_if(|r| r.current == Some(slot)) else { return };
+        let Some(r) = self.rollout.take_if(|r| r.replacing(slot)) else { return };
+        let others: Vec<usize> = r.in_flight.iter().copied().filter(|&s| s != slot).collect();
+        for &other in &others {
+            if let Some(mut p) = self.slots[other].next.take() {
+                self.stop(&mut p, ExitReason::Restart, now, out);
+                self.retiring.push((other, p));
+            }
+            self.abandon_replacement(other, now);
+        }
+        self.abandon_replacement(slot, now);
+        let reason = match &others[..] {
+            [] => reason,
+            [one] => format!("{reason}; the replacement still starting for worker {one} was stopped"),
+            many => {
+                let list: Vec<String> = many.iter().map(usize::to_string).collect();
+                format!("{reason}; the replacements still starting for workers {} were stopped", list.join(", "))
+            }
+        };
+        self.finish_restart(RestartOutcome::Failed { worker_id: slot, reason, replaced: r.replaced }, r.tickets, out);
+        self.start_queued(now, wall, out);
+    }
+
+    /// The rollout's replacement of `slot` is gone without taking the slot over: the slot
+    /// carries on as before the rollout reached it.
+    fn abandon_replacement(&mut self, slot: usize, now: Instant) {
         let s = &mut self.slots[slot];
         // The slot lost its worker while the replacement was starting: respawn it as usual.
         if s.current.is_none() && !s.disabled && self.policy.respawn && self.phase == Phase::Running {
@@ -89,8 +126,6 @@ impl Supervisor {
         if s.disabled && s.current.is_none() && s.probe_at.is_none() {
             s.probe_at = self.policy.liveness.cooloff.and_then(|c| now.checked_add(c));
         }
-        self.finish_restart(RestartOutcome::Failed { worker_id: slot, reason, replaced: r.replaced }, r.tickets, out);
-        self.start_queued(now, wall, out);
     }
 
     /// A rollout ended (or a restart was refused): record and report the outcome; systemd hears
@@ -140,8 +175,8 @@ impl Supervisor {
         }
         self.total_restarts += 1;
         self.slots[slot].restarts += 1;
-        if let Some(r) = self.rollout.as_mut().filter(|r| r.current == Some(slot)) {
-            r.current = None;
+        if let Some(r) = self.rollout.as_mut().filter(|r| r.replacing(slot)) {
+            r.in_flight.retain(|&s| s != slot);
             r.replaced += 1;
         }
         out.push(Command::Report(Report::Replaced { slot, old_pid, new_pid }));

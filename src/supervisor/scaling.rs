@@ -41,11 +41,11 @@ impl Supervisor {
                     self.retiring.push((s.id, p));
                 }
             }
+            // Replacements starting in removed slots were stopped with them: the rollout goes on
+            // with the slots left (and may start more replacements now).
             if let Some(r) = &mut self.rollout {
                 r.queue.retain(|&s| s < workers);
-                if r.current.is_some_and(|s| s >= workers) {
-                    r.current = None;
-                }
+                r.in_flight.retain(|&s| s < workers);
             }
         }
         self.policy.workers = workers;

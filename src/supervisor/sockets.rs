@@ -34,7 +34,7 @@ impl Supervisor {
             || s.next_spawn.is_some()
             || retiring()
             || self.queued_restart.is_some()
-            || self.rollout.as_ref().is_some_and(|r| r.current == Some(slot) || r.queue.contains(&slot))
+            || self.rollout.as_ref().is_some_and(|r| r.reaches(slot))
     }
 
     /// Routes new connections to the slots whose worker is ready, if that set changed. While

@@ -21,6 +21,7 @@ pub(super) fn policy(workers: usize) -> Policy {
         max_crashes: 3,
         socket_per_slot: true,
         ready_timeout: 2000 * MS,
+        max_surge: 1,
         bound_signals: Vec::new(),
         liveness: Liveness::default(),
         shutdown_delay: Duration::ZERO,
@@ -974,7 +975,7 @@ fn signals_have_their_default_actions_unless_bound() {
     let mut h = Harness::new(policy(2));
     h.start_all();
     let r = h.feed(Event::Signal { signal: Signal::USR2 });
-    assert!(reports(&r).contains(&&Report::RestartStarted { workers: 2 }), "{r:?}");
+    assert!(reports(&r).contains(&&Report::RestartStarted { workers: 2, at_once: 1 }), "{r:?}");
     let mut h = Harness::new(policy(2));
     h.start_all();
     assert!(reports(&h.feed(Event::Signal { signal: Signal::TTIN })).contains(&&Report::Scaled { from: 2, to: 3 }));

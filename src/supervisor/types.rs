@@ -37,6 +37,10 @@ pub struct Policy {
     /// replacement) has to report ready. Past it, it is killed: a replacement fails its rollout,
     /// any other counts as a crash (a boot failure).
     pub ready_timeout: Duration,
+    /// Slots a rolling restart replaces at once (at least 1): each replacement starts next to
+    /// the old worker, which is asked to stop once the new one is ready, so up to this many
+    /// workers run beyond the slots while a rollout runs (`Cluster::max_surge`).
+    pub max_surge: usize,
     /// Signals the user bound to actions of their own (`Cluster::on_signal`): each answers
     /// [`Command::RunSignalAction`] instead of its default action. `SIGTERM`, `SIGINT` and
     /// `SIGCHLD` keep their meaning whatever is listed.
@@ -731,6 +735,8 @@ pub enum Report {
     RestartStarted {
         /// Slots to replace.
         workers: usize,
+        /// Replacements it runs at once, at most ([`Policy::max_surge`]).
+        at_once: usize,
     },
     /// A restart was asked for while one runs: it will run once the current one ends.
     RestartQueued,

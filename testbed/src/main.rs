@@ -84,6 +84,9 @@ struct Args {
     /// a crash (a boot failure); a rollout's replacement fails the rollout instead.
     #[arg(long, default_value_t = 60_000)]
     ready_timeout_ms: u64,
+    /// Slots a rolling restart replaces at once (`Cluster::max_surge`).
+    #[arg(long, default_value_t = 1)]
+    max_surge: usize,
     /// Each worker exits with code 1 at start.
     #[arg(long)]
     crash_on_start: bool,
@@ -310,6 +313,7 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
             let _ = out.flush();
         })
         .ready_timeout(Duration::from_millis(args.ready_timeout_ms))
+        .max_surge(args.max_surge)
         .on_start(|w| log_line(format_args!("on_start id={} pid={}", w.worker_id, w.pid)))
         .on_exit(|e| {
             log_line(format_args!(

@@ -68,6 +68,83 @@ fn rolling_restart_under_load_loses_nothing() {
     }
 }
 
+/// `--max-surge 4`: twelve workers, each 200 ms from its start to ready, are replaced up to four
+/// at a time under keep-alive load. Nothing fails; at no sample do more than 12 + 4 workers run
+/// that were not asked to drain (an old worker asked to drain is on its way out: the next
+/// replacement starts as soon as it was asked, whatever its drain takes); every pid is replaced;
+/// and the rollout takes well under the 12 × 200 ms of one slot at a time, and at least the three
+/// waves of 200 ms that four at a time need (a check that the replacements overlap, within
+/// their bound: timing goals are the benchmark's, bench/rollout).
+#[test]
+fn a_surge_of_four_replaces_twelve_workers_four_at_a_time_under_load() {
+    const WORKERS: usize = 12;
+    const SURGE: usize = 4;
+    const READY: Duration = Duration::from_millis(200);
+    let mut tb =
+        Testbed::start(&["--workers", "12", "--max-surge", "4", "--ready-delay-ms", "200", "--startup-delay-ms", "0"]);
+    let old: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert_eq!(old.len(), WORKERS);
+    // Four keep-alive clients (each reconnects only when its worker says `Connection: close`,
+    // as a draining one does) and one on fresh connections.
+    let load = Load::start(tb.port, 1, 4, false);
+    assert!(wait_until(Duration::from_secs(10), || load.count() >= 200), "the load runs before the restart");
+    let before = load.count();
+    let t0 = Instant::now();
+    tb.signal(Signal::USR2);
+    let (mut most, mut samples) = (0, 0);
+    let deadline = t0 + Duration::from_secs(30);
+    let took = loop {
+        // The children first, then the master's view (`/stats`, answered by the master's loop):
+        // an old worker that is no slot's worker any more was asked to drain, and the
+        // replacement that starts once it was is spawned in the same batch, so no sample counts
+        // both that replacement and that old worker as not draining. (Not the log: it is written
+        // by another thread, possibly after the spawn.)
+        let kids = tb.workers();
+        let s = tb.stats();
+        let serving: BTreeSet<u32> =
+            s["workers"].as_array().unwrap().iter().filter_map(|w| w["pid"].as_u64()).map(|p| p as u32).collect();
+        let undrained = kids.iter().filter(|p| !old.contains(p) || serving.contains(p)).count();
+        assert!(
+            undrained <= WORKERS + SURGE,
+            "sample {samples}: {undrained} workers not asked to drain ({} children; slots' workers {serving:?}): {s}\n{}",
+            kids.len(),
+            tb.stderr()
+        );
+        most = most.max(undrained);
+        samples += 1;
+        if !s["cluster"]["restart_requested"].as_bool().unwrap() && !s["cluster"]["last_restart"].is_null() {
+            break t0.elapsed();
+        }
+        assert!(Instant::now() < deadline, "the rollout did not complete within 30 s: {s}\n{}", tb.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let log = tb.stderr();
+    assert!(log.contains("graceful restart: replacing 12 workers, up to 4 at a time"), "{log}");
+    assert!(most > WORKERS, "replacements ran next to the old workers: at most {most} seen in {samples} samples");
+    let one_at_a_time = READY * WORKERS as u32;
+    assert!(took < one_at_a_time * 3 / 4, "{took:?}: no faster than one slot at a time ({one_at_a_time:?})");
+    assert!(took >= READY * (WORKERS / SURGE) as u32, "{took:?}: faster than three waves of 200 ms");
+    let during = load.count() - before;
+    // And on after the rollout, through the new workers.
+    let after = load.count();
+    assert!(wait_until(Duration::from_secs(30), || load.count() >= after + 500), "load too slow");
+    let result = load.stop();
+    assert_eq!(result.failed, 0, "failed requests: {:?}", &result.errors[..result.errors.len().min(10)]);
+    assert!(during >= 50, "only {during} requests during the rollout");
+    let s = tb.stats();
+    assert_eq!(s["cluster"]["last_restart"]["result"], "completed", "{s}");
+    assert_eq!(s["cluster"]["last_restart"]["replaced"], 12);
+    assert_eq!(s["cluster"]["active_workers"], 12);
+    // Every worker pid was replaced (the last old workers may still be finishing their drain).
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == WORKERS), "{:?}", tb.workers());
+    let new: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert!(old.is_disjoint(&new), "old {old:?} new {new:?}");
+    eprintln!(
+        "rollout {took:?}, at most {most} workers not draining ({samples} samples), {} requests ({during} during it)",
+        result.ok
+    );
+}
+
 #[test]
 fn each_old_worker_stays_until_its_replacement_is_ready() {
     let mut tb = Testbed::start(&["--workers", "4", "--ready-delay-ms", "300", "--startup-delay-ms", "10"]);
@@ -132,6 +209,49 @@ fn a_broken_deploy_stops_at_the_first_slot_and_the_old_workers_keep_serving() {
     let (outcome, _) = restart_and_watch(&tb, 4);
     assert_eq!(outcome["result"], "completed", "{outcome}");
     assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == 4));
+    let new: BTreeSet<u32> = tb.workers().into_iter().collect();
+    assert!(old.is_disjoint(&new));
+}
+
+#[test]
+fn a_broken_deploy_with_a_surge_stops_at_the_first_failure_and_the_old_workers_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("broken");
+    let mut tb = Testbed::start(&[
+        "--workers",
+        "8",
+        "--max-surge",
+        "4",
+        "--respawn",
+        "--startup-delay-ms",
+        "0",
+        "--fail-if-file",
+        flag.to_str().unwrap(),
+    ]);
+    let old: BTreeSet<u32> = tb.workers().into_iter().collect();
+    write_file(&flag, "");
+    let (outcome, min_active) = restart_and_watch(&tb, 8);
+    assert_eq!(outcome["result"], "failed", "{outcome}");
+    assert!(outcome["worker_id"].as_u64().unwrap() < 4, "one of the first four: {outcome}");
+    assert_eq!(outcome["replaced"], 0);
+    assert_eq!(min_active, 8);
+    // The four replacements are gone (failed, or stopped with the rollout), no fifth one started,
+    // and the eight old workers still serve.
+    assert!(wait_until(Duration::from_secs(10), || tb.workers().len() == 8), "{:?}", tb.workers());
+    assert_eq!(tb.workers().into_iter().collect::<BTreeSet<u32>>(), old);
+    // (The log is written in order by another thread: once the outcome is there, every start
+    // before it is.)
+    assert!(tb.wait_log(Duration::from_secs(5), |l| l.contains("graceful restart failed at worker")));
+    assert_eq!(tb.stderr().matches("on_start id=").count(), 8 + 4, "{}", tb.stderr());
+    assert_eq!(tb.serving_pids(200), old);
+    let s = tb.stats();
+    assert!(s["workers"].as_array().unwrap().iter().all(|w| w["crash_count"] == 0), "{s}");
+    // Fixed: the next restart replaces every worker, four at a time.
+    std::fs::remove_file(&flag).unwrap();
+    let (outcome, _) = restart_and_watch(&tb, 8);
+    assert_eq!(outcome["result"], "completed", "{outcome}");
+    assert_eq!(outcome["replaced"], 8);
+    assert!(wait_until(Duration::from_secs(5), || tb.workers().len() == 8));
     let new: BTreeSet<u32> = tb.workers().into_iter().collect();
     assert!(old.is_disjoint(&new));
 }

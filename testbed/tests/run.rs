@@ -359,6 +359,36 @@ fn restart_and_sigusr2_run_the_command_anew_and_scale_adds_workers() {
 }
 
 #[test]
+fn max_surge_reaches_the_rollout_and_zero_is_refused() {
+    let marker = new_marker();
+    let mut command = Command::new(cli_binary());
+    let dir = tempfile::tempdir().unwrap();
+    command
+        .args(run_args(
+            &["--listen", "127.0.0.1:0", "--workers", "2", "--max-surge", "0"],
+            &["python3", &python_example()],
+        ))
+        .env(MARK, &marker)
+        .env("XDG_RUNTIME_DIR", dir.path())
+        .current_dir(root());
+    let out = run_bounded(command, Duration::from_secs(20)).expect("refused at once");
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("max_surge") && stderr.contains("at least 1"), "{stderr}");
+    assert!(marked(&marker).is_empty(), "left running: {:?}", marked(&marker));
+
+    let run =
+        Run::start(&["--listen", "127.0.0.1:0", "--workers", "2", "--max-surge", "2"], &["python3", &python_example()]);
+    let out = run.cli(&["restart", "--wait"]);
+    assert!(out.status.success(), "restart --wait: {:?}\n{}", text(&out), run.tb.stderr());
+    assert!(
+        run.tb.stderr().contains("graceful restart: replacing 2 workers, up to 2 at a time"),
+        "{}",
+        run.tb.stderr()
+    );
+}
+
+#[test]
 fn a_command_that_cannot_run_fails_at_start_with_a_clear_message_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let not_executable = dir.path().join("plain.txt");
