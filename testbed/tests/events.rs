@@ -571,3 +571,54 @@ fn follow_backs_off_from_a_socket_that_drops_every_connection() {
     done.store(true, Ordering::Relaxed);
     server.join().unwrap();
 }
+
+/// A master that streams, goes away, and the one answering next refuses to stream (an older
+/// version without `events`, or 16 followers already): `events -f` ends with status 1 and
+/// that master's message instead of trying again forever.
+#[test]
+fn follow_ends_with_the_message_of_a_master_that_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refuses.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let refusal = "at most 16 connections follow the events; try again when one ends";
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    let server = std::thread::spawn(move || {
+        // The first connection: a stream's header, then the master goes away.
+        let (mut first, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        BufReader::new(first.try_clone().unwrap()).read_line(&mut request).unwrap();
+        first
+            .write_all(b"{\"v\":1,\"ok\":true,\"history\":{\"master_pid\":4242,\"capacity\":10,\"first_seq\":null,\"last_seq\":0}}\n")
+            .unwrap();
+        drop(first);
+        // Every later one: refused.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut request = String::new();
+                    let _ = BufReader::new(s.try_clone().unwrap()).read_line(&mut request);
+                    let _ = writeln!(s, "{}", serde_json::json!({"v": 1, "ok": false, "error": refusal}));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let mut f = Follower::start_in(dir.path(), &["events", "-f", "--socket", path.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = f.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "a refusal did not end the follower: {}", f.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1), "{}", f.stderr());
+    assert!(f.stderr().contains(refusal), "{}", f.stderr());
+    drop(f);
+    done.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
