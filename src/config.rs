@@ -610,14 +610,27 @@ impl Cluster {
     /// Appends every entry of the event history to the file at `path`, one JSON line each (the
     /// shape of [`ClusterEvent`](crate::ClusterEvent)'s serialization, as `ecewo-cluster events
     /// --json` prints it). The file is created if missing (mode 0640), opened again when
-    /// log rotation moved it away (checked before each write), and written by the master's
-    /// loop with one append per batch of entries. A failing write is logged once and the loop
-    /// goes on. Put it on a local disk: a regular file's write cannot be non-blocking.
+    /// log rotation moved it away (checked before each write), and written by a thread of the
+    /// master, never by its loop: the loop queues each batch of entries and goes on. A failing
+    /// write is logged once and writing goes on with the next batch.
     ///
     /// # Errors
     ///
-    /// [`init`](Cluster::init) fails with [`Error::InvalidOption`] (`event_log`) if the file
-    /// cannot be opened for appending.
+    /// [`init`](Cluster::init) fails with [`Error::LogFile`] if the file cannot be opened for
+    /// appending, or if the path names anything but a regular file (a FIFO, `/dev/stdout`,
+    /// `/dev/null`, a socket): such a sink could block the master's writes, or its `open`. To
+    /// stream the events to another program, use `ecewo-cluster events -f --json` or
+    /// [`on_event`](Cluster::on_event). An empty path or a directory is
+    /// [`Error::InvalidOption`] (`event_log`).
+    ///
+    /// # Caveats
+    ///
+    /// The queue for the writer is bounded (20 000 entries, 8 MiB): on a file system that
+    /// stalls (a hung network mount), entries that do not fit are dropped whole, counted, and
+    /// a warning gives their number (at most every 5 s); the history and `ecewo-cluster
+    /// events` still have them. At the master's end the writer gets a second to write out
+    /// what is queued. If rotation leaves something other than a regular file at the path,
+    /// the writer says so once and goes on appending to the file it holds.
     pub fn event_log(mut self, path: impl Into<std::path::PathBuf>) -> Cluster {
         self.s.event_log = Some(path.into());
         self

@@ -171,7 +171,8 @@ pub enum Error {
         path: std::path::PathBuf,
     },
 
-    /// The log file of the captured output (`CaptureOutput::to_file`) cannot be used.
+    /// A log file cannot be used: the captured output's (`CaptureOutput::to_file`) or the
+    /// event log (`Cluster::event_log`: not a regular file, or it cannot be opened).
     #[error("log file {}: {reason}", path.display())]
     LogFile {
         /// Its path.

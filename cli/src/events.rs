@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use ecewo_cluster::Signal;
-use ecewo_cluster::control::{Client, ClientError, EventsLine};
+use ecewo_cluster::control::{Client, ClientError, EventStream, EventsLine};
 
 #[derive(Args)]
 pub(crate) struct EventsArgs {
@@ -92,8 +92,11 @@ fn run(args: &EventsArgs, path: &Path, timeout: Duration, stop: &AtomicBool, pri
     };
     // The master followed, and the last entry printed.
     let (mut master, mut last) = (None, args.since);
+    let mut backoff = Backoff::new(path);
     loop {
-        match stream(&mut client, last, args.follow, stop, printer, &mut master, &mut last) {
+        let begun = Instant::now();
+        let (stopped, streamed) = stream(&mut client, args.follow, stop, printer, &mut master, &mut last);
+        match stopped {
             Stop::Done => return ExitCode::SUCCESS,
             Stop::Failed(message) => return fail(&message),
             Stop::Closed if !args.follow => {
@@ -101,10 +104,32 @@ fn run(args: &EventsArgs, path: &Path, timeout: Duration, stop: &AtomicBool, pri
             }
             Stop::Closed => {}
         }
-        let pid = master.map_or_else(String::new, |p: u32| format!(" (pid {p})"));
-        eprintln!("ecewo-cluster: the master{pid} went away; waiting for a master at {}", path.display());
+        if streamed {
+            let pid = master.map_or_else(String::new, |p: u32| format!(" (pid {p})"));
+            eprintln!("ecewo-cluster: the master{pid} went away; waiting for a master at {}", path.display());
+            // A stream that lasted: the next master is tried at once. One that ended as soon
+            // as it began is a failed attempt like any other.
+            if begun.elapsed() >= RECONNECT_MAX {
+                backoff.reset();
+            }
+        } else {
+            backoff.failed("the master closed the connection without answering");
+        }
         client = loop {
-            let Some(mut c) = reconnect(path, timeout, stop) else { return ExitCode::SUCCESS };
+            if !backoff.wait(stop) {
+                return ExitCode::SUCCESS;
+            }
+            let mut c = match Client::connect(path, timeout) {
+                Ok(c) => c,
+                Err(ClientError::NotRunning(_)) => {
+                    backoff.failed_quietly();
+                    continue;
+                }
+                Err(e) => {
+                    backoff.failed(&e.to_string());
+                    continue;
+                }
+            };
             // Which master answers: sequence numbers are its own.
             match master_of(&mut c) {
                 Ok(pid) if Some(pid) == master => {
@@ -115,11 +140,69 @@ fn run(args: &EventsArgs, path: &Path, timeout: Duration, stop: &AtomicBool, pri
                     eprintln!("ecewo-cluster: now following master pid {pid}, from the start of its history");
                     (master, last) = (Some(pid), None);
                 }
+                // A master that will not stream (an older one without `events`, or one with
+                // too many followers): waiting would not change its mind.
+                Err(ClientError::Refused(message)) => return fail(&message),
                 // Gone again meanwhile (an old master handing over): wait for the next one.
-                Err(_) => continue,
+                Err(e) => {
+                    backoff.failed(&e.to_string());
+                    continue;
+                }
             }
             break c;
         };
+    }
+}
+
+/// The pause before the next attempt to reach a master: none after a stream that lasted,
+/// then from 50 ms doubling up to [`RECONNECT_MAX`] with every attempt that failed (nothing
+/// listening, a connection closed before an answer), so that a socket that accepts and drops
+/// at once is not hammered. Failures are said on stderr at most every 30 s.
+struct Backoff<'a> {
+    path: &'a Path,
+    pause: Duration,
+    said: Instant,
+}
+
+impl Backoff<'_> {
+    const FIRST: Duration = Duration::from_millis(50);
+    const SAY_EVERY: Duration = Duration::from_secs(30);
+
+    fn new(path: &Path) -> Backoff<'_> {
+        Backoff { path, pause: Duration::ZERO, said: Instant::now() }
+    }
+
+    fn reset(&mut self) {
+        self.pause = Duration::ZERO;
+    }
+
+    /// An attempt failed because of `why` (said if nothing was said for a while).
+    fn failed(&mut self, why: &str) {
+        if self.said.elapsed() > Self::SAY_EVERY {
+            eprintln!("ecewo-cluster: still waiting for a master at {}: {why}", self.path.display());
+            self.said = Instant::now();
+        }
+        self.failed_quietly();
+    }
+
+    /// An attempt failed in the expected way (nothing listens yet).
+    fn failed_quietly(&mut self) {
+        self.pause = (self.pause * 2).clamp(Self::FIRST, RECONNECT_MAX);
+    }
+
+    /// Waits the pause in short sleeps, so that Ctrl-C is seen at once; false if asked to stop.
+    fn wait(&self, stop: &AtomicBool) -> bool {
+        let until = Instant::now() + self.pause;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return true;
+            }
+            std::thread::sleep(left.min(Duration::from_millis(20)));
+        }
     }
 }
 
@@ -132,26 +215,37 @@ fn master_of(client: &mut Client) -> Result<u32, ClientError> {
     Ok(pid)
 }
 
-/// Reads one connection's stream to its end; `master` and `last` are set to the master and
-/// the entry printed last.
+/// Reads one connection's stream of the entries after `last` to its end; `master` and `last`
+/// are set to the master and the entry printed last. Also says whether the master answered
+/// with the stream's header.
 fn stream(
     client: &mut Client,
-    since: Option<u64>,
     follow: bool,
     stop: &AtomicBool,
     printer: &mut Printer,
     master: &mut Option<u32>,
     last: &mut Option<u64>,
-) -> Stop {
-    let mut s = match client.events(since, follow) {
+) -> (Stop, bool) {
+    let mut s = match client.events(*last, follow) {
         Ok(s) => s,
         // Gone before it answered: as closed.
         Err(ClientError::NoAnswer(_) | ClientError::Io { .. } | ClientError::Timeout { .. }) if follow => {
-            return Stop::Closed;
+            return (Stop::Closed, false);
         }
-        Err(e) => return Stop::Failed(e.to_string()),
+        Err(e) => return (Stop::Failed(e.to_string()), false),
     };
     *master = Some(s.info().master_pid);
+    (read_stream(&mut s, follow, stop, printer, last), true)
+}
+
+/// Reads the lines of `s` to its end (see [`stream`]).
+fn read_stream(
+    s: &mut EventStream<'_>,
+    follow: bool,
+    stop: &AtomicBool,
+    printer: &mut Printer,
+    last: &mut Option<u64>,
+) -> Stop {
     if follow {
         s.set_timeout(Some(STOP_CHECK));
     }
@@ -176,36 +270,6 @@ fn stream(
             Err(ClientError::NoAnswer(_) | ClientError::Io { .. }) if follow => return Stop::Closed,
             Err(e) => return Stop::Failed(e.to_string()),
         }
-    }
-}
-
-/// Connects to `path` again, waiting for a master to answer there (a new one after an upgrade
-/// or a restart); `None` if asked to stop meanwhile.
-fn reconnect(path: &Path, timeout: Duration, stop: &AtomicBool) -> Option<Client> {
-    let mut pause = Duration::from_millis(50);
-    let mut said = Instant::now();
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return None;
-        }
-        match Client::connect(path, timeout) {
-            Ok(c) => return Some(c),
-            Err(ClientError::NotRunning(_)) => {}
-            Err(e) if said.elapsed() > Duration::from_secs(30) => {
-                eprintln!("ecewo-cluster: still waiting for a master at {}: {e}", path.display());
-                said = Instant::now();
-            }
-            Err(_) => {}
-        }
-        // Short sleeps, so that Ctrl-C is seen at once.
-        let until = Instant::now() + pause;
-        while Instant::now() < until {
-            if stop.load(Ordering::Relaxed) {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        pause = (pause * 2).min(RECONNECT_MAX);
     }
 }
 

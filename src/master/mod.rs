@@ -690,10 +690,10 @@ impl Master {
         let capture = opts.capture.take().map(capture::Capture::open).transpose()?;
         let event_log = match &opts.event_log {
             None => None,
-            Some(path) => Some(events::EventLog::open(path).map_err(|e| Error::InvalidOption {
-                option: "event_log",
-                reason: format!("cannot open {} for appending: {e}; choose a writable file", path.display()),
-            })?),
+            Some(path) => Some(
+                events::EventLog::open(path)
+                    .map_err(|e| Error::LogFile { path: path.clone(), reason: e.to_string() })?,
+            ),
         };
         if let Some(log) = &event_log {
             tracing::info!("event log: {}", log.path().display());

@@ -6,9 +6,11 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
@@ -16,8 +18,12 @@ use common::*;
 use rustix::process::Signal;
 use serde_json::Value;
 
+/// Runs the CLI to its end, within 20 s (or the test fails, the CLI killed).
 fn cli(tb: &Testbed, args: &[&str]) -> Output {
-    Command::new(cli_binary()).args(args).env("XDG_RUNTIME_DIR", &tb.dir).output().expect("run the CLI")
+    let mut cmd = Command::new(cli_binary());
+    cmd.args(args).env("XDG_RUNTIME_DIR", &tb.dir);
+    run_bounded(cmd, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("`ecewo-cluster {}` still ran after 20 s", args.join(" ")))
 }
 
 fn text(b: &[u8]) -> String {
@@ -58,11 +64,16 @@ struct Follower {
 
 impl Follower {
     fn start(tb: &Testbed, args: &[&str]) -> Follower {
-        let stderr = tb.dir.join(format!("follower-{}.err", std::process::id()));
+        Follower::start_in(&tb.dir, args)
+    }
+
+    /// As [`start`](Follower::start), with `dir` as its `XDG_RUNTIME_DIR` (and for its stderr).
+    fn start_in(dir: &Path, args: &[&str]) -> Follower {
+        let stderr = dir.join(format!("follower-{}.err", std::process::id()));
         let stderr_file = std::fs::File::create(&stderr).unwrap();
         let mut child = Command::new(cli_binary())
             .args(args)
-            .env("XDG_RUNTIME_DIR", &tb.dir)
+            .env("XDG_RUNTIME_DIR", dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr_file)
@@ -483,4 +494,131 @@ impl Drop for Sleepers {
             }
         }
     }
+}
+
+/// `--event-log` naming a FIFO, with no reader (opening it for writing would block) and with a
+/// reader that never reads (writing to it would block the master's loop): `init` refuses it at
+/// once, in one sentence that says what to do instead.
+#[test]
+fn an_event_log_that_is_not_a_regular_file_is_refused_at_init() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("events.fifo");
+    rustix::fs::mknodat(rustix::fs::CWD, &fifo, rustix::fs::FileType::Fifo, rustix::fs::Mode::from(0o600), 0).unwrap();
+    for with_reader in [false, true] {
+        let _reader = with_reader.then(|| {
+            rustix::fs::open(
+                &fifo,
+                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap()
+        });
+        let mut cmd = Command::new(TESTBED);
+        cmd.args(["--port", "0", "--workers", "1", "--event-log", fifo.to_str().unwrap()])
+            .env("XDG_RUNTIME_DIR", dir.path())
+            .env("NO_COLOR", "1");
+        let out = run_bounded(cmd, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("init did not refuse the FIFO (reader: {with_reader}) within 10 s"));
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        let sentence = format!(
+            "log file {}: the event log is a FIFO, not a regular file; it must be a file (to stream the events, use `ecewo-cluster events -f --json`)",
+            fifo.display()
+        );
+        assert!(stderr.contains(&sentence), "reader: {with_reader}; stderr:\n{stderr}");
+    }
+}
+
+/// A socket that accepts every connection and closes it at once (a master failing in a loop,
+/// a stale proxy): `events -f` backs off between attempts instead of spinning, and Ctrl-C still
+/// ends it at once, with status 0.
+#[test]
+fn follow_backs_off_from_a_socket_that_drops_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drops.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (accepted, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let server = {
+        let (accepted, done) = (accepted.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        drop(s);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+    };
+    let mut f = Follower::start_in(dir.path(), &["events", "-f", "--socket", path.to_str().unwrap()]);
+    assert!(
+        wait_until(Duration::from_secs(10), || accepted.load(Ordering::Relaxed) >= 2),
+        "the follower connected and tried again: {}",
+        f.stderr()
+    );
+    // A measuring window, not synchronization: how often it comes back in 2 s.
+    let before = accepted.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    let during = accepted.load(Ordering::Relaxed) - before;
+    assert!(f.child.try_wait().unwrap().is_none(), "it keeps waiting for a master: {}", f.stderr());
+    assert!(during < 50, "{during} connections in 2 s: it does not back off");
+    let status = f.interrupt();
+    assert!(status.success(), "{status:?}: {}", f.stderr());
+    assert!(!f.stderr().contains("panicked"), "{}", f.stderr());
+    done.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}
+
+/// A master that streams, goes away, and the one answering next refuses to stream (an older
+/// version without `events`, or 16 followers already): `events -f` ends with status 1 and
+/// that master's message instead of trying again forever.
+#[test]
+fn follow_ends_with_the_message_of_a_master_that_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refuses.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let refusal = "at most 16 connections follow the events; try again when one ends";
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = done.clone();
+    let server = std::thread::spawn(move || {
+        // The first connection: a stream's header, then the master goes away.
+        let (mut first, _) = listener.accept().unwrap();
+        let mut request = String::new();
+        BufReader::new(first.try_clone().unwrap()).read_line(&mut request).unwrap();
+        first
+            .write_all(b"{\"v\":1,\"ok\":true,\"history\":{\"master_pid\":4242,\"capacity\":10,\"first_seq\":null,\"last_seq\":0}}\n")
+            .unwrap();
+        drop(first);
+        // Every later one: refused.
+        listener.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    let mut request = String::new();
+                    let _ = BufReader::new(s.try_clone().unwrap()).read_line(&mut request);
+                    let _ = writeln!(s, "{}", serde_json::json!({"v": 1, "ok": false, "error": refusal}));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let mut f = Follower::start_in(dir.path(), &["events", "-f", "--socket", path.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = f.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "a refusal did not end the follower: {}", f.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1), "{}", f.stderr());
+    assert!(f.stderr().contains(refusal), "{}", f.stderr());
+    drop(f);
+    done.store(true, Ordering::Relaxed);
+    server.join().unwrap();
 }

@@ -93,17 +93,25 @@ impl EventFeed {
 
     /// The entries the master recorded since the last poll, oldest first, or why there are none.
     fn read_history(&mut self, socket: &Path, timeout: Duration, status: &Status) -> Result<Vec<EventLine>, History> {
-        let since = match self.history {
+        let mut since = match self.history {
             Some((pid, seq)) if pid == status.master.pid => Some(seq),
             // A master not seen before: only its newest entries.
             _ => None,
         };
         let mut client = Client::connect(socket, timeout).map_err(|_| History::Unavailable)?;
-        let mut stream = client.events(since, false).map_err(|e| match e {
+        let refused = |e| match e {
             // An older master: "invalid request".
             ClientError::Refused(_) => History::Unsupported,
             _ => History::Unavailable,
-        })?;
+        };
+        let mut stream = client.events(since, false).map_err(refused)?;
+        if since.is_some() && stream.info().master_pid != status.master.pid {
+            // Another master answered than the one `since` counts in (an upgrade between the
+            // two connections): that master's newest entries instead, asked anew.
+            since = None;
+            client = Client::connect(socket, timeout).map_err(|_| History::Unavailable)?;
+            stream = client.events(None, false).map_err(refused)?;
+        }
         let info = stream.info().clone();
         if info.capacity == 0 {
             return Err(History::Unsupported);
@@ -312,6 +320,66 @@ mod tests {
         let restarted = status(300, vec![worker(0, Some(30)), worker(1, Some(31))]);
         let lines: Vec<String> = derive(&next, &restarted, wall).into_iter().map(|l| l.text).collect();
         assert_eq!(lines, ["a new master, pid 300, answers with 2 workers (was pid 200)"]);
+    }
+
+    /// A master on a unix socket in this test: answers each `events` request with the history
+    /// of the next pid in `pids` (entries 1 to `last`), recording the `since` asked.
+    fn fake_masters(
+        dir: &Path,
+        pids: Vec<u32>,
+        last: u64,
+    ) -> (std::path::PathBuf, std::thread::JoinHandle<Vec<Option<u64>>>) {
+        use std::io::{BufRead, Write};
+        let path = dir.join("fake.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let mut asked = Vec::new();
+            for pid in pids {
+                let (conn, _) = listener.accept().unwrap();
+                let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                reader.read_line(&mut request).unwrap();
+                let request: serde_json::Value = serde_json::from_str(&request).unwrap();
+                let since = request["since"].as_u64();
+                asked.push(since);
+                let mut out = format!(
+                    "{{\"v\":1,\"ok\":true,\"history\":{{\"master_pid\":{pid},\"capacity\":100,\"first_seq\":1,\"last_seq\":{last}}}}}\n"
+                );
+                for seq in since.unwrap_or(0) + 1..=last {
+                    out.push_str(&format!(
+                        "{{\"v\":1,\"ok\":true,\"event\":{{\"seq\":{seq},\"time\":\"2026-01-02T03:04:05.000Z\",\"master_pid\":{pid},\"worker_id\":0,\"pid\":7,\"kind\":\"ready\"}}}}\n"
+                    ));
+                }
+                out.push_str(&format!("{{\"v\":1,\"ok\":true,\"end\":{{\"last_seq\":{last}}}}}\n"));
+                (&conn).write_all(out.as_bytes()).unwrap();
+            }
+            asked
+        });
+        (path, server)
+    }
+
+    /// `status` came from master 100, but the `events` connection reached master 200 (an
+    /// upgrade in between): the `since` of master 100 is not used for master 200's entries;
+    /// it is asked again for its newest ones, and remembered as master 200's.
+    #[test]
+    fn a_since_is_never_used_for_another_master() {
+        let dir = std::env::temp_dir().join(format!("ecewo-cluster-top-feed-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, server) = fake_masters(&dir, vec![100, 200, 200], 5);
+        let mut feed = EventFeed::default();
+        let wall = SystemTime::UNIX_EPOCH;
+        let timeout = Duration::from_secs(5);
+        let old = status(100, vec![worker(0, Some(10))]);
+        // First poll: master 100's entries 1..=5, remembered as (100, 5).
+        assert_eq!(feed.next(&path, timeout, &old, wall).len(), 5);
+        assert_eq!(feed.history, Some((100, 5)));
+        // Second poll: `status` still says 100, master 200 answers `events`.
+        let lines = feed.next(&path, timeout, &old, wall);
+        assert_eq!(feed.history, Some((200, 5)), "the entries are master 200's");
+        assert_eq!(lines.len(), 5, "master 200's newest entries, not those after #5: {lines:?}");
+        assert_eq!(server.join().unwrap(), vec![None, Some(5), None]);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
