@@ -298,7 +298,9 @@ pub(crate) fn diagnose(pid: u32) -> String {
     };
     let tids: Option<Vec<u32>> = std::fs::read_dir(proc_dir.join("task")).ok().map(|dir| {
         let mut tids: Vec<u32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
-        tids.sort_unstable();
+        // The main thread (tid = pid) first, then the others by tid: thread ids wrap around
+        // at pid_max like pids, so a later thread may have a smaller tid than the main one.
+        tids.sort_unstable_by_key(|&t| (t != pid, t));
         tids
     });
     let total = tids.as_ref().map(Vec::len);
