@@ -96,6 +96,29 @@ fn wait_line<T>(rx: &mpsc::Receiver<String>, timeout: Duration, mut find: impl F
     }
 }
 
+/// The cluster's control socket.
+fn control_socket(tb: &Testbed) -> std::path::PathBuf {
+    std::fs::read_dir(tb.dir.join("ecewo-cluster"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the control socket")
+}
+
+/// A raw control connection that sent `request` (a JSON line) and read its first answer.
+fn control_request(sock: &Path, request: &str) -> (BufReader<std::os::unix::net::UnixStream>, serde_json::Value) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (reader, v)
+}
+
 /// The print lines in a JSON log file, checked, by pid: each pid's worker and line numbers.
 fn json_prints(path: &Path) -> BTreeMap<u32, (usize, Vec<u64>)> {
     let mut by_pid: BTreeMap<u32, (usize, Vec<u64>)> = BTreeMap::new();
@@ -445,12 +468,7 @@ fn a_follower_that_does_not_read_is_left_behind() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("w.log");
     let tb = Testbed::start(&["--workers", "1", "--log-file", log.to_str().unwrap()]);
-    let sock = std::fs::read_dir(tb.dir.join("ecewo-cluster"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the control socket");
+    let sock = control_socket(&tb);
     let rss = || {
         let out = cli(&tb, &["status", "--json"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -514,4 +532,69 @@ fn a_follower_that_does_not_read_is_left_behind() {
         }
     }
     assert!(saw_notice, "the follower was told how many lines it missed");
+}
+
+/// The reopen signal of a cluster that captures to its stdout (no log file): handled, said,
+/// harmless; the master and its workers serve on (an unhandled `SIGALRM` would end them).
+#[test]
+fn the_reopen_signal_without_a_log_file_is_harmless() {
+    let mut tb = Testbed::start(&["--workers", "1", "--capture-output", "prefix"]);
+    let workers = tb.workers();
+    tb.signal(Signal::ALARM);
+    assert!(
+        tb.wait_log(Duration::from_secs(10), |l| l.contains("nothing to reopen: the captured output goes to stdout")),
+        "{}",
+        tb.stderr()
+    );
+    assert!(tb.child.try_wait().unwrap().is_none(), "the master survives SIGALRM");
+    let out = cli(&tb, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["master"]["pid"], tb.pid());
+    assert_eq!(tb.workers(), workers, "the workers too");
+}
+
+/// `logs --follow` connections count with the event followers: past 16 the next one is refused
+/// in a sentence and `status` still answers; a request sent on a following connection is
+/// answered with an error and the connection closed (never mixed into the stream).
+#[test]
+fn log_followers_are_bounded_and_take_no_requests() {
+    let tb = Testbed::start(&["--workers", "1", "--capture-output", "prefix"]);
+    let sock = control_socket(&tb);
+    let follow = r#"{"v":1,"cmd":"logs","lines":0,"follow":true}"#;
+    let mut held = Vec::new();
+    for i in 0..16 {
+        let (conn, v) = control_request(&sock, follow);
+        assert_eq!(v["ok"], true, "follower {i}: {v}");
+        held.push(conn);
+    }
+    let (_, v) = control_request(&sock, follow);
+    assert_eq!(v["ok"], false, "the 17th follower is refused: {v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains("16 connections follow the events or the logs already"), "{error}");
+    let (_, v) = control_request(&sock, r#"{"v":1,"cmd":"events","follow":true}"#);
+    assert_eq!(v["ok"], false, "and so is a 17th events follower: {v}");
+    let out = cli(&tb, &["status"]);
+    assert!(out.status.success(), "status answers: {}", text(&out.stderr));
+    // A request on a following connection: an error line, then the end of the connection.
+    use std::io::Write;
+    let mut conn = held.pop().unwrap();
+    conn.get_mut().write_all(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap();
+    let mut answer = None;
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line).expect("the master closes the connection") == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(v.get("cluster").is_none(), "no status answer in the stream: {line:.200}");
+        if v["ok"] == false {
+            answer = Some(v["error"].as_str().unwrap().to_owned());
+        }
+    }
+    let answer = answer.expect("an error line before the end");
+    assert!(answer.contains("follows the logs"), "{answer}");
+    // Its place is free again.
+    let (_, v) = control_request(&sock, follow);
+    assert_eq!(v["ok"], true, "{v}");
 }

@@ -199,8 +199,13 @@ impl CaptureOutput {
     /// The signal that makes the master reopen its log file (default
     /// [`DEFAULT_REOPEN_SIGNAL`], `SIGALRM`, and why). It must not be one the master already
     /// gives a meaning (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGQUIT`, `SIGUSR1`, `SIGUSR2`,
-    /// `SIGTTIN`, `SIGTTOU`), a fault, or one bound with
+    /// `SIGTTIN`, `SIGTTOU`), a fault, or (with a log file) one bound with
     /// [`Cluster::on_signal`](crate::Cluster::on_signal).
+    ///
+    /// The master handles it whenever the output is captured, also to its stdout: there it
+    /// logs "nothing to reopen" (a `SIGALRM` left to its default action would end the master
+    /// and, with it, its workers). Without a log file, a signal bound with `on_signal` stays
+    /// the program's.
     pub fn reopen_signal(mut self, signal: Signal) -> CaptureOutput {
         self.reopen_signal = signal;
         self
@@ -231,6 +236,15 @@ impl CaptureOutput {
     /// The signal that reopens the log file, when there is one.
     pub(crate) fn file_reopen_signal(&self) -> Option<Signal> {
         self.file.as_ref().map(|_| self.reopen_signal)
+    }
+
+    /// The signal the capture handles, given the signals `bound` with `on_signal`: the reopen
+    /// signal whenever the output is captured, also without a log file (logrotate's
+    /// `postrotate` may send it all the same, and an unhandled `SIGALRM` would kill the master
+    /// and its workers with it), unless there is no file and `on_signal` binds it (then it is
+    /// the program's; with a file that is refused by [`Cluster::validate`](crate::Cluster::validate)).
+    pub(crate) fn handled_signal(&self, bound: &[Signal]) -> Option<Signal> {
+        (self.file.is_some() || !bound.contains(&self.reopen_signal)).then_some(self.reopen_signal)
     }
 
     /// Checks the options (see [`Cluster::validate`](crate::Cluster::validate)).
@@ -329,6 +343,8 @@ pub(crate) struct Follower {
 /// The capture as the master runs it.
 pub(crate) struct Capture {
     config: CaptureOutput,
+    /// The signal handled as the reopen signal ([`CaptureOutput::handled_signal`]).
+    signal: Option<Signal>,
     pipes: HashMap<(WorkerKey, LogStream), Pipe>,
     recent: ring::Recent,
     out: Lossy,
@@ -339,8 +355,9 @@ pub(crate) struct Capture {
 
 impl Capture {
     /// The capture of `config`: its log file is opened now (at `init`), its writer thread
-    /// starts with the loop ([`start`](Capture::start)).
-    pub(crate) fn open(config: CaptureOutput) -> Result<Capture, Error> {
+    /// starts with the loop ([`start`](Capture::start)). `bound`: the signals bound with
+    /// `on_signal` ([`CaptureOutput::handled_signal`]).
+    pub(crate) fn open(config: CaptureOutput, bound: &[Signal]) -> Result<Capture, Error> {
         let target = match &config.file {
             None => Target::Stdout,
             Some(path) => Target::File(LogFile::open(path, config.max_bytes, config.keep).map_err(|e| {
@@ -352,6 +369,7 @@ impl Capture {
         let out = Lossy::new(target, config.queue, notice);
         Ok(Capture {
             recent: ring::Recent::new(config.recent.0, config.recent.1),
+            signal: config.handled_signal(bound),
             config,
             pipes: HashMap::new(),
             out,
@@ -367,9 +385,15 @@ impl Capture {
         }
     }
 
-    /// The signal that reopens the log file, if it writes to one.
+    /// The signal that reopens the log file (registered also without a file: see
+    /// [`CaptureOutput::handled_signal`]).
     pub(crate) fn reopen_signal(&self) -> Option<Signal> {
-        self.config.file_reopen_signal()
+        self.signal
+    }
+
+    /// Whether the output goes to a log file (else to the master's stdout).
+    pub(crate) fn has_file(&self) -> bool {
+        self.config.file.is_some()
     }
 
     /// Two new pipes for a worker about to be spawned.
@@ -607,7 +631,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("w.log");
-        let mut c = Capture::open(CaptureOutput::new().to_file(&path).format(CaptureFormat::Json)).unwrap();
+        let mut c = Capture::open(CaptureOutput::new().to_file(&path).format(CaptureFormat::Json), &[]).unwrap();
         c.start();
         let mut pipes = c.worker_pipes().unwrap();
         let (out_w, err_w) = pipes.child.take().unwrap();
