@@ -28,16 +28,28 @@ fn text(b: &[u8]) -> String {
 /// Checks a line the testbed's `/print` wrote (`print PID I LEN <filler>`): whole (LEN bytes,
 /// one letter of filler chosen by I) and written by `pid`. The line's number.
 fn check_print(line: &str, pid: u32) -> u64 {
+    parse_print(line, pid).unwrap_or_else(|e| panic!("{e}: {line:.200}"))
+}
+
+/// As [`check_print`], what is wrong as an `Err`.
+fn parse_print(line: &str, pid: u32) -> Result<u64, &'static str> {
     let fields: Vec<&str> = line.split(' ').collect();
-    assert_eq!(fields.len(), 5, "a print line has 5 fields: {line:.200}");
-    assert_eq!(fields[0], "print", "{line:.200}");
-    assert_eq!(fields[1].parse::<u32>().unwrap(), pid, "written by the worker it names: {line:.200}");
-    let i: u64 = fields[2].parse().unwrap();
-    let len: usize = fields[3].parse().unwrap();
-    assert_eq!(line.len(), len, "the line is whole: {line:.200}");
+    let [print, by, i, len, filler] = fields[..] else { return Err("a print line has 5 fields") };
+    if print != "print" {
+        return Err("not a print line");
+    }
+    if by.parse::<u32>() != Ok(pid) {
+        return Err("not written by the worker it names");
+    }
+    let i: u64 = i.parse().map_err(|_| "no line number")?;
+    if len.parse::<usize>() != Ok(line.len()) {
+        return Err("the line is not whole");
+    }
     let fill = (b'a' + (i % 26) as u8) as char;
-    assert!(fields[4].chars().all(|c| c == fill), "nothing of another line in it: {line:.200}");
-    i
+    if !filler.chars().all(|c| c == fill) {
+        return Err("something of another line is in it");
+    }
+    Ok(i)
 }
 
 /// `[worker W pid P] text` or `[worker W pid P stderr] text`: (W, P, stderr, text).
@@ -597,4 +609,85 @@ fn log_followers_are_bounded_and_take_no_requests() {
     // Its place is free again.
     let (_, v) = control_request(&sock, follow);
     assert_eq!(v["ok"], true, "{v}");
+}
+
+/// The master's stdout and stderr are one pipe (`2>&1`, systemd's journal stream): while the
+/// workers print bursts and the master logs (scaling up and down), every line read is a whole
+/// captured line or a whole log line of the master, never pieces of both.
+#[test]
+fn captured_lines_and_the_masters_log_on_one_pipe_never_cut_each_other() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let writer2 = writer.try_clone().unwrap();
+    let opts = Options {
+        args: ["--workers", "2", "--capture-output", "prefix", "--log-format", "json"].map(String::from).to_vec(),
+        configure: Some(Box::new(move |c: &mut Command| {
+            // The master's debug lines too: many log lines while the workers print.
+            c.stdout(writer).stderr(writer2).env("RUST_LOG", "debug");
+        })),
+        ..Options::default()
+    };
+    let (mut tb, _) = Testbed::spawn(opts);
+    // A reader slower than the writers (a log collector under load): the pipe is full most of
+    // the time, so that a large write waits half done while the other writer writes.
+    let rx = {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (n, line) in BufReader::new(reader).lines().enumerate() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+                if n % 32 == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        rx
+    };
+    let ready = wait_line(&rx, Duration::from_secs(20), |l| l.starts_with("ready: ").then(|| l.to_owned()));
+    tb.set_ready(ready.expect("the ready line"));
+    let port = tb.port;
+    let bursts = std::thread::spawn(move || {
+        for _ in 0..8 {
+            let calls: Vec<_> =
+                (0..3).map(|_| std::thread::spawn(move || http_get(port, "/print?lines=2000&bytes=1500"))).collect();
+            for c in calls {
+                let _ = c.join();
+            }
+        }
+    });
+    for round in 0..6 {
+        let n = if round % 2 == 0 { 3 } else { 2 };
+        let out = cli(&tb, &["scale", &n.to_string()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(wait_until(Duration::from_secs(20), || tb.workers().len() == n), "scaled to {n}");
+    }
+    bursts.join().unwrap();
+    // What reaches the pipe by now, then a quiet moment: all of it.
+    let (mut prints, mut logs, mut logs_among_prints, mut bad) = (0u64, 0u64, 0u64, Vec::new());
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(3)) {
+        if line.starts_with("ready: ") || line.starts_with("[ecewo-cluster] dropped ") {
+            continue;
+        }
+        let whole = match parse_prefixed(&line) {
+            Some((_, pid, false, text)) => parse_print(text, pid).map(|_| prints += 1).is_ok(),
+            Some((_, _, true, text)) => serde_json::from_str::<serde_json::Value>(text).is_ok(),
+            None => match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v["timestamp"].is_string() => {
+                    logs += 1;
+                    logs_among_prints += u64::from(prints > 0);
+                    true
+                }
+                _ => false,
+            },
+        };
+        if !whole {
+            bad.push(line);
+        }
+    }
+    assert!(
+        prints > 1000 && logs_among_prints > 5,
+        "{prints} captured lines, {logs} log lines ({logs_among_prints} among them)"
+    );
+    assert!(bad.is_empty(), "{} lines cut, such as {:.300}", bad.len(), bad[0]);
 }
