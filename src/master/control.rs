@@ -34,6 +34,12 @@ const FOLLOW_PENDING: usize = 1 << 20;
 /// as it does, and entries that leave the ring meanwhile become one "missed" line. A client that
 /// never reads costs this (and the kernel's socket buffer), never more.
 const STREAM_BUFFER: usize = 64 * 1024;
+/// Unwritten output of all connections together past which a `logs` answer is refused (and
+/// up to which it is cut to the newest lines that fit): clients that ask for the recent lines
+/// and do not read never hold more of the master's memory than this (and one answer each).
+const ANSWERS_PENDING: usize = 16 << 20;
+/// The least a `logs` answer may be given before it is refused instead.
+const MIN_ANSWER: usize = 64 * 1024;
 /// Connections that follow the events or the captured lines at once, together (the others
 /// keep room for requests: a follower is owed lines, so it is never closed to make room).
 const MAX_FOLLOWERS: usize = 16;
@@ -282,6 +288,20 @@ impl ControlServer {
             c.io.send(line).ok();
         }
         self.flush(id);
+    }
+
+    /// Room for a `logs` answer within [`ANSWERS_PENDING`]; `Err` is the message to answer
+    /// instead.
+    pub(crate) fn answer_room(&self) -> Result<usize, String> {
+        let pending: usize = self.conns.values().map(|c| c.io.pending_output()).sum();
+        let room = ANSWERS_PENDING.saturating_sub(pending);
+        if room < MIN_ANSWER {
+            return Err(format!(
+                "the master holds {} MiB of answers that its clients have not read yet; try again once they read (or stop them)",
+                pending >> 20
+            ));
+        }
+        Ok(room)
     }
 
     /// Output connection `id` has not taken yet; `None` once it is closed.
@@ -541,20 +561,21 @@ impl Driver {
                     None => Err(NOT_CAPTURED.to_owned()),
                     Some(capture) => {
                         // (A second `logs` on a following connection was refused above.)
-                        match self
-                            .m
-                            .control
-                            .as_mut()
-                            .map_or(Ok(()), |c| if follow { c.follow_logs(id) } else { Ok(()) })
-                        {
-                            Ok(()) => {
+                        let admitted = match self.m.control.as_mut() {
+                            None => Ok(usize::MAX),
+                            Some(c) => c.answer_room().and_then(|room| {
                                 if follow {
-                                    capture.followers.insert(id, super::capture::Follower { worker, dropped: 0 });
+                                    c.follow_logs(id)?;
                                 }
-                                Ok(Response::Logs { lines: capture.recent(worker, lines) })
+                                Ok(room)
+                            }),
+                        };
+                        admitted.map(|room| {
+                            if follow {
+                                capture.followers.insert(id, super::capture::Follower { worker, dropped: 0 });
                             }
-                            Err(message) => Err(message),
-                        }
+                            Response::Logs { lines: capture.recent(worker, lines, room) }
+                        })
                     }
                 },
                 Ok(Request::ReopenLogs) => match self.m.capture.as_mut() {

@@ -331,8 +331,9 @@ const READ_BUDGET: usize = 64 * 1024;
 /// worker left behind may hold them for ever).
 const EXIT_DRAIN: Duration = Duration::from_secs(1);
 
-/// The largest `logs` answer the master builds (the client accepts up to 16 MiB).
-const ANSWER_BUDGET: usize = 12 << 20;
+/// The largest `logs` answer the master builds, in bytes of JSON (the client accepts up to
+/// 16 MiB): what one connection may hold of the master's memory until its client reads it.
+pub(crate) const ANSWER_BUDGET: usize = 4 << 20;
 
 /// One pipe the master reads.
 struct Pipe {
@@ -512,9 +513,9 @@ impl Capture {
         self.out.dropped()
     }
 
-    /// The newest `n` lines (of `worker`), oldest first.
-    pub(crate) fn recent(&self, worker: Option<usize>, n: usize) -> Vec<LogLine> {
-        self.recent.last(worker, n, ANSWER_BUDGET)
+    /// The newest `n` lines (of `worker`), oldest first, in at most `budget` bytes of JSON.
+    pub(crate) fn recent(&self, worker: Option<usize>, n: usize, budget: usize) -> Vec<LogLine> {
+        self.recent.last(worker, n, budget.min(ANSWER_BUDGET))
     }
 
     /// Opens the log file at its path anew (after it was moved away) and hands it to the
@@ -671,8 +672,8 @@ mod tests {
         let late = c.expire(now + EXIT_DRAIN);
         assert_eq!(late.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["late, no newline"]);
         assert_eq!(c.fds().count(), 0);
-        assert_eq!(c.recent(None, 10).len(), 4);
-        assert_eq!(c.recent(None, 10)[0].line, "hello");
+        assert_eq!(c.recent(None, 10, usize::MAX).len(), 4);
+        assert_eq!(c.recent(None, 10, usize::MAX)[0].line, "hello");
         drop(c);
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

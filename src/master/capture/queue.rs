@@ -437,9 +437,29 @@ impl LogFile {
 }
 
 /// Opens `path` for appending, creating it with mode 0640 (logs may hold what a program
-/// should not show everyone).
+/// should not show everyone). Opened by the master's loop (at `init`, and to reopen), so it
+/// never waits: `O_NONBLOCK` (a FIFO without a reader would block the `open`), and anything but
+/// a regular file is refused (a FIFO or a device would block the writer, or the loop).
 pub(crate) fn open_append(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+    let not_a_file = || {
+        io::Error::other(format!(
+            "{} is not a regular file (a FIFO, socket or device could block the writer)",
+            path.display()
+        ))
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        // (std adds O_CLOEXEC.)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        // ENXIO: a FIFO without a reader (or a device without its driver).
+        .map_err(|e| if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) { not_a_file() } else { e })?;
+    if !file.metadata()?.is_file() {
+        return Err(not_a_file());
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -546,6 +566,17 @@ mod tests {
         let mut w = Writes(Vec::new());
         write_chunks(&mut w, &lines, usize::MAX).unwrap();
         assert_eq!(w.0.len(), 1, "a regular file: one write");
+    }
+
+    /// A FIFO is refused at once (its `open` would block without a reader).
+    #[test]
+    fn a_fifo_is_not_a_log_file() {
+        let d = dir("fifo");
+        let path = d.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&path).status().unwrap().success());
+        let e = open_append(&path).unwrap_err();
+        assert!(e.to_string().contains("is not a regular file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     /// A file moved away (as logrotate does): the writer goes on into the moved file until it
