@@ -82,6 +82,22 @@ impl Drop for Kid {
     }
 }
 
+/// `ecewo-cluster logs -f` against `tb`: the process, the lines it prints on stdout and those
+/// on stderr, as they come.
+fn follow_logs(tb: &Testbed) -> (Kid, mpsc::Receiver<String>, mpsc::Receiver<String>) {
+    let mut follow = Kid(Command::new(cli_binary())
+        .args(["logs", "-f"])
+        .env("XDG_RUNTIME_DIR", &tb.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let rx = lines_of(&mut follow.0);
+    let said = common::lines_of(follow.0.stderr.take().unwrap());
+    (follow, rx, said)
+}
+
 /// The lines a child writes on stdout, as they come.
 fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     let out = child.stdout.take().expect("piped stdout");
@@ -285,15 +301,7 @@ fn logs_follow_sees_a_kill_and_the_respawned_worker() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("w.log");
     let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--log-file", log.to_str().unwrap()]);
-    let mut follow = Kid(Command::new(cli_binary())
-        .args(["logs", "-f"])
-        .env("XDG_RUNTIME_DIR", &tb.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let rx = lines_of(&mut follow.0);
+    let (_follow, rx, _said) = follow_logs(&tb);
     let starting = |slot: usize| {
         move |line: &str| {
             let (w, pid, stderr, text) = parse_prefixed(line)?;
@@ -690,4 +698,82 @@ fn captured_lines_and_the_masters_log_on_one_pipe_never_cut_each_other() {
         "{prints} captured lines, {logs} log lines ({logs_among_prints} among them)"
     );
     assert!(bad.is_empty(), "{} lines cut, such as {:.300}", bad.len(), bad[0]);
+}
+
+/// Kills, at the end of a test, a master it did not start (an upgrade's new master) and its
+/// workers, by pid.
+struct NewMaster(u32);
+
+impl Drop for NewMaster {
+    fn drop(&mut self) {
+        for pid in children_of(self.0).into_iter().chain([self.0]) {
+            if is_testbed(pid) {
+                send_signal(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
+/// `logs -f` across `ecewo-cluster upgrade --wait`: once the old master is gone it says which
+/// master it follows now, shows the start-up lines of the new master's workers (each once),
+/// and goes on with their new output.
+#[test]
+fn logs_follow_goes_on_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("w.log");
+    let mut tb = Testbed::start(&["--workers", "2", "--log-file", log.to_str().unwrap()]);
+    let (mut follow, rx, said) = follow_logs(&tb);
+    let mut seen = Vec::new();
+    let starting = |line: &str| {
+        let (w, pid, stderr, text) = parse_prefixed(line)?;
+        (stderr && text == format!("testbed worker {w} pid {pid} starting")).then_some(pid)
+    };
+    let old = wait_line(&rx, Duration::from_secs(10), |l| {
+        seen.push(l.to_owned());
+        starting(l)
+    });
+    assert!(old.is_some_and(|pid| tb.workers().contains(&pid)), "an old worker's start-up line");
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    let new_master: u32 = text(&out.stdout)
+        .split("master pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&out.stdout)));
+    let _cleanup = NewMaster(new_master);
+    assert_ne!(new_master, tb.pid());
+    let new_workers: BTreeSet<u32> = children_of(new_master).into_iter().collect();
+    assert!(tb.wait_exit(Duration::from_secs(30)).is_some(), "the old master exits after the hand-over");
+    let following = wait_line(&said, Duration::from_secs(20), |l| {
+        l.contains(&format!("now following master pid {new_master}")).then_some(())
+    });
+    assert!(following.is_some(), "logs -f says which master it follows now");
+    let new = wait_line(&rx, Duration::from_secs(20), |l| {
+        seen.push(l.to_owned());
+        starting(l).filter(|pid| new_workers.contains(pid))
+    });
+    let new = new.expect("a new worker's start-up line, with its pid");
+    // And the new workers' output as it comes.
+    assert_eq!(http_get(tb.port, "/print?lines=2&bytes=50").unwrap().0, 200);
+    let printed = wait_line(&rx, Duration::from_secs(10), |l| {
+        seen.push(l.to_owned());
+        let (_, pid, _, text) = parse_prefixed(l)?;
+        (text.starts_with("print ") && new_workers.contains(&pid)).then(|| check_print(text, pid))
+    });
+    assert!(printed.is_some(), "followed lines of a new worker");
+    let once = seen.iter().filter(|l| starting(l) == Some(new)).count();
+    assert_eq!(once, 1, "the start-up line of pid {new} once: {seen:#?}");
+    assert!(follow.0.try_wait().unwrap().is_none(), "logs -f runs on");
+    // Ctrl-C ends it with status 0.
+    send_signal(follow.0.id(), Signal::INT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = follow.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "logs -f did not end on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
