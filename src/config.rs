@@ -542,6 +542,26 @@ impl Cluster {
     /// its own stdout or to a log file, and keeps the recent lines for `ecewo-cluster logs`. A
     /// worker is never blocked by a slow reader of that output: lines are dropped and counted
     /// instead. See [`CaptureOutput`] for the options and the caveats.
+    ///
+    /// # Errors
+    ///
+    /// None here; [`init`](Cluster::init) (and [`validate`](Cluster::validate)) fail with
+    /// [`Error::InvalidOption`](crate::Error::InvalidOption) for options out of range (see
+    /// [`CaptureOutput`]) or a log file's reopen signal also bound with
+    /// [`on_signal`](Cluster::on_signal), and `init` with [`Error::LogFile`](crate::Error::LogFile)
+    /// when the log file cannot be opened (or is not a regular file).
+    ///
+    /// # Caveats
+    ///
+    /// With the output captured to the master's stdout (or to a stderr that is the same pipe,
+    /// `2>&1`, systemd's journal stream), nothing on the master's thread may write to that
+    /// stream with a blocking write: the writer of the captured output holds the standard
+    /// library's stdout lock while a stdout nobody reads is full, so a `println!` in an
+    /// `on_*` callback, or a `tracing` subscriber writing to stdout (`tracing_subscriber::fmt()`
+    /// does by default), would stop the master's loop, and then the workers. Route the master's
+    /// logs through [`logging`](crate::logging) (feature `logging`: it writes stderr from a
+    /// lossy queue of its own, so it is safe) or another non-blocking writer, or capture to a
+    /// file ([`CaptureOutput::to_file`]).
     pub fn capture_output(mut self, capture: CaptureOutput) -> Cluster {
         self.s.capture = Some(capture);
         self

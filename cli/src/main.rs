@@ -2,6 +2,7 @@
 //! program as a cluster (`run.rs`).
 
 mod events;
+mod logs;
 mod run;
 mod top;
 
@@ -111,21 +112,9 @@ enum Cmd {
     /// upgrades.
     Top(top::TopArgs),
     /// Show the workers' recent output (a cluster that captures it: `run --capture-output`,
-    /// `Cluster::capture_output`), oldest first, and with --follow the new lines as they come.
-    Logs {
-        /// Keep printing new lines as they are captured (until the master stops, or Ctrl-C).
-        #[arg(short, long)]
-        follow: bool,
-        /// Only this worker slot's lines.
-        #[arg(long, value_name = "N")]
-        worker: Option<usize>,
-        /// At most this many recent lines (the newest).
-        #[arg(short = 'n', long = "lines", value_name = "LINES", default_value_t = control::DEFAULT_LOG_LINES)]
-        lines: usize,
-        /// One JSON object per line (time, worker, pid, stream, line).
-        #[arg(long)]
-        json: bool,
-    },
+    /// `Cluster::capture_output`), oldest first, and with --follow the new lines as they come,
+    /// across restarts and upgrades of the master.
+    Logs(logs::LogsArgs),
     /// Reopen the log file of the workers' captured output (after logrotate moved it away),
     /// as the master's reopen signal (SIGALRM by default) does.
     ReopenLogs,
@@ -175,10 +164,11 @@ fn main() -> ExitCode {
         let Target { name, socket, pid } = cli.target;
         return run::main(*args, run::Global { name, socket, pid, log_format: cli.log_format });
     }
-    if let Cmd::Logs { follow, worker, lines, json } = cli.command {
-        // Printed as it comes (a follow never ends on its own).
-        return match logs(&cli.target, cli.timeout, Request::Logs { worker, lines, follow }, json) {
-            Ok(code) => code,
+    if let Cmd::Logs(args) = cli.command {
+        // Printed as it comes (a follower for as long as it runs).
+        let timeout = Duration::from_secs_f64(cli.timeout);
+        return match find(&cli.target, timeout) {
+            Ok(path) => logs::main(args, &path, timeout),
             Err(Failure(msg)) => {
                 eprintln!("ecewo-cluster: {msg}");
                 ExitCode::FAILURE
@@ -244,7 +234,7 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         Cmd::Probe { probe } => Request::Probe { probe: *probe },
         Cmd::ReopenLogs => Request::ReopenLogs,
         Cmd::List { .. } => unreachable!("handled above"),
-        Cmd::Run(_) | Cmd::Top(_) | Cmd::Logs { .. } | Cmd::Events(_) => unreachable!("handled in main"),
+        Cmd::Run(_) | Cmd::Top(_) | Cmd::Logs(_) | Cmd::Events(_) => unreachable!("handled in main"),
     };
     let wait = if matches!(cli.command, Cmd::Restart { wait: true } | Cmd::Upgrade { wait: true, .. }) {
         Duration::from_secs(600)
@@ -285,59 +275,6 @@ fn run(cli: Cli, out: &mut String) -> Result<ExitCode, Failure> {
         (_, other) => return Err(Failure(format!("the master answered something unexpected: {other:?}"))),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `logs`: the recent lines, then with `follow` every new one, each line written and flushed
-/// as it comes. A reader that went away (`| head`) ends it quietly.
-fn logs(target: &Target, timeout: f64, request: Request, json: bool) -> Result<ExitCode, Failure> {
-    use control::LogEvent;
-    let timeout = Duration::from_secs_f64(timeout);
-    let path = find(target, timeout)?;
-    let mut client = Client::connect(&path, timeout)?;
-    let Response::Logs { lines } = client.request(&request)? else {
-        return Err(Failure("the master answered something unexpected to `logs`".into()));
-    };
-    let mut stdout = std::io::stdout().lock();
-    let mut print = |event: &LogEvent| -> std::io::Result<()> {
-        let text = match (event, json) {
-            (LogEvent::Line(l), true) => serde_json::to_string(l).unwrap_or_default(),
-            (LogEvent::Line(l), false) => l.to_string(),
-            (LogEvent::Dropped(n), true) => serde_json::json!({ "dropped": n }).to_string(),
-            (LogEvent::Dropped(n), false) => {
-                format!("[ecewo-cluster] {n} lines left out: this client did not read fast enough")
-            }
-            (_, _) => return Ok(()),
-        };
-        writeln!(stdout, "{text}")?;
-        stdout.flush()
-    };
-    // Ok(false): the reader went away.
-    let mut emit = |event: &LogEvent| match print(event) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
-        Err(e) => Err(Failure(format!("cannot write the output: {e}"))),
-    };
-    for l in lines {
-        if !emit(&LogEvent::Line(l))? {
-            return Ok(ExitCode::SUCCESS);
-        }
-    }
-    if !matches!(request, Request::Logs { follow: true, .. }) {
-        return Ok(ExitCode::SUCCESS);
-    }
-    loop {
-        match client.next_log()? {
-            Some(event) => {
-                if !emit(&event)? {
-                    return Ok(ExitCode::SUCCESS);
-                }
-            }
-            None => {
-                eprintln!("ecewo-cluster: the master closed the connection (it stopped, or was upgraded)");
-                return Ok(ExitCode::SUCCESS);
-            }
-        }
-    }
 }
 
 /// Finds the control socket the user means.

@@ -34,7 +34,14 @@ const FOLLOW_PENDING: usize = 1 << 20;
 /// as it does, and entries that leave the ring meanwhile become one "missed" line. A client that
 /// never reads costs this (and the kernel's socket buffer), never more.
 const STREAM_BUFFER: usize = 64 * 1024;
-/// Connections that follow the events at once (the others keep room for requests).
+/// Unwritten output of all connections together past which a `logs` answer is refused (and
+/// up to which it is cut to the newest lines that fit): clients that ask for the recent lines
+/// and do not read never hold more of the master's memory than this (and one answer each).
+const ANSWERS_PENDING: usize = 16 << 20;
+/// The least a `logs` answer may be given before it is refused instead.
+const MIN_ANSWER: usize = 64 * 1024;
+/// Connections that follow the events or the captured lines at once, together (the others
+/// keep room for requests: a follower is owed lines, so it is never closed to make room).
 const MAX_FOLLOWERS: usize = 16;
 
 /// Identifies a control connection.
@@ -49,6 +56,15 @@ struct Conn {
     closing: bool,
     /// It streams the event history (`events`).
     stream: Option<Stream>,
+    /// It follows the captured lines (`logs` with `follow`).
+    follows_logs: bool,
+}
+
+impl Conn {
+    /// It follows the events or the captured lines (until it closes).
+    fn following(&self) -> bool {
+        self.follows_logs || self.stream.is_some_and(|s| s.until.is_none())
+    }
 }
 
 /// An event stream's position.
@@ -223,7 +239,10 @@ impl ControlServer {
                 continue;
             }
             self.next_id += 1;
-            self.conns.insert(self.next_id, Conn { io, last_active: now, owed: 0, closing: false, stream: None });
+            self.conns.insert(
+                self.next_id,
+                Conn { io, last_active: now, owed: 0, closing: false, stream: None, follows_logs: false },
+            );
         }
     }
 
@@ -271,6 +290,20 @@ impl ControlServer {
         self.flush(id);
     }
 
+    /// Room for a `logs` answer within [`ANSWERS_PENDING`]; `Err` is the message to answer
+    /// instead.
+    pub(crate) fn answer_room(&self) -> Result<usize, String> {
+        let pending: usize = self.conns.values().map(|c| c.io.pending_output()).sum();
+        let room = ANSWERS_PENDING.saturating_sub(pending);
+        if room < MIN_ANSWER {
+            return Err(format!(
+                "the master holds {} MiB of answers that its clients have not read yet; try again once they read (or stop them)",
+                pending >> 20
+            ));
+        }
+        Ok(room)
+    }
+
     /// Output connection `id` has not taken yet; `None` once it is closed.
     pub(crate) fn pending_output(&self, id: ConnId) -> Option<usize> {
         self.conns.get(&id).map(|c| c.io.pending_output())
@@ -312,11 +345,8 @@ impl ControlServer {
         if follow && h.capacity() == 0 {
             return Err("the event history is off (event_history(0)): there is nothing to follow".into());
         }
-        let following = self.conns.values().filter(|c| c.stream.is_some_and(|s| s.until.is_none())).count();
-        if follow && following >= MAX_FOLLOWERS {
-            return Err(format!(
-                "{MAX_FOLLOWERS} connections follow the events already; stop one (or read the history without --follow)"
-            ));
+        if follow {
+            self.room_to_follow("read the history without --follow")?;
         }
         let Some(c) = self.conns.get_mut(&id) else { return Ok(()) };
         if c.stream.is_some() {
@@ -333,19 +363,45 @@ impl ControlServer {
         Ok(())
     }
 
-    /// Ends the event stream of connection `id`, and closes it once its output is written.
+    /// `Err` (the sentence to answer, ending with `instead`) when [`MAX_FOLLOWERS`] connections
+    /// follow already.
+    fn room_to_follow(&self, instead: &str) -> Result<(), String> {
+        let following = self.conns.values().filter(|c| c.following()).count();
+        if following >= MAX_FOLLOWERS {
+            return Err(format!(
+                "{MAX_FOLLOWERS} connections follow the events or the logs already, the most the master serves; stop one (or {instead})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Connection `id` follows the captured lines from now on (never idle: it waits for
+    /// lines); `Err` is the message to answer instead.
+    pub(crate) fn follow_logs(&mut self, id: ConnId) -> Result<(), String> {
+        self.room_to_follow("read the recent lines without --follow")?;
+        if let Some(c) = self.conns.get_mut(&id) {
+            c.follows_logs = true;
+            c.owed += 1;
+        }
+        Ok(())
+    }
+
+    /// Ends the event stream or the following of the captured lines of connection `id`, and
+    /// closes it once its output is written.
     pub(crate) fn end_stream(&mut self, id: ConnId) {
-        if let Some(c) = self.conns.get_mut(&id)
-            && c.stream.take().is_some()
-        {
-            c.owed = c.owed.saturating_sub(1);
-            c.closing = true;
+        if let Some(c) = self.conns.get_mut(&id) {
+            let ended = usize::from(c.stream.take().is_some()) + usize::from(std::mem::take(&mut c.follows_logs));
+            if ended > 0 {
+                c.owed = c.owed.saturating_sub(ended);
+                c.closing = true;
+            }
         }
     }
 
-    /// Whether connection `id` streams events.
+    /// Whether connection `id` streams events or follows the captured lines: a request there
+    /// would have its answer mixed into the stream.
     pub(crate) fn streaming(&self, id: ConnId) -> bool {
-        self.conns.get(&id).is_some_and(|c| c.stream.is_some())
+        self.conns.get(&id).is_some_and(|c| c.stream.is_some() || c.follows_logs)
     }
 
     /// Adds to every event stream what `h` has for it, up to [`STREAM_BUFFER`] of unwritten
@@ -431,14 +487,16 @@ impl Driver {
         let Some(ctl) = self.m.control.as_mut() else { return };
         let requests = ctl.read(id, Instant::now());
         for request in requests {
-            if self.m.control.as_ref().is_some_and(|c| c.streaming(id)) {
-                // A request during an event stream (also one sent right behind `events`): its
-                // answer would be mixed into the stream.
-                if let Some(ctl) = self.m.control.as_mut() {
-                    ctl.end_stream(id);
-                    let message = "this connection streams events: send other requests after its end, or on a connection of their own; closing it";
-                    ctl.reply(id, &control::encode_error(message));
-                }
+            if let Some(ctl) = self.m.control.as_mut().filter(|c| c.streaming(id)) {
+                // A request during an event stream or a `logs --follow` (also one sent right
+                // behind it): its answer would be mixed into the stream.
+                let message = if self.m.capture.as_mut().is_some_and(|c| c.followers.remove(&id).is_some()) {
+                    "this connection follows the logs: send other requests on a connection of their own; closing it"
+                } else {
+                    "this connection streams events: send other requests after its end, or on a connection of their own; closing it"
+                };
+                ctl.end_stream(id);
+                ctl.reply(id, &control::encode_error(message));
                 break;
             }
             let reply = match request {
@@ -502,15 +560,22 @@ impl Driver {
                 Ok(Request::Logs { worker, lines, follow }) => match self.m.capture.as_mut() {
                     None => Err(NOT_CAPTURED.to_owned()),
                     Some(capture) => {
-                        let recent = capture.recent(worker, lines);
-                        if follow && !capture.followers.contains_key(&id) {
-                            capture.followers.insert(id, super::capture::Follower { worker, dropped: 0 });
-                            // Never idle: it waits for lines.
-                            if let Some(ctl) = self.m.control.as_mut() {
-                                ctl.owe(id, 1);
+                        // (A second `logs` on a following connection was refused above.)
+                        let admitted = match self.m.control.as_mut() {
+                            None => Ok(usize::MAX),
+                            Some(c) => c.answer_room().and_then(|room| {
+                                if follow {
+                                    c.follow_logs(id)?;
+                                }
+                                Ok(room)
+                            }),
+                        };
+                        admitted.map(|room| {
+                            if follow {
+                                capture.followers.insert(id, super::capture::Follower { worker, dropped: 0 });
                             }
-                        }
-                        Ok(Response::Logs { lines: recent })
+                            Response::Logs { lines: capture.recent(worker, lines, room) }
+                        })
                     }
                 },
                 Ok(Request::ReopenLogs) => match self.m.capture.as_mut() {
@@ -549,7 +614,7 @@ impl Driver {
             && ctl.is_closing(id)
             && capture.followers.remove(&id).is_some()
         {
-            ctl.owe(id, -1);
+            ctl.end_stream(id);
         }
         if let Some(ctl) = self.m.control.as_mut() {
             ctl.flush(id);
@@ -593,9 +658,13 @@ impl Driver {
 
     /// Reopens the captured output's log file (its reopen signal arrived).
     pub(super) fn reopen_logs(&mut self) {
-        if let Some(capture) = self.m.capture.as_mut()
-            && let Err(e) = capture.reopen()
-        {
+        let Some(capture) = self.m.capture.as_mut() else { return };
+        if !capture.has_file() {
+            // Handled all the same: its default action would end the master and its workers.
+            tracing::info!("nothing to reopen: the captured output goes to stdout");
+            return;
+        }
+        if let Err(e) = capture.reopen() {
             tracing::warn!("{e}");
         }
     }

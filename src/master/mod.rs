@@ -687,7 +687,8 @@ impl Master {
                 Some((server, bound))
             }
         };
-        let capture = opts.capture.take().map(capture::Capture::open).transpose()?;
+        let bound: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        let capture = opts.capture.take().map(|c| capture::Capture::open(c, &bound)).transpose()?;
         let event_log = match &opts.event_log {
             None => None,
             Some(path) => Some(
@@ -699,7 +700,7 @@ impl Master {
             tracing::info!("event log: {}", log.path().display());
         }
         // Last, so that an error above leaves the process's signals as they were.
-        let mut extra: Vec<Signal> = opts.on_signal.iter().map(|(s, _)| *s).collect();
+        let mut extra = bound;
         extra.extend(capture.as_ref().and_then(capture::Capture::reopen_signal));
         if rustix::process::getpid().as_raw_nonzero().get() == 1 {
             // PID 1 of a container: orphans of the whole container are re-parented to us and

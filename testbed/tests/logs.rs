@@ -28,16 +28,28 @@ fn text(b: &[u8]) -> String {
 /// Checks a line the testbed's `/print` wrote (`print PID I LEN <filler>`): whole (LEN bytes,
 /// one letter of filler chosen by I) and written by `pid`. The line's number.
 fn check_print(line: &str, pid: u32) -> u64 {
+    parse_print(line, pid).unwrap_or_else(|e| panic!("{e}: {line:.200}"))
+}
+
+/// As [`check_print`], what is wrong as an `Err`.
+fn parse_print(line: &str, pid: u32) -> Result<u64, &'static str> {
     let fields: Vec<&str> = line.split(' ').collect();
-    assert_eq!(fields.len(), 5, "a print line has 5 fields: {line:.200}");
-    assert_eq!(fields[0], "print", "{line:.200}");
-    assert_eq!(fields[1].parse::<u32>().unwrap(), pid, "written by the worker it names: {line:.200}");
-    let i: u64 = fields[2].parse().unwrap();
-    let len: usize = fields[3].parse().unwrap();
-    assert_eq!(line.len(), len, "the line is whole: {line:.200}");
+    let [print, by, i, len, filler] = fields[..] else { return Err("a print line has 5 fields") };
+    if print != "print" {
+        return Err("not a print line");
+    }
+    if by.parse::<u32>() != Ok(pid) {
+        return Err("not written by the worker it names");
+    }
+    let i: u64 = i.parse().map_err(|_| "no line number")?;
+    if len.parse::<usize>() != Ok(line.len()) {
+        return Err("the line is not whole");
+    }
     let fill = (b'a' + (i % 26) as u8) as char;
-    assert!(fields[4].chars().all(|c| c == fill), "nothing of another line in it: {line:.200}");
-    i
+    if !filler.chars().all(|c| c == fill) {
+        return Err("something of another line is in it");
+    }
+    Ok(i)
 }
 
 /// `[worker W pid P] text` or `[worker W pid P stderr] text`: (W, P, stderr, text).
@@ -70,6 +82,22 @@ impl Drop for Kid {
     }
 }
 
+/// `ecewo-cluster logs -f` against `tb`: the process, the lines it prints on stdout and those
+/// on stderr, as they come.
+fn follow_logs(tb: &Testbed) -> (Kid, mpsc::Receiver<String>, mpsc::Receiver<String>) {
+    let mut follow = Kid(Command::new(cli_binary())
+        .args(["logs", "-f"])
+        .env("XDG_RUNTIME_DIR", &tb.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let rx = lines_of(&mut follow.0);
+    let said = common::lines_of(follow.0.stderr.take().unwrap());
+    (follow, rx, said)
+}
+
 /// The lines a child writes on stdout, as they come.
 fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
     let out = child.stdout.take().expect("piped stdout");
@@ -94,6 +122,29 @@ fn wait_line<T>(rx: &mpsc::Receiver<String>, timeout: Duration, mut find: impl F
             return Some(found);
         }
     }
+}
+
+/// The cluster's control socket.
+fn control_socket(tb: &Testbed) -> std::path::PathBuf {
+    std::fs::read_dir(tb.dir.join("ecewo-cluster"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "sock"))
+        .expect("the control socket")
+}
+
+/// A raw control connection that sent `request` (a JSON line) and read its first answer.
+fn control_request(sock: &Path, request: &str) -> (BufReader<std::os::unix::net::UnixStream>, serde_json::Value) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let v = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    (reader, v)
 }
 
 /// The print lines in a JSON log file, checked, by pid: each pid's worker and line numbers.
@@ -250,15 +301,7 @@ fn logs_follow_sees_a_kill_and_the_respawned_worker() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("w.log");
     let mut tb = Testbed::start(&["--workers", "2", "--respawn", "--log-file", log.to_str().unwrap()]);
-    let mut follow = Kid(Command::new(cli_binary())
-        .args(["logs", "-f"])
-        .env("XDG_RUNTIME_DIR", &tb.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
-    let rx = lines_of(&mut follow.0);
+    let (_follow, rx, _said) = follow_logs(&tb);
     let starting = |slot: usize| {
         move |line: &str| {
             let (w, pid, stderr, text) = parse_prefixed(line)?;
@@ -445,12 +488,7 @@ fn a_follower_that_does_not_read_is_left_behind() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("w.log");
     let tb = Testbed::start(&["--workers", "1", "--log-file", log.to_str().unwrap()]);
-    let sock = std::fs::read_dir(tb.dir.join("ecewo-cluster"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sock"))
-        .expect("the control socket");
+    let sock = control_socket(&tb);
     let rss = || {
         let out = cli(&tb, &["status", "--json"]);
         assert!(out.status.success(), "{}", text(&out.stderr));
@@ -514,4 +552,228 @@ fn a_follower_that_does_not_read_is_left_behind() {
         }
     }
     assert!(saw_notice, "the follower was told how many lines it missed");
+}
+
+/// The reopen signal of a cluster that captures to its stdout (no log file): handled, said,
+/// harmless; the master and its workers serve on (an unhandled `SIGALRM` would end them).
+#[test]
+fn the_reopen_signal_without_a_log_file_is_harmless() {
+    let mut tb = Testbed::start(&["--workers", "1", "--capture-output", "prefix"]);
+    let workers = tb.workers();
+    tb.signal(Signal::ALARM);
+    assert!(
+        tb.wait_log(Duration::from_secs(10), |l| l.contains("nothing to reopen: the captured output goes to stdout")),
+        "{}",
+        tb.stderr()
+    );
+    assert!(tb.child.try_wait().unwrap().is_none(), "the master survives SIGALRM");
+    let out = cli(&tb, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["master"]["pid"], tb.pid());
+    assert_eq!(tb.workers(), workers, "the workers too");
+}
+
+/// `logs --follow` connections count with the event followers: past 16 the next one is refused
+/// in a sentence and `status` still answers; a request sent on a following connection is
+/// answered with an error and the connection closed (never mixed into the stream).
+#[test]
+fn log_followers_are_bounded_and_take_no_requests() {
+    let tb = Testbed::start(&["--workers", "1", "--capture-output", "prefix"]);
+    let sock = control_socket(&tb);
+    let follow = r#"{"v":1,"cmd":"logs","lines":0,"follow":true}"#;
+    let mut held = Vec::new();
+    for i in 0..16 {
+        let (conn, v) = control_request(&sock, follow);
+        assert_eq!(v["ok"], true, "follower {i}: {v}");
+        held.push(conn);
+    }
+    let (_, v) = control_request(&sock, follow);
+    assert_eq!(v["ok"], false, "the 17th follower is refused: {v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(error.contains("16 connections follow the events or the logs already"), "{error}");
+    let (_, v) = control_request(&sock, r#"{"v":1,"cmd":"events","follow":true}"#);
+    assert_eq!(v["ok"], false, "and so is a 17th events follower: {v}");
+    let out = cli(&tb, &["status"]);
+    assert!(out.status.success(), "status answers: {}", text(&out.stderr));
+    // A request on a following connection: an error line, then the end of the connection.
+    use std::io::Write;
+    let mut conn = held.pop().unwrap();
+    conn.get_mut().write_all(b"{\"v\":1,\"cmd\":\"status\"}\n").unwrap();
+    let mut answer = None;
+    loop {
+        let mut line = String::new();
+        if conn.read_line(&mut line).expect("the master closes the connection") == 0 {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(v.get("cluster").is_none(), "no status answer in the stream: {line:.200}");
+        if v["ok"] == false {
+            answer = Some(v["error"].as_str().unwrap().to_owned());
+        }
+    }
+    let answer = answer.expect("an error line before the end");
+    assert!(answer.contains("follows the logs"), "{answer}");
+    // Its place is free again.
+    let (_, v) = control_request(&sock, follow);
+    assert_eq!(v["ok"], true, "{v}");
+}
+
+/// The master's stdout and stderr are one pipe (`2>&1`, systemd's journal stream): while the
+/// workers print bursts and the master logs (scaling up and down), every line read is a whole
+/// captured line or a whole log line of the master, never pieces of both.
+#[test]
+fn captured_lines_and_the_masters_log_on_one_pipe_never_cut_each_other() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    let writer2 = writer.try_clone().unwrap();
+    let opts = Options {
+        args: ["--workers", "2", "--capture-output", "prefix", "--log-format", "json"].map(String::from).to_vec(),
+        configure: Some(Box::new(move |c: &mut Command| {
+            // The master's debug lines too: many log lines while the workers print.
+            c.stdout(writer).stderr(writer2).env("RUST_LOG", "debug");
+        })),
+        ..Options::default()
+    };
+    let (mut tb, _) = Testbed::spawn(opts);
+    // A reader slower than the writers (a log collector under load): the pipe is full most of
+    // the time, so that a large write waits half done while the other writer writes.
+    let rx = {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for (n, line) in BufReader::new(reader).lines().enumerate() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+                if n % 32 == 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        });
+        rx
+    };
+    let ready = wait_line(&rx, Duration::from_secs(20), |l| l.starts_with("ready: ").then(|| l.to_owned()));
+    tb.set_ready(ready.expect("the ready line"));
+    let port = tb.port;
+    let bursts = std::thread::spawn(move || {
+        for _ in 0..8 {
+            let calls: Vec<_> =
+                (0..3).map(|_| std::thread::spawn(move || http_get(port, "/print?lines=2000&bytes=1500"))).collect();
+            for c in calls {
+                let _ = c.join();
+            }
+        }
+    });
+    for round in 0..6 {
+        let n = if round % 2 == 0 { 3 } else { 2 };
+        let out = cli(&tb, &["scale", &n.to_string()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(wait_until(Duration::from_secs(20), || tb.workers().len() == n), "scaled to {n}");
+    }
+    bursts.join().unwrap();
+    // What reaches the pipe by now, then a quiet moment: all of it.
+    let (mut prints, mut logs, mut logs_among_prints, mut bad) = (0u64, 0u64, 0u64, Vec::new());
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(3)) {
+        if line.starts_with("ready: ") || line.starts_with("[ecewo-cluster] dropped ") {
+            continue;
+        }
+        let whole = match parse_prefixed(&line) {
+            Some((_, pid, false, text)) => parse_print(text, pid).map(|_| prints += 1).is_ok(),
+            Some((_, _, true, text)) => serde_json::from_str::<serde_json::Value>(text).is_ok(),
+            None => match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v["timestamp"].is_string() => {
+                    logs += 1;
+                    logs_among_prints += u64::from(prints > 0);
+                    true
+                }
+                _ => false,
+            },
+        };
+        if !whole {
+            bad.push(line);
+        }
+    }
+    assert!(
+        prints > 1000 && logs_among_prints > 5,
+        "{prints} captured lines, {logs} log lines ({logs_among_prints} among them)"
+    );
+    assert!(bad.is_empty(), "{} lines cut, such as {:.300}", bad.len(), bad[0]);
+}
+
+/// Kills, at the end of a test, a master it did not start (an upgrade's new master) and its
+/// workers, by pid.
+struct NewMaster(u32);
+
+impl Drop for NewMaster {
+    fn drop(&mut self) {
+        for pid in children_of(self.0).into_iter().chain([self.0]) {
+            if is_testbed(pid) {
+                send_signal(pid, Signal::KILL);
+            }
+        }
+    }
+}
+
+/// `logs -f` across `ecewo-cluster upgrade --wait`: once the old master is gone it says which
+/// master it follows now, shows the start-up lines of the new master's workers (each once),
+/// and goes on with their new output.
+#[test]
+fn logs_follow_goes_on_across_an_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("w.log");
+    let mut tb = Testbed::start(&["--workers", "2", "--log-file", log.to_str().unwrap()]);
+    let (mut follow, rx, said) = follow_logs(&tb);
+    let mut seen = Vec::new();
+    let starting = |line: &str| {
+        let (w, pid, stderr, text) = parse_prefixed(line)?;
+        (stderr && text == format!("testbed worker {w} pid {pid} starting")).then_some(pid)
+    };
+    let old = wait_line(&rx, Duration::from_secs(10), |l| {
+        seen.push(l.to_owned());
+        starting(l)
+    });
+    assert!(old.is_some_and(|pid| tb.workers().contains(&pid)), "an old worker's start-up line");
+    let out = cli(&tb, &["upgrade", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
+    let new_master: u32 = text(&out.stdout)
+        .split("master pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&out.stdout)));
+    let _cleanup = NewMaster(new_master);
+    assert_ne!(new_master, tb.pid());
+    let new_workers: BTreeSet<u32> = children_of(new_master).into_iter().collect();
+    assert!(tb.wait_exit(Duration::from_secs(30)).is_some(), "the old master exits after the hand-over");
+    let following = wait_line(&said, Duration::from_secs(20), |l| {
+        l.contains(&format!("now following master pid {new_master}")).then_some(())
+    });
+    assert!(following.is_some(), "logs -f says which master it follows now");
+    let new = wait_line(&rx, Duration::from_secs(20), |l| {
+        seen.push(l.to_owned());
+        starting(l).filter(|pid| new_workers.contains(pid))
+    });
+    let new = new.expect("a new worker's start-up line, with its pid");
+    // And the new workers' output as it comes.
+    assert_eq!(http_get(tb.port, "/print?lines=2&bytes=50").unwrap().0, 200);
+    let printed = wait_line(&rx, Duration::from_secs(10), |l| {
+        seen.push(l.to_owned());
+        let (_, pid, _, text) = parse_prefixed(l)?;
+        (text.starts_with("print ") && new_workers.contains(&pid)).then(|| check_print(text, pid))
+    });
+    assert!(printed.is_some(), "followed lines of a new worker");
+    let once = seen.iter().filter(|l| starting(l) == Some(new)).count();
+    assert_eq!(once, 1, "the start-up line of pid {new} once: {seen:#?}");
+    assert!(follow.0.try_wait().unwrap().is_none(), "logs -f runs on");
+    // Ctrl-C ends it with status 0.
+    send_signal(follow.0.id(), Signal::INT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = follow.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "logs -f did not end on SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }

@@ -131,9 +131,21 @@ const RESERVED: &[Signal] = &[
 /// - A line longer than [`max_line`](CaptureOutput::max_line) bytes is written as several
 ///   lines of at most that size: every piece but the last ends with ` [continued]` in the
 ///   prefixed format, and has `"continued":true` in JSON.
-/// - With the master's stdout as the destination, the writer holds the standard library's
-///   stdout lock while it writes: other code of the master that prints to stdout waits while
-///   stdout is blocked (the master's own loop never prints).
+/// - **Nothing on the master's thread may write to a captured stdout with a blocking write.**
+///   With the master's stdout as the destination (or a stderr that is the same pipe: `2>&1`,
+///   systemd's journal stream), the writer holds the standard library's stdout lock while it
+///   writes, also while a stdout nobody reads is full. The master's thread logs through
+///   `tracing` and runs the `on_*` callbacks: a `println!` there, or a `tracing` subscriber
+///   writing to stdout (`tracing_subscriber::fmt()` does by default), waits for that lock, the
+///   loop stops, and so do the workers once their pipes are full. Route the master's logs
+///   through [`logging`](crate::logging) (feature `logging`: it writes stderr from a bounded
+///   lossy queue of its own, never blocking the master), or another non-blocking writer, or
+///   capture to a file ([`to_file`](CaptureOutput::to_file)).
+/// - Written to a pipe, a FIFO, a socket or a terminal, batches go in writes of whole lines of
+///   at most 4096 bytes (`PIPE_BUF`: such a write is never split by another process's writes,
+///   such as the other master's during an upgrade); a longer line is one write of its own. When
+///   stdout and stderr are the same file, the captured output's writer and the
+///   [`logging`](crate::logging) writer take turns, batch by batch.
 /// - When a worker exits, what it wrote is read to the end; a process it left behind may hold
 ///   the pipes open: they are closed a second after the worker's exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,8 +211,13 @@ impl CaptureOutput {
     /// The signal that makes the master reopen its log file (default
     /// [`DEFAULT_REOPEN_SIGNAL`], `SIGALRM`, and why). It must not be one the master already
     /// gives a meaning (`SIGTERM`, `SIGINT`, `SIGHUP`, `SIGQUIT`, `SIGUSR1`, `SIGUSR2`,
-    /// `SIGTTIN`, `SIGTTOU`), a fault, or one bound with
+    /// `SIGTTIN`, `SIGTTOU`), a fault, or (with a log file) one bound with
     /// [`Cluster::on_signal`](crate::Cluster::on_signal).
+    ///
+    /// The master handles it whenever the output is captured, also to its stdout: there it
+    /// logs "nothing to reopen" (a `SIGALRM` left to its default action would end the master
+    /// and, with it, its workers). Without a log file, a signal bound with `on_signal` stays
+    /// the program's.
     pub fn reopen_signal(mut self, signal: Signal) -> CaptureOutput {
         self.reopen_signal = signal;
         self
@@ -231,6 +248,15 @@ impl CaptureOutput {
     /// The signal that reopens the log file, when there is one.
     pub(crate) fn file_reopen_signal(&self) -> Option<Signal> {
         self.file.as_ref().map(|_| self.reopen_signal)
+    }
+
+    /// The signal the capture handles, given the signals `bound` with `on_signal`: the reopen
+    /// signal whenever the output is captured, also without a log file (logrotate's
+    /// `postrotate` may send it all the same, and an unhandled `SIGALRM` would kill the master
+    /// and its workers with it), unless there is no file and `on_signal` binds it (then it is
+    /// the program's; with a file that is refused by [`Cluster::validate`](crate::Cluster::validate)).
+    pub(crate) fn handled_signal(&self, bound: &[Signal]) -> Option<Signal> {
+        (self.file.is_some() || !bound.contains(&self.reopen_signal)).then_some(self.reopen_signal)
     }
 
     /// Checks the options (see [`Cluster::validate`](crate::Cluster::validate)).
@@ -305,8 +331,9 @@ const READ_BUDGET: usize = 64 * 1024;
 /// worker left behind may hold them for ever).
 const EXIT_DRAIN: Duration = Duration::from_secs(1);
 
-/// The largest `logs` answer the master builds (the client accepts up to 16 MiB).
-const ANSWER_BUDGET: usize = 12 << 20;
+/// The largest `logs` answer the master builds, in bytes of JSON (the client accepts up to
+/// 16 MiB): what one connection may hold of the master's memory until its client reads it.
+pub(crate) const ANSWER_BUDGET: usize = 4 << 20;
 
 /// One pipe the master reads.
 struct Pipe {
@@ -329,6 +356,8 @@ pub(crate) struct Follower {
 /// The capture as the master runs it.
 pub(crate) struct Capture {
     config: CaptureOutput,
+    /// The signal handled as the reopen signal ([`CaptureOutput::handled_signal`]).
+    signal: Option<Signal>,
     pipes: HashMap<(WorkerKey, LogStream), Pipe>,
     recent: ring::Recent,
     out: Lossy,
@@ -339,8 +368,9 @@ pub(crate) struct Capture {
 
 impl Capture {
     /// The capture of `config`: its log file is opened now (at `init`), its writer thread
-    /// starts with the loop ([`start`](Capture::start)).
-    pub(crate) fn open(config: CaptureOutput) -> Result<Capture, Error> {
+    /// starts with the loop ([`start`](Capture::start)). `bound`: the signals bound with
+    /// `on_signal` ([`CaptureOutput::handled_signal`]).
+    pub(crate) fn open(config: CaptureOutput, bound: &[Signal]) -> Result<Capture, Error> {
         let target = match &config.file {
             None => Target::Stdout,
             Some(path) => Target::File(LogFile::open(path, config.max_bytes, config.keep).map_err(|e| {
@@ -352,6 +382,7 @@ impl Capture {
         let out = Lossy::new(target, config.queue, notice);
         Ok(Capture {
             recent: ring::Recent::new(config.recent.0, config.recent.1),
+            signal: config.handled_signal(bound),
             config,
             pipes: HashMap::new(),
             out,
@@ -367,9 +398,15 @@ impl Capture {
         }
     }
 
-    /// The signal that reopens the log file, if it writes to one.
+    /// The signal that reopens the log file (registered also without a file: see
+    /// [`CaptureOutput::handled_signal`]).
     pub(crate) fn reopen_signal(&self) -> Option<Signal> {
-        self.config.file_reopen_signal()
+        self.signal
+    }
+
+    /// Whether the output goes to a log file (else to the master's stdout).
+    pub(crate) fn has_file(&self) -> bool {
+        self.config.file.is_some()
     }
 
     /// Two new pipes for a worker about to be spawned.
@@ -476,9 +513,9 @@ impl Capture {
         self.out.dropped()
     }
 
-    /// The newest `n` lines (of `worker`), oldest first.
-    pub(crate) fn recent(&self, worker: Option<usize>, n: usize) -> Vec<LogLine> {
-        self.recent.last(worker, n, ANSWER_BUDGET)
+    /// The newest `n` lines (of `worker`), oldest first, in at most `budget` bytes of JSON.
+    pub(crate) fn recent(&self, worker: Option<usize>, n: usize, budget: usize) -> Vec<LogLine> {
+        self.recent.last(worker, n, budget.min(ANSWER_BUDGET))
     }
 
     /// Opens the log file at its path anew (after it was moved away) and hands it to the
@@ -607,7 +644,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("w.log");
-        let mut c = Capture::open(CaptureOutput::new().to_file(&path).format(CaptureFormat::Json)).unwrap();
+        let mut c = Capture::open(CaptureOutput::new().to_file(&path).format(CaptureFormat::Json), &[]).unwrap();
         c.start();
         let mut pipes = c.worker_pipes().unwrap();
         let (out_w, err_w) = pipes.child.take().unwrap();
@@ -635,8 +672,8 @@ mod tests {
         let late = c.expire(now + EXIT_DRAIN);
         assert_eq!(late.iter().map(|l| l.line.as_str()).collect::<Vec<_>>(), ["late, no newline"]);
         assert_eq!(c.fds().count(), 0);
-        assert_eq!(c.recent(None, 10).len(), 4);
-        assert_eq!(c.recent(None, 10)[0].line, "hello");
+        assert_eq!(c.recent(None, 10, usize::MAX).len(), 4);
+        assert_eq!(c.recent(None, 10, usize::MAX)[0].line, "hello");
         drop(c);
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

@@ -238,16 +238,76 @@ fn write_out(inner: &Inner, mut target: Target, notice: Notice) {
     }
 }
 
+/// Held around each batch written to stdout or to stderr while the two are the same file
+/// (`2>&1`, systemd's journal stream): the captured output's writer and the `logging`
+/// feature's writer then never cut each other's lines, whatever the size of their writes.
+/// Taken before the standard library's lock of the stream, never after it.
+static SHARED_STREAM: Mutex<()> = Mutex::new(());
+
+/// The most bytes a pipe takes in one write without letting another writer's bytes in between
+/// (`PIPE_BUF`): batches go to a pipe, a FIFO, a socket or a terminal in writes of whole lines
+/// of at most this size, so that even another process's writes (the other master's during an
+/// upgrade) never split a line. A longer line is one write of its own.
+pub(crate) const ATOMIC_WRITE: usize = 4096;
+
 fn write_batch(target: &mut Target, lines: &[Vec<u8>]) -> io::Result<()> {
     match target {
         Target::Stdout => {
+            let _shared = shared_stream();
             let mut out = io::stdout().lock();
-            out.write_all(&lines.concat())?;
+            let max = write_size(&out);
+            write_chunks(&mut out, lines, max)?;
             out.flush()
         }
-        Target::Stderr => io::stderr().lock().write_all(&lines.concat()),
+        Target::Stderr => {
+            let _shared = shared_stream();
+            let mut err = io::stderr().lock();
+            let max = write_size(&err);
+            write_chunks(&mut err, lines, max)
+        }
         Target::File(log) => log.write_lines(lines),
     }
+}
+
+/// [`SHARED_STREAM`], when stdout and stderr are one file now (asked at each batch: cheap,
+/// and a program may redirect them at any time).
+fn shared_stream() -> Option<MutexGuard<'static, ()>> {
+    let id = |s: &rustix::fs::Stat| (s.st_dev, s.st_ino);
+    let same = match (rustix::fs::fstat(io::stdout()), rustix::fs::fstat(io::stderr())) {
+        (Ok(a), Ok(b)) => id(&a) == id(&b),
+        _ => false,
+    };
+    same.then(|| SHARED_STREAM.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// The largest write to `fd`: [`ATOMIC_WRITE`], unless it is a regular file (where appends
+/// are whole writes anyway, and fewer are quicker).
+fn write_size(fd: &impl std::os::fd::AsFd) -> usize {
+    match rustix::fs::fstat(fd) {
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile => usize::MAX,
+        _ => ATOMIC_WRITE,
+    }
+}
+
+/// Writes `lines` (each a whole line) in writes of whole lines of at most `max` bytes; a line
+/// longer than `max` is a write of its own.
+fn write_chunks(out: &mut impl Write, lines: &[Vec<u8>], max: usize) -> io::Result<()> {
+    let mut chunk = Vec::with_capacity(max.min(1 << 20));
+    for line in lines {
+        if !chunk.is_empty() && chunk.len() + line.len() > max {
+            out.write_all(&chunk)?;
+            chunk.clear();
+        }
+        if line.len() >= max {
+            out.write_all(line)?;
+        } else {
+            chunk.extend_from_slice(line);
+        }
+    }
+    if !chunk.is_empty() {
+        out.write_all(&chunk)?;
+    }
+    Ok(())
 }
 
 /// A log file at a path: appended to, rotated by size (`path` → `path.1` → … → `path.K`), and
@@ -377,9 +437,29 @@ impl LogFile {
 }
 
 /// Opens `path` for appending, creating it with mode 0640 (logs may hold what a program
-/// should not show everyone).
+/// should not show everyone). Opened by the master's loop (at `init`, and to reopen), so it
+/// never waits: `O_NONBLOCK` (a FIFO without a reader would block the `open`), and anything but
+/// a regular file is refused (a FIFO or a device would block the writer, or the loop).
 pub(crate) fn open_append(path: &Path) -> io::Result<File> {
-    std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+    let not_a_file = || {
+        io::Error::other(format!(
+            "{} is not a regular file (a FIFO, socket or device could block the writer)",
+            path.display()
+        ))
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        // (std adds O_CLOEXEC.)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        // ENXIO: a FIFO without a reader (or a device without its driver).
+        .map_err(|e| if e.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) { not_a_file() } else { e })?;
+    if !file.metadata()?.is_file() {
+        return Err(not_a_file());
+    }
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -453,6 +533,49 @@ mod tests {
         log.write_lines(&lines[..4]).unwrap();
         assert_eq!(read(&path0), "line 0003 .......\n");
         assert!(!d.join("zero.log.1").exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Batches are cut into writes of whole lines of at most the size given; a longer line is
+    /// one write.
+    #[test]
+    fn chunks_end_on_line_boundaries() {
+        /// Records each write.
+        struct Writes(Vec<Vec<u8>>);
+        impl Write for Writes {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.push(buf.to_vec());
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let line = |c: u8, n: usize| {
+            let mut l = vec![c; n - 1];
+            l.push(b'\n');
+            l
+        };
+        let lines = [line(b'a', 40), line(b'b', 50), line(b'c', 30), line(b'd', 250), line(b'e', 10)];
+        let mut w = Writes(Vec::new());
+        write_chunks(&mut w, &lines, 100).unwrap();
+        let sizes: Vec<usize> = w.0.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [90, 30, 250, 10]);
+        assert!(w.0.iter().all(|c| c.ends_with(b"\n")));
+        assert_eq!(w.0.concat(), lines.concat(), "everything, in order");
+        let mut w = Writes(Vec::new());
+        write_chunks(&mut w, &lines, usize::MAX).unwrap();
+        assert_eq!(w.0.len(), 1, "a regular file: one write");
+    }
+
+    /// A FIFO is refused at once (its `open` would block without a reader).
+    #[test]
+    fn a_fifo_is_not_a_log_file() {
+        let d = dir("fifo");
+        let path = d.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&path).status().unwrap().success());
+        let e = open_append(&path).unwrap_err();
+        assert!(e.to_string().contains("is not a regular file"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
