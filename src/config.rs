@@ -559,7 +559,7 @@ impl Cluster {
     /// library's stdout lock while a stdout nobody reads is full, so a `println!` in an
     /// `on_*` callback, or a `tracing` subscriber writing to stdout (`tracing_subscriber::fmt()`
     /// does by default), would stop the master's loop, and then the workers. Route the master's
-    /// logs through [`logging`](crate::logging) (feature `logging`: it writes stderr from a
+    /// logs through `ecewo_cluster::logging` (feature `logging`: it writes stderr from a
     /// lossy queue of its own, so it is safe) or another non-blocking writer, or capture to a
     /// file ([`CaptureOutput::to_file`]).
     pub fn capture_output(mut self, capture: CaptureOutput) -> Cluster {

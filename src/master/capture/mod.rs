@@ -138,14 +138,14 @@ const RESERVED: &[Signal] = &[
 ///   `tracing` and runs the `on_*` callbacks: a `println!` there, or a `tracing` subscriber
 ///   writing to stdout (`tracing_subscriber::fmt()` does by default), waits for that lock, the
 ///   loop stops, and so do the workers once their pipes are full. Route the master's logs
-///   through [`logging`](crate::logging) (feature `logging`: it writes stderr from a bounded
+///   through `ecewo_cluster::logging` (feature `logging`: it writes stderr from a bounded
 ///   lossy queue of its own, never blocking the master), or another non-blocking writer, or
 ///   capture to a file ([`to_file`](CaptureOutput::to_file)).
 /// - Written to a pipe, a FIFO, a socket or a terminal, batches go in writes of whole lines of
 ///   at most 4096 bytes (`PIPE_BUF`: such a write is never split by another process's writes,
 ///   such as the other master's during an upgrade); a longer line is one write of its own. When
 ///   stdout and stderr are the same file, the captured output's writer and the
-///   [`logging`](crate::logging) writer take turns, batch by batch.
+///   `ecewo_cluster::logging` writer take turns, batch by batch.
 /// - When a worker exits, what it wrote is read to the end; a process it left behind may hold
 ///   the pipes open: they are closed a second after the worker's exit.
 #[derive(Debug, Clone, PartialEq, Eq)]
