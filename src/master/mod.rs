@@ -853,7 +853,9 @@ impl Master {
             p
         });
         let owns_outside = predecessor.is_none();
+        let watch = driver::Watch::new().map_err(Error::io("cannot create the master's epoll set"))?;
         let mut driver = Driver {
+            watch,
             sup,
             successor: None,
             predecessor,
@@ -867,6 +869,8 @@ impl Master {
             steering_failed: false,
             master_pid: rustix::process::getpid(),
             outcome: None,
+            published: None,
+            listeners_read: None,
             m: master,
         };
         // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,
