@@ -1,5 +1,7 @@
 //! The master's loop: feeds events to the supervisor at the current time, carries out the
-//! commands it returns, and sleeps in `poll` until something happens or a deadline passes.
+//! commands it returns, and sleeps in its epoll set (every source registered once: see
+//! ARCHITECTURE.md, "The loop: epoll with registration") until something happens or a
+//! deadline passes.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -426,13 +428,11 @@ impl Driver {
     fn watch_outside(&mut self, now: Instant) -> Result<(), Error> {
         let poller = &mut self.watch.poller;
         let mut seen = Vec::with_capacity(self.watch.outside.len());
+        // (A token whose change failed is still seen: what it had stays registered.)
         let mut keep = |source: Source, fd: BorrowedFd<'_>, interest: Interest| {
             let token = source.token();
-            let r = poller.set(token, fd, interest);
-            if r.is_ok() {
-                seen.push(token);
-            }
-            r
+            seen.push(token);
+            poller.set(token, fd, interest)
         };
         keep(Source::Signals, self.m.signals.read.as_fd(), Interest::READ)
             .map_err(Error::io("cannot watch the master's signal pipe"))?;
@@ -656,7 +656,10 @@ impl Driver {
         // Channels first: a worker's last messages come before its exit; its output too. (Its
         // exit also reads them first: the wait may report the exit before them.)
         for &token in &ready {
-            stale |= self.watch.poller.is_stale(token);
+            if self.watch.poller.is_stale(token) {
+                stale = true;
+                continue;
+            }
             match Source::of(token) {
                 Some(Source::Channel(key)) => self.on_channel(key, events),
                 Some(Source::Output(key, stream)) => self.on_output(key, stream),
