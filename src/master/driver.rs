@@ -942,3 +942,41 @@ fn read_memory(pid: u32, measure: super::MemoryMeasure) -> Option<u64> {
     };
     crate::os::procfs::memory(pid, kind)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every source's token decodes to it, and no two sources share one.
+    #[test]
+    fn tokens_name_their_sources() {
+        let big = WorkerKey((1 << KIND_SHIFT) - 1);
+        let sources = [
+            Source::Signals,
+            Source::Wake,
+            Source::Exit(WorkerKey(0)),
+            Source::Exit(big),
+            Source::Channel(WorkerKey(0)),
+            Source::Channel(big),
+            Source::ControlListener,
+            Source::Control(1),
+            Source::AdminListener,
+            Source::Admin(1),
+            Source::WorkerNotify,
+            Source::Successor(u32::MAX),
+            Source::SuccessorExit(u32::MAX),
+            Source::Predecessor(7),
+            Source::Output(WorkerKey(3), LogStream::Stdout),
+            Source::Output(WorkerKey(3), LogStream::Stderr),
+        ];
+        let mut tokens: Vec<u64> = sources.iter().map(|s| s.token()).collect();
+        for (s, t) in sources.iter().zip(&tokens) {
+            assert_eq!(Source::of(*t), Some(*s), "{t:#x}");
+        }
+        tokens.sort_unstable();
+        tokens.dedup();
+        assert_eq!(tokens.len(), sources.len(), "distinct tokens");
+        assert_eq!(Source::of(0), None, "no kind 0");
+        assert_eq!(Source::of(15 << KIND_SHIFT), None);
+    }
+}
