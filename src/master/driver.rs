@@ -101,7 +101,7 @@ pub(super) struct Published {
 
 /// How soon after a publication the statistics are published again when only heartbeats and
 /// request counts moved (every worker beats once a second: publishing at each beat would cost
-/// O(N) per beat, O(N²) a second).
+/// O(N) per beat, O(N²) a second); see [`Driver::publish_window`].
 const PUBLISH_BEATS: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a polled descriptor belongs to; registered under [`Source::token`]. A token names one
@@ -205,7 +205,7 @@ impl Driver {
                 ctl.feed_streams(self.sup.history());
             }
             let now = Instant::now();
-            if self.outcome.is_some() || self.publish_due(now).is_some_and(|due| due <= now) {
+            if self.outcome.is_some() || self.publish_window(now).is_some_and(|(from, _)| from <= now) {
                 self.publish(now);
             }
             match self.outcome.take() {
@@ -590,18 +590,20 @@ impl Driver {
         super::listener_stats(&self.m.listeners)
     }
 
-    /// When the statistics for handles and module functions should be published next, if
-    /// they changed since the last time: `now` (at the end of this wake-up) when the
-    /// supervisor handled an event in full (so a callback, or another thread, reads them as
-    /// of the last wake-up that changed anything, as before), [`PUBLISH_BEATS`] after the last
-    /// publication when only heartbeats and counts moved.
-    fn publish_due(&self, now: Instant) -> Option<Instant> {
-        let Some(p) = &self.published else { return Some(now) };
+    /// When the statistics for handles and module functions should be published, if they
+    /// changed since the last time: from when, and by when the loop wakes up for it. At the
+    /// end of this wake-up when the supervisor handled an event in full (so a callback, or
+    /// another thread, reads them as of the last wake-up that changed anything, as before).
+    /// When only heartbeats and counts moved, at the first wake-up [`PUBLISH_BEATS`] after the
+    /// last publication (heartbeats come about that often: publishing needs no wake-up of its
+    /// own), and twice that after it at the latest.
+    fn publish_window(&self, now: Instant) -> Option<(Instant, Instant)> {
+        let Some(p) = &self.published else { return Some((now, now)) };
         let (changes, beats) = self.sup.revision();
         if changes != p.revision.0 {
-            Some(now)
+            Some((now, now))
         } else if beats != p.revision.1 {
-            Some(p.at + PUBLISH_BEATS)
+            Some((p.at + PUBLISH_BEATS, p.at + 2 * PUBLISH_BEATS))
         } else {
             None
         }
@@ -644,7 +646,7 @@ impl Driver {
             self.watch.ready_timers.first().map(|(t, _)| *t),
             self.m.notify.as_ref().and_then(Notifier::watchdog_due),
             self.m.capture.as_ref().and_then(super::capture::Capture::next_deadline),
-            self.publish_due(now),
+            self.publish_window(now).map(|(_, by)| by),
         ]
         .into_iter()
         .flatten()
