@@ -4,8 +4,11 @@
 Usage: plot_scale.py DATA.json OUT.png
 
 Run as a separate process by bench/scale with whichever Python has matplotlib. DATA.json is what
-`bench/scale --json` writes: {"command": "...", "rows": [{"workers": N, ...}, ...]}. Several
-data files can be drawn together (before/after a change): plot_scale.py A.json[=label] B.json[=label] OUT.png.
+`bench/scale --json` writes: {"command": "...", "rows": [{"workers": N, ...}, ...]}, or with
+several `--testbed`s {"command": "...", "sets": [{"label": L, "rows": [...]}, ...]} (each set is
+drawn, under its label). Several data files can be drawn together (before/after a change):
+plot_scale.py A.json[=label] B.json[=label] OUT.png. A series keeps its colour across data
+sets; each data set has its own line style (solid, dashed, dotted, dash-dot).
 """
 
 import json
@@ -47,17 +50,21 @@ def main(args):
     for a in args[:-1]:
         path, _, label = a.partition("=")
         with open(path) as f:
-            sets.append((label, json.load(f)["rows"]))
+            data = json.load(f)
+        if "sets" in data:
+            sets += [(f"{label} {s['label']}".strip(), s["rows"]) for s in data["sets"]]
+        else:
+            sets.append((label, data["rows"]))
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for ax, (title, series) in zip(axes.flat, PANELS):
         for si, (label, rows) in enumerate(sets):
-            for key, name in series:
+            for ki, (key, name) in enumerate(series):
                 pts = [(r["workers"], r[key] * SCALE.get(key, 1)) for r in rows if r.get(key)]
                 if not pts:
                     continue
                 xs, ys = zip(*pts)
                 lab = f"{name} ({label})" if label else name
-                ax.plot(xs, ys, STYLES[si % len(STYLES)], marker="o", label=lab)
+                ax.plot(xs, ys, STYLES[si % len(STYLES)], color=f"C{ki}", marker="o", label=lab)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("workers (N)")

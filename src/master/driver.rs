@@ -1,12 +1,13 @@
 //! The master's loop: feeds events to the supervisor at the current time, carries out the
-//! commands it returns, and sleeps in `poll` until something happens or a deadline passes.
+//! commands it returns, and sleeps in its epoll set (every source registered once: see
+//! ARCHITECTURE.md, "The loop: epoll with registration") until something happens or a
+//! deadline passes.
 
-use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::time::{Instant, SystemTime};
 
-use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, WaitId, WaitIdOptions};
 
 use super::Balance;
@@ -16,7 +17,9 @@ use super::notify::Notifier;
 use super::steer::Group;
 use super::{Master, Request, Snapshot};
 use crate::error::Error;
+use crate::os::epoll::{Interest, Poller};
 use crate::proto::channel::{ToMaster, ToWorker};
+use crate::proto::control::LogStream;
 use crate::stats::{ClusterStats, ExitStatus, WorkerStats};
 use crate::supervisor::{Command, Event, Outcome, Supervisor, WorkerKey};
 
@@ -62,10 +65,49 @@ pub(super) struct Driver {
     /// It polls the control socket and the admin listener (a master started by an upgrade
     /// only once it took over).
     pub(super) owns_outside: bool,
+    /// When the handles' statistics were last published, and what they were of.
+    pub(super) published: Option<Published>,
+    /// The listeners' figures as last read for publishing: when, over how many sockets.
+    pub(super) listeners_read: Option<(Instant, usize, Vec<crate::stats::ListenerStats>)>,
+    /// What the loop sleeps on.
+    pub(super) watch: Watch,
 }
 
-/// What a polled descriptor belongs to.
-#[derive(Clone, Copy)]
+/// What the loop sleeps on: the epoll set with every source registered once (see
+/// [`Driver::poll`]), and the driver's own timers.
+pub(super) struct Watch {
+    poller: Poller,
+    /// The tokens of the sources other than workers that the last sweep registered
+    /// ([`Driver::watch_outside`]), in order.
+    outside: Vec<u64>,
+    /// What the last wait found ready (kept for its room).
+    ready: Vec<u64>,
+    /// A command cluster's workers taken for ready after a delay (`ready_after`), by that time.
+    ready_timers: BTreeSet<(Instant, WorkerKey)>,
+}
+
+impl Watch {
+    pub(super) fn new() -> std::io::Result<Watch> {
+        Ok(Watch { poller: Poller::new()?, outside: Vec::new(), ready: Vec::new(), ready_timers: BTreeSet::new() })
+    }
+}
+
+/// A publication of the statistics for handles: when, and the supervisor's
+/// [`revision`](Supervisor::revision) then.
+pub(super) struct Published {
+    at: Instant,
+    revision: (u64, u64),
+}
+
+/// How soon after a publication the statistics are published again when only heartbeats and
+/// request counts moved (every worker beats once a second: publishing at each beat would cost
+/// O(N) per beat, O(N²) a second); see [`Driver::publish_window`].
+const PUBLISH_BEATS: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a polled descriptor belongs to; registered under [`Source::token`]. A token names one
+/// descriptor for its whole life: worker keys and connection ids are never reused, and the
+/// masters of an upgrade are told apart by pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
     Signals,
     Wake,
@@ -76,11 +118,62 @@ enum Source {
     AdminListener,
     Admin(super::admin::AdminConnId),
     WorkerNotify,
-    Successor,
-    SuccessorExit,
-    Predecessor,
+    /// The new master of an upgrade (by pid): its channel, and its pidfd.
+    Successor(u32),
+    SuccessorExit(u32),
+    /// (A master started by an upgrade.) The old master's channel (by pid).
+    Predecessor(u32),
     /// A worker's stdout or stderr pipe (captured output).
-    Output(WorkerKey, crate::proto::control::LogStream),
+    Output(WorkerKey, LogStream),
+}
+
+/// Where a token's kind is (its top byte); the rest is the id.
+const KIND_SHIFT: u32 = 56;
+const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+impl Source {
+    fn token(self) -> u64 {
+        let (kind, id): (u64, u64) = match self {
+            Source::Signals => (1, 0),
+            Source::Wake => (2, 0),
+            Source::Exit(key) => (3, key.0),
+            Source::Channel(key) => (4, key.0),
+            Source::ControlListener => (5, 0),
+            Source::Control(id) => (6, id),
+            Source::AdminListener => (7, 0),
+            Source::Admin(id) => (8, id),
+            Source::WorkerNotify => (9, 0),
+            Source::Successor(pid) => (10, pid.into()),
+            Source::SuccessorExit(pid) => (11, pid.into()),
+            Source::Predecessor(pid) => (12, pid.into()),
+            Source::Output(key, LogStream::Stdout) => (13, key.0),
+            Source::Output(key, LogStream::Stderr) => (14, key.0),
+        };
+        debug_assert!(id <= ID_MASK, "ids stay far below 2^56");
+        kind << KIND_SHIFT | id & ID_MASK
+    }
+
+    fn of(token: u64) -> Option<Source> {
+        let id = token & ID_MASK;
+        let pid = || u32::try_from(id).ok();
+        Some(match token >> KIND_SHIFT {
+            1 => Source::Signals,
+            2 => Source::Wake,
+            3 => Source::Exit(WorkerKey(id)),
+            4 => Source::Channel(WorkerKey(id)),
+            5 => Source::ControlListener,
+            6 => Source::Control(id),
+            7 => Source::AdminListener,
+            8 => Source::Admin(id),
+            9 => Source::WorkerNotify,
+            10 => Source::Successor(pid()?),
+            11 => Source::SuccessorExit(pid()?),
+            12 => Source::Predecessor(pid()?),
+            13 => Source::Output(WorkerKey(id), LogStream::Stdout),
+            14 => Source::Output(WorkerKey(id), LogStream::Stderr),
+            _ => return None,
+        })
+    }
 }
 
 impl Driver {
@@ -111,7 +204,10 @@ impl Driver {
             if let Some(ctl) = self.m.control.as_mut() {
                 ctl.feed_streams(self.sup.history());
             }
-            self.publish();
+            let now = Instant::now();
+            if self.outcome.is_some() || self.publish_window(now).is_some_and(|(from, _)| from <= now) {
+                self.publish(now);
+            }
             match self.outcome.take() {
                 Some(Outcome::Stopped) => return Ok(()),
                 Some(Outcome::Upgraded) => {
@@ -160,13 +256,7 @@ impl Driver {
     fn execute(&mut self, cmd: Command, events: &mut VecDeque<Event>) {
         match cmd {
             Command::Spawn { slot, key, program, request_limit } => match self.spawn(slot, program, request_limit) {
-                Ok(mut p) => {
-                    if let (Some(c), Some(output)) = (self.m.capture.as_mut(), p.output.take()) {
-                        c.add(key, p.slot, p.pid, output);
-                    }
-                    events.push_back(Event::Spawned { key, pid: p.pid });
-                    self.procs.insert(key, p);
-                }
+                Ok(p) => self.started(key, p, events),
                 Err(e) => events.push_back(Event::SpawnFailed { key, error: e.to_string() }),
             },
             Command::Signal { key, signal } => {
@@ -262,13 +352,199 @@ impl Driver {
 }
 
 impl Driver {
-    /// The statistics now, with each worker's resource figures from `/proc`.
+    /// A worker process was started: its pidfd, channel and pipes join the epoll set, once for
+    /// its whole life. One that cannot be watched would not be supervised: it is killed, and
+    /// its spawn failed.
+    fn started(&mut self, key: WorkerKey, mut p: Proc, events: &mut VecDeque<Event>) {
+        let output = p.output.take().filter(|_| self.m.capture.is_some());
+        let poller = &mut self.watch.poller;
+        let watched = watch_proc(poller, key, &p).and_then(|()| {
+            let Some((out, err)) = &output else { return Ok(()) };
+            poller.set(Source::Output(key, LogStream::Stdout).token(), out.as_fd(), Interest::READ)?;
+            poller.set(Source::Output(key, LogStream::Stderr).token(), err.as_fd(), Interest::READ)
+        });
+        if let Err(e) = watched {
+            unwatch_proc(poller, key, &p);
+            if let Some((out, err)) = &output {
+                poller.remove(Source::Output(key, LogStream::Stdout).token(), out.as_fd());
+                poller.remove(Source::Output(key, LogStream::Stderr).token(), err.as_fd());
+            }
+            kill_and_reap(p.pidfd.as_fd());
+            let error = format!("started as pid {}, but the master cannot watch it (epoll: {e}); killed it", p.pid);
+            events.push_back(Event::SpawnFailed { key, error });
+            return;
+        }
+        if let (Some(c), Some(output)) = (self.m.capture.as_mut(), output) {
+            c.add(key, p.slot, p.pid, output);
+        }
+        if let Some(t) = p.ready_at {
+            self.watch.ready_timers.insert((t, key));
+        }
+        events.push_back(Event::Spawned { key, pid: p.pid });
+        self.procs.insert(key, p);
+    }
+
+    /// A worker process is gone (reaped, or reaped elsewhere): out of the epoll set (its
+    /// pipes stay, drained by the capture), its timer and the table.
+    fn forget_proc(&mut self, key: WorkerKey) {
+        let Some(p) = self.procs.remove(&key) else { return };
+        unwatch_proc(&mut self.watch.poller, key, &p);
+        if let Some(t) = p.ready_at {
+            self.watch.ready_timers.remove(&(t, key));
+        }
+        if let Some(c) = &mut self.m.capture {
+            c.exited(key, Instant::now());
+        }
+    }
+
+    /// The interest of worker `key`'s channel, after the loop read or answered it: input
+    /// while it is not held back, output while answers wait; none once it is closed.
+    fn watch_channel(&mut self, key: WorkerKey) {
+        let Some(chan) = self.procs.get(&key).and_then(|p| p.chan.as_ref()) else { return };
+        let token = Source::Channel(key).token();
+        if chan.closed {
+            self.watch.poller.remove(token, chan.io.sock.as_fd());
+        } else if let Err(e) = self.watch.poller.set(token, chan.io.sock.as_fd(), channel_interest(chan)) {
+            // (Only ENOMEM: the interest it had stays, and the next read tries again.)
+            tracing::warn!("cannot change what the master waits for on worker channel {key:?}: {e}");
+        }
+    }
+
+    /// The pipes the capture closed: out of the epoll set, then closed.
+    fn unwatch_closed_pipes(&mut self) {
+        let Some(c) = self.m.capture.as_mut() else { return };
+        for ((key, stream), fd) in c.take_closed() {
+            self.watch.poller.remove(Source::Output(key, stream).token(), fd.as_fd());
+        }
+    }
+
+    /// Registers (or updates) every source other than the workers, once per wake-up: the
+    /// signal pipe, the wake-up eventfd, a command cluster's notification socket, the masters of
+    /// an upgrade, the control socket and the admin listener with their connections (at most
+    /// [`MAX_CONNECTIONS`](super::admin::MAX_CONNECTIONS) and 64: bounded, whatever the number
+    /// of workers). A source that exists but is not to be polled now is taken out; one that is
+    /// gone since the last sweep closed its descriptor, which took it out of the set: it is
+    /// forgotten.
+    fn watch_outside(&mut self, now: Instant) -> Result<(), Error> {
+        let poller = &mut self.watch.poller;
+        let mut seen = Vec::with_capacity(self.watch.outside.len());
+        // (A token whose change failed is still seen: what it had stays registered.)
+        let mut keep = |source: Source, fd: BorrowedFd<'_>, interest: Interest| {
+            let token = source.token();
+            seen.push(token);
+            poller.set(token, fd, interest)
+        };
+        keep(Source::Signals, self.m.signals.read.as_fd(), Interest::READ)
+            .map_err(Error::io("cannot watch the master's signal pipe"))?;
+        keep(Source::Wake, self.m.shared.wake.as_fd(), Interest::READ)
+            .map_err(Error::io("cannot watch the master's wake-up eventfd"))?;
+        if let Some((_, notify)) = &self.m.command {
+            keep(Source::WorkerNotify, notify.socket(), Interest::READ)
+                .map_err(Error::io("cannot watch the workers' notification socket"))?;
+        }
+        let mut failed: Vec<(Source, std::io::Error)> = Vec::new();
+        let mut unwatch: Vec<(Source, BorrowedFd<'_>)> = Vec::new();
+        let mut try_keep = |source: Source, fd: BorrowedFd<'_>, interest: Interest| {
+            if let Err(e) = keep(source, fd, interest) {
+                failed.push((source, e));
+            }
+        };
+        if let Some(s) = &self.successor {
+            try_keep(Source::SuccessorExit(s.pid), s.pidfd.as_fd(), Interest::READ);
+            // Once its end is closed nothing is polled (a program that closed the channel but
+            // runs on would keep a socket in error readable for ever): its pidfd tells the rest.
+            if s.closed {
+                unwatch.push((Source::Successor(s.pid), s.chan.sock.as_fd()));
+            } else {
+                let interest = Interest { read: true, write: s.chan.wants_write() };
+                try_keep(Source::Successor(s.pid), s.chan.sock.as_fd(), interest);
+            }
+        }
+        if let Some(p) = &self.predecessor {
+            let interest = Interest { read: true, write: p.chan.wants_write() };
+            try_keep(Source::Predecessor(p.pid), p.chan.sock.as_fd(), interest);
+        }
+        if let Some(ctl) = &self.m.control {
+            let owns = self.owns_outside;
+            if owns && ctl.accepting() {
+                try_keep(Source::ControlListener, ctl.listener().as_fd(), Interest::READ);
+            } else {
+                unwatch.push((Source::ControlListener, ctl.listener().as_fd()));
+            }
+            // A connection is not read after EOF, nor while its previous answers are unwritten.
+            for (id, sock, read, write) in ctl.sockets() {
+                if owns && (read || write) {
+                    try_keep(Source::Control(id), sock.as_fd(), Interest { read, write });
+                } else {
+                    unwatch.push((Source::Control(id), sock.as_fd()));
+                }
+            }
+        }
+        if let Some((admin, _)) = &self.m.admin {
+            let owns = self.owns_outside;
+            if owns && admin.accepting(now) {
+                try_keep(Source::AdminListener, admin.listener(), Interest::READ);
+            } else {
+                unwatch.push((Source::AdminListener, admin.listener()));
+            }
+            // (Polled also with neither: its hang-up or error is reported.)
+            for (id, sock, read, write) in admin.sockets() {
+                if owns {
+                    try_keep(Source::Admin(id), sock, Interest { read, write });
+                } else {
+                    unwatch.push((Source::Admin(id), sock));
+                }
+            }
+        }
+        for (source, fd) in unwatch {
+            poller.remove(source.token(), fd);
+        }
+        for (source, e) in failed {
+            tracing::warn!("cannot watch {source:?} (epoll: {e}); trying again at the next wake-up");
+        }
+        seen.sort_unstable();
+        for &token in &self.watch.outside {
+            if seen.binary_search(&token).is_err() {
+                poller.forget(token);
+            }
+        }
+        self.watch.outside = seen;
+        Ok(())
+    }
+
+    /// A registration outlived its source (the descriptor was closed while a duplicate of it
+    /// lives on somewhere, so the kernel kept it, and it cannot be taken out by number any
+    /// more): a new epoll set with every source registered again. O(N), and never expected.
+    fn rewatch(&mut self) -> Result<(), Error> {
+        tracing::debug!("the epoll set reported a source that is gone; registering every source in a new set");
+        self.watch.poller.reset().map_err(Error::io("cannot create the master's epoll set"))?;
+        self.watch.outside.clear();
+        let poller = &mut self.watch.poller;
+        for (key, p) in &self.procs {
+            watch_proc(poller, *key, p).map_err(Error::io("cannot watch a worker again"))?;
+        }
+        for ((key, stream), fd) in self.m.capture.iter().flat_map(super::capture::Capture::fds) {
+            poller
+                .set(Source::Output(key, stream).token(), fd.as_fd(), Interest::READ)
+                .map_err(Error::io("cannot watch a worker's output again"))?;
+        }
+        // The others at the next sweep.
+        Ok(())
+    }
+
+    /// The statistics now, with each worker's resource figures from `/proc` (one file read
+    /// per worker): O(N), once.
     pub(super) fn stats_now(&self) -> (ClusterStats, Vec<WorkerStats>) {
         let (mut cluster, mut workers) = (self.sup.cluster_stats(), self.sup.worker_stats(Instant::now()));
         cluster.listeners = self.listener_stats();
         cluster.log_lines_dropped = self.m.capture.as_ref().map_or(0, super::capture::Capture::dropped);
-        for w in &mut workers {
-            w.notify_status = w.pid.and_then(|pid| self.procs.values().find(|p| p.pid == pid)?.status_text.clone());
+        // (Only command clusters' workers say a `STATUS=`.)
+        let texts: HashMap<u32, &str> =
+            self.procs.values().filter_map(|p| Some((p.pid, p.status_text.as_deref()?))).collect();
+        if !texts.is_empty() {
+            for w in &mut workers {
+                w.notify_status = w.pid.and_then(|pid| texts.get(&pid)).map(|t| (*t).to_owned());
+            }
         }
         crate::os::procfs::add_usage(&mut cluster, &mut workers);
         (cluster, workers)
@@ -314,168 +590,127 @@ impl Driver {
         super::listener_stats(&self.m.listeners)
     }
 
-    /// Publishes the statistics for handles and module functions.
-    fn publish(&self) {
-        let now = Instant::now();
+    /// When the statistics for handles and module functions should be published, if they
+    /// changed since the last time: from when, and by when the loop wakes up for it. At the
+    /// end of this wake-up when the supervisor handled an event in full (so a callback, or
+    /// another thread, reads them as of the last wake-up that changed anything, as before).
+    /// When only heartbeats and counts moved, at the first wake-up [`PUBLISH_BEATS`] after the
+    /// last publication (heartbeats come about that often: publishing needs no wake-up of its
+    /// own), and twice that after it at the latest.
+    fn publish_window(&self, now: Instant) -> Option<(Instant, Instant)> {
+        let Some(p) = &self.published else { return Some((now, now)) };
+        let (changes, beats) = self.sup.revision();
+        if changes != p.revision.0 {
+            Some((now, now))
+        } else if beats != p.revision.1 {
+            Some((p.at + PUBLISH_BEATS, p.at + 2 * PUBLISH_BEATS))
+        } else {
+            None
+        }
+    }
+
+    /// Publishes the statistics for handles and module functions (O(N): every slot's figures),
+    /// with the listeners' figures read at most every [`PUBLISH_BEATS`] (one `TCP_INFO` per
+    /// socket: N of them with `ReusePort`), or when the number of sockets changed.
+    fn publish(&mut self, now: Instant) {
+        let open: usize = self.m.listeners.iter().map(|b| b.fds.iter().flatten().count()).sum();
+        let listeners = match &self.listeners_read {
+            Some((at, n, l)) if *n == open && now.saturating_duration_since(*at) < PUBLISH_BEATS => l.clone(),
+            _ => {
+                let l = self.listener_stats();
+                self.listeners_read = Some((now, open, l.clone()));
+                l
+            }
+        };
         let mut cluster = self.sup.cluster_stats();
-        cluster.listeners = self.listener_stats();
+        cluster.listeners = listeners;
         cluster.log_lines_dropped = self.m.capture.as_ref().map_or(0, super::capture::Capture::dropped);
         let snap = Snapshot { cluster, workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
+        self.published = Some(Published { at: now, revision: self.sup.revision() });
     }
 
     /// Sleeps until something happens or the supervisor's deadline passes; queues what happened.
+    ///
+    /// One `epoll_wait` over a set where every source was registered once (a worker's pidfd,
+    /// channel and pipes when it starts, out when it is gone): no work per wake-up for the
+    /// sources that did nothing, so an event costs the same with 1 worker or 1024. Only the
+    /// bounded sources outside the workers are looked at each time ([`Driver::watch_outside`]).
     fn poll(&mut self, events: &mut VecDeque<Event>) -> Result<(), Error> {
+        self.watch_outside(Instant::now())?;
+        let now = Instant::now();
         let deadline = [
             self.sup.next_deadline(),
             self.m.control.as_ref().and_then(ControlServer::next_deadline),
             self.m.admin.as_ref().and_then(|(a, _)| a.next_deadline()),
-            self.procs.values().filter_map(|p| p.ready_at).min(),
+            self.watch.ready_timers.first().map(|(t, _)| *t),
             self.m.notify.as_ref().and_then(Notifier::watchdog_due),
             self.m.capture.as_ref().and_then(super::capture::Capture::next_deadline),
+            self.publish_window(now).map(|(_, by)| by),
         ]
         .into_iter()
         .flatten()
         .min();
-        let timeout = deadline.map(|d| {
-            let left = d.saturating_duration_since(Instant::now());
-            // Round up to the next millisecond so we never wake just before the deadline.
-            let ms = left.as_nanos().div_ceil(1_000_000);
-            Timespec { tv_sec: (ms / 1000) as i64, tv_nsec: ((ms % 1000) * 1_000_000) as i64 }
-        });
-        let mut sources = vec![Source::Signals, Source::Wake];
-        let mut fds =
-            vec![PollFd::new(&self.m.signals.read, PollFlags::IN), PollFd::new(&self.m.shared.wake, PollFlags::IN)];
-        for (key, p) in &self.procs {
-            sources.push(Source::Exit(*key));
-            fds.push(PollFd::new(&p.pidfd, PollFlags::IN));
-            if let Some(chan) = p.chan.as_ref().filter(|c| !c.closed) {
-                // Backpressure: no input while the worker's answers pile up unread.
-                let mut flags = PollFlags::empty();
-                if chan.wants_read() {
-                    flags |= PollFlags::IN;
-                }
-                if chan.wants_write() {
-                    flags |= PollFlags::OUT;
-                }
-                sources.push(Source::Channel(*key));
-                fds.push(PollFd::new(&chan.io.sock, flags));
+        let timeout = deadline.map(|d| d.saturating_duration_since(now));
+        let mut ready = std::mem::take(&mut self.watch.ready);
+        self.watch.poller.wait(timeout, &mut ready).map_err(Error::io("epoll_wait failed in the master loop"))?;
+        let mut stale = false;
+        // Channels first: a worker's last messages come before its exit; its output too. (Its
+        // exit also reads them first: the wait may report the exit before them.)
+        for &token in &ready {
+            if self.watch.poller.is_stale(token) {
+                stale = true;
+                continue;
             }
-        }
-        for (key, fd) in self.m.capture.iter().flat_map(super::capture::Capture::fds) {
-            sources.push(Source::Output(key.0, key.1));
-            fds.push(PollFd::new(fd, PollFlags::IN));
-        }
-        if let Some(s) = &self.successor {
-            sources.push(Source::SuccessorExit);
-            fds.push(PollFd::new(&s.pidfd, PollFlags::IN));
-            // Once its end is closed nothing is polled (a program that closed the channel but
-            // runs on would keep a socket in error readable for ever): its pidfd tells the rest.
-            let flags = if s.closed {
-                PollFlags::empty()
-            } else {
-                PollFlags::IN | if s.chan.wants_write() { PollFlags::OUT } else { PollFlags::empty() }
-            };
-            if !flags.is_empty() {
-                sources.push(Source::Successor);
-                fds.push(PollFd::new(&s.chan.sock, flags));
-            }
-        }
-        if let Some(p) = &self.predecessor {
-            let flags = PollFlags::IN | if p.chan.wants_write() { PollFlags::OUT } else { PollFlags::empty() };
-            sources.push(Source::Predecessor);
-            fds.push(PollFd::new(&p.chan.sock, flags));
-        }
-        if let Some(ctl) = self.m.control.as_ref().filter(|_| self.owns_outside) {
-            if ctl.accepting() {
-                sources.push(Source::ControlListener);
-                fds.push(PollFd::new(ctl.listener(), PollFlags::IN));
-            }
-            for (id, sock, read, write) in ctl.sockets() {
-                let mut flags = PollFlags::empty();
-                if read {
-                    flags |= PollFlags::IN;
-                }
-                if write {
-                    flags |= PollFlags::OUT;
-                }
-                if !flags.is_empty() {
-                    sources.push(Source::Control(id));
-                    fds.push(PollFd::new(sock, flags));
-                }
-            }
-        }
-        let now = Instant::now();
-        if let Some((_, notify)) = &self.m.command {
-            sources.push(Source::WorkerNotify);
-            fds.push(PollFd::from_borrowed_fd(notify.socket(), PollFlags::IN));
-        }
-        if let Some((admin, _)) = self.m.admin.as_ref().filter(|_| self.owns_outside) {
-            if admin.accepting(now) {
-                sources.push(Source::AdminListener);
-                fds.push(PollFd::from_borrowed_fd(admin.listener(), PollFlags::IN));
-            }
-            for (id, sock, read, write) in admin.sockets() {
-                let flags = if read { PollFlags::IN } else { PollFlags::empty() }
-                    | if write { PollFlags::OUT } else { PollFlags::empty() };
-                sources.push(Source::Admin(id));
-                fds.push(PollFd::from_borrowed_fd(sock, flags));
-            }
-        }
-        match rustix::event::poll(&mut fds, timeout.as_ref()) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => return Ok(()),
-            Err(e) => return Err(Error::Io { context: "poll failed in the master loop", source: e.into() }),
-        }
-        let ready: Vec<Source> =
-            fds.iter().zip(&sources).filter(|(fd, _)| !fd.revents().is_empty()).map(|(_, s)| *s).collect();
-        drop(fds);
-        // Channels first: a worker's last messages come before its exit; its output too.
-        for s in ready.iter().filter(|s| matches!(s, Source::Channel(_) | Source::Output(..))) {
-            match *s {
-                Source::Channel(key) => self.on_channel(key, events),
-                Source::Output(key, stream) => {
-                    let lines = self.m.capture.as_mut().map(|c| c.read((key, stream))).unwrap_or_default();
-                    self.forward_logs(&lines);
-                }
+            match Source::of(token) {
+                Some(Source::Channel(key)) => self.on_channel(key, events),
+                Some(Source::Output(key, stream)) => self.on_output(key, stream),
                 _ => {}
             }
         }
-        for s in ready {
-            match s {
-                Source::Signals => self.on_signals(events),
-                Source::Wake => self.on_wake(events),
-                Source::Exit(key) => self.on_exit(key, events),
-                Source::Channel(_) | Source::Output(..) => {}
-                Source::ControlListener => {
+        for &token in &ready {
+            if self.watch.poller.is_stale(token) {
+                continue;
+            }
+            match Source::of(token) {
+                Some(Source::Signals) => self.on_signals(events),
+                Some(Source::Wake) => self.on_wake(events),
+                Some(Source::Exit(key)) => self.on_exit(key, events),
+                Some(Source::Channel(_) | Source::Output(..)) | None => {}
+                Some(Source::ControlListener) => {
                     if let Some(ctl) = &mut self.m.control {
                         ctl.accept(Instant::now());
                     }
                 }
-                Source::Control(id) => self.on_control(id, events),
-                Source::AdminListener => {
+                Some(Source::Control(id)) => self.on_control(id, events),
+                Some(Source::AdminListener) => {
                     if let Some((admin, _)) = &mut self.m.admin {
                         admin.accept(Instant::now());
                     }
                 }
-                Source::Admin(id) => self.on_admin(id),
-                Source::WorkerNotify => self.on_worker_notify(events),
-                Source::Successor => self.on_successor_channel(events),
-                Source::SuccessorExit => self.on_successor_exit(events),
-                Source::Predecessor => self.on_predecessor_channel(events),
+                Some(Source::Admin(id)) => self.on_admin(id),
+                Some(Source::WorkerNotify) => self.on_worker_notify(events),
+                Some(Source::Successor(_)) => self.on_successor_channel(events),
+                Some(Source::SuccessorExit(_)) => self.on_successor_exit(events),
+                Some(Source::Predecessor(_)) => self.on_predecessor_channel(events),
             }
         }
+        self.watch.ready = ready;
         // A command cluster's workers taken for ready after a delay.
         let now = Instant::now();
-        for (key, p) in &mut self.procs {
-            if p.ready_at.is_some_and(|t| t <= now) {
+        while let Some(&(t, key)) = self.watch.ready_timers.first()
+            && t <= now
+        {
+            self.watch.ready_timers.pop_first();
+            if let Some(p) = self.procs.get_mut(&key) {
                 p.ready_at = None;
-                events.push_back(Event::Ready { key: *key });
+                events.push_back(Event::Ready { key });
             }
         }
         // The pipes of exited workers whose time is up.
         let lines = self.m.capture.as_mut().map(|c| c.expire(Instant::now())).unwrap_or_default();
         self.forward_logs(&lines);
+        self.unwatch_closed_pipes();
         if let Some(ctl) = &mut self.m.control {
             ctl.close_idle(Instant::now());
         }
@@ -483,10 +718,23 @@ impl Driver {
             admin.close_idle(Instant::now());
         }
         if let Some(n) = self.m.notify.as_mut() {
+            // (The verdict looks at the slots: only when it is asked for.)
             let now = Instant::now();
-            n.watchdog(now, self.sup.watchdog(now));
+            if n.watchdog_due().is_some_and(|due| due <= now) {
+                n.watchdog(now, self.sup.watchdog(now));
+            }
+        }
+        if stale {
+            self.rewatch()?;
         }
         Ok(())
+    }
+
+    /// A worker's pipe has output (or ended): its lines, to the followers.
+    fn on_output(&mut self, key: WorkerKey, stream: LogStream) {
+        let lines = self.m.capture.as_mut().map(|c| c.read((key, stream))).unwrap_or_default();
+        self.forward_logs(&lines);
+        self.unwatch_closed_pipes();
     }
 
     /// An admin connection is ready: the probes and metrics answered from the supervisor's
@@ -559,6 +807,16 @@ impl Driver {
     }
 
     fn on_exit(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
+        if !self.procs.contains_key(&key) {
+            return;
+        }
+        // What it said and wrote before it exited comes first, also when one wait reported
+        // the exit and the next would have reported the rest.
+        self.on_channel(key, events);
+        if self.m.capture.is_some() {
+            self.on_output(key, LogStream::Stdout);
+            self.on_output(key, LogStream::Stderr);
+        }
         let Some(p) = self.procs.get(&key) else { return };
         let status = match rustix::process::waitid(
             WaitId::PidFd(p.pidfd.as_fd()),
@@ -578,24 +836,18 @@ impl Driver {
                 // elsewhere in the program). Its status is lost: the supervisor decides what
                 // that means.
                 tracing::error!("cannot reap worker {} (pid {}): {e}; was it reaped elsewhere?", p.slot, p.pid);
-                self.procs.remove(&key);
-                if let Some(c) = &mut self.m.capture {
-                    c.exited(key, Instant::now());
-                }
+                self.forget_proc(key);
                 events.push_back(Event::Lost { key });
                 return;
             }
         };
-        self.procs.remove(&key);
-        if let Some(c) = &mut self.m.capture {
-            c.exited(key, Instant::now());
-        }
+        self.forget_proc(key);
         events.push_back(Event::Exited { key, status });
     }
 
     fn on_channel(&mut self, key: WorkerKey, events: &mut VecDeque<Event>) {
         let Some(p) = self.procs.get_mut(&key) else { return };
-        let Some(chan) = p.chan.as_mut() else { return };
+        let Some(chan) = p.chan.as_mut().filter(|c| !c.closed) else { return };
         chan.flush();
         for _ in 0..super::channel::MAX_BATCHES {
             self.take_messages(key, events);
@@ -603,6 +855,7 @@ impl Driver {
                 break;
             }
         }
+        self.watch_channel(key);
     }
 
     /// One batch of messages from a worker's channel, handled.
@@ -633,13 +886,43 @@ impl Drop for Driver {
     fn drop(&mut self) {
         // A new master that did not take over yet goes with this one.
         if let Some(s) = self.successor.take().filter(|_| !self.steering_handed_over) {
-            let _ = crate::os::sys::pidfd_send_signal(s.pidfd.as_fd(), crate::signal::Signal::KILL);
-            let _ = rustix::process::waitid(WaitId::PidFd(s.pidfd.as_fd()), WaitIdOptions::EXITED);
+            kill_and_reap(s.pidfd.as_fd());
         }
         for (_, p) in self.procs.drain() {
-            let _ = crate::os::sys::pidfd_send_signal(p.pidfd.as_fd(), crate::signal::Signal::KILL);
-            let _ = rustix::process::waitid(WaitId::PidFd(p.pidfd.as_fd()), WaitIdOptions::EXITED);
+            kill_and_reap(p.pidfd.as_fd());
         }
+    }
+}
+
+/// Kills the process of `pidfd` and waits for it.
+fn kill_and_reap(pidfd: BorrowedFd<'_>) {
+    let _ = crate::os::sys::pidfd_send_signal(pidfd, crate::signal::Signal::KILL);
+    let _ = rustix::process::waitid(WaitId::PidFd(pidfd), WaitIdOptions::EXITED);
+}
+
+/// What the loop waits for on a worker channel: input unless held back (its answers pile up
+/// unread: backpressure), output while answers wait for the socket.
+fn channel_interest(chan: &MasterEnd) -> Interest {
+    Interest { read: chan.wants_read(), write: chan.wants_write() }
+}
+
+/// Registers worker `key`'s pidfd (readable when it exits) and its open channel.
+fn watch_proc(poller: &mut Poller, key: WorkerKey, p: &Proc) -> std::io::Result<()> {
+    poller.set(Source::Exit(key).token(), p.pidfd.as_fd(), Interest::READ)?;
+    if let Some(chan) = p.chan.as_ref().filter(|c| !c.closed)
+        && let Err(e) = poller.set(Source::Channel(key).token(), chan.io.sock.as_fd(), channel_interest(chan))
+    {
+        poller.remove(Source::Exit(key).token(), p.pidfd.as_fd());
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Takes worker `key`'s pidfd and channel out of the epoll set (before they are closed).
+fn unwatch_proc(poller: &mut Poller, key: WorkerKey, p: &Proc) {
+    poller.remove(Source::Exit(key).token(), p.pidfd.as_fd());
+    if let Some(chan) = &p.chan {
+        poller.remove(Source::Channel(key).token(), chan.io.sock.as_fd());
     }
 }
 
@@ -660,4 +943,42 @@ fn read_memory(pid: u32, measure: super::MemoryMeasure) -> Option<u64> {
         _ => MemoryKind::Rss,
     };
     crate::os::procfs::memory(pid, kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every source's token decodes to it, and no two sources share one.
+    #[test]
+    fn tokens_name_their_sources() {
+        let big = WorkerKey((1 << KIND_SHIFT) - 1);
+        let sources = [
+            Source::Signals,
+            Source::Wake,
+            Source::Exit(WorkerKey(0)),
+            Source::Exit(big),
+            Source::Channel(WorkerKey(0)),
+            Source::Channel(big),
+            Source::ControlListener,
+            Source::Control(1),
+            Source::AdminListener,
+            Source::Admin(1),
+            Source::WorkerNotify,
+            Source::Successor(u32::MAX),
+            Source::SuccessorExit(u32::MAX),
+            Source::Predecessor(7),
+            Source::Output(WorkerKey(3), LogStream::Stdout),
+            Source::Output(WorkerKey(3), LogStream::Stderr),
+        ];
+        let mut tokens: Vec<u64> = sources.iter().map(|s| s.token()).collect();
+        for (s, t) in sources.iter().zip(&tokens) {
+            assert_eq!(Source::of(*t), Some(*s), "{t:#x}");
+        }
+        tokens.sort_unstable();
+        tokens.dedup();
+        assert_eq!(tokens.len(), sources.len(), "distinct tokens");
+        assert_eq!(Source::of(0), None, "no kind 0");
+        assert_eq!(Source::of(15 << KIND_SHIFT), None);
+    }
 }

@@ -1,11 +1,11 @@
 //! Drive: the master process. [`Master`] and [`MasterHandle`] are its public face; the driver
-//! ([`driver`]) is one thread and one `poll` loop over the signal pipe, a wake-up eventfd, the
-//! children's pidfds and channels, the control socket and timers. It carries out the
-//! [`Supervisor`]'s commands and decides nothing itself.
+//! ([`driver`]) is one thread and one epoll loop over the signal pipe, a wake-up eventfd, the
+//! children's pidfds and channels, the control socket and timers, each source registered once.
+//! It carries out the [`Supervisor`]'s commands and decides nothing itself.
 //!
 //! | file | what it does |
 //! | --- | --- |
-//! | `driver.rs` | the loop: feeds events to the supervisor, executes its commands, polls |
+//! | `driver.rs` | the loop: feeds events to the supervisor, executes its commands, waits in its epoll set |
 //! | `spawn.rs` | starting a worker process (fork/exec with its descriptors and identity) |
 //! | `report.rs` | the effects of reports: logs, callbacks, sd_notify, restart waiters |
 //! | `control.rs` | the control socket server and its requests |
@@ -827,8 +827,9 @@ impl Master {
     /// - [`Error::WorkersFailed`] when no worker can run any more (all crashed with respawn off,
     ///   or all disabled by crash protection): exit non-zero then, so that systemd or Kubernetes
     ///   can act.
-    /// - [`Error::Io`] if the loop itself fails (`poll` failing is the only case); every worker
-    ///   is killed and reaped before it returns.
+    /// - [`Error::Io`] if the loop itself fails (its epoll set cannot be created, or waiting in
+    ///   it or registering the master's own descriptors fails); every worker is killed and
+    ///   reaped before it returns.
     ///
     /// # Caveats
     ///
@@ -853,7 +854,9 @@ impl Master {
             p
         });
         let owns_outside = predecessor.is_none();
+        let watch = driver::Watch::new().map_err(Error::io("cannot create the master's epoll set"))?;
         let mut driver = Driver {
+            watch,
             sup,
             successor: None,
             predecessor,
@@ -867,6 +870,8 @@ impl Master {
             steering_failed: false,
             master_pid: rustix::process::getpid(),
             outcome: None,
+            published: None,
+            listeners_read: None,
             m: master,
         };
         // On every way out (an error, a panic) the driver's Drop kills and reaps what is left,

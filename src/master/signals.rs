@@ -45,7 +45,7 @@ impl Driver {
     /// looked at (children that other threads of the program started are theirs to wait for).
     /// `/proc` must be this PID namespace's (as in any container).
     pub(super) fn reap_orphans(&mut self) {
-        let ours: Vec<u32> = self.procs.values().map(|p| p.pid).collect();
+        let ours: std::collections::HashSet<u32> = self.procs.values().map(|p| p.pid).collect();
         let list = std::fs::read_to_string("/proc/self/task/1/children").unwrap_or_default();
         let children: Vec<u32> =
             list.split_whitespace().filter_map(|p| p.parse().ok()).filter(|pid| !ours.contains(pid)).collect();

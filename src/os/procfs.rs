@@ -12,16 +12,38 @@ use std::time::Duration;
 use crate::stats::{ClusterStats, WorkerStats};
 
 /// Reads what `/proc` says of `pid`: resident memory in bytes and CPU time (user + system).
+/// One file (`/proc/PID/stat`, which has both), read into a buffer on the stack: a `status`
+/// or `metrics` answer reads it once per worker.
 pub(crate) fn proc_usage(pid: u32) -> Option<(u64, Duration)> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let resident = statm_resident_pages(&statm)?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may contain spaces), from field 3 on.
-    let rest: Vec<&str> = stat_fields_after_comm(&stat)?.split_whitespace().collect();
-    let ticks: u64 = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+    use std::io::Read;
+    // The file is one line of about 300 bytes; the command name in it is at most 64.
+    let mut buf = [0u8; 1024];
+    let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let stat = std::str::from_utf8(&buf[..len]).ok()?;
+    let (resident, ticks) = stat_usage(stat)?;
     let hz = rustix::param::clock_ticks_per_second().max(1);
     let page = rustix::param::page_size() as u64;
-    Some((resident * page, Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
+    Some((resident.saturating_mul(page), Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz)))
+}
+
+/// The resident pages (field 24, `rss`: what `statm` gives as its second field) and the CPU
+/// ticks (fields 14 and 15, `utime` + `stime`) in the text of `/proc/PID/stat`.
+fn stat_usage(stat: &str) -> Option<(u64, u64)> {
+    // Fields after the command name (which may contain spaces), from field 3 on.
+    let mut rest = stat_fields_after_comm(stat)?.split_whitespace().skip(11);
+    let (utime, stime): (u64, u64) = (rest.next()?.parse().ok()?, rest.next()?.parse().ok()?);
+    // Field 24 is 9 fields after field 15.
+    let rss: i64 = rest.nth(8)?.parse().ok()?;
+    Some((u64::try_from(rss).unwrap_or(0), utime + stime))
 }
 
 /// When process `pid` started (field 22 of `/proc/PID/stat`: clock ticks since boot), if it
@@ -461,9 +483,23 @@ mod tests {
     }
 
     #[test]
+    fn usage_comes_from_one_stat_line() {
+        // A real line (kernel 6.x), its command name with a space and a parenthesis.
+        let stat = "4242 (my (srv) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 4 0 \
+                    123456 987654321 2048 18446744073709551615 1 1 0 0 0 0 0 4096 17663 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(stat_usage(stat), Some((2048, 325)), "rss pages, utime + stime");
+        assert_eq!(stat_usage("4242 (x) S 1 2"), None, "too short");
+        assert_eq!(stat_usage("no parenthesis"), None);
+    }
+
+    #[test]
     fn usage_of_this_process() {
         let (rss, cpu) = proc_usage(std::process::id()).unwrap();
         assert!(rss > 100_000, "{rss}");
+        // The same figure as statm's (both are the kernel's resident counters), give or take
+        // what changed between the two reads.
+        let statm = memory(std::process::id(), MemoryKind::Rss).unwrap();
+        assert!(rss.abs_diff(statm) < statm / 4 + (1 << 20), "stat {rss}, statm {statm}");
         assert!(cpu < Duration::from_secs(3600));
         assert!(proc_usage(u32::MAX).is_none());
     }

@@ -206,7 +206,7 @@ impl Supervisor {
         }
     }
 
-    fn proc_at_ref(&self, loc: super::Loc) -> Option<&super::Proc> {
+    pub(super) fn proc_at_ref(&self, loc: super::Loc) -> Option<&super::Proc> {
         match loc {
             super::Loc::Current(i) => self.slots[i].current.as_ref(),
             super::Loc::Next(i) => self.slots[i].next.as_ref(),

@@ -55,6 +55,7 @@ impl Supervisor {
     ) {
         let Some(loc) = self.locate(key) else { return };
         let (slot, _) = self.take_at(loc).expect("located");
+        self.slot_of.remove(&key);
         out.push(Command::Report(Report::SpawnFailed { slot, error: error.clone() }));
         match loc {
             // A worker that cannot even start counts as a crash: crash protection stops a loop.
@@ -119,6 +120,7 @@ impl Supervisor {
     ) {
         let Some(loc) = self.locate(key) else { return };
         let (slot, p) = self.take_at(loc).expect("located");
+        self.slot_of.remove(&key);
         let pid = p.pid.unwrap_or(0);
         let asked = p.state == ProcState::Stopping;
         let uptime = now.saturating_duration_since(p.started);

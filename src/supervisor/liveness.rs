@@ -11,21 +11,31 @@ use super::{Command, Loc, Proc, ProcState, RecycleReason, Report, SIGKILL, Super
 impl Supervisor {
     /// A worker's heartbeat (`alive`: it is one, not only counts): it is alive, and says how
     /// many requests it served. Counts never go back (a beat overtaken by a later one).
-    pub(super) fn on_beat(&mut self, key: WorkerKey, counts: Option<(u64, u64)>, alive: bool, now: Instant) {
-        let Some(loc) = self.locate(key) else { return };
-        let Some(p) = self.proc_at(loc) else { return };
+    /// Returns when the worker is hung if it does not beat again (`None`: it is not watched).
+    /// O(1): it touches this worker only.
+    pub(super) fn on_beat(
+        &mut self,
+        key: WorkerKey,
+        counts: Option<(u64, u64)>,
+        alive: bool,
+        now: Instant,
+    ) -> Option<Instant> {
+        let loc = self.locate(key)?;
+        let p = self.proc_at(loc)?;
         if alive {
             p.last_beat = Some(now);
         }
-        let Some((served, in_flight)) = counts else { return };
-        p.counted = true;
-        p.served = p.served.max(served);
-        p.in_flight = in_flight;
-        let served = p.served;
-        let limit_reached = p.request_limit.is_some_and(|limit| served >= limit);
-        if let (Loc::Current(slot), true) = (loc, limit_reached) {
-            self.queue_recycle(slot, key, RecycleReason::Requests, now);
+        if let Some((served, in_flight)) = counts {
+            p.counted = true;
+            p.served = p.served.max(served);
+            p.in_flight = in_flight;
+            let served = p.served;
+            let limit_reached = p.request_limit.is_some_and(|limit| served >= limit);
+            if let (Loc::Current(slot), true) = (loc, limit_reached) {
+                self.queue_recycle(slot, key, RecycleReason::Requests, now);
+            }
         }
+        self.proc_at_ref(loc).and_then(|p| self.hung_due(p))
     }
 
     /// When `p` is hung if it does not beat again: its last beat plus the worker timeout, for a

@@ -368,8 +368,8 @@ fn a_cluster_whose_every_slot_is_disabled_waits_for_the_cooloff_instead_of_exiti
     assert!(r.contains(&Command::Exit(Outcome::Stopped)), "{r:?}");
 }
 
-#[test]
-fn a_stalled_master_does_not_take_its_healthy_workers_for_hung() {
+/// Two workers with a 500 ms timeout, ready at 100 ms, that beat at 1000 ms.
+fn two_beating_at_1000() -> Harness {
     let l = Liveness { worker_timeout: Some(500 * MS), ..Liveness::default() };
     let mut h = Harness::new(with(l));
     h.start_all();
@@ -377,6 +377,36 @@ fn a_stalled_master_does_not_take_its_healthy_workers_for_hung() {
     beat(&mut h, 0, 1);
     beat(&mut h, 1, 1);
     assert_eq!(h.sup.next_deadline(), Some(h.t0 + 1500 * MS));
+    h
+}
+
+/// A beat while nothing is due is quiet: handled without a settle (the full-event count does
+/// not move), the kept deadline stays the earliest one known, and a tick at it, finding
+/// nothing due, computes the real one; a silent worker is still caught at its own deadline.
+#[test]
+fn quiet_beats_keep_an_early_deadline_that_a_tick_corrects() {
+    let mut h = two_beating_at_1000();
+    let (full, quiet) = h.sup.revision();
+    h.now = h.t0 + 1200 * MS;
+    assert!(beat(&mut h, 0, 2).is_empty());
+    h.now = h.t0 + 1300 * MS;
+    assert!(beat(&mut h, 1, 3).is_empty());
+    assert_eq!(h.sup.revision(), (full, quiet + 2), "two quiet beats, no event handled in full");
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 1500 * MS), "kept: earlier than the real one");
+    assert_eq!(h.sup.compute_deadline(), Some(h.t0 + 1700 * MS));
+    assert!(h.at(1500).is_empty(), "nobody is hung at the kept deadline");
+    assert_eq!(h.sup.next_deadline(), Some(h.t0 + 1700 * MS), "computed anew");
+    assert_eq!(h.sup.slots[1].current.as_ref().map(|p| p.served), Some(3), "the counts were taken");
+    h.now = h.t0 + 1650 * MS;
+    beat(&mut h, 1, 4);
+    let r = h.at(1700);
+    assert!(reports(&r).iter().any(|x| matches!(x, Report::Hung { slot: 0, .. })), "{r:?}");
+    assert_eq!(h.status(1), WorkerStatus::Active);
+}
+
+#[test]
+fn a_stalled_master_does_not_take_its_healthy_workers_for_hung() {
+    let mut h = two_beating_at_1000();
     // The master is stopped for 31 s (Ctrl-Z, a frozen cgroup): when it runs again, the first
     // event it handles is a beat that waited in a channel; the other's is still queued.
     h.now = h.t0 + Duration::from_secs(32);

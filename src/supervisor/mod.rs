@@ -27,7 +27,7 @@
 //! | `history.rs` | the event history: entries derived from each batch, in a bounded ring |
 //! | `tests.rs`, `proptests.rs` | unit tests with a fake clock; the property test |
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
@@ -350,6 +350,22 @@ pub struct Supervisor {
     history: History,
     /// (A master started by an upgrade.) It told its predecessor that it is ready.
     said_ready: bool,
+    /// [`next_deadline`](Supervisor::next_deadline) as the last [`handle`](Supervisor::handle)
+    /// left it (`None`: not computed yet): exact after a full [`settle`](Supervisor::settle),
+    /// never later than the real one after quiet events (see [`handle`](Supervisor::handle)).
+    deadline: Option<Option<Instant>>,
+    /// The slot of every process spawned (a process never changes slots; retiring ones keep
+    /// theirs): [`locate`](Supervisor::locate) looks there first. Entries leave with the
+    /// process.
+    slot_of: HashMap<WorkerKey, usize>,
+    /// Events handled in full (state others may depend on changed), and quiet events that
+    /// changed a worker's heartbeat or counts: [`revision`](Supervisor::revision).
+    changes: u64,
+    beats: u64,
+    /// (Tests.) Every event is handled in full: the property test's twin, which the quiet
+    /// path must never disagree with.
+    #[cfg(test)]
+    always_settle: bool,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -425,6 +441,12 @@ impl Supervisor {
             predecessor_gone: false,
             history: History::new(crate::events::DEFAULT_EVENT_HISTORY, 0),
             said_ready: false,
+            deadline: None,
+            slot_of: HashMap::new(),
+            changes: 0,
+            beats: 0,
+            #[cfg(test)]
+            always_settle: false,
             policy,
         }
         .seeded(now)
@@ -487,12 +509,29 @@ impl Supervisor {
 
     /// Handles one event at time `now` (monotonic) and `wall` (for start times in statistics
     /// and the event history's entries, [`fresh_events`](Supervisor::fresh_events)).
+    ///
+    /// A heartbeat (or request counts, or a tick) that arrives while nothing is due is quiet:
+    /// it moves one worker's liveness clock, and only later, so nothing another slot depends
+    /// on changed and the invariant pipeline has nothing to restore. It costs O(1) whatever
+    /// the number of workers: no [`settle`](Supervisor::settle) (O(N)), and the deadline
+    /// is kept, with the worker's own timeout folded in (a first beat arms it). The kept
+    /// deadline may then be earlier than the real one (the beating worker may have been the
+    /// one it was for): waking then is a tick that settles in full and computes it anew, about
+    /// once per worker timeout. Anything else (a beat that reaches the request limit, or one
+    /// that comes when a deadline passed) is handled in full.
     pub fn handle(&mut self, event: Event, now: Instant, wall: SystemTime) -> Vec<Command> {
         let mut out = Vec::new();
         self.begin_history();
         if self.phase == Phase::Done {
             return out;
         }
+        let quiet = matches!(self.deadline, Some(d) if d.is_none_or(|d| d > now))
+            && matches!(event, Event::Tick | Event::Beat { .. } | Event::Served { .. } | Event::Alive { .. });
+        #[cfg(test)]
+        let quiet = quiet && !self.always_settle;
+        let (tick, queued) = (event == Event::Tick, self.recycle_queue.len());
+        // The beating worker's timeout, after its beat.
+        let mut watched = None;
         let before = self.phase;
         self.forgive_stall(now);
         // A shutdown delay that is over starts the drain before anything else happens at
@@ -512,9 +551,13 @@ impl Supervisor {
             Event::Signal { signal } => self.on_signal(signal, now, wall, &mut out),
             Event::Lost { key } => self.on_lost(key, now, wall, &mut out),
             Event::SteerFailed { failure } => self.on_steer_failed(failure, &mut out),
-            Event::Beat { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), true, now),
-            Event::Served { key, served, in_flight } => self.on_beat(key, Some((served, in_flight)), false, now),
-            Event::Alive { key } => self.on_beat(key, None, true, now),
+            Event::Beat { key, served, in_flight } => {
+                watched = self.on_beat(key, Some((served, in_flight)), true, now);
+            }
+            Event::Served { key, served, in_flight } => {
+                watched = self.on_beat(key, Some((served, in_flight)), false, now);
+            }
+            Event::Alive { key } => watched = self.on_beat(key, None, true, now),
             Event::MemorySampled { readings, headroom } => self.on_memory(readings, headroom, now),
             Event::Upgrade { ticket, slot_by_slot } => self.on_upgrade(ticket, slot_by_slot, now, &mut out),
             Event::MasterSlotReady { slot } => self.on_master_slot_ready(slot, now, &mut out),
@@ -529,11 +572,39 @@ impl Supervisor {
             Event::HandedOver => self.on_handed_over(now, &mut out),
             Event::PredecessorGone { clean } => self.on_predecessor_gone(clean, now, &mut out),
         }
+        if quiet
+            && out.is_empty()
+            && self.recycle_queue.len() == queued
+            && let Some(kept) = self.deadline
+            && watched.is_none_or(|d| d > now)
+        {
+            let deadline = match (kept, watched) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.deadline = Some(deadline);
+            if !tick {
+                self.beats += 1;
+            }
+            self.expected_wake = deadline;
+            self.last_handled = Some(now);
+            return out;
+        }
         self.settle(now, wall, &mut out);
         self.record_history(before, &out, wall);
-        self.expected_wake = self.next_deadline();
+        let deadline = self.compute_deadline();
+        self.deadline = Some(deadline);
+        self.changes += 1;
+        self.expected_wake = deadline;
         self.last_handled = Some(now);
         out
+    }
+
+    /// How many events were handled in full so far, and how many quiet ones changed a
+    /// worker's heartbeat or request counts: the driver republishes the statistics when the
+    /// first number moves, and at a slower pace when only the second does.
+    pub fn revision(&self) -> (u64, u64) {
+        (self.changes, self.beats)
     }
 
     /// If the master itself was held up (stopped, frozen, paused, or a long callback) well past
@@ -600,10 +671,24 @@ impl Supervisor {
         if self.policy.socket_per_slot {
             self.sockets.insert(slot);
         }
+        self.slot_of.insert(p.key, slot);
         out.push(Command::Spawn { slot, key: p.key, program: p.program, request_limit: p.request_limit });
     }
 
+    /// Where process `key` is kept: O(1) through [`slot_of`](Supervisor::slot_of) for a slot's
+    /// processes (the retiring list for the others), a scan for a key it does not know.
     fn locate(&self, key: WorkerKey) -> Option<Loc> {
+        if let Some(&slot) = self.slot_of.get(&key) {
+            if let Some(s) = self.slots.get(slot) {
+                if s.current.as_ref().is_some_and(|p| p.key == key) {
+                    return Some(Loc::Current(slot));
+                }
+                if s.next.as_ref().is_some_and(|p| p.key == key) {
+                    return Some(Loc::Next(slot));
+                }
+            }
+            return self.retiring.iter().position(|(_, p)| p.key == key).map(Loc::Retiring);
+        }
         for s in &self.slots {
             if s.current.as_ref().is_some_and(|p| p.key == key) {
                 return Some(Loc::Current(s.id));

@@ -8,7 +8,10 @@
 //! always honoured; SIGTERM may be ignored for ever). The invariants:
 //!
 //! - **deadlines**: after every step, [`Supervisor::next_deadline`] is none or strictly after
-//!   `now` (whatever was due has been acted on; the driver never spins);
+//!   `now` (whatever was due has been acted on; the driver never spins), and never later than
+//!   the deadline computed from the state (the one kept through quiet heartbeats may be earlier);
+//! - **quiet events**: a twin of the supervisor that handles every event in full (no quiet
+//!   path for heartbeats and ticks) is fed the same events and returns the same commands;
 //! - **capacity**: a slot whose worker served (`Active`) before a step still has an active
 //!   worker after it, unless that very worker exited (or was lost) during the step, the slot
 //!   was removed by scaling, it hung, it is drained for a recycle in place, or a shutdown began. So a rolling restart never takes capacity
@@ -215,6 +218,8 @@ struct Live {
 /// The fake driver.
 struct Fake {
     sup: Supervisor,
+    /// The same machine, handling every event in full: it must agree with `sup` on everything.
+    twin: Supervisor,
     now: Instant,
     next_pid: u32,
     /// Whether each spawn succeeds, in turn (cycled).
@@ -254,7 +259,10 @@ impl Fake {
         // A small ring (or none), so that its bound is reached.
         let capacity = spawn_plan.len() * 2 - 2;
         let sup = Supervisor::new(policy, now).with_open_sockets([0]).with_event_history(capacity, 1);
+        let mut twin = sup.clone();
+        twin.always_settle = true;
         Fake {
+            twin,
             last_seq: 0,
             sockets: if per_slot { BTreeSet::from([0]) } else { BTreeSet::new() },
             sup,
@@ -293,7 +301,9 @@ impl Fake {
                 self.exited.insert(key);
                 self.exited_now.insert(key);
             }
+            let twin = self.twin.handle(ev.clone(), self.now, SystemTime::UNIX_EPOCH);
             let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
+            prop_assert_eq!(&cmds, &twin, "the quiet path decided otherwise than a full settle");
             if self.done {
                 prop_assert!(cmds.is_empty(), "commands after Exit: {:?}", cmds);
             }
@@ -559,6 +569,9 @@ impl Fake {
         if let Some(deadline) = self.sup.next_deadline() {
             prop_assert!(deadline > self.now, "a deadline {:?} not after now", self.now.duration_since(deadline));
         }
+        let (kept, real) = (self.sup.next_deadline(), self.sup.compute_deadline());
+        prop_assert!(real.is_none_or(|r| kept.is_some_and(|k| k <= r)), "kept {:?}, real {:?}", kept, real);
+        prop_assert_eq!(self.twin.next_deadline(), real, "the twin's deadline is the real one");
         // Capacity.
         if was_running && self.sup.phase == Phase::Running {
             let after = self.serving();

@@ -8,8 +8,18 @@ use super::{Command, Phase, ProcState, Report, SIGKILL, SIGTERM, SpawnReason, Su
 impl Supervisor {
     /// When the supervisor wants an [`Event::Tick`](super::Event::Tick) at the latest, if ever. After
     /// [`handle`](Self::handle) returned, it is always later than the `now` it was given:
-    /// whatever was due then has been acted on.
+    /// whatever was due then has been acted on. O(1): the deadline the last `handle` left,
+    /// exact after an event handled in full, possibly early after quiet heartbeats (a tick
+    /// then finds nothing due and computes it anew); computed (O(N)) before the first event.
     pub fn next_deadline(&self) -> Option<Instant> {
+        match self.deadline {
+            Some(d) => d,
+            None => self.compute_deadline(),
+        }
+    }
+
+    /// The earliest of every deadline the machine keeps, from its state: O(N).
+    pub(super) fn compute_deadline(&self) -> Option<Instant> {
         let spawns = match self.phase {
             Phase::Running => self.slots.iter().filter_map(|s| s.next_spawn.map(|(t, _)| t)).min(),
             _ => None,

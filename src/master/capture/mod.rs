@@ -17,7 +17,7 @@ pub(crate) mod queue;
 mod ring;
 mod split;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -364,7 +364,16 @@ pub(crate) struct Capture {
     /// Control connections following (`logs --follow`), by connection.
     pub(crate) followers: HashMap<super::control::ConnId, Follower>,
     scratch: Vec<u8>,
+    /// The pipes of exited workers, by the time they close at the latest (exits come in time
+    /// order, so this is too): what is due is found without looking at every pipe.
+    closing: VecDeque<(Instant, PipeKey)>,
+    /// The descriptors of pipes closed since [`take_closed`](Capture::take_closed): the loop
+    /// takes them out of its epoll set before they are closed.
+    closed: Vec<(PipeKey, OwnedFd)>,
 }
+
+/// A pipe: the worker's, and which of its streams.
+pub(crate) type PipeKey = (WorkerKey, LogStream);
 
 impl Capture {
     /// The capture of `config`: its log file is opened now (at `init`), its writer thread
@@ -388,6 +397,8 @@ impl Capture {
             out,
             followers: HashMap::new(),
             scratch: vec![0; READ_BUDGET],
+            closing: VecDeque::new(),
+            closed: Vec::new(),
         })
     }
 
@@ -443,8 +454,9 @@ impl Capture {
         let Some(pipe) = self.pipes.get_mut(&key) else { return Vec::new() };
         let (pieces, eof) = read_pipe(pipe, &mut self.scratch);
         let lines = to_lines(pipe, key.1, pieces);
-        if eof {
-            self.pipes.remove(&key);
+        if eof && let Some(pipe) = self.pipes.remove(&key) {
+            self.closed.push((key, pipe.fd));
+            self.prune();
         }
         self.deliver(&lines);
         lines
@@ -454,29 +466,49 @@ impl Capture {
     /// [`EXIT_DRAIN`].
     pub(crate) fn exited(&mut self, key: WorkerKey, now: Instant) {
         for stream in [LogStream::Stdout, LogStream::Stderr] {
-            if let Some(p) = self.pipes.get_mut(&(key, stream)) {
-                p.close_at.get_or_insert(now + EXIT_DRAIN);
+            if let Some(p) = self.pipes.get_mut(&(key, stream))
+                && p.close_at.is_none()
+            {
+                p.close_at = Some(now + EXIT_DRAIN);
+                self.closing.push_back((now + EXIT_DRAIN, (key, stream)));
             }
         }
     }
 
-    /// When the next pipe of an exited worker must be closed.
+    /// When the next pipe of an exited worker must be closed: O(1).
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.pipes.values().filter_map(|p| p.close_at).min()
+        self.closing.front().map(|(t, _)| *t)
     }
 
-    /// Closes the pipes whose time is up, after a last read; returns their last lines.
+    /// Closes the pipes whose time is up, after a last read; returns their last lines. O(1)
+    /// when none is due.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<LogLine> {
-        let due: Vec<_> =
-            self.pipes.iter().filter(|(_, p)| p.close_at.is_some_and(|t| t <= now)).map(|(k, _)| *k).collect();
         let mut lines = Vec::new();
-        for key in due {
+        while let Some(&(t, key)) = self.closing.front()
+            && t <= now
+        {
+            self.closing.pop_front();
             if let Some(mut pipe) = self.pipes.remove(&key) {
                 lines.extend(self.drain(&mut pipe, key.1));
+                self.closed.push((key, pipe.fd));
             }
         }
+        self.prune();
         self.deliver(&lines);
         lines
+    }
+
+    /// Drops the first entries of `closing` whose pipe ended already (read to its end).
+    fn prune(&mut self) {
+        while self.closing.front().is_some_and(|(_, key)| !self.pipes.contains_key(key)) {
+            self.closing.pop_front();
+        }
+    }
+
+    /// The descriptors of the pipes closed since the last call, and whose they were (the
+    /// caller drops them).
+    pub(crate) fn take_closed(&mut self) -> Vec<(PipeKey, OwnedFd)> {
+        std::mem::take(&mut self.closed)
     }
 
     /// Everything still in `pipe` (without blocking), and its partial last line.
