@@ -30,6 +30,18 @@ fn refused(h: &mut Harness, ticket: u64) -> String {
     }
 }
 
+/// A new master's supervisor that inherited a first generation (no restarts, no exits), with a
+/// slot-by-slot hand-over of that many slots or none.
+fn fresh_inheritance(h: &Harness, slot_by_slot: Option<usize>) -> Supervisor {
+    h.sup.clone().inherit(Inheritance {
+        generation: 0,
+        total_restarts: 0,
+        exits: Default::default(),
+        shutdown_timeout: 1000 * MS,
+        slot_by_slot,
+    })
+}
+
 #[test]
 fn a_ready_new_master_takes_over_and_the_old_one_drains_and_exits() {
     let mut h = Harness::new(policy(2));
@@ -338,13 +350,7 @@ fn a_failed_slot_by_slot_upgrade_gives_the_handed_slots_workers_again() {
 #[test]
 fn slot_by_slot_a_new_master_starts_each_slot_once_the_previous_one_is_freed() {
     let mut h = Harness::new(policy(3));
-    h.sup = h.sup.clone().inherit(Inheritance {
-        generation: 0,
-        total_restarts: 0,
-        exits: Default::default(),
-        shutdown_timeout: 1000 * MS,
-        slot_by_slot: Some(2),
-    });
+    h.sup = fresh_inheritance(&h, Some(2));
     assert_eq!(spawns(&h.at(0)), vec![0]);
     assert!(spawns(&h.at(500)).is_empty(), "slot 1 waits for its turn, whatever the start-up delay");
     let out = h.ready(0);
@@ -364,13 +370,7 @@ fn slot_by_slot_a_new_master_starts_each_slot_once_the_previous_one_is_freed() {
 #[test]
 fn slot_by_slot_a_new_master_whose_predecessor_dies_starts_every_slot_at_once() {
     let mut h = Harness::new(policy(3));
-    h.sup = h.sup.clone().inherit(Inheritance {
-        generation: 0,
-        total_restarts: 0,
-        exits: Default::default(),
-        shutdown_timeout: 1000 * MS,
-        slot_by_slot: Some(3),
-    });
+    h.sup = fresh_inheritance(&h, Some(3));
     h.at(0);
     let mut out = h.feed(Event::PredecessorGone { clean: false });
     out.sort_by_key(|c| format!("{c:?}"));
@@ -497,13 +497,7 @@ fn inherited_with_min_ready(min_ready: usize, cooloff: Option<Duration>) -> Harn
         liveness: Liveness { cooloff, ..Liveness::default() },
         ..policy(3)
     });
-    h.sup = h.sup.clone().inherit(Inheritance {
-        generation: 0,
-        total_restarts: 0,
-        exits: Default::default(),
-        shutdown_timeout: 1000 * MS,
-        slot_by_slot: None,
-    });
+    h.sup = fresh_inheritance(&h, None);
     for ms in [0, 100, 200] {
         h.at(ms);
     }
