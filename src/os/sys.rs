@@ -399,3 +399,64 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: crate::signal::Si
     };
     rustix::process::pidfd_send_signal(pidfd, sig)
 }
+
+/// Whether [`kill_if_orphaned_on_sigterm`] is in place in this process.
+static ORPHAN_GUARD: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+/// From now on, a `SIGTERM` that arrives when this process's parent is no longer `master` (the
+/// master died: its `PR_SET_PDEATHSIG` is that `SIGTERM`) arms a kernel timer that kills this
+/// process (`SIGKILL`) `after` later. It runs in the signal handler, next to the program's own
+/// (tokio's) handling of `SIGTERM`, so it works even when no thread of the process can run
+/// (a runtime stuck in a handler): what keeps a worker whose master died from outliving it
+/// without a thread of its own watching the channel. Installed once per process; later calls do
+/// nothing.
+///
+/// # Caveats
+///
+/// `SIGTERM` no longer ends the process by default: call it only where the program handles
+/// `SIGTERM` already (`serve`, after tokio's handler is installed).
+pub(crate) fn kill_if_orphaned_on_sigterm(master: Pid, after: std::time::Duration) -> io::Result<()> {
+    let mut installed = ORPHAN_GUARD.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return Ok(());
+    }
+    // SAFETY: `sigevent` is plain data; zeroed, then the two fields that matter are set.
+    let mut event: libc::sigevent = unsafe { std::mem::zeroed() };
+    event.sigev_notify = libc::SIGEV_SIGNAL;
+    event.sigev_signo = libc::SIGKILL;
+    let mut timer: libc::timer_t = std::ptr::null_mut();
+    // SAFETY: both pointers are valid for the call; with SIGEV_SIGNAL the C library starts no
+    // thread and keeps no pointer to `event`.
+    if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut event, &mut timer) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let after = after.max(std::time::Duration::from_millis(1));
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec { tv_sec: 0, tv_nsec: 0 },
+        it_value: libc::timespec {
+            tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
+            // Below 10^9: fits a `c_long` of any width.
+            tv_nsec: after.subsec_nanos() as libc::c_long,
+        },
+    };
+    // The timer's id, as a plain number the handler can own (`timer_t` is a pointer).
+    let id = timer as usize;
+    let action = move || {
+        if rustix::process::getppid() != Some(master) {
+            // SAFETY: `id` is the timer created above, never deleted; `spec` is a valid
+            // `itimerspec` on this closure. timer_settime(2) is async-signal-safe (POSIX).
+            unsafe {
+                libc::timer_settime(id as libc::timer_t, 0, &spec, std::ptr::null_mut());
+            }
+        }
+    };
+    // SAFETY: the action only makes two async-signal-safe system calls (getppid, timer_settime)
+    // on values it owns: no allocation, no lock, no panic.
+    if let Err(e) = unsafe { signal_hook::low_level::register(libc::SIGTERM, action) } {
+        // SAFETY: the timer was created above and nothing else refers to it.
+        unsafe { libc::timer_delete(timer) };
+        return Err(e);
+    }
+    *installed = true;
+    Ok(())
+}

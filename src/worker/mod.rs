@@ -42,8 +42,15 @@ use crate::stats::{ClusterStats, WorkerStats};
 ///   such a crate, never both: each would own the descriptor.
 /// - The listeners and the channel are close-on-exec: programs the worker runs do not inherit
 ///   them.
-/// - When the master is gone, the worker has its shutdown timeout to drain and exit; after that
-///   its channel thread ends the process (exit code 1).
+/// - When the master is gone, a worker that is [ready](Worker::ready) gets `SIGTERM` from the
+///   kernel and has its shutdown timeout to drain and exit; after that the library ends the
+///   process (exit code 1 from its channel thread, or `SIGKILL` from a timer under `serve`,
+///   which reads the channel on its runtime and starts no thread). A worker not ready yet is
+///   killed at once (`SIGKILL`): it serves nothing yet.
+/// - The channel to the master is read from [`ready`](Worker::ready) on, or from the first call
+///   that needs to hear from the master ([`stats`](Worker::stats),
+///   [`is_master_gone`](Worker::is_master_gone), …): by a thread named `ecewo-channel`, except
+///   under `serve`, whose runtime reads it. A worker that only serves stays single-threaded.
 #[derive(Clone)]
 pub struct Worker {
     inner: Arc<Inner>,
@@ -77,8 +84,26 @@ struct Inherited {
     taken: bool,
 }
 
+/// Who reads the channel from the master (query answers, and EOF: the master is gone).
+enum Reader {
+    /// Nobody yet: the first that needs it starts the thread ([`Inner::ensure_reader`]).
+    Idle(UnixStream),
+    /// The channel thread.
+    Thread,
+    /// A task of `serve`'s runtime (the stream comes back as `Idle` if the runtime ends first).
+    #[cfg(feature = "tokio")]
+    Runtime,
+    /// None (a unit test's worker: its thread's EOF handling would end the test process).
+    #[cfg(test)]
+    Never,
+}
+
 struct Inner {
     env: WorkerEnv,
+    /// True for a real worker (from [`Worker::from_env`]): the parent-death signal is ours to
+    /// change.
+    supervised: bool,
+    reader: Mutex<Reader>,
     listeners: Mutex<Vec<Inherited>>,
     writer: Mutex<UnixStream>,
     ready_sent: AtomicBool,
@@ -100,10 +125,12 @@ struct Inner {
 }
 
 impl Inner {
-    fn new(env: WorkerEnv, listeners: Vec<Inherited>, writer: UnixStream) -> Inner {
+    fn new(env: WorkerEnv, listeners: Vec<Inherited>, writer: UnixStream, reader: Reader) -> Inner {
         #[cfg(feature = "tokio")]
         let (gone_tx, _) = tokio::sync::watch::channel(false);
         Inner {
+            supervised: matches!(reader, Reader::Idle(_)),
+            reader: Mutex::new(reader),
             env,
             listeners: Mutex::new(listeners),
             writer: Mutex::new(writer),
@@ -120,6 +147,48 @@ impl Inner {
             last_beat: AtomicU64::new(0),
             epoch: Instant::now(),
         }
+    }
+
+    /// Starts the channel thread unless a reader runs already. Everything that needs to hear
+    /// from the master calls it first; so does [`Worker::ready`], after which the master's
+    /// death must always be noticed.
+    fn ensure_reader(self: &Arc<Inner>) {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*reader, Reader::Idle(_)) {
+            return;
+        }
+        let Reader::Idle(stream) = std::mem::replace(&mut *reader, Reader::Thread) else { return };
+        let for_thread = self.clone();
+        if let Err(e) = std::thread::Builder::new()
+            .name("ecewo-channel".into())
+            .spawn(move || channel::channel_reader(for_thread, stream))
+        {
+            // The stream went with the closure: nobody will notice the master's death but the
+            // kernel's parent-death signal, and queries time out.
+            tracing::error!(
+                "cannot start the worker's channel thread ({e}); the master's death is noticed by SIGTERM only"
+            );
+        }
+    }
+
+    /// Takes the channel's stream for a reader on a runtime, unless a reader runs already.
+    #[cfg(feature = "tokio")]
+    fn take_reader(&self) -> Option<UnixStream> {
+        let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(*reader, Reader::Idle(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut *reader, Reader::Runtime) {
+            Reader::Idle(stream) => Some(stream),
+            _ => None,
+        }
+    }
+
+    /// Gives the stream back (the runtime that read it ended): the next that needs a reader
+    /// starts the thread.
+    #[cfg(feature = "tokio")]
+    fn give_back_reader(&self, stream: UnixStream) {
+        *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Reader::Idle(stream);
     }
 
     fn send(&self, msg: &ToMaster) -> Result<(), Error> {
@@ -171,6 +240,24 @@ impl Inner {
         sent
     }
 
+    /// One more request in flight.
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One request fewer in flight and one more served; the one that reaches the request
+    /// limit sends the counts at once.
+    fn request_ended(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let served = self.served.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+        // Exactly one request sees the count reach the limit.
+        if self.env.request_limit == Some(served)
+            && let Err(e) = self.send_counts()
+        {
+            tracing::debug!("the beat at the request limit ({served}) was not sent: {e}");
+        }
+    }
+
     /// Sends a beat unless one was sent less than a quarter of the interval ago.
     fn beat_coalesced(&self) -> Result<(), Error> {
         if self.channel_broken.load(Ordering::Relaxed) {
@@ -215,14 +302,7 @@ impl std::fmt::Debug for RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        self.inner.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let served = self.inner.served.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
-        // Exactly one guard sees the count reach the limit.
-        if self.inner.env.request_limit == Some(served)
-            && let Err(e) = self.inner.send_counts()
-        {
-            tracing::debug!("the beat at the request limit ({served}) was not sent: {e}");
-        }
+        self.inner.request_ended();
     }
 }
 
@@ -231,6 +311,12 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Worker {
     pub(crate) fn from_env(env: WorkerEnv) -> Result<Worker, Error> {
+        // Until it is ready, a worker whose master dies is killed at once by the kernel: it
+        // serves nothing yet, and no thread of ours watches the channel before `ready` (see
+        // `Worker::ready`). The master set SIGTERM (what programs that do not use this library
+        // get, to drain).
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+            .map_err(|e| Error::io("cannot set the parent-death signal")(e.into()))?;
         // The master may have died between fork and now; PR_SET_PDEATHSIG only covers later deaths.
         if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(env.master_pid) {
             return Err(Error::MasterGone);
@@ -256,13 +342,9 @@ impl Worker {
         let chan = UnixStream::from(chan);
         let reader = chan.try_clone().map_err(Error::io("cannot clone the worker channel"))?;
         set_process_name();
-        let inner = Arc::new(Inner::new(env, listeners, chan));
-        let for_thread = inner.clone();
-        std::thread::Builder::new()
-            .name("ecewo-channel".into())
-            .spawn(move || channel::channel_reader(for_thread, reader))
-            .map_err(Error::io("cannot start the worker's channel thread"))?;
-        Ok(Worker { inner })
+        // The channel is read from `ready` on (or as soon as something needs to hear from the
+        // master): by a thread, or by `serve`'s runtime.
+        Ok(Worker { inner: Arc::new(Inner::new(env, listeners, chan, Reader::Idle(reader))) })
     }
 
     /// This worker's id, from 0 to `count() - 1`.
@@ -388,9 +470,25 @@ impl Worker {
     /// socket's queue meanwhile). A worker that does not report ready within the cluster's
     /// `ready_timeout` is killed; during a rolling restart, the old worker of this slot keeps
     /// serving until this call.
+    ///
+    /// Until this call, a worker whose master dies is killed by the kernel at once (`SIGKILL`);
+    /// from this call on it gets `SIGTERM` and its shutdown timeout to drain (and the channel is
+    /// read from now on: by a thread, unless `serve`'s runtime reads it already).
     pub fn ready(&self) -> Result<(), Error> {
         if self.inner.ready_sent.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        self.inner.ensure_reader();
+        if self.inner.supervised {
+            // From now on the master's death means a drain: SIGTERM, and the reader (or
+            // `serve`'s guard) ends the process after the shutdown timeout. A death before
+            // this call was a SIGKILL (the check below then finds the master gone, if this
+            // process still runs at all).
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))
+                .map_err(|e| Error::io("cannot set the parent-death signal")(e.into()))?;
+            if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(self.inner.env.master_pid) {
+                return Err(Error::MasterGone);
+            }
         }
         self.send(&ToMaster::Ready)
     }
@@ -465,7 +563,7 @@ impl Worker {
     /// set one) sends a beat at once, so the master can recycle the worker promptly; the worker
     /// keeps serving until the master asks it to stop.
     pub fn track_request(&self) -> RequestGuard {
-        self.inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.inner.request_started();
         RequestGuard { inner: self.inner.clone() }
     }
 
@@ -487,6 +585,7 @@ impl Worker {
     /// Once the master is gone nobody else will stop this worker: the library ends the process
     /// (exit code 1) after the master's shutdown timeout if it is still running.
     pub fn is_master_gone(&self) -> bool {
+        self.inner.ensure_reader();
         *self.inner.gone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -498,6 +597,7 @@ impl Worker {
     /// life of the worker: call it from a thread of its own, never from async code. The process
     /// then has the master's shutdown timeout to drain before the library ends it.
     pub fn wait_master_gone(&self) {
+        self.inner.ensure_reader();
         let mut gone = self.inner.gone.lock().unwrap_or_else(|e| e.into_inner());
         while !*gone {
             gone = self.inner.gone_cv.wait(gone).unwrap_or_else(|e| e.into_inner());
@@ -507,6 +607,7 @@ impl Worker {
     /// A receiver that turns `true` when the master is gone.
     #[cfg(feature = "tokio")]
     pub(crate) fn master_gone_receiver(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.ensure_reader();
         self.inner.gone_tx.subscribe()
     }
 
@@ -529,6 +630,7 @@ impl Worker {
     /// many threads at once are fine. A worker whose answers pile up unread (16 MiB) gets no
     /// more answers until it reads them.
     pub fn stats(&self) -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
+        self.inner.ensure_reader();
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
@@ -564,7 +666,7 @@ impl Worker {
             request_limit,
         };
         master.set_nonblocking(true).unwrap();
-        (Worker { inner: Arc::new(Inner::new(env, Vec::new(), writer)) }, master)
+        (Worker { inner: Arc::new(Inner::new(env, Vec::new(), writer, Reader::Never)) }, master)
     }
 
     /// The messages the master's end has received so far (it is non-blocking).

@@ -42,7 +42,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::error::Error;
 use crate::stats::{ClusterStats, WorkerStats};
-use crate::worker::{RequestGuard, Worker};
+use crate::worker::Worker;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -145,14 +145,103 @@ fn stop_signal(worker: &Worker) -> io::Result<impl Future<Output = Stop> + Send 
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(io::Error::other("serve::shutdown_signal must be called inside a tokio runtime"));
     }
-    let mut term = signal(SignalKind::terminate())?;
+    let term = signal(SignalKind::terminate())?;
+    Ok(stop_on(term, worker))
+}
+
+/// When and why to stop: SIGTERM (`term`, installed) or the master gone.
+fn stop_on(mut term: tokio::signal::unix::Signal, worker: &Worker) -> impl Future<Output = Stop> + Send + 'static {
     let mut gone = worker.master_gone_receiver();
-    Ok(async move {
+    async move {
         tokio::select! {
             _ = term.recv() => Stop::Term,
             _ = gone.wait_for(|g| *g) => Stop::MasterGone,
         }
-    })
+    }
+}
+
+/// Reads the master's channel on this runtime instead of a thread of its own, so that a worker
+/// that only serves stays a single-threaded process (see `worker::channel`). Only once the
+/// runtime's SIGTERM handler is installed: the guard that ends the process if its master died
+/// while the runtime is stuck runs beside it ([`kill_if_orphaned_on_sigterm`]). False if a
+/// reader runs already (or the guard cannot be installed): the channel thread reads then.
+///
+/// [`kill_if_orphaned_on_sigterm`]: crate::os::sys::kill_if_orphaned_on_sigterm
+fn read_channel_on_runtime(worker: &Worker) -> bool {
+    let inner = &worker.inner;
+    if !inner.supervised {
+        return false;
+    }
+    let master = rustix::process::Pid::from_raw(i32::try_from(inner.env.master_pid).unwrap_or(0));
+    let Some(master) = master else { return false };
+    if let Err(e) = crate::os::sys::kill_if_orphaned_on_sigterm(master, inner.env.shutdown_timeout) {
+        tracing::debug!("the channel is read by a thread: no guard for a master's death ({e})");
+        return false;
+    }
+    let Some(stream) = inner.take_reader() else { return false };
+    if let Err(e) = stream.set_nonblocking(true) {
+        tracing::debug!("the channel is read by a thread: {e}");
+        inner.give_back_reader(stream);
+        return false;
+    }
+    let stream = match tokio::net::UnixStream::from_std(stream) {
+        Ok(stream) => stream,
+        Err(e) => {
+            // The stream is gone with the error: the master's death is noticed by the guard
+            // (its SIGTERM) only, and queries time out.
+            tracing::warn!("cannot read the master's channel: {e}");
+            return true;
+        }
+    };
+    let mut reader = RuntimeReader { stream: Some(stream), inner: inner.clone() };
+    tokio::spawn(async move {
+        if reader.read_to_eof().await {
+            reader.stream = None;
+            reader.inner.master_gone();
+            // Dying anyway: a thread is no cost now, and it ends a drain that never ends.
+            let inner = reader.inner.clone();
+            std::thread::spawn(move || inner.end_after_shutdown_timeout());
+        }
+    });
+    true
+}
+
+/// The channel read by a task; given back to the worker if the runtime ends first (a thread
+/// reads it then, if anything needs it).
+struct RuntimeReader {
+    stream: Option<tokio::net::UnixStream>,
+    inner: Arc<crate::worker::Inner>,
+}
+
+impl RuntimeReader {
+    /// Dispatches the master's messages until EOF (true) or a read error (false: the reader
+    /// stops, which nobody can do anything about).
+    async fn read_to_eof(&mut self) -> bool {
+        let Some(stream) = &self.stream else { return false };
+        let mut lines = crate::worker::channel::Lines::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if stream.readable().await.is_err() {
+                return false;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => return true,
+                Ok(n) => lines.feed(&buf[..n], |line| self.inner.dispatch(line)),
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                // ECONNRESET and the like: the master is gone as well.
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+impl Drop for RuntimeReader {
+    fn drop(&mut self) {
+        if let Some(stream) = self.stream.take().and_then(|s| s.into_std().ok()) {
+            let _ = stream.set_nonblocking(false);
+            self.inner.give_back_reader(stream);
+        }
+    }
 }
 
 /// A future that completes when this worker should stop: SIGTERM (from the master: shutdown,
@@ -331,13 +420,25 @@ fn take_all(worker: &Worker) -> Result<Vec<(String, Accepting)>, Error> {
         .collect()
 }
 
-/// Starts connection tasks: what every connection shares.
-struct Spawner {
-    builder: auto::Builder<TokioExecutor>,
+/// What every connection of one [`serve`] shares: counted on every request, read on every
+/// response. One `Arc` per connection and one clone per request: this is on the request path.
+struct Shared {
     /// Counts every request.
     worker: Worker,
-    /// Read by every response (no lock on the request path): `true` once the drain started.
-    draining: Arc<AtomicBool>,
+    /// `true` once the drain started (no lock on the request path).
+    draining: AtomicBool,
+}
+
+/// What a connection's task and its service share.
+struct ConnState {
+    shared: Arc<Shared>,
+    kind: ConnKind,
+}
+
+/// Starts connection tasks.
+struct Spawner {
+    builder: auto::Builder<TokioExecutor>,
+    shared: Arc<Shared>,
     /// Watched by every connection task (which holds a receiver until its connection ends).
     phase: watch::Receiver<Phase>,
 }
@@ -371,33 +472,17 @@ impl Spawner {
         B::Error: Into<BoxError>,
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let conn_kind = Arc::new(ConnKind::default());
-        let svc = DrainService {
-            inner: service.clone(),
-            draining: self.draining.clone(),
-            conn: conn_kind.clone(),
-            worker: self.worker.clone(),
-        };
+        let state = Arc::new(ConnState { shared: self.shared.clone(), kind: ConnKind::default() });
+        let svc = DrainService { inner: service.clone(), conn: state.clone() };
         let builder = self.builder.clone();
-        let (mut for_h2, mut for_all) = (self.phase.clone(), self.phase.clone());
+        let mut phase = self.phase.clone();
         tokio::spawn(async move {
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                hyper_util::service::TowerToHyperService::new(svc),
-            );
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
             tokio::pin!(conn);
-            // When to close: HTTP/2 as soon as the drain starts (GOAWAY: the client stops
-            // opening streams here and retries elsewhere, with no race), everything else once
-            // the idle grace is over.
-            let goaway_h2 = async {
-                let _ = for_h2.wait_for(|p| *p >= Phase::Draining).await;
-                conn_kind.http2().await;
-            };
             tokio::select! {
                 biased;
                 res = conn.as_mut() => { if let Err(e) = res { tracing::debug!("connection error: {e}") } return; }
-                _ = goaway_h2 => {}
-                _ = for_all.wait_for(|p| *p >= Phase::CloseIdle) => {}
+                _ = time_to_close(&mut phase, &state.kind) => {}
             }
             // Finishes in-flight requests (HTTP/2: streams), then closes; closes an idle
             // connection now.
@@ -406,6 +491,19 @@ impl Spawner {
                 tracing::debug!("connection error while draining: {e}");
             }
         });
+    }
+}
+
+/// Completes when a connection should close: HTTP/2 as soon as the drain starts (GOAWAY: the
+/// client stops opening streams here and retries elsewhere, with no race), everything else
+/// once the idle grace is over (or `serve` returned). While serving, a connection's task waits
+/// on one thing only besides its connection, as `axum::serve`'s do: every wake-up of the task
+/// polls it.
+async fn time_to_close(phase: &mut watch::Receiver<Phase>, kind: &ConnKind) {
+    let _ = phase.wait_for(|p| *p >= Phase::Draining).await;
+    tokio::select! {
+        _ = kind.http2() => {}
+        _ = phase.wait_for(|p| *p >= Phase::CloseIdle) => {}
     }
 }
 
@@ -419,13 +517,14 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let stop = stop_signal(worker).map_err(Error::io("cannot install the SIGTERM handler"))?;
+    let term = signal(SignalKind::terminate()).map_err(Error::io("cannot install the SIGTERM handler"))?;
+    read_channel_on_runtime(worker);
+    let stop = stop_on(term, worker);
     tokio::pin!(stop);
     let (phase_tx, phase_rx) = watch::channel(Phase::Serving);
     let spawner = Spawner {
         builder: auto::Builder::new(TokioExecutor::new()),
-        worker: worker.clone(),
-        draining: Arc::new(AtomicBool::new(false)),
+        shared: Arc::new(Shared { worker: worker.clone(), draining: AtomicBool::new(false) }),
         phase: phase_rx,
     };
     worker.ready()?;
@@ -460,7 +559,7 @@ where
     // The beats go on through the drain: a worker told to stop by someone else than the
     // master (a `SIGTERM` from `signal_workers` or `kill`) is still counted on, and watched;
     // they end when `serve` returns (the handle drops then).
-    spawner.draining.store(true, Ordering::SeqCst);
+    spawner.shared.draining.store(true, Ordering::SeqCst);
     phase_tx.send_replace(Phase::Draining);
     if why == Stop::Term {
         tracing::info!("SIGTERM: draining");
@@ -591,65 +690,110 @@ impl ConnKind {
 /// so keep-alive clients learn to reconnect (to another worker) before the connection is closed;
 /// it tells the connection's task when the connection turns out to be HTTP/2 (closed by a
 /// GOAWAY as soon as the drain starts instead); and it counts every request in the worker's
-/// counters (in flight until its response future completes or is dropped, then served).
-#[derive(Clone)]
+/// counters (in flight from the call until its response future completes or is dropped, then
+/// served).
+///
+/// A hyper service itself (not a tower one behind hyper-util's adapter, which clones the
+/// whole wrapper per request): per request, one clone of the user's service and of one `Arc`.
 struct DrainService<S> {
     inner: S,
-    draining: Arc<AtomicBool>,
-    conn: Arc<ConnKind>,
-    worker: Worker,
+    conn: Arc<ConnState>,
 }
 
-impl<S, B, R> tower_service::Service<Request<R>> for DrainService<S>
+impl<S, B, R> hyper::service::Service<Request<R>> for DrainService<S>
 where
-    S: tower_service::Service<Request<R>, Response = Response<B>>,
+    S: tower_service::Service<Request<R>, Response = Response<B>> + Clone,
 {
     type Response = Response<B>;
     type Error = S::Error;
-    type Future = DrainFuture<S::Future>;
+    type Future = DrainFuture<S, R>;
 
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<R>) -> Self::Future {
+    fn call(&self, req: Request<R>) -> Self::Future {
         let version = req.version();
-        self.conn.saw(version);
+        self.conn.kind.saw(version);
         // `Connection` is an HTTP/1 header (HTTP/2 forbids it).
         let http1 = version < Version::HTTP_2;
-        let request = Some(self.worker.track_request());
-        DrainFuture { inner: self.inner.call(req), draining: self.draining.clone(), http1, request }
+        let counted = Counted::start(&self.conn.shared);
+        DrainFuture {
+            stage: Stage::Waiting { service: self.inner.clone(), req: Some(req) },
+            http1,
+            counted: Some(counted),
+        }
+    }
+}
+
+/// One request in flight: counted served when dropped (the response ready, or the request
+/// abandoned).
+struct Counted(Arc<Shared>);
+
+impl Counted {
+    fn start(shared: &Arc<Shared>) -> Counted {
+        shared.worker.inner.request_started();
+        Counted(shared.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.worker.inner.request_ended();
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`DrainService`]: the inner one, plus the header while draining,
-    /// and the request's count. (No allocation per request: this is on every request's path.)
-    struct DrainFuture<F> {
-        #[pin]
-        inner: F,
-        draining: Arc<AtomicBool>,
-        http1: bool,
-        // In flight until the response is ready (then dropped) or this future is dropped.
-        request: Option<RequestGuard>,
+    /// Where a request's call stands: the user's service not ready yet, or its response future.
+    #[project = StageProj]
+    enum Stage<S, R, F> {
+        Waiting { service: S, req: Option<Request<R>> },
+        Called { #[pin] future: F },
     }
 }
 
-impl<F, B, E> Future for DrainFuture<F>
+pin_project_lite::pin_project! {
+    /// The response future of [`DrainService`]: the user's service called once ready (tower's
+    /// contract), plus the header while draining, and the request's count. (No allocation per
+    /// request: this is on every request's path.)
+    struct DrainFuture<S, R>
+    where
+        S: tower_service::Service<Request<R>>,
+    {
+        #[pin]
+        stage: Stage<S, R, S::Future>,
+        http1: bool,
+        // In flight until the response is ready (then dropped) or this future is dropped.
+        counted: Option<Counted>,
+    }
+}
+
+impl<S, R, B> Future for DrainFuture<S, R>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: tower_service::Service<Request<R>, Response = Response<B>>,
 {
-    type Output = Result<Response<B>, E>;
+    type Output = Result<Response<B>, S::Error>;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let this = self.project();
-        let done = std::task::ready!(this.inner.poll(cx));
-        drop(this.request.take());
-        let mut resp = done?;
-        if *this.http1 && this.draining.load(Ordering::Relaxed) {
-            resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        let mut this = self.project();
+        loop {
+            match this.stage.as_mut().project() {
+                StageProj::Waiting { service, req } => {
+                    if let Err(e) = std::task::ready!(service.poll_ready(cx)) {
+                        drop(this.counted.take());
+                        return std::task::Poll::Ready(Err(e));
+                    }
+                    let req = req.take().expect("a request is called once: the stage moves on at once");
+                    let future = service.call(req);
+                    this.stage.set(Stage::Called { future });
+                }
+                StageProj::Called { future } => {
+                    let done = std::task::ready!(future.poll(cx));
+                    let draining = this.counted.take().is_some_and(|c| c.0.draining.load(Ordering::Relaxed));
+                    let mut resp = done?;
+                    if *this.http1 && draining {
+                        resp.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    return std::task::Poll::Ready(Ok(resp));
+                }
+            }
         }
-        std::task::Poll::Ready(Ok(resp))
     }
 }
 
@@ -786,27 +930,26 @@ mod tests {
 
     #[test]
     fn every_request_is_counted_until_its_response_is_ready_or_dropped() {
-        use tower_service::Service;
+        use hyper::service::Service;
         let rt = runtime();
         let (worker, _master) = Worker::for_test(None, None);
         let counts = || (worker.requests_served(), worker.requests_in_flight());
+        let shared = Arc::new(Shared { worker: worker.clone(), draining: AtomicBool::new(false) });
         let service = |after| DrainService {
             inner: After(after),
-            draining: Arc::new(AtomicBool::new(false)),
-            conn: Arc::new(ConnKind::default()),
-            worker: worker.clone(),
+            conn: Arc::new(ConnState { shared: shared.clone(), kind: ConnKind::default() }),
         };
         // Answered: served once the response is ready, before the future is dropped.
-        let mut answered = service(Some(10)).call(Request::new(()));
+        let mut answered = Box::pin(service(Some(10)).call(Request::new(())));
         assert_eq!(counts(), (0, 1));
         let resp = rt.block_on(&mut answered);
-        assert!(resp.is_ok());
+        assert!(resp.is_ok_and(|r| r.headers().get(CONNECTION).is_none()));
         assert_eq!(counts(), (1, 0));
         drop(answered);
         assert_eq!(counts(), (1, 0), "counted once");
         // Abandoned (a client gone, a drain timed out), polled or not: served too.
         let never_polled = service(None).call(Request::new(()));
-        let mut pending = service(None).call(Request::new(()));
+        let mut pending = Box::pin(service(None).call(Request::new(())));
         rt.block_on(async {
             assert!(tokio::time::timeout(Duration::from_millis(10), &mut pending).await.is_err());
         });
@@ -815,6 +958,60 @@ mod tests {
         assert_eq!(counts(), (2, 1));
         drop(pending);
         assert_eq!(counts(), (3, 0));
+        // Draining: an HTTP/1 response says `Connection: close`, an HTTP/2 one does not.
+        shared.draining.store(true, Ordering::SeqCst);
+        let resp = rt.block_on(service(Some(0)).call(Request::new(()))).unwrap();
+        assert_eq!(resp.headers().get(CONNECTION).map(|v| v.as_bytes()), Some(&b"close"[..]));
+        let mut h2 = Request::new(());
+        *h2.version_mut() = Version::HTTP_2;
+        let resp = rt.block_on(service(Some(0)).call(h2)).unwrap();
+        assert!(resp.headers().get(CONNECTION).is_none());
+        assert_eq!(counts(), (5, 0));
+    }
+
+    /// A service that is not ready at first (tower's `poll_ready` contract), then fails or
+    /// answers.
+    #[derive(Clone)]
+    struct NotReadyYet {
+        polls: Arc<std::sync::atomic::AtomicU32>,
+        fail: bool,
+    }
+
+    impl tower_service::Service<Request<()>> for NotReadyYet {
+        type Response = Response<()>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Response<()>, &'static str>>;
+
+        fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+            if self.polls.fetch_add(1, Ordering::SeqCst) < 2 {
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            std::task::Poll::Ready(if self.fail { Err("not ready") } else { Ok(()) })
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    #[test]
+    fn the_users_service_is_called_once_it_is_ready_and_its_refusal_is_counted() {
+        use hyper::service::Service;
+        let rt = runtime();
+        let (worker, _master) = Worker::for_test(None, None);
+        let shared = Arc::new(Shared { worker: worker.clone(), draining: AtomicBool::new(false) });
+        for fail in [false, true] {
+            let polls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let service = DrainService {
+                inner: NotReadyYet { polls: polls.clone(), fail },
+                conn: Arc::new(ConnState { shared: shared.clone(), kind: ConnKind::default() }),
+            };
+            let result = rt.block_on(service.call(Request::new(())));
+            assert_eq!(result.is_ok(), !fail);
+            assert_eq!(polls.load(Ordering::SeqCst), 3, "polled until ready, once more never");
+        }
+        assert_eq!((worker.requests_served(), worker.requests_in_flight()), (2, 0));
     }
 
     #[test]

@@ -722,6 +722,10 @@ impl tower_service::Service<Request<Incoming>> for Testbed {
                     // Blocks the worker's runtime thread (a handler making a blocking call):
                     // nothing else on this runtime runs meanwhile, heartbeats included.
                     let ms = query_param(&req, "ms").unwrap_or(1000).max(0) as u64;
+                    log_line(format_args!(
+                        "testbed worker pid {}: hang: blocking the runtime {ms} ms",
+                        std::process::id()
+                    ));
                     std::thread::sleep(Duration::from_millis(ms));
                     text(StatusCode::OK, format!("hung {ms}"))
                 }

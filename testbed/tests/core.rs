@@ -200,6 +200,80 @@ fn workers_die_with_a_killed_master() {
     eprintln!("workers gone {:?} after the master", t0.elapsed());
 }
 
+/// The names of a process's threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_owned())
+        .collect()
+}
+
+/// A worker that only serves (`Cluster::serve`: the hello example) reads its channel on its
+/// runtime, not on a thread: one thread per worker process (glibc's single-threaded fast paths
+/// stay on: bench/frameworks). It still notices its master's death at once.
+#[test]
+fn a_serving_worker_is_one_thread_and_dies_with_its_master() {
+    let port = TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port();
+    let opts = Options {
+        program: Some(example_binary("hello")),
+        args: ["--port", &port.to_string(), "--workers", "2"].map(str::to_owned).to_vec(),
+        exact_args: true,
+        ..Options::default()
+    };
+    let (mut tb, _rx) = Testbed::spawn(opts);
+    tb.port = port;
+    assert!(tb.wait_log(Duration::from_secs(30), |l| l.contains("listening on")), "{}", tb.stderr());
+    let mut ids = BTreeSet::new();
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            if let Ok((200, body)) = http_get(port, "/") {
+                ids.insert(body);
+            }
+            ids.len() == 2
+        }),
+        "both workers answer: {ids:?}\n{}",
+        tb.stderr()
+    );
+    let workers = tb.workers();
+    assert_eq!(workers.len(), 2);
+    for &w in &workers {
+        assert_eq!(thread_names(w), ["hello"], "worker {w} has no thread but its main one");
+    }
+    tb.signal(Signal::KILL);
+    tb.wait_exit(Duration::from_secs(5)).expect("master dies");
+    assert!(wait_until(Duration::from_secs(5), || workers.iter().all(|&w| !alive(w))), "workers outlived the master");
+}
+
+/// The master SIGKILLed while its worker's runtime is stuck in a handler (a blocking call): no
+/// thread of the worker can notice, yet the worker is gone a shutdown timeout later (the kernel's
+/// parent-death SIGTERM arms a SIGKILL timer from the signal handler), instead of living on as
+/// an orphan that holds the listening socket.
+#[test]
+fn a_worker_stuck_in_a_handler_is_killed_a_shutdown_timeout_after_its_master_died() {
+    let mut tb = Testbed::start(&["--workers", "1", "--shutdown-timeout-ms", "1500"]);
+    let worker = tb.workers()[0];
+    assert!(
+        !thread_names(worker).iter().any(|n| n == "ecewo-channel"),
+        "the channel is read on the runtime: no channel thread would end the worker"
+    );
+    let (hung, _reader) = tb.get_in_flight("/hang?ms=120000");
+    assert_eq!(hung, worker);
+    assert!(
+        tb.wait_log(Duration::from_secs(10), |l| l.contains(&format!("pid {hung}: hang: blocking the runtime"))),
+        "{}",
+        tb.stderr()
+    );
+    tb.signal(Signal::KILL);
+    tb.wait_exit(Duration::from_secs(5)).expect("master dies");
+    let t0 = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(8), || !alive(hung)),
+        "the stuck worker outlived its master by {:?}",
+        t0.elapsed()
+    );
+    eprintln!("the stuck worker was gone {:?} after its master", t0.elapsed());
+}
+
 #[test]
 fn ctrl_c_to_the_process_group_stops_gracefully() {
     let mut opts = args(&["--workers", "2"]);
