@@ -67,8 +67,8 @@ pub(super) struct Driver {
     pub(super) owns_outside: bool,
     /// When the handles' statistics were last published, and what they were of.
     pub(super) published: Option<Published>,
-    /// The listeners' figures as last read for publishing: when, over how many sockets.
-    pub(super) listeners_read: Option<(Instant, usize, Vec<crate::stats::ListenerStats>)>,
+    /// The listeners' accept queues as last read for publishing, and when.
+    pub(super) listeners_read: Option<(Instant, Vec<Option<u64>>)>,
     /// What the loop sleeps on.
     pub(super) watch: Watch,
 }
@@ -610,20 +610,25 @@ impl Driver {
     }
 
     /// Publishes the statistics for handles and module functions (O(N): every slot's figures),
-    /// with the listeners' figures read at most every [`PUBLISH_BEATS`] (one `TCP_INFO` per
-    /// socket: N of them with `ReusePort`), or when the number of sockets changed.
+    /// with the listeners' accept queues read at most every [`PUBLISH_BEATS`] (one `TCP_INFO`
+    /// per socket: N of them with `ReusePort`; re-reading them whenever a slot's socket opened
+    /// or closed made every respawn O(N) system calls: bench/scale). Their socket counts are
+    /// always current.
     fn publish(&mut self, now: Instant) {
-        let open: usize = self.m.listeners.iter().map(|b| b.fds.iter().flatten().count()).sum();
-        let listeners = match &self.listeners_read {
-            Some((at, n, l)) if *n == open && now.saturating_duration_since(*at) < PUBLISH_BEATS => l.clone(),
+        let queues = match &self.listeners_read {
+            Some((at, q))
+                if q.len() == self.m.listeners.len() && now.saturating_duration_since(*at) < PUBLISH_BEATS =>
+            {
+                q.clone()
+            }
             _ => {
-                let l = self.listener_stats();
-                self.listeners_read = Some((now, open, l.clone()));
-                l
+                let q = super::accept_queues(&self.m.listeners);
+                self.listeners_read = Some((now, q.clone()));
+                q
             }
         };
         let mut cluster = self.sup.cluster_stats();
-        cluster.listeners = listeners;
+        cluster.listeners = super::listener_stats_with(&self.m.listeners, &queues);
         cluster.log_lines_dropped = self.m.capture.as_ref().map_or(0, super::capture::Capture::dropped);
         let snap = Snapshot { cluster, workers: self.sup.worker_stats(now), taken: now };
         *self.m.shared.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;

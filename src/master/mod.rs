@@ -890,27 +890,41 @@ fn default_upgrade_timeout(opts: &Settings, workers: usize) -> std::time::Durati
 /// The listeners' statistics, with the accept-queue length of the TCP ones (one `TCP_INFO`
 /// per socket the master holds).
 pub(crate) fn listener_stats(listeners: &[Bound]) -> Vec<crate::stats::ListenerStats> {
+    listener_stats_with(listeners, &accept_queues(listeners))
+}
+
+/// Each listener's connections waiting in its sockets' accept queues (`None`: not TCP, or
+/// unreadable): one `TCP_INFO` per open socket, so N system calls for a `ReusePort` listener.
+pub(crate) fn accept_queues(listeners: &[Bound]) -> Vec<Option<u64>> {
     use std::os::fd::AsFd;
     listeners
         .iter()
-        .map(|b| {
-            let open: Vec<&OwnedFd> = b.fds.iter().flatten().collect();
-            let queued = match b.addr {
-                ListenAddr::Tcp(_) => open
-                    .iter()
-                    .map(|fd| crate::os::sys::tcp_accept_queue(fd.as_fd()).map(u64::from))
-                    .sum::<std::io::Result<u64>>()
-                    .ok(),
-                _ => None,
-            };
-            crate::stats::ListenerStats {
-                name: b.name.clone(),
-                address: b.addr.to_string(),
-                kind: b.addr.kind().to_owned(),
-                balance: b.balance.to_string(),
-                sockets: open.len(),
-                queued,
-            }
+        .map(|b| match b.addr {
+            ListenAddr::Tcp(_) => b
+                .fds
+                .iter()
+                .flatten()
+                .map(|fd| crate::os::sys::tcp_accept_queue(fd.as_fd()).map(u64::from))
+                .sum::<std::io::Result<u64>>()
+                .ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The listeners' figures, with the accept queues read earlier by [`accept_queues`] (one per
+/// listener, in order; missing ones read as unknown).
+pub(crate) fn listener_stats_with(listeners: &[Bound], queues: &[Option<u64>]) -> Vec<crate::stats::ListenerStats> {
+    listeners
+        .iter()
+        .enumerate()
+        .map(|(i, b)| crate::stats::ListenerStats {
+            name: b.name.clone(),
+            address: b.addr.to_string(),
+            kind: b.addr.kind().to_owned(),
+            balance: b.balance.to_string(),
+            sockets: b.fds.iter().flatten().count(),
+            queued: queues.get(i).copied().flatten(),
         })
         .collect()
 }

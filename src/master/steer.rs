@@ -63,8 +63,18 @@ impl Group {
     /// the group); to all of them if none is. `None` if the group is empty or too large for a
     /// classic BPF program (then the kernel's own hashing applies).
     pub(crate) fn program(&self, slots: &[usize]) -> Option<Vec<libc::sock_filter>> {
-        let mut targets: Vec<u32> =
-            self.members.iter().enumerate().filter(|(_, s)| slots.contains(s)).map(|(i, _)| i as u32).collect();
+        // Slot numbers are small (below the slot count): a bitmap, no hashing.
+        let mut routed = vec![false; slots.iter().max().map_or(0, |&m| m + 1)];
+        for &s in slots {
+            routed[s] = true;
+        }
+        let mut targets: Vec<u32> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| routed.get(**s).copied().unwrap_or(false))
+            .map(|(i, _)| i as u32)
+            .collect();
         if targets.is_empty() {
             targets = (0..self.members.len() as u32).collect();
         }
@@ -74,7 +84,9 @@ impl Group {
 
 const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+const BPF_ADD_K: u16 = (libc::BPF_ALU | libc::BPF_ADD | libc::BPF_K) as u16;
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
 const BPF_RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 /// Classic BPF programs are limited to this many instructions.
@@ -84,18 +96,39 @@ fn insn(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// `A = random % targets.len()`, then return `targets[A]`: a contiguous prefix returns `A`
-/// itself, otherwise a table of comparisons maps it.
+/// `A = random % targets.len()`, then return `targets[A]` (`targets` ascending, below
+/// `group_len`), in the shorter of two forms, so that a route change costs the kernel (which
+/// checks and compiles every program attached) what changed, not the group's size:
+///
+/// - *skips*, when few of the group are left out: for each left-out index `e` below the last
+///   target, ascending, `if A >= e: A += 1`, then return `A` (the `A`-th index not left out).
+///   All routed: no skip at all. One worker of 1024 respawning: one skip, 5 instructions.
+/// - *a table*, when few are routed: `if A == i: return targets[i]` for each.
+///
+/// `None` if neither fits a classic BPF program (then the kernel's own hashing applies).
 fn program_for(targets: &[u32], group_len: usize) -> Option<Vec<libc::sock_filter>> {
-    if targets.is_empty() || group_len == 0 {
-        return None;
-    }
+    let (Some(&last), false) = (targets.last(), group_len == 0) else { return None };
     let mut p = vec![
         insn(BPF_LD_W_ABS, 0, 0, (libc::SKF_AD_OFF + libc::SKF_AD_RANDOM) as u32),
         insn(BPF_MOD_K, 0, 0, targets.len() as u32),
     ];
-    let prefix = targets.iter().enumerate().all(|(i, &t)| t == i as u32);
-    if prefix {
+    // The indexes left out below the last target (those above it are never reached).
+    let mut routed = targets.iter().peekable();
+    let skipped: Vec<u32> = (0..last)
+        .filter(|i| {
+            while routed.next_if(|&&t| t < *i).is_some() {}
+            routed.peek() != Some(&i)
+        })
+        .collect();
+    if skipped.len() <= targets.len() {
+        if 2 + 2 * skipped.len() + 1 > MAX_INSNS {
+            return None;
+        }
+        for e in skipped {
+            // if A >= e: A += 1 (the next instruction), else skip it.
+            p.push(insn(BPF_JGE_K, 0, 1, e));
+            p.push(insn(BPF_ADD_K, 0, 0, 1));
+        }
         p.push(insn(BPF_RET_A, 0, 0, 0));
     } else {
         if 2 + 2 * targets.len() + 1 > MAX_INSNS {
@@ -169,8 +202,12 @@ mod tests {
             match i.code {
                 BPF_LD_W_ABS => a = random,
                 BPF_MOD_K => a %= i.k,
+                BPF_ADD_K => a = a.wrapping_add(i.k),
                 BPF_JEQ_K => {
                     pc += if a == i.k { i.jt as usize } else { i.jf as usize };
+                }
+                BPF_JGE_K => {
+                    pc += if a >= i.k { i.jt as usize } else { i.jf as usize };
                 }
                 BPF_RET_A => return a,
                 BPF_RET_K => return i.k,
@@ -217,6 +254,34 @@ mod tests {
         assert!(Group::default().program(&[0]).is_none());
     }
 
+    /// Every route over groups of up to 10 sockets: the program returns `targets[r % n]` for
+    /// the random number `r`, so each routed socket gets its share and no other socket any;
+    /// and it is as short as the smaller of what is left out and what is routed.
+    #[test]
+    fn every_route_maps_the_random_number_onto_the_routed_sockets_evenly() {
+        for len in 1..=10usize {
+            for mask in 1u32..(1 << len) {
+                let targets: Vec<u32> = (0..len as u32).filter(|i| mask & (1 << i) != 0).collect();
+                let p = program_for(&targets, len).unwrap();
+                for r in 0..(3 * targets.len() as u32 + 7) {
+                    assert_eq!(run(&p, r), targets[r as usize % targets.len()], "{targets:?} of {len}, r = {r}");
+                }
+                let last = *targets.last().unwrap() as usize;
+                let left_out = last + 1 - targets.len();
+                assert_eq!(p.len(), 3 + 2 * left_out.min(targets.len()), "{targets:?} of {len}");
+            }
+        }
+        // One worker of 1024 respawning: one skip; every other one: a table of 512.
+        let all_but_one: Vec<u32> = (0..1024).filter(|&i| i != 500).collect();
+        assert_eq!(program_for(&all_but_one, 1024).unwrap().len(), 5);
+        let evens: Vec<u32> = (0..1024).step_by(2).collect();
+        assert_eq!(program_for(&evens, 1024).unwrap().len(), 3 + 2 * 511);
+        // Too large either way: none (the kernel's hashing).
+        let half: Vec<u32> = (0..8192).step_by(2).collect();
+        assert!(program_for(&half, 8192).is_none());
+        assert!(program_for(&[], 4).is_none());
+    }
+
     /// The real kernel: with two sockets in a group and a program routing to slot 1 only, every
     /// new connection lands on slot 1's socket.
     #[test]
@@ -256,5 +321,29 @@ mod tests {
         let accepted: Vec<usize> = listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();
         assert_eq!(accepted.iter().sum::<usize>(), 40);
         assert!(accepted.iter().all(|&n| n >= 5), "{accepted:?}");
+    }
+
+    /// The real kernel takes the skipping form too: three sockets, the middle one left out.
+    #[test]
+    fn the_kernel_follows_a_program_that_skips_a_socket() {
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let (fds, addr) = crate::os::socket::bind_listeners(addr, true, 3, 64, false).unwrap();
+        let mut group = Group::default();
+        for s in 0..3 {
+            group.join(s);
+        }
+        let listeners: Vec<TcpListener> = fds.into_iter().map(|fd: OwnedFd| TcpListener::from(fd)).collect();
+        for l in &listeners {
+            l.set_nonblocking(true).unwrap();
+        }
+        let program = group.program(&[0, 2]).unwrap();
+        assert!(program.iter().any(|i| i.code == BPF_JGE_K), "the skipping form");
+        crate::os::sys::attach_reuseport_cbpf(listeners[0].as_fd(), &program).unwrap();
+        let _conns: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let accepted: Vec<usize> = listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect();
+        assert_eq!(accepted.iter().sum::<usize>(), 60, "{accepted:?}");
+        assert_eq!(accepted[1], 0, "{accepted:?}");
+        assert!(accepted[0] >= 10 && accepted[2] >= 10, "{accepted:?}");
     }
 }
