@@ -401,6 +401,7 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: crate::signal::Si
 }
 
 /// Whether [`kill_if_orphaned_on_sigterm`] is in place in this process.
+#[cfg(feature = "tokio")]
 static ORPHAN_GUARD: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 
 /// From now on, a `SIGTERM` that arrives when this process's parent is no longer `master` (the
@@ -415,6 +416,7 @@ static ORPHAN_GUARD: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
 ///
 /// `SIGTERM` no longer ends the process by default: call it only where the program handles
 /// `SIGTERM` already (`serve`, after tokio's handler is installed).
+#[cfg(feature = "tokio")]
 pub(crate) fn kill_if_orphaned_on_sigterm(master: Pid, after: std::time::Duration) -> io::Result<()> {
     let mut installed = ORPHAN_GUARD.lock().unwrap_or_else(|e| e.into_inner());
     if *installed {
