@@ -297,6 +297,20 @@ def apt_install(*packages):
     return True
 
 
+def ensure_matplotlib():
+    """A Python that has matplotlib, or None: plots are drawn in a separate process with it.
+    Debian's python3-matplotlib is installed when it is missing and we are root."""
+    for py in (sys.executable, "/usr/bin/python3"):
+        if py and subprocess.run([py, "-c", "import matplotlib"], capture_output=True).returncode == 0:
+            return py
+    if os.geteuid() == 0:
+        log("installing python3-matplotlib (apt-get) for the plot")
+        apt_install("-qq", "python3-matplotlib")
+        if subprocess.run(["/usr/bin/python3", "-c", "import matplotlib"], capture_output=True).returncode == 0:
+            return "/usr/bin/python3"
+    return None
+
+
 def find_nginx():
     import shutil
 

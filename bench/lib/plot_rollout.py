@@ -1,0 +1,50 @@
+#!/usr/bin/env python3
+"""The figure of bench/rollout: a rolling restart's duration against the surge size, log-log.
+
+Usage: plot_rollout.py DATA.json OUT.png
+
+Run as a separate process by bench/rollout with whichever Python has matplotlib. DATA.json is
+what `bench/rollout --json` writes: {"command": "...", "rows": [{"workers": N, "surge": S,
+"rollout_s": ..., "min_s": ..., "max_s": ..., "ideal_s": ..., "cpu_per_worker_us": ...}, ...]}.
+Left: the measured duration (median, with the fastest and slowest rollouts as error bars) and
+the best the surge allows (⌈N ÷ S⌉ × the ready delay), one colour per N. Right: the master's CPU
+per replaced worker.
+"""
+
+import json
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main(data_path, out):
+    with open(data_path) as f:
+        rows = json.load(f)["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    for ci, n in enumerate(sorted({r["workers"] for r in rows})):
+        rs = sorted((r for r in rows if r["workers"] == n), key=lambda r: r["surge"])
+        xs = [r["surge"] for r in rs]
+        ys = [r["rollout_s"] for r in rs]
+        err = [[y - r["min_s"] for y, r in zip(ys, rs)], [r["max_s"] - y for y, r in zip(ys, rs)]]
+        left.errorbar(xs, ys, yerr=err, color=f"C{ci}", marker="o", capsize=3, label=f"{n} workers: measured")
+        left.plot(xs, [r["ideal_s"] for r in rs], ":", color=f"C{ci}", label=f"{n} workers: ⌈N/S⌉ × ready delay")
+        right.plot(xs, [r["cpu_per_worker_us"] for r in rs], color=f"C{ci}", marker="o", label=f"{n} workers")
+    for ax, title in ((left, "rolling restart (s)"), (right, "master CPU per replaced worker (µs)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("max_surge (slots replaced at once)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("ecewo-cluster: a rolling restart against the surge size (log-log)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    main(sys.argv[1], sys.argv[2])
