@@ -400,6 +400,10 @@ pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: crate::signal::Si
     rustix::process::pidfd_send_signal(pidfd, sig)
 }
 
+/// Whether the orphan guard's timer was armed (a lock-free flag: set in the signal handler).
+#[cfg(feature = "tokio")]
+static ORPHAN_TIMER_ARMED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Whether [`kill_if_orphaned_on_sigterm`] is in place in this process.
 #[cfg(feature = "tokio")]
 static ORPHAN_GUARD: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
@@ -444,7 +448,10 @@ pub(crate) fn kill_if_orphaned_on_sigterm(master: Pid, after: std::time::Duratio
     // The timer's id, as a plain number the handler can own (`timer_t` is a pointer).
     let id = timer as usize;
     let action = move || {
-        if rustix::process::getppid() != Some(master) {
+        // Armed once: later SIGTERMs must not push the kill further away.
+        if rustix::process::getppid() != Some(master)
+            && !ORPHAN_TIMER_ARMED.swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             // SAFETY: `id` is the timer created above, never deleted; `spec` is a valid
             // `itimerspec` on this closure. timer_settime(2) is async-signal-safe (POSIX).
             unsafe {
@@ -453,7 +460,7 @@ pub(crate) fn kill_if_orphaned_on_sigterm(master: Pid, after: std::time::Duratio
         }
     };
     // SAFETY: the action only makes two async-signal-safe system calls (getppid, timer_settime)
-    // on values it owns: no allocation, no lock, no panic.
+    // on values it owns and swaps a lock-free atomic: no allocation, no lock, no panic.
     if let Err(e) = unsafe { signal_hook::low_level::register(libc::SIGTERM, action) } {
         // SAFETY: the timer was created above and nothing else refers to it.
         unsafe { libc::timer_delete(timer) };

@@ -109,6 +109,10 @@ impl Inner {
 /// The channel thread: dispatches the master's replies and notices EOF, then ends the process
 /// after the shutdown timeout.
 pub(super) fn channel_reader(inner: Arc<Inner>, mut stream: UnixStream) {
+    // A runtime that read the channel before may have left a line half read.
+    #[cfg(feature = "tokio")]
+    let mut lines = std::mem::take(&mut *inner.lines.lock().unwrap_or_else(|e| e.into_inner()));
+    #[cfg(not(feature = "tokio"))]
     let mut lines = Lines::default();
     let mut buf = vec![0u8; 16 * 1024];
     loop {

@@ -45,7 +45,8 @@ use crate::stats::{ClusterStats, WorkerStats};
 /// - When the master is gone, a worker that is [ready](Worker::ready) gets `SIGTERM` from the
 ///   kernel and has its shutdown timeout to drain and exit; after that the library ends the
 ///   process (exit code 1 from its channel thread, or `SIGKILL` from a timer under `serve`,
-///   which reads the channel on its runtime and starts no thread). A worker not ready yet is
+///   which reads the channel on its runtime and starts no thread of its own while it serves).
+///   A worker not ready yet is
 ///   killed at once (`SIGKILL`): it serves nothing yet.
 /// - The channel to the master is read from [`ready`](Worker::ready) on, or from the first call
 ///   that needs to hear from the master ([`stats`](Worker::stats),
@@ -91,8 +92,11 @@ enum Reader {
     /// The channel thread.
     Thread,
     /// A task of `serve`'s runtime (the stream comes back as `Idle` if the runtime ends first).
+    /// Held here: a duplicate of the task's descriptor (non-blocking, the same socket), with
+    /// which a blocking query reads the answers itself, since the runtime that would read them
+    /// may be the one the query blocks ([`Worker::stats`]).
     #[cfg(feature = "tokio")]
-    Runtime,
+    Runtime(UnixStream),
     /// None (a unit test's worker: its thread's EOF handling would end the test process).
     #[cfg(test)]
     Never,
@@ -104,6 +108,11 @@ struct Inner {
     /// change.
     supervised: bool,
     reader: Mutex<Reader>,
+    /// What the channel's readers cut into lines. Shared, so that the runtime's reader and a
+    /// blocking query reading for it never split a line between them: each reads and feeds
+    /// under this lock.
+    #[cfg(feature = "tokio")]
+    lines: Mutex<channel::Lines>,
     listeners: Mutex<Vec<Inherited>>,
     writer: Mutex<UnixStream>,
     ready_sent: AtomicBool,
@@ -131,6 +140,8 @@ impl Inner {
         Inner {
             supervised: matches!(reader, Reader::Idle(_)),
             reader: Mutex::new(reader),
+            #[cfg(feature = "tokio")]
+            lines: Mutex::new(channel::Lines::default()),
             env,
             listeners: Mutex::new(listeners),
             writer: Mutex::new(writer),
@@ -152,43 +163,91 @@ impl Inner {
     /// Starts the channel thread unless a reader runs already. Everything that needs to hear
     /// from the master calls it first; so does [`Worker::ready`], after which the master's
     /// death must always be noticed.
-    fn ensure_reader(self: &Arc<Inner>) {
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] if the thread cannot be started (the stream stays, for a later try).
+    fn ensure_reader(self: &Arc<Inner>) -> Result<(), Error> {
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         if !matches!(*reader, Reader::Idle(_)) {
-            return;
+            return Ok(());
         }
-        let Reader::Idle(stream) = std::mem::replace(&mut *reader, Reader::Thread) else { return };
+        // The thread starts first and is handed the stream after: if it cannot start, the
+        // stream is still ours.
+        let (tx, rx) = mpsc::sync_channel::<UnixStream>(1);
         let for_thread = self.clone();
-        if let Err(e) = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("ecewo-channel".into())
-            .spawn(move || channel::channel_reader(for_thread, stream))
-        {
-            // The stream went with the closure: nobody will notice the master's death but the
-            // kernel's parent-death signal, and queries time out.
-            tracing::error!(
-                "cannot start the worker's channel thread ({e}); the master's death is noticed by SIGTERM only"
-            );
+            .spawn(move || {
+                if let Ok(stream) = rx.recv() {
+                    channel::channel_reader(for_thread, stream);
+                }
+            })
+            .map_err(Error::io("cannot start the worker's channel thread"))?;
+        if let Reader::Idle(stream) = std::mem::replace(&mut *reader, Reader::Thread) {
+            // The thread waits for it: the send cannot fail.
+            let _ = tx.send(stream);
+        }
+        Ok(())
+    }
+
+    /// [`ensure_reader`](Inner::ensure_reader) where nothing can be returned: logged.
+    fn ensure_reader_or_log(self: &Arc<Inner>) {
+        if let Err(e) = self.ensure_reader() {
+            tracing::warn!("{e}");
         }
     }
 
-    /// Takes the channel's stream for a reader on a runtime, unless a reader runs already.
+    /// Takes the channel's stream for a reader on a runtime, unless a reader runs already;
+    /// `dup` stays here, for blocking queries ([`Reader::Runtime`]).
     #[cfg(feature = "tokio")]
-    fn take_reader(&self) -> Option<UnixStream> {
+    fn take_reader(&self, dup: impl FnOnce(&UnixStream) -> std::io::Result<UnixStream>) -> Option<UnixStream> {
         let mut reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        if !matches!(*reader, Reader::Idle(_)) {
-            return None;
-        }
-        match std::mem::replace(&mut *reader, Reader::Runtime) {
+        let Reader::Idle(stream) = &*reader else { return None };
+        let kept = dup(stream).ok()?;
+        match std::mem::replace(&mut *reader, Reader::Runtime(kept)) {
             Reader::Idle(stream) => Some(stream),
             _ => None,
         }
     }
 
-    /// Gives the stream back (the runtime that read it ended): the next that needs a reader
-    /// starts the thread.
+    /// Gives the stream back (the runtime that read it ended): a thread reads it from now on if
+    /// the worker is ready (the master's death must still be noticed), else the next that needs
+    /// a reader starts one.
     #[cfg(feature = "tokio")]
-    fn give_back_reader(&self, stream: UnixStream) {
+    fn give_back_reader(self: &Arc<Inner>, stream: UnixStream) {
         *self.reader.lock().unwrap_or_else(|e| e.into_inner()) = Reader::Idle(stream);
+        if self.ready_sent.load(Ordering::SeqCst) {
+            self.ensure_reader_or_log();
+        }
+    }
+
+    /// The duplicate of the runtime reader's stream, if the runtime reads the channel.
+    #[cfg(feature = "tokio")]
+    fn runtime_reader_fd(&self) -> Option<UnixStream> {
+        match &*self.reader.lock().unwrap_or_else(|e| e.into_inner()) {
+            Reader::Runtime(dup) => dup.try_clone().ok(),
+            _ => None,
+        }
+    }
+
+    /// Reads and dispatches what the channel holds now, never waiting (`MSG_DONTWAIT`, whatever
+    /// the socket's mode), under the lines' lock. False at EOF or on an error: the master is
+    /// gone.
+    #[cfg(feature = "tokio")]
+    fn read_available(&self, stream: &UnixStream) -> bool {
+        use rustix::net::{RecvFlags, recv};
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buf = [0u8; 4096];
+        loop {
+            match recv(stream, &mut buf[..], RecvFlags::DONTWAIT) {
+                Ok((0, _)) => return false,
+                Ok((n, _)) => lines.feed(&buf[..n], |line| self.dispatch(line)),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => return true,
+                Err(_) => return false,
+            }
+        }
     }
 
     fn send(&self, msg: &ToMaster) -> Result<(), Error> {
@@ -478,7 +537,16 @@ impl Worker {
         if self.inner.ready_sent.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
-        self.inner.ensure_reader();
+        let sent = self.say_ready();
+        if sent.is_err() {
+            // Not ready: a later call tries again.
+            self.inner.ready_sent.store(false, Ordering::SeqCst);
+        }
+        sent
+    }
+
+    fn say_ready(&self) -> Result<(), Error> {
+        self.inner.ensure_reader()?;
         if self.inner.supervised {
             // From now on the master's death means a drain: SIGTERM, and the reader (or
             // `serve`'s guard) ends the process after the shutdown timeout. A death before
@@ -583,9 +651,10 @@ impl Worker {
     /// # Caveats
     ///
     /// Once the master is gone nobody else will stop this worker: the library ends the process
-    /// (exit code 1) after the master's shutdown timeout if it is still running.
+    /// after the master's shutdown timeout if it is still running (exit code 1 from its channel
+    /// thread; `SIGKILL` from the orphan guard's timer under `serve`, whichever comes first).
     pub fn is_master_gone(&self) -> bool {
-        self.inner.ensure_reader();
+        self.inner.ensure_reader_or_log();
         *self.inner.gone.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -597,7 +666,7 @@ impl Worker {
     /// life of the worker: call it from a thread of its own, never from async code. The process
     /// then has the master's shutdown timeout to drain before the library ends it.
     pub fn wait_master_gone(&self) {
-        self.inner.ensure_reader();
+        self.inner.ensure_reader_or_log();
         let mut gone = self.inner.gone.lock().unwrap_or_else(|e| e.into_inner());
         while !*gone {
             gone = self.inner.gone_cv.wait(gone).unwrap_or_else(|e| e.into_inner());
@@ -607,7 +676,7 @@ impl Worker {
     /// A receiver that turns `true` when the master is gone.
     #[cfg(feature = "tokio")]
     pub(crate) fn master_gone_receiver(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.inner.ensure_reader();
+        self.inner.ensure_reader_or_log();
         self.inner.gone_tx.subscribe()
     }
 
@@ -630,21 +699,53 @@ impl Worker {
     /// many threads at once are fine. A worker whose answers pile up unread (16 MiB) gets no
     /// more answers until it reads them.
     pub fn stats(&self) -> Result<(ClusterStats, Vec<WorkerStats>), Error> {
-        self.inner.ensure_reader();
+        self.inner.ensure_reader()?;
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
         self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
-        let result = self.send(&ToMaster::Stats { id }).and_then(|()| {
-            rx.recv_timeout(QUERY_TIMEOUT).map_err(|e| match e {
-                mpsc::RecvTimeoutError::Timeout => Error::Timeout { operation: "stats", after: QUERY_TIMEOUT },
-                // The channel thread dropped the sender: the master is gone.
-                mpsc::RecvTimeoutError::Disconnected => Error::MasterGone,
-            })
-        });
+        let result = self.send(&ToMaster::Stats { id }).and_then(|()| self.wait_answer(&rx));
         self.inner.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
         match result? {
             ToWorker::Stats { cluster, workers, .. } => Ok((cluster, workers)),
         }
+    }
+
+    /// Waits up to [`QUERY_TIMEOUT`] for the answer `rx` is to get from the reader. When
+    /// `serve`'s runtime reads the channel, this call may be blocking that very runtime (a
+    /// handler calling `stats()` on a current-thread runtime): it then reads the channel
+    /// itself, in slices of 10 ms, dispatching what it reads (any query's answer) as the
+    /// runtime would.
+    fn wait_answer(&self, rx: &mpsc::Receiver<ToWorker>) -> Result<ToWorker, Error> {
+        let timeout = || Error::Timeout { operation: "stats", after: QUERY_TIMEOUT };
+        #[cfg(feature = "tokio")]
+        if let Some(stream) = self.inner.runtime_reader_fd() {
+            use rustix::event::{PollFd, PollFlags, Timespec};
+            let deadline = Instant::now() + QUERY_TIMEOUT;
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => return Ok(msg),
+                    Err(mpsc::TryRecvError::Disconnected) => return Err(Error::MasterGone),
+                    Err(mpsc::TryRecvError::Empty) => {}
+                }
+                if !self.inner.read_available(&stream) {
+                    // EOF: the runtime's reader tells everyone once it runs again.
+                    return rx.try_recv().map_err(|_| Error::MasterGone);
+                }
+                if let Ok(msg) = rx.try_recv() {
+                    return Ok(msg);
+                }
+                if Instant::now() >= deadline {
+                    return Err(timeout());
+                }
+                let mut fds = [PollFd::new(&stream, PollFlags::IN)];
+                let _ = rustix::event::poll(&mut fds, Some(&Timespec { tv_sec: 0, tv_nsec: 10_000_000 }));
+            }
+        }
+        rx.recv_timeout(QUERY_TIMEOUT).map_err(|e| match e {
+            mpsc::RecvTimeoutError::Timeout => timeout(),
+            // The channel thread dropped the sender: the master is gone.
+            mpsc::RecvTimeoutError::Disconnected => Error::MasterGone,
+        })
     }
 }
 
@@ -667,6 +768,20 @@ impl Worker {
         };
         master.set_nonblocking(true).unwrap();
         (Worker { inner: Arc::new(Inner::new(env, Vec::new(), writer, Reader::Never)) }, master)
+    }
+
+    /// A worker whose channel is read as a real worker's is (from `ready` or the first query
+    /// on, by a thread or `serve`'s runtime), but never ends the process: no parent-death
+    /// signal is touched (`supervised` is false). The test holds the master's end.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn for_test_with_reader() -> (Worker, UnixStream) {
+        let (worker, master) = Worker::for_test(None, None);
+        let (end, master_end) = UnixStream::pair().unwrap();
+        let mut inner = Arc::try_unwrap(worker.inner).ok().expect("not shared yet");
+        inner.writer = Mutex::new(end.try_clone().unwrap());
+        inner.reader = Mutex::new(Reader::Idle(end));
+        drop(master);
+        (Worker { inner: Arc::new(inner) }, master_end)
     }
 
     /// The messages the master's end has received so far (it is non-blocking).

@@ -178,12 +178,20 @@ fn read_channel_on_runtime(worker: &Worker) -> bool {
         tracing::debug!("the channel is read by a thread: no guard for a master's death ({e})");
         return false;
     }
-    let Some(stream) = inner.take_reader() else { return false };
-    if let Err(e) = stream.set_nonblocking(true) {
-        tracing::debug!("the channel is read by a thread: {e}");
-        inner.give_back_reader(stream);
+    spawn_runtime_reader(inner)
+}
+
+/// The reader task of [`read_channel_on_runtime`], once its guard is in place: false if a
+/// reader runs already.
+fn spawn_runtime_reader(inner: &Arc<crate::worker::Inner>) -> bool {
+    // Non-blocking before it is shared: the flag belongs to the socket, so the duplicate kept
+    // for blocking queries is non-blocking too.
+    let Some(stream) = inner.take_reader(|s| {
+        s.set_nonblocking(true)?;
+        s.try_clone()
+    }) else {
         return false;
-    }
+    };
     let stream = match tokio::net::UnixStream::from_std(stream) {
         Ok(stream) => stream,
         Err(e) => {
@@ -198,9 +206,15 @@ fn read_channel_on_runtime(worker: &Worker) -> bool {
         if reader.read_to_eof().await {
             reader.stream = None;
             reader.inner.master_gone();
-            // Dying anyway: a thread is no cost now, and it ends a drain that never ends.
+            // Dying anyway: a thread is no cost now, and it ends a drain that never ends. (If
+            // it cannot start, the orphan guard's timer still does.)
             let inner = reader.inner.clone();
-            std::thread::spawn(move || inner.end_after_shutdown_timeout());
+            if let Err(e) = std::thread::Builder::new()
+                .name("ecewo-orphan".into())
+                .spawn(move || inner.end_after_shutdown_timeout())
+            {
+                tracing::warn!("cannot start the thread that ends an orphaned worker ({e})");
+            }
         }
     });
     true
@@ -218,12 +232,13 @@ impl RuntimeReader {
     /// stops, which nobody can do anything about).
     async fn read_to_eof(&mut self) -> bool {
         let Some(stream) = &self.stream else { return false };
-        let mut lines = crate::worker::channel::Lines::default();
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             if stream.readable().await.is_err() {
                 return false;
             }
+            // Read and feed under the lines' lock: a blocking query may be reading too.
+            let mut lines = self.inner.lines.lock().unwrap_or_else(|e| e.into_inner());
             match stream.try_read(&mut buf) {
                 Ok(0) => return true,
                 Ok(n) => lines.feed(&buf[..n], |line| self.inner.dispatch(line)),
@@ -237,9 +252,20 @@ impl RuntimeReader {
 
 impl Drop for RuntimeReader {
     fn drop(&mut self) {
-        if let Some(stream) = self.stream.take().and_then(|s| s.into_std().ok()) {
-            let _ = stream.set_nonblocking(false);
-            self.inner.give_back_reader(stream);
+        let Some(stream) = self.stream.take() else { return };
+        match stream.into_std() {
+            Ok(stream) => {
+                let _ = stream.set_nonblocking(false);
+                self.inner.give_back_reader(stream);
+            }
+            // The runtime's duplicate is all that is left: a thread reads that.
+            Err(e) => match self.inner.runtime_reader_fd() {
+                Some(dup) => {
+                    let _ = dup.set_nonblocking(false);
+                    self.inner.give_back_reader(dup);
+                }
+                None => tracing::warn!("the master's channel is lost with the runtime ({e})"),
+            },
         }
     }
 }
@@ -1050,6 +1076,57 @@ mod tests {
             .await
             .expect("the task ends when its beat cannot be sent");
         });
+    }
+
+    /// A master double that answers every `stats` query on `master` with `total_workers: 7`,
+    /// until the worker's end closes.
+    fn answering_master(master: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<usize> {
+        use crate::proto::channel::{ToMaster, ToWorker, encode};
+        use std::io::{BufRead, Write};
+        master.set_nonblocking(false).unwrap();
+        std::thread::spawn(move || {
+            let mut answered = 0;
+            let mut out = master.try_clone().unwrap();
+            for line in std::io::BufReader::new(master).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(ToMaster::Stats { id }) = serde_json::from_str(&line) {
+                    let cluster = ClusterStats { total_workers: 7, ..ClusterStats::default() };
+                    let answer = encode(&ToWorker::Stats { id, cluster, workers: Vec::new() });
+                    // Split in two writes: the reader must join the pieces.
+                    let (a, b) = answer.split_at(answer.len() / 2);
+                    if out.write_all(a).is_err() || out.write_all(b).is_err() {
+                        break;
+                    }
+                    answered += 1;
+                }
+            }
+            answered
+        })
+    }
+
+    /// Under `serve` the runtime reads the channel; a handler that calls the blocking
+    /// `Worker::stats` blocks that runtime (current-thread), so the query reads the answer
+    /// itself. (Before: every such call timed out after 5 s.) The async form still works, and
+    /// so does the blocking one after the runtime ended (the channel went back to a thread).
+    #[test]
+    fn a_blocking_query_on_the_runtime_that_reads_the_channel_is_answered() {
+        let (worker, master) = Worker::for_test_with_reader();
+        let master = answering_master(master);
+        runtime().block_on(async {
+            assert!(spawn_runtime_reader(&worker.inner));
+            for _ in 0..3 {
+                let started = std::time::Instant::now();
+                let (cluster, _) = worker.stats().expect("answered");
+                assert_eq!(cluster.total_workers, 7);
+                assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+            }
+            let (cluster, _) = cluster_stats(&worker).await.expect("answered");
+            assert_eq!(cluster.total_workers, 7);
+        });
+        // The runtime is gone: its reader gave the channel back, and a thread reads it now.
+        assert_eq!(worker.stats().expect("answered by the channel thread").0.total_workers, 7);
+        drop(worker);
+        let _ = master;
     }
 
     #[test]
