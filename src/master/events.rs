@@ -49,11 +49,13 @@ pub(crate) const WARN_EVERY: Duration = Duration::from_secs(5);
 const FINISH_WAIT: Duration = Duration::from_secs(1);
 
 /// The event history as handles read it: the loop's copy of the supervisor's ring, kept
-/// up to date batch by batch (other threads cannot reach the supervisor).
+/// up to date batch by batch (other threads cannot reach the supervisor). Entries are shared
+/// (`Arc`), so that a handle reading the whole history holds the lock the loop also takes only
+/// while it copies pointers ([`since`](EventMirror::since)), and clones the entries after.
 #[derive(Debug)]
 pub(crate) struct EventMirror {
     capacity: usize,
-    entries: VecDeque<ClusterEvent>,
+    entries: VecDeque<std::sync::Arc<ClusterEvent>>,
 }
 
 impl EventMirror {
@@ -64,17 +66,23 @@ impl EventMirror {
     /// Adds a batch, keeping the last `capacity` entries.
     pub(crate) fn extend(&mut self, batch: &[ClusterEvent]) {
         let skip = batch.len().saturating_sub(self.capacity);
-        self.entries.extend(batch[skip..].iter().cloned());
+        self.entries.extend(batch[skip..].iter().cloned().map(std::sync::Arc::new));
         let over = self.entries.len().saturating_sub(self.capacity);
         self.entries.drain(..over);
     }
 
-    /// The entries kept whose sequence number is after `seq` (all with `None`), oldest first.
-    pub(crate) fn since(&self, seq: Option<u64>) -> Vec<ClusterEvent> {
+    /// The entries kept whose sequence number is after `seq` (all with `None`), oldest first,
+    /// shared: call it under the lock, clone them after ([`owned`]).
+    pub(crate) fn since(&self, seq: Option<u64>) -> Vec<std::sync::Arc<ClusterEvent>> {
         let after = seq.unwrap_or(0);
         let start = self.entries.partition_point(|e| e.seq <= after);
         self.entries.range(start..).cloned().collect()
     }
+}
+
+/// The entries [`EventMirror::since`] gave, as values.
+pub(crate) fn owned(shared: Vec<std::sync::Arc<ClusterEvent>>) -> Vec<ClusterEvent> {
+    shared.into_iter().map(std::sync::Arc::unwrap_or_clone).collect()
 }
 
 /// Why a path cannot be (or become again) the event log.
@@ -469,7 +477,7 @@ mod tests {
         let mut m = EventMirror::new(3);
         m.extend(&[entry(1), entry(2)]);
         m.extend(&[entry(3), entry(4), entry(5), entry(6), entry(7)]);
-        let seqs = |v: Vec<ClusterEvent>| v.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+        let seqs = |v: Vec<std::sync::Arc<ClusterEvent>>| owned(v).into_iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(seqs(m.since(None)), vec![5, 6, 7]);
         assert_eq!(seqs(m.since(Some(5))), vec![6, 7]);
         assert_eq!(seqs(m.since(Some(1))), vec![5, 6, 7]);

@@ -391,7 +391,8 @@ impl MasterHandle {
     /// # }
     /// ```
     pub fn events(&self, since: Option<u64>) -> Vec<ClusterEvent> {
-        self.shared.events.lock().unwrap_or_else(|e| e.into_inner()).since(since)
+        let shared = self.shared.events.lock().unwrap_or_else(|e| e.into_inner()).since(since);
+        events::owned(shared)
     }
 }
 
