@@ -371,10 +371,10 @@ fn follow_goes_on_with_the_new_master_after_an_upgrade() {
     let old_master = tb.pid();
     let mut f = Follower::start(&tb, &["events", "-f", "--json"]);
     f.wait_for("all_ready", Duration::from_secs(10), |v| is(v, "all_ready"));
-    let mut new_masters = Reap::default();
+    let mut new_masters = NewMasters::default();
     tb.signal(Signal::USR1);
     let started = f.wait_for("the new master's start", Duration::from_secs(20), |v| is(v, "master_started"));
-    new_masters.0.push(started["new_pid"].as_u64().unwrap() as u32);
+    new_masters.watch(started["new_pid"].as_u64().unwrap() as u32);
     let ended = f.wait_for("the old master's end", Duration::from_secs(30), |v| is(v, "ended"));
     assert_eq!(
         (ended["master_pid"].as_u64(), &ended["outcome"]["result"]),
@@ -414,23 +414,6 @@ fn follow_ends_quietly_when_its_reader_goes_away() {
     };
     assert!(status.success(), "{status:?}: {}", f.stderr());
     assert!(!f.stderr().contains("panicked"), "{}", f.stderr());
-}
-
-/// Kills, at the end of a test, the new masters of upgrades and their workers (the old master
-/// and its workers are the `Testbed`'s).
-#[derive(Default)]
-struct Reap(Vec<u32>);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        for &master in &self.0 {
-            for pid in children_of(master).into_iter().chain([master]) {
-                if is_testbed(pid) {
-                    send_signal(pid, Signal::KILL);
-                }
-            }
-        }
-    }
 }
 
 /// `ecewo-cluster run`'s `--event-log` and `--event-history`: the master keeps the last N

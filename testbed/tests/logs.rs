@@ -93,24 +93,9 @@ fn follow_logs(tb: &Testbed) -> (Kid, mpsc::Receiver<String>, mpsc::Receiver<Str
         .stderr(Stdio::piped())
         .spawn()
         .unwrap());
-    let rx = lines_of(&mut follow.0);
+    let rx = common::lines_of(follow.0.stdout.take().expect("piped stdout"));
     let said = common::lines_of(follow.0.stderr.take().unwrap());
     (follow, rx, said)
-}
-
-/// The lines a child writes on stdout, as they come.
-fn lines_of(child: &mut Child) -> mpsc::Receiver<String> {
-    let out = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 /// Waits for a line that `find` accepts, up to `timeout`; what it returned.
@@ -700,20 +685,6 @@ fn captured_lines_and_the_masters_log_on_one_pipe_never_cut_each_other() {
     assert!(bad.is_empty(), "{} lines cut, such as {:.300}", bad.len(), bad[0]);
 }
 
-/// Kills, at the end of a test, a master it did not start (an upgrade's new master) and its
-/// workers, by pid.
-struct NewMaster(u32);
-
-impl Drop for NewMaster {
-    fn drop(&mut self) {
-        for pid in children_of(self.0).into_iter().chain([self.0]) {
-            if is_testbed(pid) {
-                send_signal(pid, Signal::KILL);
-            }
-        }
-    }
-}
-
 /// `logs -f` across `ecewo-cluster upgrade --wait`: once the old master is gone it says which
 /// master it follows now, shows the start-up lines of the new master's workers (each once),
 /// and goes on with their new output.
@@ -741,7 +712,8 @@ fn logs_follow_goes_on_across_an_upgrade() {
         .and_then(|r| r.split_whitespace().next())
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("{}", text(&out.stdout)));
-    let _cleanup = NewMaster(new_master);
+    let mut cleanup = NewMasters::default();
+    cleanup.watch(new_master);
     assert_ne!(new_master, tb.pid());
     let new_workers: BTreeSet<u32> = children_of(new_master).into_iter().collect();
     assert!(tb.wait_exit(Duration::from_secs(30)).is_some(), "the old master exits after the hand-over");

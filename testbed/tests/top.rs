@@ -112,22 +112,6 @@ impl Drop for Tmux {
     }
 }
 
-/// Kills, at the end, the masters a test saw besides its `Testbed`s' (a new master of an
-/// upgrade), their workers first.
-struct Masters(Vec<u32>);
-
-impl Drop for Masters {
-    fn drop(&mut self) {
-        for &master in &self.0 {
-            for pid in children_of(master).into_iter().chain([master]) {
-                if is_testbed(pid) {
-                    send_signal(pid, Signal::KILL);
-                }
-            }
-        }
-    }
-}
-
 /// Runs a short command (tmux's, the CLI's), bounded in time.
 fn run(cmd: Command) -> Output {
     let program = format!("{:?}", cmd.get_program());
@@ -278,7 +262,7 @@ fn top_follows_the_cluster_through_an_upgrade_and_a_restart_under_the_same_name(
     let mut tb = Testbed::start(&["--workers", "2", "--startup-delay-ms", "10"]);
     let (old, port) = (tb.pid(), tb.port);
     let old_workers = tb.workers();
-    let mut masters = Masters(Vec::new());
+    let mut masters = NewMasters::default();
     let tmux = Tmux::start(120, 40, &tb.dir);
     tmux.type_line(&view_command(&format!("--name testbed-{port} --timeout 1")));
     tmux.wait_screen("the first master's workers", |s| shows_exactly(s, &old_workers));
@@ -287,7 +271,7 @@ fn top_follows_the_cluster_through_an_upgrade_and_a_restart_under_the_same_name(
     let out = cli(&tb, &["upgrade", "--wait", "--pid", &old.to_string()]);
     assert!(out.status.success(), "upgrade: {}{}\n{}", text(&out.stdout), text(&out.stderr), tb.stderr());
     let new: u32 = status_json(&tb)["master"]["pid"].as_u64().unwrap() as u32;
-    masters.0.push(new);
+    masters.watch(new);
     assert_ne!(new, old);
     let mut new_workers = Vec::new();
     let screen = tmux.wait_screen("the new master and its workers", |s| {

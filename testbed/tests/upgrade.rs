@@ -15,32 +15,6 @@ use std::time::Duration;
 use common::*;
 use rustix::process::Signal;
 
-/// Kills, at the end of a test, every process of the new masters it saw (the old master and
-/// its workers are the `Testbed`'s to kill): their workers first, then them.
-#[derive(Default)]
-struct Cleanup(Vec<u32>);
-
-impl Cleanup {
-    fn watch(&mut self, master: u32) {
-        self.0.push(master);
-        self.0.extend(children_of(master));
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let mut pids: BTreeSet<u32> = self.0.iter().copied().collect();
-        for &m in &self.0 {
-            pids.extend(children_of(m));
-        }
-        for pid in pids.into_iter().rev() {
-            if is_testbed(pid) {
-                send_signal(pid, Signal::KILL);
-            }
-        }
-    }
-}
-
 /// A copy of the testbed at `<dir>/testbed`, the path the master is started from (and an
 /// upgrade runs again).
 fn install(dir: &Path) -> PathBuf {
@@ -152,7 +126,7 @@ fn an_upgrade_under_load_hands_over_to_the_new_build_without_a_failed_request() 
     assert!(wait_until(Duration::from_secs(10), || load.count() >= 300), "the load runs before the upgrade");
     // The new build: its own options (3 workers instead of 2).
     deploy(&exe, &testbed_with("--workers 3"));
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     let out = cli(&tb, &["upgrade", "--wait", "--pid", &old_master.to_string()]);
     assert!(out.status.success(), "upgrade --wait: {}\n{}\n{}", text(&out.stdout), text(&out.stderr), tb.stderr());
     let said = text(&out.stdout);
@@ -241,7 +215,7 @@ fn a_build_that_exits_at_start_is_rolled_back_and_the_old_master_serves_on() {
     assert!(tb.child.try_wait().unwrap().is_none(), "the old master runs");
     // The upgrade is over: a good build upgrades now.
     deploy(&exe, &testbed_with(""));
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     let out = cli(&tb, &["upgrade", "--wait"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
     cleanup.watch(new_master_pid(&tb));
@@ -259,7 +233,7 @@ fn a_build_that_never_gets_ready_is_killed_with_its_workers() {
     deploy(&exe, &testbed_with("--ready-delay-ms 600000"));
     let upgrade = upgrade_in_background(&tb, &[]);
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     // A second upgrade while this one runs is refused, never interleaved.
     let second = cli(&tb, &["upgrade"]);
@@ -297,7 +271,7 @@ fn sigkill_of_the_new_master_mid_upgrade_leaves_the_old_one_serving_and_no_orpha
     deploy(&exe, &testbed_with("--ready-delay-ms 3000"));
     tb.signal(Signal::USR1);
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     let seen = started_workers(new_master, 2, Duration::from_secs(5));
     cleanup.watch(new_master);
     cleanup.0.extend(&seen);
@@ -330,7 +304,7 @@ fn sigkill_of_the_old_master_mid_upgrade_lets_the_new_one_take_over_at_once() {
     deploy(&exe, &testbed_with("--ready-delay-ms 1500"));
     tb.signal(Signal::USR1);
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     tb.signal(Signal::KILL);
     assert!(tb.wait_exit(Duration::from_secs(5)).is_some());
@@ -390,7 +364,7 @@ fn systemd_hears_the_new_main_pid_and_the_new_master_s_readiness() {
     assert!(next().starts_with("READY=1\n"));
     tb.remember_workers();
     deploy(&exe, &testbed_with(""));
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     tb.signal(Signal::USR1);
     let main = next();
     let new_master = new_master_pid(&tb);
@@ -421,7 +395,7 @@ fn slot_by_slot_at_most_one_worker_more_than_the_slots_runs_and_nothing_fails() 
     deploy(&exe, &testbed_with(""));
     let upgrade = upgrade_in_background(&tb, &["--slot-by-slot"]);
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     let mut most = 0;
     let mut seen = BTreeSet::new();
@@ -528,7 +502,7 @@ fn the_new_master_keeps_listeners_that_stay_binds_new_ones_and_closes_removed_on
             "exec {TESTBED} --workers 2 --admin 127.0.0.1:0 --listen a=127.0.0.1:0 --listen {unix} --listen new=127.0.0.1:0"
         ),
     );
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     let out = cli(&tb, &["upgrade", "--wait"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
     cleanup.watch(new_master_pid(&tb));
@@ -573,7 +547,7 @@ fn handed_over_while_draining(dir: &Path) -> (Testbed, std::thread::JoinHandle<s
 fn sigkill_of_the_old_master_while_it_drains_after_the_hand_over_changes_nothing_for_the_new_one() {
     let dir = tempfile::tempdir().unwrap();
     let (mut tb, slow, new_master) = handed_over_while_draining(dir.path());
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     // (The new master is a child of the old one too.)
     let old_workers: Vec<u32> = tb.workers().into_iter().filter(|&p| p != new_master).collect();
@@ -594,7 +568,7 @@ fn sigkill_of_the_old_master_while_it_drains_after_the_hand_over_changes_nothing
 fn sigkill_of_the_new_master_after_the_hand_over_ends_the_cluster_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let (mut tb, slow, new_master) = handed_over_while_draining(dir.path());
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     let new_workers = children_of(new_master);
     assert_eq!(new_workers.len(), 2);
@@ -635,7 +609,7 @@ fn sigkill_of_the_new_master_mid_slot_by_slot_gives_the_old_one_its_slots_back()
     let out = cli(&tb, &["upgrade", "--slot-by-slot"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     assert!(
         tb.wait_log(Duration::from_secs(10), |l| l.contains("this master's worker 0 drains")),
@@ -690,7 +664,7 @@ fn sigkill_of_the_new_master_after_the_offer_leaves_the_old_one_serving_with_eve
     deploy(&exe, &held_build());
     let upgrade = upgrade_in_background(&tb, &[]);
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     cleanup.watch(new_master);
     // The new master took over (its route, its control socket) and holds its word: the old
     // master still has its listeners and its workers, and waits.
@@ -791,7 +765,7 @@ fn a_rollback_stops_the_new_master_which_stops_its_workers_and_nothing_of_its_ge
     deploy(&exe, &testbed_with("--ready-delay-ms 600000"));
     let upgrade = upgrade_in_background(&tb, &[]);
     let new_master = new_master_pid(&tb);
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     let seen = started_workers(new_master, 2, Duration::from_secs(10));
     cleanup.watch(new_master);
     cleanup.0.extend(&seen);
@@ -845,7 +819,7 @@ fn an_upgrade_from_4_to_2_workers_under_keep_alive_load_fails_no_request() {
     let load = Load::start(tb.port, 2, 6, false);
     assert!(wait_until(Duration::from_secs(10), || load.count() >= 500));
     deploy(&exe, &testbed_with("--workers 2"));
-    let mut cleanup = Cleanup::default();
+    let mut cleanup = NewMasters::default();
     let out = cli(&tb, &["upgrade", "--wait"]);
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
     let new_master = new_master_pid(&tb);

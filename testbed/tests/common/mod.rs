@@ -699,3 +699,31 @@ pub fn lines_of(output: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     });
     rx
 }
+
+/// Kills, at the end of a test, every process of the masters it saw besides its `Testbed`s'
+/// (the new master of an upgrade; the old master and its workers are the `Testbed`'s to kill):
+/// their workers first, then them, each only while it still is a testbed process (by pid).
+#[derive(Default)]
+pub struct NewMasters(pub Vec<u32>);
+
+impl NewMasters {
+    /// Remembers `master` and its workers now (those it has later are found at the end).
+    pub fn watch(&mut self, master: u32) {
+        self.0.push(master);
+        self.0.extend(children_of(master));
+    }
+}
+
+impl Drop for NewMasters {
+    fn drop(&mut self) {
+        let mut pids: BTreeSet<u32> = self.0.iter().copied().collect();
+        for &m in &self.0 {
+            pids.extend(children_of(m));
+        }
+        for pid in pids.into_iter().rev() {
+            if is_testbed(pid) {
+                send_signal(pid, Signal::KILL);
+            }
+        }
+    }
+}
