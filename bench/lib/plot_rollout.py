@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from plotting import log_log  # noqa: E402
 
 
 def main(data_path, out):
@@ -33,12 +34,7 @@ def main(data_path, out):
         left.plot(xs, [r["ideal_s"] for r in rs], ":", color=f"C{ci}", label=f"{n} workers: ⌈N/S⌉ × ready delay")
         right.plot(xs, [r["cpu_per_worker_us"] for r in rs], color=f"C{ci}", marker="o", label=f"{n} workers")
     for ax, title in ((left, "rolling restart (s)"), (right, "master CPU per replaced worker (µs)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("max_surge (slots replaced at once)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        log_log(ax, "max_surge (slots replaced at once)", title, xbase=2)
     fig.suptitle("ecewo-cluster: a rolling restart against the surge size (log-log)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

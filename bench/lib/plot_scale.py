@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from plotting import log_log  # noqa: E402
 
 PANELS = [
     ("Master CPU per worker event (µs)", [
@@ -65,12 +66,7 @@ def main(args):
                 xs, ys = zip(*pts)
                 lab = f"{name} ({label})" if label else name
                 ax.plot(xs, ys, STYLES[si % len(STYLES)], color=f"C{ki}", marker="o", label=lab)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("workers (N)")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        log_log(ax, "workers (N)", title)
     fig.suptitle("ecewo-cluster: the master's cost against the number of workers (log-log; flat = O(1) per event)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
