@@ -109,9 +109,8 @@ struct Inner {
     supervised: bool,
     reader: Mutex<Reader>,
     /// What the channel's readers cut into lines. Shared, so that the runtime's reader and a
-    /// blocking query reading for it never split a line between them: each reads and feeds
-    /// under this lock.
-    #[cfg(feature = "tokio")]
+    /// blocking query reading for it never split a line between them (each reads and feeds
+    /// under this lock), and a thread that takes the channel over starts from what they left.
     lines: Mutex<channel::Lines>,
     listeners: Mutex<Vec<Inherited>>,
     writer: Mutex<UnixStream>,
@@ -140,7 +139,6 @@ impl Inner {
         Inner {
             supervised: matches!(reader, Reader::Idle(_)),
             reader: Mutex::new(reader),
-            #[cfg(feature = "tokio")]
             lines: Mutex::new(channel::Lines::default()),
             env,
             listeners: Mutex::new(listeners),
