@@ -28,19 +28,19 @@
 //!   cut short leaves a partial line: the next write begins with a newline, so every other line
 //!   stays whole.
 
+use super::capture::queue::{Limits, Lossy, Sink, Target};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::events::ClusterEvent;
 
 /// How much of the event log may wait for its writer: entries and bytes (about 250 bytes an
 /// entry: a burst of a thousand-worker restart fits several times).
-pub(crate) const QUEUE_LIMITS: Limits = Limits { entries: 20_000, bytes: 8 << 20 };
+pub(crate) const QUEUE_LIMITS: Limits = Limits { lines: 20_000, bytes: 8 << 20 };
 
 /// The most often the loop warns that entries were dropped.
 pub(crate) const WARN_EVERY: Duration = Duration::from_secs(5);
@@ -153,58 +153,21 @@ fn open(path: &Path) -> Result<(File, (u64, u64)), OpenError> {
     Ok((file, (meta.dev(), meta.ino())))
 }
 
-/// How much may wait in the event log's queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Limits {
-    pub(crate) entries: usize,
-    pub(crate) bytes: usize,
-}
-
-/// What the writer thread writes each batch to (the file; in tests, anything).
-type Sink = Box<dyn FnMut(&[Vec<u8>]) + Send>;
-
-#[derive(Default)]
-struct Queued {
-    lines: VecDeque<Vec<u8>>,
-    bytes: usize,
-    /// The writer is writing a batch it took.
-    busy: bool,
-    closed: bool,
-}
-
-#[derive(Default)]
-struct Shared {
-    state: Mutex<Queued>,
-    /// Something to write, or the end.
-    work: Condvar,
-    /// The writer finished a batch.
-    idle: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Queued> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The event log: a bounded lossy queue of JSON lines, and the thread that appends them to the
-/// file (see the [module documentation](self)).
+/// The event log: a bounded lossy queue of JSON lines ([`Lossy`], the one the captured output
+/// uses), whose thread appends them to the file (see the [module documentation](self)).
 pub(crate) struct EventLog {
     path: PathBuf,
-    shared: Arc<Shared>,
-    limits: Limits,
-    /// Until the first batch: what the writer thread will write to.
-    pending: Option<Sink>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    /// Entries dropped (the queue was full), and how many of them a warning reported.
-    dropped: u64,
+    queue: Lossy,
+    /// Whether the writer thread was started (with the first batch).
+    started: bool,
+    /// How many of the entries dropped a warning reported, and when the last one was.
     reported: u64,
     last_warning: Option<Instant>,
 }
 
 impl std::fmt::Debug for EventLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EventLog").field("path", &self.path).field("dropped", &self.dropped).finish_non_exhaustive()
+        f.debug_struct("EventLog").field("path", &self.path).field("dropped", &self.dropped()).finish_non_exhaustive()
     }
 }
 
@@ -223,11 +186,8 @@ impl EventLog {
     fn with_sink(path: &Path, limits: Limits, sink: Sink) -> EventLog {
         EventLog {
             path: path.to_owned(),
-            shared: Arc::default(),
-            limits,
-            pending: Some(sink),
-            thread: None,
-            dropped: 0,
+            queue: Lossy::quiet(Target::Sink(sink), limits),
+            started: false,
             reported: 0,
             last_warning: None,
         }
@@ -238,41 +198,28 @@ impl EventLog {
         &self.path
     }
 
+    /// Entries dropped so far (the queue was full, or the writer was left behind at the end).
+    fn dropped(&self) -> u64 {
+        self.queue.dropped()
+    }
+
     /// Queues `entries`, one JSON line each, for the writer; never waits for it. Entries that
     /// do not fit are dropped and counted (see the [module documentation](self)).
     pub(crate) fn append(&mut self, entries: &[ClusterEvent]) {
         if entries.is_empty() {
             return;
         }
-        if let Some(mut sink) = self.pending.take() {
-            let shared = self.shared.clone();
-            let started = std::thread::Builder::new()
-                .name("ecewo-cluster-events".to_owned())
-                .spawn(move || write_out(&shared, &mut sink));
-            match started {
-                Ok(t) => self.thread = Some(t),
-                Err(e) => {
-                    tracing::error!(
-                        "event log {}: cannot start its writer ({e}); events are not logged",
-                        self.path.display()
-                    );
-                    self.shared.lock().closed = true;
-                }
-            }
+        if !std::mem::replace(&mut self.started, true)
+            && let Err(e) = self.queue.start("ecewo-cluster-events")
+        {
+            tracing::error!("event log {}: cannot start its writer ({e}); events are not logged", self.path.display());
+            // Closed: every entry from now on is dropped and counted.
+            self.queue.finish(Duration::ZERO);
         }
-        let mut st = self.shared.lock();
         for e in entries {
-            let line = e.to_json_line();
-            if st.closed || st.lines.len() >= self.limits.entries || st.bytes + line.len() > self.limits.bytes {
-                self.dropped += 1;
-                continue;
-            }
-            st.bytes += line.len();
-            st.lines.push_back(line);
+            self.queue.push(e.to_json_line());
         }
-        drop(st);
-        self.shared.work.notify_one();
-        if self.dropped > self.reported && self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+        if self.dropped() > self.reported && self.last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
             self.warn_dropped();
         }
     }
@@ -281,38 +228,18 @@ impl EventLog {
         tracing::warn!(
             "event log {}: {} events dropped, its writer is behind (a slow or stalled file system?); the history and `ecewo-cluster events` still have them",
             self.path.display(),
-            self.dropped - self.reported
+            self.dropped() - self.reported
         );
-        self.reported = self.dropped;
+        self.reported = self.dropped();
         self.last_warning = Some(Instant::now());
     }
 
     /// Ends the writer, letting it write out what is queued within `timeout` (it may be stuck
-    /// on a stalled file system: then it is left behind, to end with the process).
+    /// on a stalled file system: then it is left behind, to end with the process, and what it
+    /// did not take is counted as dropped).
     fn finish(&mut self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.lock();
-        st.closed = true;
-        self.shared.work.notify_one();
-        if self.thread.is_some() {
-            while !st.lines.is_empty() || st.busy {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    let n = st.lines.len() as u64;
-                    self.dropped += n;
-                    st.lines.clear();
-                    self.thread = None;
-                    break;
-                }
-                st = self.shared.idle.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
-            }
-        }
-        drop(st);
-        if let Some(t) = self.thread.take() {
-            // Past its last batch: it returns at once.
-            let _ = t.join();
-        }
-        if self.dropped > self.reported {
+        self.queue.finish(timeout);
+        if self.dropped() > self.reported {
             self.warn_dropped();
         }
     }
@@ -321,31 +248,6 @@ impl EventLog {
 impl Drop for EventLog {
     fn drop(&mut self) {
         self.finish(FINISH_WAIT);
-    }
-}
-
-/// The writer thread: takes every queued line at once and hands them to `sink`.
-fn write_out(shared: &Shared, sink: &mut Sink) {
-    loop {
-        let (batch, closed) = {
-            let mut st = shared.lock();
-            while st.lines.is_empty() && !st.closed {
-                st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
-            st.busy = true;
-            st.bytes = 0;
-            (std::mem::take(&mut st.lines), st.closed)
-        };
-        if !batch.is_empty() {
-            let mut batch = batch;
-            sink(batch.make_contiguous());
-        }
-        let mut st = shared.lock();
-        st.busy = false;
-        shared.idle.notify_all();
-        if closed && st.lines.is_empty() {
-            return;
-        }
     }
 }
 
@@ -616,7 +518,7 @@ mod tests {
     /// is written out, in order, once the sink moves again.
     #[test]
     fn the_writer_never_blocks_the_caller() {
-        let (log, release, written) = blocked_log(Limits { entries: 10, bytes: 1 << 20 });
+        let (log, release, written) = blocked_log(Limits { lines: 10, bytes: 1 << 20 });
         // 100 batches while it is blocked: the caller never waits.
         let (done_tx, done_rx) = mpsc::channel();
         let caller = std::thread::spawn(move || {
@@ -629,7 +531,7 @@ mod tests {
         });
         done_rx.recv_timeout(Duration::from_secs(5)).expect("append never waits for a blocked writer");
         let mut log = caller.join().unwrap();
-        assert_eq!(log.dropped, 90, "10 queued, the other 90 dropped whole");
+        assert_eq!(log.dropped(), 90, "10 queued, the other 90 dropped whole");
         assert_eq!(log.reported, 1, "the first drop said at once, the next ones at most every WARN_EVERY");
         // Let it go: the first batch, then the 10 queued, at once.
         for _ in 0..2 {
@@ -641,7 +543,7 @@ mod tests {
         assert_eq!(batches, vec![vec![1], (2..=11).collect::<Vec<_>>()]);
         // A finished log takes nothing, and counts it.
         log.append(&[entry(200)]);
-        assert_eq!(log.dropped, 91);
+        assert_eq!(log.dropped(), 91);
     }
 
     /// The byte limit counts too; the end gives up on a writer stuck for good, counting what
@@ -649,13 +551,13 @@ mod tests {
     #[test]
     fn the_byte_limit_drops_whole_entries_and_a_stuck_writer_is_left_behind() {
         let line = entry(2).to_json_line().len();
-        let (mut log, release, written) = blocked_log(Limits { entries: 100, bytes: line * 3 + line / 2 });
+        let (mut log, release, written) = blocked_log(Limits { lines: 100, bytes: line * 3 + line / 2 });
         log.append(&[entry(2), entry(3), entry(4), entry(5), entry(6)]);
-        assert_eq!(log.dropped, 2, "3 fit in the bytes, the last 2 dropped whole");
+        assert_eq!(log.dropped(), 2, "3 fit in the bytes, the last 2 dropped whole");
         let started = Instant::now();
         log.finish(Duration::from_millis(200));
         assert!(started.elapsed() < Duration::from_secs(5), "the end does not wait for a stuck writer");
-        assert_eq!(log.dropped, 5, "the 3 queued are counted too");
+        assert_eq!(log.dropped(), 5, "the 3 queued are counted too");
         assert!(written.try_recv().is_err(), "nothing was written");
         drop(release);
     }

@@ -4,8 +4,10 @@
 //! dropped whole and counted, and the writer says so in the output itself ("dropped N lines"),
 //! at most every [`NOTICE_EVERY`].
 //!
-//! Used by the master for its workers' captured output, and by the `logging` feature for the
-//! CLI's and the testbed's own logs (one implementation of the pattern, not one per binary).
+//! Used by the master for its workers' captured output and its event log (`master::events`,
+//! through a [`Target::Sink`] and no notice: a JSON-lines file takes no prose), and by the
+//! `logging` feature for the CLI's and the testbed's own logs (one implementation of the
+//! pattern, not one per user).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,7 +31,13 @@ pub(crate) enum Target {
     Stderr,
     /// A log file, rotated by size.
     File(LogFile),
+    /// Anything that takes a batch of whole lines and deals with its own errors (the event
+    /// log's file; in tests, anything).
+    Sink(Sink),
 }
+
+/// What a [`Target::Sink`] writes each batch to.
+pub(crate) type Sink = Box<dyn FnMut(&[Vec<u8>]) + Send>;
 
 /// How much may wait in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +78,9 @@ impl Inner {
 /// The queue; its writer thread runs from [`Lossy::start`] until [`Lossy::finish`] (or drop).
 pub(crate) struct Lossy {
     inner: Arc<Inner>,
-    /// Until started: what the thread will write to, and its notice.
-    pending: Option<(Target, Notice)>,
+    /// Until started: what the thread will write to, and its notice (none: drops are only
+    /// counted).
+    pending: Option<(Target, Option<Notice>)>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -79,6 +88,16 @@ impl Lossy {
     /// A queue for `target` (no thread yet: lines pushed before [`start`](Lossy::start) wait,
     /// within the limits).
     pub(crate) fn new(target: Target, limits: Limits, notice: Notice) -> Lossy {
+        Lossy::with(target, limits, Some(notice))
+    }
+
+    /// A queue that only counts what it drops ([`dropped`](Lossy::dropped)): no notice in the
+    /// output.
+    pub(crate) fn quiet(target: Target, limits: Limits) -> Lossy {
+        Lossy::with(target, limits, None)
+    }
+
+    fn with(target: Target, limits: Limits, notice: Option<Notice>) -> Lossy {
         let state = State { queue: VecDeque::new(), bytes: 0, busy: false, closed: false, reopened: None };
         let inner = Arc::new(Inner {
             state: Mutex::new(state),
@@ -137,7 +156,12 @@ impl Lossy {
         while !st.queue.is_empty() || st.busy {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                // Left behind, blocked: it ends with the process.
+                // Left behind, blocked: it ends with the process. What it did not take is
+                // lost, and counted.
+                let left_behind = st.queue.len() as u64;
+                st.queue.clear();
+                st.bytes = 0;
+                self.inner.dropped.fetch_add(left_behind, Ordering::Relaxed);
                 self.thread = None;
                 return;
             }
@@ -190,7 +214,7 @@ fn push(inner: &Inner, line: Vec<u8>) -> bool {
 
 /// The writer thread: takes every queued line at once and writes them in one go; a notice of
 /// the lines dropped since the last one goes first.
-fn write_out(inner: &Inner, mut target: Target, notice: Notice) {
+fn write_out(inner: &Inner, mut target: Target, notice: Option<Notice>) {
     let mut reported = 0u64;
     let mut last_notice: Option<Instant> = None;
     let mut broken = false;
@@ -198,7 +222,7 @@ fn write_out(inner: &Inner, mut target: Target, notice: Notice) {
         let (mut batch, reopened, closed) = {
             let mut st = inner.lock();
             while st.queue.is_empty() && st.reopened.is_none() && !st.closed {
-                let pending = inner.dropped.load(Ordering::Relaxed) > reported;
+                let pending = notice.is_some() && inner.dropped.load(Ordering::Relaxed) > reported;
                 if pending && last_notice.is_none_or(|t| t.elapsed() >= NOTICE_EVERY) {
                     break;
                 }
@@ -212,7 +236,10 @@ fn write_out(inner: &Inner, mut target: Target, notice: Notice) {
             log.adopt(file);
         }
         let dropped = inner.dropped.load(Ordering::Relaxed);
-        if dropped > reported && (closed || last_notice.is_none_or(|t| t.elapsed() >= NOTICE_EVERY)) {
+        if let Some(notice) = notice
+            .as_ref()
+            .filter(|_| dropped > reported && (closed || last_notice.is_none_or(|t| t.elapsed() >= NOTICE_EVERY)))
+        {
             batch.push_front(notice(dropped - reported));
             reported = dropped;
             last_notice = Some(Instant::now());
@@ -224,7 +251,7 @@ fn write_out(inner: &Inner, mut target: Target, notice: Notice) {
                 // Lost: counted like lines that did not fit (and said so once it works again).
                 inner.dropped.fetch_add(lines.len() as u64, Ordering::Relaxed);
                 // A reader that went away (`| head`) does not come back; a file may (space freed).
-                if e.kind() == io::ErrorKind::BrokenPipe && !matches!(target, Target::File(_)) {
+                if e.kind() == io::ErrorKind::BrokenPipe && matches!(target, Target::Stdout | Target::Stderr) {
                     broken = true;
                 }
             }
@@ -266,6 +293,10 @@ fn write_batch(target: &mut Target, lines: &[Vec<u8>]) -> io::Result<()> {
             write_chunks(&mut err, lines, max)
         }
         Target::File(log) => log.write_lines(lines),
+        Target::Sink(sink) => {
+            sink(lines);
+            Ok(())
+        }
     }
 }
 
