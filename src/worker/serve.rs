@@ -163,22 +163,23 @@ fn stop_on(mut term: tokio::signal::unix::Signal, worker: &Worker) -> impl Futur
 /// Reads the master's channel on this runtime instead of a thread of its own, so that a worker
 /// that only serves stays a single-threaded process (see `worker::channel`). Only once the
 /// runtime's SIGTERM handler is installed: the guard that ends the process if its master died
-/// while the runtime is stuck runs beside it ([`kill_if_orphaned_on_sigterm`]). False if a
-/// reader runs already (or the guard cannot be installed): the channel thread reads then.
+/// while the runtime is stuck runs beside it ([`kill_if_orphaned_on_sigterm`]). If a
+/// reader runs already, or the guard cannot be installed, it does nothing: the channel thread
+/// reads then.
 ///
 /// [`kill_if_orphaned_on_sigterm`]: crate::os::sys::kill_if_orphaned_on_sigterm
-fn read_channel_on_runtime(worker: &Worker) -> bool {
+fn read_channel_on_runtime(worker: &Worker) {
     let inner = &worker.inner;
     if !inner.supervised {
-        return false;
+        return;
     }
     let master = rustix::process::Pid::from_raw(i32::try_from(inner.env.master_pid).unwrap_or(0));
-    let Some(master) = master else { return false };
+    let Some(master) = master else { return };
     if let Err(e) = crate::os::sys::kill_if_orphaned_on_sigterm(master, inner.env.shutdown_timeout) {
         tracing::debug!("the channel is read by a thread: no guard for a master's death ({e})");
-        return false;
+        return;
     }
-    spawn_runtime_reader(inner)
+    spawn_runtime_reader(inner);
 }
 
 /// The reader task of [`read_channel_on_runtime`], once its guard is in place: false if a
