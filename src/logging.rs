@@ -10,8 +10,11 @@
 //!
 //! logging::init(LogFormat::Json);
 //! let role = Cluster::new(8080).init().expect("init");
-//! // After init: the master (and each worker) may have threads now.
-//! logging::start("app-log");
+//! // After init (which needs one thread); the master only: a worker's lines are plain writes
+//! // (see `start`'s caveats).
+//! if let Role::Master(_) = &role {
+//!     logging::start("app-log");
+//! }
 //! // …
 //! logging::finish("app");
 //! # let _ = role;
@@ -85,6 +88,13 @@ pub fn init(format: LogFormat) {
 
 /// Starts the queue and its writer thread, named `thread_name`. Call it after
 /// [`Cluster::init`](crate::Cluster::init), which must run while the process has one thread.
+///
+/// # Caveats
+/// Call it in the master (which must never block on its stderr); in a worker, think twice: a
+/// second thread makes glibc leave its single-threaded fast paths for the life of the process
+/// (a few per cent of a hello-world server's throughput), and without it a worker's lines are
+/// plain blocking writes, each line one `write`, like any program's. The testbed starts it in
+/// the master only.
 pub fn start(thread_name: &str) {
     let format = FORMAT.get().copied().unwrap_or_default();
     let notice = Box::new(move |n: u64| {
@@ -126,7 +136,11 @@ pub fn line(args: std::fmt::Arguments<'_>) {
         Some(q) => {
             q.push(format!("{args}\n").into_bytes());
         }
-        None => eprintln!("{args}"),
+        // One write of the whole line: `eprintln!` writes piece by piece, and the lines of
+        // processes sharing a stderr (workers) would interleave.
+        None => {
+            let _ = std::io::stderr().write_all(format!("{args}\n").as_bytes());
+        }
     }
 }
 

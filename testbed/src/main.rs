@@ -126,6 +126,11 @@ struct Args {
     /// With --standalone: tokio worker threads (1: a current-thread runtime).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// With --standalone: bind with `SO_REUSEPORT`, so that several standalone processes can
+    /// share one port (the kernel spreads connections by hash): the baseline of N processes
+    /// without a cluster. Give a fixed `--port`.
+    #[arg(long)]
+    reuseport: bool,
     /// The master asks for a graceful shutdown through a `MasterHandle`, from another thread,
     /// this long after start.
     #[arg(long)]
@@ -422,9 +427,13 @@ fn run(args: Args) -> Result<(), ecewo_cluster::Error> {
         }
     });
     let role = cluster.init()?;
-    logging::start("testbed-log");
     match role {
         Role::Master(master) => {
+            // The master's lines go through the lossy queue (it must never block on a stderr
+            // nobody reads). A worker's are plain writes, like its `/print`: a writer thread
+            // would make the serving worker two-threaded, and glibc then leaves its
+            // single-threaded fast paths for good (what the benchmarks measure is one thread).
+            logging::start("testbed-log");
             if let Some(addr) = master.admin_addr() {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "admin {addr}");
@@ -560,7 +569,18 @@ fn standalone(args: &Args) -> std::io::Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()?
     };
     rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind((args.address, args.port)).await?;
+        let listener = if args.reuseport {
+            let addr = std::net::SocketAddr::new(args.address, args.port);
+            let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            tokio::net::TcpListener::from_std(socket.into())?
+        } else {
+            tokio::net::TcpListener::bind((args.address, args.port)).await?
+        };
         let port = listener.local_addr()?.port();
         let state = Arc::new(State {
             id: 0,
