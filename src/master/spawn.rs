@@ -6,16 +6,12 @@ use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command as Process, Stdio};
-
-use command_fds::{CommandFdExt, FdMapping};
-use rustix::process::{Pid, PidfdFlags};
 
 use super::Balance;
 use super::channel::MasterEnd;
 use super::driver::{Driver, Proc};
+use crate::os::sys::Spawn;
 use crate::proto::handoff::{FIRST_LISTEN_FD, PRIVATE_ENV, env};
 use crate::supervisor::Program;
 
@@ -100,66 +96,40 @@ impl Driver {
         let count = listeners.len() as i32;
         let channel_fd = FIRST_LISTEN_FD + count;
         let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
-        let names = names.join(":");
-        let mut cmd = Process::new(&exe);
-        cmd.arg0(&self.m.argv0).args(&self.m.args);
+        let mut env = ChildEnv::inherited();
         // The master's own relation with systemd first, then the workers' listeners.
         for key in PRIVATE_ENV.iter().chain(crate::proto::handoff::upgrade_env::ALL.iter()) {
-            cmd.env_remove(key);
+            env.remove(key);
         }
-        cmd.env(env::WORKER_ID, slot.to_string())
-            .env(env::WORKERS, self.sup.policy().workers.to_string())
-            .env(env::PORT, self.m.shared.addr.port().to_string())
-            .env(env::CHANNEL_FD, channel_fd.to_string())
-            .env(env::MASTER_PID, self.master_pid.as_raw_nonzero().to_string())
-            .env(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
-            .env(env::LISTEN_FDS, count.to_string())
-            .env(env::LISTEN_FDNAMES, names)
-            .env(env::HEARTBEAT_MS, self.m.heartbeat.as_millis().clamp(1, 86_400_000).to_string())
-            .stdin(Stdio::null())
-            // Own process group: a terminal's Ctrl-C reaches the master only, which then stops
-            // the workers gracefully.
-            .process_group(0);
+        env.set(env::WORKER_ID, slot.to_string())
+            .set(env::WORKERS, self.sup.policy().workers.to_string())
+            .set(env::PORT, self.m.shared.addr.port().to_string())
+            .set(env::CHANNEL_FD, channel_fd.to_string())
+            .set(env::MASTER_PID, self.master_pid.as_raw_nonzero().to_string())
+            .set(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
+            .set(env::LISTEN_FDS, count.to_string())
+            .set(env::LISTEN_FDNAMES, names.join(":"))
+            .set(env::HEARTBEAT_MS, self.m.heartbeat.as_millis().clamp(1, 86_400_000).to_string());
         if let Some(limit) = request_limit {
-            cmd.env(env::MAX_REQUESTS, limit.max(1).to_string());
+            env.set(env::MAX_REQUESTS, limit.max(1).to_string());
         }
-        let output = self.capture_pipes(&mut cmd)?;
-        let mut mappings: Vec<FdMapping> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(i, fd)| FdMapping { parent_fd: fd, child_fd: FIRST_LISTEN_FD + i as i32 })
-            .collect();
-        mappings.push(FdMapping { parent_fd: worker_end.into(), child_fd: channel_fd });
-        cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
-        crate::os::sys::set_child_setup(&mut cmd, self.master_pid, (channel_fd + 1) as u32);
-        // Last: the child executes the program itself, with LISTEN_PID = its own pid.
         let argv: Vec<OsString> = std::iter::once(self.m.argv0.clone()).chain(self.m.args.iter().cloned()).collect();
-        let envp = child_env(&cmd);
-        crate::os::sys::set_exec_with_own_pid(&mut cmd, exe.as_os_str(), &argv, envp)?;
-        let mut child = cmd.spawn()?;
-        let pid = child.id();
-        // Nobody else reaps our children (we never wait for "any child"), so the pid cannot have
-        // been reused yet: opening its pidfd now is race-free.
-        let tracked = Pid::from_raw(pid as i32)
-            .ok_or_else(|| io::Error::other("spawn returned pid 0"))
-            .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
-            .and_then(|pidfd| {
-                Ok(Proc {
-                    slot,
-                    pid,
-                    pidfd,
-                    chan: Some(MasterEnd::new(master_end)?),
-                    ready_at: None,
-                    status_text: None,
-                    output,
-                })
-            });
-        if tracked.is_err() {
-            // A worker we cannot supervise must not run: kill and reap it now.
-            let _ = child.kill();
-            let _ = child.wait();
+        let mut child = Spawn::new(exe.as_os_str(), &argv, env.entries())?;
+        let output = self.stdio(&mut child)?;
+        for (i, fd) in listeners.into_iter().enumerate() {
+            child.fd(fd, FIRST_LISTEN_FD + i as i32);
         }
-        tracked // Dropping a std Child neither waits nor kills.
+        child.fd(worker_end.into(), channel_fd).parent_death(self.master_pid).own_process_group();
+        let (pid, pidfd) = child.spawn()?;
+        Ok(Proc {
+            slot,
+            pid,
+            pidfd,
+            chan: Some(MasterEnd::new(master_end)?),
+            ready_at: None,
+            status_text: None,
+            output,
+        })
     }
 
     /// Starts the worker process of `slot` of a command cluster: the command (found again at
@@ -173,29 +143,25 @@ impl Driver {
         let Some((c, notify)) = &self.m.command else { return Err(io::Error::other("not a command cluster")) };
         let count = listeners.len() as i32;
         let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
-        let mut cmd = Process::new(&c.path);
-        cmd.arg0(&c.argv[0]).args(&c.argv[1..]);
+        let mut env = ChildEnv::inherited();
         for key in PRIVATE_ENV.iter().chain(env::ALL.iter()).chain(crate::proto::handoff::upgrade_env::ALL.iter()) {
-            cmd.env_remove(key);
+            env.remove(key);
         }
-        cmd.env(env::WORKER_ID, slot.to_string())
-            .env(env::WORKERS, self.sup.policy().workers.to_string())
-            .env(env::PORT, self.m.shared.addr.port().to_string())
-            .env(env::LISTEN_FDS, count.to_string())
-            .env(env::LISTEN_FDNAMES, names.join(":"))
-            .env("NOTIFY_SOCKET", notify.path())
-            .stdin(Stdio::null())
-            .process_group(0);
+        env.set(env::WORKER_ID, slot.to_string())
+            .set(env::WORKERS, self.sup.policy().workers.to_string())
+            .set(env::PORT, self.m.shared.addr.port().to_string())
+            .set(env::LISTEN_FDS, count.to_string())
+            .set(env::LISTEN_FDNAMES, names.join(":"))
+            .set("NOTIFY_SOCKET", notify.path());
         if let Some(timeout) = self.sup.policy().liveness.worker_timeout {
-            cmd.env("WATCHDOG_USEC", timeout.as_micros().to_string());
+            env.set("WATCHDOG_USEC", timeout.as_micros().to_string());
         }
-        let output = self.capture_pipes(&mut cmd)?;
         for compat in &c.compat {
             match compat {
                 super::Compat::Einhorn => {
-                    cmd.env("EINHORN_FD_COUNT", count.to_string());
+                    env.set("EINHORN_FD_COUNT", count.to_string());
                     for i in 0..count {
-                        cmd.env(format!("EINHORN_FD_{i}"), (FIRST_LISTEN_FD + i).to_string());
+                        env.set(format!("EINHORN_FD_{i}"), (FIRST_LISTEN_FD + i).to_string());
                     }
                 }
                 super::Compat::ServerStarter => {
@@ -212,40 +178,35 @@ impl Driver {
                             format!("{at}={}", FIRST_LISTEN_FD + i as i32)
                         })
                         .collect();
-                    cmd.env("SERVER_STARTER_PORT", ports.join(";"));
+                    env.set("SERVER_STARTER_PORT", ports.join(";"));
                 }
             }
         }
-        let mappings: Vec<FdMapping> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(i, fd)| FdMapping { parent_fd: fd, child_fd: FIRST_LISTEN_FD + i as i32 })
-            .collect();
-        cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
-        crate::os::sys::set_child_setup(&mut cmd, self.master_pid, (FIRST_LISTEN_FD + count) as u32);
-        let envp = child_env(&cmd);
-        crate::os::sys::set_exec_with_own_pid(&mut cmd, c.path.as_os_str(), &c.argv, envp)?;
-        let ready_at = c.ready_after.map(|d| std::time::Instant::now() + d);
-        let mut child = cmd.spawn()?;
-        let pid = child.id();
-        let tracked = Pid::from_raw(pid as i32)
-            .ok_or_else(|| io::Error::other("spawn returned pid 0"))
-            .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
-            .map(|pidfd| Proc { slot, pid, pidfd, chan: None, ready_at, status_text: None, output });
-        if tracked.is_err() {
-            let _ = child.kill();
-            let _ = child.wait();
+        let mut child = Spawn::new(c.path.as_os_str(), &c.argv, env.entries())?;
+        let output = self.stdio(&mut child)?;
+        for (i, fd) in listeners.into_iter().enumerate() {
+            child.fd(fd, FIRST_LISTEN_FD + i as i32);
         }
-        tracked
+        child.parent_death(self.master_pid).own_process_group();
+        let ready_at = c.ready_after.map(|d| std::time::Instant::now() + d);
+        let (pid, pidfd) = child.spawn()?;
+        Ok(Proc { slot, pid, pidfd, chan: None, ready_at, status_text: None, output })
     }
 
-    /// With the output captured: new pipes for the worker's stdout and stderr, its ends given to
-    /// `cmd` (the standard library `dup2`s them onto 1 and 2 between fork and exec; the
-    /// parent's copies close when `cmd` is dropped), the master's ends returned.
-    fn capture_pipes(&self, cmd: &mut Process) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
+    /// A worker's standard streams: stdin `/dev/null`; with the output captured, stdout and
+    /// stderr new pipes (the master's ends returned), else the master's own.
+    fn stdio(&self, child: &mut Spawn) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
+        let null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        child.fd(null, 0);
         let Some(capture) = &self.m.capture else { return Ok(None) };
         let mut pipes = capture.worker_pipes()?;
-        pipes.attach(cmd);
+        if let Some((out, err)) = pipes.take_worker_ends() {
+            child.fd(out, 1).fd(err, 2);
+        }
         Ok(Some(pipes.master))
     }
 
@@ -279,19 +240,30 @@ impl Driver {
     }
 }
 
-/// The environment `cmd`'s child gets: the master's with `cmd`'s changes applied, as
-/// `KEY=VALUE` byte strings, `LISTEN_PID` left out (the child writes its own).
-fn child_env(cmd: &Process) -> Vec<Vec<u8>> {
-    use std::os::unix::ffi::OsStrExt;
-    let mut vars: std::collections::BTreeMap<OsString, OsString> = std::env::vars_os().collect();
-    for (key, value) in cmd.get_envs() {
-        match value {
-            Some(v) => vars.insert(key.to_owned(), v.to_owned()),
-            None => vars.remove(key),
-        };
+/// A worker's environment: the master's, with changes.
+struct ChildEnv(std::collections::BTreeMap<OsString, OsString>);
+
+impl ChildEnv {
+    fn inherited() -> ChildEnv {
+        ChildEnv(std::env::vars_os().collect())
     }
-    vars.remove(std::ffi::OsStr::new(env::LISTEN_PID));
-    vars.into_iter().map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat()).collect()
+
+    fn set(&mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> &mut ChildEnv {
+        self.0.insert(key.into(), value.into());
+        self
+    }
+
+    fn remove(&mut self, key: &str) -> &mut ChildEnv {
+        self.0.remove(std::ffi::OsStr::new(key));
+        self
+    }
+
+    /// `KEY=VALUE` byte strings, `LISTEN_PID` left out (the child writes its own).
+    fn entries(mut self) -> Vec<Vec<u8>> {
+        use std::os::unix::ffi::OsStrExt;
+        self.0.remove(std::ffi::OsStr::new(env::LISTEN_PID));
+        self.0.into_iter().map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat()).collect()
+    }
 }
 
 /// The path the program was started from, kept to execute it again on a graceful restart (so

@@ -2,50 +2,11 @@
 //! (`#![deny(unsafe_code)]` holds everywhere else). Every block says why it is sound.
 
 use std::io;
-use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use rustix::process::{Pid, Signal};
-
-/// Arranges for the child of `cmd`, between fork and exec, to:
-/// - receive `SIGTERM` when the master's spawning thread dies (`PR_SET_PDEATHSIG`), and exit at
-///   once if the master already died before that was in place (`getppid()` re-check);
-/// - mark every descriptor from `first_free` up close-on-exec, so nothing but stdio and the
-///   descriptors placed below `first_free` reach the worker (fds the master itself inherited
-///   from its shell without `O_CLOEXEC` included).
-///
-/// Call after any other `pre_exec` hook that places descriptors (they run in order).
-pub(crate) fn set_child_setup(cmd: &mut Command, master_pid: Pid, first_free: u32) {
-    let hook = move || -> io::Result<()> {
-        // Only async-signal-safe system calls below: no allocation, no locks, no logging.
-        // `io::Error::from_raw_os_error` does not allocate.
-        rustix::process::set_parent_process_death_signal(Some(Signal::TERM))
-            .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?;
-        if rustix::process::getppid() != Some(master_pid) {
-            return Err(io::Error::from_raw_os_error(libc::ESRCH));
-        }
-        // SAFETY: close_range(2) only changes descriptor flags of this (child) process; the range
-        // starts above the descriptors the child must keep. The raw syscall is used because
-        // musl has no wrapper; it is async-signal-safe.
-        let r = unsafe { libc::syscall(libc::SYS_close_range, first_free, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-        if r != 0 {
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
-            // ENOSYS (kernel < 5.9) or EINVAL (5.9 and 5.10 lack CLOSE_RANGE_CLOEXEC): the
-            // master creates all its descriptors close-on-exec, so only fds inherited from the
-            // master's own parent could leak. Not fatal.
-            if errno != libc::ENOSYS && errno != libc::EINVAL {
-                return Err(io::Error::from_raw_os_error(errno));
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
-    // system calls (prctl, getppid, close_range); it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-}
 
 /// Arranges for the child of `cmd` (the new master of an upgrade), between fork and exec, to
 /// mark every descriptor from `first_free` up close-on-exec, so that only stdio and the
@@ -75,112 +36,285 @@ pub(crate) fn set_master_child_setup(cmd: &mut Command, first_free: u32) {
     }
 }
 
-/// The placeholder of `LISTEN_PID` in a worker's environment before fork: room for any pid
-/// (at most 10 digits: Linux pids are below 2^22).
+/// The placeholder of `LISTEN_PID` in a worker's environment: room for any pid (at most 10
+/// digits: Linux pids are below 2^22). The child writes its own pid into it.
 const LISTEN_PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";
 
-/// Everything the child of a spawn executes, built before fork so that the child only patches
-/// one pre-allocated buffer and calls `execve`: no allocation, no lock.
-struct ExecImage {
+/// The child's stack, in bytes: what the few frames between `clone` and `execve` need, with a
+/// wide margin (the child calls nothing but system-call wrappers).
+const CHILD_STACK: usize = 64 * 1024;
+
+/// A process to start with [`Spawn::spawn`]: its program, arguments and environment, the
+/// descriptors it gets at given numbers, and the setup it does before `execve`, all built
+/// beforehand, so that the child touches nothing but this memory and makes only system calls.
+///
+/// The child is started the way `posix_spawn` does it, with `clone(CLONE_VM | CLONE_VFORK)`:
+/// it runs on its own small stack in the master's memory while the master's thread waits,
+/// until it has called `execve` (or exited). A `fork` would copy the master's page tables,
+/// and every page the master writes afterwards would fault once to be copied back: a cost
+/// that grows with the master's memory, so with the number of workers (issue 16). It also
+/// returns the child's pidfd (`CLONE_PIDFD`), with no window for the pid to be reused.
+pub(crate) struct Spawn {
+    /// NUL-terminated, as every string below.
     path: Vec<u8>,
-    argv: Vec<Vec<u8>>,
-    /// `KEY=VALUE\0` entries; the last is [`LISTEN_PID_PLACEHOLDER`].
+    /// Kept for `argv_ptrs`, which point into it.
+    _argv: Vec<Vec<u8>>,
+    /// `KEY=VALUE` entries; the last is [`LISTEN_PID_PLACEHOLDER`].
     envp: Vec<Vec<u8>>,
-    /// Room for the pointer arrays (their capacity is reserved before fork).
-    argv_ptrs: Ptrs,
-    envp_ptrs: Ptrs,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    /// Descriptors of the master, each to be placed at a number in the child (the master's
+    /// copies close when the `Spawn` is dropped).
+    fds: Vec<(OwnedFd, RawFd)>,
+    /// Room for the child's temporary copies of `fds` (one each).
+    temporary: Vec<RawFd>,
+    /// From this descriptor up, the child marks every descriptor close-on-exec.
+    first_free: u32,
+    /// The master: the child asks for `SIGTERM` when its thread dies and checks that it is
+    /// still its parent.
+    parent_death: Option<Pid>,
+    /// The child puts itself in a process group of its own.
+    own_group: bool,
+    /// What failed in the child before or at `execve` (an errno; 0: nothing).
+    failed: std::sync::atomic::AtomicI32,
 }
 
-/// A pointer array for `execve`, filled in the child only.
-struct Ptrs(Vec<*const libc::c_char>);
+impl Spawn {
+    /// A process that executes `path` with `argv` and `env` (`KEY=VALUE` byte strings, without
+    /// `LISTEN_PID`) and `LISTEN_PID` set to its own pid, as the systemd convention of passed
+    /// sockets requires (`sd_listen_fds`, `listenfd` and `tokio-listener` accept the sockets
+    /// only then).
+    ///
+    /// # Errors
+    /// `InvalidInput` if a string holds a NUL byte.
+    pub(crate) fn new(path: &std::ffi::OsStr, argv: &[std::ffi::OsString], env: Vec<Vec<u8>>) -> io::Result<Spawn> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_string = |bytes: &[u8]| -> io::Result<Vec<u8>> {
+            if bytes.contains(&0) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a NUL byte in a worker's program, argument or environment",
+                ));
+            }
+            Ok([bytes, b"\0"].concat())
+        };
+        let mut envp = env.iter().map(|e| c_string(e)).collect::<io::Result<Vec<_>>>()?;
+        envp.push(c_string(LISTEN_PID_PLACEHOLDER)?);
+        let argv = argv.iter().map(|a| c_string(a.as_bytes())).collect::<io::Result<Vec<_>>>()?;
+        let pointers = |strings: &[Vec<u8>]| -> Vec<*const libc::c_char> {
+            strings.iter().map(|s| s.as_ptr().cast::<libc::c_char>()).chain(std::iter::once(std::ptr::null())).collect()
+        };
+        Ok(Spawn {
+            path: c_string(path.as_bytes())?,
+            argv_ptrs: pointers(&argv),
+            envp_ptrs: pointers(&envp),
+            _argv: argv,
+            envp,
+            fds: Vec::new(),
+            temporary: Vec::new(),
+            first_free: 3,
+            parent_death: None,
+            own_group: false,
+            failed: std::sync::atomic::AtomicI32::new(0),
+        })
+    }
 
-// SAFETY: the pointers are written and read only in the forked child, inside the hook that owns
-// the buffers they point into; the parent never reads them. Moving the (empty-or-stale) vector
-// between threads before fork is harmless.
-unsafe impl Send for Ptrs {}
-// SAFETY: as above: nothing dereferences them outside the child's hook.
-unsafe impl Sync for Ptrs {}
+    /// Gives the child `fd` as descriptor `at` (without close-on-exec).
+    pub(crate) fn fd(&mut self, fd: OwnedFd, at: RawFd) -> &mut Spawn {
+        self.fds.push((fd, at));
+        self.temporary.push(-1);
+        self.first_free = self.first_free.max(at as u32 + 1);
+        self
+    }
 
-/// Makes the child of `cmd` execute `path` with `argv` and `env` (`KEY=VALUE` byte strings,
-/// without `LISTEN_PID`) itself, with `LISTEN_PID` set to the child's own pid, as the systemd
-/// convention of passed sockets requires (`sd_listen_fds`, `listenfd` and `tokio-listener`
-/// accept the sockets only then). std cannot set a variable to a value only known after fork,
-/// so the environment is built here beforehand with a placeholder, and the hook, in the child,
-/// writes `getpid()`'s digits into it and calls `execve`; `cmd`'s own program, arguments and
-/// environment are then never used. If `execve` fails the hook returns its error, which std
-/// reports to the parent as the spawn's error.
-///
-/// Register it last: hooks run in order, and nothing after it runs.
-pub(crate) fn set_exec_with_own_pid(
-    cmd: &mut Command,
-    path: &std::ffi::OsStr,
-    argv: &[std::ffi::OsString],
-    env: Vec<Vec<u8>>,
-) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c_string = |bytes: &[u8]| -> io::Result<Vec<u8>> {
-        if bytes.contains(&0) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a NUL byte in a worker's argument or environment",
-            ));
+    /// The child gets `SIGTERM` when the master's spawning thread dies
+    /// (`PR_SET_PDEATHSIG`), and exits at once (the spawn fails with `ESRCH`) if `master` is
+    /// not its parent any more when that is in place.
+    pub(crate) fn parent_death(&mut self, master: Pid) -> &mut Spawn {
+        self.parent_death = Some(master);
+        self
+    }
+
+    /// The child leads a process group of its own (a terminal's Ctrl-C reaches the master
+    /// only).
+    pub(crate) fn own_process_group(&mut self) -> &mut Spawn {
+        self.own_group = true;
+        self
+    }
+
+    /// Starts the process: its pid and pidfd. In the child, before `execve`: signal handlers
+    /// back to their defaults (and `SIGPIPE`, which Rust programs ignore) and an empty signal
+    /// mask, as `std::process::Command` leaves them; its own process group if asked; the
+    /// parent-death signal if asked; the descriptors placed; every descriptor above them marked
+    /// close-on-exec (fds the master itself inherited without `O_CLOEXEC` included);
+    /// `LISTEN_PID` written.
+    ///
+    /// # Errors
+    /// What `clone` returns, or what failed in the child (`execve`'s error, `ESRCH` if the
+    /// master was gone); the child has then exited and is reaped here.
+    pub(crate) fn spawn(mut self) -> io::Result<(u32, OwnedFd)> {
+        use std::sync::atomic::Ordering;
+        let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
+        // The top of the stack (it grows down), 16-byte aligned as the x86-64 and aarch64 ABIs
+        // want it.
+        let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
+        let mut pidfd: libc::c_int = -1;
+        // SAFETY: `sigset_t` is plain data; `sigfillset` initialises it.
+        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `sigfillset` and `pthread_sigmask` only read and write the sets given. Every
+        // signal is blocked while the child shares our memory: a handler of the master run in
+        // the child (before it reset them) would act on the master's state from another
+        // process. The child's own mask is set before `execve`.
+        unsafe {
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
         }
-        Ok([bytes, b"\0"].concat())
+        let this: *mut Spawn = &mut self;
+        // SAFETY: `child` runs on `stack` (CHILD_STACK bytes, alive until after the call, which
+        // returns only once the child called `execve` or exited: CLONE_VFORK) and uses only
+        // `*this`, which nothing else touches meanwhile (this thread is suspended). With
+        // CLONE_PIDFD the kernel writes the child's pidfd (close-on-exec) to `pidfd`.
+        let pid = unsafe {
+            libc::clone(
+                child,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                this.cast::<libc::c_void>(),
+                &mut pidfd as *mut libc::c_int,
+            )
+        };
+        let clone_error = (pid < 0).then(io::Error::last_os_error);
+        // SAFETY: restores the mask saved above.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+        }
+        drop(stack);
+        if let Some(e) = clone_error {
+            return Err(e);
+        }
+        // SAFETY: the kernel returned this descriptor for the new child (CLONE_PIDFD); nothing
+        // else owns it.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let failed = self.failed.load(Ordering::Acquire);
+        if failed != 0 {
+            // The child exited (127) before or at execve: reap it, nobody else will.
+            let _ = rustix::process::waitid(
+                rustix::process::WaitId::PidFd(pidfd.as_fd()),
+                rustix::process::WaitIdOptions::EXITED,
+            );
+            return Err(io::Error::from_raw_os_error(failed));
+        }
+        Ok((pid as u32, pidfd))
+    }
+}
+
+/// The child of [`Spawn::spawn`], between `clone` and `execve`. It shares the master's memory
+/// and runs while the master's thread waits: only system calls (async-signal-safe, no
+/// allocation, no lock, no logging, no panic), on memory prepared before. Returns only if
+/// something failed, after saying what in `failed`.
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Spawn` the parent passed, alive and untouched by anyone else until
+    // this child has exec'd or exited (CLONE_VFORK).
+    let s = unsafe { &mut *arg.cast::<Spawn>() };
+    let errno = match child_setup(s) {
+        Ok(()) => return 0,
+        Err(errno) => errno,
     };
-    let mut envp = env.iter().map(|e| c_string(e)).collect::<io::Result<Vec<_>>>()?;
-    envp.push(c_string(LISTEN_PID_PLACEHOLDER)?);
-    let argv = argv.iter().map(|a| c_string(a.as_bytes())).collect::<io::Result<Vec<_>>>()?;
-    let mut image = ExecImage {
-        path: c_string(path.as_bytes())?,
-        argv_ptrs: Ptrs(Vec::with_capacity(argv.len() + 1)),
-        envp_ptrs: Ptrs(Vec::with_capacity(envp.len() + 1)),
-        argv,
-        envp,
-    };
-    let hook = move || -> io::Result<()> {
-        // Only async-signal-safe calls: getpid, execve; writes into buffers allocated before
-        // fork; `Vec::push` within the reserved capacity does not allocate. An array built
-        // before fork is not used, so that no pointer outlives a write to its buffer.
-        let img = &mut image;
-        let Some(pid_entry) = img.envp.last_mut() else { return Err(io::Error::from_raw_os_error(libc::EINVAL)) };
-        let mut pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    s.failed.store(if errno == 0 { libc::EINVAL } else { errno }, std::sync::atomic::Ordering::Release);
+    // SAFETY: ends this child at once, without running the master's atexit handlers or
+    // flushing its stdio buffers (which belong to the master).
+    unsafe { libc::_exit(127) }
+}
+
+/// The child's setup and `execve`; an errno if anything failed.
+fn child_setup(s: &mut Spawn) -> Result<(), i32> {
+    let errno = || io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
+    // SAFETY (for every call below): plain system calls on this child's own state — its
+    // signal dispositions and mask, process group, parent-death signal, descriptor table —
+    // with arguments built before the clone; none allocates or takes a lock.
+    unsafe {
+        for signal in 1..=libc::SIGRTMAX() {
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue;
+            }
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(signal, std::ptr::null(), &mut old) != 0 {
+                continue; // glibc's own signals
+            }
+            let ignored_pipe = signal == libc::SIGPIPE && old.sa_sigaction == libc::SIG_IGN;
+            if old.sa_sigaction != libc::SIG_DFL && (old.sa_sigaction != libc::SIG_IGN || ignored_pipe) {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(signal, &default, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            return Err(errno());
+        }
+        if s.own_group && libc::setpgid(0, 0) != 0 {
+            return Err(errno());
+        }
+        if let Some(master) = s.parent_death {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(errno());
+            }
+            if libc::getppid() != master.as_raw_nonzero().get() {
+                return Err(libc::ESRCH);
+            }
+        }
+        // Every descriptor first copied above all the numbers to fill (close-on-exec), then
+        // each copy placed at its number (`dup2` clears close-on-exec): a descriptor of the
+        // master that sits at one of those numbers is copied before it is replaced.
+        let above = s.first_free as libc::c_int;
+        for ((fd, _), temporary) in s.fds.iter().zip(s.temporary.iter_mut()) {
+            *temporary = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above);
+            if *temporary < 0 {
+                return Err(errno());
+            }
+        }
+        for ((_, at), temporary) in s.fds.iter().zip(s.temporary.iter()) {
+            if libc::dup2(*temporary, *at) < 0 {
+                return Err(errno());
+            }
+        }
+        let r = libc::syscall(libc::SYS_close_range, s.first_free, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+        if r != 0 {
+            let e = errno();
+            // ENOSYS (kernel < 5.9) or EINVAL (5.9 and 5.10 lack CLOSE_RANGE_CLOEXEC): the
+            // master creates all its descriptors close-on-exec, so only fds inherited from the
+            // master's own parent could leak. Not fatal.
+            if e != libc::ENOSYS && e != libc::EINVAL {
+                return Err(e);
+            }
+        }
+        // LISTEN_PID: this child's pid, in the placeholder's room (the pointer array points at
+        // the same buffer).
+        let Some(entry) = s.envp.last_mut() else { return Err(libc::EINVAL) };
+        let mut pid = libc::getpid() as u32;
         let mut digits = [0u8; 10];
         let mut n = 0;
-        loop {
-            digits[n] = b'0' + (pid % 10) as u8;
+        for d in digits.iter_mut() {
+            *d = b'0' + (pid % 10) as u8;
             pid /= 10;
             n += 1;
-            if pid == 0 || n == digits.len() {
+            if pid == 0 {
                 break;
             }
         }
         let start = b"LISTEN_PID=".len();
-        for i in 0..n {
-            pid_entry[start + i] = digits[n - 1 - i];
+        for (slot, digit) in entry.iter_mut().skip(start).zip(digits.iter().take(n).rev()) {
+            *slot = *digit;
         }
-        pid_entry[start + n] = 0;
-        for (ptrs, strings) in [(&mut img.argv_ptrs, &img.argv), (&mut img.envp_ptrs, &img.envp)] {
-            ptrs.0.clear();
-            for s in strings {
-                ptrs.0.push(s.as_ptr().cast::<libc::c_char>());
-            }
-            ptrs.0.push(std::ptr::null());
+        if let Some(end) = entry.get_mut(start + n) {
+            *end = 0;
         }
-        // SAFETY: `path` and every entry are NUL-terminated buffers owned by this closure and
-        // alive for the call; both pointer arrays end with a null pointer. On success execve
-        // does not return; on failure it changes nothing but errno.
-        unsafe {
-            libc::execve(img.path.as_ptr().cast::<libc::c_char>(), img.argv_ptrs.0.as_ptr(), img.envp_ptrs.0.as_ptr());
-        }
-        Err(io::Error::last_os_error())
-    };
-    // SAFETY: the hook runs in the forked child before exec and makes only async-signal-safe
-    // calls (getpid, execve) on memory allocated before fork (`push` stays within the capacity
-    // reserved above); it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(hook);
+        libc::execve(s.path.as_ptr().cast::<libc::c_char>(), s.argv_ptrs.as_ptr(), s.envp_ptrs.as_ptr());
     }
-    Ok(())
+    Err(errno())
 }
 
 /// The number of connections waiting in the accept queue of a listening TCP socket
@@ -468,4 +602,92 @@ pub(crate) fn kill_if_orphaned_on_sigterm(master: Pid, after: std::time::Duratio
     }
     *installed = true;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Runs `script` with `sh` through [`Spawn`], stdout to a pipe, `extra` at fd 4; its output.
+    fn run(script: &str, extra: OwnedFd) -> (u32, String) {
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let argv = ["sh", "-c", script].map(std::ffi::OsString::from);
+        let mut child = Spawn::new("/bin/sh".as_ref(), &argv, vec![b"PATH=/usr/bin:/bin".to_vec()]).unwrap();
+        child.fd(write, 1).fd(extra, 4).own_process_group();
+        let (pid, pidfd) = child.spawn().unwrap();
+        let mut out = String::new();
+        std::fs::File::from(read).read_to_string(&mut out).unwrap();
+        let status = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(status.exit_status(), Some(0), "{out}");
+        (pid, out)
+    }
+
+    #[test]
+    fn a_child_gets_its_descriptors_its_own_pid_and_default_signals() {
+        // A descriptor without close-on-exec (as one inherited from a shell would be), far up.
+        let (leak, _keep) = rustix::pipe::pipe().unwrap();
+        let leak = rustix::io::fcntl_dupfd_cloexec(&leak, 100).unwrap();
+        rustix::io::fcntl_setfd(&leak, rustix::io::FdFlags::empty()).unwrap();
+        let (extra, _other) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        // A signal blocked here must not stay blocked there (nor SIGPIPE ignored, as Rust does).
+        // SAFETY: plain-data sets; changes this test thread's mask only, restored below.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGUSR2);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut before);
+        }
+        let script = format!(
+            "echo pid $LISTEN_PID $$; test -e /dev/fd/4 && echo fd4; test -e /dev/fd/{} || echo closed; \
+             exec grep -E '^Sig(Blk|Ign)' /proc/self/status",
+            leak.as_raw_fd()
+        );
+        let (pid, out) = run(&script, extra);
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+        }
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.first().copied(), Some(format!("pid {pid} {pid}").as_str()), "{out}");
+        assert!(lines.contains(&"fd4"), "{out}");
+        assert!(lines.contains(&"closed"), "a descriptor above the placed ones leaked: {out}");
+        assert!(lines.iter().any(|l| l.starts_with("SigBlk:") && l.ends_with("0000000000000000")), "{out}");
+        // What is ignored is what `std::process::Command` leaves ignored (SIGPIPE not), glibc's
+        // own two signals (32 and 33, which it does not let a program change) aside.
+        let ignored = |status: &str| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("SigIgn:")).unwrap_or_default().trim();
+            u64::from_str_radix(hex, 16).unwrap() & !(0b11 << 31)
+        };
+        let std_child = std::process::Command::new("grep").args(["^SigIgn", "/proc/self/status"]).output().unwrap();
+        let std_ignored = ignored(&String::from_utf8(std_child.stdout).unwrap());
+        assert_eq!(ignored(&out), std_ignored, "{out}");
+        assert_eq!(std_ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE is not ignored");
+    }
+
+    #[test]
+    fn a_program_that_cannot_be_executed_fails_the_spawn_and_leaves_no_child() {
+        let argv = [std::ffi::OsString::from("nothing")];
+        let err = Spawn::new("/nonexistent/program".as_ref(), &argv, Vec::new()).unwrap().spawn().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        // Reaped: no zombie copy of this program is left among this process's children (other
+        // tests' children run other programs).
+        let me = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let zombies: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+            .flat_map(|c| c.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c == me) && stat.contains(") Z ")
+            })
+            .collect();
+        assert!(zombies.is_empty(), "unreaped children: {zombies:?}");
+    }
 }

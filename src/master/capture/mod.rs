@@ -21,7 +21,6 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::Error;
@@ -309,12 +308,9 @@ pub(crate) struct WorkerPipes {
 }
 
 impl WorkerPipes {
-    /// Gives the worker's ends to `cmd` as its stdout and stderr (the standard library `dup2`s
-    /// them between fork and exec: nothing else runs there for them).
-    pub(crate) fn attach(&mut self, cmd: &mut std::process::Command) {
-        if let Some((out, err)) = self.child.take() {
-            cmd.stdout(Stdio::from(out)).stderr(Stdio::from(err));
-        }
+    /// The worker's ends, its stdout's and its stderr's (once).
+    pub(crate) fn take_worker_ends(&mut self) -> Option<(OwnedFd, OwnedFd)> {
+        self.child.take()
     }
 }
 
