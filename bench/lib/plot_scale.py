@@ -23,8 +23,8 @@ from plotting import log_log  # noqa: E402
 PANELS = [
     ("Master CPU per worker event (µs)", [
         ("idle_cpu_per_beat_us", "per heartbeat"),
-        ("respawn_cpu_us", "per respawn"),
-        ("restart_cpu_per_worker_us", "per replaced worker (restart)"),
+        ("respawn_net_cpu_us", "per respawn (net of heartbeats)"),
+        ("restart_net_cpu_per_worker_us", "per replaced worker, restart (net)"),
         ("startup_cpu_per_worker_us", "per worker started"),
     ]),
     ("Control queries", [
