@@ -81,7 +81,10 @@ fn a_hung_worker_is_routed_away_diagnosed_and_replaced_while_the_others_serve() 
     assert!(!pids.contains(&hung), "a new connection reached the hung worker {hung}: {pids:?}");
     assert!(alive(hung), "those requests were answered during the grace (the hung worker still exists)");
     let log = tb.stderr();
-    assert!(log.contains("wchan") && log.contains("threads"), "its state is logged for diagnosis:\n{log}");
+    assert!(
+        log.contains("wchan") && log.contains(" thread"),
+        "its state (wchan, threads) is logged for diagnosis:\n{log}"
+    );
     // Killed after the grace, counted as hung, and its slot respawned through the readiness gate.
     assert!(wait_until(Duration::from_secs(10), || !alive(hung)), "killed after the grace");
     assert!(
