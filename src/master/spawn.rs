@@ -114,7 +114,7 @@ impl Driver {
             env.set(env::MAX_REQUESTS, limit.max(1).to_string());
         }
         let argv: Vec<OsString> = std::iter::once(self.m.argv0.clone()).chain(self.m.args.iter().cloned()).collect();
-        let mut child = Spawn::new(exe.as_os_str(), &argv, env.entries())?;
+        let mut child = Spawn::new(exe.as_os_str(), &argv, env.entries(), true)?;
         let output = self.stdio(&mut child)?;
         for (i, fd) in listeners.into_iter().enumerate() {
             child.fd(fd, FIRST_LISTEN_FD + i as i32);
@@ -182,7 +182,7 @@ impl Driver {
                 }
             }
         }
-        let mut child = Spawn::new(c.path.as_os_str(), &c.argv, env.entries())?;
+        let mut child = Spawn::new(c.path.as_os_str(), &c.argv, env.entries(), true)?;
         let output = self.stdio(&mut child)?;
         for (i, fd) in listeners.into_iter().enumerate() {
             child.fd(fd, FIRST_LISTEN_FD + i as i32);
@@ -240,26 +240,26 @@ impl Driver {
     }
 }
 
-/// A worker's environment: the master's, with changes.
-struct ChildEnv(std::collections::BTreeMap<OsString, OsString>);
+/// A child's environment: the master's, with changes.
+pub(super) struct ChildEnv(std::collections::BTreeMap<OsString, OsString>);
 
 impl ChildEnv {
-    fn inherited() -> ChildEnv {
+    pub(super) fn inherited() -> ChildEnv {
         ChildEnv(std::env::vars_os().collect())
     }
 
-    fn set(&mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> &mut ChildEnv {
+    pub(super) fn set(&mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> &mut ChildEnv {
         self.0.insert(key.into(), value.into());
         self
     }
 
-    fn remove(&mut self, key: &str) -> &mut ChildEnv {
+    pub(super) fn remove(&mut self, key: &str) -> &mut ChildEnv {
         self.0.remove(std::ffi::OsStr::new(key));
         self
     }
 
     /// `KEY=VALUE` byte strings, `LISTEN_PID` left out (the child writes its own).
-    fn entries(mut self) -> Vec<Vec<u8>> {
+    pub(super) fn entries(mut self) -> Vec<Vec<u8>> {
         use std::os::unix::ffi::OsStrExt;
         self.0.remove(std::ffi::OsStr::new(env::LISTEN_PID));
         self.0.into_iter().map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat()).collect()

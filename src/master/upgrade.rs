@@ -8,15 +8,14 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command as Process, Stdio};
 
-use command_fds::{CommandFdExt, FdMapping};
-use rustix::process::{Pid, PidfdFlags, WaitId, WaitIdOptions};
+use rustix::fs::{Mode, OFlags};
+use rustix::process::{WaitId, WaitIdOptions};
 
 use super::Balance;
 use super::driver::Driver;
 use crate::error::Error;
+use crate::os::sys::Spawn;
 use crate::proto::handoff::{
     FIRST_LISTEN_FD, InheritedAddr, InheritedAdmin, InheritedControl, InheritedListener, UpgradeEnv, UpgradeMessage,
     UpgradeState, upgrade_env,
@@ -318,10 +317,10 @@ impl Driver {
     /// terminal's Ctrl-C reaches both), and no parent-death signal: it outlives this master.
     pub(super) fn spawn_master(&mut self, slot_by_slot: bool) -> io::Result<u32> {
         let (ours, theirs) = UnixStream::pair()?;
-        let mut mappings = vec![FdMapping { parent_fd: theirs.into(), child_fd: FIRST_LISTEN_FD }];
+        let mut mappings: Vec<(OwnedFd, i32)> = vec![(theirs.into(), FIRST_LISTEN_FD)];
         let mut next = FIRST_LISTEN_FD + 1;
-        let mut place = |fd: &OwnedFd, mappings: &mut Vec<FdMapping>| -> io::Result<i32> {
-            mappings.push(FdMapping { parent_fd: fd.try_clone()?, child_fd: next });
+        let mut place = |fd: &OwnedFd, mappings: &mut Vec<(OwnedFd, i32)>| -> io::Result<i32> {
+            mappings.push((fd.try_clone()?, next));
             next += 1;
             Ok(next - 1)
         };
@@ -376,48 +375,48 @@ impl Driver {
             two_phase: true,
         };
         let (path, argv) = &self.m.origin;
-        let mut cmd = Process::new(path);
-        if let Some((argv0, args)) = argv.split_first() {
-            cmd.arg0(argv0).args(args);
-        }
+        let mut env = super::spawn::ChildEnv::inherited();
         // The sockets systemd passed come by the hand-off; WATCHDOG_PID named this master.
         for key in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_PID"]
             .into_iter()
             .chain(crate::proto::handoff::env::ALL)
         {
-            cmd.env_remove(key);
+            env.remove(key);
         }
-        cmd.env(upgrade_env::CHANNEL_FD, FIRST_LISTEN_FD.to_string())
-            .env(upgrade_env::FROM_PID, self.master_pid.as_raw_nonzero().to_string())
-            .stdin(Stdio::null());
+        env.set(upgrade_env::CHANNEL_FD, FIRST_LISTEN_FD.to_string())
+            .set(upgrade_env::FROM_PID, self.master_pid.as_raw_nonzero().to_string());
         if let Some(start) = crate::os::procfs::start_time(self.master_pid.as_raw_nonzero().get() as u32) {
-            cmd.env(upgrade_env::FROM_START, start.to_string());
+            env.set(upgrade_env::FROM_START, start.to_string());
         }
-        cmd.fd_mappings(mappings).map_err(|e| io::Error::other(e.to_string()))?;
-        crate::os::sys::set_master_child_setup(&mut cmd, next as u32);
+        // No parent-death signal: it must outlive this master. Every descriptor above those
+        // placed is closed at exec.
+        // argv[0] is the path itself if none was kept.
+        let argv = if argv.is_empty() { vec![path.as_os_str().to_owned()] } else { argv.clone() };
+        let mut child = Spawn::new(path.as_os_str(), &argv, env.entries(), false)?;
+        let null = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+        child.fd(null, 0);
+        for (fd, at) in mappings {
+            child.fd(fd, at);
+        }
         // A busy file (ETXTBSY: just put at the path, it may be open for writing for a moment
         // in a process forked meanwhile) keeps its kind: the supervisor tries again from its
         // timer.
-        let mut child =
-            cmd.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.origin.0.display())))?;
-        let pid = child.id();
-        let tracked = Pid::from_raw(pid as i32)
-            .ok_or_else(|| io::Error::other("spawn returned pid 0"))
-            .and_then(|raw| rustix::process::pidfd_open(raw, PidfdFlags::empty()).map_err(io::Error::from))
-            .and_then(|pidfd| Ok(Successor { pid, pidfd, chan: LineIo::new(ours)?, closed: false, reason: None }));
-        match tracked {
-            Ok(mut s) => {
-                // Its first line: what it inherits (written as the socket takes it).
-                send(&mut s.chan, &UpgradeMessage::State { state });
-                self.successor = Some(s);
-                Ok(pid)
-            }
+        let (pid, pidfd) =
+            child.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.origin.0.display())))?;
+        let chan = match LineIo::new(ours) {
+            Ok(chan) => chan,
             Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(e)
+                // A new master we cannot talk to must not run: kill and reap it now.
+                let _ = crate::os::sys::pidfd_send_signal(pidfd.as_fd(), crate::signal::Signal::KILL);
+                let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
+                return Err(e);
             }
-        }
+        };
+        let mut s = Successor { pid, pidfd, chan, closed: false, reason: None };
+        // Its first line: what it inherits (written as the socket takes it).
+        send(&mut s.chan, &UpgradeMessage::State { state });
+        self.successor = Some(s);
+        Ok(pid)
     }
 
     /// Asks the new master of a failed upgrade to stop (`SIGTERM`: it stops its workers); its

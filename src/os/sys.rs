@@ -3,38 +3,8 @@
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
-use std::process::Command;
 
 use rustix::process::{Pid, Signal};
-
-/// Arranges for the child of `cmd` (the new master of an upgrade), between fork and exec, to
-/// mark every descriptor from `first_free` up close-on-exec, so that only stdio and the
-/// descriptors placed below `first_free` (its upgrade channel and the sockets it inherits)
-/// reach it. No parent-death signal: it must outlive the old master.
-///
-/// Call after any other `pre_exec` hook that places descriptors (they run in order).
-pub(crate) fn set_master_child_setup(cmd: &mut Command, first_free: u32) {
-    let hook = move || -> io::Result<()> {
-        // SAFETY: close_range(2) only changes descriptor flags of this (child) process; the range
-        // starts above the descriptors the child must keep. Async-signal-safe; no allocation.
-        let r = unsafe { libc::syscall(libc::SYS_close_range, first_free, u32::MAX, libc::CLOSE_RANGE_CLOEXEC) };
-        if r != 0 {
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
-            // As for workers: old kernels lack it, and the master's own descriptors are all
-            // close-on-exec anyway.
-            if errno != libc::ENOSYS && errno != libc::EINVAL {
-                return Err(io::Error::from_raw_os_error(errno));
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: the hook runs in the forked child before exec and makes one async-signal-safe
-    // system call (close_range); it allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(hook);
-    }
-}
 
 /// The placeholder of `LISTEN_PID` in a worker's environment: room for any pid (at most 10
 /// digits: Linux pids are below 2^22). The child writes its own pid into it.
@@ -59,8 +29,9 @@ pub(crate) struct Spawn {
     path: Vec<u8>,
     /// Kept for `argv_ptrs`, which point into it.
     _argv: Vec<Vec<u8>>,
-    /// `KEY=VALUE` entries; the last is [`LISTEN_PID_PLACEHOLDER`].
+    /// `KEY=VALUE` entries; with `listen_pid`, the last is [`LISTEN_PID_PLACEHOLDER`].
     envp: Vec<Vec<u8>>,
+    listen_pid: bool,
     argv_ptrs: Vec<*const libc::c_char>,
     envp_ptrs: Vec<*const libc::c_char>,
     /// Descriptors of the master, each to be placed at a number in the child (the master's
@@ -81,13 +52,18 @@ pub(crate) struct Spawn {
 
 impl Spawn {
     /// A process that executes `path` with `argv` and `env` (`KEY=VALUE` byte strings, without
-    /// `LISTEN_PID`) and `LISTEN_PID` set to its own pid, as the systemd convention of passed
-    /// sockets requires (`sd_listen_fds`, `listenfd` and `tokio-listener` accept the sockets
-    /// only then).
+    /// `LISTEN_PID`); with `listen_pid`, also `LISTEN_PID` set to its own pid, as the systemd
+    /// convention of passed sockets requires (`sd_listen_fds`, `listenfd` and
+    /// `tokio-listener` accept the sockets only then).
     ///
     /// # Errors
     /// `InvalidInput` if a string holds a NUL byte.
-    pub(crate) fn new(path: &std::ffi::OsStr, argv: &[std::ffi::OsString], env: Vec<Vec<u8>>) -> io::Result<Spawn> {
+    pub(crate) fn new(
+        path: &std::ffi::OsStr,
+        argv: &[std::ffi::OsString],
+        env: Vec<Vec<u8>>,
+        listen_pid: bool,
+    ) -> io::Result<Spawn> {
         use std::os::unix::ffi::OsStrExt;
         let c_string = |bytes: &[u8]| -> io::Result<Vec<u8>> {
             if bytes.contains(&0) {
@@ -99,7 +75,9 @@ impl Spawn {
             Ok([bytes, b"\0"].concat())
         };
         let mut envp = env.iter().map(|e| c_string(e)).collect::<io::Result<Vec<_>>>()?;
-        envp.push(c_string(LISTEN_PID_PLACEHOLDER)?);
+        if listen_pid {
+            envp.push(c_string(LISTEN_PID_PLACEHOLDER)?);
+        }
         let argv = argv.iter().map(|a| c_string(a.as_bytes())).collect::<io::Result<Vec<_>>>()?;
         let pointers = |strings: &[Vec<u8>]| -> Vec<*const libc::c_char> {
             strings.iter().map(|s| s.as_ptr().cast::<libc::c_char>()).chain(std::iter::once(std::ptr::null())).collect()
@@ -110,6 +88,7 @@ impl Spawn {
             envp_ptrs: pointers(&envp),
             _argv: argv,
             envp,
+            listen_pid,
             fds: Vec::new(),
             temporary: Vec::new(),
             first_free: 3,
@@ -291,30 +270,37 @@ fn child_setup(s: &mut Spawn) -> Result<(), i32> {
                 return Err(e);
             }
         }
-        // LISTEN_PID: this child's pid, in the placeholder's room (the pointer array points at
-        // the same buffer).
-        let Some(entry) = s.envp.last_mut() else { return Err(libc::EINVAL) };
-        let mut pid = libc::getpid() as u32;
-        let mut digits = [0u8; 10];
-        let mut n = 0;
-        for d in digits.iter_mut() {
-            *d = b'0' + (pid % 10) as u8;
-            pid /= 10;
-            n += 1;
-            if pid == 0 {
-                break;
-            }
-        }
-        let start = b"LISTEN_PID=".len();
-        for (slot, digit) in entry.iter_mut().skip(start).zip(digits.iter().take(n).rev()) {
-            *slot = *digit;
-        }
-        if let Some(end) = entry.get_mut(start + n) {
-            *end = 0;
+        if s.listen_pid {
+            write_listen_pid(s)?;
         }
         libc::execve(s.path.as_ptr().cast::<libc::c_char>(), s.argv_ptrs.as_ptr(), s.envp_ptrs.as_ptr());
     }
     Err(errno())
+}
+
+/// Writes `LISTEN_PID`: this child's pid, in the placeholder's room (the pointer array points
+/// at the same buffer). Async-signal-safe: `getpid` and writes into memory prepared before.
+fn write_listen_pid(s: &mut Spawn) -> Result<(), i32> {
+    let Some(entry) = s.envp.last_mut() else { return Err(libc::EINVAL) };
+    let mut pid = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    for d in digits.iter_mut() {
+        *d = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        n += 1;
+        if pid == 0 {
+            break;
+        }
+    }
+    let start = b"LISTEN_PID=".len();
+    for (slot, digit) in entry.iter_mut().skip(start).zip(digits.iter().take(n).rev()) {
+        *slot = *digit;
+    }
+    if let Some(end) = entry.get_mut(start + n) {
+        *end = 0;
+    }
+    Ok(())
 }
 
 /// The number of connections waiting in the accept queue of a listening TCP socket
@@ -613,7 +599,7 @@ mod tests {
     fn run(script: &str, extra: OwnedFd) -> (u32, String) {
         let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         let argv = ["sh", "-c", script].map(std::ffi::OsString::from);
-        let mut child = Spawn::new("/bin/sh".as_ref(), &argv, vec![b"PATH=/usr/bin:/bin".to_vec()]).unwrap();
+        let mut child = Spawn::new("/bin/sh".as_ref(), &argv, vec![b"PATH=/usr/bin:/bin".to_vec()], true).unwrap();
         child.fd(write, 1).fd(extra, 4).own_process_group();
         let (pid, pidfd) = child.spawn().unwrap();
         let mut out = String::new();
@@ -673,7 +659,7 @@ mod tests {
     #[test]
     fn a_program_that_cannot_be_executed_fails_the_spawn_and_leaves_no_child() {
         let argv = [std::ffi::OsString::from("nothing")];
-        let err = Spawn::new("/nonexistent/program".as_ref(), &argv, Vec::new()).unwrap().spawn().unwrap_err();
+        let err = Spawn::new("/nonexistent/program".as_ref(), &argv, Vec::new(), false).unwrap().spawn().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
         // Reaped: no zombie copy of this program is left among this process's children (other
         // tests' children run other programs).
