@@ -1,5 +1,5 @@
-//! The operating-system layer: system calls, sockets, CPU detection, `/proc` readings and the
-//! master loop's epoll set.
+//! The operating-system layer: system calls, sockets, CPU detection, `/proc` readings, the
+//! master loop's epoll set and the workers' heartbeat timer.
 //!
 //! Everything here is mechanism without policy: it knows nothing of slots, rollouts or the
 //! master's loop. [`sys`] is the one module of the crate allowed to use `unsafe`.
@@ -11,3 +11,5 @@ pub(crate) mod procfs;
 pub(crate) mod socket;
 #[allow(unsafe_code)]
 pub(crate) mod sys;
+#[cfg(feature = "tokio")]
+pub(crate) mod timer;

@@ -303,6 +303,20 @@ fn write_listen_pid(s: &mut Spawn) -> Result<(), i32> {
     Ok(())
 }
 
+/// Registers the heartbeat timer with the current tokio runtime's reactor.
+///
+/// # Errors
+/// What the registration returns (no reactor: the runtime was built without I/O).
+#[cfg(feature = "tokio")]
+pub(crate) fn register_timer(
+    timer: crate::os::timer::Timer,
+) -> io::Result<tokio::io::unix::AsyncFd<crate::os::timer::Timer>> {
+    // SAFETY: `Timer` owns its descriptor (an `OwnedFd`) for its whole life, and its
+    // `as_raw_fd` always returns that same descriptor: it stays open and the same while the
+    // `AsyncFd` owns it, as `register` requires.
+    unsafe { tokio::io::unix::AsyncFd::register(timer) }.map_err(std::io::Error::from)
+}
+
 /// The number of connections waiting in the accept queue of a listening TCP socket
 /// (`TCP_INFO`'s `tcpi_unacked`, which the kernel fills with the queue length for a socket in
 /// the listen state).

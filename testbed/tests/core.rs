@@ -238,6 +238,13 @@ fn a_serving_worker_is_one_thread_and_dies_with_its_master() {
     assert_eq!(workers.len(), 2);
     for &w in &workers {
         assert_eq!(thread_names(w), ["hello"], "worker {w} has no thread but its main one");
+        // Its heartbeat is a timerfd in the runtime's epoll set, not a tokio timer (with one
+        // pending, the runtime would arm a kernel timer at every sleep).
+        assert!(
+            fds_of(w).iter().any(|(_, target)| target == "anon_inode:[timerfd]"),
+            "worker {w} beats from a timerfd: {:?}",
+            fds_of(w)
+        );
     }
     tb.signal(Signal::KILL);
     tb.wait_exit(Duration::from_secs(5)).expect("master dies");
