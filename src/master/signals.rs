@@ -38,14 +38,15 @@ impl Driver {
         }
     }
 
-    /// As PID 1: reaps the children that are not our workers (orphans re-parented to us). Our
-    /// workers are left alone: their pidfds report their exits.
+    /// As PID 1: reaps the children that are not our workers nor the new master of an upgrade
+    /// (orphans re-parented to us). Those are left alone: their pidfds report their exits.
     ///
     /// The kernel re-parents orphans to the init task's main thread, so only its children are
     /// looked at (children that other threads of the program started are theirs to wait for).
     /// `/proc` must be this PID namespace's (as in any container).
     pub(super) fn reap_orphans(&mut self) {
-        let ours: std::collections::HashSet<u32> = self.procs.values().map(|p| p.pid).collect();
+        let ours: std::collections::HashSet<u32> =
+            self.procs.values().map(|p| p.pid).chain(self.successor.as_ref().map(|s| s.pid)).collect();
         let list = std::fs::read_to_string("/proc/self/task/1/children").unwrap_or_default();
         let children: Vec<u32> =
             list.split_whitespace().filter_map(|p| p.parse().ok()).filter(|pid| !ours.contains(pid)).collect();

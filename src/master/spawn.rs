@@ -120,16 +120,10 @@ impl Driver {
             child.fd(fd, FIRST_LISTEN_FD + i as i32);
         }
         child.fd(worker_end.into(), channel_fd).parent_death(self.master_pid).own_process_group();
+        // Everything that can fail before the spawn: a worker must never run unsupervised.
+        let chan = MasterEnd::new(master_end)?;
         let (pid, pidfd) = child.spawn()?;
-        Ok(Proc {
-            slot,
-            pid,
-            pidfd,
-            chan: Some(MasterEnd::new(master_end)?),
-            ready_at: None,
-            status_text: None,
-            output,
-        })
+        Ok(Proc { slot, pid, pidfd, chan: Some(chan), ready_at: None, status_text: None, output })
     }
 
     /// Starts the worker process of `slot` of a command cluster: the command (found again at

@@ -401,17 +401,10 @@ impl Driver {
         // A busy file (ETXTBSY: just put at the path, it may be open for writing for a moment
         // in a process forked meanwhile) keeps its kind: the supervisor tries again from its
         // timer.
+        // Everything that can fail before the spawn: a new master we cannot talk to must not run.
+        let chan = LineIo::new(ours)?;
         let (pid, pidfd) =
             child.spawn().map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.m.origin.0.display())))?;
-        let chan = match LineIo::new(ours) {
-            Ok(chan) => chan,
-            Err(e) => {
-                // A new master we cannot talk to must not run: kill and reap it now.
-                let _ = crate::os::sys::pidfd_send_signal(pidfd.as_fd(), crate::signal::Signal::KILL);
-                let _ = rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
-                return Err(e);
-            }
-        };
         let mut s = Successor { pid, pidfd, chan, closed: false, reason: None };
         // Its first line: what it inherits (written as the socket takes it).
         send(&mut s.chan, &UpgradeMessage::State { state });

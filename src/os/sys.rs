@@ -142,13 +142,15 @@ impl Spawn {
         let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         let mut before: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `sigfillset` and `pthread_sigmask` only read and write the sets given. Every
+        // SAFETY: `sigfillset` and `rt_sigprocmask` only read and write the sets given. Every
         // signal is blocked while the child shares our memory: a handler of the master run in
         // the child (before it reset them) would act on the master's state from another
-        // process. The child's own mask is set before `execve`.
+        // process. The raw system call, as glibc's posix_spawn does, because `pthread_sigmask`
+        // leaves glibc's own two signals (32, 33) unblocked. The child's own mask is set before
+        // `execve`.
         unsafe {
             libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut before);
+            set_signal_mask(&all, &mut before);
         }
         let this: *mut Spawn = &mut self;
         // SAFETY: `child` runs on `stack` (CHILD_STACK bytes, alive until after the call, which
@@ -167,32 +169,76 @@ impl Spawn {
         let clone_error = (pid < 0).then(io::Error::last_os_error);
         // SAFETY: restores the mask saved above.
         unsafe {
-            libc::pthread_sigmask(libc::SIG_SETMASK, &before, std::ptr::null_mut());
+            set_signal_mask(&before, std::ptr::null_mut());
         }
         drop(stack);
         if let Some(e) = clone_error {
             return Err(e);
         }
-        // SAFETY: the kernel returned this descriptor for the new child (CLONE_PIDFD); nothing
-        // else owns it.
+        let child = Pid::from_raw(pid).ok_or_else(|| io::Error::other("clone returned pid 0"))?;
+        if pidfd < 0 {
+            // A kernel that ignores CLONE_PIDFD (before 5.2, or a sandbox): a child we cannot
+            // watch must not run. Killed and reaped by pid (only we reap it).
+            let _ = rustix::process::kill_process(child, Signal::KILL);
+            let _ =
+                retry_eintr(|| rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty()).map(drop));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the kernel gave no pidfd (CLONE_PIDFD needs Linux 5.2)",
+            ));
+        }
+        // SAFETY: the kernel returned this descriptor (≥ 0, checked) for the new child
+        // (CLONE_PIDFD); nothing else owns it.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let failed = self.failed.load(Ordering::Acquire);
         if failed != 0 {
             // The child exited (127) before or at execve: reap it, nobody else will.
-            let _ = rustix::process::waitid(
-                rustix::process::WaitId::PidFd(pidfd.as_fd()),
-                rustix::process::WaitIdOptions::EXITED,
-            );
+            let _ = retry_eintr(|| {
+                rustix::process::waitid(
+                    rustix::process::WaitId::PidFd(pidfd.as_fd()),
+                    rustix::process::WaitIdOptions::EXITED,
+                )
+                .map(drop)
+            });
             return Err(io::Error::from_raw_os_error(failed));
         }
         Ok((pid as u32, pidfd))
     }
 }
 
+/// Sets this thread's signal mask with the raw system call (glibc's `pthread_sigmask` would
+/// leave its own two signals out of `set`).
+///
+/// # Safety
+/// `set` is a valid signal set; `old` is null or writable.
+unsafe fn set_signal_mask(set: *const libc::sigset_t, old: *mut libc::sigset_t) {
+    // SAFETY: the kernel's signal set is 64 bits (`_NSIG / 8`), the first bytes of libc's
+    // `sigset_t`; both pointers are valid for them (the caller's contract). The call changes
+    // only this thread's mask.
+    unsafe {
+        libc::syscall(libc::SYS_rt_sigprocmask, libc::SIG_SETMASK, set, old, 8usize);
+    }
+}
+
+/// Calls `f` again while it fails with `EINTR`.
+fn retry_eintr(mut f: impl FnMut() -> rustix::io::Result<()>) -> rustix::io::Result<()> {
+    loop {
+        match f() {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => return other,
+        }
+    }
+}
+
 /// The child of [`Spawn::spawn`], between `clone` and `execve`. It shares the master's memory
 /// and runs while the master's thread waits: only system calls (async-signal-safe, no
-/// allocation, no lock, no logging, no panic), on memory prepared before. Returns only if
-/// something failed, after saying what in `failed`.
+/// allocation, no lock, no logging), on memory prepared before. Returns only if something
+/// failed, after saying what in `failed`.
+///
+/// No panic either, ever (no indexing, no `unwrap`, no arithmetic that can overflow): a panic
+/// would run the panic hook — which allocates and locks — in the master's memory before the
+/// `extern "C"` boundary turns it into an abort. Measured stack use (a review, filling the
+/// stack with a pattern): 3.3 KiB in a debug build, 0.7 KiB in release, of [`CHILD_STACK`].
 extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `Spawn` the parent passed, alive and untouched by anyone else until
     // this child has exec'd or exited (CLONE_VFORK).
@@ -231,9 +277,7 @@ fn child_setup(s: &mut Spawn) -> Result<(), i32> {
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
-        if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-            return Err(errno());
-        }
+        set_signal_mask(&empty, std::ptr::null_mut());
         if s.own_group && libc::setpgid(0, 0) != 0 {
             return Err(errno());
         }
@@ -303,18 +347,22 @@ fn write_listen_pid(s: &mut Spawn) -> Result<(), i32> {
     Ok(())
 }
 
-/// Registers the heartbeat timer with the current tokio runtime's reactor.
+/// Registers the heartbeat timer with the current tokio runtime's reactor, for reading.
 ///
 /// # Errors
-/// What the registration returns (no reactor: the runtime was built without I/O).
+/// What the registration returns.
+///
+/// # Panics
+/// Outside a runtime with I/O enabled (tokio's rule; `serve` needs I/O for its listeners anyway).
 #[cfg(feature = "tokio")]
 pub(crate) fn register_timer(
     timer: crate::os::timer::Timer,
 ) -> io::Result<tokio::io::unix::AsyncFd<crate::os::timer::Timer>> {
     // SAFETY: `Timer` owns its descriptor (an `OwnedFd`) for its whole life, and its
     // `as_raw_fd` always returns that same descriptor: it stays open and the same while the
-    // `AsyncFd` owns it, as `register` requires.
-    unsafe { tokio::io::unix::AsyncFd::register(timer) }.map_err(std::io::Error::from)
+    // `AsyncFd` owns it, as `register_with_interest` requires.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(timer, tokio::io::Interest::READABLE) }
+        .map_err(std::io::Error::from)
 }
 
 /// The number of connections waiting in the accept queue of a listening TCP socket

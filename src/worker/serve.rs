@@ -628,7 +628,7 @@ fn spawn_heartbeat(worker: &Worker) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let interval = worker.heartbeat_interval();
         if let Ok(timer) = timer {
-            loop {
+            'timer: loop {
                 // A beat, then a full interval from it: after a stall, one beat as soon as
                 // the runtime runs again, no burst of make-up beats.
                 if let Err(e) = worker.inner.beat() {
@@ -636,13 +636,22 @@ fn spawn_heartbeat(worker: &Worker) -> AbortOnDrop {
                     return;
                 }
                 if let Err(e) = timer.get_ref().arm(interval) {
-                    tracing::debug!("heartbeat timer: {e}; heartbeats stop");
-                    return;
+                    tracing::debug!("heartbeat timer: {e}; beating from a tokio interval");
+                    break 'timer;
                 }
                 loop {
+                    // Fails only when the runtime shuts down.
                     let Ok(mut ready) = timer.readable().await else { return };
                     match ready.try_io(|t| t.get_ref().take()) {
-                        Ok(_) => break,
+                        Ok(Ok(())) => {
+                            // Not re-armed yet: nothing to read until it is.
+                            ready.clear_ready();
+                            break;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!("heartbeat timer: {e}; beating from a tokio interval");
+                            break 'timer;
+                        }
                         Err(_would_block) => continue,
                     }
                 }
