@@ -18,30 +18,42 @@ impl Supervisor {
         }
     }
 
-    /// The earliest of every deadline the machine keeps, from its state: O(N).
+    /// The earliest of every deadline the machine keeps, from its state: O(N), in one pass over
+    /// the slots (each slot's record is read once: at 1024 workers the records do not stay in
+    /// the cache from one pass to the next).
     pub(super) fn compute_deadline(&self) -> Option<Instant> {
-        let spawns = match self.phase {
-            Phase::Running => self.slots.iter().filter_map(|s| s.next_spawn.map(|(t, _)| t)).min(),
-            _ => None,
-        };
-        let ready = self.procs().filter_map(|(_, p)| p.ready_due()).min();
-        let stops = self.procs().filter_map(|(_, p)| p.stop_deadline.or(p.stop_at)).min();
         let running = self.phase == Phase::Running;
-        // (Parked during an upgrade: see `probe_due`.)
-        let probes = self.slots.iter().filter_map(|s| s.probe_at).min().filter(|_| running && self.upgrade.is_none());
-        let hung = self
-            .slots
-            .iter()
-            .filter_map(|s| s.current.as_ref())
-            .filter_map(|p| self.hung_due(p))
-            .min()
-            .filter(|_| running);
-        let ages = (0..self.slots.len()).filter_map(|slot| self.age_due(slot)).min();
-        let samples = self.next_sample.filter(|_| running);
-        let leave = self.leaving_at.filter(|_| running);
-        let upgrade = self.upgrade_deadline();
-        let release = self.release_deadline();
-        [spawns, ready, stops, probes, hung, ages, samples, leave, upgrade, release].into_iter().flatten().min()
+        // (Probes are parked during an upgrade: see `probe_due`.)
+        let probing = running && self.upgrade.is_none();
+        let mut earliest: Option<Instant> = None;
+        let mut fold = |t: Option<Instant>| {
+            if let Some(t) = t {
+                earliest = Some(earliest.map_or(t, |e| e.min(t)));
+            }
+        };
+        for (i, s) in self.slots.iter().enumerate() {
+            if running {
+                fold(s.next_spawn.map(|(t, _)| t));
+                fold(s.current.as_ref().and_then(|p| self.hung_due(p)));
+            }
+            if probing {
+                fold(s.probe_at);
+            }
+            for p in s.current.iter().chain(s.next.iter()) {
+                fold(p.ready_due());
+                fold(p.stop_deadline.or(p.stop_at));
+            }
+            fold(self.age_due(i));
+        }
+        for (_, p) in &self.retiring {
+            fold(p.ready_due());
+            fold(p.stop_deadline.or(p.stop_at));
+        }
+        fold(self.next_sample.filter(|_| running));
+        fold(self.leaving_at.filter(|_| running));
+        fold(self.upgrade_deadline());
+        fold(self.release_deadline());
+        earliest
     }
 
     /// Acts on whatever is due at `now`: ready deadlines, stop timeouts, then spawns. Spawns
