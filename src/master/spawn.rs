@@ -93,33 +93,18 @@ impl Driver {
             }
         };
         let (master_end, worker_end) = UnixStream::pair()?;
-        let count = listeners.len() as i32;
-        let channel_fd = FIRST_LISTEN_FD + count;
-        let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
-        let mut env = ChildEnv::inherited();
-        // The master's own relation with systemd first, then the workers' listeners.
-        for key in PRIVATE_ENV.iter().chain(crate::proto::handoff::upgrade_env::ALL.iter()) {
-            env.remove(key);
-        }
-        env.set(env::WORKER_ID, slot.to_string())
-            .set(env::WORKERS, self.sup.policy().workers.to_string())
-            .set(env::PORT, self.m.shared.addr.port().to_string())
-            .set(env::CHANNEL_FD, channel_fd.to_string())
+        let channel_fd = FIRST_LISTEN_FD + listeners.len() as i32;
+        let mut env = self.worker_env(slot, listeners.len(), &[]);
+        env.set(env::CHANNEL_FD, channel_fd.to_string())
             .set(env::MASTER_PID, self.master_pid.as_raw_nonzero().to_string())
             .set(env::SHUTDOWN_TIMEOUT_MS, self.m.policy.shutdown_timeout.as_millis().to_string())
-            .set(env::LISTEN_FDS, count.to_string())
-            .set(env::LISTEN_FDNAMES, names.join(":"))
             .set(env::HEARTBEAT_MS, self.m.heartbeat.as_millis().clamp(1, 86_400_000).to_string());
         if let Some(limit) = request_limit {
             env.set(env::MAX_REQUESTS, limit.max(1).to_string());
         }
         let argv: Vec<OsString> = std::iter::once(self.m.argv0.clone()).chain(self.m.args.iter().cloned()).collect();
-        let mut child = Spawn::new(exe.as_os_str(), &argv, env.entries(), true)?;
-        let output = self.stdio(&mut child)?;
-        for (i, fd) in listeners.into_iter().enumerate() {
-            child.fd(fd, FIRST_LISTEN_FD + i as i32);
-        }
-        child.fd(worker_end.into(), channel_fd).parent_death(self.master_pid).own_process_group();
+        let (mut child, output) = self.worker_child(exe.as_os_str(), &argv, env, listeners)?;
+        child.fd(worker_end.into(), channel_fd);
         // Everything that can fail before the spawn: a worker must never run unsupervised.
         let chan = MasterEnd::new(master_end)?;
         let (pid, pidfd) = child.spawn()?;
@@ -136,17 +121,9 @@ impl Driver {
         let listeners = self.listeners_for(slot)?;
         let Some((c, notify)) = &self.m.command else { return Err(io::Error::other("not a command cluster")) };
         let count = listeners.len() as i32;
-        let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
-        let mut env = ChildEnv::inherited();
-        for key in PRIVATE_ENV.iter().chain(env::ALL.iter()).chain(crate::proto::handoff::upgrade_env::ALL.iter()) {
-            env.remove(key);
-        }
-        env.set(env::WORKER_ID, slot.to_string())
-            .set(env::WORKERS, self.sup.policy().workers.to_string())
-            .set(env::PORT, self.m.shared.addr.port().to_string())
-            .set(env::LISTEN_FDS, count.to_string())
-            .set(env::LISTEN_FDNAMES, names.join(":"))
-            .set("NOTIFY_SOCKET", notify.path());
+        // No channel: none of the library's own worker variables either.
+        let mut env = self.worker_env(slot, listeners.len(), &env::ALL);
+        env.set("NOTIFY_SOCKET", notify.path());
         if let Some(timeout) = self.sup.policy().liveness.worker_timeout {
             env.set("WATCHDOG_USEC", timeout.as_micros().to_string());
         }
@@ -176,32 +153,57 @@ impl Driver {
                 }
             }
         }
-        let mut child = Spawn::new(c.path.as_os_str(), &c.argv, env.entries(), true)?;
-        let output = self.stdio(&mut child)?;
-        for (i, fd) in listeners.into_iter().enumerate() {
-            child.fd(fd, FIRST_LISTEN_FD + i as i32);
-        }
-        child.parent_death(self.master_pid).own_process_group();
+        let (child, output) = self.worker_child(c.path.as_os_str(), &c.argv, env, listeners)?;
         let ready_at = c.ready_after.map(|d| std::time::Instant::now() + d);
         let (pid, pidfd) = child.spawn()?;
         Ok(Proc { slot, pid, pidfd, chan: None, ready_at, status_text: None, output })
     }
 
-    /// A worker's standard streams: stdin `/dev/null`; with the output captured, stdout and
-    /// stderr new pipes (the master's ends returned), else the master's own.
-    fn stdio(&self, child: &mut Spawn) -> io::Result<Option<(OwnedFd, OwnedFd)>> {
-        let null = rustix::fs::open(
-            "/dev/null",
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
-        child.fd(null, 0);
-        let Some(capture) = &self.m.capture else { return Ok(None) };
-        let mut pipes = capture.worker_pipes()?;
-        if let Some((out, err)) = pipes.take_worker_ends() {
-            child.fd(out, 1).fd(err, 2);
+    /// The environment of every worker, a program's or a command's: the master's, without its
+    /// own relation with systemd, the hand-off variables of an upgrade and `removed`, with its
+    /// slot and its listeners by the systemd convention (`LISTEN_FDS`, `LISTEN_FDNAMES`).
+    fn worker_env(&self, slot: usize, listeners: usize, removed: &[&str]) -> ChildEnv {
+        let mut env = ChildEnv::inherited();
+        for key in PRIVATE_ENV.iter().chain(crate::proto::handoff::upgrade_env::ALL.iter()).chain(removed) {
+            env.remove(key);
         }
-        Ok(Some(pipes.master))
+        let names: Vec<&str> = self.m.listeners.iter().map(|b| b.name.as_str()).collect();
+        env.set(env::WORKER_ID, slot.to_string())
+            .set(env::WORKERS, self.sup.policy().workers.to_string())
+            .set(env::PORT, self.m.shared.addr.port().to_string())
+            .set(env::LISTEN_FDS, listeners.to_string())
+            .set(env::LISTEN_FDNAMES, names.join(":"));
+        env
+    }
+
+    /// A worker process, ready to start: `path` with `argv`, `env` and its own `LISTEN_PID`;
+    /// stdin `/dev/null`; with the output captured, stdout and stderr new pipes (the master's
+    /// ends returned), else the master's own; `listeners` from fd 3; the parent-death signal; a
+    /// process group of its own (a terminal's Ctrl-C reaches the master only, which then stops
+    /// the workers gracefully).
+    fn worker_child(
+        &self,
+        path: &std::ffi::OsStr,
+        argv: &[OsString],
+        env: ChildEnv,
+        listeners: Vec<OwnedFd>,
+    ) -> io::Result<(Spawn, Option<(OwnedFd, OwnedFd)>)> {
+        let mut child = Spawn::new(path, argv, env.entries(), true)?;
+        child.null_stdin()?.parent_death(self.master_pid).own_process_group();
+        let output = match &self.m.capture {
+            Some(capture) => {
+                let mut pipes = capture.worker_pipes()?;
+                if let Some((out, err)) = pipes.take_worker_ends() {
+                    child.fd(out, 1).fd(err, 2);
+                }
+                Some(pipes.master)
+            }
+            None => None,
+        };
+        for (i, fd) in listeners.into_iter().enumerate() {
+            child.fd(fd, FIRST_LISTEN_FD + i as i32);
+        }
+        Ok((child, output))
     }
 
     /// The listening sockets a worker of `slot` inherits (copies), one per listener in order.

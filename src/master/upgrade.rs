@@ -9,7 +9,6 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
-use rustix::fs::{Mode, OFlags};
 use rustix::process::{WaitId, WaitIdOptions};
 
 use super::Balance;
@@ -393,8 +392,7 @@ impl Driver {
         // argv[0] is the path itself if none was kept.
         let argv = if argv.is_empty() { vec![path.as_os_str().to_owned()] } else { argv.clone() };
         let mut child = Spawn::new(path.as_os_str(), &argv, env.entries(), false)?;
-        let null = rustix::fs::open("/dev/null", OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-        child.fd(null, 0);
+        child.null_stdin()?;
         for (fd, at) in mappings {
             child.fd(fd, at);
         }

@@ -36,9 +36,7 @@ pub(crate) struct Spawn {
     envp_ptrs: Vec<*const libc::c_char>,
     /// Descriptors of the master, each to be placed at a number in the child (the master's
     /// copies close when the `Spawn` is dropped).
-    fds: Vec<(OwnedFd, RawFd)>,
-    /// Room for the child's temporary copies of `fds` (one each).
-    temporary: Vec<RawFd>,
+    fds: Vec<Placed>,
     /// From this descriptor up, the child marks every descriptor close-on-exec.
     first_free: u32,
     /// The master: the child asks for `SIGTERM` when its thread dies and checks that it is
@@ -48,6 +46,14 @@ pub(crate) struct Spawn {
     own_group: bool,
     /// What failed in the child before or at `execve` (an errno; 0: nothing).
     failed: std::sync::atomic::AtomicI32,
+}
+
+/// A descriptor of the master to place at `at` in the child.
+struct Placed {
+    fd: OwnedFd,
+    at: RawFd,
+    /// The child's copy of `fd` above every `at` (written by the child).
+    temporary: RawFd,
 }
 
 impl Spawn {
@@ -90,7 +96,6 @@ impl Spawn {
             envp,
             listen_pid,
             fds: Vec::new(),
-            temporary: Vec::new(),
             first_free: 3,
             parent_death: None,
             own_group: false,
@@ -100,10 +105,22 @@ impl Spawn {
 
     /// Gives the child `fd` as descriptor `at` (without close-on-exec).
     pub(crate) fn fd(&mut self, fd: OwnedFd, at: RawFd) -> &mut Spawn {
-        self.fds.push((fd, at));
-        self.temporary.push(-1);
+        self.fds.push(Placed { fd, at, temporary: -1 });
         self.first_free = self.first_free.max(at as u32 + 1);
         self
+    }
+
+    /// The child's stdin is `/dev/null`.
+    ///
+    /// # Errors
+    /// If `/dev/null` cannot be opened.
+    pub(crate) fn null_stdin(&mut self) -> io::Result<&mut Spawn> {
+        let null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(self.fd(null, 0))
     }
 
     /// The child gets `SIGTERM` when the master's spawning thread dies
@@ -293,14 +310,14 @@ fn child_setup(s: &mut Spawn) -> Result<(), i32> {
         // each copy placed at its number (`dup2` clears close-on-exec): a descriptor of the
         // master that sits at one of those numbers is copied before it is replaced.
         let above = s.first_free as libc::c_int;
-        for ((fd, _), temporary) in s.fds.iter().zip(s.temporary.iter_mut()) {
-            *temporary = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above);
-            if *temporary < 0 {
+        for p in s.fds.iter_mut() {
+            p.temporary = libc::fcntl(p.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above);
+            if p.temporary < 0 {
                 return Err(errno());
             }
         }
-        for ((_, at), temporary) in s.fds.iter().zip(s.temporary.iter()) {
-            if libc::dup2(*temporary, *at) < 0 {
+        for p in &s.fds {
+            if libc::dup2(p.temporary, p.at) < 0 {
                 return Err(errno());
             }
         }

@@ -64,12 +64,13 @@ mod tests {
         let t = Timer::new().unwrap();
         assert_eq!(t.take().unwrap_err().kind(), io::ErrorKind::WouldBlock, "not armed: nothing to take");
         let armed = std::time::Instant::now();
-        t.arm(Duration::from_millis(30)).unwrap();
+        // Long enough that a test thread descheduled between the two calls still sees it unfired.
+        t.arm(Duration::from_millis(300)).unwrap();
         assert_eq!(t.take().unwrap_err().kind(), io::ErrorKind::WouldBlock, "not yet");
         let mut fds = [rustix::event::PollFd::new(&t, rustix::event::PollFlags::IN)];
         let timeout = rustix::time::Timespec { tv_sec: 5, tv_nsec: 0 };
         assert_eq!(rustix::event::poll(&mut fds, Some(&timeout)).unwrap(), 1);
-        assert!(armed.elapsed() >= Duration::from_millis(30));
+        assert!(armed.elapsed() >= Duration::from_millis(300));
         t.take().unwrap();
         assert_eq!(t.take().unwrap_err().kind(), io::ErrorKind::WouldBlock, "one-shot: fired once");
     }
