@@ -12,13 +12,12 @@ per replaced worker.
 """
 
 import json
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from plotting import log_log  # noqa: E402
+from plotting import cli, finish, log_log  # noqa: E402
 
 
 def main(data_path, out):
@@ -35,12 +34,8 @@ def main(data_path, out):
         right.plot(xs, [r["cpu_per_worker_us"] for r in rs], color=f"C{ci}", marker="o", label=f"{n} workers")
     for ax, title in ((left, "rolling restart (s)"), (right, "master CPU per replaced worker (µs)")):
         log_log(ax, "max_surge (slots replaced at once)", title, xbase=2)
-    fig.suptitle("ecewo-cluster: a rolling restart against the surge size (log-log)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    finish(fig, "ecewo-cluster: a rolling restart against the surge size (log-log)", out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    cli(main, __doc__)

@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from plotting import log_log  # noqa: E402
+from plotting import finish, log_log  # noqa: E402
 
 PANELS = [
     ("Master CPU per worker event (µs)", [
@@ -67,9 +67,7 @@ def main(args):
                 lab = f"{name} ({label})" if label else name
                 ax.plot(xs, ys, STYLES[si % len(STYLES)], color=f"C{ki}", marker="o", label=lab)
         log_log(ax, "workers (N)", title)
-    fig.suptitle("ecewo-cluster: the master's cost against the number of workers (log-log; flat = O(1) per event)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    finish(fig, "ecewo-cluster: the master's cost against the number of workers (log-log; flat = O(1) per event)", out)
 
 
 if __name__ == "__main__":

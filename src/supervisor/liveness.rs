@@ -49,12 +49,12 @@ impl Supervisor {
     }
 
     /// Deals with the workers silent for longer than the worker timeout.
-    pub(super) fn expire_silent(&mut self, now: Instant, out: &mut Vec<Command>) {
+    pub(super) fn expire_silent(&mut self, now: Instant, out: &mut Vec<Command>, incremental: bool) {
         if self.policy.liveness.worker_timeout.is_none() {
             return;
         }
         let (signal, grace) = (self.policy.liveness.hung_signal, self.policy.liveness.hung_grace);
-        for i in 0..self.slots.len() {
+        for i in self.scope(now, incremental) {
             let due = self.slots[i].current.as_ref().and_then(|p| self.hung_due(p));
             if due.is_none_or(|d| d > now) {
                 continue;

@@ -25,9 +25,11 @@
 //! | `sockets.rs` | routing new connections and closing sockets nobody serves (`ReusePort`) |
 //! | `views.rs` | statistics, statuses, the systemd watchdog's verdict |
 //! | `history.rs` | the event history: entries derived from each batch, in a bounded ring |
+//! | `tracked.rs` | the slots and retiring workers with a mark on each one changed; the tree of per-slot deadlines |
 //! | `tests.rs`, `proptests.rs` | unit tests with a fake clock; the property test |
+//! | `bench.rs` | the supervisor's own cost per event against the number of slots (`bench/supervisor`) |
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
@@ -43,10 +45,13 @@ mod shutdown;
 mod signals;
 mod sockets;
 mod timers;
+mod tracked;
 mod types;
 mod upgrade;
 mod views;
 
+#[cfg(test)]
+mod bench;
 #[cfg(test)]
 mod liveness_tests;
 #[cfg(test)]
@@ -59,6 +64,7 @@ mod tests;
 mod upgrade_tests;
 
 pub use history::History;
+use tracked::{DeadlineTree, Retiring, Slots};
 pub use types::*;
 
 /// Where a worker process is in its life.
@@ -282,9 +288,10 @@ enum Takeover {
 #[derive(Debug, Clone)]
 pub struct Supervisor {
     policy: Policy,
-    slots: Vec<Slot>,
+    /// The slots (each mutable access marks the slot: see [`tracked`]).
+    slots: Slots,
     /// Workers asked to stop that no slot counts any more (replaced, or their slot removed).
-    retiring: Vec<(usize, Proc)>,
+    retiring: Retiring,
     phase: Phase,
     next_key: u64,
     total_restarts: u64,
@@ -362,10 +369,16 @@ pub struct Supervisor {
     /// changed a worker's heartbeat or counts: [`revision`](Supervisor::revision).
     changes: u64,
     beats: u64,
+    /// What the last [`settle`](Supervisor::settle) left, for the next one to bring up to date
+    /// from the slots marked since instead of from every slot (see [`Supervisor::settle`]).
+    cache: SettleCache,
     /// (Tests.) Every event is handled in full: the property test's twin, which the quiet
     /// path must never disagree with.
     #[cfg(test)]
     always_settle: bool,
+    /// (Tests.) Settles that looked at the marked slots only.
+    #[cfg(test)]
+    incremental_settles: u64,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -377,6 +390,34 @@ enum Steering {
     Unfit,
     /// The kernel refused a program: no more routes, the kernel hashes.
     Off,
+}
+
+/// What the invariant pipeline keeps from one [`settle`](Supervisor::settle) to the next, so
+/// that the next one, in the steady state, looks only at the slots marked since.
+#[derive(Debug, Clone, Default)]
+struct SettleCache {
+    /// The global state the rest was computed under, when the next settle may bring it up to
+    /// date from the marked slots (`None`: the next settle is a full one).
+    key: Option<CacheKey>,
+    /// Each slot's earliest deadline ([`Supervisor::slot_deadline`]).
+    deadlines: DeadlineTree,
+    /// The slots with a ready worker (or handed over, with their socket held), in order: the
+    /// route, unless it is empty.
+    ready: Vec<usize>,
+    /// The deploys each slot's program and its two processes run
+    /// ([`Supervisor::slot_deploys`]), and how many of those entries name each deploy.
+    slot_deploys: Vec<[Option<u64>; 3]>,
+    deploy_uses: BTreeMap<u64, usize>,
+}
+
+/// The global state that what [`SettleCache`] keeps per slot depends on. It exists only in
+/// the steady state: running, no rollout (running or queued), no upgrade, no shutdown delay,
+/// owning the cluster. Outside it every settle is a full one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CacheKey {
+    slots: usize,
+    steering: Steering,
+    takeover: Takeover,
 }
 
 /// How late past its deadline the master may wake before it counts as held up (see
@@ -407,7 +448,7 @@ impl Supervisor {
         Supervisor {
             startup_deadline,
             slots,
-            retiring: Vec::new(),
+            retiring: Retiring::default(),
             phase: Phase::Running,
             next_key: 0,
             total_restarts: 0,
@@ -445,8 +486,11 @@ impl Supervisor {
             slot_of: HashMap::new(),
             changes: 0,
             beats: 0,
+            cache: SettleCache::default(),
             #[cfg(test)]
             always_settle: false,
+            #[cfg(test)]
+            incremental_settles: 0,
             policy,
         }
         .seeded(now)
@@ -530,6 +574,21 @@ impl Supervisor {
         #[cfg(test)]
         let quiet = quiet && !self.always_settle;
         let (tick, queued) = (event == Event::Tick, self.recycle_queue.len());
+        // Events that change the slots they name (or nothing, a tick): the settle that follows
+        // may look at the marked slots only, if the steady state held before and after.
+        let local = matches!(
+            event,
+            Event::Tick
+                | Event::Spawned { .. }
+                | Event::SpawnFailed { .. }
+                | Event::Ready { .. }
+                | Event::Exited { .. }
+                | Event::Lost { .. }
+                | Event::Beat { .. }
+                | Event::Served { .. }
+                | Event::Alive { .. }
+        );
+        let key = self.cache_key().filter(|k| local && self.cache.key == Some(*k));
         // The beating worker's timeout, after its beat.
         let mut watched = None;
         let before = self.phase;
@@ -590,9 +649,16 @@ impl Supervisor {
             self.last_handled = Some(now);
             return out;
         }
-        self.settle(now, wall, &mut out);
+        let incremental = key.is_some() && self.cache_key() == key && self.slots.touched().slots().is_some();
+        #[cfg(test)]
+        let incremental = incremental && !self.always_settle;
+        #[cfg(test)]
+        {
+            self.incremental_settles += u64::from(incremental);
+        }
+        self.settle(now, wall, &mut out, incremental);
         self.record_history(before, &out, wall);
-        let deadline = self.compute_deadline();
+        let deadline = tracked::earlier(self.cache.deadlines.earliest(), self.other_deadline());
         self.deadline = Some(deadline);
         self.changes += 1;
         self.expected_wake = deadline;
@@ -651,14 +717,117 @@ impl Supervisor {
     /// 6. *supervision ends when nothing is left* ([`check_done`](Self::check_done)): last,
     ///    because any earlier step may have started a process, and `Exit` must be the last
     ///    command the driver sees.
-    fn settle(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
-        self.on_time(now, wall, out);
+    ///
+    /// Each step looks at every slot, or, when `incremental`, only at the slots marked since
+    /// the last settle ([`tracked`]: every mutable access to a slot marks it) and, for the
+    /// deadlines, at the slots whose earliest deadline came (a minimum tree,
+    /// [`SettleCache::deadlines`]). That is exact in the steady state ([`CacheKey`]) after an
+    /// event that changes only the slots it names ([`handle`](Self::handle) decides): a slot
+    /// not marked is as the last settle left it, so nothing of it is due (its deadline is in
+    /// the tree), its socket is held (step 2 closed the others), its place in the route is
+    /// known ([`SettleCache::ready`]) and so are the deploys it runs. The property test runs a
+    /// twin that settles in full after every event and compares every command. A slot marked
+    /// after step 2 (no step does that today) makes the next settle a full one.
+    fn settle(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>, incremental: bool) {
+        self.on_time(now, wall, out, incremental);
         self.start_recycles(now, wall, out);
-        self.close_unserved(out);
-        self.update_route(out);
+        let marks = self.marks();
+        self.close_unserved(out, incremental);
+        self.update_route(out, incremental);
         self.check_all_ready(out);
-        self.release_programs(out);
+        self.release_programs(out, incremental);
         self.check_done(out);
+        let late = self.marks() != marks;
+        self.refresh_cache(incremental, late);
+    }
+
+    /// How many marks the slots and the retiring workers took so far.
+    fn marks(&self) -> u64 {
+        self.slots.touched().marks().wrapping_add(self.retiring.touched().marks())
+    }
+
+    /// The key of the steady state, in which a settle may look at marked slots only.
+    fn cache_key(&self) -> Option<CacheKey> {
+        let steady = self.phase == Phase::Running
+            && self.rollout.is_none()
+            && self.queued_restart.is_none()
+            && self.upgrade.is_none()
+            && !self.handed_over
+            && self.leaving_at.is_none()
+            && matches!(self.takeover, Takeover::Own | Takeover::Taken);
+        steady.then_some(CacheKey { slots: self.slots.len(), steering: self.steering, takeover: self.takeover })
+    }
+
+    /// The slots a step of the pipeline looks at, in order: every slot, or (`incremental`)
+    /// those marked since the last settle and those whose earliest deadline is at `now` or
+    /// before.
+    fn scope(&self, now: Instant, incremental: bool) -> Vec<usize> {
+        let n = self.slots.len();
+        let Some(touched) = self.slots.touched().slots().filter(|_| incremental) else {
+            return (0..n).collect();
+        };
+        let mut scope: Vec<usize> = touched.iter().copied().filter(|&i| i < n).collect();
+        self.cache.deadlines.due(now, &mut scope);
+        scope.sort_unstable();
+        scope.dedup();
+        scope
+    }
+
+    /// (Tests.) What the cache says of every slot not marked since the last settle agrees with
+    /// the slots, while the cache is in force: its deadline, its place among the ready slots,
+    /// the deploys it runs.
+    #[cfg(test)]
+    fn check_cache(&self) -> Result<(), String> {
+        if self.cache.key.is_none() || self.cache.key != self.cache_key() {
+            return Ok(());
+        }
+        let (running, probing) = self.deadline_gates();
+        let mut uses = BTreeMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            let deploys = Self::slot_deploys(s);
+            for n in deploys.into_iter().flatten() {
+                *uses.entry(n).or_insert(0usize) += 1;
+            }
+            if self.slots.touched().has(i) {
+                continue;
+            }
+            let (kept, real) = (self.cache.deadlines.leaf(i), self.slot_deadline(i, running, probing));
+            if kept != real {
+                return Err(format!("slot {i}: deadline kept {kept:?}, real {real:?}"));
+            }
+            if self.cache.slot_deploys.get(i) != Some(&deploys) {
+                return Err(format!("slot {i}: deploys kept {:?}, real {deploys:?}", self.cache.slot_deploys.get(i)));
+            }
+            let ready = (!s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
+                || (s.handed && self.sockets.contains(&s.id));
+            if self.policy.socket_per_slot && self.steering != Steering::Off && ready != self.cache.ready.contains(&i) {
+                return Err(format!("slot {i}: ready {ready}, kept otherwise"));
+            }
+        }
+        if self.slots.touched().slots().is_some_and(|t| t.is_empty()) && uses != self.cache.deploy_uses {
+            return Err(format!("deploys in use: kept {:?}, real {uses:?}", self.cache.deploy_uses));
+        }
+        Ok(())
+    }
+
+    /// Brings the per-slot deadlines up to date after a settle (from the marked slots, or all
+    /// of them), records under which state, and clears the marks.
+    fn refresh_cache(&mut self, incremental: bool, late: bool) {
+        let (running, probing) = self.deadline_gates();
+        let n = self.slots.len();
+        let mut tree = std::mem::take(&mut self.cache.deadlines);
+        match self.slots.touched().slots() {
+            Some(touched) if incremental && tree.covers(n) => {
+                for &i in touched.iter().filter(|&&i| i < n) {
+                    tree.set(i, self.slot_deadline(i, running, probing));
+                }
+            }
+            _ => tree = DeadlineTree::build((0..n).map(|i| self.slot_deadline(i, running, probing))),
+        }
+        self.cache.deadlines = tree;
+        self.cache.key = if late { None } else { self.cache_key() };
+        self.slots.clear_touched();
+        self.retiring.clear_touched();
     }
 
     /// Asks the driver to start process `key` in `slot`, from `program`. The driver opens what

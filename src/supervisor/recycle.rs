@@ -49,8 +49,8 @@ impl Supervisor {
     }
 
     /// Queues the workers whose age came.
-    pub(super) fn recycle_old(&mut self, now: Instant) {
-        for slot in 0..self.slots.len() {
+    pub(super) fn recycle_old(&mut self, now: Instant, incremental: bool) {
+        for slot in self.scope(now, incremental) {
             if self.age_due(slot).is_some_and(|t| t <= now)
                 && let Some(key) = self.slots[slot].current.as_ref().map(|p| p.key)
             {
@@ -93,7 +93,7 @@ impl Supervisor {
 
     /// Starts the queued recycles, as many as may run at once.
     pub(super) fn start_recycles(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>) {
-        if self.phase != Phase::Running || self.rollout.is_some() {
+        if self.phase != Phase::Running || self.rollout.is_some() || self.recycle_queue.is_empty() {
             return;
         }
         let max = self.policy.liveness.max_recycling.max(1);

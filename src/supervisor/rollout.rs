@@ -184,6 +184,8 @@ impl Supervisor {
 
     /// The program files workers currently run or will run: those of the slots (their
     /// respawns), of every process, of the rollout under way, and the one new slots start with.
+    /// (Tests: [`release_programs`](Self::release_programs) keeps the slots' part up to date.)
+    #[cfg(test)]
     pub(super) fn programs_in_use(&self) -> Vec<Program> {
         let mut v: Vec<Program> = self
             .slots
@@ -198,14 +200,62 @@ impl Supervisor {
         v
     }
 
+    /// The deploys slot `s`'s program and its two processes run (the slot's part of
+    /// [`programs_in_use`](Self::programs_in_use)).
+    pub(super) fn slot_deploys(s: &super::Slot) -> [Option<u64>; 3] {
+        let deploy = |p: Program| if let Program::Deployed(n) = p { Some(n) } else { None };
+        [
+            deploy(s.program),
+            s.current.as_ref().and_then(|p| deploy(p.program)),
+            s.next.as_ref().and_then(|p| deploy(p.program)),
+        ]
+    }
+
     /// Releases the program files of deploys that no worker runs or will run any more.
-    pub(super) fn release_programs(&mut self, out: &mut Vec<Command>) {
+    /// `incremental`: the slots' part of what is in use is brought up to date from the slots
+    /// marked since the last settle.
+    pub(super) fn release_programs(&mut self, out: &mut Vec<Command>, incremental: bool) {
+        fn count(uses: &mut std::collections::BTreeMap<u64, usize>, entries: [Option<u64>; 3], add: bool) {
+            for deploy in entries.into_iter().flatten() {
+                let n = uses.entry(deploy).or_insert(0);
+                *n = if add { *n + 1 } else { n.saturating_sub(1) };
+                if *n == 0 {
+                    uses.remove(&deploy);
+                }
+            }
+        }
+        let n = self.slots.len();
+        let cache = &mut self.cache;
+        match self.slots.touched().slots().filter(|_| incremental && cache.slot_deploys.len() == n) {
+            Some(marked) => {
+                for &i in marked.iter().filter(|&&i| i < n) {
+                    let now = Self::slot_deploys(&self.slots[i]);
+                    let before = std::mem::replace(&mut cache.slot_deploys[i], now);
+                    if before != now {
+                        count(&mut cache.deploy_uses, before, false);
+                        count(&mut cache.deploy_uses, now, true);
+                    }
+                }
+            }
+            None => {
+                cache.deploy_uses.clear();
+                cache.slot_deploys = self.slots.iter().map(Self::slot_deploys).collect();
+                for &entries in &cache.slot_deploys {
+                    count(&mut cache.deploy_uses, entries, true);
+                }
+            }
+        }
         if self.deployed.is_empty() {
             return;
         }
-        let in_use = self.programs_in_use();
-        let unused: Vec<u64> =
-            self.deployed.iter().copied().filter(|&n| !in_use.contains(&Program::Deployed(n))).collect();
+        let in_use = |n: u64| {
+            let p = Program::Deployed(n);
+            self.cache.deploy_uses.contains_key(&n)
+                || self.retiring.iter().any(|(_, r)| r.program == p)
+                || self.rollout.as_ref().is_some_and(|r| r.program == p)
+                || self.program == p
+        };
+        let unused: Vec<u64> = self.deployed.iter().copied().filter(|&n| !in_use(n)).collect();
         for deploy in unused {
             self.deployed.remove(&deploy);
             out.push(Command::ReleaseProgram { deploy });

@@ -29,7 +29,7 @@ impl Supervisor {
         } else {
             let removed: Vec<Slot> = self.slots.drain(workers..).collect();
             // Route new connections away from the removed slots before their workers stop.
-            self.update_route(out);
+            self.update_route(out, false);
             for mut s in removed.into_iter().rev() {
                 for mut p in s.current.take().into_iter().chain(s.next.take()) {
                     if self.policy.socket_per_slot && p.state == ProcState::Active {

@@ -115,10 +115,14 @@ impl Supervisor {
     }
 
     pub(super) fn check_done(&mut self, out: &mut Vec<Command>) {
+        // (A process is the common answer, and found first: it ends the scan at once.)
+        if self.procs().next().is_some() || self.upgrade_pending() {
+            return;
+        }
         // A disabled slot waiting for its cool-off's probe will run a worker again.
         let pending = self.slots.iter().any(|s| s.next_spawn.is_some() || s.gated)
             || (self.phase == Phase::Running && self.slots.iter().any(|s| s.probe_at.is_some()));
-        if self.procs().next().is_some() || pending || self.upgrade_pending() {
+        if pending {
             return;
         }
         let outcome = match self.phase {

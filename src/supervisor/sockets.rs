@@ -11,12 +11,31 @@ impl Supervisor {
     /// rollout, running or queued, that will start one in it. (Closing a socket a process
     /// still holds would not take it out of the kernel's group, and would reset what that
     /// process still takes from it.) A slot served again later gets a new socket.
-    pub(super) fn close_unserved(&mut self, out: &mut Vec<Command>) {
+    ///
+    /// `incremental`: only the sockets of slots marked since the last settle (those of
+    /// its retiring workers included); the others were held then and still are.
+    pub(super) fn close_unserved(&mut self, out: &mut Vec<Command>, incremental: bool) {
         if self.phase != Phase::Running {
             return;
         }
-        let unserved: Vec<usize> =
-            self.sockets.iter().copied().filter(|&slot| !self.holds_or_will_hold(slot)).collect();
+        let marked = match (self.slots.touched().slots(), self.retiring.touched().slots()) {
+            (Some(slots), Some(retiring)) if incremental => Some((slots, retiring)),
+            _ => None,
+        };
+        let unserved: Vec<usize> = match marked {
+            Some((slots, retiring)) => {
+                let mut v: Vec<usize> = slots
+                    .iter()
+                    .chain(retiring)
+                    .copied()
+                    .filter(|&slot| self.sockets.contains(&slot) && !self.holds_or_will_hold(slot))
+                    .collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            None => self.sockets.iter().copied().filter(|&slot| !self.holds_or_will_hold(slot)).collect(),
+        };
         for slot in unserved {
             self.sockets.remove(&slot);
             out.push(Command::CloseSocket { slot });
@@ -42,7 +61,10 @@ impl Supervisor {
     /// started and is not stopping: each connection then waits for a worker that exists, never
     /// on the socket of a slot that will only be spawned later (or respawned after a delay).
     /// With none of those either, the route is empty: the driver then leaves the whole group.
-    pub(super) fn update_route(&mut self, out: &mut Vec<Command>) {
+    ///
+    /// `incremental`: the ready slots are brought up to date from the slots marked since the
+    /// last settle.
+    pub(super) fn update_route(&mut self, out: &mut Vec<Command>, incremental: bool) {
         if !self.policy.socket_per_slot
             || self.phase != Phase::Running
             || self.steering == Steering::Off
@@ -51,23 +73,40 @@ impl Supervisor {
             // (A new master of an upgrade steers once it took over: until then the old one does.)
             return;
         }
-        let with = |ok: fn(ProcState) -> bool| -> Vec<usize> {
-            self.slots
-                .iter()
-                .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| ok(p.state)))
-                .map(|s| s.id)
-                .collect()
-        };
-        let mut route = with(|st| st == ProcState::Active);
-        // Slots handed to the new master of a slot-by-slot upgrade: its worker serves them.
+        // Ready, or handed to the new master of a slot-by-slot upgrade: its worker serves them.
         // (Those whose socket this master holds: one the new master bound is not in its picture
         // of the group.)
-        route.extend(self.slots.iter().filter(|s| s.handed && self.sockets.contains(&s.id)).map(|s| s.id));
-        route.sort_unstable();
-        route.dedup();
-        if route.is_empty() {
-            route = with(|st| st != ProcState::Stopping);
+        let ready = |s: &super::Slot| {
+            (!s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
+                || (s.handed && self.sockets.contains(&s.id))
+        };
+        match self.slots.touched().slots().filter(|_| incremental) {
+            Some(marked) => {
+                let mut route = std::mem::take(&mut self.cache.ready);
+                for &i in marked.iter().filter(|&&i| i < self.slots.len()) {
+                    match (route.binary_search(&i), ready(&self.slots[i])) {
+                        (Err(at), true) => route.insert(at, i),
+                        (Ok(at), false) => {
+                            route.remove(at);
+                        }
+                        _ => {}
+                    }
+                }
+                self.cache.ready = route;
+            }
+            None => self.cache.ready = self.slots.iter().filter(|s| ready(s)).map(|s| s.id).collect(),
         }
+        let route = if self.cache.ready.is_empty() {
+            self.slots
+                .iter()
+                .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state != ProcState::Stopping))
+                .map(|s| s.id)
+                .collect()
+        } else if self.cache.ready != self.routed {
+            self.cache.ready.clone()
+        } else {
+            return;
+        };
         if route != self.routed {
             self.routed = route.clone();
             out.push(Command::Route { slots: route });

@@ -1379,3 +1379,41 @@ fn a_respawn_scheduled_by_a_rollout_failing_at_its_deadline_is_not_left_overdue(
     assert_eq!(spawns(&r), vec![0], "respawned at once");
     assert!(h.sup.next_deadline().is_none_or(|d| d > h.now));
 }
+
+// ---- the incremental settle ----
+
+#[test]
+fn in_the_steady_state_an_event_settles_from_the_slots_it_changed_and_a_rollout_settles_in_full() {
+    let mut h = Harness::new(policy(8));
+    h.start_all();
+    h.at(1000);
+    // Start-up was in the steady state too (no rollout, no upgrade): some settles were
+    // incremental already. From here on, count.
+    let before = h.sup.incremental_settles;
+    // A crash and its respawn: the exit, the delayed spawn, the new worker's start and ready.
+    h.exit(5, ExitStatus::Code(1));
+    let r = h.at(1100);
+    assert_eq!(spawns(&r), vec![5], "respawned once its delay was over");
+    h.ready(5);
+    assert_eq!(h.sup.incremental_settles - before, 4, "the exit, the tick, the new worker's start and its ready");
+    assert_eq!(h.sup.routed, (0..8).collect::<Vec<_>>(), "back in the route");
+    assert_eq!(h.sup.next_deadline(), h.sup.compute_deadline(), "the kept deadline is exact");
+    // A rolling restart is not the steady state: every event of it settles in full.
+    let during = h.sup.incremental_settles;
+    h.feed(Event::Restart { ticket: None });
+    let k = next_key(&h, 0);
+    h.feed(Event::Ready { key: k });
+    assert_eq!(h.sup.incremental_settles, during, "no incremental settle during a rollout");
+    // A scale is not a local event: it settles in full, and the next local one does not.
+    let mut h = Harness::new(policy(4));
+    h.start_all();
+    let before = h.sup.incremental_settles;
+    let r = h.sup.handle(Event::Scale { workers: 6 }, h.now, SystemTime::UNIX_EPOCH);
+    assert_eq!(spawns(&r), vec![4], "the first new slot starts at once");
+    assert_eq!(h.sup.incremental_settles, before);
+    h.sup.handle(Event::Spawned { key: h.key_of(4), pid: 4000 }, h.now, SystemTime::UNIX_EPOCH);
+    assert_eq!(h.sup.incremental_settles, before + 1, "the next local event is incremental again");
+    let r = h.at(1000);
+    assert_eq!(spawns(&r), vec![5]);
+    assert_eq!(h.sup.next_deadline(), h.sup.compute_deadline());
+}

@@ -448,7 +448,7 @@ impl Supervisor {
         out.push(Command::TakeOver);
         out.push(Command::Report(Report::TookOver { handed_over }));
         self.routed = vec![usize::MAX];
-        self.update_route(out);
+        self.update_route(out, false);
         if handed_over {
             out.push(Command::SayTookOver);
         } else {
