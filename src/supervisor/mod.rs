@@ -574,8 +574,10 @@ impl Supervisor {
         #[cfg(test)]
         let quiet = quiet && !self.always_settle;
         let (tick, queued) = (event == Event::Tick, self.recycle_queue.len());
-        // Events that change the slots they name (or nothing, a tick): the settle that follows
-        // may look at the marked slots only, if the steady state held before and after.
+        // Events about one worker (or none, a tick): in the steady state they change its slot and
+        // what the pipeline then does (a recycle they queue may start in another slot: marked
+        // too), nothing another slot's cached results depend on. The settle that follows may
+        // look at the marked slots only, if the steady state held before and after.
         let local = matches!(
             event,
             Event::Tick
@@ -722,12 +724,12 @@ impl Supervisor {
     /// the last settle ([`tracked`]: every mutable access to a slot marks it) and, for the
     /// deadlines, at the slots whose earliest deadline came (a minimum tree,
     /// [`SettleCache::deadlines`]). That is exact in the steady state ([`CacheKey`]) after an
-    /// event that changes only the slots it names ([`handle`](Self::handle) decides): a slot
-    /// not marked is as the last settle left it, so nothing of it is due (its deadline is in
+    /// event about one worker ([`handle`](Self::handle) decides): a slot not marked is as the last settle left it, so nothing of it is due (its deadline is in
     /// the tree), its socket is held (step 2 closed the others), its place in the route is
     /// known ([`SettleCache::ready`]) and so are the deploys it runs. The property test runs a
     /// twin that settles in full after every event and compares every command. A slot marked
-    /// after step 2 (no step does that today) makes the next settle a full one.
+    /// after step 2, or an incremental settle that left the steady state (no step does either
+    /// today), makes the next settle a full one.
     fn settle(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>, incremental: bool) {
         self.on_time(now, wall, out, incremental);
         self.start_recycles(now, wall, out);
@@ -737,8 +739,10 @@ impl Supervisor {
         self.check_all_ready(out);
         self.release_programs(out, incremental);
         self.check_done(out);
-        let late = self.marks() != marks;
-        self.refresh_cache(incremental, late);
+        // (An incremental settle that changed the steady state itself, which none does today,
+        // built its caches under the state it began with: the next settle is a full one.)
+        let late = self.marks() != marks || (incremental && self.cache_key() != self.cache.key);
+        self.refresh_cache(now, incremental, late);
     }
 
     /// How many marks the slots and the retiring workers took so far.
@@ -760,7 +764,8 @@ impl Supervisor {
 
     /// The slots a step of the pipeline looks at, in order: every slot, or (`incremental`)
     /// those marked since the last settle and those whose earliest deadline is at `now` or
-    /// before.
+    /// before. (The retiring workers' marks are not needed here: no step's condition and no
+    /// slot's deadline depends on them; the steps look at every retiring worker.)
     fn scope(&self, now: Instant, incremental: bool) -> Vec<usize> {
         let n = self.slots.len();
         let Some(touched) = self.slots.touched().slots().filter(|_| incremental) else {
@@ -810,15 +815,23 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Brings the per-slot deadlines up to date after a settle (from the marked slots, or all
-    /// of them), records under which state, and clears the marks.
-    fn refresh_cache(&mut self, incremental: bool, late: bool) {
+    /// Brings the per-slot deadlines up to date after a settle at `now` (from the marked slots
+    /// and those whose deadline came, or from all of them), records under which state, and
+    /// clears the marks. (A slot whose deadline came was acted on, and so marked; looking at
+    /// the due ones again means no deadline of the past can stay in the tree whatever a step
+    /// does.)
+    fn refresh_cache(&mut self, now: Instant, incremental: bool, late: bool) {
         let (running, probing) = self.deadline_gates();
         let n = self.slots.len();
         let mut tree = std::mem::take(&mut self.cache.deadlines);
         match self.slots.touched().slots() {
             Some(touched) if incremental && tree.covers(n) => {
                 for &i in touched.iter().filter(|&&i| i < n) {
+                    tree.set(i, self.slot_deadline(i, running, probing));
+                }
+                let mut due = Vec::new();
+                tree.due(now, &mut due);
+                for i in due {
                     tree.set(i, self.slot_deadline(i, running, probing));
                 }
             }

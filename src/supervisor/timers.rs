@@ -50,7 +50,7 @@ impl Supervisor {
         }
         for p in s.current.iter().chain(s.next.iter()) {
             earliest = earlier(earliest, p.ready_due());
-            earliest = earlier(earliest, p.stop_deadline.or(p.stop_at));
+            earliest = earlier(earliest, earlier(p.stop_deadline, p.stop_at));
         }
         earliest
     }
@@ -62,7 +62,7 @@ impl Supervisor {
         let mut earliest = None;
         for (_, p) in &self.retiring {
             earliest = earlier(earliest, p.ready_due());
-            earliest = earlier(earliest, p.stop_deadline.or(p.stop_at));
+            earliest = earlier(earliest, earlier(p.stop_deadline, p.stop_at));
         }
         earliest = earlier(earliest, self.next_sample.filter(|_| running));
         earliest = earlier(earliest, self.leaving_at.filter(|_| running));
