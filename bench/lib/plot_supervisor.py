@@ -6,8 +6,9 @@ Usage: plot_supervisor.py DATA.json OUT.png
 Run as a separate process by bench/supervisor with whichever Python has matplotlib. DATA.json is
 what `bench/supervisor --json` writes: {"command": "...", "rows": [{"workers": N,
 "full_respawn_us": ..., "incremental_respawn_us": ..., "full_beat_us": ...,
-"incremental_beat_us": ...}, ...]}. Left: a respawn cycle (three events), settling in full
-after every event and as the supervisor does now. Right: a heartbeat.
+"incremental_beat_us": ..., "full_rollout_us": ..., "incremental_rollout_us": ...}, ...]}.
+Left: a respawn cycle (three events), settling in full after every event and as the supervisor
+does now. Middle: a rolling restart, per replaced worker. Right: a heartbeat.
 """
 
 import json
@@ -23,8 +24,10 @@ def main(data_path, out):
     with open(data_path) as f:
         rows = json.load(f)["rows"]
     xs = [r["workers"] for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, kind, title in ((left, "respawn", "respawn cycle (µs)"), (right, "beat", "heartbeat (µs)")):
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(16, 5))
+    panels = ((left, "respawn", "respawn cycle (µs)"), (middle, "rollout", "rolling restart, per worker (µs)"),
+              (right, "beat", "heartbeat (µs)"))
+    for ax, kind, title in panels:
         full = "settle in full after every event" + (" (no quiet path either)" if kind == "beat" else "")
         ax.plot(xs, [r[f"full_{kind}_us"] for r in rows], "o--", color="C3", label=full)
         ax.plot(xs, [r[f"incremental_{kind}_us"] for r in rows], "o-", color="C0", label="now (incremental settle)")

@@ -411,13 +411,18 @@ struct SettleCache {
 }
 
 /// The global state that what [`SettleCache`] keeps per slot depends on. It exists only in
-/// the steady state: running, no rollout (running or queued), no upgrade, no shutdown delay,
-/// owning the cluster. Outside it every settle is a full one.
+/// the steady state: running, no upgrade, no shutdown delay, owning the cluster. Outside it
+/// every settle is a full one. A rollout is part of the key (whether one runs, whether another
+/// is queued): its start and its end change what other slots' results depend on (a slot left
+/// empty that a rollout will revive keeps its socket; no slot recycles during one), while what
+/// it does in between (a slot's replacement started, ready, failed) marks the slots it touches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct CacheKey {
     slots: usize,
     steering: Steering,
     takeover: Takeover,
+    rollout: bool,
+    queued_restart: bool,
 }
 
 /// How late past its deadline the master may wake before it counts as held up (see
@@ -727,9 +732,11 @@ impl Supervisor {
     /// event about one worker ([`handle`](Self::handle) decides): a slot not marked is as the last settle left it, so nothing of it is due (its deadline is in
     /// the tree), its socket is held (step 2 closed the others), its place in the route is
     /// known ([`SettleCache::ready`]) and so are the deploys it runs. The property test runs a
-    /// twin that settles in full after every event and compares every command. A slot marked
-    /// after step 2, or an incremental settle that left the steady state (no step does either
-    /// today), makes the next settle a full one.
+    /// twin that settles in full after every event and compares every command. A step that
+    /// changes the steady state (a rollout's replacement failing at its ready deadline ends the
+    /// rollout) makes the steps after it look at every slot
+    /// ([`still_incremental`](Self::still_incremental)); that, or a slot marked after step 2
+    /// (no step does that today), makes the next settle a full one.
     fn settle(&mut self, now: Instant, wall: SystemTime, out: &mut Vec<Command>, incremental: bool) {
         self.on_time(now, wall, out, incremental);
         self.start_recycles(now, wall, out);
@@ -739,10 +746,12 @@ impl Supervisor {
         self.check_all_ready(out);
         self.release_programs(out, incremental);
         self.check_done(out);
-        // (An incremental settle that changed the steady state itself, which none does today,
-        // built its caches under the state it began with: the next settle is a full one.)
-        let late = self.marks() != marks || (incremental && self.cache_key() != self.cache.key);
-        self.refresh_cache(now, incremental, late);
+        // (An incremental settle whose steps changed the steady state, a rollout ended by a
+        // replacement's ready deadline, kept some caches under the state it began with: the
+        // tree is rebuilt now, the rest at the next settle, a full one.)
+        let changed = incremental && !self.still_incremental(true);
+        let late = self.marks() != marks || changed;
+        self.refresh_cache(now, incremental && !changed, late);
     }
 
     /// How many marks the slots and the retiring workers took so far.
@@ -753,13 +762,25 @@ impl Supervisor {
     /// The key of the steady state, in which a settle may look at marked slots only.
     fn cache_key(&self) -> Option<CacheKey> {
         let steady = self.phase == Phase::Running
-            && self.rollout.is_none()
-            && self.queued_restart.is_none()
             && self.upgrade.is_none()
             && !self.handed_over
             && self.leaving_at.is_none()
             && matches!(self.takeover, Takeover::Own | Takeover::Taken);
-        steady.then_some(CacheKey { slots: self.slots.len(), steering: self.steering, takeover: self.takeover })
+        steady.then_some(CacheKey {
+            slots: self.slots.len(),
+            steering: self.steering,
+            takeover: self.takeover,
+            rollout: self.rollout.is_some(),
+            queued_restart: self.queued_restart.is_some(),
+        })
+    }
+
+    /// Whether a step of an `incremental` settle may still look at the marked slots only: the
+    /// steady state is the one the cache was built under. (A step may end it: a replacement
+    /// failing at its ready deadline ends its rollout. The steps after it then look at every
+    /// slot.)
+    fn still_incremental(&self, incremental: bool) -> bool {
+        incremental && self.cache.key.is_some() && self.cache_key() == self.cache.key
     }
 
     /// The slots a step of the pipeline looks at, in order: every slot, or (`incremental`)
@@ -768,7 +789,7 @@ impl Supervisor {
     /// slot's deadline depends on them; the steps look at every retiring worker.)
     fn scope(&self, now: Instant, incremental: bool) -> Vec<usize> {
         let n = self.slots.len();
-        let Some(touched) = self.slots.touched().slots().filter(|_| incremental) else {
+        let Some(touched) = self.slots.touched().slots().filter(|_| self.still_incremental(incremental)) else {
             return (0..n).collect();
         };
         let mut scope: Vec<usize> = touched.iter().copied().filter(|&i| i < n).collect();

@@ -225,6 +225,7 @@ impl Supervisor {
             }
         }
         let n = self.slots.len();
+        let incremental = self.still_incremental(incremental);
         let cache = &mut self.cache;
         match self.slots.touched().slots().filter(|_| incremental && cache.slot_deploys.len() == n) {
             Some(marked) => {

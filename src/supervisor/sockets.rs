@@ -19,7 +19,7 @@ impl Supervisor {
             return;
         }
         let marked = match (self.slots.touched().slots(), self.retiring.touched().slots()) {
-            (Some(slots), Some(retiring)) if incremental => Some((slots, retiring)),
+            (Some(slots), Some(retiring)) if self.still_incremental(incremental) => Some((slots, retiring)),
             _ => None,
         };
         let unserved: Vec<usize> = match marked {
@@ -80,7 +80,7 @@ impl Supervisor {
             (!s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
                 || (s.handed && self.sockets.contains(&s.id))
         };
-        match self.slots.touched().slots().filter(|_| incremental) {
+        match self.slots.touched().slots().filter(|_| self.still_incremental(incremental)) {
             Some(marked) => {
                 let mut route = std::mem::take(&mut self.cache.ready);
                 for &i in marked.iter().filter(|&&i| i < self.slots.len()) {

@@ -1383,7 +1383,7 @@ fn a_respawn_scheduled_by_a_rollout_failing_at_its_deadline_is_not_left_overdue(
 // ---- the incremental settle ----
 
 #[test]
-fn in_the_steady_state_an_event_settles_from_the_slots_it_changed_and_a_rollout_settles_in_full() {
+fn in_the_steady_state_an_event_settles_from_the_slots_it_changed_and_a_rollout_begins_and_ends_in_full() {
     let mut h = Harness::new(policy(8));
     h.start_all();
     h.at(1000);
@@ -1398,12 +1398,26 @@ fn in_the_steady_state_an_event_settles_from_the_slots_it_changed_and_a_rollout_
     assert_eq!(h.sup.incremental_settles - before, 4, "the exit, the tick, the new worker's start and its ready");
     assert_eq!(h.sup.routed, (0..8).collect::<Vec<_>>(), "back in the route");
     assert_eq!(h.sup.next_deadline(), h.sup.compute_deadline(), "the kept deadline is exact");
-    // A rolling restart is not the steady state: every event of it settles in full.
+    // A rolling restart: its start and its end change the state other slots depend on and
+    // settle in full; each replacement's start and ready in between settle from their slots.
     let during = h.sup.incremental_settles;
-    h.feed(Event::Restart { ticket: None });
-    let k = next_key(&h, 0);
-    h.feed(Event::Ready { key: k });
-    assert_eq!(h.sup.incremental_settles, during, "no incremental settle during a rollout");
+    let r = h.sup.handle(Event::Restart { ticket: None }, h.now, SystemTime::UNIX_EPOCH);
+    assert_eq!(spawns(&r), vec![0]);
+    assert_eq!(h.sup.incremental_settles, during, "the restart itself settles in full");
+    h.sup.handle(Event::Spawned { key: next_key(&h, 0), pid: 5000 }, h.now, SystemTime::UNIX_EPOCH);
+    for slot in 0..8 {
+        let r = h.feed(Event::Ready { key: next_key(&h, slot) });
+        if slot < 7 {
+            assert_eq!(spawns(&r), vec![slot + 1], "the next slot's replacement starts");
+        } else {
+            assert!(matches!(finished(&r), Some((RestartOutcome::Completed { replaced: 8 }, _))), "{r:?}");
+        }
+        assert_eq!(h.sup.next_deadline(), h.sup.compute_deadline(), "the kept deadline is exact");
+    }
+    // The first replacement's start, then for slots 0 to 6 a ready and the next start; the last
+    // ready ends the rollout.
+    assert_eq!(h.sup.incremental_settles - during, 1 + 7 * 2);
+    assert_eq!(h.sup.routed, (0..8).collect::<Vec<_>>());
     // A scale is not a local event: it settles in full, and the next local one does not.
     let mut h = Harness::new(policy(4));
     h.start_all();
