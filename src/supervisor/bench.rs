@@ -2,8 +2,8 @@
 //! incremental settle (`bench/supervisor` runs it and writes BENCHMARKS.md). Ignored by
 //! `cargo test`: a measurement, not a check. One line of JSON per size on stderr.
 //!
-//! A cluster of N ready workers (no start-up or respawn delay, crash protection out of the
-//! way), then, timed: `--rounds` respawn cycles (a worker's exit, its respawn's `Spawned` and
+//! A cluster of N workers started and made ready (timed, per worker: no start-up or respawn
+//! delay, crash protection out of the way), then, timed: `--rounds` respawn cycles (a worker's exit, its respawn's `Spawned` and
 //! `Ready`, three events, on slots spread over the cluster); ten heartbeats per round; what a
 //! heartbeat's mark costs the next settle (every worker beats once, then one timed respawn
 //! cycle, less a plain one, per worker; fifty times); a rolling restart (`max_surge` 1: per
@@ -64,6 +64,7 @@ impl Driver {
 
 /// What [`measure`] measures, in microseconds.
 struct Costs {
+    startup: f64,
     respawn: f64,
     beat: f64,
     mark: f64,
@@ -81,7 +82,9 @@ fn measure(n: usize, rounds: usize, full: bool) -> Costs {
     let mut sup = Supervisor::new(p, t0).with_open_sockets(0..n);
     sup.always_settle = full;
     let mut d = Driver { sup, now: t0, pid: 1000, keys: vec![WorkerKey(0); n] };
+    let start = Instant::now();
     d.feed(Event::Tick);
+    let startup = start.elapsed().as_secs_f64() * 1e6 / n as f64;
     assert!(d.all_active(), "every slot is ready");
     let start = Instant::now();
     for r in 0..rounds {
@@ -117,7 +120,7 @@ fn measure(n: usize, rounds: usize, full: bool) -> Costs {
         d.sup.last_restart
     );
     assert!(d.all_active(), "every slot was respawned and replaced");
-    Costs { respawn, beat, mark, rollout }
+    Costs { startup, respawn, beat, mark, rollout }
 }
 
 #[test]
@@ -138,8 +141,8 @@ fn cost_per_event() {
             let label = if full { "full" } else { "incremental" };
             line += &format!(
                 ", \"{label}_respawn_us\": {:.3}, \"{label}_beat_us\": {:.4}, \"{label}_mark_us\": {:.4}, \
-                 \"{label}_rollout_us\": {:.3}",
-                c.respawn, c.beat, c.mark, c.rollout
+                 \"{label}_rollout_us\": {:.3}, \"{label}_startup_us\": {:.3}",
+                c.respawn, c.beat, c.mark, c.rollout, c.startup
             );
         }
         eprintln!("{line}}}");
