@@ -376,9 +376,12 @@ pub struct Supervisor {
     /// path must never disagree with.
     #[cfg(test)]
     always_settle: bool,
-    /// (Tests.) Settles that looked at the marked slots only.
+    /// (Tests.) Settles that looked at the marked slots only, and those of them whose steps
+    /// left the steady state they began in.
     #[cfg(test)]
     incremental_settles: u64,
+    #[cfg(test)]
+    key_changed_mid_settle: u64,
 }
 
 /// Connection steering (`ReusePort`), as the driver's failures left it.
@@ -496,6 +499,8 @@ impl Supervisor {
             always_settle: false,
             #[cfg(test)]
             incremental_settles: 0,
+            #[cfg(test)]
+            key_changed_mid_settle: 0,
             policy,
         }
         .seeded(now)
@@ -747,9 +752,13 @@ impl Supervisor {
         self.release_programs(out, incremental);
         self.check_done(out);
         // (An incremental settle whose steps changed the steady state, a rollout ended by a
-        // replacement's ready deadline, kept some caches under the state it began with: the
-        // tree is rebuilt now, the rest at the next settle, a full one.)
+        // replacement's ready deadline: the steps after the change already looked at every
+        // slot; the tree is rebuilt now, and the next settle is a full one.)
         let changed = incremental && !self.still_incremental(true);
+        #[cfg(test)]
+        {
+            self.key_changed_mid_settle += u64::from(changed);
+        }
         let late = self.marks() != marks || changed;
         self.refresh_cache(now, incremental && !changed, late);
     }

@@ -42,6 +42,8 @@ pub(super) struct Harness {
     pub(super) log: Vec<Command>,
     /// Spawns fail (`ENOENT`) instead of succeeding.
     failing_spawns: bool,
+    /// A twin that settles in full ([`with_twin`](Harness::with_twin)).
+    twin: Option<Box<Supervisor>>,
 }
 
 impl Harness {
@@ -55,7 +57,17 @@ impl Harness {
             next_pid: 1000,
             log: Vec::new(),
             failing_spawns: false,
+            twin: None,
         }
+    }
+
+    /// The same harness with a twin that settles every event in full: every command the
+    /// supervisor returns is checked against the twin's.
+    pub(super) fn with_twin(mut self) -> Harness {
+        let mut twin = self.sup.clone();
+        twin.always_settle = true;
+        self.twin = Some(Box::new(twin));
+        self
     }
 
     /// Feeds an event; answers Spawn commands like a driver whose spawns succeed (or fail, with
@@ -64,21 +76,34 @@ impl Harness {
         let mut all = Vec::new();
         let mut queue = VecDeque::from([event]);
         while let Some(ev) = queue.pop_front() {
-            let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
-            for c in &cmds {
-                if let Command::Spawn { key, .. } = c {
-                    if self.failing_spawns {
-                        queue.push_back(Event::SpawnFailed { key: *key, error: "ENOENT".into() });
-                    } else {
-                        self.next_pid += 1;
-                        queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
-                    }
-                }
+            if let Some(twin) = self.twin.as_mut() {
+                let expected = twin.handle(ev.clone(), self.now, SystemTime::UNIX_EPOCH);
+                let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
+                assert_eq!(cmds, expected, "the same commands as a full settle");
+                self.answer(&cmds, &mut queue);
+                all.extend(cmds);
+                continue;
             }
+            let cmds = self.sup.handle(ev, self.now, SystemTime::UNIX_EPOCH);
+            self.answer(&cmds, &mut queue);
             all.extend(cmds);
         }
         self.log.extend(all.clone());
         all
+    }
+
+    /// What the fake driver answers to `cmds`: a start (or a failure) for every spawn.
+    fn answer(&mut self, cmds: &[Command], queue: &mut VecDeque<Event>) {
+        for c in cmds {
+            if let Command::Spawn { key, .. } = c {
+                if self.failing_spawns {
+                    queue.push_back(Event::SpawnFailed { key: *key, error: "ENOENT".into() });
+                } else {
+                    self.next_pid += 1;
+                    queue.push_back(Event::Spawned { key: *key, pid: self.next_pid });
+                }
+            }
+        }
     }
 
     pub(super) fn at(&mut self, ms: u64) -> Vec<Command> {
@@ -1430,4 +1455,44 @@ fn in_the_steady_state_an_event_settles_from_the_slots_it_changed_and_a_rollout_
     let r = h.at(1000);
     assert_eq!(spawns(&r), vec![5]);
     assert_eq!(h.sup.next_deadline(), h.sup.compute_deadline());
+}
+
+#[test]
+fn a_rollout_ended_by_a_replacement_deadline_in_an_incremental_settle_hands_over_to_a_full_one() {
+    // Found missing by a review: a replacement failing at its ready deadline ends its rollout
+    // (and starts the queued one) in the middle of an incremental settle; the steps after it
+    // look at every slot, and the commands are a full settle's throughout.
+    let mut p = policy(4);
+    p.max_surge = 2;
+    let mut h = Harness::new(p).with_twin();
+    h.start_all();
+    h.at(1000);
+    let r = h.feed(Event::Restart { ticket: Some(1) });
+    assert_eq!(spawns(&r), vec![0, 1], "two replacements at once");
+    h.feed(Event::Restart { ticket: Some(2) });
+    assert!(h.sup.queued_restart.is_some(), "the second restart waits for the first");
+    let old = h.key_of(0);
+    let r = h.feed(Event::Ready { key: next_key(&h, 0) });
+    assert_eq!(spawns(&r), vec![2], "slot 0 replaced, slot 2's replacement starts");
+    // The old worker of slot 0 exits as asked (before its stop deadline: a tick long after the
+    // deadline the master asked for would be a master stall forgiven, which marks every slot).
+    h.feed(Event::Exited { key: old, status: ExitStatus::Code(0) });
+    let before = (h.sup.incremental_settles, h.sup.key_changed_mid_settle);
+    // Slot 1's replacement never gets ready: at its deadline (2 s after the restart) the tick
+    // settles incrementally, fails the rollout, stops slot 2's replacement and starts the
+    // queued restart.
+    let r = h.at(3000);
+    assert!(matches!(finished(&r), Some((RestartOutcome::Failed { worker_id: 1, .. }, _))), "{r:?}");
+    assert_eq!(spawns(&r), vec![0, 1], "the queued restart starts with slots 0 and 1");
+    // The tick settled incrementally and left the steady state it began in; the first start of
+    // the new rollout that followed settled in full (the cache was dropped), the second
+    // incrementally again.
+    assert_eq!((h.sup.incremental_settles, h.sup.key_changed_mid_settle), (before.0 + 2, before.1 + 1));
+    assert_eq!(h.sup.next_deadline(), h.sup.compute_deadline(), "the kept deadline is exact");
+    // The rest of the queued rollout, each event checked against the twin.
+    for slot in 0..4 {
+        h.feed(Event::Ready { key: next_key(&h, slot) });
+    }
+    assert!(matches!(h.sup.last_restart, Some(RestartOutcome::Completed { replaced: 4 })));
+    assert_eq!(h.sup.routed, (0..4).collect::<Vec<_>>());
 }

@@ -206,6 +206,11 @@ impl Supervisor {
             }
         }
         // Replacements (a rollout's, a recycle's) past their deadline fail their replacement.
+        // (One failing ends its rollout, and may start a queued one, inside this loop, whose
+        // slots were chosen before: the full pass could act on no other slot then either. The
+        // other replacements of the failed rollout left their slots, and the new rollout's are
+        // not confirmed yet, so not judged (`ready_due`: a process the driver has not reported
+        // started has no deadline yet); no recycle runs during a rollout.)
         for slot in self.scope(now, incremental) {
             if self.slots[slot].next.as_ref().and_then(|p| p.ready_due()).is_some_and(|d| d <= now)
                 && let Some(mut p) = self.slots[slot].next.take()
