@@ -649,10 +649,7 @@ impl Supervisor {
             && let Some(kept) = self.deadline
             && watched.is_none_or(|d| d > now)
         {
-            let deadline = match (kept, watched) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let deadline = tracked::earlier(kept, watched);
             self.deadline = Some(deadline);
             if !tick {
                 self.beats += 1;
@@ -936,10 +933,7 @@ impl Supervisor {
         if p.state == ProcState::Stopping {
             // Already stopping (a hung worker's grace may be longer): never later than asked.
             let by = now.checked_add(self.policy.shutdown_timeout);
-            p.stop_deadline = match (p.stop_deadline, by) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            p.stop_deadline = tracked::earlier(p.stop_deadline, by);
             return;
         }
         if p.state != ProcState::Spawning {

@@ -201,7 +201,7 @@ impl Supervisor {
     }
 
     /// The deploys slot `s`'s program and its two processes run (the slot's part of
-    /// [`programs_in_use`](Self::programs_in_use)).
+    /// `programs_in_use`).
     pub(super) fn slot_deploys(s: &super::Slot) -> [Option<u64>; 3] {
         let deploy = |p: Program| if let Program::Deployed(n) = p { Some(n) } else { None };
         [
