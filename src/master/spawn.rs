@@ -93,6 +93,7 @@ impl Driver {
             }
         };
         let (master_end, worker_end) = UnixStream::pair()?;
+        let master_end = UnixStream::from(crate::os::sys::lift(master_end.into()));
         let channel_fd = FIRST_LISTEN_FD + listeners.len() as i32;
         let mut env = self.worker_env(slot, listeners.len(), &[]);
         env.set(env::CHANNEL_FD, channel_fd.to_string())

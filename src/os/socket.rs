@@ -47,7 +47,8 @@ pub(crate) fn bind_reuseport(addr: SocketAddr, backlog: i32, v6only: bool) -> io
     let s = new_socket(addr, true, v6only)?;
     s.bind(&addr.into())?;
     s.listen(backlog)?;
-    Ok(s.into())
+    // One per slot, kept by the master: above the numbers a spawn copies.
+    Ok(crate::os::sys::lift(s.into()))
 }
 
 fn new_socket(addr: SocketAddr, reuse_port: bool, v6only: bool) -> io::Result<Socket> {

@@ -10,6 +10,20 @@ use rustix::process::{Pid, Signal};
 /// digits: Linux pids are below 2^22). The child writes its own pid into it.
 const LISTEN_PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";
 
+/// The master keeps the descriptors it holds per worker (pidfds, channels, captured pipes, the
+/// slots' sockets) from this number up ([`lift`]), so that the numbers below stay few: a child
+/// is given a copy of those only (see [`Spawn::spawn`]), whatever the number of workers.
+pub(crate) const HIGH_FDS: RawFd = 1024;
+
+/// `fd` moved to [`HIGH_FDS`] or above (close-on-exec), or `fd` itself when that fails (an
+/// open-file limit at or below it): only the cost of a spawn depends on where it is.
+pub(crate) fn lift(fd: OwnedFd) -> OwnedFd {
+    if fd.as_raw_fd() >= HIGH_FDS {
+        return fd;
+    }
+    rustix::io::fcntl_dupfd_cloexec(&fd, HIGH_FDS).unwrap_or(fd)
+}
+
 /// The child's stack, in bytes: what the few frames between `clone` and `execve` need, with a
 /// wide margin (the child calls nothing but system-call wrappers).
 const CHILD_STACK: usize = 64 * 1024;
@@ -46,14 +60,32 @@ pub(crate) struct Spawn {
     own_group: bool,
     /// What failed in the child before or at `execve` (an errno; 0: nothing).
     failed: std::sync::atomic::AtomicI32,
+    /// The program is `/proc/self/fd/N` (a deploy's file): N must be open in the child at exec.
+    path_fd: Option<RawFd>,
+    /// The child shares the master's descriptor table at first (`CLONE_FILES`) and takes a
+    /// private copy of the numbers below [`HIGH_FDS`] only (set by [`Spawn::spawn`]).
+    copy_below: bool,
 }
 
 /// A descriptor of the master to place at `at` in the child.
 struct Placed {
     fd: OwnedFd,
     at: RawFd,
-    /// The child's copy of `fd` above every `at` (written by the child).
+    /// A copy of `fd` below [`HIGH_FDS`], made by the master before the clone when `fd` is
+    /// above: what the child places, since it keeps only the numbers below.
+    low: Option<OwnedFd>,
+    /// The child's copy of it above every `at` (written by the child).
     temporary: RawFd,
+}
+
+impl Placed {
+    /// The number the child takes the descriptor from.
+    fn source(&self) -> RawFd {
+        match &self.low {
+            Some(low) => low.as_raw_fd(),
+            None => self.fd.as_raw_fd(),
+        }
+    }
 }
 
 impl Spawn {
@@ -88,7 +120,14 @@ impl Spawn {
         let pointers = |strings: &[Vec<u8>]| -> Vec<*const libc::c_char> {
             strings.iter().map(|s| s.as_ptr().cast::<libc::c_char>()).chain(std::iter::once(std::ptr::null())).collect()
         };
+        let path_fd = path
+            .as_bytes()
+            .strip_prefix(b"/proc/self/fd/")
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .and_then(|n| n.parse::<RawFd>().ok());
         Ok(Spawn {
+            path_fd,
+            copy_below: false,
             path: c_string(path.as_bytes())?,
             argv_ptrs: pointers(&argv),
             envp_ptrs: pointers(&envp),
@@ -105,7 +144,7 @@ impl Spawn {
 
     /// Gives the child `fd` as descriptor `at` (without close-on-exec).
     pub(crate) fn fd(&mut self, fd: OwnedFd, at: RawFd) -> &mut Spawn {
-        self.fds.push(Placed { fd, at, temporary: -1 });
+        self.fds.push(Placed { fd, at, low: None, temporary: -1 });
         self.first_free = self.first_free.max(at as u32 + 1);
         self
     }
@@ -148,8 +187,17 @@ impl Spawn {
     /// # Errors
     /// What `clone` returns, or what failed in the child (`execve`'s error, `ESRCH` if the
     /// master was gone); the child has then exited and is reaped here.
+    ///
+    /// The child does not copy the master's whole descriptor table (the kernel's `dup_fd`:
+    /// every open descriptor, three per worker in the master): it starts sharing it
+    /// (`CLONE_FILES`) and its first call, `close_range(HIGH_FDS, ~0, CLOSE_RANGE_UNSHARE)`, gives
+    /// it a private table with a copy of the numbers below [`HIGH_FDS`] only, where the master
+    /// keeps none of its per-worker descriptors ([`lift`]). The descriptors to place that are
+    /// above are copied below it first, here. When that cannot be done (no free number below,
+    /// or the program is a descriptor above), the child copies the whole table as before.
     pub(crate) fn spawn(mut self) -> io::Result<(u32, OwnedFd)> {
         use std::sync::atomic::Ordering;
+        self.copy_below = self.stage_below();
         let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
         // The top of the stack (it grows down), 16-byte aligned as the x86-64 and aarch64 ABIs
         // want it.
@@ -169,6 +217,7 @@ impl Spawn {
             libc::sigfillset(&mut all);
             set_signal_mask(&all, &mut before);
         }
+        let copy_below = self.copy_below;
         let this: *mut Spawn = &mut self;
         // SAFETY: `child` runs on `stack` (CHILD_STACK bytes, alive until after the call, which
         // returns only once the child called `execve` or exited: CLONE_VFORK) and uses only
@@ -178,7 +227,11 @@ impl Spawn {
             libc::clone(
                 child,
                 top as *mut libc::c_void,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PIDFD | libc::SIGCHLD,
+                libc::CLONE_VM
+                    | libc::CLONE_VFORK
+                    | libc::CLONE_PIDFD
+                    | libc::SIGCHLD
+                    | if copy_below { libc::CLONE_FILES } else { 0 },
                 this.cast::<libc::c_void>(),
                 &mut pidfd as *mut libc::c_int,
             )
@@ -206,7 +259,7 @@ impl Spawn {
         }
         // SAFETY: the kernel returned this descriptor (≥ 0, checked) for the new child
         // (CLONE_PIDFD); nothing else owns it.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+        let pidfd = lift(unsafe { OwnedFd::from_raw_fd(pidfd) });
         let failed = self.failed.load(Ordering::Acquire);
         if failed != 0 {
             // The child exited (127) before or at execve: reap it, nobody else will.
@@ -220,6 +273,32 @@ impl Spawn {
             return Err(io::Error::from_raw_os_error(failed));
         }
         Ok((pid as u32, pidfd))
+    }
+}
+
+impl Spawn {
+    /// Copies below [`HIGH_FDS`] the descriptors to place that are above it; false (and none
+    /// copied) if one cannot be, or if the program is a descriptor above it.
+    fn stage_below(&mut self) -> bool {
+        if self.path_fd.is_some_and(|n| n >= HIGH_FDS) {
+            return false;
+        }
+        for i in 0..self.fds.len() {
+            let Some(p) = self.fds.get_mut(i) else { break };
+            if p.fd.as_raw_fd() < HIGH_FDS {
+                continue;
+            }
+            match rustix::io::fcntl_dupfd_cloexec(&p.fd, 0) {
+                Ok(low) if low.as_raw_fd() < HIGH_FDS => p.low = Some(low),
+                _ => {
+                    for p in &mut self.fds {
+                        p.low = None;
+                    }
+                    return false;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -277,6 +356,16 @@ fn child_setup(s: &mut Spawn) -> Result<(), i32> {
     // signal dispositions and mask, process group, parent-death signal, descriptor table —
     // with arguments built before the clone; none allocates or takes a lock.
     unsafe {
+        if s.copy_below {
+            // First, a table of its own: until then it is the master's (CLONE_FILES), which
+            // nothing here may change. The kernel copies the numbers below the range only,
+            // since the range reaches the last one. Without CLOSE_RANGE_UNSHARE (before 5.9),
+            // a copy of the whole table.
+            let r = libc::syscall(libc::SYS_close_range, HIGH_FDS as u32, u32::MAX, libc::CLOSE_RANGE_UNSHARE);
+            if r != 0 && libc::unshare(libc::CLONE_FILES) != 0 {
+                return Err(errno());
+            }
+        }
         for signal in 1..=libc::SIGRTMAX() {
             if signal == libc::SIGKILL || signal == libc::SIGSTOP {
                 continue;
@@ -311,7 +400,7 @@ fn child_setup(s: &mut Spawn) -> Result<(), i32> {
         // master that sits at one of those numbers is copied before it is replaced.
         let above = s.first_free as libc::c_int;
         for p in s.fds.iter_mut() {
-            p.temporary = libc::fcntl(p.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above);
+            p.temporary = libc::fcntl(p.source(), libc::F_DUPFD_CLOEXEC, above);
             if p.temporary < 0 {
                 return Err(errno());
             }
@@ -733,6 +822,36 @@ mod tests {
         let std_ignored = ignored(&String::from_utf8(std_child.stdout).unwrap());
         assert_eq!(ignored(&out), std_ignored, "{out}");
         assert_eq!(std_ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE is not ignored");
+    }
+
+    #[test]
+    fn a_child_copies_only_the_low_descriptors_and_gets_those_placed_from_above() {
+        crate::os::fds::raise_fd_limit();
+        let (extra, _other) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        let extra = lift(extra);
+        assert!(extra.as_raw_fd() >= HIGH_FDS, "lifted: {}", extra.as_raw_fd());
+        // A descriptor above without close-on-exec: the child's copy of the table stops below.
+        let (leak, _keep) = rustix::pipe::pipe().unwrap();
+        let leak = rustix::io::fcntl_dupfd_cloexec(&leak, HIGH_FDS + 5).unwrap();
+        rustix::io::fcntl_setfd(&leak, rustix::io::FdFlags::empty()).unwrap();
+        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open();
+        let script = format!(
+            "test -e /dev/fd/4 && echo fd4; test -e /dev/fd/{} || echo closed; exec grep FDSize /proc/self/status",
+            leak.as_raw_fd()
+        );
+        let (_, out) = run(&script, extra);
+        assert!(out.lines().any(|l| l == "fd4"), "the descriptor placed from above: {out}");
+        assert!(out.lines().any(|l| l == "closed"), "a descriptor above the copy leaked: {out}");
+        // The child's table was sized for the numbers below HIGH_FDS (a copy of the whole
+        // table would cover the leaked descriptor's number, above).
+        let size: i32 = out.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap_or_default().trim().parse().unwrap();
+        assert!(size <= HIGH_FDS, "the child copied the whole table: {out}");
+        // The copies made below for the child are closed again (`run` dropped the pidfd and the
+        // pipe it made; `extra` was moved into the spawn). Other tests run beside this one and
+        // open descriptors of their own: allow them a few.
+        let after = open();
+        assert!(after <= before + 4, "descriptors left open by the spawn: {before} before, {after} after");
     }
 
     #[test]

@@ -420,6 +420,8 @@ impl Capture {
     pub(crate) fn worker_pipes(&self) -> std::io::Result<WorkerPipes> {
         let pair = || -> std::io::Result<(OwnedFd, OwnedFd)> {
             let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+            // The master's end, kept for the worker's life: above the numbers a spawn copies.
+            let read = crate::os::sys::lift(read);
             // Only the master's end: O_NONBLOCK belongs to the open file, and each end is its own.
             rustix::fs::fcntl_setfl(&read, rustix::fs::OFlags::NONBLOCK)?;
             let _ = rustix::pipe::fcntl_setpipe_size(&read, PIPE_SIZE);
