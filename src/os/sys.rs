@@ -13,7 +13,18 @@ const LISTEN_PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";
 /// The master keeps the descriptors it holds per worker (pidfds, channels, captured pipes, the
 /// slots' sockets) from this number up ([`lift`]), so that the numbers below stay few: a child
 /// is given a copy of those only (see [`Spawn::spawn`]), whatever the number of workers.
-pub(crate) const HIGH_FDS: RawFd = 1024;
+///
+/// A multiple of 4096: kernels without the fix for CVE-2024-45025 (5.9 up to 6.11 and the
+/// stable releases of August 2024) copy with `CLOSE_RANGE_UNSHARE` the whole word of the
+/// "full words" bitmap that holds the cut-off, one bit per 64 descriptors, 4096 per word: a
+/// cut-off below descriptors the master keeps open in the same word would leave the child's
+/// table believing fds up to the word's end are taken (a worker could then not use them).
+pub(crate) const HIGH_FDS: RawFd = 4096;
+
+/// Whether the short copy of the table works here: cleared the first time the child could
+/// neither `close_range(CLOSE_RANGE_UNSHARE)` nor `unshare` (a seccomp profile refusing both,
+/// as container runtimes' defaults may), after which spawns copy the whole table.
+static SHORT_COPY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
 /// `fd` moved to [`HIGH_FDS`] or above (close-on-exec), or `fd` itself when that fails (an
 /// open-file limit at or below it): only the cost of a spawn depends on where it is.
@@ -65,6 +76,11 @@ pub(crate) struct Spawn {
     /// The child shares the master's descriptor table at first (`CLONE_FILES`) and takes a
     /// private copy of the numbers below [`HIGH_FDS`] only (set by [`Spawn::spawn`]).
     copy_below: bool,
+    /// (Set by the child.) It could not take a table of its own.
+    no_private_table: std::sync::atomic::AtomicBool,
+    /// (Tests.) The child behaves as if the system refused it a table of its own.
+    #[cfg(test)]
+    refuse_private_table: bool,
 }
 
 /// A descriptor of the master to place at `at` in the child.
@@ -128,6 +144,9 @@ impl Spawn {
         Ok(Spawn {
             path_fd,
             copy_below: false,
+            no_private_table: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            refuse_private_table: false,
             path: c_string(path.as_bytes())?,
             argv_ptrs: pointers(&argv),
             envp_ptrs: pointers(&envp),
@@ -194,10 +213,27 @@ impl Spawn {
     /// it a private table with a copy of the numbers below [`HIGH_FDS`] only, where the master
     /// keeps none of its per-worker descriptors ([`lift`]). The descriptors to place that are
     /// above are copied below it first, here. When that cannot be done (no free number below,
-    /// or the program is a descriptor above), the child copies the whole table as before.
+    /// or the program is a descriptor above), the child copies the whole table as before; and
+    /// when the system refuses the child a table of its own (a seccomp profile), the spawn is
+    /// tried again that way, and so are all later ones.
     pub(crate) fn spawn(mut self) -> io::Result<(u32, OwnedFd)> {
         use std::sync::atomic::Ordering;
-        self.copy_below = self.stage_below();
+        self.copy_below = SHORT_COPY.load(Ordering::Relaxed) && self.stage_below();
+        match self.clone_child() {
+            Err(_) if self.copy_below && self.no_private_table.load(Ordering::Acquire) => {
+                tracing::debug!("a child cannot take a descriptor table of its own here: spawns copy the whole table");
+                SHORT_COPY.store(false, Ordering::Relaxed);
+                self.copy_below = false;
+                self.failed.store(0, Ordering::Release);
+                self.clone_child()
+            }
+            result => result,
+        }
+    }
+
+    /// One `clone` of the child, with `copy_below` as set; what [`spawn`](Spawn::spawn) returns.
+    fn clone_child(&mut self) -> io::Result<(u32, OwnedFd)> {
+        use std::sync::atomic::Ordering;
         let mut stack: Vec<u8> = Vec::with_capacity(CHILD_STACK);
         // The top of the stack (it grows down), 16-byte aligned as the x86-64 and aarch64 ABIs
         // want it.
@@ -218,7 +254,7 @@ impl Spawn {
             set_signal_mask(&all, &mut before);
         }
         let copy_below = self.copy_below;
-        let this: *mut Spawn = &mut self;
+        let this: *mut Spawn = self;
         // SAFETY: `child` runs on `stack` (CHILD_STACK bytes, alive until after the call, which
         // returns only once the child called `execve` or exited: CLONE_VFORK) and uses only
         // `*this`, which nothing else touches meanwhile (this thread is suspended). With
@@ -361,9 +397,20 @@ fn child_setup(s: &mut Spawn) -> Result<(), i32> {
             // nothing here may change. The kernel copies the numbers below the range only,
             // since the range reaches the last one. Without CLOSE_RANGE_UNSHARE (before 5.9),
             // a copy of the whole table.
-            let r = libc::syscall(libc::SYS_close_range, HIGH_FDS as u32, u32::MAX, libc::CLOSE_RANGE_UNSHARE);
-            if r != 0 && libc::unshare(libc::CLONE_FILES) != 0 {
-                return Err(errno());
+            #[cfg(test)]
+            let refused = s.refuse_private_table;
+            #[cfg(not(test))]
+            let refused = false;
+            let r = if refused {
+                -1
+            } else {
+                libc::syscall(libc::SYS_close_range, HIGH_FDS as u32, u32::MAX, libc::CLOSE_RANGE_UNSHARE)
+            };
+            if r != 0 && (refused || libc::unshare(libc::CLONE_FILES) != 0) {
+                // The parent tries again with a copy of the whole table (the shared one is
+                // untouched: nothing above ran on it).
+                s.no_private_table.store(true, std::sync::atomic::Ordering::Release);
+                return Err(if refused { libc::EPERM } else { errno() });
             }
         }
         for signal in 1..=libc::SIGRTMAX() {
@@ -763,12 +810,22 @@ mod tests {
     use super::*;
     use std::io::Read;
 
+    /// The tests that look at how a child copies the descriptor table, one at a time (one of
+    /// them turns the short copy off for the process, and back on).
+    static TABLE_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// Runs `script` with `sh` through [`Spawn`], stdout to a pipe, `extra` at fd 4; its output.
     fn run(script: &str, extra: OwnedFd) -> (u32, String) {
+        run_refused(script, extra, false)
+    }
+
+    /// [`run`], with the child refused a table of its own if `refused`.
+    fn run_refused(script: &str, extra: OwnedFd, refused: bool) -> (u32, String) {
         let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         let argv = ["sh", "-c", script].map(std::ffi::OsString::from);
         let mut child = Spawn::new("/bin/sh".as_ref(), &argv, vec![b"PATH=/usr/bin:/bin".to_vec()], true).unwrap();
         child.fd(write, 1).fd(extra, 4).own_process_group();
+        child.refuse_private_table = refused;
         let (pid, pidfd) = child.spawn().unwrap();
         let mut out = String::new();
         std::fs::File::from(read).read_to_string(&mut out).unwrap();
@@ -824,32 +881,50 @@ mod tests {
         assert_eq!(std_ignored & (1 << (libc::SIGPIPE - 1)), 0, "SIGPIPE is not ignored");
     }
 
-    #[test]
-    fn a_child_copies_only_the_low_descriptors_and_gets_those_placed_from_above() {
+    /// A descriptor placed from above, and one planted above without close-on-exec; the
+    /// child's output and its table's size (`FDSize`).
+    fn spawn_with_descriptors_above(refused: bool) -> (String, i32) {
         crate::os::fds::raise_fd_limit();
         let (extra, _other) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         let extra = lift(extra);
         assert!(extra.as_raw_fd() >= HIGH_FDS, "lifted: {}", extra.as_raw_fd());
-        // A descriptor above without close-on-exec: the child's copy of the table stops below.
         let (leak, _keep) = rustix::pipe::pipe().unwrap();
         let leak = rustix::io::fcntl_dupfd_cloexec(&leak, HIGH_FDS + 5).unwrap();
         rustix::io::fcntl_setfd(&leak, rustix::io::FdFlags::empty()).unwrap();
-        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
-        let before = open();
         let script = format!(
             "test -e /dev/fd/4 && echo fd4; test -e /dev/fd/{} || echo closed; exec grep FDSize /proc/self/status",
             leak.as_raw_fd()
         );
-        let (_, out) = run(&script, extra);
+        let (_, out) = run_refused(&script, extra, refused);
         assert!(out.lines().any(|l| l == "fd4"), "the descriptor placed from above: {out}");
         assert!(out.lines().any(|l| l == "closed"), "a descriptor above the copy leaked: {out}");
+        let size = out.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap_or_default().trim().parse().unwrap();
+        (out, size)
+    }
+
+    #[test]
+    fn a_child_refused_a_table_of_its_own_is_spawned_again_with_a_copy_of_the_whole_table() {
+        let _one = TABLE_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let (out, size) = spawn_with_descriptors_above(true);
+        assert!(size > HIGH_FDS, "the second try copied the whole table: {out}");
+        assert!(!SHORT_COPY.load(std::sync::atomic::Ordering::Relaxed), "later spawns copy the whole table");
+        // And they do: a spawn that would be allowed the short copy gets the whole one.
+        let (out, size) = spawn_with_descriptors_above(false);
+        assert!(size > HIGH_FDS, "{out}");
+        SHORT_COPY.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_child_copies_only_the_low_descriptors_and_gets_those_placed_from_above() {
+        let _one = TABLE_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = open();
+        let (out, size) = spawn_with_descriptors_above(false);
         // The child's table was sized for the numbers below HIGH_FDS (a copy of the whole
-        // table would cover the leaked descriptor's number, above).
-        let size: i32 = out.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap_or_default().trim().parse().unwrap();
+        // table would cover the planted descriptor's number, above).
         assert!(size <= HIGH_FDS, "the child copied the whole table: {out}");
-        // The copies made below for the child are closed again (`run` dropped the pidfd and the
-        // pipe it made; `extra` was moved into the spawn). Other tests run beside this one and
-        // open descriptors of their own: allow them a few.
+        // The copies made below for the child are closed again. Other tests run beside this
+        // one and open descriptors of their own: allow them a few.
         let after = open();
         assert!(after <= before + 4, "descriptors left open by the spawn: {before} before, {after} after");
     }
