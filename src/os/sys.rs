@@ -882,11 +882,13 @@ mod tests {
     }
 
     /// A descriptor placed from above, and one planted above without close-on-exec; the
-    /// child's output and its table's size (`FDSize`).
-    fn spawn_with_descriptors_above(refused: bool) -> (String, i32) {
+    /// child's output, its table's size (`FDSize`), and how many of this process's descriptors
+    /// still refer to the placed pipe afterwards (its other end only, unless a copy leaked).
+    fn spawn_with_descriptors_above(refused: bool) -> (String, i32, usize) {
         crate::os::fds::raise_fd_limit();
         let (extra, _other) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
         let extra = lift(extra);
+        let pipe = std::fs::read_link(format!("/proc/self/fd/{}", extra.as_raw_fd())).unwrap();
         assert!(extra.as_raw_fd() >= HIGH_FDS, "lifted: {}", extra.as_raw_fd());
         let (leak, _keep) = rustix::pipe::pipe().unwrap();
         let leak = rustix::io::fcntl_dupfd_cloexec(&leak, HIGH_FDS + 5).unwrap();
@@ -899,17 +901,23 @@ mod tests {
         assert!(out.lines().any(|l| l == "fd4"), "the descriptor placed from above: {out}");
         assert!(out.lines().any(|l| l == "closed"), "a descriptor above the copy leaked: {out}");
         let size = out.lines().find_map(|l| l.strip_prefix("FDSize:")).unwrap_or_default().trim().parse().unwrap();
-        (out, size)
+        let refs = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == pipe))
+            .count();
+        (out, size, refs)
     }
 
     #[test]
     fn a_child_refused_a_table_of_its_own_is_spawned_again_with_a_copy_of_the_whole_table() {
         let _one = TABLE_TESTS.lock().unwrap_or_else(|e| e.into_inner());
-        let (out, size) = spawn_with_descriptors_above(true);
+        let (out, size, refs) = spawn_with_descriptors_above(true);
         assert!(size > HIGH_FDS, "the second try copied the whole table: {out}");
+        assert_eq!(refs, 1, "the copy staged for the first try is closed");
         assert!(!SHORT_COPY.load(std::sync::atomic::Ordering::Relaxed), "later spawns copy the whole table");
         // And they do: a spawn that would be allowed the short copy gets the whole one.
-        let (out, size) = spawn_with_descriptors_above(false);
+        let (out, size, _) = spawn_with_descriptors_above(false);
         assert!(size > HIGH_FDS, "{out}");
         SHORT_COPY.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -917,16 +925,13 @@ mod tests {
     #[test]
     fn a_child_copies_only_the_low_descriptors_and_gets_those_placed_from_above() {
         let _one = TABLE_TESTS.lock().unwrap_or_else(|e| e.into_inner());
-        let open = || std::fs::read_dir("/proc/self/fd").unwrap().count();
-        let before = open();
-        let (out, size) = spawn_with_descriptors_above(false);
+        let (out, size, refs) = spawn_with_descriptors_above(false);
         // The child's table was sized for the numbers below HIGH_FDS (a copy of the whole
         // table would cover the planted descriptor's number, above).
         assert!(size <= HIGH_FDS, "the child copied the whole table: {out}");
-        // The copies made below for the child are closed again. Other tests run beside this
-        // one and open descriptors of their own: allow them a few.
-        let after = open();
-        assert!(after <= before + 4, "descriptors left open by the spawn: {before} before, {after} after");
+        // The copy made below for the child is closed again, as is the placed descriptor: of
+        // the pipe, only its other end is left.
+        assert_eq!(refs, 1, "a copy of the placed descriptor is left open");
     }
 
     #[test]
