@@ -319,22 +319,16 @@ impl Spawn {
         if self.path_fd.is_some_and(|n| n >= HIGH_FDS) {
             return false;
         }
-        for i in 0..self.fds.len() {
-            let Some(p) = self.fds.get_mut(i) else { break };
-            if p.fd.as_raw_fd() < HIGH_FDS {
-                continue;
-            }
-            match rustix::io::fcntl_dupfd_cloexec(&p.fd, 0) {
-                Ok(low) if low.as_raw_fd() < HIGH_FDS => p.low = Some(low),
-                _ => {
-                    for p in &mut self.fds {
-                        p.low = None;
-                    }
-                    return false;
-                }
+        let staged = self.fds.iter_mut().filter(|p| p.fd.as_raw_fd() >= HIGH_FDS).all(|p| {
+            p.low = rustix::io::fcntl_dupfd_cloexec(&p.fd, 0).ok().filter(|low| low.as_raw_fd() < HIGH_FDS);
+            p.low.is_some()
+        });
+        if !staged {
+            for p in &mut self.fds {
+                p.low = None;
             }
         }
-        true
+        staged
     }
 }
 

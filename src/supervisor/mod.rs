@@ -830,9 +830,8 @@ impl Supervisor {
             if self.cache.slot_deploys.get(i) != Some(&deploys) {
                 return Err(format!("slot {i}: deploys kept {:?}, real {deploys:?}", self.cache.slot_deploys.get(i)));
             }
-            let ready = (!s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
-                || (s.handed && self.sockets.contains(&s.id));
-            if self.policy.socket_per_slot && self.steering != Steering::Off && ready != self.cache.ready.contains(&i) {
+            let ready = self.ready_to_route(s);
+            if self.routes() && ready != self.cache.ready.contains(&i) {
                 return Err(format!("slot {i}: ready {ready}, kept otherwise"));
             }
         }

@@ -56,6 +56,25 @@ impl Supervisor {
             || self.rollout.as_ref().is_some_and(|r| r.reaches(slot))
     }
 
+    /// Whether this master routes new connections now: `ReusePort`, running, steering not
+    /// given up, and (a new master of an upgrade) once it took over: until then the old one
+    /// does.
+    pub(super) fn routes(&self) -> bool {
+        self.policy.socket_per_slot
+            && self.phase == Phase::Running
+            && self.steering != Steering::Off
+            && self.takeover != super::Takeover::Pending
+    }
+
+    /// Whether `s` is among the slots new connections go to (unless none is): its worker is
+    /// ready, or it was handed to the new master of a slot-by-slot upgrade, whose worker serves
+    /// it (if this master holds its socket: one the new master bound is not in its picture of
+    /// the group).
+    pub(super) fn ready_to_route(&self, s: &super::Slot) -> bool {
+        (!s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
+            || (s.handed && self.sockets.contains(&s.id))
+    }
+
     /// Routes new connections to the slots whose worker is ready, if that set changed. While
     /// no slot is ready (the start-up, or every worker crashed), to the slots whose worker was
     /// started and is not stopping: each connection then waits for a worker that exists, never
@@ -65,26 +84,14 @@ impl Supervisor {
     /// `incremental`: the ready slots are brought up to date from the slots marked since the
     /// last settle.
     pub(super) fn update_route(&mut self, out: &mut Vec<Command>, incremental: bool) {
-        if !self.policy.socket_per_slot
-            || self.phase != Phase::Running
-            || self.steering == Steering::Off
-            || self.takeover == super::Takeover::Pending
-        {
-            // (A new master of an upgrade steers once it took over: until then the old one does.)
+        if !self.routes() {
             return;
         }
-        // Ready, or handed to the new master of a slot-by-slot upgrade: its worker serves them.
-        // (Those whose socket this master holds: one the new master bound is not in its picture
-        // of the group.)
-        let ready = |s: &super::Slot| {
-            (!s.disabled && s.current.as_ref().is_some_and(|p| p.state == ProcState::Active))
-                || (s.handed && self.sockets.contains(&s.id))
-        };
         match self.slots.touched().slots().filter(|_| self.still_incremental(incremental)) {
             Some(marked) => {
                 let mut route = std::mem::take(&mut self.cache.ready);
                 for &i in marked.iter().filter(|&&i| i < self.slots.len()) {
-                    match (route.binary_search(&i), ready(&self.slots[i])) {
+                    match (route.binary_search(&i), self.ready_to_route(&self.slots[i])) {
                         (Err(at), true) => route.insert(at, i),
                         (Ok(at), false) => {
                             route.remove(at);
@@ -94,7 +101,7 @@ impl Supervisor {
                 }
                 self.cache.ready = route;
             }
-            None => self.cache.ready = self.slots.iter().filter(|s| ready(s)).map(|s| s.id).collect(),
+            None => self.cache.ready = self.slots.iter().filter(|s| self.ready_to_route(s)).map(|s| s.id).collect(),
         }
         let route = if self.cache.ready.is_empty() {
             self.slots
