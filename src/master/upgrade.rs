@@ -720,7 +720,9 @@ pub(super) fn reuse_listener(
         if fds.len() <= slot {
             fds.resize_with(slot + 1, || None);
         }
-        fds[slot] = Some(owned);
+        // Above the spawn's copied range, as the sockets this master binds itself: in
+        // ReusePort mode there is one per slot, and each spawn would copy them all.
+        fds[slot] = Some(crate::os::sys::lift(owned));
     }
     let addr = match l.addr {
         InheritedAddr::Tcp(a) => super::ListenAddr::Tcp(a),

@@ -293,7 +293,7 @@ pub(crate) fn activated_sockets() -> Result<Vec<Passed>, Error> {
             let l = check_inherited_listener(fd.try_clone().map_err(|e| bad(format!("fd {n}: {e}")))?, n)?;
             PassedAddr::Tcp(l.local_addr().map_err(|e| bad(format!("fd {n}: {e}")))?)
         };
-        out.push(Passed { name, fd, addr });
+        out.push(Passed { name, fd: crate::os::sys::lift(fd), addr });
     }
     Ok(out)
 }

@@ -98,6 +98,8 @@ fn socket_activation_serves_the_socket_systemd_passed() {
     }
     assert_eq!(ids.len(), 2, "both workers share it");
     assert!(tb.stderr().contains("socket activation"), "{}", tb.stderr());
+    // The passed socket is moved out of the descriptors a spawn copies, as a bound one.
+    assert_listeners_lifted(tb.pid(), port);
     // The master's own LISTEN_* do not reach the workers: each gets its own (its pid).
     for w in tb.workers() {
         let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{w}/environ")).unwrap()).into_owned();

@@ -426,6 +426,9 @@ fn slot_by_slot_at_most_one_worker_more_than_the_slots_runs_and_nothing_fails() 
     let new_workers: BTreeSet<u32> = children_of(new_master).into_iter().collect();
     assert_eq!(new_workers.len(), 3);
     assert!(new_workers.is_disjoint(&old_workers));
+    // The inherited sockets (one per slot) are moved out of the descriptors a spawn copies.
+    assert_eq!(listener_fds(new_master, tb.port).len(), 3, "one socket per slot");
+    assert_listeners_lifted(new_master, tb.port);
 }
 
 /// The stdout lines up to and including the next ready line: the `listener NAME ADDR` ones, as

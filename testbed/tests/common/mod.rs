@@ -493,8 +493,35 @@ pub fn listening_inodes(port: u16) -> BTreeSet<String> {
 
 /// How many of `pid`'s descriptors are sockets listening on `port`.
 pub fn listeners_held(pid: u32, port: u16) -> usize {
+    listener_fds(pid, port).len()
+}
+
+/// The numbers of `pid`'s descriptors that are sockets listening on `port`.
+pub fn listener_fds(pid: u32, port: u16) -> Vec<i32> {
     let listening = listening_inodes(port);
-    fds_of(pid).iter().filter(|(_, t)| listening.contains(t)).count()
+    fds_of(pid).into_iter().filter(|(_, t)| listening.contains(t)).map(|(n, _)| n).collect()
+}
+
+/// Checks that master `pid` keeps its sockets listening on `port` at descriptor 4096 or above
+/// (the library's cut-off: a spawn copies only the descriptors below it), whenever its
+/// open-file limit lets it; says so and checks nothing when the limit is 4096 or less.
+pub fn assert_listeners_lifted(pid: u32, port: u16) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse::<u64>().ok());
+    if soft.is_some_and(|s| s <= 4096) {
+        eprintln!("not checked: master {pid}'s open-file limit is {soft:?}, at or below the cut-off 4096");
+        return;
+    }
+    let fds = listener_fds(pid, port);
+    assert!(!fds.is_empty(), "master {pid} holds no socket listening on port {port}");
+    assert!(
+        fds.iter().all(|&n| n >= 4096),
+        "master {pid}'s sockets on port {port} are at {fds:?}: all should be at 4096 or above"
+    );
 }
 
 /// An HTTP/1.1 client on one keep-alive connection that reconnects only when the server said
