@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Command, Loc, Notify, Phase, ProcState, Report, SpawnReason, Supervisor, WorkerKey, signal_bit};
-use crate::stats::{ExitReason, ExitStatus, WorkerStatus};
+use super::{
+    Command, Loc, Notify, Phase, ProcState, Report, SpawnReason, StartupPart, Supervisor, WorkerKey, signal_bit,
+};
+use crate::stats::{ExitReason, ExitStatus};
 
 /// An exit the master did not ask for is a crash when the code is non-zero or the process died
 /// of a signal the master did not send it (`signalled`, see [`super::Proc::signalled`]).
@@ -251,8 +253,10 @@ impl Supervisor {
     }
 
     /// Announces, once, that the initial start-up is over: every slot that is not disabled is
-    /// active (a slot disabled during start-up does not hold the others back).
-    pub(super) fn check_all_ready(&mut self, out: &mut Vec<Command>) {
+    /// active (a slot disabled during start-up does not hold the others back). Counts the
+    /// slots from those marked since the last settle when `incremental` (see
+    /// [`Supervisor::settle`]): a start-up of N workers costs O(N), not O(N²).
+    pub(super) fn check_all_ready(&mut self, out: &mut Vec<Command>, incremental: bool) {
         if self.announced_ready || self.phase != Phase::Running {
             // (A new master of an upgrade with fewer than `min_ready` ready at its announcement
             // tells its predecessor once it has them.)
@@ -261,9 +265,9 @@ impl Supervisor {
         }
         // Only slots that will still become active hold the announcement back: a slot disabled,
         // crashed with respawn off, or stopped for good during start-up does not.
-        let waiting =
-            self.slots.iter().any(|s| matches!(s.status(), WorkerStatus::Starting | WorkerStatus::Respawning));
-        let workers = self.slots.iter().filter(|s| s.status() == WorkerStatus::Active).count();
+        let incremental = self.still_incremental(incremental);
+        self.cache.startup.follow(&self.slots, incremental, StartupPart::of);
+        let (waiting, workers) = (self.cache.startup.tally.waiting > 0, self.cache.startup.tally.active);
         if !waiting && workers > 0 {
             self.announced_ready = true;
             out.push(Command::Report(Report::AllReady { workers }));

@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Instant, SystemTime};
 
 use crate::signal::Signal;
-use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome};
+use crate::stats::{ExitCounts, ExitReason, ExitStatus, RestartOutcome, UpgradeOutcome, WorkerStatus};
 
 mod history;
 mod lifecycle;
@@ -407,10 +407,117 @@ struct SettleCache {
     /// The slots with a ready worker (or handed over, with their socket held), in order: the
     /// route, unless it is empty.
     ready: Vec<usize>,
+    /// The slots whose worker was started and is not stopping, in order: the route while no
+    /// slot is ready ([`Supervisor::started_to_route`]).
+    started: Vec<usize>,
     /// The deploys each slot's program and its two processes run
     /// ([`Supervisor::slot_deploys`]), and how many of those entries name each deploy.
-    slot_deploys: Vec<[Option<u64>; 3]>,
-    deploy_uses: BTreeMap<u64, usize>,
+    deploys: Tallied<[Option<u64>; 3], DeployUses>,
+    /// Until the start-up is announced: each slot's part in it ([`StartupPart::of`]), and how
+    /// many slots are still to become active and how many are.
+    startup: Tallied<StartupPart, StartupCounts>,
+}
+
+/// A value kept for each slot, and a tally over those values, brought up to date by
+/// [`follow`](Tallied::follow).
+#[derive(Debug, Clone)]
+struct Tallied<T, C> {
+    per_slot: Vec<T>,
+    tally: C,
+}
+
+impl<T, C: Default> Default for Tallied<T, C> {
+    fn default() -> Self {
+        Tallied { per_slot: Vec::new(), tally: C::default() }
+    }
+}
+
+/// How a [`Tallied`] tally counts a value in or out.
+trait Tally<T>: Default {
+    fn count(&mut self, value: T, add: bool);
+}
+
+impl<T: Copy + PartialEq, C: Tally<T>> Tallied<T, C> {
+    /// Brings every slot's value (`of`) and the tally up to date: from the slots marked since
+    /// the last settle when `incremental` (and a value is kept for each slot), else from every
+    /// slot.
+    fn follow(&mut self, slots: &Slots, incremental: bool, of: impl Fn(&Slot) -> T) {
+        let n = slots.len();
+        match slots.touched().slots().filter(|_| incremental && self.per_slot.len() == n) {
+            Some(marked) => {
+                for &i in marked.iter().filter(|&&i| i < n) {
+                    let now = of(&slots[i]);
+                    let before = std::mem::replace(&mut self.per_slot[i], now);
+                    if before != now {
+                        self.tally.count(before, false);
+                        self.tally.count(now, true);
+                    }
+                }
+            }
+            None => {
+                self.per_slot = slots.iter().map(of).collect();
+                self.tally = C::default();
+                for &value in &self.per_slot {
+                    self.tally.count(value, true);
+                }
+            }
+        }
+    }
+}
+
+/// How many of the slots' entries ([`Supervisor::slot_deploys`]) name each deploy.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct DeployUses(BTreeMap<u64, usize>);
+
+impl Tally<[Option<u64>; 3]> for DeployUses {
+    fn count(&mut self, entries: [Option<u64>; 3], add: bool) {
+        for deploy in entries.into_iter().flatten() {
+            let n = self.0.entry(deploy).or_insert(0);
+            *n = if add { *n + 1 } else { n.saturating_sub(1) };
+            if *n == 0 {
+                self.0.remove(&deploy);
+            }
+        }
+    }
+}
+
+/// How many slots are still to become active, and how many are, during the start-up.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct StartupCounts {
+    waiting: usize,
+    active: usize,
+}
+
+impl Tally<StartupPart> for StartupCounts {
+    fn count(&mut self, part: StartupPart, add: bool) {
+        let tally = match part {
+            StartupPart::Waiting => &mut self.waiting,
+            StartupPart::Active => &mut self.active,
+            StartupPart::Neither => return,
+        };
+        *tally = if add { *tally + 1 } else { tally.saturating_sub(1) };
+    }
+}
+
+/// A slot's part in the start-up's announcement ([`Supervisor::check_all_ready`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartupPart {
+    /// Starting or respawning: holds the announcement back.
+    Waiting,
+    /// Serving: counts in it.
+    Active,
+    /// Disabled, crashed with respawn off, stopping or stopped: neither.
+    Neither,
+}
+
+impl StartupPart {
+    fn of(slot: &Slot) -> StartupPart {
+        match slot.status() {
+            WorkerStatus::Starting | WorkerStatus::Respawning => StartupPart::Waiting,
+            WorkerStatus::Active => StartupPart::Active,
+            _ => StartupPart::Neither,
+        }
+    }
 }
 
 /// The global state that what [`SettleCache`] keeps per slot depends on. It exists only in
@@ -745,7 +852,7 @@ impl Supervisor {
         let marks = self.marks();
         self.close_unserved(out, incremental);
         self.update_route(out, incremental);
-        self.check_all_ready(out);
+        self.check_all_ready(out, incremental);
         self.release_programs(out, incremental);
         self.check_done(out);
         // (An incremental settle whose steps changed the steady state, a rollout ended by a
@@ -827,16 +934,31 @@ impl Supervisor {
             if kept != real {
                 return Err(format!("slot {i}: deadline kept {kept:?}, real {real:?}"));
             }
-            if self.cache.slot_deploys.get(i) != Some(&deploys) {
-                return Err(format!("slot {i}: deploys kept {:?}, real {deploys:?}", self.cache.slot_deploys.get(i)));
+            let kept = self.cache.deploys.per_slot.get(i);
+            if kept != Some(&deploys) {
+                return Err(format!("slot {i}: deploys kept {kept:?}, real {deploys:?}"));
             }
             let ready = self.ready_to_route(s);
             if self.routes() && ready != self.cache.ready.contains(&i) {
                 return Err(format!("slot {i}: ready {ready}, kept otherwise"));
             }
+            let started = Self::started_to_route(s);
+            if self.routes() && started != self.cache.started.contains(&i) {
+                return Err(format!("slot {i}: started {started}, kept otherwise"));
+            }
+            let (part, kept) = (StartupPart::of(s), self.cache.startup.per_slot.get(i));
+            if !self.announced_ready && kept != Some(&part) {
+                return Err(format!("slot {i}: start-up part kept {kept:?}, real {part:?}"));
+            }
         }
-        if self.slots.touched().slots().is_some_and(|t| t.is_empty()) && uses != self.cache.deploy_uses {
-            return Err(format!("deploys in use: kept {:?}, real {uses:?}", self.cache.deploy_uses));
+        let none_marked = self.slots.touched().slots().is_some_and(|t| t.is_empty());
+        if none_marked && uses != self.cache.deploys.tally.0 {
+            return Err(format!("deploys in use: kept {:?}, real {uses:?}", self.cache.deploys.tally.0));
+        }
+        let parts = |p: StartupPart| self.slots.iter().filter(|s| StartupPart::of(s) == p).count();
+        let counts = StartupCounts { waiting: parts(StartupPart::Waiting), active: parts(StartupPart::Active) };
+        if none_marked && !self.announced_ready && counts != self.cache.startup.tally {
+            return Err(format!("start-up: kept {:?}, real {counts:?}", self.cache.startup.tally));
         }
         Ok(())
     }

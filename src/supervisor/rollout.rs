@@ -215,43 +215,14 @@ impl Supervisor {
     /// `incremental`: the slots' part of what is in use is brought up to date from the slots
     /// marked since the last settle.
     pub(super) fn release_programs(&mut self, out: &mut Vec<Command>, incremental: bool) {
-        fn count(uses: &mut std::collections::BTreeMap<u64, usize>, entries: [Option<u64>; 3], add: bool) {
-            for deploy in entries.into_iter().flatten() {
-                let n = uses.entry(deploy).or_insert(0);
-                *n = if add { *n + 1 } else { n.saturating_sub(1) };
-                if *n == 0 {
-                    uses.remove(&deploy);
-                }
-            }
-        }
-        let n = self.slots.len();
         let incremental = self.still_incremental(incremental);
-        let cache = &mut self.cache;
-        match self.slots.touched().slots().filter(|_| incremental && cache.slot_deploys.len() == n) {
-            Some(marked) => {
-                for &i in marked.iter().filter(|&&i| i < n) {
-                    let now = Self::slot_deploys(&self.slots[i]);
-                    let before = std::mem::replace(&mut cache.slot_deploys[i], now);
-                    if before != now {
-                        count(&mut cache.deploy_uses, before, false);
-                        count(&mut cache.deploy_uses, now, true);
-                    }
-                }
-            }
-            None => {
-                cache.deploy_uses.clear();
-                cache.slot_deploys = self.slots.iter().map(Self::slot_deploys).collect();
-                for &entries in &cache.slot_deploys {
-                    count(&mut cache.deploy_uses, entries, true);
-                }
-            }
-        }
+        self.cache.deploys.follow(&self.slots, incremental, Self::slot_deploys);
         if self.deployed.is_empty() {
             return;
         }
         let in_use = |n: u64| {
             let p = Program::Deployed(n);
-            self.cache.deploy_uses.contains_key(&n)
+            self.cache.deploys.tally.0.contains_key(&n)
                 || self.retiring.iter().any(|(_, r)| r.program == p)
                 || self.rollout.as_ref().is_some_and(|r| r.program == p)
                 || self.program == p

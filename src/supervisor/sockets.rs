@@ -81,43 +81,50 @@ impl Supervisor {
     /// on the socket of a slot that will only be spawned later (or respawned after a delay).
     /// With none of those either, the route is empty: the driver then leaves the whole group.
     ///
-    /// `incremental`: the ready slots are brought up to date from the slots marked since the
-    /// last settle.
+    /// `incremental`: the ready slots and the started ones are brought up to date from the
+    /// slots marked since the last settle.
     pub(super) fn update_route(&mut self, out: &mut Vec<Command>, incremental: bool) {
+        /// Puts slot `i` in the sorted list `kept` or takes it out.
+        fn place(kept: &mut Vec<usize>, i: usize, belongs: bool) {
+            match (kept.binary_search(&i), belongs) {
+                (Err(at), true) => kept.insert(at, i),
+                (Ok(at), false) => {
+                    kept.remove(at);
+                }
+                _ => {}
+            }
+        }
         if !self.routes() {
             return;
         }
-        match self.slots.touched().slots().filter(|_| self.still_incremental(incremental)) {
+        let n = self.slots.len();
+        let incremental = self.still_incremental(incremental);
+        let (mut ready, mut started) = (std::mem::take(&mut self.cache.ready), std::mem::take(&mut self.cache.started));
+        match self.slots.touched().slots().filter(|_| incremental) {
             Some(marked) => {
-                let mut route = std::mem::take(&mut self.cache.ready);
-                for &i in marked.iter().filter(|&&i| i < self.slots.len()) {
-                    match (route.binary_search(&i), self.ready_to_route(&self.slots[i])) {
-                        (Err(at), true) => route.insert(at, i),
-                        (Ok(at), false) => {
-                            route.remove(at);
-                        }
-                        _ => {}
-                    }
+                for &i in marked.iter().filter(|&&i| i < n) {
+                    let s = &self.slots[i];
+                    place(&mut ready, i, self.ready_to_route(s));
+                    place(&mut started, i, Self::started_to_route(s));
                 }
-                self.cache.ready = route;
             }
-            None => self.cache.ready = self.slots.iter().filter(|s| self.ready_to_route(s)).map(|s| s.id).collect(),
+            None => {
+                ready = self.slots.iter().filter(|s| self.ready_to_route(s)).map(|s| s.id).collect();
+                started = self.slots.iter().filter(|s| Self::started_to_route(s)).map(|s| s.id).collect();
+            }
         }
-        let route = if self.cache.ready.is_empty() {
-            self.slots
-                .iter()
-                .filter(|s| !s.disabled && s.current.as_ref().is_some_and(|p| p.state != ProcState::Stopping))
-                .map(|s| s.id)
-                .collect()
-        } else if self.cache.ready != self.routed {
-            self.cache.ready.clone()
-        } else {
-            return;
-        };
-        if route != self.routed {
-            self.routed = route.clone();
-            out.push(Command::Route { slots: route });
+        let route = if ready.is_empty() { &started } else { &ready };
+        if *route != self.routed {
+            self.routed.clone_from(route);
+            out.push(Command::Route { slots: route.clone() });
         }
+        (self.cache.ready, self.cache.started) = (ready, started);
+    }
+
+    /// Whether `s` is among the slots new connections go to while no slot is ready: its
+    /// worker was started and is not stopping.
+    pub(super) fn started_to_route(s: &super::Slot) -> bool {
+        !s.disabled && s.current.as_ref().is_some_and(|p| p.state != ProcState::Stopping)
     }
 
     /// The driver could not steer connections as routed. A route no program fits is left to

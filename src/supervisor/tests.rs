@@ -1458,6 +1458,47 @@ fn in_the_steady_state_an_event_settles_from_the_slots_it_changed_and_a_rollout_
 }
 
 #[test]
+fn a_start_up_is_counted_from_the_slots_each_event_changed() {
+    // The announcement waits for every slot that will still become active. Its tallies are
+    // kept from the slots each event marked (a start-up of N workers is O(N), not O(N²)): a
+    // crash moves a slot from active to waiting, a slot disabled stops holding it back. Every
+    // command is checked against a twin that counts every slot, and the kept tallies against
+    // a recount after every event.
+    let mut h = Harness::new(policy(6)).with_twin();
+    let all_ready = |r: &[Command]| reports(r).into_iter().filter(|r| matches!(r, Report::AllReady { .. })).count();
+    let before = h.sup.incremental_settles;
+    for i in 0..6 {
+        h.at(i * 100);
+        h.sup.check_cache().unwrap();
+    }
+    for slot in 0..5 {
+        assert_eq!(all_ready(&h.ready(slot)), 0);
+        h.sup.check_cache().unwrap();
+    }
+    // Slot 1 crashes: respawning, it holds the announcement back when slot 5 gets ready.
+    h.exit(1, ExitStatus::Code(1));
+    assert_eq!(all_ready(&h.ready(5)), 0, "slot 1 is respawning");
+    h.sup.check_cache().unwrap();
+    // Slot 3 crashes until it is disabled, slot 1 meanwhile respawned and waiting for ready.
+    for t in [600u64, 700, 800] {
+        assert_eq!(all_ready(&h.exit(3, ExitStatus::Code(1))), 0);
+        h.sup.check_cache().unwrap();
+        h.at(t);
+        h.sup.check_cache().unwrap();
+    }
+    assert_eq!(h.status(3), WorkerStatus::Disabled);
+    assert_eq!(h.status(1), WorkerStatus::Starting);
+    let r = h.ready(1);
+    assert!(reports(&r).contains(&&Report::AllReady { workers: 5 }), "{r:?}");
+    assert_eq!(all_ready(&h.log), 1, "announced once");
+    // 29 events (6 ticks and 6 starts, 5 readies, the exit and slot 5's ready, three rounds of
+    // slot 3's exit and a tick with the starts it brings, slot 1's ready): the first tick
+    // settled in full (it built the cache), the tick at 800 had nothing due (no settle), every
+    // other one settled from its slots.
+    assert_eq!(h.sup.incremental_settles - before, 27);
+}
+
+#[test]
 fn a_rollout_ended_by_a_replacement_deadline_in_an_incremental_settle_hands_over_to_a_full_one() {
     // Found missing by a review: a replacement failing at its ready deadline ends its rollout
     // (and starts the queued one) in the middle of an incremental settle; the steps after it
