@@ -960,6 +960,15 @@ impl Supervisor {
         if none_marked && !self.announced_ready && counts != self.cache.startup.tally {
             return Err(format!("start-up: kept {:?}, real {counts:?}", self.cache.startup.tally));
         }
+        // The lists whole (in order, once each: `update_route` relies on `binary_search`).
+        let list = |f: &dyn Fn(&Slot) -> bool| self.slots.iter().filter(|s| f(s)).map(|s| s.id).collect::<Vec<_>>();
+        let (ready, started) = (list(&|s| self.ready_to_route(s)), list(&Self::started_to_route));
+        if none_marked && self.routes() && (ready != self.cache.ready || started != self.cache.started) {
+            return Err(format!(
+                "route lists: kept {:?} and {:?}, real {ready:?} and {started:?}",
+                self.cache.ready, self.cache.started
+            ));
+        }
         Ok(())
     }
 

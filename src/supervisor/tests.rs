@@ -1499,6 +1499,50 @@ fn a_start_up_is_counted_from_the_slots_each_event_changed() {
 }
 
 #[test]
+fn a_scale_in_the_start_up_and_every_worker_crashing_after_it_count_and_route_as_a_full_settle() {
+    // The start-up's counts and the two route lists across a change of the slot count (a full
+    // settle, then incremental ones again), and the fallback route after the announcement:
+    // every command checked against a twin that settles in full, the cache against a recount.
+    let mut h = Harness::new(policy(3)).with_twin();
+    let check = |h: &Harness| h.sup.check_cache().unwrap();
+    let all_ready = |r: &[Command]| reports(r).into_iter().filter(|r| matches!(r, Report::AllReady { .. })).count();
+    h.at(0);
+    h.ready(0);
+    check(&h);
+    h.feed(Event::Scale { workers: 5 });
+    check(&h);
+    for t in [100, 200, 300, 400] {
+        h.at(t);
+        check(&h);
+    }
+    assert_eq!(h.sup.slots.len(), 5);
+    h.feed(Event::Scale { workers: 4 });
+    check(&h);
+    for slot in 1..3 {
+        assert_eq!(all_ready(&h.ready(slot)), 0, "slot 3 is not ready yet");
+        check(&h);
+    }
+    let r = h.ready(3);
+    assert!(reports(&r).contains(&&Report::AllReady { workers: 4 }), "{r:?}");
+    check(&h);
+    // Every worker crashes: no slot is ready, and none started, so the route is empty until
+    // the respawns start; then it is the started slots, then the ready ones again.
+    for slot in 0..4 {
+        h.exit(slot, ExitStatus::Code(1));
+        check(&h);
+    }
+    assert!(h.sup.routed.is_empty(), "{:?}", h.sup.routed);
+    let r = h.at(500);
+    assert_eq!(spawns(&r), vec![0, 1, 2, 3]);
+    assert_eq!(h.sup.routed, vec![0, 1, 2, 3], "the started slots while none is ready");
+    check(&h);
+    h.ready(2);
+    assert_eq!(h.sup.routed, vec![2], "the ready one");
+    check(&h);
+    assert_eq!(all_ready(&h.log), 1, "announced once");
+}
+
+#[test]
 fn a_rollout_ended_by_a_replacement_deadline_in_an_incremental_settle_hands_over_to_a_full_one() {
     // Found missing by a review: a replacement failing at its ready deadline ends its rollout
     // (and starts the queued one) in the middle of an incremental settle; the steps after it
