@@ -510,6 +510,11 @@ fn the_new_master_keeps_listeners_that_stay_binds_new_ones_and_closes_removed_on
     assert!(out.status.success(), "{}\n{}", text(&out.stderr), tb.stderr());
     cleanup.watch(new_master_pid(&tb));
     let (after, _) = listeners_until_ready(&rx, &tb);
+    // The inherited sockets, TCP and unix, are moved out of the descriptors a spawn copies.
+    let new_master = new_master_pid(&tb);
+    let port_a: u16 = a.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port");
+    assert_listeners_lifted(new_master, port_a);
+    assert_sockets_lifted(new_master, &unix_listening_inodes(&sock), &sock.display().to_string());
     assert_eq!(addr(&after, "a"), Some(a.clone()), "port 0 takes the inherited port: {after:?}");
     assert_eq!(addr(&after, "u"), Some(sock.display().to_string()));
     let new = addr(&after, "new").expect("the new listener is bound");

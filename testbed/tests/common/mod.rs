@@ -502,10 +502,30 @@ pub fn listener_fds(pid: u32, port: u16) -> Vec<i32> {
     fds_of(pid).into_iter().filter(|(_, t)| listening.contains(t)).map(|(n, _)| n).collect()
 }
 
+/// The sockets listening at the unix socket path `path`, as `/proc/PID/fd` names them.
+pub fn unix_listening_inodes(path: &Path) -> BTreeSet<String> {
+    let text = std::fs::read_to_string("/proc/net/unix").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            // Num RefCount Protocol Flags Type St Inode Path; the flags of a listening socket
+            // are __SO_ACCEPTCON.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"00010000") && f.get(7).map(Path::new) == Some(path);
+            listening.then(|| format!("socket:[{}]", f[6]))
+        })
+        .collect()
+}
+
 /// Checks that master `pid` keeps its sockets listening on `port` at descriptor 4096 or above
 /// (the library's cut-off: a spawn copies only the descriptors below it), whenever its
 /// open-file limit lets it; says so and checks nothing when the limit is 4096 or less.
 pub fn assert_listeners_lifted(pid: u32, port: u16) {
+    assert_sockets_lifted(pid, &listening_inodes(port), &format!("port {port}"));
+}
+
+/// [`assert_listeners_lifted`] for the sockets `inodes` (listening on `what`).
+pub fn assert_sockets_lifted(pid: u32, inodes: &BTreeSet<String>, what: &str) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
     let soft = limits
         .lines()
@@ -516,11 +536,11 @@ pub fn assert_listeners_lifted(pid: u32, port: u16) {
         eprintln!("not checked: master {pid}'s open-file limit is {soft:?}, at or below the cut-off 4096");
         return;
     }
-    let fds = listener_fds(pid, port);
-    assert!(!fds.is_empty(), "master {pid} holds no socket listening on port {port}");
+    let fds: Vec<i32> = fds_of(pid).into_iter().filter(|(_, t)| inodes.contains(t)).map(|(n, _)| n).collect();
+    assert!(!fds.is_empty(), "master {pid} holds no socket listening on {what}");
     assert!(
         fds.iter().all(|&n| n >= 4096),
-        "master {pid}'s sockets on port {port} are at {fds:?}: all should be at 4096 or above"
+        "master {pid}'s sockets on {what} are at {fds:?}: all should be at 4096 or above"
     );
 }
 
