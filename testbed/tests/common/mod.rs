@@ -498,8 +498,13 @@ pub fn listeners_held(pid: u32, port: u16) -> usize {
 
 /// The numbers of `pid`'s descriptors that are sockets listening on `port`.
 pub fn listener_fds(pid: u32, port: u16) -> Vec<i32> {
-    let listening = listening_inodes(port);
-    fds_of(pid).into_iter().filter(|(_, t)| listening.contains(t)).map(|(n, _)| n).collect()
+    fds_among(pid, &listening_inodes(port))
+}
+
+/// The numbers of `pid`'s descriptors that refer to one of `targets` (as `/proc/PID/fd` names
+/// them: `socket:[INODE]`).
+pub fn fds_among(pid: u32, targets: &BTreeSet<String>) -> Vec<i32> {
+    fds_of(pid).into_iter().filter(|(_, t)| targets.contains(t)).map(|(n, _)| n).collect()
 }
 
 /// The sockets listening at the unix socket path `path`, as `/proc/PID/fd` names them.
@@ -536,7 +541,7 @@ pub fn assert_sockets_lifted(pid: u32, inodes: &BTreeSet<String>, what: &str) {
         eprintln!("not checked: master {pid}'s open-file limit is {soft:?}, at or below the cut-off 4096");
         return;
     }
-    let fds: Vec<i32> = fds_of(pid).into_iter().filter(|(_, t)| inodes.contains(t)).map(|(n, _)| n).collect();
+    let fds = fds_among(pid, inodes);
     assert!(!fds.is_empty(), "master {pid} holds no socket listening on {what}");
     assert!(
         fds.iter().all(|&n| n >= 4096),
