@@ -157,7 +157,12 @@ fn workers_are_recycled_by_requests_under_load_without_a_failed_request() {
         "100",
     ]);
     let first: BTreeSet<u32> = tb.workers().into_iter().collect();
-    under_load(&mut tb, "recycling by requests", Duration::from_secs(40), |tb| exits(tb, "recycled_requests") >= 3);
+    // Until both first workers are gone too: the kernel's hashing of the four load connections
+    // can give one worker most of them, which then reaches its limit three times before the
+    // other reaches it once.
+    under_load(&mut tb, "recycling by requests", Duration::from_secs(40), |tb| {
+        exits(tb, "recycled_requests") >= 3 && first.iter().all(|&w| !alive(w))
+    });
     let s = tb.stats();
     assert_eq!(s["cluster"]["exits"]["crash"], 0, "a recycle is never a crash: {s}");
     assert!(s["cluster"]["total_restarts"].as_u64().unwrap() >= 3, "{s}");
