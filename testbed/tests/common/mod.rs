@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
 
+pub mod sock_diag;
+
 pub const TESTBED: &str = env!("CARGO_BIN_EXE_testbed");
 
 /// The `ecewo-cluster` CLI binary (package `ecewo-cluster-cli`, a sibling in the workspace: cargo
@@ -420,18 +422,11 @@ pub fn read_response(mut s: TcpStream) -> std::io::Result<(u16, String)> {
 }
 
 /// The inode target ("socket:[N]") of the server side of the IPv4 loopback connection between
-/// `server_port` and the client's `client_port`, from /proc/net/tcp.
+/// `server_port` and the client's `client_port`, once a process holds it (not while it waits to
+/// be accepted, nor in TIME_WAIT), from the kernel's socket lookup (see `sock_diag`).
 pub fn server_socket_of(server_port: u16, client_port: u16) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    text.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let port =
-            |addr: Option<&&str>| addr.and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-        // A connection in TIME_WAIT from an earlier client on the same port has no inode (0).
-        (port(f.get(1)) == Some(server_port) && port(f.get(2)) == Some(client_port))
-            .then(|| f.get(9).filter(|inode| **inode != "0").map(|inode| format!("socket:[{inode}]")))
-            .flatten()
-    })
+    let found = sock_diag::tcp4_connection(server_port, client_port).expect("a sock_diag lookup");
+    found.filter(|s| s.inode != 0).map(|s| format!("socket:[{}]", s.inode))
 }
 
 pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {
@@ -472,23 +467,11 @@ pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).unwrap();
 }
 
-/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6), from /proc/net/tcp{,6}.
+/// Inodes of the TCP sockets listening on `port` (IPv4 and IPv6), as `/proc/PID/fd` names them,
+/// from a dump of the kernel's listening sockets (see `sock_diag`).
 pub fn listening_inodes(port: u16) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port)
-                && f.get(3) == Some(&"0A")
-                && let Some(inode) = f.get(9)
-            {
-                out.insert(format!("socket:[{inode}]"));
-            }
-        }
-    }
-    out
+    let found = sock_diag::tcp_listening(port).expect("a sock_diag dump of listening sockets");
+    found.into_iter().map(|s| format!("socket:[{}]", s.inode)).collect()
 }
 
 /// How many of `pid`'s descriptors are sockets listening on `port`.
@@ -663,7 +646,9 @@ impl Load {
             threads.push(std::thread::spawn(move || {
                 let mut r = LoadResult::default();
                 let mut ka = KeepAlive::new(port);
-                let deadline = Instant::now() + Duration::from_secs(60);
+                // Bounds for a test that never stops its load, far beyond the waits of any test
+                // (a load that ended on its own would look like a cluster that stopped serving).
+                let deadline = Instant::now() + Duration::from_secs(180);
                 while !stop.load(Ordering::SeqCst) && Instant::now() < deadline && r.ok + r.failed < 200_000 {
                     let res = if use_keepalive { ka.get("/") } else { http_get(port, "/") };
                     match res {
