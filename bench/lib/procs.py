@@ -329,10 +329,13 @@ def ensure_tools(nginx=False):
         raise BenchError(f"`apt-get install -y {' '.join(missing)}` failed (needs root and Debian's archive)")
 
 
-def run_wrk(port, seconds, lua, threads=1, connections=64, path="/", timeout="2s"):
-    """One wrk run against 127.0.0.1:port; its summary as a dict (rps, errors, p50_us, p99_us…)."""
+def run_wrk(port, seconds, lua, threads=1, connections=64, path="/", timeout="2s", cpu=None):
+    """One wrk run against 127.0.0.1:port; its summary as a dict (rps, errors, p50_us, p99_us…).
+    With `cpu`, wrk runs on that CPU only (`taskset`)."""
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", timeout,
            "-s", str(lua), f"http://127.0.0.1:{port}{path}"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu)] + cmd
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=seconds + 20)
     except subprocess.TimeoutExpired:
