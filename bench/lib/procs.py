@@ -351,6 +351,19 @@ def run_wrk(port, seconds, lua, threads=1, connections=64, path="/", timeout="2s
     raise BenchError(f"no result line in wrk's output:\n{p.stdout}")
 
 
+def pin_apart_from_wrk():
+    """Keeps the first CPU this process may use for wrk and moves this process (and so every
+    server it starts after this) to the others; returns (wrk's CPU, the servers' CPUs as text).
+    `run_wrk(..., cpu=)` then runs wrk on its CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise BenchError(f"pinning needs two CPUs or more; this process may use {len(cpus)}")
+    os.sched_setaffinity(0, cpus[1:])
+    servers = ",".join(map(str, cpus[1:]))
+    log(f"pinned: wrk on CPU {cpus[0]}, the servers on CPU {servers}")
+    return cpus[0], servers
+
+
 def wait_port(port, timeout, proc=None):
     """Wait until 127.0.0.1:port accepts a connection (and `proc`, if given, is still running)."""
     deadline = time.monotonic() + timeout
