@@ -67,7 +67,7 @@ fn a_hung_worker_is_routed_away_diagnosed_and_replaced_while_the_others_serve() 
         "both workers beat: {}",
         tb.stats()
     );
-    let (hung, reader) = tb.get_in_flight("/hang?ms=30000");
+    let (hung, reader) = tb.hang_in_flight(30000);
     let started = Instant::now();
     assert!(
         tb.wait_log(Duration::from_secs(10), |l| l.contains(&format!("(pid {hung}) is hung"))),
@@ -137,7 +137,7 @@ fn new_connections_made_during_a_hang_are_all_answered() {
         "200",
     ]);
     assert!(wait_until(Duration::from_secs(5), || tb.stats()["workers"][1]["heartbeat_age"].is_number()));
-    let (hung, _reader) = tb.get_in_flight("/hang?ms=30000");
+    let (hung, _reader) = tb.hang_in_flight(30000);
     let result = under_load(&mut tb, "a hang", Duration::from_secs(15), |tb| exits(tb, "hung") == 1 && !alive(hung));
     assert!(result.ok > 0);
     assert!(wait_until(Duration::from_secs(10), || tb.stats()["cluster"]["active_workers"] == 2));

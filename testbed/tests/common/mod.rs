@@ -284,9 +284,9 @@ impl Testbed {
         http_get(self.port, path)
     }
 
-    /// Sends `GET path` on a fresh connection and returns once a worker has accepted it (the
-    /// request is then in that worker's hands): the worker's pid, and the thread that reads the
-    /// response.
+    /// Sends `GET path` on a fresh connection and returns once a worker has accepted it and read
+    /// the request (which is then being served: a graceful stop waits for it): the worker's pid,
+    /// and the thread that reads the response.
     pub fn get_in_flight(&mut self, path: &str) -> (u32, std::thread::JoinHandle<std::io::Result<(u16, String)>>) {
         let s = send_get(self.port, path).expect("connect and send");
         let client_port = s.local_addr().unwrap().port();
@@ -299,6 +299,17 @@ impl Testbed {
         });
         assert!(accepted, "no worker accepted the connection of {path} within 10 s\n{}", self.stderr());
         (holder.unwrap(), reader)
+    }
+
+    /// Sends `GET /hang?ms=<ms>` and returns once the worker that took it is blocked in it (its
+    /// log line says so): from then on that worker accepts nothing, and a connection made later
+    /// waits in its socket's queue. (A worker holding the connection may still accept others
+    /// before the handler runs.) The worker's pid and the reader of the answer.
+    pub fn hang_in_flight(&mut self, ms: u64) -> (u32, std::thread::JoinHandle<std::io::Result<(u16, String)>>) {
+        let (hung, reader) = self.get_in_flight(&format!("/hang?ms={ms}"));
+        let line = format!("testbed worker pid {hung}: hang: blocking the runtime");
+        assert!(self.wait_log(Duration::from_secs(10), |l| l.contains(&line)), "{line}…\n{}", self.stderr());
+        (hung, reader)
     }
 
     /// Waits until `cond` holds on the stderr log.
@@ -423,10 +434,12 @@ pub fn read_response(mut s: TcpStream) -> std::io::Result<(u16, String)> {
 
 /// The inode target ("socket:[N]") of the server side of the IPv4 loopback connection between
 /// `server_port` and the client's `client_port`, once a process holds it (not while it waits to
-/// be accepted, nor in TIME_WAIT), from the kernel's socket lookup (see `sock_diag`).
+/// be accepted, nor in TIME_WAIT) and has read all the client sent so far (a request sent before
+/// is then being served, not waiting in the socket), from the kernel's socket lookup (see
+/// `sock_diag`).
 pub fn server_socket_of(server_port: u16, client_port: u16) -> Option<String> {
     let found = sock_diag::tcp4_connection(server_port, client_port).expect("a sock_diag lookup");
-    found.filter(|s| s.inode != 0).map(|s| format!("socket:[{}]", s.inode))
+    found.filter(|s| s.inode != 0 && s.unread == 0).map(|s| format!("socket:[{}]", s.inode))
 }
 
 pub fn parse_response(raw: &[u8]) -> Option<(u16, String)> {

@@ -33,6 +33,9 @@ pub struct DiagSocket {
     pub state: u8,
     pub local_port: u16,
     pub remote_port: u16,
+    /// Bytes received and not read yet by the process that holds the socket (for a listener,
+    /// the connections waiting to be accepted).
+    pub unread: u32,
     /// The socket's inode: 0 while no process holds it (not accepted yet, or TIME_WAIT).
     pub inode: u32,
 }
@@ -111,6 +114,7 @@ fn exchange(req: &[u8]) -> io::Result<Vec<DiagSocket>> {
                     state: body[1],
                     local_port: u16::from_be_bytes([body[4], body[5]]),
                     remote_port: u16::from_be_bytes([body[6], body[7]]),
+                    unread: u32::from_ne_bytes(body[56..60].try_into().unwrap()),
                     inode: u32::from_ne_bytes(body[68..72].try_into().unwrap()),
                 }),
                 _ => {}
