@@ -15,6 +15,10 @@ use crate::error::Error;
 /// With `ReusePort`, a probe socket *without* `SO_REUSEPORT` is bound first: if anybody else
 /// holds the address (even another `SO_REUSEPORT` group of the same user, which the kernel would
 /// otherwise let us join silently) this fails with "address in use" before any worker exists.
+/// The probe stays bound (not listening, `SO_REUSEADDR`, so the slots' sockets may bind beside
+/// it) until every slot's socket is bound: for port 0, no other socket can take the port the
+/// kernel chose in between (a client's `connect` would make the slots' binds fail, another
+/// `SO_REUSEPORT` socket of the same user would join the group).
 pub(crate) fn bind_listeners(
     addr: SocketAddr,
     per_slot: bool,
@@ -34,11 +38,11 @@ pub(crate) fn bind_listeners(
     let probe = new_socket(addr, false, v6only).map_err(bind_err)?;
     probe.bind(&addr.into()).map_err(bind_err)?;
     let real = local_addr(&probe).map_err(bind_err)?;
-    drop(probe);
     let mut fds = Vec::with_capacity(slots);
     for _ in 0..slots {
         fds.push(bind_reuseport(real, backlog, v6only).map_err(|source| Error::Bind { addr: real, source })?);
     }
+    drop(probe);
     Ok((fds, real))
 }
 
