@@ -10,6 +10,7 @@ import os
 import select
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -312,14 +313,12 @@ def ensure_matplotlib():
 
 
 def find_nginx():
-    import shutil
 
     return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 
 
 def ensure_tools(nginx=False):
     """wrk (and nginx) from Debian's packages when missing; a BenchError if impossible."""
-    import shutil
 
     missing = [p for p, ok in (("wrk", shutil.which("wrk")), ("nginx", not nginx or find_nginx())) if not ok]
     if not missing:
@@ -354,7 +353,10 @@ def run_wrk(port, seconds, lua, threads=1, connections=64, path="/", timeout="2s
 def pin_apart_from_wrk():
     """Keeps the first CPU this process may use for wrk and moves this process (and so every
     server it starts after this) to the others; returns (wrk's CPU, the servers' CPUs as text).
-    `run_wrk(..., cpu=)` then runs wrk on its CPU."""
+    `run_wrk(..., cpu=)` then runs wrk on its CPU. (CPUs as the kernel numbers them: on a machine
+    with SMT, CPU 0's sibling thread is among the servers'.)"""
+    if shutil.which("taskset") is None:
+        raise BenchError("pinning runs wrk under taskset (util-linux), which is not installed")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise BenchError(f"pinning needs two CPUs or more; this process may use {len(cpus)}")

@@ -16,9 +16,10 @@ use crate::error::Error;
 /// holds the address (even another `SO_REUSEPORT` group of the same user, which the kernel would
 /// otherwise let us join silently) this fails with "address in use" before any worker exists.
 /// The probe stays bound (not listening, `SO_REUSEADDR`, so the slots' sockets may bind beside
-/// it) until every slot's socket is bound: for port 0, no other socket can take the port the
-/// kernel chose in between (a client's `connect` would make the slots' binds fail, another
-/// `SO_REUSEPORT` socket of the same user would join the group).
+/// it) until the sockets asked for here are bound: for port 0, the kernel gives the port it
+/// chose to no other `connect` (which would make the slots' binds fail) or `bind` to port 0
+/// (which, with `SO_REUSEPORT` and the same user, would be joined) in between. A socket bound
+/// to that port by number is the README's caveat, as for any port.
 pub(crate) fn bind_listeners(
     addr: SocketAddr,
     per_slot: bool,

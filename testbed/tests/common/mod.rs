@@ -416,11 +416,13 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     read_response(send_get(port, path)?)
 }
 
-/// Opens a fresh connection and sends `GET path` (`Connection: close`) on it.
+/// Opens a fresh connection and sends `GET path` (`Connection: close`) on it, in one write (the
+/// request arrives whole: `get_in_flight` takes "nothing unread" for "the request was read").
 pub fn send_get(port: u16, path: &str) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())?;
     Ok(s)
 }
 
@@ -638,7 +640,7 @@ pub struct LoadResult {
     pub bodies: Vec<String>,
 }
 
-/// Client threads issuing `GET /` in a loop until stopped (bounded by 60 s and a count), half on
+/// Client threads issuing `GET /` in a loop until stopped (bounded by 180 s and a count), half on
 /// fresh connections and half on keep-alive ones; every failure counts, nothing is retried.
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,

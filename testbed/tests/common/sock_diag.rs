@@ -63,7 +63,10 @@ pub fn tcp4_connection(server_port: u16, client_port: u16) -> io::Result<Option<
 pub fn tcp_listening(port: u16) -> io::Result<Vec<DiagSocket>> {
     let mut out = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        let found = exchange(&request(family, 1 << TCP_LISTEN, NLM_F_REQUEST | NLM_F_DUMP))?;
+        let mut req = request(family, 1 << TCP_LISTEN, NLM_F_REQUEST | NLM_F_DUMP);
+        // The kernel skips listeners on other ports itself.
+        req[HEADER + 8..HEADER + 10].copy_from_slice(&port.to_be_bytes());
+        let found = exchange(&req)?;
         out.extend(found.into_iter().filter(|s| s.state == TCP_LISTEN && s.local_port == port));
     }
     Ok(out)
@@ -104,12 +107,12 @@ fn exchange(req: &[u8]) -> io::Result<Vec<DiagSocket>> {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "a truncated netlink message"));
             }
             let body = &buf[at + HEADER..at + len];
+            // NLMSG_ERROR carries an errno (0: an acknowledgement), and so does NLMSG_DONE when
+            // the dump failed.
+            let errno = body.get(0..4).map_or(0, |b| i32::from_ne_bytes(b.try_into().unwrap()));
             match kind {
-                NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(body[0..4].try_into().unwrap());
-                    return if errno == 0 { Ok(out) } else { Err(io::Error::from_raw_os_error(-errno)) };
-                }
+                NLMSG_DONE | NLMSG_ERROR if errno < 0 => return Err(io::Error::from_raw_os_error(-errno)),
+                NLMSG_DONE | NLMSG_ERROR => return Ok(out),
                 SOCK_DIAG_BY_FAMILY if body.len() >= MESSAGE => out.push(DiagSocket {
                     state: body[1],
                     local_port: u16::from_be_bytes([body[4], body[5]]),
