@@ -132,12 +132,20 @@ fn control_request(sock: &Path, request: &str) -> (BufReader<std::os::unix::net:
     (reader, v)
 }
 
+/// The whole lines of a log file the master may be writing meanwhile: a line it has written only
+/// part of yet (its writer flushes a buffer at a time) is left for the next read.
+fn whole_lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let done = text.rfind('\n').map_or(0, |i| i + 1);
+    text[..done].lines().map(str::to_owned).collect()
+}
+
 /// The print lines in a JSON log file, checked, by pid: each pid's worker and line numbers.
 fn json_prints(path: &Path) -> BTreeMap<u32, (usize, Vec<u64>)> {
     let mut by_pid: BTreeMap<u32, (usize, Vec<u64>)> = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+    for line in whole_lines(path) {
         let v: serde_json::Value =
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("a line that is not JSON ({e}): {line:.300}"));
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("a line that is not JSON ({e}): {line:.300}"));
         let Some(text) = v["line"].as_str().filter(|t| t.starts_with("print ")) else { continue };
         let pid = v["pid"].as_u64().unwrap() as u32;
         let worker = v["worker"].as_u64().unwrap() as usize;
@@ -197,9 +205,8 @@ fn captured_lines_are_whole_and_name_their_worker() {
     let (status, _) = tb.get("/print?lines=1&bytes=40000").unwrap();
     assert_eq!(status, 200);
     let pieces = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
+        whole_lines(&log)
+            .iter()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .skip_while(|v| !v["line"].as_str().is_some_and(|t| t.starts_with("print ") && t.contains(" 40000 ")))
             .take(3)
