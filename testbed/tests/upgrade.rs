@@ -629,8 +629,13 @@ fn sigkill_of_the_new_master_mid_slot_by_slot_gives_the_old_one_its_slots_back()
     cleanup.watch(new_master);
     send_signal(new_master, Signal::KILL);
     assert!(tb.wait_log(Duration::from_secs(10), |l| l.contains("upgrade failed")), "{}", tb.stderr());
-    // The old master serves its 3 slots again.
-    assert!(wait_until(Duration::from_secs(10), || tb.stats()["cluster"]["active_workers"] == 3), "{}", tb.stderr());
+    // The old master serves its 3 slots again (the killed master's worker of slot 0 may still
+    // take a connection on the slot's socket while it drains).
+    assert!(
+        wait_until(Duration::from_secs(10), || tb.try_stats().is_some_and(|s| s["cluster"]["active_workers"] == 3)),
+        "{}",
+        tb.stderr()
+    );
     let start = load.count();
     assert!(wait_until(Duration::from_secs(10), || load.count() >= start + 300));
     let result = load.stop();

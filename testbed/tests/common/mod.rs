@@ -269,6 +269,14 @@ impl Testbed {
         serde_json::from_str(&body).unwrap()
     }
 
+    /// The cluster's statistics, or `None` when the worker that took the request could not ask
+    /// its master: for a poll while a killed master's workers drain beside the cluster's (they
+    /// answer what they accepted, `/stats` with a 500).
+    pub fn try_stats(&self) -> Option<serde_json::Value> {
+        let (status, body) = self.get("/stats").ok()?;
+        (status == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+    }
+
     /// The pids that answer `n` fresh `GET /` requests, each of which must succeed.
     pub fn serving_pids(&self, n: usize) -> BTreeSet<u32> {
         (0..n)
